@@ -1,0 +1,73 @@
+"""Command line: ``agent-gateway [--config FILE] [--upstream URL ...] [--port N] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from gateway.config import ConfigError, Overrides, load_config
+from gateway.eventlog import StorageError
+
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]  # one line, our exit code
+        raise _ArgError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(
+        prog="agent-gateway",
+        description="Durable, resumable SSE gateway in front of LangGraph Agent Servers.",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML config (see config/gateway.yaml)")
+    p.add_argument("--host", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default 8080)")
+    p.add_argument("--admin-host", help="admin listener address (default 127.0.0.1)")
+    p.add_argument("--admin-port", type=int, help="admin listener port: /healthz /readyz /metrics (default 8081)")
+    p.add_argument("--upstream", action="append", default=[], metavar="URL",
+                   help="replica URL of the default upstream; repeat for several (default http://127.0.0.1:2024)")
+    p.add_argument("--data-dir", metavar="DIR", help="event log directory (default ./data)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+        cfg = load_config(args.config, Overrides(
+            host=args.host, port=args.port, admin_host=args.admin_host, admin_port=args.admin_port,
+            upstreams=tuple(args.upstream), data_dir=args.data_dir, log_level=args.log_level))
+    except _ArgError as exc:
+        print(f"agent-gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except ConfigError as exc:
+        print(f"agent-gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gateway.app import serve  # heavy imports only once the config is good
+
+    try:
+        asyncio.run(serve(cfg))
+    except StorageError as exc:
+        print(f"agent-gateway: storage error: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except OSError as exc:
+        print(f"agent-gateway: cannot listen: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

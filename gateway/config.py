@@ -1,0 +1,422 @@
+"""Configuration: defaults, then YAML, then ${VAR} expansion, then validation.
+
+This is the only module that reads YAML or the environment; everything else
+receives the typed, frozen sections below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from yarl import URL
+
+
+class ConfigError(ValueError):
+    """A config value is wrong: names the field, the value and what is expected."""
+
+    def __init__(self, field_name: str, value: object, expected: str) -> None:
+        self.field = field_name
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{field_name}: {expected} (got {value!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/ok"
+    interval: float = 5.0
+    timeout: float = 2.0
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    urls: tuple[URL, ...]
+    health: HealthCheck = HealthCheck()
+    connect_timeout: float = 5.0
+    # Well above the agent server's 5 s heartbeat, so only a dead upstream trips it.
+    read_timeout: float = 60.0
+    max_connections: int = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    prefix: str
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Storage:
+    path: Path = Path("./data")
+    durability: str = "fsync"  # "fsync" | "none"
+    map_size: int = 1 << 30  # initial LMDB map; grows on demand
+    max_bytes: int = 8 << 30  # disk budget for event payloads
+    retention: float = 24 * 3600.0  # seconds a finished stream is kept
+    sweep_interval: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Streams:
+    # Ask the upstream to keep its own replay buffer for runs created through
+    # the gateway, so a dropped upstream leg (or a gateway restart) can be re-joined.
+    request_resumable: bool = True
+    heartbeat: float = 15.0  # idle comment to clients when nothing else was sent
+    subscriber_buffer: int = 10_000  # events queued per client before it catches up from the log
+    thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
+    reattach_attempts: int = 5
+    reattach_backoff: float = 0.5
+    write_timeout: float = 30.0  # a client write blocked this long is dropped (it can resume)
+    max_request_body: int = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    listen: Listen = Listen()
+    admin: Listen = Listen(port=8081)
+    upstreams: tuple[Upstream, ...] = ()
+    routes: tuple[Route, ...] = ()
+    storage: Storage = Storage()
+    streams: Streams = Streams()
+    shutdown_grace: float = 10.0
+    log_level: str = "info"
+
+    def upstream(self, name: str) -> Upstream:
+        for up in self.upstreams:
+            if up.name == name:
+                return up
+        raise KeyError(name)
+
+
+DEFAULT_UPSTREAM_URL = "http://127.0.0.1:2024"
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
+}
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env and env[name] != "":
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(path or "<root>", m.group(0), f"environment variable {name} is not set")
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [expand_env(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    return value
+
+
+# --- field converters: each raises ConfigError naming the field -------------------------------
+
+def _duration(name: str, v: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(v, bool):
+        raise ConfigError(name, v, "a duration such as 5, 500ms, 30s, 10m or 24h")
+    if isinstance(v, (int, float)):
+        secs = float(v)
+    elif isinstance(v, str) and (m := _DURATION.match(v)):
+        secs = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(name, v, "a duration such as 5, 500ms, 30s, 10m or 24h")
+    if secs < 0 or (secs == 0 and not allow_zero):
+        raise ConfigError(name, v, "a positive duration")
+    return secs
+
+
+def _size(name: str, v: Any) -> int:
+    if isinstance(v, bool):
+        raise ConfigError(name, v, "a size such as 1048576, 512MiB or 10GiB")
+    if isinstance(v, int):
+        n = v
+    elif isinstance(v, str) and (m := _SIZE.match(v)):
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    else:
+        raise ConfigError(name, v, "a size such as 1048576, 512MiB or 10GiB")
+    if n <= 0:
+        raise ConfigError(name, v, "a positive size")
+    return n
+
+
+def _int(name: str, v: Any, lo: int, hi: int | None = None) -> int:
+    try:
+        if isinstance(v, bool) or isinstance(v, float):
+            raise ValueError
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(name, v, "an integer") from None
+    if n < lo or (hi is not None and n > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(name, v, f"an integer {rng}")
+    return n
+
+
+def _bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ConfigError(name, v, "true or false")
+
+
+def _str(name: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(name, v, "a non-empty string")
+    return v
+
+
+def _url(name: str, v: Any) -> URL:
+    if not isinstance(v, str):
+        raise ConfigError(name, v, "an http:// or https:// URL")
+    try:
+        url = URL(v)
+    except ValueError:
+        raise ConfigError(name, v, "an http:// or https:// URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(name, v, "an http:// or https:// URL")
+    return url.with_path(url.path.rstrip("/"))
+
+
+def _mapping(name: str, v: Any) -> dict[str, Any]:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(name, v, "a mapping")
+    return v
+
+
+def _reject_unknown(section: str, given: Mapping[str, Any], known: set[str]) -> None:
+    for key in given:
+        if key not in known:
+            where = f"{section}.{key}" if section else str(key)
+            raise ConfigError(where, given[key], f"a known key (one of: {', '.join(sorted(known))})")
+
+
+def _listen(name: str, raw: Any, default: Listen) -> Listen:
+    raw = _mapping(name, raw)
+    _reject_unknown(name, raw, {"host", "port"})
+    return Listen(
+        host=_str(f"{name}.host", raw.get("host", default.host)),
+        port=_int(f"{name}.port", raw.get("port", default.port), 0, 65535),
+    )
+
+
+def _health(name: str, raw: Any) -> HealthCheck:
+    raw = _mapping(name, raw)
+    _reject_unknown(name, raw, {"path", "interval", "timeout", "unhealthy_threshold", "healthy_threshold"})
+    d = HealthCheck()
+    path = _str(f"{name}.path", raw.get("path", d.path))
+    if not path.startswith("/"):
+        raise ConfigError(f"{name}.path", path, "a path starting with /")
+    return HealthCheck(
+        path=path,
+        interval=_duration(f"{name}.interval", raw.get("interval", d.interval)),
+        timeout=_duration(f"{name}.timeout", raw.get("timeout", d.timeout)),
+        unhealthy_threshold=_int(f"{name}.unhealthy_threshold", raw.get("unhealthy_threshold", d.unhealthy_threshold), 1),
+        healthy_threshold=_int(f"{name}.healthy_threshold", raw.get("healthy_threshold", d.healthy_threshold), 1),
+    )
+
+
+def _upstream(name: str, raw: Any) -> Upstream:
+    field_name = f"upstreams.{name}"
+    if not _NAME.match(name):
+        raise ConfigError(field_name, name, "an upstream name of letters, digits, '.', '_' or '-'")
+    if isinstance(raw, (str, list)):
+        raw = {"urls": raw}
+    raw = _mapping(field_name, raw)
+    _reject_unknown(field_name, raw, {"url", "urls", "health", "connect_timeout", "read_timeout", "max_connections"})
+    urls_raw = raw.get("urls", raw.get("url"))
+    if isinstance(urls_raw, str):
+        urls_raw = [urls_raw]
+    if not isinstance(urls_raw, list) or not urls_raw:
+        raise ConfigError(f"{field_name}.urls", urls_raw, "a list of one or more replica URLs")
+    d = Upstream(name=name, urls=())
+    return Upstream(
+        name=name,
+        urls=tuple(_url(f"{field_name}.urls[{i}]", u) for i, u in enumerate(urls_raw)),
+        health=_health(f"{field_name}.health", raw.get("health")),
+        connect_timeout=_duration(f"{field_name}.connect_timeout", raw.get("connect_timeout", d.connect_timeout)),
+        read_timeout=_duration(f"{field_name}.read_timeout", raw.get("read_timeout", d.read_timeout)),
+        max_connections=_int(f"{field_name}.max_connections", raw.get("max_connections", d.max_connections), 1),
+    )
+
+
+def _routes(raw: Any, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
+    if raw is None:
+        raw = []
+    if not isinstance(raw, list):
+        raise ConfigError("routes", raw, "a list of {prefix, upstream}")
+    names = {u.name for u in upstreams}
+    routes: list[Route] = []
+    for i, item in enumerate(raw):
+        fname = f"routes[{i}]"
+        item = _mapping(fname, item)
+        _reject_unknown(fname, item, {"prefix", "upstream"})
+        prefix = _str(f"{fname}.prefix", item.get("prefix"))
+        if not prefix.startswith("/") or "?" in prefix or "{" in prefix:
+            raise ConfigError(f"{fname}.prefix", prefix, "a literal path starting with /")
+        prefix = prefix.rstrip("/") or "/"
+        target = _str(f"{fname}.upstream", item.get("upstream"))
+        if target not in names:
+            raise ConfigError(f"{fname}.upstream", target, f"the name of a configured upstream ({', '.join(sorted(names))})")
+        if any(r.prefix == prefix for r in routes):
+            raise ConfigError(f"{fname}.prefix", prefix, "a prefix not used by another route")
+        routes.append(Route(prefix=prefix, upstream=target))
+    if not any(r.prefix == "/" for r in routes):
+        default = "default" if "default" in names else upstreams[0].name
+        routes.append(Route(prefix="/", upstream=default))
+    # Longest prefix first so /deployments/a/x never falls to the "/" route.
+    routes.sort(key=lambda r: len(r.prefix), reverse=True)
+    return tuple(routes)
+
+
+def _storage(raw: Any) -> Storage:
+    raw = _mapping("storage", raw)
+    _reject_unknown("storage", raw, {"path", "durability", "map_size", "max_bytes", "retention", "sweep_interval"})
+    d = Storage()
+    durability = raw.get("durability", d.durability)
+    if durability not in ("fsync", "none"):
+        raise ConfigError("storage.durability", durability, "'fsync' or 'none'")
+    return Storage(
+        path=Path(_str("storage.path", str(raw.get("path", d.path)))),
+        durability=durability,
+        map_size=_size("storage.map_size", raw.get("map_size", d.map_size)),
+        max_bytes=_size("storage.max_bytes", raw.get("max_bytes", d.max_bytes)),
+        retention=_duration("storage.retention", raw.get("retention", d.retention)),
+        sweep_interval=_duration("storage.sweep_interval", raw.get("sweep_interval", d.sweep_interval)),
+    )
+
+
+def _streams(raw: Any) -> Streams:
+    raw = _mapping("streams", raw)
+    d = Streams()
+    _reject_unknown("streams", raw, set(Streams.__dataclass_fields__))
+    return Streams(
+        request_resumable=_bool("streams.request_resumable", raw.get("request_resumable", d.request_resumable)),
+        heartbeat=_duration("streams.heartbeat", raw.get("heartbeat", d.heartbeat)),
+        subscriber_buffer=_int("streams.subscriber_buffer", raw.get("subscriber_buffer", d.subscriber_buffer), 1),
+        thread_linger=_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
+        reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),
+        reattach_backoff=_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
+        write_timeout=_duration("streams.write_timeout", raw.get("write_timeout", d.write_timeout)),
+        max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),
+    )
+
+
+def build_config(raw: Any) -> Config:
+    """Validate an already-expanded tree (defaults fill whatever is missing)."""
+    raw = _mapping("<root>", raw)
+    _reject_unknown("", raw, {"listen", "admin", "upstreams", "routes", "storage", "streams", "shutdown_grace", "log_level"})
+    ups_raw = raw.get("upstreams")
+    if ups_raw is None:
+        ups_raw = {"default": {"urls": [DEFAULT_UPSTREAM_URL]}}
+    if not isinstance(ups_raw, dict) or not ups_raw:
+        raise ConfigError("upstreams", ups_raw, "a mapping of upstream name to {urls: [...]}")
+    upstreams = tuple(_upstream(str(name), v) for name, v in ups_raw.items())
+    log_level = str(raw.get("log_level", "info")).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level", log_level, "one of debug, info, warning, error")
+    return Config(
+        listen=_listen("listen", raw.get("listen"), Listen()),
+        admin=_listen("admin", raw.get("admin"), Listen(port=8081)),
+        upstreams=upstreams,
+        routes=_routes(raw.get("routes"), upstreams),
+        storage=_storage(raw.get("storage")),
+        streams=_streams(raw.get("streams")),
+        shutdown_grace=_duration("shutdown_grace", raw.get("shutdown_grace", 10.0), allow_zero=True),
+        log_level=log_level,
+    )
+
+
+def parse_config(text: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Parse YAML text and expand ${VAR}; returns the raw tree for build_config."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "document"
+        raise ConfigError("<yaml>", where, f"valid YAML ({getattr(exc, 'problem', exc)})") from None
+    raw = _mapping("<root>", raw)
+    return expand_env(raw, os.environ if env is None else env)
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Command-line flags, applied on top of the file."""
+
+    host: str | None = None
+    port: int | None = None
+    admin_host: str | None = None
+    admin_port: int | None = None
+    upstreams: tuple[str, ...] = field(default_factory=tuple)
+    data_dir: str | None = None
+    log_level: str | None = None
+
+
+def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mapping[str, str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError("--config", path, f"a readable YAML file ({exc.strerror})") from None
+        raw = parse_config(text, env)
+    if overrides.host is not None or overrides.port is not None:
+        listen = dict(_mapping("listen", raw.get("listen")))
+        if overrides.host is not None:
+            listen["host"] = overrides.host
+        if overrides.port is not None:
+            listen["port"] = overrides.port
+        raw["listen"] = listen
+    if overrides.admin_host is not None or overrides.admin_port is not None:
+        admin = dict(_mapping("admin", raw.get("admin")))
+        if overrides.admin_host is not None:
+            admin["host"] = overrides.admin_host
+        if overrides.admin_port is not None:
+            admin["port"] = overrides.admin_port
+        raw["admin"] = admin
+    if overrides.upstreams:
+        ups = dict(_mapping("upstreams", raw.get("upstreams")))
+        # --upstream replaces the replicas of the default route's upstream.
+        target = "default" if "default" in ups or not ups else next(iter(ups))
+        entry = ups.get(target)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        entry.pop("url", None)
+        entry["urls"] = list(overrides.upstreams)
+        ups[target] = entry
+        raw["upstreams"] = ups
+    if overrides.data_dir is not None:
+        storage = dict(_mapping("storage", raw.get("storage")))
+        storage["path"] = overrides.data_dir
+        raw["storage"] = storage
+    if overrides.log_level is not None:
+        raw["log_level"] = overrides.log_level
+    return build_config(raw)
+
+
+def with_storage(cfg: Config, **changes: Any) -> Config:
+    """Copy of cfg with storage fields replaced (tests and benchmarks)."""
+    return replace(cfg, storage=replace(cfg.storage, **changes))
