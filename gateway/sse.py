@@ -1,0 +1,125 @@
+"""Server-sent events: a sans-IO incremental parser and the gateway's framing.
+
+The parser takes whatever bytes the socket delivered (any chunking, CR, LF or
+CRLF line ends, multi-line data, comments) and returns the complete events in
+that chunk, so the hot path handles one chunk per call, not one line.
+
+An event is kept as its *body*: the ``event:`` and ``data:`` lines re-framed
+with LF, without the ``id:`` line. The gateway adds its own id when it sends
+the event (``frame``), so a stored body never needs to be re-parsed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+# Agent state snapshots can be large; a line longer than this is a broken upstream.
+DEFAULT_MAX_LINE = 32 << 20
+
+HEARTBEAT = b": heartbeat\n\n"
+
+
+class SSEProtocolError(ValueError):
+    """The upstream sent something that cannot be an event stream."""
+
+
+@dataclass(slots=True)
+class Event:
+    """One parsed event: ``body`` is ready to frame, ``upstream_id`` is the upstream's id."""
+
+    body: bytes
+    upstream_id: str | None = None
+
+
+def event_name(body: bytes) -> bytes:
+    """The ``event:`` name of a stored body (``message`` when it has none)."""
+    if body.startswith(b"event: "):
+        return body[7 : body.index(b"\n")]
+    return b"message"
+
+
+def make_body(event: str | bytes | None, data: bytes) -> bytes:
+    """Frame an event of our own (e.g. a synthetic error) as a stored body."""
+    if isinstance(event, str):
+        event = event.encode()
+    head = b"event: " + event + b"\n" if event else b""
+    return head + b"".join(b"data: " + line + b"\n" for line in data.split(b"\n"))
+
+
+def frame(entries: Iterable[tuple[int, bytes]]) -> bytes:
+    """Wire bytes for many stored events at once, each with its gateway id."""
+    return b"".join([b"%sid: %d\n\n" % (body, seq) for seq, body in entries])
+
+
+class Parser:
+    """Incremental SSE parser following the WHATWG event-stream rules."""
+
+    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_id", "_max_line", "comments")
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self._tail = b""
+        self._skip_lf = False  # last chunk ended in CR: a leading LF belongs to it
+        self._event: bytes | None = None
+        self._data: list[bytes] = []
+        self._id: str | None = None
+        self._max_line = max_line
+        self.comments = 0  # comment lines seen (heartbeats), reset by the caller
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        buf = self._tail + chunk if self._tail else chunk
+        if not buf:
+            return []
+        lines = buf.splitlines(keepends=True)
+        last = lines[-1]
+        if last[-1:] not in (b"\n", b"\r"):
+            self._tail = lines.pop()
+            if len(self._tail) > self._max_line:
+                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+        else:
+            self._tail = b""
+            if last[-1:] == b"\r":
+                self._skip_lf = True
+        events: list[Event] = []
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if not line:
+                self._dispatch(events)
+            elif line[0] == 58:  # b":" comment
+                self.comments += 1
+            else:
+                self._field(line)
+        return events
+
+    def _field(self, line: bytes) -> None:
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        elif name == b"id":
+            if b"\x00" not in value:
+                self._id = value.decode("utf-8", "replace")
+        # "retry" and unknown fields are ignored, as a browser would.
+
+    def _dispatch(self, out: list[Event]) -> None:
+        if self._data:
+            head = b"event: " + self._event + b"\n" if self._event else b""
+            body = head + b"".join([b"data: " + d + b"\n" for d in self._data])
+            out.append(Event(body, self._id))
+        # An event's upstream id is the id line of its own block: that is what the
+        # upstream accepts back as Last-Event-ID for this event.
+        self._event = None
+        self._data = []
+        self._id = None
+
+    def pending(self) -> bool:
+        """True when an incomplete event is buffered (the stream was cut mid-event)."""
+        return bool(self._tail or self._data or self._event is not None)
+
