@@ -1,0 +1,201 @@
+"""Wiring: builds every part from the config, routes requests, runs both listeners.
+
+The only module that knows all the others. Startup order: event log, upstreams,
+hub (re-attaches streams a previous process left open), retention sweeper.
+Shutdown runs it backwards after the listeners stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import signal
+from typing import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
+
+from gateway.config import Config
+from gateway.errors import error_middleware
+from gateway.eventlog import LmdbEventLog, StreamMeta
+from gateway.hub import Hub
+from gateway.metrics import GatewayMetrics
+from gateway.proxy import Forwarder
+from gateway.streams import THREAD_CAPTURE_QUERY, StreamHandlers
+from gateway.upstream import Target, Upstreams
+
+log = logging.getLogger("gateway.app")
+
+StreamRoute = Callable[["Gateway", web.Request, Target, re.Match[str]], Awaitable[web.StreamResponse]]
+
+# The endpoints whose SSE the gateway captures; everything else is forwarded as is.
+STREAM_ROUTES: list[tuple[str, re.Pattern[str], StreamRoute]] = [
+    ("POST", re.compile(r"^/threads/([^/]+)/runs/stream$"),
+     lambda g, r, t, m: g.streams.create_run_stream(r, t, stateless=False)),
+    ("POST", re.compile(r"^/runs/stream$"),
+     lambda g, r, t, m: g.streams.create_run_stream(r, t, stateless=True)),
+    ("POST", re.compile(r"^/threads/([^/]+)/runs$"),
+     lambda g, r, t, m: g.streams.create_background_run(r, t)),
+    ("GET", re.compile(r"^/threads/([^/]+)/runs/([^/]+)/stream$"),
+     lambda g, r, t, m: g.streams.join_run(r, t, m.group(1), m.group(2))),
+    ("GET", re.compile(r"^/runs/([^/]+)/stream$"),
+     lambda g, r, t, m: g.streams.join_run(r, t, None, m.group(1))),
+    ("GET", re.compile(r"^/threads/([^/]+)/stream$"),
+     lambda g, r, t, m: g.streams.join_thread(r, t, m.group(1))),
+]
+
+
+class Gateway:
+    """The application object: owns every long-lived part and background task."""
+
+    def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
+        self.cfg = cfg
+        self.registry = registry or CollectorRegistry()
+        self.metrics = GatewayMetrics(self.registry)
+        self.log = LmdbEventLog(cfg.storage, on_commit=self.metrics.committed)
+        self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
+        self.forwarder = Forwarder(self.upstreams)
+        self.hub = Hub(self.log, cfg.streams, self._open_leg, self._cancel_run, self.metrics)
+        self.streams = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
+        self.metrics.bind_gauges(lambda: self.log.size, lambda: len(self.hub._live),
+                                 lambda: len(self.hub._followers))
+        self._sweeper: asyncio.Task[None] | None = None
+        self._storage_open = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.log.open()
+        self._storage_open = True
+        await self.upstreams.start()
+        await self.hub.start()
+        self._sweeper = asyncio.create_task(self._sweep_loop(), name="retention")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.hub.stop()
+        await self.upstreams.close()
+        self._storage_open = False
+        await self.log.close()
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.storage.sweep_interval)
+            try:
+                await self.log.sweep()
+            except Exception:
+                log.exception("retention sweep failed; will retry")
+
+    # --- upstream legs the hub opens on its own -------------------------------------------
+
+    async def _open_leg(self, meta: StreamMeta, last_id: str | None, auth: dict[str, str]) -> aiohttp.ClientResponse:
+        pool = self.upstreams.pools[meta.upstream]
+        headers = dict(auth, Accept="text/event-stream")
+        if last_id is not None:
+            headers["Last-Event-ID"] = last_id
+        path = meta.path + (f"?{THREAD_CAPTURE_QUERY}" if meta.kind == "thread" else "")
+        return await self.upstreams.send(pool, "GET", path, headers)
+
+    async def _cancel_run(self, meta: StreamMeta, auth: dict[str, str]) -> None:
+        if meta.thread_id is None or meta.run_id is None:
+            return
+        pool = self.upstreams.pools[meta.upstream]
+        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", auth)
+        resp.release()
+        log.info("cancelled run %s upstream: HTTP %d", meta.run_id, resp.status)
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        target = self.upstreams.route(request.rel_url.raw_path)
+        status = 500
+        try:
+            for method, pattern, handler in STREAM_ROUTES:
+                if request.method == method and (m := pattern.match(target.path)):
+                    resp = await handler(self, request, target, m)
+                    break
+            else:
+                resp = await self.forwarder.forward(request, target)
+            status = resp.status
+            return resp
+        except Exception as exc:
+            status = getattr(exc, "status", 500)
+            raise
+        finally:
+            self.metrics.request_done(target.pool.name, request.method, status)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware], client_max_size=self.cfg.streams.max_request_body)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        app.on_shutdown.append(self._end_client_streams)
+        return app
+
+    async def _end_client_streams(self, _app: web.Application) -> None:
+        self.hub.end_clients()
+
+    def admin_app(self) -> web.Application:
+        app = web.Application(middlewares=[error_middleware])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        return app
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        pools = {name: [r.base for r in p.replicas if r.healthy] for name, p in self.upstreams.pools.items()}
+        ready = self._storage_open and self.upstreams.ready
+        body = {"status": "ready" if ready else "not ready", "storage": "open" if self._storage_open else "closed",
+                "healthy_replicas": pools}
+        return web.json_response(body, status=200 if ready else 503)
+
+
+class Server:
+    """Both listeners around a Gateway, with graceful shutdown."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        cfg = gateway.cfg
+        # handler_cancellation: a client that hangs up stops its handler at once,
+        # so its subscription and upstream request are released without waiting.
+        self.main = web.AppRunner(gateway.app(), handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace,
+                                  access_log=None)
+        self.admin = web.AppRunner(gateway.admin_app(), access_log=None, shutdown_timeout=1.0)
+        self.addresses: dict[str, tuple[str, int]] = {}
+
+    async def start(self) -> None:
+        cfg = self.gateway.cfg
+        await self.gateway.start()
+        for name, runner, listen in (("main", self.main, cfg.listen), ("admin", self.admin, cfg.admin)):
+            await runner.setup()
+            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+            await site.start()
+            self.addresses[name] = runner.addresses[0][:2]
+        log.info("listening on http://%s:%d (admin http://%s:%d)", *self.addresses["main"], *self.addresses["admin"])
+
+    async def stop(self) -> None:
+        # Stop accepting, end client streams at an event boundary, give plain requests
+        # the grace period, then stop ingest and close storage.
+        await self.main.cleanup()
+        await self.admin.cleanup()
+        await self.gateway.stop()
+
+
+async def serve(cfg: Config) -> None:
+    server = Server(Gateway(cfg))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+        log.info("shutting down (grace %.1fs)", cfg.shutdown_grace)
+    finally:
+        await server.stop()

@@ -1,0 +1,498 @@
+"""The stream hub: one ingest task per upstream stream, fanned out to any number of clients.
+
+Ingest reads the upstream in whole chunks, appends each chunk's events to the
+log in one call, and publishes them to subscribers only after the commit. The
+task belongs to the hub, not to a request: it keeps capturing after every
+client has left, until the upstream stream ends.
+
+Subscribing follows mercure's register-then-replay handoff: register a bounded
+queue and note the committed head S under the (single-threaded) loop, replay
+(after, S] from the log, then drain what was queued meanwhile. A subscriber
+whose queue overflows is not blocked on: it drops its queue and catches up
+from the log the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Iterable
+
+import aiohttp
+import orjson
+
+from gateway.config import Streams
+from gateway.eventlog import Entry, EventLog, StorageError, StreamMeta
+from gateway.sse import Event, Parser, SSEProtocolError, make_body
+
+log = logging.getLogger("gateway.hub")
+
+REPLAY_PAGE = 2000
+# Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
+DEDUPE_WINDOW = 4096
+
+# Opens the upstream leg of a stream again:
+# (meta, upstream Last-Event-ID or None, the client's auth headers) -> response.
+Rejoiner = Callable[[StreamMeta, "str | None", dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+UpstreamCanceller = Callable[[StreamMeta, dict[str, str]], Awaitable[None]]
+
+
+class UpstreamBroke(Exception):
+    """The upstream leg ended without a clean end of stream."""
+
+
+def interrupted_event(reason: str) -> Event:
+    payload = {"error": "CaptureInterrupted",
+               "message": f"the gateway lost this stream's upstream and could not re-join it: {reason}"}
+    return Event(make_body("error", orjson.dumps(payload)))
+
+
+class Dedupe:
+    """Drops what an upstream re-sends after a re-join: the same upstream id with the same body.
+
+    Order-independent on purpose: the upstream's replay and live queue overlap
+    and jump back, and a thread stream delivers state updates out of id order.
+    Seeded from the log's tail, so it also works right after a restart.
+    """
+
+    __slots__ = ("window", "order", "seen")
+
+    def __init__(self, recent: Iterable[tuple[str | None, bytes]], window: int = 4096) -> None:
+        self.window = window
+        self.order: deque[int] = deque()
+        self.seen: set[int] = set()
+        for uid, body in recent:
+            if uid is not None:
+                self._remember(hash((uid, body)))
+
+    def _remember(self, h: int) -> None:
+        self.seen.add(h)
+        self.order.append(h)
+        if len(self.order) > self.window:
+            self.seen.discard(self.order.popleft())
+
+    def filter(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for ev in events:
+            if ev.upstream_id is not None:
+                h = hash((ev.upstream_id, ev.body))
+                if h in self.seen:
+                    continue
+                self._remember(h)
+            out.append(ev)
+        return out
+
+
+class Subscriber:
+    """One client's bounded queue of committed batches."""
+
+    __slots__ = ("queue", "queued", "limit", "wake", "overflowed", "ended", "beats")
+
+    def __init__(self, limit: int) -> None:
+        self.queue: deque[list[Entry]] = deque()
+        self.queued = 0
+        self.limit = limit
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.ended = False
+        self.beats = 0
+
+    def push(self, entries: list[Entry]) -> bool:
+        if self.overflowed:
+            return False
+        if self.queued + len(entries) > self.limit:
+            # Never block ingest on a slow client: forget the queue, it re-reads the log.
+            self.overflowed = True
+            self.queue.clear()
+            self.queued = 0
+            self.wake.set()
+            return False
+        self.queue.append(entries)
+        self.queued += len(entries)
+        self.wake.set()
+        return True
+
+    def end(self) -> None:
+        self.ended = True
+        self.wake.set()
+
+    def beat(self) -> None:
+        self.beats += 1
+        self.wake.set()
+
+
+@dataclass(eq=False)
+class Ingest:
+    """The live capture of one upstream stream."""
+
+    meta: StreamMeta
+    subscribers: set[Subscriber]
+    head: int  # last seq published to subscribers (all committed)
+    task: asyncio.Task[None] | None = None
+    cancel_on_orphan: bool = False
+    orphan_timer: asyncio.TimerHandle | None = None
+    dedupe: Dedupe | None = None
+    # Credentials of the client that started the capture, for re-joins and cancels.
+    # Kept in memory only: secrets never go to disk.
+    auth: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+    def publish(self, entries: list[Entry]) -> int:
+        self.head = entries[-1][0]
+        dropped = 0
+        for sub in self.subscribers:
+            if not sub.push(entries):
+                dropped += 1
+        return dropped
+
+    def beat(self) -> None:
+        for sub in self.subscribers:
+            sub.beat()
+
+    def end(self) -> None:
+        for sub in self.subscribers:
+            sub.end()
+
+
+class HubObserver:
+    """Metrics hooks; the default does nothing."""
+
+    def appended(self, events: int) -> None: ...
+    def overflowed(self, n: int) -> None: ...
+    def rejoined(self, ok: bool) -> None: ...
+    def interrupted(self) -> None: ...
+
+
+class Hub:
+    def __init__(self, log_: EventLog, cfg: Streams, rejoin: Rejoiner,
+                 cancel_upstream: UpstreamCanceller,
+                 observer: HubObserver | None = None) -> None:
+        self.log = log_
+        self.cfg = cfg
+        self._rejoin = rejoin
+        self._cancel_upstream = cancel_upstream
+        self.observer = observer or HubObserver()
+        self._live: dict[str, Ingest] = {}
+        self._closing = False
+        self._followers: set[Follower] = set()
+        self._side_tasks: set[asyncio.Task[None]] = set()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Re-attach every stream a previous process left open."""
+        for meta in self.log.streams():
+            if not meta.open:
+                continue
+            if meta.kind == "thread":
+                await self.log.finish(meta.key, None)  # re-opened when a client asks
+            elif meta.resumable or meta.last_upstream_id is not None:
+                log.info("re-attaching %s from upstream id %s", meta.key, meta.last_upstream_id)
+                self._start(meta, None, rejoin=True)
+            else:
+                await self._interrupt(meta, "the gateway restarted while the run was live and "
+                                            "the upstream keeps no replay buffer for it")
+
+    def end_clients(self) -> None:
+        """End every client stream at an event boundary (shutdown: clients resume elsewhere)."""
+        self._closing = True
+        for f in list(self._followers):
+            f.shutdown()
+
+    async def stop(self) -> None:
+        """Stop ingest; open streams stay open in the log and are re-attached on the next start."""
+        self.end_clients()
+        tasks = [i.task for i in self._live.values() if i.task is not None] + list(self._side_tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._live.clear()
+
+    # --- capture -----------------------------------------------------------------------------
+
+    def live(self, key: str) -> Ingest | None:
+        return self._live.get(key)
+
+    def capture(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None) -> Ingest:
+        """Start capturing; ``resp`` is an upstream response already open, else the hub joins.
+
+        Raises StorageFull when the log is over budget.
+        """
+        meta = self.log.begin(meta)
+        return self._start(meta, resp, rejoin=False)
+
+    def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, rejoin: bool) -> Ingest:
+        ing = Ingest(meta=meta, subscribers=set(), head=meta.head)
+        self._live[meta.key] = ing
+        ing.task = asyncio.create_task(self._run(ing, resp, rejoin), name=f"ingest:{meta.key}")
+        return ing
+
+    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, rejoin: bool) -> None:
+        meta = ing.meta
+        failures = 0
+        reason = "upstream stream ended"
+        try:
+            while True:
+                try:
+                    if resp is None:
+                        resp = await self._open_leg(ing, rejoin)
+                        rejoin = True
+                    await self._pump(ing, resp)
+                    resp = None
+                    if meta.kind == "run":
+                        await self._finish(ing, "done")
+                        return
+                    raise UpstreamBroke("the upstream closed the thread stream")
+                except (UpstreamBroke, aiohttp.ClientError, asyncio.TimeoutError, SSEProtocolError) as exc:
+                    resp = None
+                    reason = _describe(exc)
+                    # A leg that delivered events before breaking starts the retry budget over.
+                    failures = 1 if isinstance(exc, _Progress) else failures + 1
+                    can_rejoin = meta.kind == "thread" or meta.resumable or meta.last_upstream_id is not None
+                    if not can_rejoin or failures > self.cfg.reattach_attempts:
+                        log.warning("stream %s interrupted: %s", meta.key, reason)
+                        await self._interrupt(meta, reason, ing)
+                        return
+                    log.info("stream %s upstream leg lost (%s); re-joining (try %d)", meta.key, reason, failures)
+                    await asyncio.sleep(self.cfg.reattach_backoff * (2 ** (failures - 1)))
+        except asyncio.CancelledError:
+            raise
+        except StorageError as exc:
+            log.error("stream %s: event log failed, ending clients (the stream stays open for restart): %s",
+                      meta.key, exc)
+            ing.end()
+        except Exception:
+            log.exception("ingest of %s crashed", meta.key)
+            ing.end()
+        finally:
+            if self._live.get(meta.key) is ing:
+                del self._live[meta.key]
+            if ing.orphan_timer is not None:
+                ing.orphan_timer.cancel()
+
+    async def _open_leg(self, ing: Ingest, rejoin: bool) -> aiohttp.ClientResponse:
+        meta = ing.meta
+        last = meta.last_upstream_id
+        if meta.kind == "run":
+            last = last or "-1"
+        resp = await self._rejoin(meta, last, ing.auth)
+        ok = resp.status == 200 and resp.content_type == "text/event-stream"
+        self.observer.rejoined(ok)
+        if not ok:
+            body = (await resp.content.read(512)).decode("utf-8", "replace")
+            resp.release()
+            raise UpstreamBroke(f"re-join answered HTTP {resp.status}: {body.strip()[:200]}")
+        if rejoin and meta.last_upstream_id is not None:
+            ing.dedupe = Dedupe(await self.log.tail(meta.key, DEDUPE_WINDOW), DEDUPE_WINDOW)
+        return resp
+
+    async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse) -> None:
+        """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg."""
+        parser = Parser()
+        key = ing.key
+        progressed = False
+        try:
+            async for chunk in resp.content.iter_any():
+                events = parser.feed(chunk)
+                if parser.comments:
+                    parser.comments = 0
+                    if not events:
+                        ing.beat()
+                if ing.dedupe is not None and events:
+                    events = ing.dedupe.filter(events)
+                if events:
+                    entries = await self.log.append(key, events)
+                    progressed = True
+                    self.observer.appended(len(entries))
+                    dropped = ing.publish(entries)
+                    if dropped:
+                        self.observer.overflowed(dropped)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if progressed:
+                raise _Progress(exc) from exc
+            raise
+        finally:
+            resp.release()
+        if parser.pending():
+            raise _Progress("upstream stream ended mid-event") if progressed else UpstreamBroke(
+                "upstream stream ended mid-event")
+
+    async def _finish(self, ing: Ingest, end: str | None, events: list[Event] | None = None) -> None:
+        entries = await self.log.finish(ing.key, end, events or [])
+        if entries:
+            ing.publish(entries)
+        ing.end()
+
+    async def _interrupt(self, meta: StreamMeta, reason: str, ing: Ingest | None = None) -> None:
+        self.observer.interrupted()
+        entries = await self.log.finish(meta.key, "interrupted", [interrupted_event(reason)])
+        if ing is not None:
+            if entries:
+                ing.publish(entries)
+            ing.end()
+
+    # --- subscribers -------------------------------------------------------------------------
+
+    def subscribe(self, key: str, after: int | None) -> Follower:
+        """Register now (before any await) and return the follower to iterate."""
+        return Follower(self, key, after)
+
+    def _attach(self, ing: Ingest, sub: Subscriber) -> None:
+        ing.subscribers.add(sub)
+        if ing.orphan_timer is not None:
+            ing.orphan_timer.cancel()
+            ing.orphan_timer = None
+
+    def _detach(self, ing: Ingest, sub: Subscriber) -> None:
+        ing.subscribers.discard(sub)
+        if ing.subscribers or self._closing or self._live.get(ing.key) is not ing:
+            return
+        if ing.meta.kind == "thread":
+            ing.orphan_timer = asyncio.get_running_loop().call_later(
+                self.cfg.thread_linger, self._spawn, self._release_thread(ing))
+        elif ing.cancel_on_orphan:
+            self._spawn(self._cancel_run(ing))
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_done)
+
+    def _side_done(self, task: asyncio.Task[None]) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub background task failed", exc_info=task.exception())
+
+    async def _release_thread(self, ing: Ingest) -> None:
+        if ing.subscribers or ing.task is None:
+            return
+        ing.task.cancel()
+        await asyncio.gather(ing.task, return_exceptions=True)
+        await self.log.finish(ing.key, None)
+        log.debug("thread stream %s released after linger", ing.key)
+
+    async def _cancel_run(self, ing: Ingest) -> None:
+        if ing.subscribers:
+            return
+        log.info("last client of %s left and asked for cancel on disconnect", ing.key)
+        await self._cancel_upstream(ing.meta, ing.auth)
+
+    # --- helpers for the follower ------------------------------------------------------------
+
+    def committed_head(self, key: str) -> int:
+        ing = self._live.get(key)
+        if ing is not None:
+            return ing.head
+        meta = self.log.get(key)
+        return meta.head if meta else 0
+
+
+class _Progress(UpstreamBroke):
+    """A broken leg that had delivered events first: the retry budget starts over."""
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(_describe(cause) if isinstance(cause, BaseException) else str(cause))
+
+
+def _describe(exc: object) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "upstream read timed out"
+    if isinstance(exc, BaseException):
+        return f"{exc.__class__.__name__}: {exc}" if str(exc) else exc.__class__.__name__
+    return str(exc)
+
+
+class Follower:
+    """One client's view of a stream: replay after a position, then the live tail."""
+
+    def __init__(self, hub: Hub, key: str, after: int | None) -> None:
+        self.hub = hub
+        self.key = key
+        self.pos = after
+        self.sub: Subscriber | None = None
+        self.ing: Ingest | None = None
+        self.upto = 0
+        self._stopped = False
+        self._register()
+        hub._followers.add(self)
+
+    def _register(self) -> None:
+        ing = self.hub.live(self.key)
+        if ing is not None:
+            self.sub = Subscriber(self.hub.cfg.subscriber_buffer)
+            self.ing = ing
+            self.hub._attach(ing, self.sub)
+            self.upto = ing.head
+        else:
+            self.sub = self.ing = None
+            meta = self.hub.log.get(self.key)
+            self.upto = meta.head if meta else 0
+        if self.pos is None:
+            self.pos = self.upto
+
+    def _unregister(self) -> None:
+        if self.ing is not None and self.sub is not None:
+            self.hub._detach(self.ing, self.sub)
+        self.sub = self.ing = None
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        if self.sub is not None:
+            self.sub.end()
+
+    def close(self) -> None:
+        self._unregister()
+        self.hub._followers.discard(self)
+
+    async def entries(self) -> AsyncIterator[list[Entry]]:
+        """Batches of committed events; an empty batch means "send a heartbeat"."""
+        heartbeat = self.hub.cfg.heartbeat
+        try:
+            while True:
+                assert self.pos is not None
+                while self.pos < self.upto:  # replay from the log
+                    page = await self.hub.log.read(self.key, self.pos, self.upto, REPLAY_PAGE)
+                    if not page:
+                        break  # evicted underneath us: nothing more to replay
+                    self.pos = page[-1][0]
+                    yield page
+                self.pos = max(self.pos, self.upto)
+                sub = self.sub
+                if sub is None or self._stopped:
+                    return
+                while True:  # live tail
+                    if not sub.queue and not sub.ended and not sub.overflowed and not sub.beats:
+                        sub.wake.clear()
+                        try:
+                            async with asyncio.timeout(heartbeat):
+                                await sub.wake.wait()
+                        except TimeoutError:
+                            yield []
+                            continue
+                    if sub.overflowed:
+                        break
+                    if sub.queue:
+                        batch = sub.queue.popleft()
+                        sub.queued -= len(batch)
+                        if batch[0][0] <= self.pos:
+                            batch = [e for e in batch if e[0] > self.pos]
+                            if not batch:
+                                continue
+                        self.pos = batch[-1][0]
+                        yield batch
+                        continue
+                    if sub.ended:
+                        return
+                    if sub.beats:
+                        sub.beats = 0
+                        yield []
+                # Overflowed: re-register and catch up from the log.
+                self._unregister()
+                self._register()
+        finally:
+            self.close()

@@ -1,0 +1,75 @@
+"""Prometheus metrics, named for intent. Labels stay bounded: never a run or thread id."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.hub import HubObserver
+
+
+class GatewayMetrics(HubObserver):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by upstream, method and status class",
+            ["upstream", "method", "status"], registry=registry)
+        self.replica_healthy = Gauge(
+            "gateway_upstream_replica_healthy", "1 when the replica is in rotation",
+            ["upstream", "replica"], registry=registry)
+        self.events_appended = Counter(
+            "gateway_log_events_appended", "SSE events committed to the event log", registry=registry)
+        self.commits = Counter("gateway_log_commits", "Event log commit groups", registry=registry)
+        self.commit_errors = Counter("gateway_log_commit_errors", "Failed event log commits", registry=registry)
+        self.commit_seconds = Histogram(
+            "gateway_log_commit_seconds", "Time to commit one group (one fsync)", registry=registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.commit_group_events = Histogram(
+            "gateway_log_commit_group_events", "Events per commit group", registry=registry,
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000))
+        self.subscribers_overflowed = Counter(
+            "gateway_subscribers_overflowed", "Slow clients switched to catch-up from the log", registry=registry)
+        self.rejoins = Counter("gateway_upstream_rejoins", "Upstream legs re-joined, by outcome",
+                               ["outcome"], registry=registry)
+        self.interruptions = Counter(
+            "gateway_streams_interrupted", "Streams ended with a CaptureInterrupted error event", registry=registry)
+        self.resumes = Counter("gateway_resumes", "Client resumes with Last-Event-ID, by outcome",
+                               ["outcome"], registry=registry)
+
+    def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
+                    subscribers: Callable[[], float]) -> None:
+        Gauge("gateway_log_bytes", "Bytes held in the event log", registry=self.registry).set_function(log_bytes)
+        Gauge("gateway_streams_live", "Upstream streams being captured", registry=self.registry).set_function(live_streams)
+        Gauge("gateway_subscribers", "Client streams connected", registry=self.registry).set_function(subscribers)
+
+    # --- hooks -------------------------------------------------------------------------------
+
+    def request_done(self, upstream: str, method: str, status: int) -> None:
+        self.requests.labels(upstream, method, f"{status // 100}xx").inc()
+
+    def replica_health(self, upstream: str, replica: str, healthy: bool) -> None:
+        self.replica_healthy.labels(upstream, replica).set(1 if healthy else 0)
+
+    def committed(self, events: int, seconds: float, ok: bool) -> None:
+        if ok:
+            self.commits.inc()
+            self.commit_seconds.observe(seconds)
+            self.commit_group_events.observe(events)
+        else:
+            self.commit_errors.inc()
+
+    def appended(self, events: int) -> None:
+        self.events_appended.inc(events)
+
+    def overflowed(self, n: int) -> None:
+        self.subscribers_overflowed.inc(n)
+
+    def rejoined(self, ok: bool) -> None:
+        self.rejoins.labels("ok" if ok else "failed").inc()
+
+    def interrupted(self) -> None:
+        self.interruptions.inc()
+
+    def resumed(self, outcome: str) -> None:
+        self.resumes.labels(outcome).inc()

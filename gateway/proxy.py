@@ -1,0 +1,120 @@
+"""Transparent forwarding: headers in and out, and streaming a body through unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.upstream import Target, Upstreams
+
+log = logging.getLogger("gateway.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+
+
+def _hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    named = {h.strip().lower() for v in headers.getall("Connection", []) for h in v.split(",")}
+    return HOP_BY_HOP | named
+
+
+def upstream_headers(request: web.Request, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """The client's headers as the upstream should get them."""
+    skip = _hop_by_hop(request.headers) | {"host"} | {d.lower() for d in drop}
+    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+    peer = request.remote or ""
+    prior = request.headers.get("X-Forwarded-For")
+    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
+    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
+    return out
+
+
+def rewrite_location(value: str, target: Target) -> str:
+    """Keep Location/Content-Location pointing at the gateway, under the route's prefix."""
+    if value.startswith("/"):
+        return target.client_path(value)
+    try:
+        url = URL(value)
+    except ValueError:
+        return value
+    if url.is_absolute() and target.pool.owns(url):
+        return target.client_path(url.raw_path_qs if url.raw_path else "/")
+    return value
+
+
+def client_headers(resp: aiohttp.ClientResponse, target: Target, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """The upstream's response headers as the client should get them."""
+    skip = _hop_by_hop(resp.headers) | {d.lower() for d in drop}
+    out: CIMultiDict[str] = CIMultiDict()
+    for k, v in resp.headers.items():
+        lk = k.lower()
+        if lk in skip:
+            continue
+        if lk in ("location", "content-location"):
+            v = rewrite_location(v, target)
+        out.add(k, v)
+    return out
+
+
+async def pipe_body(request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+    """Copy the upstream body to the client chunk by chunk; abort the client on upstream failure."""
+    try:
+        async for chunk in resp.content.iter_any():
+            await out.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        log.warning("upstream body broke mid-response on %s %s: %r", request.method, request.path, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return
+    await out.write_eof()
+
+
+class Forwarder:
+    """Forwards any request to its upstream and streams the answer back."""
+
+    def __init__(self, upstreams: Upstreams) -> None:
+        self.upstreams = upstreams
+
+    async def open(self, request: web.Request, target: Target, *, data: Any = None,
+                   headers: CIMultiDict[str] | None = None, query: str | None = None) -> aiohttp.ClientResponse:
+        """Send the request upstream; returns the response with headers read."""
+        qs = request.rel_url.raw_query_string if query is None else query
+        pq = target.path + (f"?{qs}" if qs else "")
+        if data is None and request.body_exists:
+            data = request.content
+        return await self.upstreams.send(target.pool, request.method, pq,
+                                         headers if headers is not None else upstream_headers(request), data)
+
+    async def relay(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+        """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
+        try:
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=client_headers(resp, target))
+            await out.prepare(request)
+            await pipe_body(request, resp, out)
+            return out
+        finally:
+            resp.release()
+
+    async def forward(self, request: web.Request, target: Target) -> web.StreamResponse:
+        resp = await self.open(request, target)
+        return await self.relay(request, target, resp)
+
+    async def read_json_response(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+        """Read a small upstream body whole (run JSON), mapping failures to 502/504."""
+        try:
+            return await resp.content.read(limit)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout("upstream stopped answering mid-body") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"upstream broke mid-body: {exc}") from None

@@ -1,0 +1,405 @@
+"""Handlers for the streaming endpoints: capture run and thread streams, serve joins and resumes.
+
+Thin on purpose: request parsing and response writing live here; capture,
+fan-out and replay are the hub's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import uuid
+from urllib.parse import unquote_plus
+from dataclasses import dataclass
+from typing import Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.config import Streams
+from gateway.errors import BadRequest, InvalidEventId, PayloadTooLarge, StorageUnavailable, Unprocessable
+from gateway.eventlog import EventLog, StreamMeta
+from gateway.hub import Follower, Hub
+from gateway.proxy import Forwarder, client_headers, upstream_headers
+from gateway.sse import HEARTBEAT, event_name, frame
+from gateway.upstream import Target
+
+log = logging.getLogger("gateway.streams")
+
+# Headers a re-join or cancel made by the gateway itself carries on the client's behalf.
+AUTH_HEADERS = ("Authorization", "X-Api-Key", "X-Auth-Key", "Cookie")
+THREAD_MODES = ("run_modes", "lifecycle", "state_update")
+# What the gateway asks a thread stream for: everything, filtered per client.
+THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
+RESUME_HEADER = "X-Gateway-Resume"
+
+_RUN_IN_PATH = re.compile(r"^(?:.*?)(?:/threads/(?P<tid>[^/]+))?/runs/(?P<rid>[^/?]+)")
+_GATEWAY_ID = re.compile(r"^\d{1,19}$")
+_UPSTREAM_ID = re.compile(r"^\d{1,19}-(?:\d{1,19}|\*)$")
+
+
+def run_key(upstream: str, run_id: str) -> str:
+    return f"{upstream}/run/{run_id}"
+
+
+def thread_key(upstream: str, thread_id: str) -> str:
+    return f"{upstream}/thread/{thread_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A client's Last-Event-ID: none (live tail), start, a gateway seq, or an upstream id."""
+
+    kind: str  # "none" | "start" | "seq" | "upstream"
+    seq: int = 0
+    raw: str = ""
+
+    def after(self) -> int | None:
+        return None if self.kind == "none" else self.seq
+
+
+def parse_cursor(request: web.Request) -> Cursor:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.query.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        return Cursor("none")
+    raw = raw.strip()
+    if raw in ("-1", "-", "0"):
+        return Cursor("start", 0, raw)
+    if _GATEWAY_ID.match(raw):
+        return Cursor("seq", int(raw), raw)
+    if _UPSTREAM_ID.match(raw):
+        return Cursor("upstream", 0, raw)
+    shown = raw if len(raw) <= 64 else raw[:64] + "..."
+    raise InvalidEventId(
+        f"Invalid Last-Event-ID {shown!r}: expected an event id this gateway sent (a decimal integer), "
+        "or -1 or - to start from the beginning")
+
+
+# --- stream_mode filters --------------------------------------------------------------------
+
+def _run_mode_of(name: bytes) -> str:
+    base = name.split(b"|", 1)[0].decode("utf-8", "replace")
+    if base == "messages":
+        return "messages-tuple"
+    if base.startswith("messages/"):
+        return "messages"
+    return base
+
+
+def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
+    """Join Run Stream's ``stream_mode``: one value or a JSON array; the last one given counts."""
+    values = request.query.getall("stream_mode", [])
+    if not values:
+        return None
+    raw = values[-1]
+    modes: set[str]
+    if raw.startswith("["):
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadRequest(f"stream_mode {raw!r} is not a JSON array") from None
+        if not isinstance(parsed, list) or not all(isinstance(m, str) for m in parsed):
+            raise BadRequest(f"stream_mode {raw!r} must be a string or a JSON array of strings")
+        modes = set(parsed)
+    else:
+        modes = {raw}
+
+    def keep(body: bytes) -> bool:
+        name = event_name(body)
+        return name == b"error" or _run_mode_of(name) in modes
+
+    return keep
+
+
+def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
+    """Join Thread Stream's ``stream_modes``: comma-separated; the last parameter given counts."""
+    values = request.query.getall("stream_modes", [])
+    if not values or not values[-1]:
+        return None
+    modes = {m.strip() for m in values[-1].split(",") if m.strip()}
+    for m in modes:
+        if m not in THREAD_MODES:
+            raise Unprocessable(f"Invalid stream mode: {m}")
+    if modes >= {"run_modes", "state_update"}:
+        return None
+
+    def keep(body: bytes) -> bool:
+        name = event_name(body)
+        if name == b"state_update":
+            return "state_update" in modes
+        if name == b"metadata":
+            return "run_modes" in modes or "lifecycle" in modes
+        return "run_modes" in modes or name == b"error"
+
+    return keep
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("true", "1", "yes")
+
+
+# --- request bodies -------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    body: bytes
+    resumable: bool
+    cancel_on_disconnect: bool
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    return body
+
+
+def prepare_run_request(body: bytes, ask_resumable: bool) -> RunRequest:
+    """Inspect a run-creating body; ask the upstream for a replay buffer unless the client said no."""
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        doc = None  # forwarded unchanged: the upstream answers with its own 422
+    if not isinstance(doc, dict):
+        return RunRequest(body, False, False)
+    cancel = doc.get("on_disconnect") == "cancel"
+    if ask_resumable and "stream_resumable" not in doc:
+        doc["stream_resumable"] = True
+        body = orjson.dumps(doc)
+    return RunRequest(body, doc.get("stream_resumable") is True, cancel)
+
+
+def _run_ids(resp: aiohttp.ClientResponse) -> tuple[str | None, str | None]:
+    for h in ("Content-Location", "Location"):
+        v = resp.headers.get(h)
+        if v and (m := _RUN_IN_PATH.match(v)):
+            return m.group("tid"), m.group("rid")
+    return None, None
+
+
+def _is_sse(resp: aiohttp.ClientResponse) -> bool:
+    return resp.status == 200 and resp.content_type == "text/event-stream"
+
+
+class StreamHandlers:
+    def __init__(self, hub: Hub, log_: EventLog, forwarder: Forwarder, cfg: Streams,
+                 on_resume: Callable[[str], None] = lambda outcome: None) -> None:
+        self.hub = hub
+        self.log = log_
+        self.forwarder = forwarder
+        self.cfg = cfg
+        self.on_resume = on_resume
+
+    def _check_capacity(self) -> None:
+        # Refuse before anything reaches the upstream, so no run is created that we cannot hold.
+        if not self.log.accepting():
+            raise StorageUnavailable("event log is at its disk budget and every stream held is live; "
+                                     "new captures are refused until runs finish")
+
+    # --- POST .../runs/stream ------------------------------------------------------------------
+
+    async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> web.StreamResponse:
+        run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
+                                  self.cfg.request_resumable and not stateless)
+        self._check_capacity()
+        resp = await self.forwarder.open(request, target, data=run.body,
+                                         headers=upstream_headers(request, drop=("Content-Length",)))
+        if not _is_sse(resp):
+            return await self.forwarder.relay(request, target, resp)
+        tid, rid = _run_ids(resp)
+        pool = target.pool.name
+        if rid is None:  # not an Agent Server run stream; still captured, just not joinable
+            rid = f"unnamed-{uuid.uuid4()}"
+        path = f"/runs/{rid}/stream" if stateless or tid is None else f"/threads/{tid}/runs/{rid}/stream"
+        meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
+                          thread_id=None if stateless else tid, run_id=rid,
+                          resumable=run.resumable and not stateless)
+        try:
+            ing = self.hub.capture(meta, resp)
+        except BaseException:
+            resp.close()
+            raise
+        ing.cancel_on_orphan = run.cancel_on_disconnect
+        ing.auth = _auth(request)
+        follower = self.hub.subscribe(meta.key, 0)
+        return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
+
+    # --- POST /threads/{tid}/runs ---------------------------------------------------------------
+
+    async def create_background_run(self, request: web.Request, target: Target) -> web.StreamResponse:
+        run = prepare_run_request(await read_body(request, self.cfg.max_request_body), self.cfg.request_resumable)
+        self._check_capacity()
+        resp = await self.forwarder.open(request, target, data=run.body,
+                                         headers=upstream_headers(request, drop=("Content-Length",)))
+        try:
+            body = await self.forwarder.read_json_response(resp, self.cfg.max_request_body)
+            headers = client_headers(resp, target, drop=("Content-Length",))
+            status, reason = resp.status, resp.reason
+        finally:
+            resp.release()
+        if status == 200:
+            self._capture_background(request, target, body, run.resumable)
+        return web.Response(status=status, reason=reason, body=body, headers=headers)
+
+    def _capture_background(self, request: web.Request, target: Target, body: bytes, resumable: bool) -> None:
+        try:
+            doc = orjson.loads(body)
+            tid, rid = str(doc["thread_id"]), str(doc["run_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("background run response had no run_id/thread_id; not captured")
+            return
+        pool = target.pool.name
+        meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool,
+                          path=f"/threads/{tid}/runs/{rid}/stream", thread_id=tid, run_id=rid, resumable=resumable)
+        if self.hub.live(meta.key) is not None:
+            return
+        try:
+            ing = self.hub.capture(meta, None)
+        except Exception as exc:  # the run exists upstream; the client still gets its answer
+            log.warning("could not start capturing background run %s: %s", rid, exc)
+            return
+        ing.auth = _auth(request)
+
+    # --- GET .../runs/{rid}/stream ----------------------------------------------------------------
+
+    async def join_run(self, request: web.Request, target: Target, tid: str | None, rid: str) -> web.StreamResponse:
+        cursor = parse_cursor(request)
+        keep = run_mode_filter(request)
+        cancel = _truthy(request.query.get("cancel_on_disconnect"))
+        pool = target.pool.name
+        key = run_key(pool, rid)
+        meta = self.log.get(key)
+        headers: CIMultiDict[str] = CIMultiDict()
+        if meta is not None and cursor.kind == "upstream":
+            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this run is served by the "
+                                 "gateway; resume with an id the gateway sent")
+        if meta is not None:
+            self._count_resume(cursor, "hit")
+            ing = self.hub.live(key)
+            if ing is not None and cancel:
+                ing.cancel_on_orphan = True
+            headers["Content-Type"] = "text/event-stream; charset=utf-8"
+            headers["Location"] = target.client_path(meta.path)
+            headers["Content-Location"] = target.client_path(meta.path.removesuffix("/stream"))
+            follower = self.hub.subscribe(key, cursor.after())
+            return await self._send(request, follower, headers, keep)
+        if tid is None:
+            # The upstream has no such route for stateless runs; let it answer (404).
+            self._count_resume(cursor, "not_held")
+            return await self.forwarder.forward(request, target)
+        # Not held: capture it from the upstream from here on.
+        if cursor.kind in ("start", "seq"):
+            self._count_resume(cursor, "not_held")
+            headers[RESUME_HEADER] = "not-held"
+        self._check_capacity()
+        up_headers = upstream_headers(request, drop=("Last-Event-ID",))
+        if cursor.kind != "none":
+            # Our ids mean nothing upstream: ask it for all it still has.
+            up_headers["Last-Event-ID"] = cursor.raw if cursor.kind == "upstream" else "-1"
+        query = _drop_params(request.rel_url.raw_query_string, ("stream_mode", "cancel_on_disconnect", "last_event_id"))
+        resp = await self.forwarder.open(request, target, headers=up_headers, query=query)
+        if not _is_sse(resp):
+            return await self.forwarder.relay(request, target, resp)
+        meta = StreamMeta(key=key, kind="run", upstream=pool, path=target.path, thread_id=tid, run_id=rid,
+                          resumable=cursor.kind != "none")
+        try:
+            ing = self.hub.capture(meta, resp)
+        except BaseException:
+            resp.close()
+            raise
+        ing.cancel_on_orphan = cancel
+        ing.auth = _auth(request)
+        follower = self.hub.subscribe(key, 0)
+        headers.extend(client_headers(resp, target, drop=("Content-Length",)))
+        return await self._send(request, follower, headers, keep)
+
+    # --- GET /threads/{tid}/stream ------------------------------------------------------------------
+
+    async def join_thread(self, request: web.Request, target: Target, tid: str) -> web.StreamResponse:
+        cursor = parse_cursor(request)
+        keep = thread_mode_filter(request)
+        pool = target.pool.name
+        key = thread_key(pool, tid)
+        headers: CIMultiDict[str] = CIMultiDict()
+        meta = self.log.get(key)
+        if cursor.kind == "upstream" and meta is not None:
+            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this thread stream is served by the "
+                                 "gateway; resume with an id the gateway sent")
+        after = cursor.after() if meta is not None else 0
+        if cursor.kind != "none":
+            self._count_resume(cursor, "hit" if meta is not None else "not_held")
+            if meta is None:
+                headers[RESUME_HEADER] = "not-held"
+        if self.hub.live(key) is None:
+            self._check_capacity()
+            up_headers = upstream_headers(request, drop=("Last-Event-ID",))
+            if meta is not None and meta.last_upstream_id:
+                up_headers["Last-Event-ID"] = meta.last_upstream_id  # fill the gap since the last capture
+            elif meta is None and cursor.kind == "upstream":
+                up_headers["Last-Event-ID"] = cursor.raw
+            elif meta is None and cursor.kind != "none":
+                up_headers["Last-Event-ID"] = "-"
+            resp = await self.forwarder.open(request, target, headers=up_headers, query=THREAD_CAPTURE_QUERY)
+            if not _is_sse(resp):
+                return await self.forwarder.relay(request, target, resp)
+            ing = self.hub.capture(StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
+                                              thread_id=tid, resumable=True), resp)
+            ing.auth = _auth(request)
+            headers.extend(client_headers(resp, target, drop=("Content-Length",)))
+        else:
+            headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        follower = self.hub.subscribe(key, after)
+        return await self._send(request, follower, headers, keep)
+
+    # --- writing ------------------------------------------------------------------------------------
+
+    def _count_resume(self, cursor: Cursor, outcome: str) -> None:
+        if cursor.kind != "none":
+            self.on_resume(outcome)
+
+    async def _send(self, request: web.Request, follower: Follower, headers: CIMultiDict[str],
+                    keep: Callable[[bytes], bool] | None) -> web.StreamResponse:
+        headers.setdefault("Cache-Control", "no-store")
+        headers["X-Accel-Buffering"] = "no"
+        out = web.StreamResponse(status=200, headers=headers)
+        try:
+            await out.prepare(request)
+            async for batch in follower.entries():
+                if not batch:
+                    data = HEARTBEAT
+                elif keep is None:
+                    data = frame(batch)
+                else:
+                    data = frame(e for e in batch if keep(e[1]))
+                    if not data:
+                        continue
+                async with asyncio.timeout(self.cfg.write_timeout):
+                    await out.write(data)
+            await out.write_eof()
+            return out
+        except TimeoutError:
+            log.info("client on %s too slow to write to; dropped (it can resume)", request.path)
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            return out
+        finally:
+            follower.close()
+
+
+def _auth(request: web.Request) -> dict[str, str]:
+    return {h: request.headers[h] for h in AUTH_HEADERS if h in request.headers}
+
+
+def _drop_params(raw_qs: str, names: tuple[str, ...]) -> str:
+    """The raw query string without some parameters; the rest stays byte-for-byte."""
+    parts = [p for p in raw_qs.split("&") if p and unquote_plus(p.split("=", 1)[0]) not in names]
+    return "&".join(parts)
