@@ -67,6 +67,8 @@ class Parser:
         self.comments = 0  # comment lines seen (heartbeats), reset by the caller
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if not chunk:
+            return []
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":

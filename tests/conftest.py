@@ -1,0 +1,164 @@
+"""Shared fixtures: every one starts something real on 127.0.0.1 (port 0 or a free port)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.app import Gateway, Server
+from gateway.config import build_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.langgraph_server import LangGraphServer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gateway_config(tmp_path: Path, upstreams: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A raw config tree for tests: ports 0, LMDB under tmp_path, fast health checks."""
+    raw: dict[str, Any] = {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "upstreams": upstreams,
+        "storage": {"path": str(tmp_path / "data"), "sweep_interval": "1h"},
+        "shutdown_grace": 2,
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(raw.get(k), dict):
+            raw[k] = {**raw[k], **v}
+        else:
+            raw[k] = v
+    return raw
+
+
+class RunningGateway:
+    """An in-process gateway with its URLs and parts, for assertions."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.gw: Gateway = server.gateway
+        self.url = "http://%s:%d" % server.addresses["main"]
+        self.admin_url = "http://%s:%d" % server.addresses["admin"]
+
+
+@pytest.fixture
+async def fake_upstream() -> AsyncIterator[FakeAgentServer]:
+    """The fault-injecting fake Agent Server (no resume support unless a run asks)."""
+    server = await FakeAgentServer().start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Factory: start a gateway in this process from a raw config tree; stopped at teardown."""
+    started: list[Server] = []
+
+    async def start(raw: dict[str, Any]) -> RunningGateway:
+        server = Server(Gateway(build_config(raw), CollectorRegistry()))
+        await server.start()
+        started.append(server)
+        return RunningGateway(server)
+
+    yield start
+    for server in reversed(started):
+        await server.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: Callable[..., Awaitable[RunningGateway]], fake_upstream: FakeAgentServer,
+                  tmp_path: Path) -> RunningGateway:
+    """A gateway in front of the fake upstream."""
+    return await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain aiohttp client session."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def langgraph_server() -> Any:
+    """A real `langgraph dev` server (examples/agent), started once per test session."""
+    server = LangGraphServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def lg_gateway(make_gateway: Callable[..., Awaitable[RunningGateway]], langgraph_server: LangGraphServer,
+                     tmp_path: Path) -> RunningGateway:
+    """A gateway in front of the real LangGraph server."""
+    return await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}}))
+
+
+class GatewayProcess:
+    """The gateway as a subprocess (`python -m gateway`), for signal and restart tests."""
+
+    def __init__(self, args: list[str], log_path: Path) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.args = args
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "GatewayProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--port", str(self.port), "--admin-port", str(self.admin_port),
+             *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway did not listen:\n{self.log_path.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Any:
+    """Factory for subprocess gateways; all are killed at teardown."""
+    procs: list[GatewayProcess] = []
+
+    def make(*args: str) -> GatewayProcess:
+        p = GatewayProcess(list(args), tmp_path / f"gateway-{len(procs)}.log")
+        procs.append(p)
+        return p
+
+    yield make
+    for p in procs:
+        p.kill()

@@ -1,0 +1,308 @@
+"""A small fake Agent Server for precise fault injection (a real aiohttp server on 127.0.0.1).
+
+It speaks the parts of the Agent Server API the gateway treats specially, on
+the wire the way langgraph-api does (CRLF frames, ``metadata`` first, no end
+event, ``: heartbeat`` comments), plus an ``/echo`` endpoint for the proxy
+tests. Runs execute in the background whether or not anyone listens, like
+``on_disconnect: continue``.
+
+By default it has **no** resume support: a join gets only what comes after it.
+A run created with ``"stream_resumable": true`` gets ids (``<n>-0``) and a
+replay buffer, for the re-attach tests.
+
+Switches on ``FakeAgentServer.faults`` inject failures into the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Faults:
+    hang: float = 0.0  # seconds to wait before answering any API request
+    status: int = 0  # answer every API request with this status (e.g. 500)
+    cut_after: int = -1  # stream responses: drop the TCP connection after this many events
+    slow_body: float = 0.0  # /echo: seconds between body chunks
+    close_mid_body: bool = False  # /echo: send half the body, then drop the connection
+
+
+@dataclass
+class Run:
+    run_id: str
+    thread_id: str | None
+    n: int
+    delay: float
+    resumable: bool
+    fail: bool = False
+    status: str = "pending"
+    events: list[tuple[str | None, bytes]] = field(default_factory=list)  # (upstream id, frame)
+    listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+def _frame(event: str, data: object, uid: str | None) -> bytes:
+    out = b"event: " + event.encode() + b"\r\ndata: " + orjson.dumps(data) + b"\r\n"
+    if uid is not None:
+        out += b"id: " + uid.encode() + b"\r\n"
+    return out + b"\r\n"
+
+
+class FakeAgentServer:
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.runs: dict[str, Run] = {}
+        self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request seen
+        self.heartbeat = 5.0
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self.name = "fake"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # --- server lifecycle --------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._faults_mw])
+        r = app.router
+        r.add_get("/ok", self.ok)
+        r.add_route("*", "/echo{tail:.*}", self.echo)
+        r.add_post("/threads", self.create_thread)
+        r.add_post("/threads/{tid}/runs/stream", self.create_stream)
+        r.add_post("/runs/stream", self.create_stream)
+        r.add_post("/threads/{tid}/runs", self.create_background)
+        r.add_get("/threads/{tid}/runs/{rid}/stream", self.join)
+        r.add_get("/threads/{tid}/runs/{rid}", self.get_run)
+        r.add_post("/threads/{tid}/runs/{rid}/cancel", self.cancel)
+        r.add_get("/threads/{tid}/stream", self.thread_stream)
+        r.add_get("/redirect", self.redirect)
+        return app
+
+    async def start(self, port: int = 0) -> FakeAgentServer:
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        for run in self.runs.values():
+            if run.task is not None:
+                run.task.cancel()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    @web.middleware
+    async def _faults_mw(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+        self.requests.append((request.method, request.path_qs))
+        if request.path != "/ok":
+            if self.faults.hang:
+                await asyncio.sleep(self.faults.hang)
+            if self.faults.status:
+                return web.json_response({"detail": "injected failure"}, status=self.faults.status)
+        return await handler(request)
+
+    # --- plain endpoints ---------------------------------------------------------------------
+
+    async def ok(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def echo(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        doc = {
+            "method": request.method,
+            "path": request.path,
+            "raw_path": request.rel_url.raw_path,
+            "query": request.rel_url.raw_query_string,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_b64": base64.b64encode(body).decode(),
+        }
+        payload = orjson.dumps(doc)
+        status = int(request.query.get("status", "200"))
+        resp = web.StreamResponse(status=status, headers={
+            "Content-Type": "application/json", "X-Upstream": "fake", "Connection": "keep-alive, X-Hop",
+            "X-Hop": "should-not-pass", "Content-Length": str(len(payload)),
+            "Location": request.query.get("location", "/threads/t1/runs/r1"),
+            "Content-Location": request.query.get("content_location", "/threads/t1"),
+        })
+        await resp.prepare(request)
+        if self.faults.close_mid_body:
+            await resp.write(payload[: len(payload) // 2])
+            await asyncio.sleep(0.05)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
+        if self.faults.slow_body:
+            for i in range(0, len(payload), 16):
+                await resp.write(payload[i:i + 16])
+                await asyncio.sleep(self.faults.slow_body)
+        else:
+            await resp.write(payload)
+        await resp.write_eof()
+        return resp
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=303, headers={"Location": f"{self.url}/echo/landed"})
+
+    async def create_thread(self, request: web.Request) -> web.Response:
+        return web.json_response({"thread_id": str(uuid.uuid4()), "status": "idle"})
+
+    def _new_run(self, tid: str | None, doc: dict) -> Run:  # type: ignore[type-arg]
+        inp = doc.get("input") or {}
+        run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),
+                  delay=float(inp.get("delay", 0.0)), resumable=doc.get("stream_resumable") is True,
+                  fail=doc.get("assistant_id") == "fail")
+        self.runs[run.run_id] = run
+        run.task = asyncio.create_task(self._execute(run))
+        return run
+
+    async def _execute(self, run: Run) -> None:
+        run.status = "running"
+        self._emit(run, "metadata", {"run_id": run.run_id, "attempt": 1})
+        try:
+            for i in range(run.n):
+                if run.delay:
+                    await asyncio.sleep(run.delay)
+                elif i % 64 == 0:
+                    await asyncio.sleep(0)
+                self._emit(run, "custom", {"i": i, "of": run.n})
+            if run.fail:
+                self._emit(run, "error", {"error": "ValueError", "message": "boom"}, store=False)
+                run.status = "error"
+            else:
+                run.status = "success"
+        except asyncio.CancelledError:
+            run.status = "interrupted"
+        finally:
+            for q in run.listeners:
+                q.put_nowait(None)
+            self._thread_emit(run, "metadata", {"status": "run_done", "run_id": run.run_id})
+            run.done.set()
+
+    def _emit(self, run: Run, event: str, data: object, store: bool = True) -> None:
+        uid = f"{1000 + len(run.events)}-0" if run.resumable else None
+        frame = _frame(event, data, uid)
+        if store:
+            run.events.append((uid, frame))
+        for q in run.listeners:
+            q.put_nowait(frame)
+        self._thread_emit(run, event, data)
+
+    def _thread_emit(self, run: Run, event: str, data: object) -> None:
+        if run.thread_id is None:
+            return
+        for q in self.thread_listeners.get(run.thread_id, []):
+            q.put_nowait(_frame(event, data, f"{len(self.requests)}-{id(q) % 1000}"))
+
+    # --- streaming endpoints -----------------------------------------------------------------
+
+    async def _stream(self, request: web.Request, run: Run, replay: list[bytes]) -> web.StreamResponse:
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        if run.done.is_set():
+            q.put_nowait(None)
+        else:
+            run.listeners.append(q)
+        base = f"/threads/{run.thread_id}/runs/{run.run_id}" if run.thread_id else f"/runs/{run.run_id}"
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no", "Location": base + "/stream", "Content-Location": base,
+        })
+        await resp.prepare(request)
+        sent = 0
+        cut = self.faults.cut_after
+        try:
+            for frame in replay:
+                await resp.write(frame)
+            while True:
+                try:
+                    frame = await asyncio.wait_for(q.get(), self.heartbeat)
+                except asyncio.TimeoutError:
+                    await resp.write(b": heartbeat\r\n\r\n")
+                    continue
+                if frame is None:
+                    break
+                await resp.write(frame)
+                sent += 1
+                if cut >= 0 and sent >= cut:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+            await resp.write_eof()
+        finally:
+            if q in run.listeners:
+                run.listeners.remove(q)
+        return resp
+
+    async def create_stream(self, request: web.Request) -> web.StreamResponse:
+        doc = await request.json()
+        if doc.get("multitask_strategy") == "reject":
+            return web.json_response({"detail": "Thread is already running a task."}, status=409)
+        run = self._new_run(request.match_info.get("tid"), doc)
+        return await self._stream(request, run, [])
+
+    async def create_background(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        run = self._new_run(request.match_info["tid"], doc)
+        return web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": "pending",
+                                  "kwargs": {"resumable": run.resumable}},
+                                 headers={"Content-Location": f"/threads/{run.thread_id}/runs/{run.run_id}"})
+
+    async def join(self, request: web.Request) -> web.StreamResponse:
+        run = self.runs.get(request.match_info["rid"])
+        if run is None:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(_frame("error", {"error": "HTTPException", "message": "404: Run not found"}, None))
+            await resp.write_eof()
+            return resp
+        replay: list[bytes] = []
+        last = request.headers.get("Last-Event-ID")
+        if run.resumable and last:
+            after = -1 if last == "-1" else int(last.split("-")[0])
+            replay = [f for uid, f in run.events if uid is not None and int(uid.split("-")[0]) > after]
+        return await self._stream(request, run, replay)
+
+    async def get_run(self, request: web.Request) -> web.Response:
+        run = self.runs.get(request.match_info["rid"])
+        if run is None:
+            return web.json_response({"detail": "Run not found"}, status=404)
+        return web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": run.status})
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        run = self.runs.get(request.match_info["rid"])
+        if run is None or run.task is None or run.done.is_set():
+            return web.json_response({"detail": "No runs found to cancel."}, status=404)
+        run.task.cancel()
+        return web.Response(status=202)
+
+    async def thread_stream(self, request: web.Request) -> web.StreamResponse:
+        q: asyncio.Queue[bytes | None] = asyncio.Queue()
+        listeners = self.thread_listeners.setdefault(request.match_info["tid"], [])
+        listeners.append(q)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(q.get(), self.heartbeat)
+                except asyncio.TimeoutError:
+                    await resp.write(b": heartbeat\r\n\r\n")
+                    continue
+                if frame is None:
+                    break
+                await resp.write(frame)
+        finally:
+            listeners.remove(q)
+        return resp

@@ -1,0 +1,233 @@
+"""Transparent forwarding, routing over several upstreams, replica health, and error shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from tests.conftest import RunningGateway, free_port, gateway_config
+from tests.fake_upstream import FakeAgentServer
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def echo(http: aiohttp.ClientSession, url: str | URL, method: str = "GET", **kw: Any) -> dict[str, Any]:
+    async with http.request(method, url, **kw) as r:
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+
+async def test_every_method_path_query_and_body_pass_byte_for_byte(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    body = bytes(range(256)) * 64
+    query = "a=1&a=2&sp=x%20y&plus=a+b&raw=%2F%3F&empty="
+    for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        url = URL(f"{gateway.url}/echo/some/%7Bpath%7D?{query}", encoded=True)  # no client-side requoting
+        doc = await echo(http, url, method,
+                         data=body if method not in ("GET", "OPTIONS") else None)
+        assert doc["method"] == method
+        assert doc["raw_path"] == "/echo/some/%7Bpath%7D"
+        assert doc["query"] == query
+        if method not in ("GET", "OPTIONS"):
+            assert base64.b64decode(doc["body_b64"]) == body
+
+
+async def test_chunked_request_body_streams_through(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async def gen():  # type: ignore[no-untyped-def]
+        for i in range(50):
+            yield bytes([i]) * 1000
+            await asyncio.sleep(0)
+
+    doc = await echo(http, f"{gateway.url}/echo/upload", "POST", data=gen())
+    assert base64.b64decode(doc["body_b64"]) == b"".join(bytes([i]) * 1000 for i in range(50))
+
+
+async def test_hop_by_hop_removed_and_forwarded_headers_added(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    doc = await echo(http, f"{gateway.url}/echo/h", headers={
+        "X-Api-Key": "secret", "Connection": "keep-alive, X-Private", "X-Private": "hop", "TE": "trailers",
+        "X-Forwarded-For": "10.0.0.1"})
+    got = {k.lower(): v for k, v in doc["headers"]}
+    assert got["x-api-key"] == "secret"
+    assert "x-private" not in got and "te" not in got
+    assert got["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+    assert got["x-forwarded-proto"] == "http"
+    assert got["x-forwarded-host"] == gateway.url.removeprefix("http://")
+    async with http.get(f"{gateway.url}/echo/h") as r:
+        assert r.headers["X-Upstream"] == "fake"
+        assert "X-Hop" not in r.headers  # named in the upstream's Connection header
+
+
+async def test_gzip_body_passes_unchanged(make_gateway: MakeGateway, tmp_path: Path,
+                                          http: aiohttp.ClientSession) -> None:
+    import gzip
+
+    from aiohttp import web
+
+    raw = gzip.compress(b'{"x": 1}' * 100)
+
+    async def gz(_: web.Request) -> web.Response:
+        return web.Response(body=raw, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_get("/gz", gz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{runner.addresses[0][1]}"]}}))
+        async with http.get(f"{gw.url}/gz", auto_decompress=False) as r:
+            assert r.headers["Content-Encoding"] == "gzip"
+            assert await r.read() == raw
+    finally:
+        await runner.cleanup()
+
+
+async def test_upstream_errors_pass_through_unchanged(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    for status in (404, 409, 422, 500, 503):
+        async with http.get(f"{gateway.url}/echo/x?status={status}") as r:
+            assert r.status == status
+            assert (await r.json())["method"] == "GET"
+
+
+async def test_redirect_location_is_not_followed_and_points_at_gateway(gateway: RunningGateway,
+                                                                        http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.url}/redirect", allow_redirects=False) as r:
+        assert r.status == 303
+        assert r.headers["Location"] == "/echo/landed"
+
+
+async def test_prefix_routes_pick_the_upstream_and_rewrite_locations(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    a, b = await FakeAgentServer().start(), await FakeAgentServer().start()
+    try:
+        gw = await make_gateway(gateway_config(
+            tmp_path, {"default": {"urls": [a.url]}, "b": {"urls": [b.url]}},
+            routes=[{"prefix": "/deployments/b", "upstream": "b"}]))
+        doc = await echo(http, f"{gw.url}/deployments/b/echo/p?q=1")
+        assert doc["path"] == "/echo/p" and doc["query"] == "q=1"
+        assert b.requests[-1] == ("GET", "/echo/p?q=1") and not a.requests
+        async with http.get(f"{gw.url}/deployments/b/echo/p?location=/threads/t/runs/r/stream") as r:
+            assert r.headers["Location"] == "/deployments/b/threads/t/runs/r/stream"
+            assert r.headers["Content-Location"] == "/deployments/b/threads/t1"
+        async with http.get(f"{gw.url}/deployments/b/echo/p?location={b.url}/abs/path") as r:
+            assert r.headers["Location"] == "/deployments/b/abs/path"
+        await echo(http, f"{gw.url}/echo/root")
+        assert a.requests[-1] == ("GET", "/echo/root")
+        async with http.get(f"{gw.url}/deployments/bx/echo") as r:  # not the prefix: default upstream
+            assert r.status == 404 and a.requests[-1][1] == "/deployments/bx/echo"
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_requests_spread_over_replicas(make_gateway: MakeGateway, tmp_path: Path,
+                                             http: aiohttp.ClientSession) -> None:
+    reps = [await FakeAgentServer().start() for _ in range(3)]
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [r.url for r in reps]}}))
+        for _ in range(9):
+            await echo(http, f"{gw.url}/echo/x")
+        assert [len(r.requests) for r in reps] == [3, 3, 3]
+    finally:
+        for r in reps:
+            await r.stop()
+
+
+async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    good = await FakeAgentServer().start()
+    dead_port = free_port()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [f"http://127.0.0.1:{dead_port}", good.url],
+            "health": {"interval": "100ms", "unhealthy_threshold": 1, "healthy_threshold": 1}}}))
+        for _ in range(4):  # the dead replica refuses: every request still succeeds, never doubled
+            await echo(http, f"{gw.url}/echo/x", "POST", data=b"once")
+        assert len([r for r in good.requests if r[1] == "/echo/x"]) == 4
+        pool = gw.gw.upstreams.pools["default"]
+        assert [r.healthy for r in pool.replicas] == [False, True]
+        # Bring a server up on the dead port: the health check puts it back.
+        revived = await FakeAgentServer().start(port=dead_port)
+        try:
+            for _ in range(50):
+                if pool.replicas[0].healthy:
+                    break
+                await asyncio.sleep(0.05)
+            assert pool.replicas[0].healthy
+            for _ in range(4):
+                await echo(http, f"{gw.url}/echo/y")
+            assert any(p == "/echo/y" for _, p in revived.requests)
+        finally:
+            await revived.stop()
+    finally:
+        await good.stop()
+
+
+async def test_failing_health_check_takes_replica_out(make_gateway: MakeGateway, tmp_path: Path,
+                                                      http: aiohttp.ClientSession) -> None:
+    a, b = await FakeAgentServer().start(), await FakeAgentServer().start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [a.url, b.url], "health": {"path": "/echo/health?status=500", "interval": "50ms",
+                                                "unhealthy_threshold": 2}}}))
+        pool = gw.gw.upstreams.pools["default"]
+        for _ in range(60):
+            if not any(r.healthy for r in pool.replicas):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(r.healthy for r in pool.replicas)
+        async with http.get(f"{gw.url}/echo/x") as r:
+            assert r.status == 503
+            assert "no healthy replica" in (await r.json())["detail"]
+        async with http.get(f"{gw.admin_url}/readyz") as r:
+            assert r.status == 503
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_all_replicas_refusing_is_502_json(make_gateway: MakeGateway, tmp_path: Path,
+                                                 http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{free_port()}"]}}))
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        assert r.status == 502
+        assert r.content_type == "application/json"
+        detail = (await r.json())["detail"]
+        assert "default" in detail and "unreachable" in detail
+
+
+async def test_upstream_timeout_is_504_json(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                            tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "300ms"}}))
+    fake_upstream.faults.hang = 2.0
+    async with http.get(f"{gw.url}/echo/slow") as r:
+        assert r.status == 504
+        assert "default" in (await r.json())["detail"]
+
+
+async def test_admin_endpoints_are_on_their_own_listener(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.admin_url}/healthz") as r:
+        assert r.status == 200
+    async with http.get(f"{gateway.admin_url}/readyz") as r:
+        assert r.status == 200 and (await r.json())["status"] == "ready"
+    async with http.get(f"{gateway.admin_url}/metrics") as r:
+        assert "gateway_requests_total" in await r.text()
+    # The main listener forwards /healthz like any other path: nothing upstream is shadowed.
+    async with http.get(f"{gateway.url}/healthz") as r:
+        assert r.status == 404
+
+
+async def test_sse_is_flushed_event_by_event(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{gateway.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 3, "delay": 0.3}}) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.headers["X-Accel-Buffering"] == "no"
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2.0)  # long before the run ends
+        assert first.startswith(b"event: metadata")

@@ -1,0 +1,97 @@
+"""The sans-IO SSE parser, fed the same bytes split at every offset."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.sse import Event, Parser, SSEProtocolError, event_name, frame, make_body
+
+STREAM_CRLF = (
+    b"event: metadata\r\ndata: {\"run_id\":\"r1\",\"attempt\":1}\r\nid: 1795-0\r\n\r\n"
+    b": heartbeat\r\n\r\n"
+    b"event: custom\r\ndata: {\"i\":0}\r\n\r\n"
+    b"data: line one\r\ndata: line two\r\n\r\n"
+    b"event: error\r\ndata: {\"error\":\"ValueError\"}\r\nid: 1796-0\r\n\r\n"
+)
+EXPECTED = [
+    Event(b"event: metadata\ndata: {\"run_id\":\"r1\",\"attempt\":1}\n", "1795-0"),
+    Event(b"event: custom\ndata: {\"i\":0}\n", None),
+    Event(b"data: line one\ndata: line two\n", None),
+    Event(b"event: error\ndata: {\"error\":\"ValueError\"}\n", "1796-0"),
+]
+
+
+def feed_split(data: bytes, *cuts: int) -> tuple[list[Event], Parser]:
+    p = Parser()
+    out: list[Event] = []
+    prev = 0
+    for c in (*cuts, len(data)):
+        out.extend(p.feed(data[prev:c]))
+        prev = c
+    return out, p
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n", b"\r"])
+def test_every_single_split_gives_the_same_events(eol: bytes) -> None:
+    data = STREAM_CRLF.replace(b"\r\n", eol)
+    for cut in range(len(data) + 1):
+        events, p = feed_split(data, cut)
+        assert events == EXPECTED, f"split at {cut}"
+        assert p.comments == 1
+        assert not p.pending()
+
+
+def test_every_pair_of_splits_crlf() -> None:
+    data = STREAM_CRLF
+    for a in range(0, len(data) + 1, 3):
+        for b in range(a, len(data) + 1, 7):
+            events, _ = feed_split(data, a, b)
+            assert events == EXPECTED, (a, b)
+
+
+def test_byte_by_byte() -> None:
+    events, _ = feed_split(STREAM_CRLF, *range(1, len(STREAM_CRLF)))
+    assert events == EXPECTED
+
+
+def test_cr_at_chunk_end_then_lf_is_one_line_end() -> None:
+    p = Parser()
+    assert p.feed(b"data: a\r") == []
+    # The LF completes CRLF (not a blank line); the CR after it is the blank line.
+    assert [e.body for e in p.feed(b"\n\r")] == [b"data: a\n"]
+    assert p.feed(b"\n") == []  # the LF of that CRLF, again split across chunks
+    assert not p.pending()
+
+
+def test_field_without_space_and_unknown_fields() -> None:
+    p = Parser()
+    out = p.feed(b"event:x\ndata:1\nretry: 10\nfoo: bar\n\n")
+    assert out == [Event(b"event: x\ndata: 1\n", None)]
+
+
+def test_event_without_data_is_not_dispatched() -> None:
+    assert Parser().feed(b"event: lonely\n\n") == []
+
+
+def test_incomplete_event_is_pending() -> None:
+    p = Parser()
+    p.feed(b"event: custom\ndata: {\"i\"")
+    assert p.pending()
+
+
+def test_overlong_line_is_a_protocol_error() -> None:
+    p = Parser(max_line=16)
+    with pytest.raises(SSEProtocolError):
+        p.feed(b"data: " + b"x" * 64)
+
+
+def test_frame_adds_gateway_ids_and_blank_lines() -> None:
+    wire = frame([(7, b"event: custom\ndata: 1\n"), (9, b"data: 2\n")])
+    assert wire == b"event: custom\ndata: 1\nid: 7\n\ndata: 2\nid: 9\n\n"
+
+
+def test_event_name_and_make_body() -> None:
+    body = make_body("error", b'{"a":1}\n{"b":2}')
+    assert body == b'event: error\ndata: {"a":1}\ndata: {"b":2}\n'
+    assert event_name(body) == b"error"
+    assert event_name(b"data: x\n") == b"message"
