@@ -1,0 +1,263 @@
+"""The command line as users run it: `python -m gateway ...` in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+
+# Bounded waits, in seconds.
+START_TIMEOUT = 20.0
+HEALTH_INTERVAL = 0.2
+GRACE = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """The caller's environment without the variables the example config reads."""
+    env = dict(os.environ)
+    for name in ("UPSTREAM_URL", "GATEWAY_DATA_DIR"):
+        env.pop(name, None)
+    return env
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, env=clean_env(),
+                          capture_output=True, text=True, timeout=30)
+
+
+# --- refusals: exit 2, one line on stderr naming the field and the value ---------------------------
+
+def assert_one_line(stderr: str, *fragments: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.mark.parametrize(("args", "fragments"), [
+    (["--port", "eighty"], ["--port", "eighty"]),
+    (["--log-level", "loud"], ["--log-level", "loud"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+])
+def test_bad_flag_exits_2_with_one_line(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr, "agent-gateway:", *fragments)
+    assert proc.stdout == ""
+
+
+def test_bad_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("storage:\n  durability: sometimes\n")
+    proc = run_cli("--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr, "config error", "storage.durability", "sometimes")
+    assert not (tmp_path / "data").exists()  # nothing was started
+
+
+def test_flag_value_rejected_by_config_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("--upstream", "ftp://127.0.0.1:21", "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr, "upstreams.default.urls[0]", "ftp://127.0.0.1:21")
+
+
+def test_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text("listen:\n  port: 8080\n   host: [unclosed\n")
+    proc = run_cli("--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr, "<yaml>", "line ")
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    proc = run_cli("--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line(proc.stderr, "--config", "nope.yaml")
+
+
+def test_help_exits_0(tmp_path: Path) -> None:
+    proc = run_cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for flag in ("--config", "--upstream", "--port", "--admin-port", "--data-dir", "--host", "--admin-host"):
+        assert flag in proc.stdout
+
+
+# --- a running gateway ------------------------------------------------------------------------------
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int, admin_port: int, log: Path) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.log = log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    async def wait_listening(self, timeout: float = START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                # The admin listener starts last, so both are up once it accepts.
+                _, writer = await asyncio.open_connection("127.0.0.1", self.admin_port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            except OSError:
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"gateway did not listen within {timeout}s:\n{self.log.read_text()}")
+
+
+Spawn = Callable[..., Awaitable[Proc]]
+
+
+@pytest.fixture
+async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
+    """Start `python -m gateway` on free 127.0.0.1 ports; killed at teardown if still running."""
+    procs: list[Proc] = []
+
+    async def start(*args: str) -> Proc:
+        port, admin_port = free_port(), free_port()
+        log = tmp_path / f"gateway-{len(procs)}.log"
+        with open(log, "wb") as out:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway", "--port", str(port), "--admin-port", str(admin_port), *args,
+                cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        p = Proc(proc, port, admin_port, log)
+        procs.append(p)
+        await p.wait_listening()
+        return p
+
+    yield start
+    for p in procs:
+        if p.proc.returncode is None:
+            p.proc.kill()
+        await asyncio.wait_for(p.proc.wait(), 10)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        yield s
+
+
+async def status_of(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def wait_status(http: aiohttp.ClientSession, url: str, want: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        got = await status_of(http, url)
+        if got == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{url} answered {got}, not {want}, within {timeout}s")
+
+
+def fast_health_config(tmp_path: Path) -> Path:
+    path = tmp_path / "fast-health.yaml"
+    path.write_text(
+        "upstreams:\n"
+        "  default:\n"
+        "    urls: ['${UPSTREAM_URL:-http://127.0.0.1:2024}']\n"
+        f"    health: {{interval: {HEALTH_INTERVAL}s, timeout: 1s, unhealthy_threshold: 1}}\n"
+        f"shutdown_grace: {GRACE}s\n")
+    return path
+
+
+async def test_starts_with_flags_only_and_answers_healthz(spawn: Spawn, http: aiohttp.ClientSession,
+                                                          tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    gw = await spawn("--upstream", f"http://127.0.0.1:{free_port()}", "--data-dir", str(data))
+    async with http.get(gw.admin_url + "/healthz") as resp:
+        assert resp.status == 200
+        assert (await resp.json()) == {"status": "alive"}
+    async with http.get(gw.admin_url + "/metrics") as resp:
+        assert resp.status == 200
+        assert "gateway_log_bytes" in await resp.text()
+    assert data.is_dir() and any(data.iterdir())  # the event log was opened where --data-dir says
+
+
+async def test_readyz_follows_upstream_health(spawn: Spawn, http: aiohttp.ClientSession,
+                                              fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    gw = await spawn("--config", str(fast_health_config(tmp_path)), "--upstream", fake_upstream.url,
+                     "--data-dir", str(tmp_path / "data"))
+    ready = gw.admin_url + "/readyz"
+    await wait_status(http, ready, 200)
+    # Let a few checks run against the live upstream: it stays ready.
+    await asyncio.sleep(HEALTH_INTERVAL * 3)
+    async with http.get(ready) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["healthy_replicas"] == {"default": [fake_upstream.url]}
+
+    port = fake_upstream.port
+    await fake_upstream.stop()
+    await wait_status(http, ready, 503)
+    async with http.get(ready) as resp:
+        assert (await resp.json())["healthy_replicas"] == {"default": []}
+    assert await status_of(http, gw.admin_url + "/healthz") == 200  # alive, just not ready
+
+    await fake_upstream.start(port)  # same address: the replica comes back into rotation
+    await wait_status(http, ready, 200)
+
+
+async def test_sigterm_exits_0_within_grace(spawn: Spawn, http: aiohttp.ClientSession,
+                                            fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    gw = await spawn("--config", str(fast_health_config(tmp_path)), "--upstream", fake_upstream.url,
+                     "--data-dir", str(tmp_path / "data"))
+    # A client is in the middle of a long stream when the signal arrives.
+    async with http.post(gw.url + "/runs/stream",
+                         json={"assistant_id": "agent", "input": {"n": 1000, "delay": 0.05}}) as resp:
+        assert resp.status == 200
+        first = await read_events(resp, limit=2)
+        assert [e.event for e in first] == ["metadata", "custom"]
+        started = time.monotonic()
+        gw.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(gw.proc.wait(), GRACE + 5)
+        elapsed = time.monotonic() - started
+        # The gateway ends the client's stream instead of waiting for the run.
+        rest = await asyncio.wait_for(read_events(resp), 5)
+    assert code == 0, gw.log.read_text()
+    assert elapsed < GRACE, f"took {elapsed:.1f}s, grace is {GRACE}s"
+    assert len(first) + len(rest) < 1000
+    assert "Traceback" not in gw.log.read_text()
+
+
+async def test_sigterm_when_idle_exits_0_quickly(spawn: Spawn, tmp_path: Path) -> None:
+    gw = await spawn("--upstream", f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data"))
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    code = await asyncio.wait_for(gw.proc.wait(), 10)
+    assert code == 0, gw.log.read_text()
+    assert time.monotonic() - started < 10.0  # default shutdown_grace
