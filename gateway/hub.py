@@ -354,7 +354,7 @@ class Hub:
             return
         if ing.meta.kind == "thread":
             ing.orphan_timer = asyncio.get_running_loop().call_later(
-                self.cfg.thread_linger, self._spawn, self._release_thread(ing))
+                self.cfg.thread_linger, lambda: self._spawn(self._release_thread(ing)))
         elif ing.cancel_on_orphan:
             self._spawn(self._cancel_run(ing))
 

@@ -28,7 +28,7 @@ from aiohttp import web
 class Faults:
     hang: float = 0.0  # seconds to wait before answering any API request
     status: int = 0  # answer every API request with this status (e.g. 500)
-    cut_after: int = -1  # stream responses: drop the TCP connection after this many events
+    cut_after: int = -1  # the next stream response: drop the TCP connection after this many events (once)
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
 
@@ -41,6 +41,7 @@ class Run:
     delay: float
     resumable: bool
     fail: bool = False
+    pad: int = 0  # bytes of padding per custom event (to fill socket buffers)
     status: str = "pending"
     events: list[tuple[str | None, bytes]] = field(default_factory=list)  # (upstream id, frame)
     listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
@@ -163,7 +164,7 @@ class FakeAgentServer:
         inp = doc.get("input") or {}
         run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),
                   delay=float(inp.get("delay", 0.0)), resumable=doc.get("stream_resumable") is True,
-                  fail=doc.get("assistant_id") == "fail")
+                  fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)))
         self.runs[run.run_id] = run
         run.task = asyncio.create_task(self._execute(run))
         return run
@@ -177,7 +178,8 @@ class FakeAgentServer:
                     await asyncio.sleep(run.delay)
                 elif i % 64 == 0:
                     await asyncio.sleep(0)
-                self._emit(run, "custom", {"i": i, "of": run.n})
+                self._emit(run, "custom", {"i": i, "of": run.n, "pad": "x" * run.pad} if run.pad
+                           else {"i": i, "of": run.n})
             if run.fail:
                 self._emit(run, "error", {"error": "ValueError", "message": "boom"}, store=False)
                 run.status = "error"
@@ -236,6 +238,7 @@ class FakeAgentServer:
                 await resp.write(frame)
                 sent += 1
                 if cut >= 0 and sent >= cut:
+                    self.faults.cut_after = -1
                     assert request.transport is not None
                     request.transport.abort()
                     return resp

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import aiohttp
@@ -39,16 +40,36 @@ def parse_all(text: str) -> list[Ev]:
     return out
 
 
+# Bytes read past the last event returned, per response, so a later call goes on from there.
+_LEFTOVER: "weakref.WeakKeyDictionary[aiohttp.ClientResponse, list[Ev | str]]" = weakref.WeakKeyDictionary()
+
+
 async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) -> list[Ev]:
-    """Read events until the body ends, or until `limit` events arrived (then stop reading)."""
-    buf = ""
-    got: list[Ev] = []
-    async for chunk in resp.content.iter_any():
-        buf += chunk.decode()
-        *blocks, buf = buf.replace("\r\n", "\n").split("\n\n")
-        for block in blocks:
-            got.extend(parse_all(block + "\n\n"))
-            if limit is not None and len(got) >= limit:
-                return got[:limit]
-    got.extend(parse_all(buf))
+    """Read events until the body ends, or until `limit` events arrived.
+
+    Events that arrived in the same chunk beyond `limit` are kept for the next
+    call on the same response (a client that closes instead never saw them).
+    """
+    pending, buf = _LEFTOVER.pop(resp, [[], ""])  # type: ignore[misc]
+    got: list[Ev] = list(pending)  # type: ignore[arg-type]
+
+    def done() -> bool:
+        return limit is not None and len(got) >= limit
+
+    if not done():
+        async for chunk in resp.content.iter_any():
+            buf += chunk.decode()
+            *blocks, buf = buf.replace("\r\n", "\n").split("\n\n")
+            for block in blocks:
+                got.extend(parse_all(block + "\n\n"))
+            if done():
+                break
+        else:
+            got.extend(parse_all(buf))
+            buf = ""
+    if limit is not None and len(got) > limit:
+        _LEFTOVER[resp] = [got[limit:], buf]  # type: ignore[list-item]
+        return got[:limit]
+    if buf:
+        _LEFTOVER[resp] = [[], buf]
     return got

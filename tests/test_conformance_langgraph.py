@@ -1,0 +1,368 @@
+"""Conformance against a real `langgraph dev` server: the gateway must be invisible to SDK users.
+
+The same scenario runs with the official Python SDK pointed straight at the server and pointed at
+the gateway in front of it; the transcripts must match once run/thread ids, message ids and
+timestamps are masked. The rest checks what only the gateway promises (its own integer event ids,
+replays that keep the terminal `error`, stateless re-joins) and that the JS SDK sees the same
+events as the Python one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+from langgraph_sdk import get_client
+
+from tests.support.sse import Ev, read_events
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = Path(__file__).resolve().parents[1]
+JS_DIR = REPO / "tests" / "js"
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+# Values that differ between two otherwise identical runs.
+_VOLATILE_KEYS = {"created_at", "updated_at", "state_updated_at", "__request_start_time_ms__",
+                  "langgraph_request_id"}
+
+TICKER_MODES = ["custom", "values"]
+
+
+def norm(value: Any) -> Any:
+    """The value with ids and timestamps masked, so two runs of the same thing compare equal."""
+    if isinstance(value, dict):
+        return {k: "<volatile>" if k in _VOLATILE_KEYS else norm(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [norm(v) for v in value]
+    if isinstance(value, str):
+        if _UUID.match(value):
+            return "<uuid>"
+        if _TIMESTAMP.match(value):
+            return "<ts>"
+    return value
+
+
+def sdk(url: str) -> Any:
+    # api_key=None: never pick up a LangSmith key from the environment.
+    return get_client(url=url, api_key=None)
+
+
+async def collect(parts: Any) -> list[Any]:
+    return [p async for p in parts]
+
+
+def seq(parts: list[Any]) -> list[tuple[str, Any]]:
+    """A stream as (event, masked data) pairs."""
+    return [(p.event, norm(p.data)) for p in parts]
+
+
+def frames(evs: list[Ev]) -> list[tuple[str, Any]]:
+    return [(e.event, e.json) for e in evs]
+
+
+async def _http_status(coro: Any) -> int:
+    try:
+        await coro
+    except httpx.HTTPStatusError as exc:
+        return exc.response.status_code
+    return 200
+
+
+# --- the shared scenario --------------------------------------------------------------------------
+
+async def scenario(url: str) -> dict[str, Any]:
+    """Every ordinary SDK operation once; returns a masked transcript."""
+    c = sdk(url)
+    tag = str(uuid.uuid4())
+    out: dict[str, Any] = {}
+
+    out["assistants.search"] = norm(await c.assistants.search(graph_id="ticker", limit=5))
+
+    thread = await c.threads.create(metadata={"suite": tag})
+    tid = thread["thread_id"]
+    out["threads.create"] = norm(thread)
+    out["threads.get"] = norm(await c.threads.get(tid))
+    out["threads.search"] = norm(await c.threads.search(metadata={"suite": tag}))
+
+    # Background run, then join: the final state comes back.
+    r1 = await c.runs.create(tid, "ticker", input={"n": 3, "delay": 0.01}, stream_mode=TICKER_MODES)
+    out["runs.create"] = {k: norm(r1[k]) for k in ("status", "metadata", "multitask_strategy")}
+    out["runs.join"] = norm(await c.runs.join(tid, r1["run_id"]))
+    out["runs.get"] = norm(await c.runs.get(tid, r1["run_id"]))
+
+    out["runs.wait"] = norm(await c.runs.wait(tid, "ticker", input={"n": 2, "delay": 0.01}))
+    out["runs.stream"] = seq(await collect(c.runs.stream(tid, "ticker", input={"n": 3, "delay": 0.01},
+                                                         stream_mode=TICKER_MODES)))
+    out["runs.stream fail"] = seq(await collect(c.runs.stream(tid, "fail", input={}, stream_mode=TICKER_MODES)))
+
+    # A long run cancelled while it runs.
+    r_long = await c.runs.create(tid, "ticker", input={"n": 200, "delay": 0.05}, stream_mode=TICKER_MODES)
+    await asyncio.sleep(0.8)
+    await c.runs.cancel(tid, r_long["run_id"], wait=True)
+    out["runs.cancel -> get"] = (await c.runs.get(tid, r_long["run_id"]))["status"]
+
+    out["runs.list"] = norm(await c.runs.list(tid))
+    out["runs.list limit/offset"] = norm(await c.runs.list(tid, limit=2, offset=1))
+    out["runs.list status"] = norm(await c.runs.list(tid, status="error"))
+    out["runs.list select"] = norm(await c.runs.list(tid, select=["run_id", "status", "assistant_id"]))
+
+    await c.runs.delete(tid, r1["run_id"])
+    out["runs.delete -> get"] = await _http_status(c.runs.get(tid, r1["run_id"]))
+    out["runs.list after delete"] = [r["status"] for r in await c.runs.list(tid, limit=20)]
+    out["threads.get final"] = norm(await c.threads.get(tid))
+
+    # Stateless runs.
+    out["stateless runs.wait"] = norm(await c.runs.wait(None, "ticker", input={"n": 2, "delay": 0.01}))
+    out["stateless runs.stream"] = seq(await collect(c.runs.stream(None, "ticker", input={"n": 3, "delay": 0.01},
+                                                                   stream_mode=TICKER_MODES)))
+    return out
+
+
+async def test_same_results_direct_and_through_gateway(langgraph_server: Any, lg_gateway: Any) -> None:
+    async with asyncio.timeout(60):
+        direct, via = await asyncio.gather(scenario(langgraph_server.url), scenario(lg_gateway.url))
+    assert direct.keys() == via.keys()
+    for key in direct:
+        assert via[key] == direct[key], f"{key}: gateway differs from the server"
+    # Sanity: the scenario really exercised what it claims.
+    assert [e for e, _ in direct["runs.stream fail"]][-1] == "error"
+    assert direct["runs.cancel -> get"] == "interrupted"
+    assert direct["runs.delete -> get"] == 404
+    assert [e for e, _ in direct["runs.stream"]].count("custom") == 3
+
+
+async def test_objects_created_through_gateway_read_the_same_directly(langgraph_server: Any,
+                                                                      lg_gateway: Any) -> None:
+    via, direct = sdk(lg_gateway.url), sdk(langgraph_server.url)
+    async with asyncio.timeout(30):
+        thread = await via.threads.create(metadata={"suite": str(uuid.uuid4())})
+        tid = thread["thread_id"]
+        run = await via.runs.create(tid, "ticker", input={"n": 2, "delay": 0.01})
+        await via.runs.join(tid, run["run_id"])
+        for name, call in (("thread", lambda c: c.threads.get(tid)),
+                           ("run", lambda c: c.runs.get(tid, run["run_id"])),
+                           ("runs", lambda c: c.runs.list(tid))):
+            assert await call(via) == await call(direct), name
+
+
+async def test_thread_join_stream_basic(langgraph_server: Any, lg_gateway: Any) -> None:
+    async def one(url: str) -> list[tuple[str, Any]]:
+        c = sdk(url)
+        tid = (await c.threads.create())["thread_id"]
+        got: list[Any] = []
+        done = asyncio.Event()
+
+        async def follow() -> None:
+            async for part in await c.threads.join_stream(tid):
+                got.append(part)
+                if part.event == "metadata" and part.data.get("status") == "run_done":
+                    done.set()
+                    return
+
+        task = asyncio.create_task(follow())
+        try:
+            await asyncio.sleep(1.0)  # the thread stream is open before the run starts
+            run = await c.runs.create(tid, "ticker", input={"n": 3, "delay": 0.01}, stream_mode=TICKER_MODES)
+            await c.runs.join(tid, run["run_id"])
+            await asyncio.wait_for(done.wait(), 15)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return seq(got)
+
+    async with asyncio.timeout(40):
+        direct, via = await asyncio.gather(one(langgraph_server.url), one(lg_gateway.url))
+    assert via == direct
+    assert direct[0] == ("metadata", {"run_id": "<uuid>", "attempt": 1})
+    assert direct[-1] == ("metadata", {"status": "run_done", "run_id": "<uuid>"})
+    assert [e for e, _ in direct].count("custom") == 3
+
+
+# --- what the gateway adds ----------------------------------------------------------------------
+
+async def test_gateway_event_ids_are_integers_strictly_increasing(lg_gateway: Any) -> None:
+    c = sdk(lg_gateway.url)
+    async with asyncio.timeout(30):
+        tid = (await c.threads.create())["thread_id"]
+        streams = [
+            await collect(c.runs.stream(tid, "ticker", input={"n": 5, "delay": 0.01}, stream_mode=TICKER_MODES)),
+            await collect(c.runs.stream(tid, "fail", input={}, stream_mode=TICKER_MODES)),
+            await collect(c.runs.stream(None, "ticker", input={"n": 3, "delay": 0.01}, stream_mode=TICKER_MODES)),
+        ]
+        run = await c.runs.create(tid, "ticker", input={"n": 4, "delay": 0.01}, stream_mode=TICKER_MODES)
+        streams.append(await collect(c.runs.join_stream(tid, run["run_id"], last_event_id="-1")))
+    for parts in streams:
+        assert parts, "empty stream"
+        ids = [p.id for p in parts]
+        assert all(isinstance(i, str) and re.fullmatch(r"\d+", i) for i in ids), ids
+        nums = [int(i) for i in ids]
+        assert nums == sorted(set(nums)), f"ids not strictly increasing: {nums}"
+
+
+async def _run_stream_raw(http: aiohttp.ClientSession, base: str, path: str,
+                          body: dict[str, Any]) -> tuple[aiohttp.ClientResponse, list[Ev]]:
+    async with http.post(base + path, json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        return resp, await read_events(resp)
+
+
+async def test_location_is_relative_and_joinable(lg_gateway: Any, http: aiohttp.ClientSession) -> None:
+    c = sdk(lg_gateway.url)
+    async with asyncio.timeout(30):
+        tid = (await c.threads.create())["thread_id"]
+        resp, live = await _run_stream_raw(http, lg_gateway.url, f"/threads/{tid}/runs/stream",
+                                           {"assistant_id": "ticker", "input": {"n": 4, "delay": 0.01},
+                                            "stream_mode": TICKER_MODES})
+        location = resp.headers["Location"]
+        run_id = live[0].json["run_id"]
+        assert location == f"/threads/{tid}/runs/{run_id}/stream"
+        assert resp.headers["Content-Location"] == f"/threads/{tid}/runs/{run_id}"
+        async with http.get(lg_gateway.url + location, headers={"Last-Event-ID": "-1"}) as joined:
+            assert joined.status == 200
+            assert joined.headers["Location"] == location
+            replay = await read_events(joined)
+    assert replay == live
+
+
+async def test_replay_of_failed_run_keeps_terminal_error(langgraph_server: Any, lg_gateway: Any,
+                                                         http: aiohttp.ClientSession) -> None:
+    body = {"assistant_id": "fail", "input": {}, "stream_mode": TICKER_MODES, "stream_resumable": True}
+    async with asyncio.timeout(30):
+        tid = (await sdk(lg_gateway.url).threads.create())["thread_id"]
+        resp, live = await _run_stream_raw(http, lg_gateway.url, f"/threads/{tid}/runs/stream", body)
+        async with http.get(lg_gateway.url + resp.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
+            assert r.status == 200
+            replay = await read_events(r)
+        # The same request straight at the server loses the `error` on replay.
+        tid2 = (await sdk(langgraph_server.url).threads.create())["thread_id"]
+        resp2, live2 = await _run_stream_raw(http, langgraph_server.url, f"/threads/{tid2}/runs/stream", body)
+        async with http.get(langgraph_server.url + resp2.headers["Location"],
+                            headers={"Last-Event-ID": "-1"}) as r2:
+            upstream_replay = await read_events(r2)
+
+    assert [e.event for e in live] == ["metadata", "custom", "custom", "custom", "error"]
+    assert live[-1].json == {"error": "ValueError", "message": "boom: intentional failure"}
+    assert replay == live, "the gateway's replay must be the live stream, ids included, error included"
+    assert norm(frames(live)) == norm(frames(live2))
+    assert [e.event for e in upstream_replay] == ["metadata", "custom", "custom", "custom"], \
+        "upstream behaviour changed: it now keeps the error on replay"
+
+
+async def test_replay_with_stream_mode_custom_gives_only_custom(lg_gateway: Any,
+                                                                http: aiohttp.ClientSession) -> None:
+    async with asyncio.timeout(30):
+        tid = (await sdk(lg_gateway.url).threads.create())["thread_id"]
+        resp, live = await _run_stream_raw(http, lg_gateway.url, f"/threads/{tid}/runs/stream",
+                                           {"assistant_id": "ticker", "input": {"n": 4, "delay": 0.01},
+                                            "stream_mode": TICKER_MODES})
+        async with http.get(lg_gateway.url + resp.headers["Location"] + "?stream_mode=custom",
+                            headers={"Last-Event-ID": "-1"}) as r:
+            assert r.status == 200
+            replay = await read_events(r)
+    assert {e.event for e in live} == {"metadata", "values", "custom"}
+    assert replay == [e for e in live if e.event == "custom"]
+    assert [e.json["i"] for e in replay] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("bad", ["abc", "12abc", "1.5", "x-1"])
+async def test_malformed_last_event_id_is_422_json(lg_gateway: Any, http: aiohttp.ClientSession, bad: str) -> None:
+    async with asyncio.timeout(30):
+        tid = (await sdk(lg_gateway.url).threads.create())["thread_id"]
+        resp, _ = await _run_stream_raw(http, lg_gateway.url, f"/threads/{tid}/runs/stream",
+                                        {"assistant_id": "ticker", "input": {"n": 1, "delay": 0}})
+        location = resp.headers["Location"]
+        for kwargs in ({"headers": {"Last-Event-ID": bad}}, {"params": {"last_event_id": bad}}):
+            async with http.get(lg_gateway.url + location, **kwargs) as r:
+                assert r.status == 422, (kwargs, await r.text())
+                assert r.content_type == "application/json"
+                doc = await r.json()
+                assert set(doc) == {"detail"} and isinstance(doc["detail"], str) and doc["detail"], doc
+
+
+async def test_stateless_stream_location_replays_through_gateway(langgraph_server: Any, lg_gateway: Any,
+                                                                 http: aiohttp.ClientSession) -> None:
+    body = {"assistant_id": "ticker", "input": {"n": 3, "delay": 0.01}, "stream_mode": TICKER_MODES}
+    async with asyncio.timeout(30):
+        resp, live = await _run_stream_raw(http, lg_gateway.url, "/runs/stream", body)
+        location = resp.headers["Location"]
+        run_id = live[0].json["run_id"]
+        assert location == f"/runs/{run_id}/stream"
+        async with http.get(lg_gateway.url + location, headers={"Last-Event-ID": "-1"}) as r:
+            assert r.status == 200, await r.text()
+            replay = await read_events(r)
+        # Straight at the server that path does not exist.
+        resp2, _ = await _run_stream_raw(http, langgraph_server.url, "/runs/stream", body)
+        async with http.get(langgraph_server.url + resp2.headers["Location"],
+                            headers={"Last-Event-ID": "-1"}) as r2:
+            assert r2.status == 404
+    assert replay == live
+    assert [e.json["i"] for e in live if e.event == "custom"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/no/such/path"), ("POST", "/threads/x/nothing"),
+                                         ("GET", "/runs/not-a-run/extra/bits")])
+async def test_unknown_path_404_same_as_direct(langgraph_server: Any, lg_gateway: Any,
+                                               http: aiohttp.ClientSession, method: str, path: str) -> None:
+    results = []
+    for base in (langgraph_server.url, lg_gateway.url):
+        async with http.request(method, base + path) as r:
+            results.append((r.status, r.content_type, await r.json()))
+    assert results[1] == results[0]
+    assert results[0][0] == 404
+
+
+# --- the JS SDK -------------------------------------------------------------------------------------
+
+def _js_skip_reason() -> str | None:
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    if not (JS_DIR / "node_modules" / "@langchain" / "langgraph-sdk").is_dir():
+        return "tests/js/node_modules is missing: run `npm install` in tests/js"
+    return None
+
+
+async def test_js_sdk_sees_what_python_sdk_sees(lg_gateway: Any) -> None:
+    reason = _js_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    proc = await asyncio.create_subprocess_exec(
+        "node", str(JS_DIR / "sdk_stream.mjs"), lg_gateway.url, cwd=JS_DIR,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 45)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode == 0, err.decode(errors="replace")
+    js = json.loads(out.decode().strip().splitlines()[-1])
+    tid, (stream_run, join_run) = js["thread_id"], js["run_ids"]
+
+    c = sdk(lg_gateway.url)
+    async with asyncio.timeout(30):
+        # The same runs, replayed from the gateway's log by the Python SDK.
+        py_stream = await collect(c.runs.join_stream(tid, stream_run, last_event_id="-1"))
+        py_join = await collect(c.runs.join_stream(tid, join_run, last_event_id="-1"))
+        # And a fresh run of the same request, streamed live by the Python SDK.
+        fresh_tid = (await c.threads.create())["thread_id"]
+        py_fresh = await collect(c.runs.stream(fresh_tid, "ticker", input={"n": 5, "delay": 0.02},
+                                               stream_mode=TICKER_MODES))
+
+    js_stream = [tuple(p) for p in js["stream"]]
+    js_join = [tuple(p) for p in js["join"]]
+    assert js_stream == [(p.event, p.data) for p in py_stream]
+    assert js_join == [(p.event, p.data) for p in py_join]
+    assert norm(js_stream) == norm(seq(py_fresh))
+    assert [d["i"] for e, d in js_join if e == "custom"] == [0, 1, 2, 3, 4]
+    assert js_join[0] == ("metadata", {"run_id": join_run, "attempt": 1})

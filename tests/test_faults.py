@@ -1,0 +1,145 @@
+"""Deliberate faults on both sides of the gateway: upstream cuts, hangs, 5xx; clients that leave."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def test_upstream_cut_on_resumable_run_is_rejoined_without_gap_or_dup(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    fake_upstream.faults.cut_after = 7  # the gateway asked for stream_resumable, so ids exist upstream
+    resp = await stream_run(http, gateway, tid, n=30, delay=0.01)
+    got = await read_events(resp)
+    assert customs(got) == list(range(30))
+    assert_ids_increase(got)
+    rejoins = [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")]
+    assert rejoins, "the gateway re-joined the upstream"
+    assert gateway.gw.metrics.rejoins.labels("ok")._value.get() == 1
+
+
+async def test_upstream_cut_on_non_resumable_run_ends_with_explicit_error(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"request_resumable": False}))
+    tid = await new_thread(http, gw)
+    fake_upstream.faults.cut_after = 4
+    resp = await stream_run(http, gw, tid, n=30, delay=0.01)
+    got = await read_events(resp)
+    assert customs(got) == [0, 1, 2]
+    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"  # type: ignore[index]
+    # The replay ends the same way.
+    assert await join(http, gw.url + resp.headers["Location"], "-1") == got
+
+
+async def test_client_leaving_does_not_stop_capture(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=20, delay=0.01)
+    await read_events(resp, limit=2)
+    loc = gateway.url + resp.headers["Location"]
+    resp.close()
+    await asyncio.sleep(0.5)
+    got = await join(http, loc, "-1")
+    assert customs(got) == list(range(20))
+
+
+async def test_on_disconnect_cancel_cancels_the_run_upstream(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                             http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await http.post(f"{gateway.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 200, "delay": 0.02}, "on_disconnect": "cancel"})
+    first = await read_events(resp, limit=2)
+    run_id = first[0].json["run_id"]  # type: ignore[index]
+    resp.close()
+    for _ in range(50):
+        if fake_upstream.runs[run_id].status == "interrupted":
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.runs[run_id].status == "interrupted"
+
+
+async def test_default_disconnect_keeps_the_run_going(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                      http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=10, delay=0.02)
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    resp.close()
+    await asyncio.sleep(0.5)
+    assert fake_upstream.runs[run_id].status == "success"
+
+
+async def test_upstream_5xx_on_run_stream_passes_through(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                         http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.status = 500
+    async with http.post(f"{gateway.url}/threads/t/runs/stream", json={"assistant_id": "a"}) as r:
+        assert r.status == 500
+        assert await r.json() == {"detail": "injected failure"}
+
+
+async def test_upstream_409_json_on_run_stream_is_not_captured(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{gateway.url}/threads/t/runs/stream",
+                         json={"assistant_id": "a", "multitask_strategy": "reject"}) as r:
+        assert r.status == 409 and r.content_type == "application/json"
+    assert not list(gateway.gw.log.streams())
+
+
+async def test_upstream_hang_on_run_stream_is_504(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                                  tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "200ms"}}))
+    fake_upstream.faults.hang = 1.0
+    async with http.post(f"{gw.url}/threads/t/runs/stream", json={"assistant_id": "a"}) as r:
+        assert r.status == 504
+        assert "did not answer" in (await r.json())["detail"]
+
+
+async def test_upstream_closing_mid_body_cuts_the_client_too(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                             http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.close_mid_body = True
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with http.get(f"{gateway.url}/echo/x") as r:
+            assert r.status == 200
+            await r.read()  # a truncated body must not look complete
+
+
+async def test_slow_upstream_body_streams_through(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                  http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.slow_body = 0.01
+    async with http.get(f"{gateway.url}/echo/slowly") as r:
+        assert (await r.json())["path"] == "/echo/slowly"
+
+
+async def test_oversized_run_body_is_413_json(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                              tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_request_body": 1024}))
+    async with http.post(f"{gw.url}/threads/t/runs/stream", data=b"{" + b" " * 5000 + b"}") as r:
+        assert r.status == 413
+        assert "limit" in (await r.json())["detail"]
+    assert not any(p.endswith("/runs/stream") for _, p in fake_upstream.requests), "nothing reached the upstream"
+
+
+async def test_disk_budget_spent_refuses_new_captures_with_503(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage={"max_bytes": 2000}))
+    tid = await new_thread(http, gw)
+    live = await stream_run(http, gw, tid, n=400, delay=0.01, pad=50)
+    await read_events(live, limit=60)  # over budget now, and the only stream is live
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+        assert r.status == 503
+        assert "budget" in (await r.json())["detail"]
+    rest = await read_events(live)  # the live capture keeps going, nothing lost
+    assert customs(await join(http, gw.url + live.headers["Location"], "-1")) == list(range(400))
+    assert rest

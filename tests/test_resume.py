@@ -1,0 +1,255 @@
+"""Resume with Last-Event-ID over real sockets against the fake upstream (which has no resume support).
+
+The invariant everywhere: the union of everything a client received over all
+its connections is every upstream event exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import Ev, read_events
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def new_thread(http: aiohttp.ClientSession, gw: RunningGateway) -> str:
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        return str((await r.json())["thread_id"])
+
+
+def customs(events: list[Ev]) -> list[int]:
+    return [e.json["i"] for e in events if e.event == "custom"]  # type: ignore[index]
+
+
+def assert_ids_increase(events: list[Ev]) -> None:
+    ids = [int(e.id) for e in events if e.id is not None]
+    assert len(ids) == len(events), "every event carries a gateway id"
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def stream_run(http: aiohttp.ClientSession, gw: RunningGateway, tid: str, **inp: Any) -> aiohttp.ClientResponse:
+    return await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": inp.pop("assistant", "ticker"), "input": inp})
+
+
+async def join(http: aiohttp.ClientSession, url: str, last: str | None = None, **params: str) -> list[Ev]:
+    headers = {"Last-Event-ID": last} if last is not None else {}
+    async with http.get(url, headers=headers, params=params) as r:
+        assert r.status == 200, await r.text()
+        return await read_events(r)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 7, 20, 39, 41])
+async def test_disconnect_after_k_events_then_resume_gets_the_rest(
+        gateway: RunningGateway, http: aiohttp.ClientSession, k: int) -> None:
+    n = 40
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=n, delay=0.005)
+    location = resp.headers["Location"]
+    first = await read_events(resp, limit=k) if k else []
+    resp.close()  # the client's connection drops mid-stream
+    last = first[-1].id if first else "-1"
+    rest = await join(http, gateway.url + location, last)
+    union = first + rest
+    assert [e.event for e in union] == ["metadata"] + ["custom"] * n
+    assert customs(union) == list(range(n))
+    assert_ids_increase(union)
+
+
+async def test_repeated_drops_every_few_events(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    n = 60
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=n, delay=0.003)
+    location = gateway.url + resp.headers["Location"]
+    got = await read_events(resp, limit=3)
+    resp.close()
+    while len(got) < n + 1:
+        async with http.get(location, headers={"Last-Event-ID": got[-1].id or ""}) as r:
+            got += await read_events(r, limit=4)
+    assert customs(got) == list(range(n))
+    assert_ids_increase(got)
+
+
+async def test_query_parameter_form(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=10, delay=0.01)
+    location = gateway.url + resp.headers["Location"]
+    first = await read_events(resp, limit=4)
+    resp.close()
+    rest = await join(http, location, last_event_id=first[-1].id or "")
+    assert customs(first + rest) == list(range(10))
+    # The header wins over the query parameter.
+    both = await join(http, location, first[0].id, last_event_id="999999")
+    assert customs(both) == list(range(10))
+
+
+async def test_no_header_is_live_tail_only_like_upstream(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=30, delay=0.02)
+    location = gateway.url + resp.headers["Location"]
+    first = await read_events(resp, limit=10)
+    tail = await join(http, location)
+    assert tail and tail[0].event == "custom" and tail[0].json["i"] >= 9  # type: ignore[index]
+    assert customs(tail) == list(range(customs(tail)[0], 30))
+    resp.close()
+    # A finished run without a header: nothing, and the response ends.
+    assert await join(http, location) == []
+    assert first[0].event == "metadata"
+
+
+async def test_finished_run_replays_in_full_including_final_error(gateway: RunningGateway,
+                                                                  http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=3, assistant="fail")
+    original = await read_events(resp)
+    assert original[-1].event == "error"
+    replay = await join(http, gateway.url + resp.headers["Location"], "-1")
+    assert replay == original
+    assert await join(http, gateway.url + resp.headers["Location"], original[-1].id) == []
+    # Resuming from the middle ends exactly as the original ended.
+    tail = await join(http, gateway.url + resp.headers["Location"], original[1].id)
+    assert tail == original[2:]
+
+
+async def test_stream_mode_filter_on_replay_and_live(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=5)
+    await read_events(resp)
+    loc = gateway.url + resp.headers["Location"]
+    only_custom = await join(http, loc, "-1", stream_mode="custom")
+    assert [e.event for e in only_custom] == ["custom"] * 5
+    assert [e.event for e in await join(http, loc, "-1", stream_mode='["metadata"]')] == ["metadata"]
+    assert await join(http, loc, "-1", stream_mode="values") == []
+    # Repeated parameter: the last one counts (as upstream does).
+    assert [e.event for e in await join(http, loc + "?stream_mode=custom&stream_mode=metadata", "-1")] == ["metadata"]
+
+
+@pytest.mark.parametrize("subscribers", [2, 10])
+async def test_concurrent_subscribers_each_get_everything(gateway: RunningGateway, http: aiohttp.ClientSession,
+                                                          subscribers: int) -> None:
+    n = 50
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=n, delay=0.01)
+    loc = gateway.url + resp.headers["Location"]
+
+    async def one(i: int) -> list[Ev]:
+        await asyncio.sleep(0.01 * i)
+        got = await join(http, loc, "-1")
+        return got
+
+    results = await asyncio.gather(read_events(resp), *(one(i) for i in range(subscribers)))
+    for got in results:
+        assert customs(got) == list(range(n))
+        assert_ids_increase(got)
+    assert len({tuple(e.id for e in got) for got in results}) == 1, "everyone sees the same ids"
+
+
+async def test_slow_subscriber_catches_up_from_the_log_without_blocking_others(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"subscriber_buffer": 20}))
+    n = 1500
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=n, pad=4000)
+    loc = gw.url + resp.headers["Location"]
+    async with http.get(loc, headers={"Last-Event-ID": "-1"}) as slow:
+        head = await read_events(slow, limit=3)
+        fast = await read_events(resp)  # the original client is not held back
+        assert customs(fast) == list(range(n))
+        await asyncio.sleep(0.5)
+        rest = await read_events(slow)
+    assert customs(head + rest) == list(range(n))
+    assert_ids_increase(head + rest)
+    assert gw.gw.metrics.subscribers_overflowed._value.get() >= 1
+
+
+async def test_background_run_is_captured_from_its_first_event(gateway: RunningGateway, http: aiohttp.ClientSession,
+                                                               fake_upstream: FakeAgentServer) -> None:
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs",
+                         json={"assistant_id": "ticker", "input": {"n": 8, "delay": 0.01}}) as r:
+        assert r.status == 200
+        run = await r.json()
+    assert run["kwargs"]["resumable"] is True, "the gateway asked the upstream for a replay buffer"
+    await asyncio.sleep(0.3)  # the run finishes with nobody listening
+    got = await join(http, f"{gateway.url}/threads/{tid}/runs/{run['run_id']}/stream", "-1")
+    assert [e.event for e in got] == ["metadata"] + ["custom"] * 8
+
+
+async def test_stateless_runs_become_resumable(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.post(f"{gateway.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 6}}) as r:
+        loc = r.headers["Location"]
+        original = await read_events(r)
+    assert loc.startswith("/runs/") and loc.endswith("/stream")
+    assert await join(http, gateway.url + loc, "-1") == original
+    assert await join(http, gateway.url + loc, original[2].id) == original[3:]
+
+
+async def test_unknown_run_is_forwarded_and_captured_from_then_on(
+        gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
+    # A run created directly upstream, behind the gateway's back.
+    async with aiohttp.ClientSession() as direct:
+        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                 json={"assistant_id": "a", "input": {"n": 20, "delay": 0.02}})
+        loc = resp.headers["Location"]
+        await read_events(resp, limit=3)
+        async with http.get(gateway.url + loc) as r:
+            joined = await read_events(r, limit=5)
+        resp.close()
+    assert [e.event for e in joined] == ["custom"] * 5
+    assert_ids_increase(joined)
+    rest = await join(http, gateway.url + loc, joined[-1].id)
+    assert customs(joined + rest) == list(range(customs(joined)[0], 20))
+
+
+async def test_resume_of_a_run_no_longer_held_falls_through_with_a_header(
+        gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
+    async with aiohttp.ClientSession() as direct:
+        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                 json={"assistant_id": "a", "input": {"n": 3, "delay": 0.05}})
+        loc = resp.headers["Location"]
+        async with http.get(gateway.url + loc, headers={"Last-Event-ID": "12345"}) as r:
+            assert r.status == 200
+            assert r.headers["X-Gateway-Resume"] == "not-held"
+        resp.close()
+
+
+@pytest.mark.parametrize("bad", ["abc", "1.5", "-2", "12-", "x" * 200, "1;2"])
+async def test_malformed_event_id_is_422(gateway: RunningGateway, http: aiohttp.ClientSession, bad: str) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=1)
+    await read_events(resp)
+    for url in (gateway.url + resp.headers["Location"], f"{gateway.url}/threads/{tid}/stream"):
+        async with http.get(url, headers={"Last-Event-ID": bad}) as r:
+            assert r.status == 422
+            assert "Last-Event-ID" in (await r.json())["detail"]
+
+
+async def test_thread_stream_captured_and_resumable(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url) as ts:
+        await asyncio.sleep(0.1)
+        run = await stream_run(http, gateway, tid, n=5)
+        await read_events(run)
+        first = await read_events(ts, limit=3)
+    # Reconnect with the last id: the rest of the run, then run_done, then it stays open.
+    async with http.get(url, headers={"Last-Event-ID": first[-1].id or ""}) as ts2:
+        rest = await read_events(ts2, limit=4)
+    union = first + rest
+    assert [e.event for e in union][:7] == ["metadata"] + ["custom"] * 5 + ["metadata"]
+    assert union[6].json["status"] == "run_done"  # type: ignore[index]
+    assert_ids_increase(union)
+    async with http.get(url, headers={"Last-Event-ID": "-"}, params={"stream_modes": "lifecycle"}) as ts3:
+        life = await read_events(ts3, limit=2)
+    assert [e.event for e in life] == ["metadata", "metadata"]
+    async with http.get(url, params={"stream_modes": "values"}) as bad:
+        assert bad.status == 422
