@@ -123,10 +123,10 @@ class GatewayProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 20.0) -> "GatewayProcess":
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--port", str(self.port), "--admin-port", str(self.admin_port),
-             *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "--port", str(self.port), "--admin-port", str(self.admin_port),
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -1,0 +1,104 @@
+"""The gateway as a subprocess, killed with SIGKILL mid-stream and restarted on the same data directory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import customs
+
+
+async def _thread(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.post(f"{url}/threads", json={}) as r:
+        return str((await r.json())["thread_id"])
+
+
+async def _wait_run(fake: FakeAgentServer, run_id: str) -> None:
+    await asyncio.wait_for(fake.runs[run_id].done.wait(), 30)
+
+
+async def _join_until_end(http: aiohttp.ClientSession, url: str, last: str) -> list[Any]:
+    async with http.get(url, headers={"Last-Event-ID": last}) as r:
+        assert r.status == 200, await r.text()
+        return await read_events(r)
+
+
+async def test_sigkill_mid_stream_then_resume_after_restart(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    data = str(tmp_path / "data")
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", data).start()
+    tid = await _thread(http, gw.url)
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=12)
+    gw.kill()  # SIGKILL: no chance to flush anything
+    resp.close()
+    run_id = seen[0].json["run_id"]
+
+    gw2 = gateway_process("--upstream", fake_upstream.url, "--data-dir", data)
+    gw2.port = gw.port  # same address, as a restarted deployment would have
+    gw2.start()
+    rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
+    union = seen + rest
+    assert customs(union) == list(range(60)), "re-attached upstream with its last id: no gap, no dup"
+    ids = [int(e.id) for e in union]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    # Everything the first client saw is still in the log, under the same ids.
+    replay = await _join_until_end(http, gw2.url + loc, "-1")
+    assert replay[: len(seen)] == seen
+    await _wait_run(fake_upstream, run_id)
+    # Ids continue without reuse after the restart.
+    tid2 = await _thread(http, gw2.url)
+    async with http.post(f"{gw2.url}/threads/{tid2}/runs/stream", json={"assistant_id": "a", "input": {"n": 2}}) as r:
+        later = await read_events(r)
+    assert int(later[0].id) > max(ids)
+
+
+async def test_sigkill_with_non_resumable_upstream_ends_with_explicit_error(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nstreams:\n  request_resumable: false\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    tid = await _thread(http, gw.url)
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=8)
+    gw.kill()
+    resp.close()
+    gw2 = gateway_process("--config", str(cfg))
+    gw2.port = gw.port
+    gw2.start()
+    replay = await _join_until_end(http, gw2.url + loc, "-1")
+    assert replay[: len(seen)] == seen, "nothing a client saw is lost"
+    assert replay[-1].event == "error"
+    assert replay[-1].json["error"] == "CaptureInterrupted"
+    tail = await _join_until_end(http, gw2.url + loc, seen[-1].id)
+    assert tail == replay[len(seen):]
+
+
+async def test_sigterm_ends_client_streams_cleanly_and_they_resume_after_restart(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    data = str(tmp_path / "data")
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", data).start()
+    tid = await _thread(http, gw.url)
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 80, "delay": 0.02}})
+    loc = resp.headers["Location"]
+    first = await read_events(resp, limit=5)
+    stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+    more = await read_events(resp)  # ends at an event boundary, not with a broken body
+    assert await stop == 0
+    seen = first + more
+    gw2 = gateway_process("--upstream", fake_upstream.url, "--data-dir", data)
+    gw2.port = gw.port
+    gw2.start()
+    rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
+    assert customs(seen + rest) == list(range(80))
