@@ -86,6 +86,7 @@ async def test_query_parameter_form(gateway: RunningGateway, http: aiohttp.Clien
     resp.close()
     rest = await join(http, location, last_event_id=first[-1].id or "")
     assert customs(first + rest) == list(range(10))
+    assert customs(await join(http, location, "0")) == list(range(10))  # 0, like -1, is the beginning
     # The header wins over the query parameter.
     both = await join(http, location, first[0].id, last_event_id="999999")
     assert customs(both) == list(range(10))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine, then runs it.
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+# The gateway plus the real clients and the real Agent Server used as upstream.
+.venv/bin/python -m pip install --quiet -e ".[test]"
+
+# The official JS SDK for the cross-language conformance test.
+if command -v npm >/dev/null 2>&1; then
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error)
+else
+  echo "npm not found: the JS SDK test will be skipped" >&2
+fi
+
+exec .venv/bin/python -m pytest "$@"
