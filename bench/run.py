@@ -66,6 +66,16 @@ def proc_status(pid: int, field_name: str) -> int:
     raise BenchError(f"no {field_name} for pid {pid}")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of the processes (all their threads), from /proc/<pid>/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def children(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -133,10 +143,14 @@ def start_source(tmp: Path) -> tuple[Proc, int]:
     raise BenchError("source did not start")
 
 
-def start_gateway(name: str, upstream: str, tmp: Path, durability: str) -> tuple[Proc, int, int]:
+UVLOOP_MAIN = "import sys, uvloop; uvloop.install(); from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def start_gateway(name: str, upstream: str, tmp: Path, durability: str, uvloop: bool = False) -> tuple[Proc, int, int]:
     port, admin = free_port(), free_port()
     data = tmp / f"{name}-data"
-    argv = [PY, "-m", "gateway", "--upstream", upstream, "--port", str(port), "--admin-port", str(admin),
+    entry = ["-c", UVLOOP_MAIN] if uvloop else ["-m", "gateway"]
+    argv = [PY, *entry, "--upstream", upstream, "--port", str(port), "--admin-port", str(admin),
             "--data-dir", str(data), "--log-level", "warning"]
     if durability != "fsync":
         cfg = tmp / f"{name}.yaml"
@@ -206,6 +220,12 @@ class Target:
     gateway: bool
     proc: Proc | None = None
     admin: str | None = None
+
+    def pids(self) -> list[int]:
+        """The processes doing this target's proxying (nginx: master and worker)."""
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *children(self.proc.pid)]
 
 
 def verify(body: bytes, n: int, gateway: bool, expected: list[bytes]) -> None:
@@ -379,8 +399,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict:
         ngx, ngx_port = start_nginx(src_port, tmp)
         procs.append(ngx)
         targets = [Target("direct", src_url, False), Target("nginx", f"http://127.0.0.1:{ngx_port}", False, ngx)]
-        for name, dur in (("gw-fsync", "fsync"), ("gw-none", "none")):
-            gw, port, admin = start_gateway(name, src_url, tmp, dur)
+        gateways = [("gw-fsync", "fsync", False), ("gw-none", "none", False)]
+        if args.uvloop_gateway:
+            gateways.append(("gw-none-uvloop", "none", True))
+        for name, dur, uv in gateways:
+            gw, port, admin = start_gateway(name, src_url, tmp, dur, uv)
             procs.append(gw)
             targets.append(Target(name, f"http://127.0.0.1:{port}", True, gw, f"http://127.0.0.1:{admin}"))
         for t in targets:
@@ -406,13 +429,16 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict:
             r = plan.repeats[c]
             rows: dict[str, list[float]] = {t.name: [] for t in targets}
             groups: dict[str, list[tuple[float, float, float]]] = {t.name: [] for t in gws}
+            cpu: dict[str, list[float]] = {t.name: [] for t in targets}
             for rnd in range(plan.rounds):
                 order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
                 for t in order:
                     for p in procs:
                         p.check()
                     before = await scrape(t.admin) if t.admin else {}
+                    cpu0 = cpu_seconds(t.pids())
                     eps = await cell(t, c, r, plan.events)
+                    cpu[t.name].append((cpu_seconds(t.pids()) - cpu0) * 1e6 / (c * r * plan.events))
                     if t.admin:
                         groups[t.name].append(group_stats(before, await scrape(t.admin)))
                     rows[t.name].append(eps)
@@ -424,6 +450,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict:
                     per_round = [a / b for a, b in zip(rows[g.name], rows[base])]
                     ratios[f"{g.name}/{base}"] = statistics.median(per_round)
             cellout["ratios"] = ratios
+            # CPU the proxy itself spent per event: robust to machine noise, 0 for direct.
+            cellout["cpu_us_per_event"] = {k: statistics.median(v) for k, v in cpu.items()}
             cellout["commit_groups"] = {
                 name: {"avg_events_per_group": statistics.mean(x[0] for x in v),
                        "commits_per_cell": statistics.mean(x[1] for x in v),
@@ -432,7 +460,9 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict:
 
         for t in gws:
             assert t.proc is not None
-            out["memory"][t.name]["peak_rss_after_run_kib"] = proc_status(t.proc.pid, "VmHWM")
+            for f in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
+                out["memory"][t.name][f] = proc_status(t.proc.pid, f)
+            out["memory"][t.name]["peak_rss_after_run_kib"] = out["memory"][t.name]["VmHWM"]
         if ngx.popen.poll() is None:
             out["memory"]["nginx"] = {"peak_rss_after_run_kib": sum(
                 proc_status(p, "VmHWM") for p in [ngx.pid, *children(ngx.pid)])}
@@ -475,26 +505,36 @@ async def profile(targets: list[Target], plan: Plan, tmp: Path) -> dict:
 
 
 def report(out: dict) -> str:
-    names = ["direct", "nginx", "gw-fsync", "gw-none"]
-    lines = ["| C | R×N per client | " + " | ".join(f"{n} ev/s" for n in names)
-             + " | fsync/direct | fsync/nginx | none/direct | none/nginx | events/commit (fsync, none) |",
-             "|---|---|" + "---|" * (len(names) + 5)]
+    first = next(iter(out["cells"].values()))
+    names = list(first["median"])
+    gws = [k for k in names if k.startswith("gw-")]
+    ratio_cols = [f"{g}/{b}" for g in gws for b in ("direct", "nginx")]
+    lines = ["| C | R×N per client | " + " | ".join(f"{n} ev/s" for n in names) + " | "
+             + " | ".join(ratio_cols) + " | events/commit (" + ", ".join(gws) + ") |",
+             "|---|---|" + "---|" * (len(names) + len(ratio_cols) + 1)]
     n = out["plan"]["events"]
     for c, cell_ in out["cells"].items():
         med, rat, grp = cell_["median"], cell_["ratios"], cell_["commit_groups"]
-        lines.append(
-            f"| {c} | {cell_['repeats']}×{n} | " + " | ".join(f"{med[k]:,.0f}" for k in names)
-            + f" | {rat['gw-fsync/direct']:.2f} | {rat['gw-fsync/nginx']:.2f}"
-            + f" | {rat['gw-none/direct']:.2f} | {rat['gw-none/nginx']:.2f}"
-            + f" | {grp['gw-fsync']['avg_events_per_group']:.0f}, {grp['gw-none']['avg_events_per_group']:.0f} |")
-    lines += ["", "| process | RSS at start | RSS with idle streams | KiB/idle stream | peak RSS (VmHWM) after run |",
-              "|---|---|---|---|---|"]
+        lines.append(f"| {c} | {cell_['repeats']}×{n} | " + " | ".join(f"{med[k]:,.0f}" for k in names) + " | "
+                     + " | ".join(f"{rat[k]:.2f}" for k in ratio_cols) + " | "
+                     + ", ".join(f"{grp[g]['avg_events_per_group']:,.0f}" for g in gws) + " |")
+    lines += ["", "Proxy CPU per event (µs, all threads, median of rounds) and commit latency:", "",
+              "| C | " + " | ".join(names[1:]) + " | " + " | ".join(f"{g} avg commit ms" for g in gws) + " |",
+              "|---|" + "---|" * (len(names) - 1 + len(gws))]
+    for c, cell_ in out["cells"].items():
+        cpu, grp = cell_["cpu_us_per_event"], cell_["commit_groups"]
+        lines.append(f"| {c} | " + " | ".join(f"{cpu[k]:.2f}" for k in names[1:]) + " | "
+                     + " | ".join(f"{grp[g]['avg_commit_ms']:.1f}" for g in gws) + " |")
+    lines += ["", "| process | RSS at start | RSS with idle streams | KiB/idle stream "
+              "| peak RSS (VmHWM) after run | RSS after run: anon / file (LMDB map) |",
+              "|---|---|---|---|---|---|"]
     for name, m in out["memory"].items():
         if name == "nginx":
-            lines.append(f"| nginx (master+worker) | | | | {m['peak_rss_after_run_kib'] / 1024:.1f} MiB |")
+            lines.append(f"| nginx (master+worker) | | | | {m['peak_rss_after_run_kib'] / 1024:.1f} MiB | |")
             continue
         lines.append(f"| {name} | {m['rss_start_kib'] / 1024:.1f} MiB | {m['rss_held_kib'] / 1024:.1f} MiB "
-                     f"({m['idle_streams']} streams) | {m['per_stream_kib']} | {m['peak_rss_after_run_kib'] / 1024:.1f} MiB |")
+                     f"({m['idle_streams']} streams) | {m['per_stream_kib']} | {m['VmHWM'] / 1024:.1f} MiB "
+                     f"| {m['RssAnon'] / 1024:.1f} / {m['RssFile'] / 1024:.1f} MiB |")
     return "\n".join(lines)
 
 
@@ -505,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny run (~20 s) to check the harness")
     p.add_argument("--profile", action="store_true", help="py-spy the gateways after the run")
+    p.add_argument("--uvloop-gateway", action="store_true",
+                   help="add a target: the gateway (durability none) on uvloop instead of asyncio's loop")
     p.add_argument("--json", metavar="FILE", help="write raw results here")
     args = p.parse_args(argv)
     try:
