@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.config import Config
-from gateway.errors import error_middleware
+from gateway.errors import GatewayError, error_middleware
 from gateway.eventlog import LmdbEventLog, StreamMeta
-from gateway.hub import Hub
+from gateway.hub import Hub, UpstreamBroke
 from gateway.metrics import GatewayMetrics
 from gateway.proxy import Forwarder
 from gateway.streams import THREAD_CAPTURE_QUERY, StreamHandlers
@@ -99,7 +99,10 @@ class Gateway:
         if last_id is not None:
             headers["Last-Event-ID"] = last_id
         path = meta.path + (f"?{THREAD_CAPTURE_QUERY}" if meta.kind == "thread" else "")
-        return await self.upstreams.send(pool, "GET", path, headers)
+        try:
+            return await self.upstreams.send(pool, "GET", path, headers)
+        except GatewayError as exc:  # to the hub this is just a leg that did not open
+            raise UpstreamBroke(exc.detail) from exc
 
     async def _cancel_run(self, meta: StreamMeta, auth: dict[str, str]) -> None:
         if meta.thread_id is None or meta.run_id is None:
@@ -149,7 +152,8 @@ class Gateway:
         return web.json_response({"status": "alive"})
 
     async def _readyz(self, _request: web.Request) -> web.Response:
-        pools = {name: [r.base for r in p.replicas if r.healthy] for name, p in self.upstreams.pools.items()}
+        pools = {name: [r.label for r in p.replicas if r.healthy and r.checked]
+                 for name, p in self.upstreams.pools.items()}
         ready = self._storage_open and self.upstreams.ready
         body = {"status": "ready" if ready else "not ready", "storage": "open" if self._storage_open else "closed",
                 "healthy_replicas": pools}
@@ -193,8 +197,8 @@ async def serve(cfg: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
     try:
+        await server.start()
         await stop.wait()
         log.info("shutting down (grace %.1fs)", cfg.shutdown_grace)
     finally:

@@ -195,8 +195,10 @@ def _url(name: str, v: Any) -> URL:
         url = URL(v)
     except ValueError:
         raise ConfigError(name, v, "an http:// or https:// URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
+    if url.scheme not in ("http", "https") or not url.host or " " in url.host:
         raise ConfigError(name, v, "an http:// or https:// URL")
+    if url.query_string or url.fragment:
+        raise ConfigError(name, v, "a base URL without query string or fragment")
     return url.with_path(url.path.rstrip("/"))
 
 

@@ -26,13 +26,20 @@ log = logging.getLogger("gateway.upstream")
 @dataclass(slots=True)
 class Replica:
     url: URL
-    healthy: bool = True
+    healthy: bool = True  # optimistic for routing until a check says otherwise
+    checked: bool = False  # a health check has passed at least once (readiness)
     failures: int = 0
     successes: int = 0
 
     @property
     def base(self) -> str:
+        """The URL requests go to (with credentials, if the config has any)."""
         return str(self.url)
+
+    @property
+    def label(self) -> str:
+        """The URL as shown in logs, metrics and error details: never with credentials."""
+        return str(self.url.with_user(None))
 
 
 # (upstream name, replica url, healthy) -> None; the metrics hook.
@@ -67,17 +74,18 @@ class Pool:
         replica.successes = 0
         if replica.healthy:
             replica.healthy = False
-            log.warning("upstream %s replica %s taken out: %s", self.name, replica.base, reason)
+            log.warning("upstream %s replica %s taken out: %s", self.name, replica.label, reason)
             self._notify(replica)
 
     def record_check(self, replica: Replica, ok: bool, reason: object = None) -> None:
         h = self.cfg.health
         if ok:
+            replica.checked = True
             replica.failures = 0
             replica.successes += 1
             if not replica.healthy and replica.successes >= h.healthy_threshold:
                 replica.healthy = True
-                log.info("upstream %s replica %s is back", self.name, replica.base)
+                log.info("upstream %s replica %s is back", self.name, replica.label)
                 self._notify(replica)
         else:
             replica.successes = 0
@@ -87,11 +95,11 @@ class Pool:
 
     def _notify(self, replica: Replica) -> None:
         if self._observer is not None:
-            self._observer(self.name, replica.base, replica.healthy)
+            self._observer(self.name, replica.label, replica.healthy)
 
     @property
     def ready(self) -> bool:
-        return any(r.healthy for r in self.replicas)
+        return any(r.healthy and r.checked for r in self.replicas)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,20 +175,20 @@ class Upstreams:
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never reached the replica: safe to try the next one.
                 pool.mark_down(replica, exc)
-                refused.append(f"{replica.base}: {exc.__class__.__name__}")
+                refused.append(f"{replica.label}: {exc.__class__.__name__}")
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
                 raise UpstreamTimeout(
-                    f"upstream '{pool.name}' ({replica.base}) did not answer within {pool.cfg.read_timeout:g}s") from None
+                    f"upstream '{pool.name}' ({replica.label}) did not answer within {pool.cfg.read_timeout:g}s") from None
             except aiohttp.ClientError as exc:
-                raise UpstreamUnreachable(f"upstream '{pool.name}' ({replica.base}) failed: {exc or exc.__class__.__name__}") from None
+                raise UpstreamUnreachable(f"upstream '{pool.name}' ({replica.label}) failed: {exc or exc.__class__.__name__}") from None
         raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
 
     async def _health_loop(self, pool: Pool) -> None:
         h = pool.cfg.health
         timeout = aiohttp.ClientTimeout(total=h.timeout)
-        while True:
-            await asyncio.sleep(h.interval)
+        while True:  # check at once, so readiness is known before the first interval
             await asyncio.gather(*(self._check(pool, r, h.path, timeout) for r in pool.replicas))
+            await asyncio.sleep(h.interval)
 
     async def _check(self, pool: Pool, replica: Replica, path: str, timeout: aiohttp.ClientTimeout) -> None:
         assert self._session is not None
@@ -191,4 +199,4 @@ class Upstreams:
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             pool.record_check(replica, False, exc.__class__.__name__)
         except Exception:  # a bug here must not kill health checking for good
-            log.exception("health check of %s crashed", replica.base)
+            log.exception("health check of %s crashed", replica.label)

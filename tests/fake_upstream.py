@@ -61,7 +61,7 @@ class FakeAgentServer:
         self.faults = Faults()
         self.runs: dict[str, Run] = {}
         self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
-        self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request seen
+        self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
         self.heartbeat = 5.0
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -107,8 +107,8 @@ class FakeAgentServer:
 
     @web.middleware
     async def _faults_mw(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
-        self.requests.append((request.method, request.path_qs))
         if request.path != "/ok":
+            self.requests.append((request.method, request.path_qs))
             if self.faults.hang:
                 await asyncio.sleep(self.faults.hang)
             if self.faults.status:

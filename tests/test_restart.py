@@ -102,3 +102,26 @@ async def test_sigterm_ends_client_streams_cleanly_and_they_resume_after_restart
     gw2.start()
     rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
     assert customs(seen + rest) == list(range(80))
+
+
+async def test_restart_while_upstream_is_down_ends_live_runs_with_explicit_error(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\n"
+                   "streams:\n  reattach_attempts: 2\n  reattach_backoff: 50ms\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    tid = await _thread(http, gw.url)
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 100, "delay": 0.02}})
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=5)
+    gw.kill()
+    resp.close()
+    await fake_upstream.stop()  # the upstream is gone too
+    gw2 = gateway_process("--config", str(cfg))
+    gw2.port = gw.port
+    gw2.start()
+    replay = await _join_until_end(http, gw2.url + loc, "-1")
+    assert replay[: len(seen)] == seen
+    assert replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted"
