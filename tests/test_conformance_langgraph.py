@@ -53,9 +53,22 @@ def norm(value: Any) -> Any:
     return value
 
 
+_open_clients: list[Any] = []
+
+
 def sdk(url: str) -> Any:
     # api_key=None: never pick up a LangSmith key from the environment.
-    return get_client(url=url, api_key=None)
+    client = get_client(url=url, api_key=None)
+    _open_clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _close_sdk_clients() -> Any:
+    """Close every SDK client a test made, on the test's own loop (no stray sockets at GC time)."""
+    yield
+    while _open_clients:
+        await _open_clients.pop().aclose()
 
 
 async def collect(parts: Any) -> list[Any]:
