@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Iterable
@@ -30,6 +31,9 @@ from gateway.sse import Event, Parser, SSEProtocolError, make_body
 log = logging.getLogger("gateway.hub")
 
 REPLAY_PAGE = 2000
+# Commits one stream may have queued before its reader waits: parsing the next chunk
+# overlaps the commit of the last one, and memory per stream stays bounded.
+MAX_INFLIGHT_COMMITS = 8
 # Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
 DEDUPE_WINDOW = 4096
 
@@ -137,6 +141,8 @@ class Ingest:
     # Credentials of the client that started the capture, for re-joins and cancels.
     # Kept in memory only: secrets never go to disk.
     auth: dict[str, str] = field(default_factory=dict)
+    inflight: int = 0  # commits submitted, not yet published
+    failed: BaseException | None = None  # a commit that failed: the pump stops
 
     @property
     def key(self) -> str:
@@ -292,10 +298,15 @@ class Hub:
         return resp
 
     async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse) -> None:
-        """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg."""
+        """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg.
+
+        Commits are pipelined: each chunk's events are submitted and published by
+        the commit callback (in order), while the next chunk is already parsed.
+        """
         parser = Parser()
         key = ing.key
-        progressed = False
+        last: asyncio.Future[list[Entry]] | None = None
+        committed = partial(self._committed, ing)
         try:
             async for chunk in resp.content.iter_any():
                 events = parser.feed(chunk)
@@ -306,21 +317,38 @@ class Hub:
                 if ing.dedupe is not None and events:
                     events = ing.dedupe.filter(events)
                 if events:
-                    entries = await self.log.append(key, events)
-                    progressed = True
-                    self.observer.appended(len(entries))
-                    dropped = ing.publish(entries)
-                    if dropped:
-                        self.observer.overflowed(dropped)
+                    if ing.failed is not None:
+                        raise StorageError(f"commit failed: {ing.failed}")
+                    last = self.log.submit(key, events)
+                    ing.inflight += 1
+                    last.add_done_callback(committed)
+                    if ing.inflight >= MAX_INFLIGHT_COMMITS:
+                        await last
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if progressed:
+            if last is not None:
                 raise _Progress(exc) from exc
             raise
         finally:
             resp.release()
+        if last is not None:
+            await last  # everything of this leg is committed before the stream may end
         if parser.pending():
-            raise _Progress("upstream stream ended mid-event") if progressed else UpstreamBroke(
+            raise _Progress("upstream stream ended mid-event") if last is not None else UpstreamBroke(
                 "upstream stream ended mid-event")
+
+    def _committed(self, ing: Ingest, fut: asyncio.Future[list[Entry]]) -> None:
+        ing.inflight -= 1
+        if fut.cancelled():
+            return
+        if fut.exception() is not None:
+            ing.failed = fut.exception()
+            return
+        entries = fut.result()
+        if entries:
+            self.observer.appended(len(entries))
+            dropped = ing.publish(entries)
+            if dropped:
+                self.observer.overflowed(dropped)
 
     async def _finish(self, ing: Ingest, end: str | None, events: list[Event] | None = None) -> None:
         entries = await self.log.finish(ing.key, end, events or [])

@@ -76,6 +76,61 @@ class Parser:
         buf = self._tail + chunk if self._tail else chunk
         if not buf:
             return []
+        if self._event is None and not self._data and self._id is None:
+            fast = self._feed_blocks(buf)
+            if fast is not None:
+                return fast
+        return self._feed_lines(buf)
+
+    def _feed_blocks(self, buf: bytes) -> list[Event] | None:
+        """Fast path: whole events at a time when every line end is LF or CRLF.
+
+        Canonical frames (``event:``/``data:``/``id:`` lines, one data line)
+        become bodies with a few slices; any other block goes line by line.
+        Returns None when the buffer needs the general path (a lone CR).
+        """
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+            if b"\r" in buf:
+                return None
+        end = buf.rfind(b"\n\n")
+        if end < 0:
+            if len(buf) > self._max_line:
+                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+            self._tail = buf
+            return []
+        self._tail = buf[end + 2:]
+        if len(self._tail) > self._max_line:
+            raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+        events: list[Event] = []
+        append = events.append
+        for block in buf[:end].split(b"\n\n"):
+            if block[:1] == b"\n":
+                block = block.lstrip(b"\n")  # extra blank lines between events
+                if not block:
+                    continue
+            lines = block.split(b"\n")
+            n = len(lines)
+            first = lines[0]
+            if first.startswith(b"event: ") and n >= 2 and lines[1].startswith(b"data: "):
+                if n == 2:
+                    append(Event(block + b"\n"))
+                    continue
+                if n == 3 and lines[2].startswith(b"id: ") and b"\x00" not in lines[2]:
+                    append(Event(first + b"\n" + lines[1] + b"\n", lines[2][4:].decode("utf-8", "replace")))
+                    continue
+            elif n == 1 and first.startswith(b"data: "):
+                append(Event(block + b"\n"))
+                continue
+            elif n == 1 and first[:1] == b":":
+                self.comments += 1
+                continue
+            for line in lines:  # anything else: the general rules
+                self._line(line, events)
+            self._dispatch(events)
+        return events
+
+    def _feed_lines(self, buf: bytes) -> list[Event]:
         lines = buf.splitlines(keepends=True)
         last = lines[-1]
         if last[-1:] not in (b"\n", b"\r"):
@@ -88,14 +143,16 @@ class Parser:
                 self._skip_lf = True
         events: list[Event] = []
         for line in lines:
-            line = line.rstrip(b"\r\n")
-            if not line:
-                self._dispatch(events)
-            elif line[0] == 58:  # b":" comment
-                self.comments += 1
-            else:
-                self._field(line)
+            self._line(line.rstrip(b"\r\n"), events)
         return events
+
+    def _line(self, line: bytes, events: list[Event]) -> None:
+        if not line:
+            self._dispatch(events)
+        elif line[0] == 58:  # b":" comment
+            self.comments += 1
+        else:
+            self._field(line)
 
     def _field(self, line: bytes) -> None:
         name, sep, value = line.partition(b":")

@@ -95,3 +95,32 @@ def test_event_name_and_make_body() -> None:
     assert body == b'event: error\ndata: {"a":1}\ndata: {"b":2}\n'
     assert event_name(body) == b"error"
     assert event_name(b"data: x\n") == b"message"
+
+
+def test_fast_and_general_paths_agree_on_random_splits() -> None:
+    import random
+
+    rng = random.Random(7)
+    parts = []
+    for i in range(300):
+        kind = rng.randrange(6)
+        if kind == 0:
+            parts.append(b"event: custom\ndata: {\"i\":%d}\n\n" % i)
+        elif kind == 1:
+            parts.append(b"event: values\ndata: {\"i\":%d}\nid: %d-0\n\n" % (i, i))
+        elif kind == 2:
+            parts.append(b"data: plain %d\n\n\n" % i)  # an extra blank line
+        elif kind == 3:
+            parts.append(b": heartbeat\n\n")
+        elif kind == 4:
+            parts.append(b"id: %d-1\nevent:odd\ndata: a\ndata: b\n\n" % i)  # field order and spacing vary
+        else:
+            parts.append(b"event: e\ndata: x\nretry: 5\n\n")
+    lf = b"".join(parts)
+    reference, _ = feed_split(lf.replace(b"\n", b"\r"))  # lone CRs: the general path only
+    for eol in (b"\n", b"\r\n"):
+        data = lf.replace(b"\n", eol)
+        cuts = sorted(rng.sample(range(1, len(data)), 120))
+        got, p = feed_split(data, *cuts)
+        assert got == reference
+        assert not p.pending()

@@ -13,6 +13,7 @@ stream is evicted and captured again), and can be sent to clients as SSE ids.
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -96,8 +97,17 @@ class EventLog(abc.ABC):
         """
 
     @abc.abstractmethod
+    def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
+        """Queue events for the next commit without waiting for it.
+
+        The future gives the events with their seqs once committed. Futures
+        resolve in submission order, so callbacks on them publish in order
+        while the caller already parses the next chunk.
+        """
+
     async def append(self, key: str, events: Sequence[Event]) -> list[Entry]:
         """Append events in order; returns them with their seqs once committed."""
+        return await self.submit(key, events)
 
     @abc.abstractmethod
     async def finish(self, key: str, end: str | None, events: Sequence[Event] = ()) -> list[Entry]:

@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import lmdb
 
@@ -94,7 +94,7 @@ class LmdbEventLog(EventLog):
         self._metas: dict[str, StreamMeta] = {}
         self._seq = 0
         self._size = 0
-        self._queue: queue.SimpleQueue[tuple[_Batch, asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[_Batch, asyncio.Future[Any]] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
@@ -213,13 +213,14 @@ class LmdbEventLog(EventLog):
             self._size += added
         return entries
 
-    async def append(self, key: str, events: Sequence[Event]) -> list[Entry]:
-        return await self._commit_events(key, events, end=False, end_reason=None)
+    def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
+        return self._stage_and_submit(key, events, end=False, end_reason=None)
 
     async def finish(self, key: str, end: str | None, events: Sequence[Event] = ()) -> list[Entry]:
-        return await self._commit_events(key, events, end=True, end_reason=end)
+        return await self._stage_and_submit(key, events, end=True, end_reason=end)
 
-    async def _commit_events(self, key: str, events: Sequence[Event], *, end: bool, end_reason: str | None) -> list[Entry]:
+    def _stage_and_submit(self, key: str, events: Sequence[Event], *, end: bool,
+                          end_reason: str | None) -> asyncio.Future[list[Entry]]:
         meta = self._metas.get(key)
         if meta is None:
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
@@ -230,14 +231,13 @@ class LmdbEventLog(EventLog):
             meta.end = end_reason
             meta.updated_at = time.time()
         batch.metas[key.encode()] = meta.to_bytes()
-        await self._submit(batch)
-        return entries
+        return self._submit(batch, entries)
 
-    def _submit(self, batch: _Batch) -> asyncio.Future[None]:
+    def _submit(self, batch: _Batch, result: Any = None) -> asyncio.Future[Any]:
         if self._writer is None or self._loop is None:
             raise StorageError("event log is closed")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._queue.put((batch, fut))
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._queue.put((batch, fut, result))
         return fut
 
     def _write_loop(self) -> None:
@@ -245,7 +245,7 @@ class LmdbEventLog(EventLog):
         stopping = False
         while not stopping:
             item = q.get()
-            group: list[tuple[_Batch, asyncio.Future[None]]] = []
+            group: list[tuple[_Batch, asyncio.Future[Any], Any]] = []
             if item is None:
                 stopping = True
             else:
@@ -264,15 +264,15 @@ class LmdbEventLog(EventLog):
             started = time.perf_counter()
             error: BaseException | None = None
             try:
-                self._commit_group([b for b, _ in group])
+                self._commit_group([item[0] for item in group])
             except BaseException as exc:  # reported to every waiter; the thread lives on
                 log.exception("event log commit failed")
                 error = exc
             elapsed = time.perf_counter() - started
             assert self._loop is not None
             try:
-                self._loop.call_soon_threadsafe(self._resolve, [f for _, f in group], error,
-                                                sum(len(b.events) for b, _ in group), elapsed)
+                self._loop.call_soon_threadsafe(self._resolve, [(f, r) for _, f, r in group], error,
+                                                sum(len(item[0].events) for item in group), elapsed)
             except RuntimeError:  # loop already closed at shutdown
                 pass
 
@@ -316,15 +316,16 @@ class LmdbEventLog(EventLog):
             self._rw.release_write()
         log.info("event log map grown to %d bytes", new_size)
 
-    def _resolve(self, futures: list[asyncio.Future[None]], error: BaseException | None,
+    def _resolve(self, futures: list[tuple[asyncio.Future[Any], Any]], error: BaseException | None,
                  events: int, seconds: float) -> None:
+        # In submission order: a stream's commits resolve (and publish) in the order they were made.
         if self._on_commit is not None:
             self._on_commit(events, seconds, error is None)
-        for f in futures:
+        for f, result in futures:
             if f.done():
                 continue
             if error is None:
-                f.set_result(None)
+                f.set_result(result)
             else:
                 f.set_exception(StorageError(f"commit failed: {error}"))
 
