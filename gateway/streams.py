@@ -93,7 +93,8 @@ def _run_mode_of(name: bytes) -> str:
 
 def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
     """Join Run Stream's ``stream_mode``: one value or a JSON array; the last one given counts."""
-    values = request.query.getall("stream_mode", [])
+    # Empty values are "no filter" (the Python SDK sends `stream_mode=` when none is given).
+    values = [v for v in request.query.getall("stream_mode", []) if v]
     if not values:
         return None
     raw = values[-1]
@@ -276,6 +277,9 @@ class StreamHandlers:
         pool = target.pool.name
         key = run_key(pool, rid)
         meta = self.log.get(key)
+        if meta is not None and tid is not None and meta.thread_id not in (None, tid):
+            # Held, but under another thread: not ours to serve. The upstream answers as it would.
+            return await self.forwarder.forward(request, target)
         headers: CIMultiDict[str] = CIMultiDict()
         if meta is not None and cursor.kind == "upstream":
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this run is served by the "

@@ -128,6 +128,7 @@ async def test_stream_mode_filter_on_replay_and_live(gateway: RunningGateway, ht
     only_custom = await join(http, loc, "-1", stream_mode="custom")
     assert [e.event for e in only_custom] == ["custom"] * 5
     assert [e.event for e in await join(http, loc, "-1", stream_mode='["metadata"]')] == ["metadata"]
+    assert len(await join(http, loc, "-1", stream_mode="")) == 6  # empty means no filter, as upstream
     assert await join(http, loc, "-1", stream_mode="values") == []
     # Repeated parameter: the last one counts (as upstream does).
     assert [e.event for e in await join(http, loc + "?stream_mode=custom&stream_mode=metadata", "-1")] == ["metadata"]
@@ -254,3 +255,14 @@ async def test_thread_stream_captured_and_resumable(gateway: RunningGateway, htt
     assert [e.event for e in life] == ["metadata", "metadata"]
     async with http.get(url, params={"stream_modes": "values"}) as bad:
         assert bad.status == 422
+
+
+async def test_a_held_run_is_not_served_under_another_thread(gateway: RunningGateway, http: aiohttp.ClientSession,
+                                                             fake_upstream: FakeAgentServer) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=2)
+    events = await read_events(resp)
+    run_id = events[0].json["run_id"]  # type: ignore[index]
+    await join(http, f"{gateway.url}/threads/other-thread/runs/{run_id}/stream", "-1")
+    # The upstream (which knows which thread the run is on) answered, not the log.
+    assert ("GET", f"/threads/other-thread/runs/{run_id}/stream") in fake_upstream.requests
