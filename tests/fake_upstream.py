@@ -19,6 +19,7 @@ import asyncio
 import base64
 import uuid
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -227,14 +228,7 @@ class FakeAgentServer:
         try:
             for frame in replay:
                 await resp.write(frame)
-            while True:
-                try:
-                    frame = await asyncio.wait_for(q.get(), self.heartbeat)
-                except asyncio.TimeoutError:
-                    await resp.write(b": heartbeat\r\n\r\n")
-                    continue
-                if frame is None:
-                    break
+            async for frame in self._frames(q, resp):
                 await resp.write(frame)
                 sent += 1
                 if cut >= 0 and sent >= cut:
@@ -297,15 +291,20 @@ class FakeAgentServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
         try:
-            while True:
-                try:
-                    frame = await asyncio.wait_for(q.get(), self.heartbeat)
-                except asyncio.TimeoutError:
-                    await resp.write(b": heartbeat\r\n\r\n")
-                    continue
-                if frame is None:
-                    break
+            async for frame in self._frames(q, resp):
                 await resp.write(frame)
         finally:
             listeners.remove(q)
         return resp
+
+    async def _frames(self, q: asyncio.Queue[bytes | None], resp: web.StreamResponse) -> AsyncIterator[bytes]:
+        """Frames from a listener queue until None, with heartbeat comments while idle (as langgraph-api)."""
+        while True:
+            try:
+                frame = await asyncio.wait_for(q.get(), self.heartbeat)
+            except asyncio.TimeoutError:
+                await resp.write(b": heartbeat\r\n\r\n")
+                continue
+            if frame is None:
+                return
+            yield frame

@@ -266,3 +266,29 @@ async def test_a_held_run_is_not_served_under_another_thread(gateway: RunningGat
     await join(http, f"{gateway.url}/threads/other-thread/runs/{run_id}/stream", "-1")
     # The upstream (which knows which thread the run is on) answered, not the log.
     assert ("GET", f"/threads/other-thread/runs/{run_id}/stream") in fake_upstream.requests
+
+
+async def test_heartbeats_are_forwarded_but_never_logged(gateway: RunningGateway, http: aiohttp.ClientSession,
+                                                         fake_upstream: FakeAgentServer) -> None:
+    fake_upstream.heartbeat = 0.05
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 2, "delay": 0.3}}) as r:
+        raw = await r.read()
+        loc = r.headers["Location"]
+    assert b": heartbeat\n\n" in raw
+    meta = next(iter(gateway.gw.log.streams()))
+    assert meta.count == 3  # metadata + 2 custom: no heartbeat in the log
+    replay = await join(http, gateway.url + loc, "-1")
+    assert len(replay) == 3
+
+
+async def test_gateway_sends_its_own_heartbeat_when_idle(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                                         tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"heartbeat": "100ms"}))
+    fake_upstream.heartbeat = 30  # the upstream stays silent
+    tid = await new_thread(http, gw)
+    async with http.get(f"{gw.url}/threads/{tid}/stream") as r:
+        chunk = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2.0)
+    assert chunk == b": heartbeat\n\n"
