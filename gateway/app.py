@@ -126,6 +126,9 @@ class Gateway:
                 resp = await self.forwarder.forward(request, target)
             status = resp.status
             return resp
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's "client closed request")
+            raise
         except Exception as exc:
             status = getattr(exc, "status", 500)
             raise

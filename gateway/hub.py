@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
@@ -187,6 +188,7 @@ class Hub:
         self._closing = False
         self._followers: set[Follower] = set()
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -224,25 +226,39 @@ class Hub:
     def live(self, key: str) -> Ingest | None:
         return self._live.get(key)
 
-    def capture(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None) -> Ingest:
+    def capture_lock(self, key: str) -> asyncio.Lock:
+        """Held while a handler opens an upstream leg for ``key``, so two clients arriving
+        together share one capture instead of starting two."""
+        lock = self._capture_locks.get(key)
+        if lock is None:
+            lock = self._capture_locks[key] = asyncio.Lock()
+        return lock
+
+    def capture(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, resumed: bool = False) -> Ingest:
         """Start capturing; ``resp`` is an upstream response already open, else the hub joins.
 
-        Raises StorageFull when the log is over budget.
+        ``resumed``: the leg was opened with an upstream Last-Event-ID, so what it
+        re-sends is de-duplicated against the log. Raises StorageFull when over budget.
         """
+        if meta.key in self._live:
+            raise RuntimeError(f"stream {meta.key} is already being captured")
         meta = self.log.begin(meta)
-        return self._start(meta, resp, rejoin=False)
+        return self._start(meta, resp, rejoin=False, resumed=resumed)
 
-    def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, rejoin: bool) -> Ingest:
+    def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, rejoin: bool,
+               resumed: bool = False) -> Ingest:
         ing = Ingest(meta=meta, subscribers=set(), head=meta.head)
         self._live[meta.key] = ing
-        ing.task = asyncio.create_task(self._run(ing, resp, rejoin), name=f"ingest:{meta.key}")
+        ing.task = asyncio.create_task(self._run(ing, resp, rejoin, resumed), name=f"ingest:{meta.key}")
         return ing
 
-    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, rejoin: bool) -> None:
+    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, rejoin: bool, resumed: bool) -> None:
         meta = ing.meta
         failures = 0
         reason = "upstream stream ended"
         try:
+            if resumed:
+                ing.dedupe = Dedupe(await self.log.tail(meta.key, DEDUPE_WINDOW), DEDUPE_WINDOW)
             while True:
                 try:
                     if resp is None:
@@ -283,7 +299,7 @@ class Hub:
 
     async def _open_leg(self, ing: Ingest, rejoin: bool) -> aiohttp.ClientResponse:
         meta = ing.meta
-        last = meta.last_upstream_id
+        last = resume_point(meta.last_upstream_id)
         if meta.kind == "run":
             last = last or "-1"
         resp = await self._rejoin(meta, last, ing.auth)
@@ -293,7 +309,7 @@ class Hub:
             body = (await resp.content.read(512)).decode("utf-8", "replace")
             resp.release()
             raise UpstreamBroke(f"re-join answered HTTP {resp.status}: {body.strip()[:200]}")
-        if rejoin and meta.last_upstream_id is not None:
+        if last is not None:  # whatever the upstream sends twice is dropped
             ing.dedupe = Dedupe(await self.log.tail(meta.key, DEDUPE_WINDOW), DEDUPE_WINDOW)
         return resp
 
@@ -338,8 +354,8 @@ class Hub:
 
     def _committed(self, ing: Ingest, fut: asyncio.Future[list[Entry]]) -> None:
         ing.inflight -= 1
-        if fut.cancelled():
-            return
+        if fut.cancelled() or ing.failed is not None:
+            return  # after a failed commit nothing more is published: clients never skip a seq
         if fut.exception() is not None:
             ing.failed = fut.exception()
             return
@@ -397,10 +413,12 @@ class Hub:
             log.error("hub background task failed", exc_info=task.exception())
 
     async def _release_thread(self, ing: Ingest) -> None:
-        if ing.subscribers or ing.task is None:
+        if ing.subscribers or ing.task is None or self._live.get(ing.key) is not ing:
             return
+        del self._live[ing.key]  # from now on a new client starts a new capture
         ing.task.cancel()
         await asyncio.gather(ing.task, return_exceptions=True)
+        ing.end()
         await self.log.finish(ing.key, None)
         log.debug("thread stream %s released after linger", ing.key)
 
@@ -408,7 +426,16 @@ class Hub:
         if ing.subscribers:
             return
         log.info("last client of %s left and asked for cancel on disconnect", ing.key)
-        await self._cancel_upstream(ing.meta, ing.auth)
+        if ing.meta.thread_id is not None:
+            await self._cancel_upstream(ing.meta, ing.auth)
+            return
+        # A stateless run has no cancel endpoint upstream: closing its leg is the cancel
+        # (it was created with on_disconnect=cancel).
+        if ing.task is not None and self._live.get(ing.key) is ing:
+            del self._live[ing.key]
+            ing.task.cancel()
+            await asyncio.gather(ing.task, return_exceptions=True)
+            await self._finish(ing, "done")
 
     # --- helpers for the follower ------------------------------------------------------------
 
@@ -418,6 +445,26 @@ class Hub:
             return ing.head
         meta = self.log.get(key)
         return meta.head if meta else 0
+
+
+class StreamGone(Exception):
+    """The stream left the log (retention) while a client was replaying it."""
+
+
+def resume_point(uid: str | None) -> str | None:
+    """The upstream Last-Event-ID to re-join from: just before our last upstream id.
+
+    The in-memory runtime gives every event of one millisecond the same id and
+    replays strictly after the id given, so asking with the exact last id would
+    lose the rest of that millisecond. One millisecond earlier re-sends a few
+    events we hold, which the de-duplication drops.
+    """
+    if uid is None:
+        return None
+    ms, sep, _seq = uid.partition("-")
+    if sep and ms.isascii() and ms.isdigit() and int(ms) > 0:
+        return f"{int(ms) - 1}-0"
+    return uid
 
 
 class _Progress(UpstreamBroke):
@@ -445,7 +492,7 @@ class Follower:
         self.sub: Subscriber | None = None
         self.ing: Ingest | None = None
         self.upto = 0
-        self._stopped = False
+        self._stopped = hub._closing  # a request that slipped in during shutdown
         self._register()
         hub._followers.add(self)
 
@@ -483,10 +530,11 @@ class Follower:
         try:
             while True:
                 assert self.pos is not None
-                while self.pos < self.upto:  # replay from the log
+                while self.pos < self.upto and not self._stopped:  # replay from the log
                     page = await self.hub.log.read(self.key, self.pos, self.upto, REPLAY_PAGE)
                     if not page:
-                        break  # evicted underneath us: nothing more to replay
+                        # Evicted underneath us: a clean end would look complete.
+                        raise StreamGone(f"stream {self.key} was removed from the log during replay")
                     self.pos = page[-1][0]
                     yield page
                 self.pos = max(self.pos, self.upto)

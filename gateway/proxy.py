@@ -11,7 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.proxy")
@@ -113,8 +113,23 @@ class Forwarder:
     async def read_json_response(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
         """Read a small upstream body whole (run JSON), mapping failures to 502/504."""
         try:
-            return await resp.content.read(limit)
+            body = await read_limited(resp.content, limit)
         except asyncio.TimeoutError:
             raise UpstreamTimeout("upstream stopped answering mid-body") from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"upstream broke mid-body: {exc}") from None
+        if body is None:
+            raise BadUpstreamResponse(f"upstream response body exceeds the {limit}-byte limit")
+        return body
+
+
+async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None once it passes ``limit`` bytes (read() alone may return a part)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in stream.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)

@@ -22,8 +22,8 @@ from multidict import CIMultiDict
 from gateway.config import Streams
 from gateway.errors import BadRequest, InvalidEventId, PayloadTooLarge, StorageUnavailable, Unprocessable
 from gateway.eventlog import EventLog, StreamMeta
-from gateway.hub import Follower, Hub
-from gateway.proxy import Forwarder, client_headers, upstream_headers
+from gateway.hub import Follower, Hub, StreamGone, resume_point
+from gateway.proxy import Forwarder, client_headers, read_limited, upstream_headers
 from gateway.sse import HEARTBEAT, event_name, frame
 from gateway.upstream import Target
 
@@ -37,8 +37,8 @@ THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
 RESUME_HEADER = "X-Gateway-Resume"
 
 _RUN_IN_PATH = re.compile(r"^(?:.*?)(?:/threads/(?P<tid>[^/]+))?/runs/(?P<rid>[^/?]+)")
-_GATEWAY_ID = re.compile(r"^\d{1,19}$")
-_UPSTREAM_ID = re.compile(r"^\d{1,19}-(?:\d{1,19}|\*)$")
+_GATEWAY_ID = re.compile(r"^[0-9]{1,19}$")
+_UPSTREAM_ID = re.compile(r"^[0-9]{1,19}-(?:[0-9]{1,19}|\*)$")
 
 
 def run_key(upstream: str, run_id: str) -> str:
@@ -63,7 +63,7 @@ class Cursor:
 
 def parse_cursor(request: web.Request) -> Cursor:
     raw = request.headers.get("Last-Event-ID")
-    if raw is None:
+    if raw is None or not raw.strip():
         raw = request.query.get("last_event_id")
     if raw is None or raw.strip() == "":
         return Cursor("none")
@@ -156,14 +156,20 @@ class RunRequest:
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
+    body = await read_limited(request.content, limit)
+    if body is None:
         raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
     return body
 
 
-def prepare_run_request(body: bytes, ask_resumable: bool) -> RunRequest:
-    """Inspect a run-creating body; ask the upstream for a replay buffer unless the client said no."""
+def prepare_run_request(body: bytes, *, ask_resumable: bool, stateless: bool, streaming: bool = True) -> RunRequest:
+    """Inspect a run-creating body and adjust it for capture.
+
+    Asks the upstream for a replay buffer unless the client said no. For thread
+    runs, ``on_disconnect: cancel`` becomes the gateway's job (it cancels when the
+    last client leaves); the upstream gets ``continue``, or it would cancel the run
+    whenever the gateway's own leg drops (a network blip, a gateway restart).
+    """
     try:
         doc = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
@@ -171,8 +177,14 @@ def prepare_run_request(body: bytes, ask_resumable: bool) -> RunRequest:
     if not isinstance(doc, dict):
         return RunRequest(body, False, False)
     cancel = doc.get("on_disconnect") == "cancel"
-    if ask_resumable and "stream_resumable" not in doc:
+    changed = False
+    if ask_resumable and not stateless and "stream_resumable" not in doc:
         doc["stream_resumable"] = True
+        changed = True
+    if cancel and streaming and not stateless:
+        doc["on_disconnect"] = "continue"
+        changed = True
+    if changed:
         body = orjson.dumps(doc)
     return RunRequest(body, doc.get("stream_resumable") is True, cancel)
 
@@ -198,9 +210,9 @@ class StreamHandlers:
         self.cfg = cfg
         self.on_resume = on_resume
 
-    def _check_capacity(self) -> None:
+    def _check_capacity(self, key: str | None = None) -> None:
         # Refuse before anything reaches the upstream, so no run is created that we cannot hold.
-        if not self.log.accepting():
+        if not self.log.accepting(key):
             raise StorageUnavailable("event log is at its disk budget and every stream held is live; "
                                      "new captures are refused until runs finish")
 
@@ -208,7 +220,7 @@ class StreamHandlers:
 
     async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> web.StreamResponse:
         run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
-                                  self.cfg.request_resumable and not stateless)
+                                  ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self._check_capacity()
         resp = await self.forwarder.open(request, target, data=run.body,
                                          headers=upstream_headers(request, drop=("Content-Length",)))
@@ -235,10 +247,16 @@ class StreamHandlers:
     # --- POST /threads/{tid}/runs ---------------------------------------------------------------
 
     async def create_background_run(self, request: web.Request, target: Target) -> web.StreamResponse:
-        run = prepare_run_request(await read_body(request, self.cfg.max_request_body), self.cfg.request_resumable)
+        run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
+                                  ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
         self._check_capacity()
         resp = await self.forwarder.open(request, target, data=run.body,
                                          headers=upstream_headers(request, drop=("Content-Length",)))
+        # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
+        return await asyncio.shield(self._answer_background(request, target, resp, run))
+
+    async def _answer_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
+                                 run: RunRequest) -> web.Response:
         try:
             body = await self.forwarder.read_json_response(resp, self.cfg.max_request_body)
             headers = client_headers(resp, target, drop=("Content-Length",))
@@ -246,10 +264,10 @@ class StreamHandlers:
         finally:
             resp.release()
         if status == 200:
-            self._capture_background(request, target, body, run.resumable)
+            self._capture_background(request, target, body, run)
         return web.Response(status=status, reason=reason, body=body, headers=headers)
 
-    def _capture_background(self, request: web.Request, target: Target, body: bytes, resumable: bool) -> None:
+    def _capture_background(self, request: web.Request, target: Target, body: bytes, run: RunRequest) -> None:
         try:
             doc = orjson.loads(body)
             tid, rid = str(doc["thread_id"]), str(doc["run_id"])
@@ -258,7 +276,7 @@ class StreamHandlers:
             return
         pool = target.pool.name
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool,
-                          path=f"/threads/{tid}/runs/{rid}/stream", thread_id=tid, run_id=rid, resumable=resumable)
+                          path=f"/threads/{tid}/runs/{rid}/stream", thread_id=tid, run_id=rid, resumable=run.resumable)
         if self.hub.live(meta.key) is not None:
             return
         try:
@@ -298,11 +316,29 @@ class StreamHandlers:
             # The upstream has no such route for stateless runs; let it answer (404).
             self._count_resume(cursor, "not_held")
             return await self.forwarder.forward(request, target)
-        # Not held: capture it from the upstream from here on.
+        # Not held: capture it from the upstream from here on (one capture, however many ask at once).
+        async with self.hub.capture_lock(key):
+            if self.log.get(key) is not None:
+                opened: tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse | None = None
+            else:
+                opened = await self._capture_run_join(request, target, tid, rid, cursor, cancel)
+        if opened is None:  # another client's request captured it meanwhile
+            return await self.join_run(request, target, tid, rid)
+        if isinstance(opened, aiohttp.ClientResponse):
+            return await self.forwarder.relay(request, target, opened)
+        follower, headers = opened
+        return await self._send(request, follower, headers, keep)
+
+    async def _capture_run_join(self, request: web.Request, target: Target, tid: str, rid: str, cursor: Cursor,
+                                cancel: bool) -> tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse:
+        headers: CIMultiDict[str] = CIMultiDict()
         if cursor.kind in ("start", "seq"):
             self._count_resume(cursor, "not_held")
             headers[RESUME_HEADER] = "not-held"
-        self._check_capacity()
+        key = run_key(target.pool.name, rid)
+        self._check_capacity(key)
+        if not await self._run_exists(request, target, tid, rid):
+            return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
         up_headers = upstream_headers(request, drop=("Last-Event-ID",))
         if cursor.kind != "none":
             # Our ids mean nothing upstream: ask it for all it still has.
@@ -310,19 +346,26 @@ class StreamHandlers:
         query = _drop_params(request.rel_url.raw_query_string, ("stream_mode", "cancel_on_disconnect", "last_event_id"))
         resp = await self.forwarder.open(request, target, headers=up_headers, query=query)
         if not _is_sse(resp):
-            return await self.forwarder.relay(request, target, resp)
-        meta = StreamMeta(key=key, kind="run", upstream=pool, path=target.path, thread_id=tid, run_id=rid,
-                          resumable=cursor.kind != "none")
+            return resp
+        meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=target.path, thread_id=tid,
+                          run_id=rid, resumable=cursor.kind != "none")
         try:
-            ing = self.hub.capture(meta, resp)
+            ing = self.hub.capture(meta, resp, resumed=cursor.kind != "none")
         except BaseException:
             resp.close()
             raise
         ing.cancel_on_orphan = cancel
         ing.auth = _auth(request)
-        follower = self.hub.subscribe(key, 0)
         headers.extend(client_headers(resp, target, drop=("Content-Length",)))
-        return await self._send(request, follower, headers, keep)
+        return self.hub.subscribe(key, 0), headers
+
+    async def _run_exists(self, request: web.Request, target: Target, tid: str, rid: str) -> bool:
+        """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
+        error event, which must not become a 'finished run' in the log."""
+        resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}",
+                                                   dict(_auth(request), Accept="application/json"))
+        resp.release()
+        return resp.status != 404
 
     # --- GET /threads/{tid}/stream ------------------------------------------------------------------
 
@@ -341,26 +384,37 @@ class StreamHandlers:
             self._count_resume(cursor, "hit" if meta is not None else "not_held")
             if meta is None:
                 headers[RESUME_HEADER] = "not-held"
-        if self.hub.live(key) is None:
-            self._check_capacity()
-            up_headers = upstream_headers(request, drop=("Last-Event-ID",))
-            if meta is not None and meta.last_upstream_id:
-                up_headers["Last-Event-ID"] = meta.last_upstream_id  # fill the gap since the last capture
-            elif meta is None and cursor.kind == "upstream":
-                up_headers["Last-Event-ID"] = cursor.raw
-            elif meta is None and cursor.kind != "none":
-                up_headers["Last-Event-ID"] = "-"
-            resp = await self.forwarder.open(request, target, headers=up_headers, query=THREAD_CAPTURE_QUERY)
-            if not _is_sse(resp):
-                return await self.forwarder.relay(request, target, resp)
-            ing = self.hub.capture(StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
-                                              thread_id=tid, resumable=True), resp)
-            ing.auth = _auth(request)
-            headers.extend(client_headers(resp, target, drop=("Content-Length",)))
-        else:
-            headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        async with self.hub.capture_lock(key):
+            if self.hub.live(key) is None:
+                self._check_capacity(key)
+                resp, resumed = await self._open_thread_leg(request, target, meta, cursor)
+                if not _is_sse(resp):
+                    return await self.forwarder.relay(request, target, resp)
+                try:
+                    ing = self.hub.capture(StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
+                                                      thread_id=tid, resumable=True), resp, resumed=resumed)
+                except BaseException:
+                    resp.close()
+                    raise
+                ing.auth = _auth(request)
+                headers.extend(client_headers(resp, target, drop=("Content-Length",)))
+            else:
+                headers["Content-Type"] = "text/event-stream; charset=utf-8"
         follower = self.hub.subscribe(key, after)
         return await self._send(request, follower, headers, keep)
+
+    async def _open_thread_leg(self, request: web.Request, target: Target, meta: StreamMeta | None,
+                               cursor: Cursor) -> tuple[aiohttp.ClientResponse, bool]:
+        """Open the upstream thread stream; True when it was asked to replay (de-duplicate it)."""
+        up_headers = upstream_headers(request, drop=("Last-Event-ID",))
+        if meta is not None and meta.last_upstream_id:
+            up_headers["Last-Event-ID"] = resume_point(meta.last_upstream_id) or ""  # fill the gap since last time
+        elif meta is None and cursor.kind == "upstream":
+            up_headers["Last-Event-ID"] = cursor.raw
+        elif meta is None and cursor.kind != "none":
+            up_headers["Last-Event-ID"] = "-"
+        resp = await self.forwarder.open(request, target, headers=up_headers, query=THREAD_CAPTURE_QUERY)
+        return resp, "Last-Event-ID" in up_headers
 
     # --- writing ------------------------------------------------------------------------------------
 
@@ -390,6 +444,12 @@ class StreamHandlers:
             return out
         except TimeoutError:
             log.info("client on %s too slow to write to; dropped (it can resume)", request.path)
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        except StreamGone as exc:
+            # Cut the connection rather than end cleanly: a clean end would look complete.
+            log.info("%s; cutting the client so it retries", exc)
             if request.transport is not None:
                 request.transport.close()
             return out

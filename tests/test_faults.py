@@ -188,3 +188,73 @@ async def test_thread_stream_upstream_leg_released_after_linger(
         await read_events(run)
         got = await read_events(c, limit=4)
     assert [e.event for e in got] == ["metadata", "custom", "custom", "metadata"]
+
+
+async def test_run_body_arriving_in_pieces_is_forwarded_whole(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                              http: aiohttp.ClientSession) -> None:
+    import orjson
+
+    doc = {"assistant_id": "a", "input": {"n": 2, "pad_ignored": "y" * 300_000}}
+    raw = orjson.dumps(doc)
+
+    async def trickle():  # type: ignore[no-untyped-def]
+        for i in range(0, len(raw), 50_000):
+            yield raw[i:i + 50_000]
+            await asyncio.sleep(0.01)
+
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", data=trickle(),
+                         headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 200, await r.text()
+        got = await read_events(r)
+    assert customs(got) == [0, 1]
+
+
+async def test_chunked_run_body_over_the_limit_is_413(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                                      tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_request_body": 1024}))
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b" " * 500
+
+    async with http.post(f"{gw.url}/threads/t/runs", data=chunks()) as r:
+        assert r.status == 413
+
+
+async def test_on_disconnect_cancel_is_the_gateways_job_not_the_upstreams(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    # The upstream must not cancel the run when the gateway's own leg drops (blip, restart):
+    # the gateway forwards "continue" and cancels itself when its last client leaves.
+    fake_upstream.faults.cut_after = 3
+    tid = await new_thread(http, gateway)
+    resp = await http.post(f"{gateway.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 20, "delay": 0.01}, "on_disconnect": "cancel"})
+    got = await read_events(resp)
+    assert customs(got) == list(range(20)), "the leg was re-joined, the run not cancelled"
+
+
+async def test_concurrent_first_joins_share_one_capture(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                        http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    clients = await asyncio.gather(*(http.get(url) for _ in range(5)))
+    await asyncio.sleep(0.1)
+    assert len(fake_upstream.thread_listeners[tid]) == 1
+    run = await stream_run(http, gateway, tid, n=3)
+    await read_events(run)
+    for c in clients:
+        got = await read_events(c, limit=5)
+        assert [e.event for e in got] == ["metadata", "custom", "custom", "custom", "metadata"]
+        c.close()
+
+
+async def test_join_of_an_unknown_run_is_not_captured(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                      http: aiohttp.ClientSession) -> None:
+    import uuid
+
+    rid = str(uuid.uuid4())
+    got = await join(http, f"{gateway.url}/threads/t/runs/{rid}/stream", "-1")
+    assert got[0].event == "error" and "404" in got[0].data  # the upstream's own answer
+    assert gateway.gw.log.get(f"default/run/{rid}") is None

@@ -125,3 +125,15 @@ async def test_restart_while_upstream_is_down_ends_live_runs_with_explicit_error
     replay = await _join_until_end(http, gw2.url + loc, "-1")
     assert replay[: len(seen)] == seen
     assert replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted"
+
+
+def test_second_gateway_on_the_same_data_directory_is_refused(gateway_process: Any, tmp_path: Path) -> None:
+    first = gateway_process("--upstream", "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data")).start()
+    second = gateway_process("--upstream", "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data"))
+    try:
+        second.start(timeout=10)
+        raise AssertionError("the second gateway started on a data directory in use")
+    except RuntimeError as exc:
+        assert "in use by another gateway process" in str(exc)
+    assert second.proc is not None and second.proc.returncode == 1
+    assert first.proc is not None and first.proc.poll() is None

@@ -130,8 +130,8 @@ class EventLog(abc.ABC):
         """Apply retention (TTL, then the size budget); returns streams removed."""
 
     @abc.abstractmethod
-    def accepting(self) -> bool:
-        """False when new captures must be refused: over budget with nothing finished to evict."""
+    def accepting(self, key: str | None = None) -> bool:
+        """False when a capture of ``key`` must be refused: over budget with nothing else finished to evict."""
 
     @property
     @abc.abstractmethod

@@ -15,6 +15,7 @@ client before it is on disk.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import queue
@@ -99,6 +100,7 @@ class LmdbEventLog(EventLog):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
         self._on_commit = on_commit
+        self._lock_fd: int | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class LmdbEventLog(EventLog):
         path = self._cfg.path
         try:
             os.makedirs(path, exist_ok=True)
+            self._take_dir_lock(path)
             sync = self._cfg.durability == "fsync"
             self._env = lmdb.open(
                 str(path), map_size=self._cfg.map_size, max_dbs=4, max_readers=512,
@@ -128,10 +131,21 @@ class LmdbEventLog(EventLog):
                     self._metas[meta.key] = meta
                     self._size += meta.size
                     self._seq = max(self._seq, meta.head)
-        except lmdb.Error as exc:
+        except (lmdb.Error, OSError) as exc:
             raise StorageError(f"open event log at {path}: {exc}") from exc
         log.info("event log open at %s: %d streams, %d bytes, next seq %d",
                  path, len(self._metas), self._size, self._seq + 1)
+
+    def _take_dir_lock(self, path: os.PathLike[str] | str) -> None:
+        # LMDB itself allows several processes; two gateways on one log would both hand out
+        # the same seqs and both re-attach the same streams. One owner per data directory.
+        fd = os.open(os.path.join(path, "gateway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"data directory {path} is in use by another gateway process") from None
+        self._lock_fd = fd
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -139,8 +153,15 @@ class LmdbEventLog(EventLog):
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
             self._writer = None
         if self._env is not None:
-            self._env.close()
-            self._env = None
+            self._rw.acquire_write()  # no read may be inside LMDB while the environment closes
+            try:
+                self._env.close()
+                self._env = None
+            finally:
+                self._rw.release_write()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     # --- metadata ----------------------------------------------------------------------------
 
@@ -154,8 +175,9 @@ class LmdbEventLog(EventLog):
     def size(self) -> int:
         return self._size
 
-    def accepting(self) -> bool:
-        return self._size < self._cfg.max_bytes or any(not m.open for m in self._metas.values())
+    def accepting(self, key: str | None = None) -> bool:
+        # Same rule as begin(): the stream being (re)started is never evicted to make room for itself.
+        return self._size < self._cfg.max_bytes or any(not m.open and m.key != key for m in self._metas.values())
 
     def begin(self, meta: StreamMeta) -> StreamMeta:
         existing = self._metas.get(meta.key)
@@ -378,7 +400,8 @@ class LmdbEventLog(EventLog):
         out: list[tuple[str | None, bytes]] = []
         self._rw.acquire_read()
         try:
-            assert self._env is not None
+            if self._env is None:
+                raise StorageError("event log is closed")
             with self._env.begin(db=self._events_db) as txn:
                 cur = txn.cursor()
                 # Position just past the stream's last key, then walk backwards.
