@@ -77,7 +77,7 @@ def parse_cursor(request: web.Request) -> Cursor:
     shown = raw if len(raw) <= 64 else raw[:64] + "..."
     raise InvalidEventId(
         f"Invalid Last-Event-ID {shown!r}: expected an event id this gateway sent (a decimal integer), "
-        "or -1 or - to start from the beginning")
+        "or -1, - or 0 to start from the beginning")
 
 
 # --- stream_mode filters --------------------------------------------------------------------
