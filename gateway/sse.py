@@ -109,23 +109,26 @@ class Parser:
                 block = block.lstrip(b"\n")  # extra blank lines between events
                 if not block:
                     continue
-            lines = block.split(b"\n")
-            n = len(lines)
-            first = lines[0]
-            if first.startswith(b"event: ") and n >= 2 and lines[1].startswith(b"data: "):
-                if n == 2:
+            nl = block.count(b"\n")
+            if nl == 1:
+                if block.startswith(b"event: ") and block.find(b"\ndata: ") > 0:
                     append(Event(block + b"\n"))
                     continue
-                if n == 3 and lines[2].startswith(b"id: ") and b"\x00" not in lines[2]:
-                    append(Event(first + b"\n" + lines[1] + b"\n", lines[2][4:].decode("utf-8", "replace")))
+            elif nl == 2:
+                i = block.find(b"\n")
+                j = block.rfind(b"\n")
+                if (block.startswith(b"event: ") and block.startswith(b"data: ", i + 1)
+                        and block.startswith(b"id: ", j + 1) and b"\x00" not in block[j:]):
+                    append(Event(block[:j + 1], block[j + 5:].decode("utf-8", "replace")))
                     continue
-            elif n == 1 and first.startswith(b"data: "):
-                append(Event(block + b"\n"))
-                continue
-            elif n == 1 and first[:1] == b":":
-                self.comments += 1
-                continue
-            for line in lines:  # anything else: the general rules
+            elif nl == 0:
+                if block.startswith(b"data: "):
+                    append(Event(block + b"\n"))
+                    continue
+                if block[:1] == b":":
+                    self.comments += 1
+                    continue
+            for line in block.split(b"\n"):  # anything else: the general rules
                 self._line(line, events)
             self._dispatch(events)
         return events

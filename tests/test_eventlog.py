@@ -183,3 +183,26 @@ async def test_group_commit_many_streams_concurrently(open_log: Opener) -> None:
     assert len(set(seqs)) == 50
     for i in range(50):
         assert len(await log.read(f"s{i}", 0, 10**9, 10)) == 1
+
+
+async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
+    import random
+
+    rng = random.Random(3)
+    log = await open_log()
+    for k in ("s", "s2", "r"):  # neighbours in key order on both sides
+        log.begin(meta(k))
+    everything: list[tuple[int, bytes]] = []
+    for i in range(40):
+        await log.append("r", evs("noise"))
+        batch = await log.append("s", evs(*[f"{i}.{j}" for j in range(rng.randrange(1, 7))]))
+        await log.append("s2", evs("noise"))
+        everything += batch
+    seqs = [s for s, _ in everything]
+    for _ in range(300):
+        after = rng.choice([0, *seqs, seqs[-1] + 5])
+        upto = rng.choice([*seqs, seqs[-1] + 5])
+        want = [e for e in everything if after < e[0] <= upto]
+        assert await log.read("s", after, upto, 10_000) == want, (after, upto)
+    tail = await log.tail("s", 5)
+    assert [b for _, b in tail] == [b for _, b in everything[-5:]]

@@ -1,7 +1,10 @@
 """The embedded event log: LMDB, one writer thread, group commit.
 
 Layout (named databases in one environment):
-- ``events``: ``<stream key> NUL <seq: 8 bytes big-endian>`` -> ``<u16 id length><upstream id><body>``
+- ``events``: one record per appended batch (a chunk's events):
+  ``<stream key> NUL <first seq: 8 bytes big-endian>`` -> for each event
+  ``<u32 body length><u16 id length><upstream id><body>``; seqs in a batch are
+  consecutive, so one LMDB put carries a whole chunk
 - ``streams``: ``<stream key>`` -> StreamMeta as JSON
 - ``meta``: ``seq`` -> the last seq handed out (so seqs are never reused)
 
@@ -33,7 +36,7 @@ from gateway.sse import Event
 
 log = logging.getLogger("gateway.eventlog")
 
-_U16 = struct.Struct(">H")
+_EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
 _SEQ_KEY = b"seq"
 _READ_PAGE_BYTES = 4 << 20
 
@@ -85,6 +88,22 @@ class _RWLock:
 
 def _prefix(key: str) -> bytes:
     return key.encode() + b"\x00"
+
+
+def _decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
+    """The events of one batch record: (seq, upstream id, body)."""
+    out: list[tuple[int, str | None, bytes]] = []
+    unpack = _EVENT_HEAD.unpack_from
+    i, n, seq = 0, len(value), first
+    while i < n:
+        blen, ulen = unpack(value, i)
+        i += 6
+        uid = value[i:i + ulen].decode() if ulen else None
+        i += ulen
+        out.append((seq, uid, value[i:i + blen]))
+        i += blen
+        seq += 1
+    return out
 
 
 class LmdbEventLog(EventLog):
@@ -206,33 +225,36 @@ class LmdbEventLog(EventLog):
     # --- writes ------------------------------------------------------------------------------
 
     def _stage_events(self, batch: _Batch, meta: StreamMeta, events: Sequence[Event]) -> list[Entry]:
-        prefix = _prefix(meta.key)
-        seq = self._seq
+        if not events:
+            return []
+        first = self._seq + 1
         entries: list[Entry] = []
-        puts = batch.events
-        added = 0
+        parts: list[bytes] = []
+        pack = _EVENT_HEAD.pack
         last_uid = meta.last_upstream_id
+        seq = first
         for ev in events:
-            seq += 1
+            body = ev.body
             uid = ev.upstream_id
-            if uid is not None:
-                ub = uid.encode()
-                value = _U16.pack(len(ub)) + ub + ev.body
-                last_uid = uid
+            if uid is None:
+                parts += (pack(len(body), 0), body)
             else:
-                value = b"\x00\x00" + ev.body
-            k = prefix + seq.to_bytes(8, "big")
-            puts.append((k, value))
-            entries.append((seq, ev.body))
-            added += len(k) + len(value)
-        self._seq = batch.seq = seq
-        if entries:
-            meta.head = seq
-            meta.count += len(entries)
-            meta.size += added
-            meta.last_upstream_id = last_uid
-            meta.updated_at = time.time()
-            self._size += added
+                ub = uid.encode()
+                parts += (pack(len(body), len(ub)), ub, body)
+                last_uid = uid
+            entries.append((seq, body))
+            seq += 1
+        key = _prefix(meta.key) + first.to_bytes(8, "big")
+        value = b"".join(parts)
+        batch.events.append((key, value))
+        added = len(key) + len(value)
+        self._seq = batch.seq = seq - 1
+        meta.head = seq - 1
+        meta.count += len(entries)
+        meta.size += added
+        meta.last_upstream_id = last_uid
+        meta.updated_at = time.time()
+        self._size += added
         return entries
 
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
@@ -361,7 +383,7 @@ class LmdbEventLog(EventLog):
 
     def _read_sync(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
         prefix = _prefix(key)
-        start = prefix + (after + 1).to_bytes(8, "big")
+        plen = len(prefix)
         out: list[Entry] = []
         budget = _READ_PAGE_BYTES
         self._rw.acquire_read()
@@ -371,20 +393,26 @@ class LmdbEventLog(EventLog):
                 raise StorageError("event log is closed")
             with env.begin(db=self._events_db, buffers=False) as txn:
                 cur = txn.cursor()
-                if not cur.set_range(start):
-                    return out
-                plen = len(prefix)
-                for k, v in cur:
+                # The batch holding seq after+1 may start before it: step back one record.
+                found = cur.set_range(prefix + (after + 1).to_bytes(8, "big"))
+                if not (found and cur.key() == prefix + (after + 1).to_bytes(8, "big")):
+                    found = cur.prev() if found else cur.last()
+                    if not (found and cur.key().startswith(prefix)):
+                        found = cur.set_range(prefix + (after + 1).to_bytes(8, "big"))
+                while found:
+                    k, v = cur.item()
                     if not k.startswith(prefix):
                         break
-                    seq = int.from_bytes(k[plen:], "big")
-                    if seq > upto:
+                    first = int.from_bytes(k[plen:], "big")
+                    if first > upto:
                         break
-                    body = v[2 + _U16.unpack_from(v)[0]:]
-                    out.append((seq, body))
+                    for seq, _uid, body in _decode(first, v):
+                        if after < seq <= upto:
+                            out.append((seq, body))
                     budget -= len(v)
                     if len(out) >= limit or budget <= 0:
                         break
+                    found = cur.next()
         finally:
             self._rw.release_read()
         return out
@@ -404,21 +432,18 @@ class LmdbEventLog(EventLog):
                 raise StorageError("event log is closed")
             with self._env.begin(db=self._events_db) as txn:
                 cur = txn.cursor()
-                # Position just past the stream's last key, then walk backwards.
-                if cur.set_range(prefix + b"\xff" * 8):
-                    ok = cur.prev()
-                else:
-                    ok = cur.last()
+                # Position just past the stream's last record, then walk backwards.
+                ok = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
                 while ok and len(out) < limit:
                     k, v = cur.item()
                     if not k.startswith(prefix):
                         break
-                    n = _U16.unpack_from(v)[0]
-                    uid = v[2:2 + n].decode() if n else None
-                    out.append((uid, v[2 + n:]))
+                    batch = [(uid, body) for _seq, uid, body in _decode(0, v)]
+                    out.extend(reversed(batch))
                     ok = cur.prev()
         finally:
             self._rw.release_read()
+        out = out[:limit]
         out.reverse()
         return out
 
