@@ -206,3 +206,15 @@ async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
         assert await log.read("s", after, upto, 10_000) == want, (after, upto)
     tail = await log.tail("s", 5)
     assert [b for _, b in tail] == [b for _, b in everything[-5:]]
+
+
+async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None:
+    seen: list[tuple[int, bool]] = []
+    log = LmdbEventLog(Storage(path=tmp_path / "obs"), on_commit=lambda n, secs, ok: seen.append((n, ok)))
+    await log.open()
+    try:
+        log.begin(meta("a"))
+        await log.append("a", evs("1", "2", "3"))
+        assert sum(n for n, _ in seen) == 3 and all(ok for _, ok in seen)
+    finally:
+        await log.close()

@@ -52,6 +52,7 @@ class _Batch:
     metas: dict[bytes, bytes | None] = field(default_factory=dict)  # None deletes
     drop_prefixes: list[bytes] = field(default_factory=list)
     seq: int = 0
+    count: int = 0  # events in the records above (metrics)
 
 
 class _RWLock:
@@ -247,6 +248,7 @@ class LmdbEventLog(EventLog):
         key = _prefix(meta.key) + first.to_bytes(8, "big")
         value = b"".join(parts)
         batch.events.append((key, value))
+        batch.count += len(entries)
         added = len(key) + len(value)
         self._seq = batch.seq = seq - 1
         meta.head = seq - 1
@@ -316,7 +318,7 @@ class LmdbEventLog(EventLog):
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._resolve, [(f, r) for _, f, r in group], error,
-                                                sum(len(item[0].events) for item in group), elapsed)
+                                                sum(item[0].count for item in group), elapsed)
             except RuntimeError:  # loop already closed at shutdown
                 pass
 
