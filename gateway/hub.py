@@ -20,7 +20,7 @@ import weakref
 from functools import partial
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import aiohttp
 import orjson
@@ -187,7 +187,7 @@ class Hub:
         self._live: dict[str, Ingest] = {}
         self._closing = False
         self._followers: set[Follower] = set()
-        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._side_tasks: set[asyncio.Future[Any]] = set()
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -402,12 +402,20 @@ class Hub:
         elif ing.cancel_on_orphan:
             self._spawn(self._cancel_run(ing))
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_done)
+        return task
 
-    def _side_done(self, task: asyncio.Task[None]) -> None:
+    def run_owned(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run work that must finish even if the request that started it is cancelled.
+
+        The hub owns the task: it is cancelled at shutdown and its failure is logged.
+        """
+        return self._spawn(coro)
+
+    def _side_done(self, task: asyncio.Future[Any]) -> None:
         self._side_tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("hub background task failed", exc_info=task.exception())

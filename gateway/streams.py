@@ -253,7 +253,7 @@ class StreamHandlers:
         resp = await self.forwarder.open(request, target, data=run.body,
                                          headers=upstream_headers(request, drop=("Content-Length",)))
         # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
-        return await asyncio.shield(self._answer_background(request, target, resp, run))
+        return await asyncio.shield(self.hub.run_owned(self._answer_background(request, target, resp, run)))
 
     async def _answer_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
                                  run: RunRequest) -> web.Response:
@@ -303,6 +303,7 @@ class StreamHandlers:
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this run is served by the "
                                  "gateway; resume with an id the gateway sent")
         if meta is not None:
+            self._check_issued(cursor)
             self._count_resume(cursor, "hit")
             ing = self.hub.live(key)
             if ing is not None and cancel:
@@ -379,6 +380,8 @@ class StreamHandlers:
         if cursor.kind == "upstream" and meta is not None:
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this thread stream is served by the "
                                  "gateway; resume with an id the gateway sent")
+        if meta is not None:
+            self._check_issued(cursor)
         after = cursor.after() if meta is not None else 0
         if cursor.kind != "none":
             self._count_resume(cursor, "hit" if meta is not None else "not_held")
@@ -417,6 +420,11 @@ class StreamHandlers:
         return resp, "Last-Event-ID" in up_headers
 
     # --- writing ------------------------------------------------------------------------------------
+
+    def _check_issued(self, cursor: Cursor) -> None:
+        # An id above every id ever handed out would wait forever for events: say so instead.
+        if cursor.kind == "seq" and cursor.seq > self.log.last_seq:
+            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
 
     def _count_resume(self, cursor: Cursor, outcome: str) -> None:
         if cursor.kind != "none":

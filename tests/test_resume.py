@@ -224,7 +224,7 @@ async def test_resume_of_a_run_no_longer_held_falls_through_with_a_header(
         resp.close()
 
 
-@pytest.mark.parametrize("bad", ["abc", "1.5", "-2", "12-", "x" * 200, "1;2"])
+@pytest.mark.parametrize("bad", ["abc", "1.5", "-2", "12-", "x" * 200, "1;2", "\u0663"])
 async def test_malformed_event_id_is_422(gateway: RunningGateway, http: aiohttp.ClientSession, bad: str) -> None:
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=1)
@@ -233,6 +233,17 @@ async def test_malformed_event_id_is_422(gateway: RunningGateway, http: aiohttp.
         async with http.get(url, headers={"Last-Event-ID": bad}) as r:
             assert r.status == 422
             assert "Last-Event-ID" in (await r.json())["detail"]
+
+
+async def test_an_id_never_issued_is_422_not_an_endless_wait(gateway: RunningGateway,
+                                                               http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=30, delay=0.02)
+    await read_events(resp, limit=2)
+    async with http.get(gateway.url + resp.headers["Location"], headers={"Last-Event-ID": "99999999999"}) as r:
+        assert r.status == 422
+        assert "not sent that id" in (await r.json())["detail"]
+    resp.close()
 
 
 async def test_thread_stream_captured_and_resumable(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:

@@ -135,5 +135,10 @@ class EventLog(abc.ABC):
 
     @property
     @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The highest seq handed out so far, over all streams."""
+
+    @property
+    @abc.abstractmethod
     def size(self) -> int:
         """Bytes held."""

@@ -195,6 +195,10 @@ class LmdbEventLog(EventLog):
     def size(self) -> int:
         return self._size
 
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
     def accepting(self, key: str | None = None) -> bool:
         # Same rule as begin(): the stream being (re)started is never evicted to make room for itself.
         return self._size < self._cfg.max_bytes or any(not m.open and m.key != key for m in self._metas.values())
