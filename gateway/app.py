@@ -59,9 +59,9 @@ class Gateway:
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
         self.forwarder = Forwarder(self.upstreams)
         self.hub = Hub(self.log, cfg.streams, self._open_leg, self._cancel_run, self.metrics)
-        self.streams = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
-        self.metrics.bind_gauges(lambda: self.log.size, lambda: len(self.hub._live),
-                                 lambda: len(self.hub._followers))
+        self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
+        self.metrics.bind_gauges(lambda: self.log.size, lambda: self.hub.live_count(),
+                                 lambda: len(self.hub.followers))
         self._sweeper: asyncio.Task[None] | None = None
         self._storage_open = False
 

@@ -5,11 +5,8 @@ log in one call, and publishes them to subscribers only after the commit. The
 task belongs to the hub, not to a request: it keeps capturing after every
 client has left, until the upstream stream ends.
 
-Subscribing follows mercure's register-then-replay handoff: register a bounded
-queue and note the committed head S under the (single-threaded) loop, replay
-(after, S] from the log, then drain what was queued meanwhile. A subscriber
-whose queue overflows is not blocked on: it drops its queue and catches up
-from the log the same way.
+Clients read through ``gateway.follower`` (register-then-replay); re-joining a
+lost upstream leg uses ``gateway.rejoin``.
 """
 
 from __future__ import annotations
@@ -17,26 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from functools import partial
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from functools import partial
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import orjson
 
 from gateway.config import Streams
 from gateway.eventlog import Entry, EventLog, StorageError, StreamMeta
+from gateway.follower import Follower, Subscriber
+from gateway.rejoin import DEDUPE_WINDOW, Dedupe, resume_point
 from gateway.sse import Event, Parser, SSEProtocolError, make_body
 
 log = logging.getLogger("gateway.hub")
 
-REPLAY_PAGE = 2000
 # Commits one stream may have queued before its reader waits: parsing the next chunk
 # overlaps the commit of the last one, and memory per stream stays bounded.
 MAX_INFLIGHT_COMMITS = 8
-# Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
-DEDUPE_WINDOW = 4096
 
 # Opens the upstream leg of a stream again:
 # (meta, upstream Last-Event-ID or None, the client's auth headers) -> response.
@@ -52,80 +47,6 @@ def interrupted_event(reason: str) -> Event:
     payload = {"error": "CaptureInterrupted",
                "message": f"the gateway lost this stream's upstream and could not re-join it: {reason}"}
     return Event(make_body("error", orjson.dumps(payload)))
-
-
-class Dedupe:
-    """Drops what an upstream re-sends after a re-join: the same upstream id with the same body.
-
-    Order-independent on purpose: the upstream's replay and live queue overlap
-    and jump back, and a thread stream delivers state updates out of id order.
-    Seeded from the log's tail, so it also works right after a restart.
-    """
-
-    __slots__ = ("window", "order", "seen")
-
-    def __init__(self, recent: Iterable[tuple[str | None, bytes]], window: int = 4096) -> None:
-        self.window = window
-        self.order: deque[int] = deque()
-        self.seen: set[int] = set()
-        for uid, body in recent:
-            if uid is not None:
-                self._remember(hash((uid, body)))
-
-    def _remember(self, h: int) -> None:
-        self.seen.add(h)
-        self.order.append(h)
-        if len(self.order) > self.window:
-            self.seen.discard(self.order.popleft())
-
-    def filter(self, events: list[Event]) -> list[Event]:
-        out: list[Event] = []
-        for ev in events:
-            if ev.upstream_id is not None:
-                h = hash((ev.upstream_id, ev.body))
-                if h in self.seen:
-                    continue
-                self._remember(h)
-            out.append(ev)
-        return out
-
-
-class Subscriber:
-    """One client's bounded queue of committed batches."""
-
-    __slots__ = ("queue", "queued", "limit", "wake", "overflowed", "ended", "beats")
-
-    def __init__(self, limit: int) -> None:
-        self.queue: deque[list[Entry]] = deque()
-        self.queued = 0
-        self.limit = limit
-        self.wake = asyncio.Event()
-        self.overflowed = False
-        self.ended = False
-        self.beats = 0
-
-    def push(self, entries: list[Entry]) -> bool:
-        if self.overflowed:
-            return False
-        if self.queued + len(entries) > self.limit:
-            # Never block ingest on a slow client: forget the queue, it re-reads the log.
-            self.overflowed = True
-            self.queue.clear()
-            self.queued = 0
-            self.wake.set()
-            return False
-        self.queue.append(entries)
-        self.queued += len(entries)
-        self.wake.set()
-        return True
-
-    def end(self) -> None:
-        self.ended = True
-        self.wake.set()
-
-    def beat(self) -> None:
-        self.beats += 1
-        self.wake.set()
 
 
 @dataclass(eq=False)
@@ -185,8 +106,8 @@ class Hub:
         self._cancel_upstream = cancel_upstream
         self.observer = observer or HubObserver()
         self._live: dict[str, Ingest] = {}
-        self._closing = False
-        self._followers: set[Follower] = set()
+        self.closing = False
+        self.followers: set[Follower] = set()
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
@@ -201,15 +122,15 @@ class Hub:
                 await self.log.finish(meta.key, None)  # re-opened when a client asks
             elif meta.resumable or meta.last_upstream_id is not None:
                 log.info("re-attaching %s from upstream id %s", meta.key, meta.last_upstream_id)
-                self._start(meta, None, rejoin=True)
+                self._start(meta, None)
             else:
                 await self._interrupt(meta, "the gateway restarted while the run was live and "
                                             "the upstream keeps no replay buffer for it")
 
     def end_clients(self) -> None:
         """End every client stream at an event boundary (shutdown: clients resume elsewhere)."""
-        self._closing = True
-        for f in list(self._followers):
+        self.closing = True
+        for f in list(self.followers):
             f.shutdown()
 
     async def stop(self) -> None:
@@ -225,6 +146,9 @@ class Hub:
 
     def live(self, key: str) -> Ingest | None:
         return self._live.get(key)
+
+    def live_count(self) -> int:
+        return len(self._live)
 
     def capture_lock(self, key: str) -> asyncio.Lock:
         """Held while a handler opens an upstream leg for ``key``, so two clients arriving
@@ -243,16 +167,15 @@ class Hub:
         if meta.key in self._live:
             raise RuntimeError(f"stream {meta.key} is already being captured")
         meta = self.log.begin(meta)
-        return self._start(meta, resp, rejoin=False, resumed=resumed)
+        return self._start(meta, resp, resumed=resumed)
 
-    def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, rejoin: bool,
-               resumed: bool = False) -> Ingest:
+    def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *, resumed: bool = False) -> Ingest:
         ing = Ingest(meta=meta, subscribers=set(), head=meta.head)
         self._live[meta.key] = ing
-        ing.task = asyncio.create_task(self._run(ing, resp, rejoin, resumed), name=f"ingest:{meta.key}")
+        ing.task = asyncio.create_task(self._run(ing, resp, resumed), name=f"ingest:{meta.key}")
         return ing
 
-    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, rejoin: bool, resumed: bool) -> None:
+    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, resumed: bool) -> None:
         meta = ing.meta
         failures = 0
         reason = "upstream stream ended"
@@ -262,8 +185,7 @@ class Hub:
             while True:
                 try:
                     if resp is None:
-                        resp = await self._open_leg(ing, rejoin)
-                        rejoin = True
+                        resp = await self._open_leg(ing)
                     await self._pump(ing, resp)
                     resp = None
                     if meta.kind == "run":
@@ -297,7 +219,7 @@ class Hub:
             if ing.orphan_timer is not None:
                 ing.orphan_timer.cancel()
 
-    async def _open_leg(self, ing: Ingest, rejoin: bool) -> aiohttp.ClientResponse:
+    async def _open_leg(self, ing: Ingest) -> aiohttp.ClientResponse:
         meta = ing.meta
         last = resume_point(meta.last_upstream_id)
         if meta.kind == "run":
@@ -386,15 +308,15 @@ class Hub:
         """Register now (before any await) and return the follower to iterate."""
         return Follower(self, key, after)
 
-    def _attach(self, ing: Ingest, sub: Subscriber) -> None:
+    def attach(self, ing: Ingest, sub: Subscriber) -> None:
         ing.subscribers.add(sub)
         if ing.orphan_timer is not None:
             ing.orphan_timer.cancel()
             ing.orphan_timer = None
 
-    def _detach(self, ing: Ingest, sub: Subscriber) -> None:
+    def detach(self, ing: Ingest, sub: Subscriber) -> None:
         ing.subscribers.discard(sub)
-        if ing.subscribers or self._closing or self._live.get(ing.key) is not ing:
+        if ing.subscribers or self.closing or self._live.get(ing.key) is not ing:
             return
         if ing.meta.kind == "thread":
             ing.orphan_timer = asyncio.get_running_loop().call_later(
@@ -455,26 +377,6 @@ class Hub:
         return meta.head if meta else 0
 
 
-class StreamGone(Exception):
-    """The stream left the log (retention) while a client was replaying it."""
-
-
-def resume_point(uid: str | None) -> str | None:
-    """The upstream Last-Event-ID to re-join from: just before our last upstream id.
-
-    The in-memory runtime gives every event of one millisecond the same id and
-    replays strictly after the id given, so asking with the exact last id would
-    lose the rest of that millisecond. One millisecond earlier re-sends a few
-    events we hold, which the de-duplication drops.
-    """
-    if uid is None:
-        return None
-    ms, sep, _seq = uid.partition("-")
-    if sep and ms.isascii() and ms.isdigit() and int(ms) > 0:
-        return f"{int(ms) - 1}-0"
-    return uid
-
-
 class _Progress(UpstreamBroke):
     """A broken leg that had delivered events first: the retry budget starts over."""
 
@@ -490,93 +392,3 @@ def _describe(exc: object) -> str:
     return str(exc)
 
 
-class Follower:
-    """One client's view of a stream: replay after a position, then the live tail."""
-
-    def __init__(self, hub: Hub, key: str, after: int | None) -> None:
-        self.hub = hub
-        self.key = key
-        self.pos = after
-        self.sub: Subscriber | None = None
-        self.ing: Ingest | None = None
-        self.upto = 0
-        self._stopped = hub._closing  # a request that slipped in during shutdown
-        self._register()
-        hub._followers.add(self)
-
-    def _register(self) -> None:
-        ing = self.hub.live(self.key)
-        if ing is not None:
-            self.sub = Subscriber(self.hub.cfg.subscriber_buffer)
-            self.ing = ing
-            self.hub._attach(ing, self.sub)
-            self.upto = ing.head
-        else:
-            self.sub = self.ing = None
-            meta = self.hub.log.get(self.key)
-            self.upto = meta.head if meta else 0
-        if self.pos is None:
-            self.pos = self.upto
-
-    def _unregister(self) -> None:
-        if self.ing is not None and self.sub is not None:
-            self.hub._detach(self.ing, self.sub)
-        self.sub = self.ing = None
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        if self.sub is not None:
-            self.sub.end()
-
-    def close(self) -> None:
-        self._unregister()
-        self.hub._followers.discard(self)
-
-    async def entries(self) -> AsyncIterator[list[Entry]]:
-        """Batches of committed events; an empty batch means "send a heartbeat"."""
-        heartbeat = self.hub.cfg.heartbeat
-        try:
-            while True:
-                assert self.pos is not None
-                while self.pos < self.upto and not self._stopped:  # replay from the log
-                    page = await self.hub.log.read(self.key, self.pos, self.upto, REPLAY_PAGE)
-                    if not page:
-                        # Evicted underneath us: a clean end would look complete.
-                        raise StreamGone(f"stream {self.key} was removed from the log during replay")
-                    self.pos = page[-1][0]
-                    yield page
-                self.pos = max(self.pos, self.upto)
-                sub = self.sub
-                if sub is None or self._stopped:
-                    return
-                while True:  # live tail
-                    if not sub.queue and not sub.ended and not sub.overflowed and not sub.beats:
-                        sub.wake.clear()
-                        try:
-                            async with asyncio.timeout(heartbeat):
-                                await sub.wake.wait()
-                        except TimeoutError:
-                            yield []
-                            continue
-                    if sub.overflowed:
-                        break
-                    if sub.queue:
-                        batch = sub.queue.popleft()
-                        sub.queued -= len(batch)
-                        if batch[0][0] <= self.pos:
-                            batch = [e for e in batch if e[0] > self.pos]
-                            if not batch:
-                                continue
-                        self.pos = batch[-1][0]
-                        yield batch
-                        continue
-                    if sub.ended:
-                        return
-                    if sub.beats:
-                        sub.beats = 0
-                        yield []
-                # Overflowed: re-register and catch up from the log.
-                self._unregister()
-                self._register()
-        finally:
-            self.close()

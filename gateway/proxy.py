@@ -22,7 +22,7 @@ HOP_BY_HOP = frozenset({
 })
 
 
-def _hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+def _hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     named = {h.strip().lower() for v in headers.getall("Connection", []) for h in v.split(",")}
     return HOP_BY_HOP | named
 

@@ -19,4 +19,7 @@ else
   echo "npm not found: the JS SDK test will be skipped" >&2
 fi
 
+# The package is typed; a type error fails the run like a failing test.
+.venv/bin/python -m mypy gateway
+
 exec .venv/bin/python -m pytest "$@"

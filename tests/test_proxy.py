@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import aiohttp
-import pytest
 from yarl import URL
 
 from tests.conftest import RunningGateway, free_port, gateway_config

@@ -111,11 +111,13 @@ class LmdbEventLog(EventLog):
     def __init__(self, cfg: Storage, *, on_commit: CommitObserver | None = None) -> None:
         self._cfg = cfg
         self._env: lmdb.Environment | None = None
-        self._events_db = self._streams_db = self._meta_db = None
+        self._events_db: Any = None
+        self._streams_db: Any = None
+        self._meta_db: Any = None
         self._metas: dict[str, StreamMeta] = {}
         self._seq = 0
         self._size = 0
-        self._queue: queue.SimpleQueue[tuple[_Batch, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[_Batch, asyncio.Future[Any], Any] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
@@ -342,7 +344,7 @@ class LmdbEventLog(EventLog):
             for prefix in b.drop_prefixes:
                 cur = txn.cursor(db=self._events_db)
                 if cur.set_range(prefix):
-                    while cur.key().startswith(prefix):
+                    while bytes(cur.key()).startswith(prefix):
                         if not cur.delete():
                             break
             if b.events:

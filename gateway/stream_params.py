@@ -1,0 +1,145 @@
+"""Parameters of the streaming endpoints: the Last-Event-ID cursor, stream-mode filters,
+and the run-creating request body as the gateway forwards it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import BadRequest, InvalidEventId, Unprocessable
+from gateway.sse import event_name
+
+THREAD_MODES = ("run_modes", "lifecycle", "state_update")
+_GATEWAY_ID = re.compile(r"^[0-9]{1,19}$")
+_UPSTREAM_ID = re.compile(r"^[0-9]{1,19}-(?:[0-9]{1,19}|\*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A client's Last-Event-ID: none (live tail), start, a gateway seq, or an upstream id."""
+
+    kind: str  # "none" | "start" | "seq" | "upstream"
+    seq: int = 0
+    raw: str = ""
+
+    def after(self) -> int | None:
+        return None if self.kind == "none" else self.seq
+
+
+def parse_cursor(request: web.Request) -> Cursor:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None or not raw.strip():
+        raw = request.query.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        return Cursor("none")
+    raw = raw.strip()
+    if raw in ("-1", "-", "0"):
+        return Cursor("start", 0, raw)
+    if _GATEWAY_ID.match(raw):
+        return Cursor("seq", int(raw), raw)
+    if _UPSTREAM_ID.match(raw):
+        return Cursor("upstream", 0, raw)
+    shown = raw if len(raw) <= 64 else raw[:64] + "..."
+    raise InvalidEventId(
+        f"Invalid Last-Event-ID {shown!r}: expected an event id this gateway sent (a decimal integer), "
+        "or -1, - or 0 to start from the beginning")
+
+
+def _run_mode_of(name: bytes) -> str:
+    base = name.split(b"|", 1)[0].decode("utf-8", "replace")
+    if base == "messages":
+        return "messages-tuple"
+    if base.startswith("messages/"):
+        return "messages"
+    return base
+
+
+def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
+    """Join Run Stream's ``stream_mode``: one value or a JSON array; the last one given counts."""
+    # Empty values are "no filter" (the Python SDK sends `stream_mode=` when none is given).
+    values = [v for v in request.query.getall("stream_mode", []) if v]
+    if not values:
+        return None
+    raw = values[-1]
+    modes: set[str]
+    if raw.startswith("["):
+        try:
+            parsed = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise BadRequest(f"stream_mode {raw!r} is not a JSON array") from None
+        if not isinstance(parsed, list) or not all(isinstance(m, str) for m in parsed):
+            raise BadRequest(f"stream_mode {raw!r} must be a string or a JSON array of strings")
+        modes = set(parsed)
+    else:
+        modes = {raw}
+
+    def keep(body: bytes) -> bool:
+        name = event_name(body)
+        return name == b"error" or _run_mode_of(name) in modes
+
+    return keep
+
+
+def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
+    """Join Thread Stream's ``stream_modes``: comma-separated; the last parameter given counts."""
+    values = request.query.getall("stream_modes", [])
+    if not values or not values[-1]:
+        return None
+    modes = {m.strip() for m in values[-1].split(",") if m.strip()}
+    for m in modes:
+        if m not in THREAD_MODES:
+            raise Unprocessable(f"Invalid stream mode: {m}")
+    if modes >= {"run_modes", "state_update"}:
+        return None
+
+    def keep(body: bytes) -> bool:
+        name = event_name(body)
+        if name == b"state_update":
+            return "state_update" in modes
+        if name == b"metadata":
+            return "run_modes" in modes or "lifecycle" in modes
+        return "run_modes" in modes or name == b"error"
+
+    return keep
+
+
+def truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("true", "1", "yes")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    body: bytes
+    resumable: bool
+    cancel_on_disconnect: bool
+
+
+def prepare_run_request(body: bytes, *, ask_resumable: bool, stateless: bool, streaming: bool = True) -> RunRequest:
+    """Inspect a run-creating body and adjust it for capture.
+
+    Asks the upstream for a replay buffer unless the client said no. For thread
+    runs, ``on_disconnect: cancel`` becomes the gateway's job (it cancels when the
+    last client leaves); the upstream gets ``continue``, or it would cancel the run
+    whenever the gateway's own leg drops (a network blip, a gateway restart).
+    """
+    try:
+        doc = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        doc = None  # forwarded unchanged: the upstream answers with its own 422
+    if not isinstance(doc, dict):
+        return RunRequest(body, False, False)
+    cancel = doc.get("on_disconnect") == "cancel"
+    changed = False
+    if ask_resumable and not stateless and "stream_resumable" not in doc:
+        doc["stream_resumable"] = True
+        changed = True
+    if cancel and streaming and not stateless:
+        doc["on_disconnect"] = "continue"
+        changed = True
+    if changed:
+        body = orjson.dumps(doc)
+    return RunRequest(body, doc.get("stream_resumable") is True, cancel)
