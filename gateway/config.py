@@ -80,6 +80,9 @@ class Streams:
     reattach_backoff: float = 0.5
     write_timeout: float = 30.0  # a client write blocked this long is dropped (it can resume)
     max_request_body: int = 16 << 20
+    # Ask the upstream (with the client's credentials) before serving a held stream from the log.
+    authorize_replay: bool = True
+    authorize_ttl: float = 10.0  # how long a yes from the upstream is reused
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +328,8 @@ def _streams(raw: Any) -> Streams:
         reattach_backoff=_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
         write_timeout=_duration("streams.write_timeout", raw.get("write_timeout", d.write_timeout)),
         max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),
+        authorize_replay=_bool("streams.authorize_replay", raw.get("authorize_replay", d.authorize_replay)),
+        authorize_ttl=_duration("streams.authorize_ttl", raw.get("authorize_ttl", d.authorize_ttl), allow_zero=True),
     )
 
 

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.access import AccessCheck, remember_captor
 from gateway.config import Streams
 from gateway.errors import (
     InvalidEventId,
@@ -26,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamGone
-from gateway.hub import Hub
+from gateway.hub import Hub, Ingest
 from gateway.proxy import Forwarder, client_headers, read_limited, upstream_headers
 from gateway.rejoin import resume_point
 from gateway.sse import HEARTBEAT, frame
@@ -85,6 +86,7 @@ def _is_sse(resp: aiohttp.ClientResponse) -> bool:
 class StreamHandlers:
     def __init__(self, hub: Hub, log_: EventLog, forwarder: Forwarder, cfg: Streams,
                  on_resume: Callable[[str], None] = lambda outcome: None) -> None:
+        self.access = AccessCheck(forwarder.upstreams, cfg.authorize_ttl) if cfg.authorize_replay else None
         self.hub = hub
         self.log = log_
         self.forwarder = forwarder
@@ -115,13 +117,8 @@ class StreamHandlers:
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
                           thread_id=None if stateless else tid, run_id=rid,
                           resumable=run.resumable and not stateless)
-        try:
-            ing = self.hub.capture(meta, resp)
-        except BaseException:
-            resp.close()
-            raise
+        ing = self._capture(request, meta, resp)
         ing.cancel_on_orphan = run.cancel_on_disconnect
-        ing.auth = _auth(request)
         follower = self.hub.subscribe(meta.key, 0)
         return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
 
@@ -161,11 +158,9 @@ class StreamHandlers:
         if self.hub.live(meta.key) is not None:
             return
         try:
-            ing = self.hub.capture(meta, None)
+            self._capture(request, meta, None)
         except Exception as exc:  # the run exists upstream; the client still gets its answer
             log.warning("could not start capturing background run %s: %s", rid, exc)
-            return
-        ing.auth = _auth(request)
 
     # --- GET .../runs/{rid}/stream ----------------------------------------------------------------
 
@@ -185,6 +180,8 @@ class StreamHandlers:
                                  "gateway; resume with an id the gateway sent")
         if meta is not None:
             self._check_issued(cursor)
+            if (denied := await self._denial(request, target, meta)) is not None:
+                return await self.forwarder.relay(request, target, denied)
             self._count_resume(cursor, "hit")
             ing = self.hub.live(key)
             if ing is not None and cancel:
@@ -231,13 +228,8 @@ class StreamHandlers:
             return resp
         meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=target.path, thread_id=tid,
                           run_id=rid, resumable=cursor.kind != "none")
-        try:
-            ing = self.hub.capture(meta, resp, resumed=cursor.kind != "none")
-        except BaseException:
-            resp.close()
-            raise
+        ing = self._capture(request, meta, resp, resumed=cursor.kind != "none")
         ing.cancel_on_orphan = cancel
-        ing.auth = _auth(request)
         headers.extend(client_headers(resp, target, drop=("Content-Length",)))
         return self.hub.subscribe(key, 0), headers
 
@@ -263,6 +255,8 @@ class StreamHandlers:
                                  "gateway; resume with an id the gateway sent")
         if meta is not None:
             self._check_issued(cursor)
+            if (denied := await self._denial(request, target, meta)) is not None:
+                return await self.forwarder.relay(request, target, denied)
         after = cursor.after() if meta is not None else 0
         if cursor.kind != "none":
             self._count_resume(cursor, "hit" if meta is not None else "not_held")
@@ -274,13 +268,8 @@ class StreamHandlers:
                 resp, resumed = await self._open_thread_leg(request, target, meta, cursor)
                 if not _is_sse(resp):
                     return await self.forwarder.relay(request, target, resp)
-                try:
-                    ing = self.hub.capture(StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
-                                                      thread_id=tid, resumable=True), resp, resumed=resumed)
-                except BaseException:
-                    resp.close()
-                    raise
-                ing.auth = _auth(request)
+                self._capture(request, StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
+                                                  thread_id=tid, resumable=True), resp, resumed=resumed)
                 headers.extend(client_headers(resp, target, drop=("Content-Length",)))
             else:
                 headers["Content-Type"] = "text/event-stream; charset=utf-8"
@@ -301,6 +290,25 @@ class StreamHandlers:
         return resp, "Last-Event-ID" in up_headers
 
     # --- writing ------------------------------------------------------------------------------------
+
+    async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
+        if self.access is None:
+            return None
+        return await self.access.denial(target.pool, meta, _auth(request))
+
+    def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
+                 resumed: bool = False) -> Ingest:
+        """Start a capture on the client's behalf (closing ``resp`` if the hub refuses it)."""
+        auth = _auth(request)
+        remember_captor(meta, auth)
+        try:
+            ing = self.hub.capture(meta, resp, resumed=resumed)
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        ing.auth = auth
+        return ing
 
     def _check_issued(self, cursor: Cursor) -> None:
         # An id above every id ever handed out would wait forever for events: say so instead.

@@ -32,6 +32,7 @@ class Faults:
     cut_after: int = -1  # the next stream response: drop the TCP connection after this many events (once)
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
+    api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class FakeAgentServer:
         r.add_get("/ok", self.ok)
         r.add_route("*", "/echo{tail:.*}", self.echo)
         r.add_post("/threads", self.create_thread)
+        r.add_get("/threads/{tid}", self.get_thread)
         r.add_post("/threads/{tid}/runs/stream", self.create_stream)
         r.add_post("/runs/stream", self.create_stream)
         r.add_post("/threads/{tid}/runs", self.create_background)
@@ -114,6 +116,8 @@ class FakeAgentServer:
                 await asyncio.sleep(self.faults.hang)
             if self.faults.status:
                 return web.json_response({"detail": "injected failure"}, status=self.faults.status)
+            if self.faults.api_key is not None and request.headers.get("X-Api-Key") != self.faults.api_key:
+                return web.json_response({"detail": "Invalid API key"}, status=401)
         return await handler(request)
 
     # --- plain endpoints ---------------------------------------------------------------------
@@ -160,6 +164,9 @@ class FakeAgentServer:
 
     async def create_thread(self, request: web.Request) -> web.Response:
         return web.json_response({"thread_id": str(uuid.uuid4()), "status": "idle"})
+
+    async def get_thread(self, request: web.Request) -> web.Response:
+        return web.json_response({"thread_id": request.match_info["tid"], "status": "idle"})
 
     def _new_run(self, tid: str | None, doc: dict) -> Run:  # type: ignore[type-arg]
         inp = doc.get("input") or {}

@@ -55,6 +55,9 @@ class StreamMeta:
     count: int = 0
     size: int = 0  # bytes held in the log
     last_upstream_id: str | None = None
+    # Salted hash of the credentials that started the capture (gateway.access); never the secret.
+    auth_salt: str | None = None
+    auth_digest: str | None = None
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(asdict(self))

@@ -218,6 +218,8 @@ class LmdbEventLog(EventLog):
             existing.end = None
             existing.path = meta.path
             existing.resumable = existing.resumable or meta.resumable
+            if meta.auth_digest is not None:
+                existing.auth_salt, existing.auth_digest = meta.auth_salt, meta.auth_digest
             existing.updated_at = time.time()
             meta = existing
         self._metas[meta.key] = meta

@@ -1,0 +1,72 @@
+"""Replays from the log never bypass the upstream's own auth."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from tests.conftest import RunningGateway
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import customs
+
+KEY = {"X-Api-Key": "alice-key"}
+
+
+async def _run(http: aiohttp.ClientSession, gw: RunningGateway, *, stateless: bool = False) -> tuple[str, list]:
+    if stateless:
+        url = f"{gw.url}/runs/stream"
+    else:
+        async with http.post(f"{gw.url}/threads", json={}, headers=KEY) as r:
+            url = f"{gw.url}/threads/{(await r.json())['thread_id']}/runs/stream"
+    async with http.post(url, json={"assistant_id": "a", "input": {"n": 4}}, headers=KEY) as r:
+        assert r.status == 200
+        return gw.url + r.headers["Location"], await read_events(r)
+
+
+async def test_resume_needs_what_the_upstream_needs(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                    http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.api_key = "alice-key"
+    loc, original = await _run(http, gateway)
+    async with http.get(loc, headers={"Last-Event-ID": "-1"}) as r:
+        assert r.status == 401, "no key: the upstream's refusal, not the log"
+        assert await r.json() == {"detail": "Invalid API key"}
+    async with http.get(loc, headers={"Last-Event-ID": "-1", "X-Api-Key": "mallory"}) as r:
+        assert r.status == 401
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
+        assert r.status == 200
+        assert await read_events(r) == original
+
+
+async def test_thread_stream_of_someone_else_is_refused(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                        http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.api_key = "alice-key"
+    async with http.post(f"{gateway.url}/threads", json={}, headers=KEY) as r:
+        tid = (await r.json())["thread_id"]
+    url = f"{gateway.url}/threads/{tid}/stream"
+    alice = await http.get(url, headers=KEY)
+    assert alice.status == 200
+    async with http.get(url) as r:  # the capture is live, but this client has no key
+        assert r.status == 401
+    alice.close()
+
+
+async def test_when_the_upstream_cannot_answer_only_the_captor_resumes(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    fake_upstream.faults.api_key = "alice-key"
+    loc, original = await _run(http, gateway)
+    await fake_upstream.stop()
+    async with http.get(loc, headers={"Last-Event-ID": "-1", "X-Api-Key": "mallory"}) as r:
+        assert r.status == 404
+        assert "detail" in await r.json()
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
+        assert r.status == 200
+        assert customs(await read_events(r)) == customs(original) == [0, 1, 2, 3]
+
+
+async def test_stateless_runs_are_bound_to_their_captor(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                        http: aiohttp.ClientSession) -> None:
+    loc, original = await _run(http, gateway, stateless=True)
+    async with http.get(loc, headers={"Last-Event-ID": "-1", "X-Api-Key": "someone-else"}) as r:
+        assert r.status == 404
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
+        assert await read_events(r) == original
