@@ -182,7 +182,7 @@ class StreamHandlers:
             self._check_issued(cursor)
             if (denied := await self._denial(request, target, meta)) is not None:
                 return await self.forwarder.relay(request, target, denied)
-            self._count_resume(cursor, "hit")
+            self._mark_resume(cursor, meta, headers)
             ing = self.hub.live(key)
             if ing is not None and cancel:
                 ing.cancel_on_orphan = True
@@ -258,10 +258,11 @@ class StreamHandlers:
             if (denied := await self._denial(request, target, meta)) is not None:
                 return await self.forwarder.relay(request, target, denied)
         after = cursor.after() if meta is not None else 0
-        if cursor.kind != "none":
-            self._count_resume(cursor, "hit" if meta is not None else "not_held")
-            if meta is None:
-                headers[RESUME_HEADER] = "not-held"
+        if meta is not None:
+            self._mark_resume(cursor, meta, headers)
+        elif cursor.kind != "none":
+            self._count_resume(cursor, "not_held")
+            headers[RESUME_HEADER] = "not-held"
         async with self.hub.capture_lock(key):
             if self.hub.live(key) is None:
                 self._check_capacity(key)
@@ -314,6 +315,14 @@ class StreamHandlers:
         # An id above every id ever handed out would wait forever for events: say so instead.
         if cursor.kind == "seq" and cursor.seq > self.log.last_seq:
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
+
+    def _mark_resume(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> None:
+        """Count a resume of a held stream; say so when retention already trimmed part of the gap."""
+        if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
+            headers[RESUME_HEADER] = "truncated"
+            self._count_resume(cursor, "truncated")
+        else:
+            self._count_resume(cursor, "hit")
 
     def _count_resume(self, cursor: Cursor, outcome: str) -> None:
         if cursor.kind != "none":

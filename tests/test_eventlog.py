@@ -218,3 +218,23 @@ async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None
         assert sum(n for n, _ in seen) == 3 and all(ok for _, ok in seen)
     finally:
         await log.close()
+
+
+async def test_open_thread_stream_loses_only_batches_older_than_retention(open_log: Opener) -> None:
+    log = await open_log(retention=60.0)
+    log.begin(StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
+    log.begin(meta("run-live"))
+    old = await log.append("t", evs("old1", "old2"))
+    await log.append("run-live", evs("r"))
+    size_before = log.size
+    # Pretend an hour passed for what is held now, then append something fresh.
+    assert await log.sweep(now=time.time() + 3600 - 1) == 0
+    fresh = await log.append("t", evs("fresh"))
+    m = log.get("t")
+    assert m is not None and m.open and m.first_seq == old[-1][0] + 1
+    assert log.size < size_before + 100
+    assert await log.read("t", 0, m.head, 100) == fresh
+    assert len(await log.read("run-live", 0, 10**9, 10)) == 1, "a live run is never trimmed"
+    log = await open_log(retention=60.0)
+    m = log.get("t")
+    assert m is not None and m.first_seq == old[-1][0] + 1

@@ -303,3 +303,21 @@ async def test_gateway_sends_its_own_heartbeat_when_idle(make_gateway: MakeGatew
     async with http.get(f"{gw.url}/threads/{tid}/stream") as r:
         chunk = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2.0)
     assert chunk == b": heartbeat\n\n"
+
+
+async def test_resume_into_a_trimmed_thread_stream_says_so(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    import time as _time
+
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url) as ts:
+        await asyncio.sleep(0.1)
+        await read_events(await stream_run(http, gateway, tid, n=2))
+        first = await read_events(ts, limit=4)
+        await gateway.gw.log.sweep(now=_time.time() + gateway.gw.cfg.storage.retention + 5)
+        await read_events(await stream_run(http, gateway, tid, n=1))
+        async with http.get(url, headers={"Last-Event-ID": first[0].id or ""}) as r:
+            assert r.headers["X-Gateway-Resume"] == "truncated"
+            got = await read_events(r, limit=3)
+        assert [e.event for e in got] == ["metadata", "custom", "metadata"]
+        assert int(got[0].id or 0) > int(first[-1].id or 0)

@@ -55,6 +55,8 @@ class StreamMeta:
     count: int = 0
     size: int = 0  # bytes held in the log
     last_upstream_id: str | None = None
+    # Lowest seq still held when retention trimmed the start of an open stream (0: nothing trimmed).
+    first_seq: int = 0
     # Salted hash of the credentials that started the capture (gateway.access); never the secret.
     auth_salt: str | None = None
     auth_digest: str | None = None
@@ -130,7 +132,13 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def sweep(self, now: float | None = None) -> int:
-        """Apply retention (TTL, then the size budget); returns streams removed."""
+        """Apply retention; returns streams removed.
+
+        Closed streams past the TTL go whole, then the oldest closed ones while over
+        the size budget; open streams are never removed, but an open thread stream
+        loses the batches appended before the TTL (``StreamMeta.first_seq`` says where
+        it now starts).
+        """
 
     @abc.abstractmethod
     def accepting(self, key: str | None = None) -> bool:

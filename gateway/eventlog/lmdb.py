@@ -2,9 +2,10 @@
 
 Layout (named databases in one environment):
 - ``events``: one record per appended batch (a chunk's events):
-  ``<stream key> NUL <first seq: 8 bytes big-endian>`` -> for each event
-  ``<u32 body length><u16 id length><upstream id><body>``; seqs in a batch are
-  consecutive, so one LMDB put carries a whole chunk
+  ``<stream key> NUL <first seq: 8 bytes big-endian>`` -> ``<u64 unix ms>`` then for
+  each event ``<u32 body length><u16 id length><upstream id><body>``; seqs in a
+  batch are consecutive, so one LMDB put carries a whole chunk. The time lets
+  retention trim the old part of a thread stream that never closes.
 - ``streams``: ``<stream key>`` -> StreamMeta as JSON
 - ``meta``: ``seq`` -> the last seq handed out (so seqs are never reused)
 
@@ -37,6 +38,7 @@ from gateway.sse import Event
 log = logging.getLogger("gateway.eventlog")
 
 _EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
+_RECORD_TIME = struct.Struct(">Q")  # unix ms the batch was appended
 _SEQ_KEY = b"seq"
 _READ_PAGE_BYTES = 4 << 20
 
@@ -51,6 +53,7 @@ class _Batch:
     events: list[tuple[bytes, bytes]] = field(default_factory=list)
     metas: dict[bytes, bytes | None] = field(default_factory=dict)  # None deletes
     drop_prefixes: list[bytes] = field(default_factory=list)
+    drop_keys: list[bytes] = field(default_factory=list)
     seq: int = 0
     count: int = 0  # events in the records above (metrics)
 
@@ -95,7 +98,7 @@ def _decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
     """The events of one batch record: (seq, upstream id, body)."""
     out: list[tuple[int, str | None, bytes]] = []
     unpack = _EVENT_HEAD.unpack_from
-    i, n, seq = 0, len(value), first
+    i, n, seq = _RECORD_TIME.size, len(value), first
     while i < n:
         blen, ulen = unpack(value, i)
         i += 6
@@ -254,7 +257,8 @@ class LmdbEventLog(EventLog):
             entries.append((seq, body))
             seq += 1
         key = _prefix(meta.key) + first.to_bytes(8, "big")
-        value = b"".join(parts)
+        now = time.time()
+        value = _RECORD_TIME.pack(int(now * 1000)) + b"".join(parts)
         batch.events.append((key, value))
         batch.count += len(entries)
         added = len(key) + len(value)
@@ -263,7 +267,7 @@ class LmdbEventLog(EventLog):
         meta.count += len(entries)
         meta.size += added
         meta.last_upstream_id = last_uid
-        meta.updated_at = time.time()
+        meta.updated_at = now
         self._size += added
         return entries
 
@@ -343,6 +347,8 @@ class LmdbEventLog(EventLog):
     def _apply(self, txn: lmdb.Transaction, batches: list[_Batch]) -> None:
         top = 0
         for b in batches:
+            for k in b.drop_keys:
+                txn.delete(k, db=self._events_db)
             for prefix in b.drop_prefixes:
                 cur = txn.cursor(db=self._events_db)
                 if cur.set_range(prefix):
@@ -469,7 +475,10 @@ class LmdbEventLog(EventLog):
                 self._drop(batch, meta)
                 removed += 1
         removed += self._evict_to_budget(batch=batch)
-        if batch.metas or batch.drop_prefixes:
+        for meta in list(self._metas.values()):
+            if meta.open and meta.kind == "thread":
+                await self._trim(batch, meta, cutoff)
+        if batch.metas or batch.drop_prefixes or batch.drop_keys:
             await self._submit(batch)
         if removed:
             log.info("retention removed %d streams; %d bytes held", removed, self._size)
@@ -492,6 +501,43 @@ class LmdbEventLog(EventLog):
         if own and removed:
             self._submit_background(batch)
         return removed
+
+    async def _trim(self, batch: _Batch, meta: StreamMeta, cutoff: float) -> None:
+        """Drop the batches of an open stream appended before ``cutoff`` (a thread stream never closes)."""
+        loop = asyncio.get_running_loop()
+        keys, size, next_seq = await loop.run_in_executor(None, self._old_records, meta.key, cutoff)
+        if not keys or self._metas.get(meta.key) is not meta:
+            return
+        batch.drop_keys.extend(keys)
+        meta.size -= size
+        self._size -= size
+        meta.first_seq = next_seq
+        batch.metas[meta.key.encode()] = meta.to_bytes()
+
+    def _old_records(self, key: str, cutoff: float) -> tuple[list[bytes], int, int]:
+        prefix = _prefix(key)
+        limit_ms = int(cutoff * 1000)
+        keys: list[bytes] = []
+        size = 0
+        next_seq = 0
+        self._rw.acquire_read()
+        try:
+            if self._env is None:
+                return [], 0, 0
+            with self._env.begin(db=self._events_db, buffers=False) as txn:
+                cur = txn.cursor()
+                found = cur.set_range(prefix)
+                while found:
+                    k, v = cur.item()
+                    if not k.startswith(prefix) or _RECORD_TIME.unpack_from(v)[0] >= limit_ms:
+                        break
+                    keys.append(k)
+                    size += len(k) + len(v)
+                    next_seq = _decode(int.from_bytes(k[len(prefix):], "big"), v)[-1][0] + 1
+                    found = cur.next()
+        finally:
+            self._rw.release_read()
+        return keys, size, next_seq
 
     def _drop(self, batch: _Batch, meta: StreamMeta) -> None:
         del self._metas[meta.key]
