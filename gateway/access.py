@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from typing import Mapping
 
 import aiohttp
 
@@ -29,6 +30,9 @@ log = logging.getLogger("gateway.access")
 
 # Enough for every client of a busy gateway within the cache TTL; oldest entries go first.
 _CACHE_ENTRIES = 10_000
+# A resume must not hang on a slow upstream for its full read timeout: past this, the
+# captor comparison decides.
+CHECK_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
 
 
 def fingerprint(auth: dict[str, str], salt: str) -> str:
@@ -56,8 +60,13 @@ class AccessCheck:
             return True  # captured without credentials: nothing to protect beyond the upstream
         return secrets.compare_digest(meta.auth_digest, fingerprint(auth, meta.auth_salt))
 
-    async def denial(self, pool: Pool, meta: StreamMeta, auth: dict[str, str]) -> aiohttp.ClientResponse | None:
-        """None when the client may read ``meta``; else the upstream's refusal to relay as is."""
+    async def denial(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str],
+                     auth: dict[str, str]) -> aiohttp.ClientResponse | None:
+        """None when the client may read ``meta``; else the upstream's refusal to relay as is.
+
+        ``headers`` go to the upstream with the check (so any auth scheme it uses works);
+        ``auth`` are the credential headers compared with the captor's.
+        """
         cache_key = (meta.key, fingerprint(auth, "cache"))
         now = time.monotonic()
         expires = self._ok.get(cache_key)
@@ -69,7 +78,8 @@ class AccessCheck:
             raise StreamHidden()
         path = f"/threads/{meta.thread_id}" + (f"/runs/{meta.run_id}" if meta.kind == "run" else "")
         try:
-            resp = await self.upstreams.send(pool, "GET", path, dict(auth, Accept="application/json"))
+            resp = await self.upstreams.send(pool, "GET", path, dict(headers, Accept="application/json"),
+                                             timeout=CHECK_TIMEOUT)
         except GatewayError as exc:
             log.info("upstream cannot check access to %s (%s); comparing credentials", meta.key, exc.detail)
             if self._same_captor(meta, auth):
@@ -78,7 +88,9 @@ class AccessCheck:
         if resp.status in (401, 403, 404):
             return resp
         resp.release()
-        if resp.status >= 500 and not self._same_captor(meta, auth):
+        if not 200 <= resp.status < 300:  # no clear yes: only the captor, and nothing cached
+            if self._same_captor(meta, auth):
+                return None
             raise StreamHidden()
         self._ok[cache_key] = now + self.ttl
         self._ok.move_to_end(cache_key)

@@ -83,6 +83,9 @@ class Streams:
     # Ask the upstream (with the client's credentials) before serving a held stream from the log.
     authorize_replay: bool = True
     authorize_ttl: float = 10.0  # how long a yes from the upstream is reused
+    # Credential headers the gateway reuses for its own re-joins and cancels, and hashes to
+    # recognise the client that started a capture.
+    auth_headers: tuple[str, ...] = ("Authorization", "X-Api-Key", "Cookie")
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +333,14 @@ def _streams(raw: Any) -> Streams:
         max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),
         authorize_replay=_bool("streams.authorize_replay", raw.get("authorize_replay", d.authorize_replay)),
         authorize_ttl=_duration("streams.authorize_ttl", raw.get("authorize_ttl", d.authorize_ttl), allow_zero=True),
+        auth_headers=_header_names("streams.auth_headers", raw.get("auth_headers", list(d.auth_headers))),
     )
+
+
+def _header_names(name: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(h, str) and re.fullmatch(r"[A-Za-z0-9-]+", h) for h in v):
+        raise ConfigError(name, v, "a list of HTTP header names")
+    return tuple(v)
 
 
 def build_config(raw: Any) -> Config:

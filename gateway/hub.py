@@ -349,7 +349,8 @@ class Hub:
         ing.task.cancel()
         await asyncio.gather(ing.task, return_exceptions=True)
         ing.end()
-        await self.log.finish(ing.key, None)
+        if ing.key not in self._live:  # not if a new capture began meanwhile: it owns the stream now
+            await self.log.finish(ing.key, None)
         log.debug("thread stream %s released after linger", ing.key)
 
     async def _cancel_run(self, ing: Ingest) -> None:

@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.access import AccessCheck, remember_captor
+from gateway.access import CHECK_TIMEOUT, AccessCheck, remember_captor
 from gateway.config import Streams
 from gateway.errors import (
+    GatewayError,
     InvalidEventId,
     PayloadTooLarge,
     StorageUnavailable,
@@ -45,8 +46,7 @@ from gateway.upstream import Target
 
 log = logging.getLogger("gateway.streams")
 
-# Headers a re-join or cancel made by the gateway itself carries on the client's behalf.
-AUTH_HEADERS = ("Authorization", "X-Api-Key", "X-Auth-Key", "Cookie")
+_CAPTURABLE_ID = re.compile(r"^[A-Za-z0-9._~%-]{1,200}$")
 # What the gateway asks a thread stream for: everything, filtered per client.
 THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
 RESUME_HEADER = "X-Gateway-Resume"
@@ -170,6 +170,8 @@ class StreamHandlers:
         cancel = truthy(request.query.get("cancel_on_disconnect"))
         pool = target.pool.name
         key = run_key(pool, rid)
+        if not _capturable(rid):
+            return await self.forwarder.forward(request, target)
         meta = self.log.get(key)
         if meta is not None and tid is not None and meta.thread_id not in (None, tid):
             # Held, but under another thread: not ours to serve. The upstream answers as it would.
@@ -236,8 +238,13 @@ class StreamHandlers:
     async def _run_exists(self, request: web.Request, target: Target, tid: str, rid: str) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
         error event, which must not become a 'finished run' in the log."""
-        resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}",
-                                                   dict(_auth(request), Accept="application/json"))
+        check = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
+        check["Accept"] = "application/json"
+        try:
+            resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}", check,
+                                                       timeout=CHECK_TIMEOUT)
+        except GatewayError:
+            return True  # no quick answer: the join itself will tell
         resp.release()
         return resp.status != 404
 
@@ -248,33 +255,43 @@ class StreamHandlers:
         keep = thread_mode_filter(request)
         pool = target.pool.name
         key = thread_key(pool, tid)
+        if not _capturable(tid):
+            return await self.forwarder.forward(request, target)
         headers: CIMultiDict[str] = CIMultiDict()
-        meta = self.log.get(key)
-        if cursor.kind == "upstream" and meta is not None:
-            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this thread stream is served by the "
-                                 "gateway; resume with an id the gateway sent")
-        if meta is not None:
-            self._check_issued(cursor)
-            if (denied := await self._denial(request, target, meta)) is not None:
-                return await self.forwarder.relay(request, target, denied)
-        after = cursor.after() if meta is not None else 0
-        if meta is not None:
-            self._mark_resume(cursor, meta, headers)
-        elif cursor.kind != "none":
-            self._count_resume(cursor, "not_held")
-            headers[RESUME_HEADER] = "not-held"
+        # Everything from "is it held?" to registering the follower happens under the key's
+        # lock: a capture another client starts meanwhile cannot skip the checks below.
         async with self.hub.capture_lock(key):
-            if self.hub.live(key) is None:
+            meta = self.log.get(key)
+            if meta is not None:
+                if cursor.kind == "upstream":
+                    raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this thread stream is served "
+                                         "by the gateway; resume with an id the gateway sent")
+                self._check_issued(cursor)
+                if (denied := await self._denial(request, target, meta)) is not None:
+                    relay: aiohttp.ClientResponse | None = denied
+                else:
+                    relay = None
+                    self._mark_resume(cursor, meta, headers)
+            else:
+                relay = None
+                if cursor.kind != "none":
+                    self._count_resume(cursor, "not_held")
+                    headers[RESUME_HEADER] = "not-held"
+            if relay is None and self.hub.live(key) is None:
                 self._check_capacity(key)
                 resp, resumed = await self._open_thread_leg(request, target, meta, cursor)
                 if not _is_sse(resp):
-                    return await self.forwarder.relay(request, target, resp)
-                self._capture(request, StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
-                                                  thread_id=tid, resumable=True), resp, resumed=resumed)
-                headers.extend(client_headers(resp, target, drop=("Content-Length",)))
-            else:
+                    relay = resp
+                else:
+                    self._capture(request, StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
+                                                      thread_id=tid, resumable=True), resp, resumed=resumed)
+                    headers.extend(client_headers(resp, target, drop=("Content-Length",)))
+            elif relay is None:
                 headers["Content-Type"] = "text/event-stream; charset=utf-8"
-        follower = self.hub.subscribe(key, after)
+            if relay is None:
+                follower = self.hub.subscribe(key, cursor.after() if meta is not None else 0)
+        if relay is not None:
+            return await self.forwarder.relay(request, target, relay)
         return await self._send(request, follower, headers, keep)
 
     async def _open_thread_leg(self, request: web.Request, target: Target, meta: StreamMeta | None,
@@ -295,12 +312,13 @@ class StreamHandlers:
     async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
         if self.access is None:
             return None
-        return await self.access.denial(target.pool, meta, _auth(request))
+        check = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
+        return await self.access.denial(target.pool, meta, check, self._auth(request))
 
     def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
                  resumed: bool = False) -> Ingest:
         """Start a capture on the client's behalf (closing ``resp`` if the hub refuses it)."""
-        auth = _auth(request)
+        auth = self._auth(request)
         remember_captor(meta, auth)
         try:
             ing = self.hub.capture(meta, resp, resumed=resumed)
@@ -310,6 +328,10 @@ class StreamHandlers:
             raise
         ing.auth = auth
         return ing
+
+    def _auth(self, request: web.Request) -> dict[str, str]:
+        """The client's credential headers (streams.auth_headers) the gateway may reuse for it."""
+        return {h: request.headers[h] for h in self.cfg.auth_headers if h in request.headers}
 
     def _check_issued(self, cursor: Cursor) -> None:
         # An id above every id ever handed out would wait forever for events: say so instead.
@@ -365,8 +387,9 @@ class StreamHandlers:
             follower.close()
 
 
-def _auth(request: web.Request) -> dict[str, str]:
-    return {h: request.headers[h] for h in AUTH_HEADERS if h in request.headers}
+def _capturable(ident: str) -> bool:
+    """Run and thread ids the log will key a stream by (UUIDs in practice); others are just forwarded."""
+    return bool(_CAPTURABLE_ID.match(ident))
 
 
 def _drop_params(raw_qs: str, names: tuple[str, ...]) -> str:

@@ -158,8 +158,11 @@ class Upstreams:
         raise AssertionError("config guarantees a root route")
 
     async def send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
-                   data: Any = None) -> aiohttp.ClientResponse:
-        """Send to the first replica that accepts the connection; response headers are read."""
+                   data: Any = None, timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
+        """Send to the first replica that accepts the connection; response headers are read.
+
+        ``timeout`` overrides the pool's (for the gateway's own quick checks).
+        """
         assert self._session is not None, "upstreams not started"
         candidates = pool.candidates()
         if not candidates:
@@ -170,15 +173,16 @@ class Upstreams:
             try:
                 return await self._session.request(
                     method, url, headers=headers, data=data, allow_redirects=False,
-                    timeout=pool.timeout, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                    timeout=timeout or pool.timeout, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never reached the replica: safe to try the next one.
                 pool.mark_down(replica, exc)
                 refused.append(f"{replica.label}: {exc.__class__.__name__}")
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                limit = (timeout or pool.timeout).sock_read or (timeout or pool.timeout).total
                 raise UpstreamTimeout(
-                    f"upstream '{pool.name}' ({replica.label}) did not answer within {pool.cfg.read_timeout:g}s") from None
+                    f"upstream '{pool.name}' ({replica.label}) did not answer within {limit:g}s") from None
             except aiohttp.ClientError as exc:
                 raise UpstreamUnreachable(f"upstream '{pool.name}' ({replica.label}) failed: {exc or exc.__class__.__name__}") from None
         raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")

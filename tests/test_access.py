@@ -70,3 +70,22 @@ async def test_stateless_runs_are_bound_to_their_captor(gateway: RunningGateway,
         assert r.status == 404
     async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
         assert await read_events(r) == original
+
+
+async def test_anything_but_a_clear_yes_leaves_it_to_the_captor(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                                http: aiohttp.ClientSession) -> None:
+    loc, original = await _run(http, gateway)
+    fake_upstream.faults.status = 429  # neither yes nor no
+    async with http.get(loc, headers={"Last-Event-ID": "-1", "X-Api-Key": "mallory"}) as r:
+        assert r.status == 404
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
+        assert r.status == 200 and await read_events(r) == original
+
+
+async def test_a_hung_upstream_does_not_hang_resumes(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                     http: aiohttp.ClientSession) -> None:
+    loc, original = await _run(http, gateway)
+    fake_upstream.faults.hang = 30  # far beyond the access check's own short timeout
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY},
+                        timeout=aiohttp.ClientTimeout(total=15)) as r:
+        assert r.status == 200 and await read_events(r) == original

@@ -238,3 +238,11 @@ async def test_open_thread_stream_loses_only_batches_older_than_retention(open_l
     log = await open_log(retention=60.0)
     m = log.get("t")
     assert m is not None and m.first_seq == old[-1][0] + 1
+
+
+async def test_read_never_returns_more_than_limit_even_mid_batch(open_log: Opener) -> None:
+    log = await open_log()
+    log.begin(meta("a"))
+    batch = await log.append("a", evs(*[str(i) for i in range(10)]))
+    assert await log.read("a", 0, batch[-1][0], 3) == batch[:3]
+    assert await log.read("a", batch[2][0], batch[-1][0], 3) == batch[3:6]

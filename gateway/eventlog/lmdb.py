@@ -426,7 +426,10 @@ class LmdbEventLog(EventLog):
                         if after < seq <= upto:
                             out.append((seq, body))
                     budget -= len(v)
-                    if len(out) >= limit or budget <= 0:
+                    if len(out) >= limit:
+                        del out[limit:]
+                        break
+                    if budget <= 0:
                         break
                     found = cur.next()
         finally:
