@@ -89,3 +89,14 @@ async def test_a_hung_upstream_does_not_hang_resumes(gateway: RunningGateway, fa
     async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY},
                         timeout=aiohttp.ClientTimeout(total=15)) as r:
         assert r.status == 200 and await read_events(r) == original
+
+
+async def test_a_yes_from_the_upstream_is_reused_for_a_while(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                             http: aiohttp.ClientSession) -> None:
+    loc, _ = await _run(http, gateway)
+    for _ in range(3):
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
+            assert r.status == 200
+            await r.read()
+    checks = [p for m, p in fake_upstream.requests if m == "GET" and p.count("/") == 4 and "/runs/" in p]
+    assert len(checks) == 1

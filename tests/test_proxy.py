@@ -230,3 +230,25 @@ async def test_sse_is_flushed_event_by_event(gateway: RunningGateway, http: aioh
         assert r.headers["X-Accel-Buffering"] == "no"
         first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2.0)  # long before the run ends
         assert first.startswith(b"event: metadata")
+
+
+async def test_a_request_that_reached_a_replica_is_never_replayed(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)  # take the request, then hang up without answering
+        writer.close()
+
+    rude = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    good = await FakeAgentServer().start()
+    try:
+        port = rude.sockets[0].getsockname()[1]
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [f"http://127.0.0.1:{port}", good.url], "health": {"interval": "1h"}}}))
+        gw.gw.upstreams.pools["default"]._rr = iter(range(0, 10**6, 2))  # always the rude one first
+        async with http.post(f"{gw.url}/threads", json={}) as r:
+            assert r.status == 502
+            assert "failed" in (await r.json())["detail"]
+        assert good.requests == [], "not replayed on the other replica: it may have created something"
+    finally:
+        rude.close()
+        await good.stop()

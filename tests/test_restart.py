@@ -137,3 +137,15 @@ def test_second_gateway_on_the_same_data_directory_is_refused(gateway_process: A
         assert "in use by another gateway process" in str(exc)
     assert second.proc is not None and second.proc.returncode == 1
     assert first.proc is not None and first.proc.poll() is None
+
+
+async def test_sigterm_lets_an_in_flight_plain_request_finish(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")).start()
+    fake_upstream.faults.slow_body = 0.02  # the echo body takes ~1 s to arrive
+    async with http.get(f"{gw.url}/echo/slow") as r:
+        assert r.status == 200
+        stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+        doc = await r.json()  # the whole body, not a cut one
+    assert doc["path"] == "/echo/slow"
+    assert await stop == 0

@@ -321,3 +321,13 @@ async def test_resume_into_a_trimmed_thread_stream_says_so(gateway: RunningGatew
             got = await read_events(r, limit=3)
         assert [e.event for e in got] == ["metadata", "custom", "metadata"]
         assert int(got[0].id or 0) > int(first[-1].id or 0)
+
+
+async def test_large_events_are_captured_and_replayed_intact(gateway: RunningGateway,
+                                                             http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=3, pad=3_000_000)  # ~3 MB per event
+    original = await read_events(resp)
+    assert [len(e.data) for e in original[1:]] == [len(original[1].data)] * 3
+    assert len(original[1].data) > 3_000_000
+    assert await join(http, gateway.url + resp.headers["Location"], "-1") == original
