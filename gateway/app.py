@@ -95,7 +95,8 @@ class Gateway:
 
     async def _open_leg(self, meta: StreamMeta, last_id: str | None, auth: dict[str, str]) -> aiohttp.ClientResponse:
         pool = self.upstreams.pools[meta.upstream]
-        headers = dict(auth, Accept="text/event-stream")
+        headers = dict(pool.cfg.headers)
+        headers.update(auth, Accept="text/event-stream")  # the client's own credentials win
         if last_id is not None:
             headers["Last-Event-ID"] = last_id
         path = meta.path + (f"?{THREAD_CAPTURE_QUERY}" if meta.kind == "thread" else "")
@@ -108,7 +109,9 @@ class Gateway:
         if meta.thread_id is None or meta.run_id is None:
             return
         pool = self.upstreams.pools[meta.upstream]
-        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", auth)
+        headers = dict(pool.cfg.headers)
+        headers.update(auth)
+        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", headers)
         resp.release()
         log.info("cancelled run %s upstream: HTTP %d", meta.run_id, resp.status)
 

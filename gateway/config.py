@@ -50,6 +50,10 @@ class Upstream:
     # Well above the agent server's 5 s heartbeat, so only a dead upstream trips it.
     read_timeout: float = 60.0
     max_connections: int = 512
+    # Added to the requests the gateway makes on its own (health checks, and re-joins and
+    # cancels when no client's credentials are at hand, e.g. after a restart). Never used
+    # to decide whether a client may read a stream.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +259,8 @@ def _upstream(name: str, raw: Any) -> Upstream:
     if isinstance(raw, (str, list)):
         raw = {"urls": raw}
     raw = _mapping(field_name, raw)
-    _reject_unknown(field_name, raw, {"url", "urls", "health", "connect_timeout", "read_timeout", "max_connections"})
+    _reject_unknown(field_name, raw, {"url", "urls", "health", "connect_timeout", "read_timeout", "max_connections",
+                                      "headers"})
     urls_raw = raw.get("urls", raw.get("url"))
     if isinstance(urls_raw, str):
         urls_raw = [urls_raw]
@@ -269,7 +274,20 @@ def _upstream(name: str, raw: Any) -> Upstream:
         connect_timeout=_duration(f"{field_name}.connect_timeout", raw.get("connect_timeout", d.connect_timeout)),
         read_timeout=_duration(f"{field_name}.read_timeout", raw.get("read_timeout", d.read_timeout)),
         max_connections=_int(f"{field_name}.max_connections", raw.get("max_connections", d.max_connections), 1),
+        headers=_headers(f"{field_name}.headers", raw.get("headers")),
     )
+
+
+def _headers(name: str, v: Any) -> tuple[tuple[str, str], ...]:
+    v = _mapping(name, v)
+    out = []
+    for k, val in v.items():
+        if not isinstance(k, str) or not re.fullmatch(r"[A-Za-z0-9-]+", k):
+            raise ConfigError(f"{name}.{k}", k, "an HTTP header name")
+        if not isinstance(val, (str, int)) or "\n" in str(val) or "\r" in str(val):
+            raise ConfigError(f"{name}.{k}", "<hidden>", "a single-line header value")
+        out.append((k, str(val)))
+    return tuple(out)
 
 
 def _routes(raw: Any, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:

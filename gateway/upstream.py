@@ -197,7 +197,7 @@ class Upstreams:
     async def _check(self, pool: Pool, replica: Replica, path: str, timeout: aiohttp.ClientTimeout) -> None:
         assert self._session is not None
         try:
-            async with self._session.get(replica.base + path, timeout=timeout) as resp:
+            async with self._session.get(replica.base + path, timeout=timeout, headers=dict(pool.cfg.headers)) as resp:
                 await resp.read()
                 pool.record_check(replica, 200 <= resp.status < 300, f"HTTP {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

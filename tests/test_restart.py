@@ -149,3 +149,30 @@ async def test_sigterm_lets_an_in_flight_plain_request_finish(
         doc = await r.json()  # the whole body, not a cut one
     assert doc["path"] == "/echo/slow"
     assert await stop == 0
+
+
+async def test_restart_reattaches_to_an_upstream_that_needs_auth_with_the_service_headers(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        monkeypatch: Any) -> None:
+    fake_upstream.faults.api_key = "svc-key"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   "    headers:\n      X-Api-Key: ${SVC_KEY}\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\n")
+    monkeypatch.setenv("SVC_KEY", "svc-key")  # the subprocess gets it through ${SVC_KEY}
+    gw = gateway_process("--config", str(cfg)).start()
+    key = {"X-Api-Key": "svc-key"}
+    async with http.post(f"{gw.url}/threads", json={}, headers=key) as r:
+        tid = (await r.json())["thread_id"]
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=key,
+                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=6)
+    gw.kill()
+    resp.close()
+    gw2 = gateway_process("--config", str(cfg))
+    gw2.port = gw.port
+    gw2.start()
+    async with http.get(gw2.url + loc, headers={"Last-Event-ID": seen[-1].id, **key}) as r:
+        rest = await read_events(r)
+    assert customs(seen + rest) == list(range(60)), "re-attached with the service key, not interrupted"
