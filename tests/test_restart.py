@@ -22,6 +22,33 @@ async def _wait_run(fake: FakeAgentServer, run_id: str) -> None:
     await asyncio.wait_for(fake.runs[run_id].done.wait(), 30)
 
 
+async def _start_run(http: aiohttp.ClientSession, gw: Any, n: int,
+                     headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+    """A new thread and a ticking run streamed through ``gw``; the response is open."""
+    async with http.post(f"{gw.url}/threads", json={}, headers=headers) as r:
+        tid = (await r.json())["thread_id"]
+    return await http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=headers,
+                           json={"assistant_id": "a", "input": {"n": n, "delay": 0.02}})
+
+
+async def _kill_mid_stream(http: aiohttp.ClientSession, gw: Any, n: int, k: int,
+                           headers: dict[str, str] | None = None) -> tuple[str, list[Any]]:
+    """Stream a run, read k events, SIGKILL the gateway; returns the Location and what was seen."""
+    resp = await _start_run(http, gw, n, headers)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=k)
+    gw.kill()  # SIGKILL: no chance to flush anything
+    resp.close()
+    return loc, seen
+
+
+def _restart(gateway_process: Any, old: Any, *args: str) -> Any:
+    """The same gateway again, on the same address, as a restarted deployment would be."""
+    new = gateway_process(*args)
+    new.port = old.port
+    return new.start()
+
+
 async def _join_until_end(http: aiohttp.ClientSession, url: str, last: str) -> list[Any]:
     async with http.get(url, headers={"Last-Event-ID": last}) as r:
         assert r.status == 200, await r.text()
@@ -30,20 +57,11 @@ async def _join_until_end(http: aiohttp.ClientSession, url: str, last: str) -> l
 
 async def test_sigkill_mid_stream_then_resume_after_restart(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    data = str(tmp_path / "data")
-    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", data).start()
-    tid = await _thread(http, gw.url)
-    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
-    loc = resp.headers["Location"]
-    seen = await read_events(resp, limit=12)
-    gw.kill()  # SIGKILL: no chance to flush anything
-    resp.close()
+    args = ("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"))
+    gw = gateway_process(*args).start()
+    loc, seen = await _kill_mid_stream(http, gw, 60, 12)
     run_id = seen[0].json["run_id"]
-
-    gw2 = gateway_process("--upstream", fake_upstream.url, "--data-dir", data)
-    gw2.port = gw.port  # same address, as a restarted deployment would have
-    gw2.start()
+    gw2 = _restart(gateway_process, gw, *args)
     rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
     union = seen + rest
     assert customs(union) == list(range(60)), "re-attached upstream with its last id: no gap, no dup"
@@ -66,16 +84,8 @@ async def test_sigkill_with_non_resumable_upstream_ends_with_explicit_error(
     cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
                    f"storage:\n  path: {tmp_path / 'data'}\nstreams:\n  request_resumable: false\n")
     gw = gateway_process("--config", str(cfg)).start()
-    tid = await _thread(http, gw.url)
-    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
-    loc = resp.headers["Location"]
-    seen = await read_events(resp, limit=8)
-    gw.kill()
-    resp.close()
-    gw2 = gateway_process("--config", str(cfg))
-    gw2.port = gw.port
-    gw2.start()
+    loc, seen = await _kill_mid_stream(http, gw, 60, 8)
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
     replay = await _join_until_end(http, gw2.url + loc, "-1")
     assert replay[: len(seen)] == seen, "nothing a client saw is lost"
     assert replay[-1].event == "error"
@@ -86,20 +96,16 @@ async def test_sigkill_with_non_resumable_upstream_ends_with_explicit_error(
 
 async def test_sigterm_ends_client_streams_cleanly_and_they_resume_after_restart(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    data = str(tmp_path / "data")
-    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", data).start()
-    tid = await _thread(http, gw.url)
-    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": "a", "input": {"n": 80, "delay": 0.02}})
+    args = ("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"))
+    gw = gateway_process(*args).start()
+    resp = await _start_run(http, gw, 80)
     loc = resp.headers["Location"]
     first = await read_events(resp, limit=5)
     stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
     more = await read_events(resp)  # ends at an event boundary, not with a broken body
     assert await stop == 0
     seen = first + more
-    gw2 = gateway_process("--upstream", fake_upstream.url, "--data-dir", data)
-    gw2.port = gw.port
-    gw2.start()
+    gw2 = _restart(gateway_process, gw, *args)
     rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
     assert customs(seen + rest) == list(range(80))
 
@@ -111,17 +117,9 @@ async def test_restart_while_upstream_is_down_ends_live_runs_with_explicit_error
                    f"storage:\n  path: {tmp_path / 'data'}\n"
                    "streams:\n  reattach_attempts: 2\n  reattach_backoff: 50ms\n")
     gw = gateway_process("--config", str(cfg)).start()
-    tid = await _thread(http, gw.url)
-    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": "a", "input": {"n": 100, "delay": 0.02}})
-    loc = resp.headers["Location"]
-    seen = await read_events(resp, limit=5)
-    gw.kill()
-    resp.close()
+    loc, seen = await _kill_mid_stream(http, gw, 100, 5)
     await fake_upstream.stop()  # the upstream is gone too
-    gw2 = gateway_process("--config", str(cfg))
-    gw2.port = gw.port
-    gw2.start()
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
     replay = await _join_until_end(http, gw2.url + loc, "-1")
     assert replay[: len(seen)] == seen
     assert replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted"
@@ -162,17 +160,8 @@ async def test_restart_reattaches_to_an_upstream_that_needs_auth_with_the_servic
     monkeypatch.setenv("SVC_KEY", "svc-key")  # the subprocess gets it through ${SVC_KEY}
     gw = gateway_process("--config", str(cfg)).start()
     key = {"X-Api-Key": "svc-key"}
-    async with http.post(f"{gw.url}/threads", json={}, headers=key) as r:
-        tid = (await r.json())["thread_id"]
-    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=key,
-                           json={"assistant_id": "a", "input": {"n": 60, "delay": 0.02}})
-    loc = resp.headers["Location"]
-    seen = await read_events(resp, limit=6)
-    gw.kill()
-    resp.close()
-    gw2 = gateway_process("--config", str(cfg))
-    gw2.port = gw.port
-    gw2.start()
+    loc, seen = await _kill_mid_stream(http, gw, 60, 6, key)
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
     async with http.get(gw2.url + loc, headers={"Last-Event-ID": seen[-1].id, **key}) as r:
         rest = await read_events(r)
     assert customs(seen + rest) == list(range(60)), "re-attached with the service key, not interrupted"
