@@ -46,7 +46,7 @@ class UpstreamBroke(Exception):
 def interrupted_event(reason: str) -> Event:
     payload = {"error": "CaptureInterrupted",
                "message": f"the gateway lost this stream's upstream and could not re-join it: {reason}"}
-    return Event(make_body("error", orjson.dumps(payload)))
+    return (make_body("error", orjson.dumps(payload)), None)
 
 
 @dataclass(eq=False)

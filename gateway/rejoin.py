@@ -47,11 +47,11 @@ class Dedupe:
     def filter(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
         for ev in events:
-            uid = ev.upstream_id
+            body, uid = ev
             if uid is None:
                 out.append(ev)
                 continue
-            h = hash((uid, ev.body))
+            h = hash((uid, body))
             if self.held[h] > 0:
                 self.held[h] -= 1
                 continue

@@ -11,8 +11,7 @@ the event (``frame``), so a stored body never needs to be re-parsed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 # Agent state snapshots can be large; a line longer than this is a broken upstream.
 DEFAULT_MAX_LINE = 32 << 20
@@ -24,12 +23,13 @@ class SSEProtocolError(ValueError):
     """The upstream sent something that cannot be an event stream."""
 
 
-@dataclass(slots=True)
-class Event:
-    """One parsed event: ``body`` is ready to frame, ``upstream_id`` is the upstream's id."""
+# One parsed event: (body ready to frame, the upstream's id or None). A plain tuple on
+# purpose: the parser makes one per event, and a class instance costs several times more.
+Event = tuple[bytes, Optional[str]]
 
-    body: bytes
-    upstream_id: str | None = None
+
+def event(body: bytes, upstream_id: str | None = None) -> Event:
+    return (body, upstream_id)
 
 
 def event_name(body: bytes) -> bytes:
@@ -112,18 +112,18 @@ class Parser:
             nl = block.count(b"\n")
             if nl == 1:
                 if block.startswith(b"event: ") and block.find(b"\ndata: ") > 0:
-                    append(Event(block + b"\n"))
+                    append((block + b"\n", None))
                     continue
             elif nl == 2:
                 i = block.find(b"\n")
                 j = block.rfind(b"\n")
                 if (block.startswith(b"event: ") and block.startswith(b"data: ", i + 1)
                         and block.startswith(b"id: ", j + 1) and b"\x00" not in block[j:]):
-                    append(Event(block[:j + 1], block[j + 5:].decode("utf-8", "replace")))
+                    append((block[:j + 1], block[j + 5:].decode("utf-8", "replace")))
                     continue
             elif nl == 0:
                 if block.startswith(b"data: "):
-                    append(Event(block + b"\n"))
+                    append((block + b"\n", None))
                     continue
                 if block[:1] == b":":
                     self.comments += 1
@@ -174,7 +174,7 @@ class Parser:
         if self._data:
             head = b"event: " + self._event + b"\n" if self._event else b""
             body = head + b"".join([b"data: " + d + b"\n" for d in self._data])
-            out.append(Event(body, self._id))
+            out.append((body, self._id))
         # An event's upstream id is the id line of its own block: that is what the
         # upstream accepts back as Last-Event-ID for this event.
         self._event = None

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.config import Storage
 from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
-from gateway.sse import Event
+from gateway.sse import Event, event
 
 Opener = Callable[..., Awaitable[EventLog]]
 
@@ -41,7 +41,7 @@ def meta(key: str, **kw: object) -> StreamMeta:
 
 
 def evs(*bodies: str, uid: str | None = None) -> list[Event]:
-    return [Event(f"event: custom\ndata: {b}\n".encode(), uid) for b in bodies]
+    return [event(f"event: custom\ndata: {b}\n".encode(), uid) for b in bodies]
 
 
 async def test_append_then_read_in_order(open_log: Opener) -> None:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sse import Event, Parser, SSEProtocolError, event_name, frame, make_body
+from gateway.sse import (
+    Event,
+    Parser,
+    SSEProtocolError,
+    event,
+    event_name,
+    frame,
+    make_body,
+)
 
 STREAM_CRLF = (
     b"event: metadata\r\ndata: {\"run_id\":\"r1\",\"attempt\":1}\r\nid: 1795-0\r\n\r\n"
@@ -14,10 +22,10 @@ STREAM_CRLF = (
     b"event: error\r\ndata: {\"error\":\"ValueError\"}\r\nid: 1796-0\r\n\r\n"
 )
 EXPECTED = [
-    Event(b"event: metadata\ndata: {\"run_id\":\"r1\",\"attempt\":1}\n", "1795-0"),
-    Event(b"event: custom\ndata: {\"i\":0}\n", None),
-    Event(b"data: line one\ndata: line two\n", None),
-    Event(b"event: error\ndata: {\"error\":\"ValueError\"}\n", "1796-0"),
+    event(b"event: metadata\ndata: {\"run_id\":\"r1\",\"attempt\":1}\n", "1795-0"),
+    event(b"event: custom\ndata: {\"i\":0}\n", None),
+    event(b"data: line one\ndata: line two\n", None),
+    event(b"event: error\ndata: {\"error\":\"ValueError\"}\n", "1796-0"),
 ]
 
 
@@ -58,7 +66,7 @@ def test_cr_at_chunk_end_then_lf_is_one_line_end() -> None:
     p = Parser()
     assert p.feed(b"data: a\r") == []
     # The LF completes CRLF (not a blank line); the CR after it is the blank line.
-    assert [e.body for e in p.feed(b"\n\r")] == [b"data: a\n"]
+    assert [body for body, _ in p.feed(b"\n\r")] == [b"data: a\n"]
     assert p.feed(b"\n") == []  # the LF of that CRLF, again split across chunks
     assert not p.pending()
 
@@ -66,7 +74,7 @@ def test_cr_at_chunk_end_then_lf_is_one_line_end() -> None:
 def test_field_without_space_and_unknown_fields() -> None:
     p = Parser()
     out = p.feed(b"event:x\ndata:1\nretry: 10\nfoo: bar\n\n")
-    assert out == [Event(b"event: x\ndata: 1\n", None)]
+    assert out == [event(b"event: x\ndata: 1\n", None)]
 
 
 def test_event_without_data_is_not_dispatched() -> None:

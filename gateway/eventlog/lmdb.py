@@ -245,9 +245,7 @@ class LmdbEventLog(EventLog):
         pack = _EVENT_HEAD.pack
         last_uid = meta.last_upstream_id
         seq = first
-        for ev in events:
-            body = ev.body
-            uid = ev.upstream_id
+        for body, uid in events:
             if uid is None:
                 parts += (pack(len(body), 0), body)
             else:
