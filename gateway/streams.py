@@ -111,8 +111,10 @@ class StreamHandlers:
             return await self.forwarder.relay(request, target, resp)
         tid, rid = _run_ids(resp)
         pool = target.pool.name
-        if rid is None:  # not an Agent Server run stream; still captured, just not joinable
+        if rid is None or not _capturable(rid):  # not an Agent Server run stream: captured, not joinable
             rid = f"unnamed-{uuid.uuid4()}"
+        if tid is not None and not _capturable(tid):
+            tid = None
         path = f"/runs/{rid}/stream" if stateless or tid is None else f"/threads/{tid}/runs/{rid}/stream"
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
                           thread_id=None if stateless else tid, run_id=rid,
