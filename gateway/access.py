@@ -64,7 +64,8 @@ class AccessCheck:
                      auth: dict[str, str]) -> aiohttp.ClientResponse | None:
         """None when the client may read ``meta``; else the upstream's refusal to relay as is.
 
-        ``headers`` go to the upstream with the check (so any auth scheme it uses works);
+        ``headers`` go to the upstream with the check (so any auth scheme it uses works; they
+        ask for JSON);
         ``auth`` are the credential headers compared with the captor's.
         """
         cache_key = (meta.key, fingerprint(auth, "cache"))
@@ -78,8 +79,7 @@ class AccessCheck:
             raise StreamHidden()
         path = f"/threads/{meta.thread_id}" + (f"/runs/{meta.run_id}" if meta.kind == "run" else "")
         try:
-            resp = await self.upstreams.send(pool, "GET", path, dict(headers, Accept="application/json"),
-                                             timeout=CHECK_TIMEOUT)
+            resp = await self.upstreams.send(pool, "GET", path, dict(headers), timeout=CHECK_TIMEOUT)
         except GatewayError as exc:
             log.info("upstream cannot check access to %s (%s); comparing credentials", meta.key, exc.detail)
             if self._same_captor(meta, auth):

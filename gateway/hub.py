@@ -320,22 +320,19 @@ class Hub:
             return
         if ing.meta.kind == "thread":
             ing.orphan_timer = asyncio.get_running_loop().call_later(
-                self.cfg.thread_linger, lambda: self._spawn(self._release_thread(ing)))
+                self.cfg.thread_linger, lambda: self.run_owned(self._release_thread(ing)))
         elif ing.cancel_on_orphan:
-            self._spawn(self._cancel_run(ing))
-
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(coro)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_done)
-        return task
+            self.run_owned(self._cancel_run(ing))
 
     def run_owned(self, coro: Awaitable[Any]) -> asyncio.Future[Any]:
         """Run work that must finish even if the request that started it is cancelled.
 
         The hub owns the task: it is cancelled at shutdown and its failure is logged.
         """
-        return self._spawn(coro)
+        task = asyncio.ensure_future(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_done)
+        return task
 
     def _side_done(self, task: asyncio.Future[Any]) -> None:
         self._side_tasks.discard(task)
@@ -343,11 +340,8 @@ class Hub:
             log.error("hub background task failed", exc_info=task.exception())
 
     async def _release_thread(self, ing: Ingest) -> None:
-        if ing.subscribers or ing.task is None or self._live.get(ing.key) is not ing:
+        if ing.subscribers or not await self._stop_ingest(ing):
             return
-        del self._live[ing.key]  # from now on a new client starts a new capture
-        ing.task.cancel()
-        await asyncio.gather(ing.task, return_exceptions=True)
         ing.end()
         if ing.key not in self._live:  # not if a new capture began meanwhile: it owns the stream now
             await self.log.finish(ing.key, None)
@@ -362,20 +356,17 @@ class Hub:
             return
         # A stateless run has no cancel endpoint upstream: closing its leg is the cancel
         # (it was created with on_disconnect=cancel).
-        if ing.task is not None and self._live.get(ing.key) is ing:
-            del self._live[ing.key]
-            ing.task.cancel()
-            await asyncio.gather(ing.task, return_exceptions=True)
+        if await self._stop_ingest(ing):
             await self._finish(ing, "done")
 
-    # --- helpers for the follower ------------------------------------------------------------
-
-    def committed_head(self, key: str) -> int:
-        ing = self._live.get(key)
-        if ing is not None:
-            return ing.head
-        meta = self.log.get(key)
-        return meta.head if meta else 0
+    async def _stop_ingest(self, ing: Ingest) -> bool:
+        """Take a live ingest out of the live set, then cancel it; False if it was not live."""
+        if ing.task is None or self._live.get(ing.key) is not ing:
+            return False
+        del self._live[ing.key]  # from now on a new client starts a new capture
+        ing.task.cancel()
+        await asyncio.gather(ing.task, return_exceptions=True)
+        return True
 
 
 class _Progress(UpstreamBroke):

@@ -66,6 +66,19 @@ def client_headers(resp: aiohttp.ClientResponse, target: Target, *, drop: tuple[
     return out
 
 
+def cut(request: web.Request) -> None:
+    """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def check_headers(request: web.Request) -> CIMultiDict[str]:
+    """The client's headers for a quick GET the gateway makes on its behalf (no body, JSON answer)."""
+    headers = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
+    headers["Accept"] = "application/json"
+    return headers
+
+
 async def pipe_body(request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
     """Copy the upstream body to the client chunk by chunk; abort the client on upstream failure."""
     try:
@@ -74,8 +87,7 @@ async def pipe_body(request: web.Request, resp: aiohttp.ClientResponse, out: web
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.warning("upstream body broke mid-response on %s %s: %r", request.method, request.path, exc)
-        if request.transport is not None:
-            request.transport.close()
+        cut(request)
         return
     await out.write_eof()
 

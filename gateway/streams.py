@@ -29,7 +29,14 @@ from gateway.errors import (
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamGone
 from gateway.hub import Hub, Ingest
-from gateway.proxy import Forwarder, client_headers, read_limited, upstream_headers
+from gateway.proxy import (
+    Forwarder,
+    check_headers,
+    client_headers,
+    cut,
+    read_limited,
+    upstream_headers,
+)
 from gateway.rejoin import resume_point
 from gateway.sse import HEARTBEAT, frame
 from gateway.stream_params import (
@@ -240,10 +247,9 @@ class StreamHandlers:
     async def _run_exists(self, request: web.Request, target: Target, tid: str, rid: str) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
         error event, which must not become a 'finished run' in the log."""
-        check = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
-        check["Accept"] = "application/json"
         try:
-            resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}", check,
+            resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}",
+                                                       check_headers(request),
                                                        timeout=CHECK_TIMEOUT)
         except GatewayError:
             return True  # no quick answer: the join itself will tell
@@ -314,8 +320,7 @@ class StreamHandlers:
     async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
         if self.access is None:
             return None
-        check = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
-        return await self.access.denial(target.pool, meta, check, self._auth(request))
+        return await self.access.denial(target.pool, meta, check_headers(request), self._auth(request))
 
     def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
                  resumed: bool = False) -> Ingest:
@@ -374,14 +379,11 @@ class StreamHandlers:
             return out
         except TimeoutError:
             log.info("client on %s too slow to write to; dropped (it can resume)", request.path)
-            if request.transport is not None:
-                request.transport.close()
+            cut(request)
             return out
         except StreamGone as exc:
-            # Cut the connection rather than end cleanly: a clean end would look complete.
             log.info("%s; cutting the client so it retries", exc)
-            if request.transport is not None:
-                request.transport.close()
+            cut(request)
             return out
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             return out

@@ -520,7 +520,7 @@ class LmdbEventLog(EventLog):
         limit_ms = int(cutoff * 1000)
         keys: list[bytes] = []
         size = 0
-        next_seq = 0
+        last: tuple[bytes, bytes] | None = None
         self._rw.acquire_read()
         try:
             if self._env is None:
@@ -534,10 +534,14 @@ class LmdbEventLog(EventLog):
                         break
                     keys.append(k)
                     size += len(k) + len(v)
-                    next_seq = _decode(int.from_bytes(k[len(prefix):], "big"), v)[-1][0] + 1
+                    last = (k, v)
                     found = cur.next()
         finally:
             self._rw.release_read()
+        if last is None:
+            return [], 0, 0
+        # Only the newest dropped record says where the stream now starts.
+        next_seq = _decode(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
         return keys, size, next_seq
 
     def _drop(self, batch: _Batch, meta: StreamMeta) -> None:
@@ -545,8 +549,6 @@ class LmdbEventLog(EventLog):
         self._size -= meta.size
         batch.drop_prefixes.append(_prefix(meta.key))
         batch.metas[meta.key.encode()] = None
-
-
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
