@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Iterable, Optional
 
-# Agent state snapshots can be large; a line longer than this is a broken upstream.
-DEFAULT_MAX_LINE = 32 << 20
+# Agent state snapshots can be large; an event bigger than this is a broken upstream.
+DEFAULT_MAX_EVENT = 32 << 20
 
 HEARTBEAT = b": heartbeat\n\n"
 
@@ -55,15 +55,16 @@ def frame(entries: Iterable[tuple[int, bytes]]) -> bytes:
 class Parser:
     """Incremental SSE parser following the WHATWG event-stream rules."""
 
-    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_id", "_max_line", "comments")
+    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_size", "_id", "_max", "comments")
 
-    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._tail = b""
         self._skip_lf = False  # last chunk ended in CR: a leading LF belongs to it
         self._event: bytes | None = None
         self._data: list[bytes] = []
+        self._size = 0  # bytes of the event being assembled line by line (bounded like the rest)
         self._id: str | None = None
-        self._max_line = max_line
+        self._max = max_event
         self.comments = 0  # comment lines seen (heartbeats), reset by the caller
 
     def feed(self, chunk: bytes) -> list[Event]:
@@ -95,13 +96,9 @@ class Parser:
                 return None
         end = buf.rfind(b"\n\n")
         if end < 0:
-            if len(buf) > self._max_line:
-                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
-            self._tail = buf
+            self._tail = self._bounded(buf)
             return []
-        self._tail = buf[end + 2:]
-        if len(self._tail) > self._max_line:
-            raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+        self._tail = self._bounded(buf[end + 2:])
         events: list[Event] = []
         append = events.append
         for block in buf[:end].split(b"\n\n"):
@@ -137,9 +134,7 @@ class Parser:
         lines = buf.splitlines(keepends=True)
         last = lines[-1]
         if last[-1:] not in (b"\n", b"\r"):
-            self._tail = lines.pop()
-            if len(self._tail) > self._max_line:
-                raise SSEProtocolError(f"SSE line longer than {self._max_line} bytes")
+            self._tail = self._bounded(lines.pop())
         else:
             self._tail = b""
             if last[-1:] == b"\r":
@@ -157,11 +152,19 @@ class Parser:
         else:
             self._field(line)
 
+    def _bounded(self, pending: bytes) -> bytes:
+        if len(pending) + self._size > self._max:
+            raise SSEProtocolError(f"SSE event larger than {self._max} bytes")
+        return pending
+
     def _field(self, line: bytes) -> None:
         name, sep, value = line.partition(b":")
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
+            self._size += len(value) + 7
+            if self._size > self._max:
+                raise SSEProtocolError(f"SSE event larger than {self._max} bytes")
             self._data.append(value)
         elif name == b"event":
             self._event = value
@@ -179,6 +182,7 @@ class Parser:
         # upstream accepts back as Last-Event-ID for this event.
         self._event = None
         self._data = []
+        self._size = 0
         self._id = None
 
     def pending(self) -> bool:

@@ -88,9 +88,25 @@ def test_incomplete_event_is_pending() -> None:
 
 
 def test_overlong_line_is_a_protocol_error() -> None:
-    p = Parser(max_line=16)
+    p = Parser(16)
     with pytest.raises(SSEProtocolError):
         p.feed(b"data: " + b"x" * 64)
+
+
+@pytest.mark.parametrize("eol", [b"\r", b"\n", b"\r\n"])
+def test_event_size_limit_holds_on_every_path(eol: bytes) -> None:
+    # Many lines, each well under the limit, that add up to an event over it.
+    p = Parser(1 << 20)
+    p.feed(b"data: a" + eol)  # a lone CR sends the parser down its general path
+    with pytest.raises(SSEProtocolError):
+        for _ in range(40):
+            p.feed(b"data: " + b"x" * (64 << 10) + eol)
+
+
+def test_events_under_the_limit_in_many_lines_pass() -> None:
+    p = Parser(1 << 20)
+    got = p.feed(b"data: a\r" + b"data: bb\r" * 1000 + b"\r")
+    assert len(got) == 1 and got[0][0].count(b"\n") == 1001
 
 
 def test_frame_adds_gateway_ids_and_blank_lines() -> None:
