@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -53,6 +54,13 @@ class RunningGateway:
         self.gw: Gateway = server.gateway
         self.url = "http://%s:%d" % server.addresses["main"]
         self.admin_url = "http://%s:%d" % server.addresses["admin"]
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage_after_each_test() -> Any:
+    """Collect after every test, so a leaked connection or task warns in the test that leaked it."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

@@ -8,9 +8,12 @@ tests. Runs execute in the background whether or not anyone listens, like
 
 By default it has **no** resume support: a join gets only what comes after it.
 A run created with ``"stream_resumable": true`` gets ids (``<n>-0``) and a
-replay buffer, for the re-attach tests.
+replay buffer, for the re-attach tests. Like the real server, a join that
+replays re-sends the last replayed event, same id, as its first live event.
 
-Switches on ``FakeAgentServer.faults`` inject failures into the next requests.
+``FakeAgentServer.behaviour`` makes it act like the other servers users run
+(one that ignores ``stream_resumable``, one whose replay buffer has expired);
+switches on ``FakeAgentServer.faults`` inject failures into the next requests.
 """
 
 from __future__ import annotations
@@ -26,10 +29,24 @@ from aiohttp import web
 
 
 @dataclass
+class Behaviour:
+    """How this server differs from a current LangGraph server with resumable runs."""
+
+    # Older LangGraph versions, Aegra, custom servers: no ``id:`` lines, a join gets the live tail only.
+    ignore_resumable: bool = False
+    # A re-join with Last-Event-ID gets no replay (the buffer expired), only live events (with ids).
+    replay_expired: bool = False
+    # The real server's replay/live race: the last replayed event comes again as the first live one.
+    resend_last_on_join: bool = True
+
+
+@dataclass
 class Faults:
     hang: float = 0.0  # seconds to wait before answering any API request
     status: int = 0  # answer every API request with this status (e.g. 500)
     cut_after: int = -1  # the next stream response: drop the TCP connection after this many events (once)
+    cuts: list[int] = field(default_factory=list)  # like cut_after, one entry per following stream response
+    cut_mid_event: bool = False  # a cut sends the first half of the next event before the reset
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
     api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
@@ -61,6 +78,7 @@ def _frame(event: str, data: object, uid: str | None) -> bytes:
 class FakeAgentServer:
     def __init__(self) -> None:
         self.faults = Faults()
+        self.behaviour = Behaviour()
         self.runs: dict[str, Run] = {}
         self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
@@ -170,8 +188,9 @@ class FakeAgentServer:
 
     def _new_run(self, tid: str | None, doc: dict) -> Run:  # type: ignore[type-arg]
         inp = doc.get("input") or {}
+        resumable = doc.get("stream_resumable") is True and not self.behaviour.ignore_resumable
         run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),
-                  delay=float(inp.get("delay", 0.0)), resumable=doc.get("stream_resumable") is True,
+                  delay=float(inp.get("delay", 0.0)), resumable=resumable,
                   fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)))
         self.runs[run.run_id] = run
         run.task = asyncio.create_task(self._execute(run))
@@ -231,23 +250,33 @@ class FakeAgentServer:
         })
         await resp.prepare(request)
         sent = 0
-        cut = self.faults.cut_after
+        cut = self._next_cut()
         try:
             for frame in replay:
                 await resp.write(frame)
+            if replay and self.behaviour.resend_last_on_join:
+                await resp.write(replay[-1])
             async for frame in self._frames(q, resp):
-                await resp.write(frame)
-                sent += 1
                 if cut >= 0 and sent >= cut:
-                    self.faults.cut_after = -1
+                    if self.faults.cut_mid_event:
+                        await resp.write(frame[: len(frame) // 2])
+                        await asyncio.sleep(0.01)
                     assert request.transport is not None
                     request.transport.abort()
                     return resp
+                await resp.write(frame)
+                sent += 1
             await resp.write_eof()
         finally:
             if q in run.listeners:
                 run.listeners.remove(q)
         return resp
+
+    def _next_cut(self) -> int:
+        if self.faults.cuts:
+            return self.faults.cuts.pop(0)
+        cut, self.faults.cut_after = self.faults.cut_after, -1
+        return cut
 
     async def create_stream(self, request: web.Request) -> web.StreamResponse:
         doc = await request.json()
@@ -273,7 +302,7 @@ class FakeAgentServer:
             return resp
         replay: list[bytes] = []
         last = request.headers.get("Last-Event-ID")
-        if run.resumable and last:
+        if run.resumable and last and not self.behaviour.replay_expired:
             after = -1 if last == "-1" else int(last.split("-")[0])
             replay = [f for uid, f in run.events if uid is not None and int(uid.split("-")[0]) > after]
         return await self._stream(request, run, replay)

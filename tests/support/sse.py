@@ -73,3 +73,18 @@ async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) ->
     if buf:
         _LEFTOVER[resp] = [[], buf]
     return got
+
+
+async def read_until_cut(resp: aiohttp.ClientResponse) -> tuple[list[Ev], bool]:
+    """Every whole event up to the end of the body, and whether the body was cut (no clean end).
+
+    A cut is how the gateway says "this stream is not complete": the client must reconnect.
+    """
+    raw = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            raw += chunk
+    except aiohttp.ClientPayloadError:
+        whole = raw.decode().replace("\r\n", "\n").rsplit("\n\n", 1)[0]
+        return parse_all(whole + "\n\n"), True
+    return parse_all(raw.decode()), False
