@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Mapping
 
 import aiohttp
@@ -42,11 +43,12 @@ def fingerprint(auth: dict[str, str], salt: str) -> str:
     return h.hexdigest()
 
 
-def remember_captor(meta: StreamMeta, auth: dict[str, str]) -> None:
-    """Record (hashed) who started a capture, for the checks the upstream cannot answer."""
-    if auth:
-        meta.auth_salt = secrets.token_hex(8)
-        meta.auth_digest = fingerprint(auth, meta.auth_salt)
+def with_captor(meta: StreamMeta, auth: dict[str, str]) -> StreamMeta:
+    """``meta`` recording (hashed) who starts its capture, for the checks the upstream cannot answer."""
+    if not auth:
+        return meta
+    salt = secrets.token_hex(8)
+    return replace(meta, auth_salt=salt, auth_digest=fingerprint(auth, salt))
 
 
 class AccessCheck:

@@ -13,18 +13,18 @@ import re
 import signal
 from typing import Awaitable, Callable
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.config import Config
-from gateway.errors import GatewayError, error_middleware
+from gateway.errors import error_middleware
 from gateway.eventlog import LmdbEventLog, StreamMeta
-from gateway.hub import Hub, UpstreamBroke
-from gateway.metrics import GatewayMetrics
+from gateway.hub import Hub
+from gateway.legs import Legs
+from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
-from gateway.streams import THREAD_CAPTURE_QUERY, StreamHandlers
+from gateway.streams import StreamHandlers
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.app")
@@ -54,14 +54,14 @@ class Gateway:
     def __init__(self, cfg: Config, registry: CollectorRegistry | None = None) -> None:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
-        self.metrics = GatewayMetrics(self.registry)
+        self.metrics = PrometheusMetrics(self.registry)
         self.log = LmdbEventLog(cfg.storage, on_commit=self.metrics.committed)
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
         self.forwarder = Forwarder(self.upstreams)
-        self.hub = Hub(self.log, cfg.streams, self._open_leg, self._cancel_run, self.metrics)
+        self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)
         self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
         self.metrics.bind_gauges(lambda: self.log.size, lambda: self.hub.live_count(),
-                                 lambda: len(self.hub.followers))
+                                 lambda: len(self.hub.followers), lambda: 1 if self.log.failure else 0)
         self._sweeper: asyncio.Task[None] | None = None
         self._storage_open = False
 
@@ -91,19 +91,7 @@ class Gateway:
             except Exception:
                 log.exception("retention sweep failed; will retry")
 
-    # --- upstream legs the hub opens on its own -------------------------------------------
-
-    async def _open_leg(self, meta: StreamMeta, last_id: str | None, auth: dict[str, str]) -> aiohttp.ClientResponse:
-        pool = self.upstreams.pools[meta.upstream]
-        headers = dict(pool.cfg.headers)
-        headers.update(auth, Accept="text/event-stream")  # the client's own credentials win
-        if last_id is not None:
-            headers["Last-Event-ID"] = last_id
-        path = meta.path + (f"?{THREAD_CAPTURE_QUERY}" if meta.kind == "thread" else "")
-        try:
-            return await self.upstreams.send(pool, "GET", path, headers)
-        except GatewayError as exc:  # to the hub this is just a leg that did not open
-            raise UpstreamBroke(exc.detail) from exc
+    # --- upstream calls the hub makes on its own --------------------------------------------
 
     async def _cancel_run(self, meta: StreamMeta, auth: dict[str, str]) -> None:
         if meta.thread_id is None or meta.run_id is None:
@@ -160,9 +148,10 @@ class Gateway:
     async def _readyz(self, _request: web.Request) -> web.Response:
         pools = {name: [r.label for r in p.replicas if r.healthy and r.checked]
                  for name, p in self.upstreams.pools.items()}
-        ready = self._storage_open and self.upstreams.ready
-        body = {"status": "ready" if ready else "not ready", "storage": "open" if self._storage_open else "closed",
-                "healthy_replicas": pools}
+        failure = self.log.failure
+        storage = "closed" if not self._storage_open else "open" if failure is None else f"storage failing: {failure}"
+        ready = self._storage_open and failure is None and self.upstreams.ready
+        body = {"status": "ready" if ready else "not ready", "storage": storage, "healthy_replicas": pools}
         return web.json_response(body, status=200 if ready else 503)
 
 

@@ -79,6 +79,10 @@ class Streams:
     request_resumable: bool = True
     heartbeat: float = 15.0  # idle comment to clients when nothing else was sent
     subscriber_buffer: int = 10_000  # events queued per client before it catches up from the log
+    # Bytes queued per client before it catches up from the log: 1,000 stalled clients stay
+    # within about 256 MiB.
+    subscriber_buffer_bytes: int = 256 << 10
+    max_event_bytes: int = 32 << 20  # an upstream event bigger than this is a broken upstream
     thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
     reattach_attempts: int = 5
     reattach_backoff: float = 0.5
@@ -344,6 +348,9 @@ def _streams(raw: Any) -> Streams:
         request_resumable=_bool("streams.request_resumable", raw.get("request_resumable", d.request_resumable)),
         heartbeat=_duration("streams.heartbeat", raw.get("heartbeat", d.heartbeat)),
         subscriber_buffer=_int("streams.subscriber_buffer", raw.get("subscriber_buffer", d.subscriber_buffer), 1),
+        subscriber_buffer_bytes=_size("streams.subscriber_buffer_bytes",
+                                      raw.get("subscriber_buffer_bytes", d.subscriber_buffer_bytes)),
+        max_event_bytes=_size("streams.max_event_bytes", raw.get("max_event_bytes", d.max_event_bytes)),
         thread_linger=_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
         reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),
         reattach_backoff=_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),

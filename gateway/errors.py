@@ -3,6 +3,11 @@
 Every error a client sees has the Agent Server API's own shape:
 ``{"detail": "..."}`` with ``application/json``. Nothing else turns
 exceptions into responses.
+
+Once a response has started (its headers are on the wire) an error cannot
+become a second response: the only honest signal left is to cut the
+connection, so a client never takes a broken stream for a complete one.
+Handlers start responses with ``start_response`` so this rule can see them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from gateway.eventlog import StorageFull
+from gateway.eventlog import StorageError, StorageFull
 
 log = logging.getLogger("gateway.errors")
 
@@ -78,6 +83,21 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
     )
 
 
+_STARTED = web.RequestKey("gateway.started", web.StreamResponse)
+
+
+async def start_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a response's headers; from here on an error cuts the connection instead."""
+    request[_STARTED] = response
+    await response.prepare(request)
+
+
+def cut(request: web.Request) -> None:
+    """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
+    if request.transport is not None:
+        request.transport.close()
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -85,17 +105,34 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except GatewayError as exc:
-        return error_response(exc.status, exc.detail, exc.headers)
-    except StorageFull as exc:
-        return error_response(503, f"capture refused: {exc}")
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        # aiohttp's own refusals (413 body too large, 405, ...) in the API's shape.
-        return error_response(exc.status, exc.reason)
     except ConnectionResetError:
         raise  # the client left; nothing to answer
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal gateway error (logged)")
+    except Exception as exc:
+        started = request.get(_STARTED)
+        if started is not None and started.prepared:
+            log.error("%s %s failed after its response started; connection cut: %s",
+                      request.method, request.path, _brief(exc), exc_info=not isinstance(exc, GatewayError))
+            cut(request)
+            return started  # already sent: aiohttp's end-of-response on a cut transport is a no-op
+        return _as_response(request, exc)
+
+
+def _as_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, GatewayError):
+        return error_response(exc.status, exc.detail, exc.headers)
+    if isinstance(exc, StorageFull):
+        return error_response(503, f"capture refused: {exc}")
+    if isinstance(exc, StorageError):
+        return error_response(503, f"event log unavailable: {exc}")
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        # aiohttp's own refusals (413 body too large, 405, ...) in the API's shape.
+        return error_response(exc.status, exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal gateway error (logged)")
+
+
+def _brief(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__

@@ -3,8 +3,8 @@
 Follows mercure's register-then-replay handoff: register a bounded queue and
 note the committed head S under the (single-threaded) loop, replay (after, S]
 from the log, then drain what was queued meanwhile. A subscriber whose queue
-overflows is not blocked on: it drops its queue and catches up from the log
-the same way.
+overflows (by events or by bytes) is not blocked on: it drops its queue and
+catches up from the log the same way.
 """
 
 from __future__ import annotations
@@ -25,37 +25,47 @@ class StreamGone(Exception):
     """The stream left the log (retention) while a client was replaying it."""
 
 
+class StreamCut(Exception):
+    """The client must be cut, not ended: its stream is incomplete (storage failed, shutdown, a crash)."""
+
+
 class Subscriber:
     """One client's bounded queue of committed batches."""
 
-    __slots__ = ("queue", "queued", "limit", "wake", "overflowed", "ended", "beats")
+    __slots__ = ("queue", "queued", "queued_bytes", "limit", "byte_limit", "wake", "overflowed", "ended", "cut",
+                 "beats")
 
-    def __init__(self, limit: int) -> None:
-        self.queue: deque[list[Entry]] = deque()
+    def __init__(self, limit: int, byte_limit: int) -> None:
+        self.queue: deque[tuple[list[Entry], int]] = deque()
         self.queued = 0
+        self.queued_bytes = 0
         self.limit = limit
+        self.byte_limit = byte_limit
         self.wake = asyncio.Event()
         self.overflowed = False
         self.ended = False
+        self.cut = False
         self.beats = 0
 
-    def push(self, entries: list[Entry]) -> bool:
+    def push(self, entries: list[Entry], nbytes: int) -> bool:
         if self.overflowed:
             return False
-        if self.queued + len(entries) > self.limit:
+        if self.queued + len(entries) > self.limit or self.queued_bytes + nbytes > self.byte_limit:
             # Never block ingest on a slow client: forget the queue, it re-reads the log.
             self.overflowed = True
             self.queue.clear()
-            self.queued = 0
+            self.queued = self.queued_bytes = 0
             self.wake.set()
             return False
-        self.queue.append(entries)
+        self.queue.append((entries, nbytes))
         self.queued += len(entries)
+        self.queued_bytes += nbytes
         self.wake.set()
         return True
 
-    def end(self) -> None:
+    def end(self, *, cut: bool = False) -> None:
         self.ended = True
+        self.cut = self.cut or cut
         self.wake.set()
 
     def beat(self) -> None:
@@ -80,7 +90,7 @@ class Follower:
     def _register(self) -> None:
         ing = self.hub.live(self.key)
         if ing is not None:
-            self.sub = Subscriber(self.hub.cfg.subscriber_buffer)
+            self.sub = Subscriber(self.hub.cfg.subscriber_buffer, self.hub.cfg.subscriber_buffer_bytes)
             self.ing = ing
             self.hub.attach(ing, self.sub)
             self.upto = ing.head
@@ -99,14 +109,18 @@ class Follower:
     def shutdown(self) -> None:
         self._stopped = True
         if self.sub is not None:
-            self.sub.end()
+            self.sub.end(cut=True)
 
     def close(self) -> None:
         self._unregister()
         self.hub.followers.discard(self)
 
     async def entries(self) -> AsyncIterator[list[Entry]]:
-        """Batches of committed events; an empty batch means "send a heartbeat"."""
+        """Batches of committed events; an empty batch means "send a heartbeat".
+
+        Ends when the stream ends; raises StreamCut when the client must see a cut
+        connection instead (the gateway stops, or the capture failed mid-stream).
+        """
         heartbeat = self.hub.cfg.heartbeat
         try:
             while True:
@@ -119,8 +133,14 @@ class Follower:
                     self.pos = page[-1][0]
                     yield page
                 self.pos = max(self.pos, self.upto)
+                if self._stopped:
+                    raise StreamCut("the gateway is shutting down")
                 sub = self.sub
-                if sub is None or self._stopped:
+                if sub is None:
+                    meta = self.hub.log.get(self.key)
+                    if meta is not None and meta.open and meta.kind == "run":
+                        # Open in the log but nobody captures it (a crashed ingest): not the end.
+                        raise StreamCut(f"stream {self.key} is not being captured right now")
                     return
                 while True:  # live tail
                     if not sub.queue and not sub.ended and not sub.overflowed and not sub.beats:
@@ -134,8 +154,9 @@ class Follower:
                     if sub.overflowed:
                         break
                     if sub.queue:
-                        batch = sub.queue.popleft()
+                        batch, nbytes = sub.queue.popleft()
                         sub.queued -= len(batch)
+                        sub.queued_bytes -= nbytes
                         if batch[0][0] <= self.pos:
                             batch = [e for e in batch if e[0] > self.pos]
                             if not batch:
@@ -144,6 +165,8 @@ class Follower:
                         yield batch
                         continue
                     if sub.ended:
+                        if sub.cut:
+                            raise StreamCut(f"stream {self.key} stopped before its end")
                         return
                     if sub.beats:
                         sub.beats = 0

@@ -1,15 +1,44 @@
-"""Prometheus metrics, named for intent. Labels stay bounded: never a run or thread id."""
+"""The metrics seam: one ``Metrics`` protocol every part reports through, a no-op default, and
+the Prometheus implementation. Labels stay bounded: never a run or thread id."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from gateway.hub import HubObserver
+
+class Metrics(Protocol):
+    """What the gateway reports; each part is handed one of these (``NoMetrics`` by default)."""
+
+    def request_done(self, upstream: str, method: str, status: int) -> None: ...
+    def replica_health(self, upstream: str, replica: str, healthy: bool) -> None: ...
+    def committed(self, events: int, seconds: float, ok: bool) -> None: ...
+    def appended(self, events: int) -> None: ...
+    def overflowed(self, n: int) -> None: ...
+    def rejoined(self, ok: bool) -> None: ...
+    def interrupted(self) -> None: ...
+    def resumed(self, outcome: str) -> None: ...
+    def gap(self, reason: str) -> None: ...
 
 
-class GatewayMetrics(HubObserver):
+class NoMetrics:
+    """Reports nothing: the default wherever no metrics are wired in (tests of one part, tools)."""
+
+    def request_done(self, upstream: str, method: str, status: int) -> None: ...
+    def replica_health(self, upstream: str, replica: str, healthy: bool) -> None: ...
+    def committed(self, events: int, seconds: float, ok: bool) -> None: ...
+    def appended(self, events: int) -> None: ...
+    def overflowed(self, n: int) -> None: ...
+    def rejoined(self, ok: bool) -> None: ...
+    def interrupted(self) -> None: ...
+    def resumed(self, outcome: str) -> None: ...
+    def gap(self, reason: str) -> None: ...
+
+
+class PrometheusMetrics:
+    """The metrics as Prometheus series in an injected registry, all prefixed ``gateway_``."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
@@ -36,14 +65,16 @@ class GatewayMetrics(HubObserver):
             "gateway_streams_interrupted", "Streams ended with a CaptureInterrupted error event", registry=registry)
         self.resumes = Counter("gateway_resumes", "Client resumes with Last-Event-ID, by outcome",
                                ["outcome"], registry=registry)
+        self.gaps = Counter("gateway_gap_markers", "Gap markers written: events an upstream leg may have lost, "
+                            "by reason", ["reason"], registry=registry)
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
-                    subscribers: Callable[[], float]) -> None:
+                    subscribers: Callable[[], float], storage_failing: Callable[[], float]) -> None:
         Gauge("gateway_log_bytes", "Bytes held in the event log", registry=self.registry).set_function(log_bytes)
         Gauge("gateway_streams_live", "Upstream streams being captured", registry=self.registry).set_function(live_streams)
         Gauge("gateway_subscribers", "Client streams connected", registry=self.registry).set_function(subscribers)
-
-    # --- hooks -------------------------------------------------------------------------------
+        Gauge("gateway_storage_failing", "1 while event log commits fail (a full disk, an I/O error)",
+              registry=self.registry).set_function(storage_failing)
 
     def request_done(self, upstream: str, method: str, status: int) -> None:
         self.requests.labels(upstream, method, f"{status // 100}xx").inc()
@@ -73,3 +104,6 @@ class GatewayMetrics(HubObserver):
 
     def resumed(self, outcome: str) -> None:
         self.resumes.labels(outcome).inc()
+
+    def gap(self, reason: str) -> None:
+        self.gaps.labels(reason).inc()

@@ -11,7 +11,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable, cut, start_response
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.proxy")
@@ -66,12 +66,6 @@ def client_headers(resp: aiohttp.ClientResponse, target: Target, *, drop: tuple[
     return out
 
 
-def cut(request: web.Request) -> None:
-    """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
-    if request.transport is not None:
-        request.transport.close()
-
-
 def check_headers(request: web.Request) -> CIMultiDict[str]:
     """The client's headers for a quick GET the gateway makes on its behalf (no body, JSON answer)."""
     headers = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
@@ -112,7 +106,7 @@ class Forwarder:
         """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=client_headers(resp, target))
-            await out.prepare(request)
+            await start_response(request, out)
             await pipe_body(request, resp, out)
             return out
         finally:

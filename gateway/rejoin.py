@@ -1,68 +1,163 @@
-"""Re-joining an upstream leg: where to ask the upstream to resume from, and what to drop.
+"""Opening a new upstream leg of a stream: which Last-Event-ID to ask with, what of the answer to
+drop, and whether the gateway can prove that nothing was lost at the seam.
 
-The in-memory Agent Server runtime gives every event of one millisecond the
-same id, replays strictly after the id it is given, and overlaps its replay
-with its live queue. These two pieces make a re-joined leg exact anyway.
+The one rule for the upstream ``Last-Event-ID`` lives in ``leg_last_event_id``. What
+comes back goes through a ``Seam``:
+
+- **Re-sends are dropped.** The in-memory Agent Server runtime gives every event of one
+  millisecond the same id, replays strictly after the id it is given, and overlaps its
+  replay with its live queue, re-sending events (often the last replayed one) with the
+  same id. On a re-joined leg an event whose upstream id and body match one already
+  held or already taken from this leg, and whose id is not above the highest seen, is a
+  re-send. (So on such an upstream, two byte-identical events in one millisecond right
+  after a re-join count as one: the wire cannot tell them from a re-send.)
+- **Continuity is proved or said.** A re-joined leg continues the stream exactly when its
+  first event is one the gateway already holds (the replay overlaps what it has), or, for
+  a run of which nothing is held yet, when it starts with the run's first event
+  (``metadata``). Otherwise (no upstream ids, a replay buffer that expired, an upstream
+  that ignores ``Last-Event-ID``, a re-join that brings nothing) events may be missing: a
+  ``gap`` event goes into the log at the seam, in-band, then the live tail follows.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
-from typing import Iterable
+from collections import deque
+from typing import Callable, Iterable, Literal
 
-from gateway.sse import Event
+import orjson
+
+from gateway.eventlog import StreamKind, StreamMeta
+from gateway.sse import Event, event_name, make_body
+from gateway.stream_params import Cursor
 
 # Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
 DEDUPE_WINDOW = 4096
 
+GAP_EVENT = "gap"
+GapReason = Literal["no_upstream_ids", "replay_mismatch", "empty_rejoin"]
+_GAP_MESSAGES: dict[GapReason, str] = {
+    "no_upstream_ids": "the upstream sends no event ids, so the re-joined stream cannot be matched with "
+                       "what the gateway holds; events produced while it was disconnected may be missing",
+    "replay_mismatch": "the re-joined stream did not start where the gateway's copy ends (the upstream's "
+                       "replay buffer expired, or it does not replay); events in between are missing",
+    "empty_rejoin": "the re-joined stream ended without re-sending anything the gateway holds; events "
+                    "produced while it was disconnected may be missing",
+}
+# What a new leg must show: a held event first ("held"), the run's first event ("start"), or nothing.
+Expect = Literal["held", "start"] | None
 
-class Dedupe:
-    """Drops what an upstream re-sends after a re-join, and nothing else.
 
-    Two kinds of repeat, told apart without dropping real events that merely
-    look alike (two identical tokens in one millisecond share id and body):
-    - events we already hold: each (id, body) in the log's tail is dropped as
-      many times as the tail holds it, no more;
-    - the replay/live overlap inside the new leg, which arrives *behind* the
-      highest id already seen ("jump back"): a repeat is dropped only then.
-    Seeded from the log's tail, so it also works right after a restart.
+def gap_event(after: int, reason: GapReason) -> Event:
+    payload = {"after": str(after) if after else None, "reason": reason, "message": _GAP_MESSAGES[reason]}
+    return (make_body(GAP_EVENT, orjson.dumps(payload)), None)
+
+
+def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor | None = None) -> str | None:
+    """The upstream Last-Event-ID for a new leg of a stream: the one rule for it.
+
+    A stream the gateway holds (or is capturing) continues just before its last upstream
+    id; a run with no upstream id yet asks for everything. A stream it does not hold
+    asks for what the client asked: a client's gateway ids mean nothing upstream, so
+    "from the start" then; an upstream id is passed through.
     """
+    if held is not None:
+        point = resume_point(held.last_upstream_id)
+        if point is not None:
+            return point
+        return "-1" if kind == "run" else None
+    if cursor is None or cursor.kind == "none":
+        return None
+    if cursor.kind == "upstream":
+        return cursor.raw
+    return "-1" if kind == "run" else "-"  # the thread stream answers "-1" with 422
 
-    __slots__ = ("window", "held", "order", "seen", "top")
 
-    def __init__(self, recent: Iterable[tuple[str | None, bytes]], window: int = DEDUPE_WINDOW) -> None:
+def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:
+    """What a re-joined leg of ``held`` must start with for the gateway to call it exact."""
+    if held is None:
+        return None
+    if held.head:
+        return "held"
+    return "start" if kind == "run" else None
+
+
+class Seam:
+    """Where a new upstream leg meets what the log holds: drops re-sends, marks what it cannot prove."""
+
+    __slots__ = ("window", "known", "order", "top", "expect", "after", "any_ids", "on_gap", "gap")
+
+    def __init__(self, recent: Iterable[tuple[str | None, bytes]], *, after: int = 0, expect: Expect = None,
+                 on_gap: Callable[[GapReason], None] | None = None, window: int = DEDUPE_WINDOW) -> None:
         self.window = window
-        self.held: Counter[int] = Counter(hash((uid, body)) for uid, body in recent if uid is not None)
+        self.known: set[int] = set()
         self.order: deque[int] = deque()
-        self.seen: set[int] = set()
         self.top: tuple[int, int] | tuple[int, str] | None = None
+        self.any_ids = False
+        for uid, body in recent:
+            if uid is not None:
+                self.any_ids = True
+                self._remember(hash((uid, body)))
+                self._raise_top(_uid_key(uid))
+        self.expect = expect
+        self.after = after
+        self.on_gap = on_gap
+        self.gap: GapReason | None = None
 
     def _remember(self, h: int) -> None:
-        if h not in self.seen:
-            self.seen.add(h)
+        if h not in self.known:
+            self.known.add(h)
             self.order.append(h)
             if len(self.order) > self.window:
-                self.seen.discard(self.order.popleft())
+                self.known.discard(self.order.popleft())
+
+    def _raise_top(self, k: tuple[int, int] | tuple[int, str]) -> None:
+        if self.top is None or _before(self.top, k):
+            self.top = k
 
     def filter(self, events: list[Event]) -> list[Event]:
+        """The events of this leg that are new, with a gap marker first if continuity is unproven."""
         out: list[Event] = []
+        if self.expect is not None and events:
+            self._check(events[0], out)
         for ev in events:
             body, uid = ev
             if uid is None:
                 out.append(ev)
                 continue
             h = hash((uid, body))
-            if self.held[h] > 0:
-                self.held[h] -= 1
-                continue
             k = _uid_key(uid)
-            if h in self.seen and self.top is not None and _before(k, self.top):
-                continue
-            if self.top is None or _before(self.top, k):
-                self.top = k
+            if h in self.known and self.top is not None and not _before(self.top, k):
+                continue  # a re-send of something held or already taken
+            self._raise_top(k)
             self._remember(h)
             out.append(ev)
         return out
+
+    def _check(self, first: Event, out: list[Event]) -> None:
+        body, uid = first
+        if self.expect == "held":
+            proven = uid is not None and hash((uid, body)) in self.known
+            reason: GapReason = "no_upstream_ids" if uid is None or not self.any_ids else "replay_mismatch"
+        else:
+            proven = event_name(body) == b"metadata"
+            reason = "replay_mismatch"
+        self.expect = None
+        if not proven:
+            self._mark(reason, out)
+
+    def close(self) -> list[Event]:
+        """At a clean end of the leg: a marker if the leg never showed where it continues."""
+        out: list[Event] = []
+        if self.expect is not None:
+            self.expect = None
+            self._mark("empty_rejoin", out)
+        return out
+
+    def _mark(self, reason: GapReason, out: list[Event]) -> None:
+        self.gap = reason
+        out.append(gap_event(self.after, reason))
+        if self.on_gap is not None:
+            self.on_gap(reason)
 
 
 def _uid_key(uid: str) -> tuple[int, int] | tuple[int, str]:
@@ -84,7 +179,7 @@ def resume_point(uid: str | None) -> str | None:
     The in-memory runtime gives every event of one millisecond the same id and
     replays strictly after the id given, so asking with the exact last id would
     lose the rest of that millisecond. One millisecond earlier re-sends a few
-    events we hold, which the de-duplication drops.
+    events we hold, which the seam drops (and which prove the replay continues).
     """
     if uid is None:
         return None

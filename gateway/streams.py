@@ -1,7 +1,7 @@
 """Handlers for the streaming endpoints: capture run and thread streams, serve joins and resumes.
 
 Thin on purpose: request parsing and response writing live here; capture,
-fan-out and replay are the hub's.
+re-joins, fan-out and replay are the hub's.
 """
 
 from __future__ import annotations
@@ -18,31 +18,31 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.access import CHECK_TIMEOUT, AccessCheck, remember_captor
+from gateway.access import CHECK_TIMEOUT, AccessCheck, with_captor
 from gateway.config import Streams
 from gateway.errors import (
     GatewayError,
     InvalidEventId,
     PayloadTooLarge,
     StorageUnavailable,
+    cut,
+    start_response,
 )
 from gateway.eventlog import EventLog, StreamMeta
-from gateway.follower import Follower, StreamGone
-from gateway.hub import Hub, Ingest
+from gateway.follower import Follower, StreamCut, StreamGone
+from gateway.hub import Hub, Ingest, is_event_stream
 from gateway.proxy import (
     Forwarder,
     check_headers,
     client_headers,
-    cut,
     read_limited,
     upstream_headers,
 )
-from gateway.rejoin import resume_point
 from gateway.sse import HEARTBEAT, frame
 from gateway.stream_params import (
-    THREAD_MODES,
     Cursor,
     RunRequest,
+    canonical_id,
     parse_cursor,
     prepare_run_request,
     run_mode_filter,
@@ -53,10 +53,10 @@ from gateway.upstream import Target
 
 log = logging.getLogger("gateway.streams")
 
-_CAPTURABLE_ID = re.compile(r"^[A-Za-z0-9._~%-]{1,200}$")
-# What the gateway asks a thread stream for: everything, filtered per client.
-THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
+_CAPTURABLE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 RESUME_HEADER = "X-Gateway-Resume"
+# Parameters of a run join the gateway applies itself; the rest go to the upstream.
+_JOIN_PARAMS = ("stream_mode", "cancel_on_disconnect", "last_event_id")
 
 _RUN_IN_PATH = re.compile(r"^(?:.*?)(?:/threads/(?P<tid>[^/]+))?/runs/(?P<rid>[^/?]+)")
 
@@ -82,12 +82,9 @@ def _run_ids(resp: aiohttp.ClientResponse) -> tuple[str | None, str | None]:
     for h in ("Content-Location", "Location"):
         v = resp.headers.get(h)
         if v and (m := _RUN_IN_PATH.match(v)):
-            return m.group("tid"), m.group("rid")
+            tid, rid = m.group("tid"), m.group("rid")
+            return (canonical_id(tid) if tid else None), canonical_id(rid)
     return None, None
-
-
-def _is_sse(resp: aiohttp.ClientResponse) -> bool:
-    return resp.status == 200 and resp.content_type == "text/event-stream"
 
 
 class StreamHandlers:
@@ -102,6 +99,9 @@ class StreamHandlers:
 
     def _check_capacity(self, key: str | None = None) -> None:
         # Refuse before anything reaches the upstream, so no run is created that we cannot hold.
+        if self.log.failure is not None:
+            raise StorageUnavailable(f"event log storage is failing ({self.log.failure}); new captures are "
+                                     "refused until it recovers")
         if not self.log.accepting(key):
             raise StorageUnavailable("event log is at its disk budget and every stream held is live; "
                                      "new captures are refused until runs finish")
@@ -114,7 +114,7 @@ class StreamHandlers:
         self._check_capacity()
         resp = await self.forwarder.open(request, target, data=run.body,
                                          headers=upstream_headers(request, drop=("Content-Length",)))
-        if not _is_sse(resp):
+        if not is_event_stream(resp):
             return await self.forwarder.relay(request, target, resp)
         tid, rid = _run_ids(resp)
         pool = target.pool.name
@@ -126,8 +126,7 @@ class StreamHandlers:
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
                           thread_id=None if stateless else tid, run_id=rid,
                           resumable=run.resumable and not stateless)
-        ing = self._capture(request, meta, resp)
-        ing.cancel_on_orphan = run.cancel_on_disconnect
+        await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
         follower = self.hub.subscribe(meta.key, 0)
         return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
 
@@ -151,13 +150,13 @@ class StreamHandlers:
         finally:
             resp.release()
         if status == 200:
-            self._capture_background(request, target, body, run)
+            await self._capture_background(request, target, body, run)
         return web.Response(status=status, reason=reason, body=body, headers=headers)
 
-    def _capture_background(self, request: web.Request, target: Target, body: bytes, run: RunRequest) -> None:
+    async def _capture_background(self, request: web.Request, target: Target, body: bytes, run: RunRequest) -> None:
         try:
             doc = orjson.loads(body)
-            tid, rid = str(doc["thread_id"]), str(doc["run_id"])
+            tid, rid = canonical_id(str(doc["thread_id"])), canonical_id(str(doc["run_id"]))
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("background run response had no run_id/thread_id; not captured")
             return
@@ -167,40 +166,38 @@ class StreamHandlers:
         if self.hub.live(meta.key) is not None:
             return
         try:
-            self._capture(request, meta, None)
+            await self._capture(request, meta, None)
         except Exception as exc:  # the run exists upstream; the client still gets its answer
             log.warning("could not start capturing background run %s: %s", rid, exc)
 
     # --- GET .../runs/{rid}/stream ----------------------------------------------------------------
 
-    async def join_run(self, request: web.Request, target: Target, tid: str | None, rid: str) -> web.StreamResponse:
+    async def join_run(self, request: web.Request, target: Target, raw_tid: str | None,
+                       raw_rid: str) -> web.StreamResponse:
         cursor = parse_cursor(request)
         keep = run_mode_filter(request)
         cancel = truthy(request.query.get("cancel_on_disconnect"))
+        tid, rid = (canonical_id(raw_tid) if raw_tid is not None else None), canonical_id(raw_rid)
+        if not _capturable(rid) or (tid is not None and not _capturable(tid)):
+            return await self.forwarder.forward(request, target)
         pool = target.pool.name
         key = run_key(pool, rid)
-        if not _capturable(rid):
-            return await self.forwarder.forward(request, target)
         meta = self.log.get(key)
         if meta is not None and tid is not None and meta.thread_id not in (None, tid):
             # Held, but under another thread: not ours to serve. The upstream answers as it would.
             return await self.forwarder.forward(request, target)
-        headers: CIMultiDict[str] = CIMultiDict()
-        if meta is not None and cursor.kind == "upstream":
-            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this run is served by the "
-                                 "gateway; resume with an id the gateway sent")
         if meta is not None:
-            self._check_issued(cursor)
+            headers: CIMultiDict[str] = CIMultiDict()
+            after = self._resume_from(cursor, meta, headers)
             if (denied := await self._denial(request, target, meta)) is not None:
                 return await self.forwarder.relay(request, target, denied)
-            self._mark_resume(cursor, meta, headers)
             ing = self.hub.live(key)
             if ing is not None and cancel:
                 ing.cancel_on_orphan = True
             headers["Content-Type"] = "text/event-stream; charset=utf-8"
             headers["Location"] = target.client_path(meta.path)
             headers["Content-Location"] = target.client_path(meta.path.removesuffix("/stream"))
-            follower = self.hub.subscribe(key, cursor.after())
+            follower = self.hub.subscribe(key, after)
             return await self._send(request, follower, headers, keep)
         if tid is None:
             # The upstream has no such route for stateless runs; let it answer (404).
@@ -229,18 +226,13 @@ class StreamHandlers:
         self._check_capacity(key)
         if not await self._run_exists(request, target, tid, rid):
             return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
-        up_headers = upstream_headers(request, drop=("Last-Event-ID",))
-        if cursor.kind != "none":
-            # Our ids mean nothing upstream: ask it for all it still has.
-            up_headers["Last-Event-ID"] = cursor.raw if cursor.kind == "upstream" else "-1"
-        query = _drop_params(request.rel_url.raw_query_string, ("stream_mode", "cancel_on_disconnect", "last_event_id"))
-        resp = await self.forwarder.open(request, target, headers=up_headers, query=query)
-        if not _is_sse(resp):
-            return resp
-        meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=target.path, thread_id=tid,
-                          run_id=rid, resumable=cursor.kind != "none")
-        ing = self._capture(request, meta, resp, resumed=cursor.kind != "none")
-        ing.cancel_on_orphan = cancel
+        meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=f"/threads/{tid}/runs/{rid}/stream",
+                          thread_id=tid, run_id=rid, resumable=cursor.kind != "none")
+        query = _drop_params(request.rel_url.raw_query_string, _JOIN_PARAMS)
+        opened = await self._open_capture(request, meta, cursor, query, cancel)
+        if isinstance(opened, aiohttp.ClientResponse):
+            return opened
+        ing, resp = opened
         headers.extend(client_headers(resp, target, drop=("Content-Length",)))
         return self.hub.subscribe(key, 0), headers
 
@@ -258,104 +250,98 @@ class StreamHandlers:
 
     # --- GET /threads/{tid}/stream ------------------------------------------------------------------
 
-    async def join_thread(self, request: web.Request, target: Target, tid: str) -> web.StreamResponse:
+    async def join_thread(self, request: web.Request, target: Target, raw_tid: str) -> web.StreamResponse:
         cursor = parse_cursor(request)
         keep = thread_mode_filter(request)
-        pool = target.pool.name
-        key = thread_key(pool, tid)
+        tid = canonical_id(raw_tid)
         if not _capturable(tid):
             return await self.forwarder.forward(request, target)
+        pool = target.pool.name
+        key = thread_key(pool, tid)
         headers: CIMultiDict[str] = CIMultiDict()
+        relay: aiohttp.ClientResponse | None = None
         # Everything from "is it held?" to registering the follower happens under the key's
         # lock: a capture another client starts meanwhile cannot skip the checks below.
         async with self.hub.capture_lock(key):
             meta = self.log.get(key)
+            after: int | None = 0
             if meta is not None:
-                if cursor.kind == "upstream":
-                    raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this thread stream is served "
-                                         "by the gateway; resume with an id the gateway sent")
-                self._check_issued(cursor)
-                if (denied := await self._denial(request, target, meta)) is not None:
-                    relay: aiohttp.ClientResponse | None = denied
-                else:
-                    relay = None
-                    self._mark_resume(cursor, meta, headers)
-            else:
-                relay = None
-                if cursor.kind != "none":
-                    self._count_resume(cursor, "not_held")
-                    headers[RESUME_HEADER] = "not-held"
+                after = self._resume_from(cursor, meta, headers)
+                relay = await self._denial(request, target, meta)
+            elif cursor.kind != "none":
+                self._count_resume(cursor, "not_held")
+                headers[RESUME_HEADER] = "not-held"
             if relay is None and self.hub.live(key) is None:
                 self._check_capacity(key)
-                resp, resumed = await self._open_thread_leg(request, target, meta, cursor)
-                if not _is_sse(resp):
-                    relay = resp
+                new = StreamMeta(key=key, kind="thread", upstream=pool, path=f"/threads/{tid}/stream",
+                                 thread_id=tid, resumable=True)
+                opened = await self._open_capture(request, new, cursor, "", False)
+                if isinstance(opened, aiohttp.ClientResponse):
+                    relay = opened
                 else:
-                    self._capture(request, StreamMeta(key=key, kind="thread", upstream=pool, path=target.path,
-                                                      thread_id=tid, resumable=True), resp, resumed=resumed)
-                    headers.extend(client_headers(resp, target, drop=("Content-Length",)))
+                    headers.extend(client_headers(opened[1], target, drop=("Content-Length",)))
             elif relay is None:
                 headers["Content-Type"] = "text/event-stream; charset=utf-8"
             if relay is None:
-                follower = self.hub.subscribe(key, cursor.after() if meta is not None else 0)
+                follower = self.hub.subscribe(key, after)
         if relay is not None:
             return await self.forwarder.relay(request, target, relay)
         return await self._send(request, follower, headers, keep)
 
-    async def _open_thread_leg(self, request: web.Request, target: Target, meta: StreamMeta | None,
-                               cursor: Cursor) -> tuple[aiohttp.ClientResponse, bool]:
-        """Open the upstream thread stream; True when it was asked to replay (de-duplicate it)."""
-        up_headers = upstream_headers(request, drop=("Last-Event-ID",))
-        if meta is not None and meta.last_upstream_id:
-            up_headers["Last-Event-ID"] = resume_point(meta.last_upstream_id) or ""  # fill the gap since last time
-        elif meta is None and cursor.kind == "upstream":
-            up_headers["Last-Event-ID"] = cursor.raw
-        elif meta is None and cursor.kind != "none":
-            up_headers["Last-Event-ID"] = "-"
-        resp = await self.forwarder.open(request, target, headers=up_headers, query=THREAD_CAPTURE_QUERY)
-        return resp, "Last-Event-ID" in up_headers
+    # --- capture on a client's behalf ----------------------------------------------------------------
 
-    # --- writing ------------------------------------------------------------------------------------
+    async def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
+                       cancel_on_orphan: bool = False) -> Ingest:
+        """Capture a stream whose first leg is ``resp`` (None: the hub opens it)."""
+        auth = self._auth(request)
+        return await self.hub.capture(with_captor(meta, auth), resp, auth=auth, cancel_on_orphan=cancel_on_orphan)
+
+    async def _open_capture(self, request: web.Request, meta: StreamMeta, cursor: Cursor, query: str,
+                            cancel: bool) -> tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse:
+        """Have the hub open a leg with the client's headers and capture it."""
+        auth = self._auth(request)
+        fwd = upstream_headers(request, drop=("Last-Event-ID",))
+        return await self.hub.open_capture(with_captor(meta, auth), cursor, fwd, query, auth=auth,
+                                           cancel_on_orphan=cancel)
 
     async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
         if self.access is None:
             return None
         return await self.access.denial(target.pool, meta, check_headers(request), self._auth(request))
 
-    def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
-                 resumed: bool = False) -> Ingest:
-        """Start a capture on the client's behalf (closing ``resp`` if the hub refuses it)."""
-        auth = self._auth(request)
-        remember_captor(meta, auth)
-        try:
-            ing = self.hub.capture(meta, resp, resumed=resumed)
-        except BaseException:
-            if resp is not None:
-                resp.close()
-            raise
-        ing.auth = auth
-        return ing
-
     def _auth(self, request: web.Request) -> dict[str, str]:
         """The client's credential headers (streams.auth_headers) the gateway may reuse for it."""
         return {h: request.headers[h] for h in self.cfg.auth_headers if h in request.headers}
 
-    def _check_issued(self, cursor: Cursor) -> None:
-        # An id above every id ever handed out would wait forever for events: say so instead.
-        if cursor.kind == "seq" and cursor.seq > self.log.last_seq:
-            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
+    # --- where a resume starts ---------------------------------------------------------------------
 
-    def _mark_resume(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> None:
-        """Count a resume of a held stream; say so when retention already trimmed part of the gap."""
+    def _resume_from(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> int | None:
+        """Where a client resuming ``meta`` starts: after its id, or from the start when its id is not
+        one of this capture's; counts the outcome and says it in ``X-Gateway-Resume``."""
+        if cursor.kind == "upstream":
+            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this stream is served by the "
+                                 "gateway; resume with an id the gateway sent")
+        if cursor.kind == "seq" and cursor.seq > self.log.last_seq:
+            # An id above every id ever handed out would wait forever for events: say so instead.
+            raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
+        if cursor.kind == "seq" and cursor.seq <= meta.base:
+            # An id from an earlier capture of this run or thread (before retention removed it, or
+            # from a log moved aside): none of the events held follow it. Everything, and say so.
+            headers[RESUME_HEADER] = "not-held"
+            self._count_resume(cursor, "not_held")
+            return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
             headers[RESUME_HEADER] = "truncated"
             self._count_resume(cursor, "truncated")
         else:
             self._count_resume(cursor, "hit")
+        return cursor.after()
 
     def _count_resume(self, cursor: Cursor, outcome: str) -> None:
         if cursor.kind != "none":
             self.on_resume(outcome)
+
+    # --- writing ------------------------------------------------------------------------------------
 
     async def _send(self, request: web.Request, follower: Follower, headers: CIMultiDict[str],
                     keep: Callable[[bytes], bool] | None) -> web.StreamResponse:
@@ -363,7 +349,7 @@ class StreamHandlers:
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
         try:
-            await out.prepare(request)
+            await start_response(request, out)
             async for batch in follower.entries():
                 if not batch:
                     data = HEARTBEAT
@@ -381,7 +367,7 @@ class StreamHandlers:
             log.info("client on %s too slow to write to; dropped (it can resume)", request.path)
             cut(request)
             return out
-        except StreamGone as exc:
+        except (StreamGone, StreamCut) as exc:
             log.info("%s; cutting the client so it retries", exc)
             cut(request)
             return out

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import read_events
+from tests.support.sse import read_events, read_until_cut
 
 # Bounded waits, in seconds.
 START_TIMEOUT = 20.0
@@ -246,8 +246,10 @@ async def test_sigterm_exits_0_within_grace(spawn: Spawn, http: aiohttp.ClientSe
         gw.proc.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(gw.proc.wait(), GRACE + 5)
         elapsed = time.monotonic() - started
-        # The gateway ends the client's stream instead of waiting for the run.
-        rest = await asyncio.wait_for(read_events(resp), 5)
+        # The gateway cuts the client's stream at an event boundary instead of waiting for the run:
+        # a cut, not a clean end, so the client knows to resume elsewhere.
+        rest, was_cut = await asyncio.wait_for(read_until_cut(resp), 5)
+    assert was_cut
     assert code == 0, gw.log.read_text()
     assert elapsed < GRACE, f"took {elapsed:.1f}s, grace is {GRACE}s"
     assert len(first) + len(rest) < 1000

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import PrometheusMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "grafana" / "dashboard.json"
 METRIC = re.compile(r"gateway_[a-z_]+")
@@ -33,10 +33,10 @@ def queries(dashboard: dict[str, Any]) -> Iterator[str]:
 
 
 def exposed_samples() -> set[str]:
-    """Sample names a GatewayMetrics exposes once every hook has run once."""
+    """Sample names PrometheusMetrics exposes once every hook has run once."""
     registry = CollectorRegistry()
-    m = GatewayMetrics(registry)
-    m.bind_gauges(lambda: 1024, lambda: 2, lambda: 3)
+    m = PrometheusMetrics(registry)
+    m.bind_gauges(lambda: 1024, lambda: 2, lambda: 3, lambda: 0)
     m.request_done("default", "POST", 200)
     m.replica_health("default", "http://127.0.0.1:2024", True)
     m.committed(5, 0.002, True)
@@ -47,6 +47,7 @@ def exposed_samples() -> set[str]:
     m.rejoined(False)
     m.interrupted()
     m.resumed("hit")
+    m.gap("replay_mismatch")
     text = generate_latest(registry).decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 

@@ -46,7 +46,7 @@ def evs(*bodies: str, uid: str | None = None) -> list[Event]:
 
 async def test_append_then_read_in_order(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("a"))
+    await log.begin(meta("a"))
     first = await log.append("a", evs("1", "2"))
     second = await log.append("a", evs("3"))
     seqs = [s for s, _ in first + second]
@@ -60,19 +60,19 @@ async def test_append_then_read_in_order(open_log: Opener) -> None:
 
 async def test_streams_do_not_mix_and_ids_are_global(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("a"))
-    log.begin(meta("ab"))  # a key that is a prefix of another must not leak into it
+    await log.begin(meta("a"))
+    await log.begin(meta("ab"))  # a key that is a prefix of another must not leak into it
     a = await log.append("a", evs("a1"))
     ab = await log.append("ab", evs("ab1"))
     a2 = await log.append("a", evs("a2"))
     assert a[0][0] < ab[0][0] < a2[0][0]
-    assert [b for _, b in await log.read("a", 0, 10**9, 100)] == [a[0][1], a2[0][1]]
-    assert [b for _, b in await log.read("ab", 0, 10**9, 100)] == [ab[0][1]]
+    assert [b for _, b in await log.read("a", 0, 10**18, 100)] == [a[0][1], a2[0][1]]
+    assert [b for _, b in await log.read("ab", 0, 10**18, 100)] == [ab[0][1]]
 
 
 async def test_reopen_keeps_events_metadata_and_never_reuses_ids(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("a"))
+    await log.begin(meta("a"))
     before = await log.append("a", evs("1", "2", uid="99-0"))
     await log.finish("a", "done", evs("last"))
     log = await open_log()
@@ -81,26 +81,26 @@ async def test_reopen_keeps_events_metadata_and_never_reuses_ids(open_log: Opene
     assert m.last_upstream_id == "99-0"
     got = await log.read("a", 0, m.head, 100)
     assert got[:2] == before and len(got) == 3
-    log.begin(meta("b"))
+    await log.begin(meta("b"))
     after = await log.append("b", evs("x"))
     assert after[0][0] > m.head
 
 
 async def test_ids_not_reused_after_the_newest_stream_is_evicted(open_log: Opener) -> None:
     log = await open_log(retention=1.0)
-    log.begin(meta("a"))
+    await log.begin(meta("a"))
     top = (await log.append("a", evs("1")))[-1][0]
     await log.finish("a", "done")
     assert await log.sweep(now=time.time() + 10) == 1
     log = await open_log()
     assert log.get("a") is None
-    log.begin(meta("a"))
+    await log.begin(meta("a"))
     assert (await log.append("a", evs("again")))[0][0] > top
 
 
 async def test_open_stream_survives_reopen_as_open(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("live", resumable=True))
+    await log.begin(meta("live", resumable=True))
     await log.append("live", evs("1", uid="5-0"))
     log = await open_log()
     m = log.get("live")
@@ -109,8 +109,8 @@ async def test_open_stream_survives_reopen_as_open(open_log: Opener) -> None:
 
 async def test_tail_returns_upstream_ids_newest_last(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("a"))
-    log.begin(meta("b"))
+    await log.begin(meta("a"))
+    await log.begin(meta("b"))
     await log.append("a", evs("1", uid="1-0") + evs("2", uid="2-0") + evs("3"))
     await log.append("b", evs("other", uid="9-0"))
     tail = await log.tail("a", 2)
@@ -121,28 +121,28 @@ async def test_tail_returns_upstream_ids_newest_last(open_log: Opener) -> None:
 async def test_retention_ttl_removes_finished_streams_whole_and_keeps_live(open_log: Opener) -> None:
     log = await open_log(retention=60.0)
     for k in ("old", "live"):
-        log.begin(meta(k))
+        await log.begin(meta(k))
         await log.append(k, evs("1", "2"))
     await log.finish("old", "done")
     assert await log.sweep(now=time.time() + 30) == 0
     assert await log.sweep(now=time.time() + 3600) == 1
     assert log.get("old") is None and log.get("live") is not None
-    assert await log.read("old", 0, 10**9, 10) == []
+    assert await log.read("old", 0, 10**18, 10) == []
     log = await open_log(retention=60.0)
-    assert log.get("old") is None and len(await log.read("live", 0, 10**9, 10)) == 2
+    assert log.get("old") is None and len(await log.read("live", 0, 10**18, 10)) == 2
 
 
 async def test_size_budget_evicts_oldest_finished_first_never_live(open_log: Opener) -> None:
     log = await open_log(max_bytes=3000)
     payload = "x" * 400
     for k in ("f1", "f2", "live"):
-        log.begin(meta(k))
+        await log.begin(meta(k))
         await log.append(k, evs(payload, payload))
         if k != "live":
             await log.finish(k, "done")
         time.sleep(0.01)  # distinct finish times
     assert log.size > 0
-    log.begin(meta("live2"))
+    await log.begin(meta("live2"))
     await log.append("live2", evs(payload, payload, payload))
     await log.sweep()
     assert log.get("f1") is None, "oldest finished goes first"
@@ -151,11 +151,11 @@ async def test_size_budget_evicts_oldest_finished_first_never_live(open_log: Ope
 
 async def test_full_budget_with_only_live_streams_refuses_new_captures(open_log: Opener) -> None:
     log = await open_log(max_bytes=1000)
-    log.begin(meta("live"))
+    await log.begin(meta("live"))
     await log.append("live", evs("y" * 1200))
     assert not log.accepting()
     with pytest.raises(StorageFull):
-        log.begin(meta("new"))
+        await log.begin(meta("new"))
     # Nothing stored is lost, and the live stream can still append.
     more = await log.append("live", evs("z"))
     assert len(await log.read("live", 0, more[-1][0], 10)) == 2
@@ -163,13 +163,13 @@ async def test_full_budget_with_only_live_streams_refuses_new_captures(open_log:
 
 async def test_map_grows_instead_of_failing(open_log: Opener) -> None:
     log = await open_log(map_size=64 * 1024)
-    log.begin(meta("big"))
+    await log.begin(meta("big"))
     total = 0
     for _ in range(40):
         got = await log.append("big", evs(*["p" * 1000] * 10))
         total += len(got)
     assert total == 400
-    assert len(await log.read("big", 0, 10**9, 1000)) == 400
+    assert len(await log.read("big", 0, 10**18, 1000)) == 400
 
 
 async def test_group_commit_many_streams_concurrently(open_log: Opener) -> None:
@@ -177,12 +177,12 @@ async def test_group_commit_many_streams_concurrently(open_log: Opener) -> None:
 
     log = await open_log()
     for i in range(50):
-        log.begin(meta(f"s{i}"))
+        await log.begin(meta(f"s{i}"))
     results = await asyncio.gather(*(log.append(f"s{i}", evs(str(i))) for i in range(50)))
     seqs = [r[0][0] for r in results]
     assert len(set(seqs)) == 50
     for i in range(50):
-        assert len(await log.read(f"s{i}", 0, 10**9, 10)) == 1
+        assert len(await log.read(f"s{i}", 0, 10**18, 10)) == 1
 
 
 async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
@@ -191,7 +191,7 @@ async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
     rng = random.Random(3)
     log = await open_log()
     for k in ("s", "s2", "r"):  # neighbours in key order on both sides
-        log.begin(meta(k))
+        await log.begin(meta(k))
     everything: list[tuple[int, bytes]] = []
     for i in range(40):
         await log.append("r", evs("noise"))
@@ -213,7 +213,7 @@ async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None
     log = LmdbEventLog(Storage(path=tmp_path / "obs"), on_commit=lambda n, secs, ok: seen.append((n, ok)))
     await log.open()
     try:
-        log.begin(meta("a"))
+        await log.begin(meta("a"))
         await log.append("a", evs("1", "2", "3"))
         assert sum(n for n, _ in seen) == 3 and all(ok for _, ok in seen)
     finally:
@@ -222,8 +222,8 @@ async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None
 
 async def test_open_thread_stream_loses_only_batches_older_than_retention(open_log: Opener) -> None:
     log = await open_log(retention=60.0)
-    log.begin(StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
-    log.begin(meta("run-live"))
+    await log.begin(StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
+    await log.begin(meta("run-live"))
     old = await log.append("t", evs("old1", "old2"))
     await log.append("run-live", evs("r"))
     size_before = log.size
@@ -234,7 +234,7 @@ async def test_open_thread_stream_loses_only_batches_older_than_retention(open_l
     assert m is not None and m.open and m.first_seq == old[-1][0] + 1
     assert log.size < size_before + 100
     assert await log.read("t", 0, m.head, 100) == fresh
-    assert len(await log.read("run-live", 0, 10**9, 10)) == 1, "a live run is never trimmed"
+    assert len(await log.read("run-live", 0, 10**18, 10)) == 1, "a live run is never trimmed"
     log = await open_log(retention=60.0)
     m = log.get("t")
     assert m is not None and m.first_seq == old[-1][0] + 1
@@ -242,7 +242,7 @@ async def test_open_thread_stream_loses_only_batches_older_than_retention(open_l
 
 async def test_read_never_returns_more_than_limit_even_mid_batch(open_log: Opener) -> None:
     log = await open_log()
-    log.begin(meta("a"))
+    await log.begin(meta("a"))
     batch = await log.append("a", evs(*[str(i) for i in range(10)]))
     assert await log.read("a", 0, batch[-1][0], 3) == batch[:3]
     assert await log.read("a", batch[2][0], batch[-1][0], 3) == batch[3:6]

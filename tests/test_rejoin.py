@@ -1,13 +1,17 @@
-"""Re-join rules: where to ask the upstream from, and what of its answer to drop."""
+"""Re-join rules: where to ask the upstream from, what of its answer to drop, when to say a gap."""
 
 from __future__ import annotations
 
-from gateway.rejoin import Dedupe, resume_point
+import orjson
+
+from gateway.eventlog import StreamMeta
+from gateway.rejoin import Seam, leg_last_event_id, resume_point
 from gateway.sse import Event, event
+from gateway.stream_params import Cursor
 
 
-def ev(uid: str, body: str) -> Event:
-    return event(f"data: {body}\n".encode(), uid)
+def ev(uid: str | None, body: str, name: str = "custom") -> Event:
+    return event(f"event: {name}\ndata: {body}\n".encode(), uid)
 
 
 def test_resume_point_is_just_before_and_sorts_before_as_a_string() -> None:
@@ -19,23 +23,77 @@ def test_resume_point_is_just_before_and_sorts_before_as_a_string() -> None:
     assert resume_point("opaque") == "opaque"
 
 
-def test_events_already_held_are_dropped_as_often_as_held_and_no_more() -> None:
-    d = Dedupe([("5-0", b"data: a\n"), ("5-0", b"data: t\n"), ("5-0", b"data: t\n")])
-    got = d.filter([ev("5-0", "a"), ev("5-0", "t"), ev("5-0", "t"), ev("5-0", "t"), ev("6-0", "b")])
-    assert [(uid, body) for body, uid in got] == [("5-0", b"data: t\n"), ("6-0", b"data: b\n")]
+def test_one_rule_for_the_upstream_last_event_id() -> None:
+    held = StreamMeta(key="k", kind="run", upstream="u", path="/p", head=5, last_upstream_id="1000-0")
+    assert leg_last_event_id("run", held) == "0999-0"
+    assert leg_last_event_id("run", StreamMeta(key="k", kind="run", upstream="u", path="/p")) == "-1"
+    assert leg_last_event_id("thread", StreamMeta(key="k", kind="thread", upstream="u", path="/p")) is None
+    assert leg_last_event_id("run", None, Cursor("seq", 7, "7")) == "-1"
+    assert leg_last_event_id("thread", None, Cursor("start", 0, "-1")) == "-"
+    assert leg_last_event_id("run", None, Cursor("upstream", 0, "5-0")) == "5-0"
+    assert leg_last_event_id("run", None, Cursor("none")) is None
 
 
-def test_identical_events_in_one_millisecond_are_kept() -> None:
-    d = Dedupe([])
-    same = [ev("7-0", "the"), ev("7-0", "the"), ev("7-0", "the")]
+def test_events_already_held_are_dropped() -> None:
+    d = Seam([("5-0", b"event: custom\ndata: a\n"), ("5-0", b"event: custom\ndata: t\n")])
+    got = d.filter([ev("5-0", "a"), ev("5-0", "t"), ev("5-0", "t"), ev("6-0", "b")])
+    assert [(uid, body) for body, uid in got] == [("6-0", b"event: custom\ndata: b\n")]
+
+
+def test_identical_bodies_under_rising_ids_are_all_kept() -> None:
+    d = Seam([])
+    same = [ev("7-0", "the"), ev("8-0", "the"), ev("9-0", "the")]
     assert len(d.filter(same)) == 3
 
 
+def test_identical_id_and_body_on_a_rejoined_leg_count_once() -> None:
+    # The documented limit: with ids that repeat within a millisecond, the wire cannot tell a
+    # second identical event from the re-send every re-join makes, so a seam keeps one.
+    d = Seam([])
+    assert len(d.filter([ev("7-0", "the"), ev("7-0", "the")])) == 1
+
+
 def test_replay_live_overlap_jumping_back_is_dropped() -> None:
-    d = Dedupe([])
+    d = Seam([])
     first = [ev(f"{i}-0", f"i{i}") for i in range(10, 20)]
     again = [ev(f"{i}-0", f"i{i}") for i in range(15, 20)]  # the live queue re-sends 15..19
     later = [ev("20-0", "i20")]
     assert d.filter(first) == first
-    assert d.filter(again[:-1]) == []  # 15..18 arrive behind 19: repeats
+    assert d.filter(again) == []
     assert d.filter(later) == later
+
+
+def test_a_leg_starting_with_a_held_event_is_proven_and_unmarked() -> None:
+    gaps: list[str] = []
+    d = Seam([("5-0", b"event: custom\ndata: a\n")], after=40, expect="held", on_gap=gaps.append)
+    assert d.filter([ev("5-0", "a"), ev("6-0", "b")]) == [ev("6-0", "b")]
+    assert d.close() == [] and gaps == []
+
+
+def test_a_leg_starting_elsewhere_is_marked_once_at_the_seam() -> None:
+    gaps: list[str] = []
+    d = Seam([("5-0", b"event: custom\ndata: a\n")], after=40, expect="held", on_gap=gaps.append)
+    got = d.filter([ev("9-0", "z"), ev("10-0", "y")])
+    assert [orjson.loads(body.split(b"data: ")[1]) ["reason"] for body, _ in got[:1]] == ["replay_mismatch"]
+    assert got[0][0].startswith(b"event: gap\n") and got[1:] == [ev("9-0", "z"), ev("10-0", "y")]
+    assert orjson.loads(got[0][0].split(b"data: ")[1])["after"] == "40"
+    assert d.filter([ev("11-0", "x")]) == [ev("11-0", "x")] and gaps == ["replay_mismatch"]
+
+
+def test_no_ids_cannot_be_proven() -> None:
+    d = Seam([(None, b"event: custom\ndata: a\n")], after=3, expect="held")
+    got = d.filter([ev(None, "b")])
+    assert got[0][0].startswith(b"event: gap\n") and d.gap == "no_upstream_ids"
+
+
+def test_an_empty_rejoin_is_marked_when_it_ends() -> None:
+    d = Seam([("5-0", b"event: custom\ndata: a\n")], after=3, expect="held")
+    assert d.filter([]) == []
+    assert d.close()[0][0].startswith(b"event: gap\n") and d.gap == "empty_rejoin"
+
+
+def test_a_run_with_nothing_held_must_restart_from_its_metadata() -> None:
+    ok = Seam([], expect="start")
+    assert ok.filter([ev("1-0", "{}", "metadata")]) == [ev("1-0", "{}", "metadata")]
+    late = Seam([], expect="start")
+    assert late.filter([ev(None, "{\"i\":4}")])[0][0].startswith(b"event: gap\n")

@@ -12,6 +12,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
+from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -240,7 +241,7 @@ async def test_an_id_never_issued_is_422_not_an_endless_wait(gateway: RunningGat
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=30, delay=0.02)
     await read_events(resp, limit=2)
-    async with http.get(gateway.url + resp.headers["Location"], headers={"Last-Event-ID": "99999999999"}) as r:
+    async with http.get(gateway.url + resp.headers["Location"], headers={"Last-Event-ID": "999999999999999999"}) as r:
         assert r.status == 422
         assert "not sent that id" in (await r.json())["detail"]
     resp.close()
@@ -331,3 +332,44 @@ async def test_large_events_are_captured_and_replayed_intact(gateway: RunningGat
     assert [len(e.data) for e in original[1:]] == [len(original[1].data)] * 3
     assert len(original[1].data) > 3_000_000
     assert await join(http, gateway.url + resp.headers["Location"], "-1") == original
+
+
+async def test_a_stalled_client_is_bounded_in_bytes_and_catches_up_from_the_log(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    limit = 1 << 20
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"subscriber_buffer_bytes": limit}))
+    n = 150
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=n, delay=0.002, pad=100_000)  # 15 MB, far fewer events than the count cap
+    loc = gw.url + resp.headers["Location"]
+    async with http.get(loc, headers={"Last-Event-ID": "-1"}) as stalled:  # opened, never read until the end
+        peak = 0
+        reader = asyncio.ensure_future(read_events(resp))
+        while not reader.done():
+            peak = max(peak, sum(f.sub.queued_bytes for f in gw.gw.hub.followers if f.sub is not None))
+            await asyncio.sleep(0.002)
+        assert customs(reader.result()) == list(range(n))
+        assert peak <= limit, f"a stalled client held {peak} bytes in its queue"
+        assert gw.gw.metrics.subscribers_overflowed._value.get() >= 1
+        got = await read_events(stalled)
+    assert customs(got) == list(range(n)), "it catches up from the log"
+    assert_ids_increase(got)
+
+
+@pytest.mark.parametrize("spell", [str.upper, lambda s: s.replace("-", "%2D"), lambda s: s.replace("-", "")])
+async def test_other_spellings_of_a_held_run_share_its_capture(
+        gateway: RunningGateway, http: aiohttp.ClientSession, spell: Callable[[str], str]) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=5)
+    original = await read_events(resp)
+    rid = original[0].json["run_id"]  # type: ignore[index]
+    url = URL(f"{gateway.url}/threads/{spell(tid)}/runs/{spell(rid)}/stream", encoded=True)  # sent as spelled
+    async with http.get(url, headers={"Last-Event-ID": "-1"}) as r:
+        assert r.status == 200
+        assert "X-Gateway-Resume" not in r.headers
+        assert await read_events(r) == original
+    async with http.get(URL(f"{gateway.url}/threads/{spell(tid)}/stream", encoded=True),
+                        headers={"Last-Event-ID": "-"}):
+        await asyncio.sleep(0.1)
+    assert len(list(gateway.gw.log.streams())) == 2, "one run capture and one thread capture, no copies"

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from gateway.eventlog.base import Entry, EventLog, StorageError, StorageFull, StreamMeta
+from gateway.eventlog.base import (
+    EndReason,
+    Entry,
+    EventLog,
+    StorageDamaged,
+    StorageError,
+    StorageFull,
+    StreamKind,
+    StreamMeta,
+)
 from gateway.eventlog.lmdb import CommitObserver, LmdbEventLog
 
-__all__ = ["Entry", "EventLog", "StorageError", "StorageFull", "StreamMeta", "LmdbEventLog", "CommitObserver"]
+__all__ = ["EndReason", "Entry", "EventLog", "StorageDamaged", "StorageError", "StorageFull", "StreamKind",
+           "StreamMeta", "LmdbEventLog", "CommitObserver"]

@@ -1,13 +1,18 @@
 """The event log contract: what the hub needs from durable storage, and nothing of HTTP.
 
 LMDB (``gateway.eventlog.lmdb``) is the embedded default. A shared log on a
-distributed engine (Redis Streams) can implement the same interface so several
+distributed engine (Redis Streams) implements the same interface so several
 gateway replicas serve each other's resumes; ``tests/test_eventlog.py`` is the
-contract suite such a backend must pass.
+contract suite every backend passes.
 
 Positions ("seq") are integers from one counter for the whole log, so they
 strictly increase within every stream, are never reused (not even after a
 stream is evicted and captured again), and can be sent to clients as SSE ids.
+A new log starts its counter at the current time in microseconds, so it stays
+above every id an earlier log (one moved aside, or lost) could have handed out.
+
+Metadata is handed out as immutable snapshots of what is committed: a snapshot
+never counts an event that a failed commit did not store.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Literal, Sequence
 
 import orjson
 
@@ -24,6 +29,9 @@ from gateway.sse import Event
 
 # (seq, body): a committed event as the hub and the handlers see it.
 Entry = tuple[int, bytes]
+
+StreamKind = Literal["run", "thread"]
+EndReason = Literal["done", "interrupted"]
 
 
 class StorageError(RuntimeError):
@@ -34,29 +42,46 @@ class StorageFull(StorageError):
     """The disk budget is spent and nothing finished is left to evict."""
 
 
-@dataclass(slots=True)
+class StorageDamaged(StorageError):
+    """What is on disk is not what the gateway wrote (a truncated file, a corrupted record)."""
+
+
+def seq_floor() -> int:
+    """Where a brand-new log starts counting: above any id an older log handed out.
+
+    An older log started at its own creation time in microseconds and handed out
+    one id per event, so it stays below this unless it averaged more than a
+    million events per second over its whole life.
+    """
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
 class StreamMeta:
-    """Everything the gateway knows about one captured stream, committed with its events."""
+    """Everything the gateway knows about one captured stream, as committed with its events."""
 
     key: str
-    kind: str  # "run" | "thread"
+    kind: StreamKind
     upstream: str
     path: str  # upstream path that re-joins this stream with GET
     thread_id: str | None = None
     run_id: str | None = None
-    # The upstream keeps a replay buffer for it, so a lost upstream leg can be
-    # re-joined with last_upstream_id instead of losing events.
+    # The gateway asked the upstream to keep a replay buffer for it (stream_resumable).
     resumable: bool = False
     open: bool = True  # an ingest is (or should be) attached
-    end: str | None = None  # "done" | "interrupted"; None while open or for thread streams
+    end: EndReason | None = None  # None while open, and for thread streams
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     head: int = 0  # seq of the last event, 0 when empty
     count: int = 0
     size: int = 0  # bytes held in the log
     last_upstream_id: str | None = None
+    last_event: str | None = None  # the SSE event name of the last event ("error" ends a run)
     # Lowest seq still held when retention trimmed the start of an open stream (0: nothing trimmed).
     first_seq: int = 0
+    # The log's last seq when this capture began: every id of this capture is above it, so a
+    # client id at or below it belongs to an earlier capture of the same run or thread.
+    base: int = 0
     # Salted hash of the credentials that started the capture (gateway.access); never the secret.
     auth_salt: str | None = None
     auth_digest: str | None = None
@@ -66,13 +91,28 @@ class StreamMeta:
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> StreamMeta:
-        data = orjson.loads(raw)
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """Decode a stored record; anything malformed is StorageDamaged, never a stray TypeError."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise StorageDamaged(f"not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise StorageDamaged("not a JSON object")
+        known: dict[str, Any] = {k: v for k, v in data.items() if k in _FIELDS}
+        missing = {"key", "kind", "upstream", "path"} - known.keys()
+        if missing:
+            raise StorageDamaged(f"missing {', '.join(sorted(missing))}")
+        meta = cls(**known)
+        if meta.kind not in ("run", "thread") or not isinstance(meta.head, int) or not isinstance(meta.key, str):
+            raise StorageDamaged(f"bad field values in {meta.key!r}")
+        return meta
 
     @property
     def finished(self) -> bool:
         return self.end is not None
+
+
+_FIELDS = frozenset(f.name for f in fields(StreamMeta))
 
 
 class EventLog(abc.ABC):
@@ -80,7 +120,11 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def open(self) -> None:
-        """Open storage and load stream metadata (streams left open by a crash stay open)."""
+        """Open storage and load stream metadata (streams left open by a crash stay open).
+
+        Raises StorageDamaged, naming the file and the problem, when what is on disk
+        cannot be trusted; never starts over silently.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -88,17 +132,18 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     def get(self, key: str) -> StreamMeta | None:
-        """Metadata of a stream held in the log (cheap: no I/O)."""
+        """The committed snapshot of a stream held in the log (cheap: no I/O)."""
 
     @abc.abstractmethod
     def streams(self) -> Iterable[StreamMeta]:
         """Every stream held in the log."""
 
     @abc.abstractmethod
-    def begin(self, meta: StreamMeta) -> StreamMeta:
-        """Start (or restart) capturing a stream; raises StorageFull when over budget.
+    async def begin(self, meta: StreamMeta) -> StreamMeta:
+        """Start (or restart) capturing a stream, durably; raises StorageFull when over budget.
 
-        Made durable by the next commit. Restarting keeps the events already held.
+        Restarting keeps the events already held, and clears a stream a failed
+        commit had stopped, so its capture can go on once storage is healthy.
         """
 
     @abc.abstractmethod
@@ -107,7 +152,9 @@ class EventLog(abc.ABC):
 
         The future gives the events with their seqs once committed. Futures
         resolve in submission order, so callbacks on them publish in order
-        while the caller already parses the next chunk.
+        while the caller already parses the next chunk. After a failed commit,
+        every later submit for the stream fails too until it is begun again:
+        a stream never has a hole.
         """
 
     async def append(self, key: str, events: Sequence[Event]) -> list[Entry]:
@@ -115,7 +162,7 @@ class EventLog(abc.ABC):
         return await self.submit(key, events)
 
     @abc.abstractmethod
-    async def finish(self, key: str, end: str | None, events: Sequence[Event] = ()) -> list[Entry]:
+    async def finish(self, key: str, end: EndReason | None, events: Sequence[Event] = ()) -> list[Entry]:
         """Append final events and close the stream in one commit.
 
         ``end`` is None for a stream that may be captured again later (a thread
@@ -128,7 +175,7 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
-        """Upstream ids and bodies of the last ``limit`` events (de-duplication on re-join)."""
+        """Upstream ids and bodies of the last events (at most ``limit``), oldest first."""
 
     @abc.abstractmethod
     async def sweep(self, now: float | None = None) -> int:
@@ -142,7 +189,17 @@ class EventLog(abc.ABC):
 
     @abc.abstractmethod
     def accepting(self, key: str | None = None) -> bool:
-        """False when a capture of ``key`` must be refused: over budget with nothing else finished to evict."""
+        """False when a capture of ``key`` must be refused: storage failing, or over budget
+        with nothing else finished to evict."""
+
+    @property
+    @abc.abstractmethod
+    def failure(self) -> str | None:
+        """Why commits are failing right now (a full disk, an I/O error), or None when healthy."""
+
+    @abc.abstractmethod
+    async def wait_healthy(self) -> None:
+        """Return once commits succeed again (at once when healthy)."""
 
     @property
     @abc.abstractmethod
@@ -153,3 +210,6 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     def size(self) -> int:
         """Bytes held."""
+
+
+

@@ -9,11 +9,17 @@ Layout (named databases in one environment):
 - ``streams``: ``<stream key>`` -> StreamMeta as JSON
 - ``meta``: ``seq`` -> the last seq handed out (so seqs are never reused)
 
-Seqs and metadata are assigned on the event loop, in call order; the writer
-thread only applies staged batches. It drains everything queued into one write
-transaction and commits once, so one fsync covers every stream that had events
-waiting (group commit). Futures resolve after the commit: nothing reaches a
-client before it is on disk.
+Seqs are assigned on the event loop, in call order, against a *staged* view of
+each stream; the committed snapshots (what ``get`` returns) change only once
+the writer thread reports a commit. The writer drains everything queued into
+one write transaction and commits once, so one fsync covers every stream that
+had events waiting (group commit). Futures resolve after the commit: nothing
+reaches a client before it is on disk.
+
+When a commit fails (a full disk, an I/O error) every stream in it is marked
+broken: its later batches are refused until the hub begins it again, so no
+stream ever has a hole. The writer then probes with a small real write every
+second and reports recovery, so the gateway heals by itself when space returns.
 """
 
 from __future__ import annotations
@@ -26,36 +32,55 @@ import queue
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import lmdb
 
 from gateway.config import Storage
-from gateway.eventlog.base import Entry, EventLog, StorageError, StorageFull, StreamMeta
-from gateway.sse import Event
+from gateway.eventlog.base import (
+    EndReason,
+    Entry,
+    EventLog,
+    StorageDamaged,
+    StorageError,
+    StorageFull,
+    StreamMeta,
+    seq_floor,
+)
+from gateway.sse import Event, event_name
 
 log = logging.getLogger("gateway.eventlog")
 
 _EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
 _RECORD_TIME = struct.Struct(">Q")  # unix ms the batch was appended
 _SEQ_KEY = b"seq"
+_PROBE_KEY = b"probe"
 _READ_PAGE_BYTES = 4 << 20
+_TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
+# While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
+PROBE_INTERVAL = 1.0
+_PROBE_BYTES = 1 << 20
 
 # Called on the loop after each commit group: (events, seconds, ok). Metrics hook.
 CommitObserver = Callable[[int, float, bool], None]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Batch:
-    """Writes staged on the loop for one commit group."""
+    """Writes staged on the loop, applied by the writer thread in submission order."""
 
+    key: str | None = None  # the stream whose events these are (None: retention work)
+    metas: dict[str, StreamMeta | None] = field(default_factory=dict)  # snapshots once committed; None deletes
     events: list[tuple[bytes, bytes]] = field(default_factory=list)
-    metas: dict[bytes, bytes | None] = field(default_factory=dict)  # None deletes
     drop_prefixes: list[bytes] = field(default_factory=list)
     drop_keys: list[bytes] = field(default_factory=list)
-    seq: int = 0
+    seq: int = 0  # highest seq in the batch (0: none)
     count: int = 0  # events in the records above (metrics)
+    revive: bool = False  # begin(): the stream may take writes again after a failure
+    result: Any = None
+    future: asyncio.Future[Any] | None = None
 
 
 class _RWLock:
@@ -94,20 +119,57 @@ def _prefix(key: str) -> bytes:
     return key.encode() + b"\x00"
 
 
-def _decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
-    """The events of one batch record: (seq, upstream id, body)."""
+def decode_record(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
+    """The events of one batch record: (seq, upstream id, body); StorageDamaged if it is not one."""
     out: list[tuple[int, str | None, bytes]] = []
     unpack = _EVENT_HEAD.unpack_from
-    i, n, seq = _RECORD_TIME.size, len(value), first
+    n = len(value)
+    if n < _RECORD_TIME.size + _EVENT_HEAD.size:
+        raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
+    i, seq = _RECORD_TIME.size, first
     while i < n:
+        if i + 6 > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event header")
         blen, ulen = unpack(value, i)
         i += 6
-        uid = value[i:i + ulen].decode() if ulen else None
+        if i + ulen + blen > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
+        uid = value[i:i + ulen].decode("utf-8", "replace") if ulen else None
         i += ulen
         out.append((seq, uid, value[i:i + blen]))
         i += blen
         seq += 1
     return out
+
+
+def verify_file(path: Path) -> None:
+    """Refuse a data file LMDB would misread: empty, or shorter than its own header says.
+
+    LMDB maps the file; a page past its end is a SIGBUS in the middle of a read,
+    and an empty file is taken for a new log (ids would start over). Both meta
+    pages are read here first: the newer one says how many pages must exist.
+    """
+    data = path / "data.mdb"
+    try:
+        size = data.stat().st_size
+    except FileNotFoundError:
+        return  # a new log
+    hint = "move the data directory aside to start a new log (see README, 'A damaged log')"
+    if size < 2 * 4096:
+        raise StorageDamaged(f"{data}: truncated ({size} bytes, less than LMDB's two header pages); {hint}")
+    with open(data, "rb") as f:
+        first = f.read(4096)
+        magic, psize = struct.unpack_from("<I", first, 16)[0], struct.unpack_from("<I", first, 40)[0]
+        if magic != 0xBEEFC0DE or psize < 512 or psize & (psize - 1):
+            raise StorageDamaged(f"{data}: not an LMDB file (bad header); {hint}")
+        f.seek(psize)
+        second = f.read(256)
+    metas = [struct.unpack_from("<QQ", page, 136) for page in (first, second) if len(page) >= 152
+             and struct.unpack_from("<I", page, 16)[0] == 0xBEEFC0DE]
+    last_pg, _txnid = max(metas, key=lambda m: m[1])
+    needed = (last_pg + 1) * psize
+    if size < needed:
+        raise StorageDamaged(f"{data}: truncated ({size} bytes, its header needs {needed}); {hint}")
 
 
 class LmdbEventLog(EventLog):
@@ -117,15 +179,20 @@ class LmdbEventLog(EventLog):
         self._events_db: Any = None
         self._streams_db: Any = None
         self._meta_db: Any = None
-        self._metas: dict[str, StreamMeta] = {}
+        self._metas: dict[str, StreamMeta] = {}  # committed snapshots
+        self._staged: dict[str, StreamMeta] = {}  # what each stream will be once its queued batches commit
+        self._broken: set[str] = set()  # streams a failed commit stopped (loop side)
         self._seq = 0
         self._size = 0
-        self._queue: queue.SimpleQueue[tuple[_Batch, asyncio.Future[Any], Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
         self._on_commit = on_commit
         self._lock_fd: int | None = None
+        self._failure: str | None = None
+        self._healthy = asyncio.Event()
+        self._healthy.set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -136,10 +203,12 @@ class LmdbEventLog(EventLog):
         self._writer.start()
 
     def _open_sync(self) -> None:
-        path = self._cfg.path
+        path = Path(self._cfg.path)
+        data = path / "data.mdb"
         try:
             os.makedirs(path, exist_ok=True)
             self._take_dir_lock(path)
+            verify_file(path)
             sync = self._cfg.durability == "fsync"
             self._env = lmdb.open(
                 str(path), map_size=self._cfg.map_size, max_dbs=4, max_readers=512,
@@ -150,27 +219,54 @@ class LmdbEventLog(EventLog):
             self._meta_db = self._env.open_db(b"meta")
             with self._env.begin() as txn:
                 raw = txn.get(_SEQ_KEY, db=self._meta_db)
-                self._seq = int(raw) if raw else 0
                 for k, v in txn.cursor(db=self._streams_db):
-                    meta = StreamMeta.from_bytes(v)
+                    try:
+                        meta = StreamMeta.from_bytes(v)
+                    except StorageDamaged as exc:
+                        shown = bytes(k)[:80].decode("utf-8", "replace")
+                        raise StorageDamaged(f"{data}: stream record {shown!r} is damaged ({exc}); move the data "
+                                             "directory aside to start a new log (see README, 'A damaged log')") from None
                     self._metas[meta.key] = meta
                     self._size += meta.size
-                    self._seq = max(self._seq, meta.head)
+            if raw is not None:
+                if not raw.isdigit():
+                    raise StorageDamaged(f"{data}: the seq record is damaged ({bytes(raw)[:40]!r}); move the data "
+                                         "directory aside to start a new log (see README, 'A damaged log')")
+                self._seq = int(raw)
+            top = max((m.head for m in self._metas.values()), default=0)
+            if raw is None or top > self._seq:
+                # A new log (or one from before the counter was stored first): start above every old id.
+                self._seq = max(self._seq, top, seq_floor())
+                with self._env.begin(write=True) as wtxn:
+                    wtxn.put(_SEQ_KEY, str(self._seq).encode(), db=self._meta_db)
+        except StorageError:
+            self._release_dir_lock()
+            raise
         except (lmdb.Error, OSError) as exc:
+            self._release_dir_lock()
             raise StorageError(f"open event log at {path}: {exc}") from exc
+        self._staged = dict(self._metas)
         log.info("event log open at %s: %d streams, %d bytes, next seq %d",
                  path, len(self._metas), self._size, self._seq + 1)
 
-    def _take_dir_lock(self, path: os.PathLike[str] | str) -> None:
+    def _take_dir_lock(self, path: Path) -> None:
         # LMDB itself allows several processes; two gateways on one log would both hand out
         # the same seqs and both re-attach the same streams. One owner per data directory.
-        fd = os.open(os.path.join(path, "gateway.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise StorageError(f"data directory {path} is in use by another gateway process") from None
         self._lock_fd = fd
+
+    def _release_dir_lock(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -184,9 +280,7 @@ class LmdbEventLog(EventLog):
                 self._env = None
             finally:
                 self._rw.release_write()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the flock
-            self._lock_fd = None
+        self._release_dir_lock()
 
     # --- metadata ----------------------------------------------------------------------------
 
@@ -204,41 +298,47 @@ class LmdbEventLog(EventLog):
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    async def wait_healthy(self) -> None:
+        await self._healthy.wait()
+
     def accepting(self, key: str | None = None) -> bool:
+        if self._failure is not None:
+            return False
         # Same rule as begin(): the stream being (re)started is never evicted to make room for itself.
         return self._size < self._cfg.max_bytes or any(not m.open and m.key != key for m in self._metas.values())
 
-    def begin(self, meta: StreamMeta) -> StreamMeta:
-        existing = self._metas.get(meta.key)
+    async def begin(self, meta: StreamMeta) -> StreamMeta:
+        if self._failure is not None:
+            raise StorageError(f"storage is failing: {self._failure}")
         if self._size >= self._cfg.max_bytes:
             self._evict_to_budget(exclude=meta.key)
             if self._size >= self._cfg.max_bytes:
                 raise StorageFull(
                     f"event log is at its budget ({self._size} of {self._cfg.max_bytes} bytes) "
                     "and every stream held is still live")
+        existing = self._staged.get(meta.key)
+        now = time.time()
         if existing is not None:
-            existing.open = True
-            existing.end = None
-            existing.path = meta.path
-            existing.resumable = existing.resumable or meta.resumable
-            if meta.auth_digest is not None:
-                existing.auth_salt, existing.auth_digest = meta.auth_salt, meta.auth_digest
-            existing.updated_at = time.time()
-            meta = existing
-        self._metas[meta.key] = meta
-        # Queued now, so it commits before (or with) the stream's first events.
-        self._submit_background(_Batch(metas={meta.key.encode(): meta.to_bytes()}, seq=0))
-        return meta
-
-    def _submit_background(self, batch: _Batch) -> None:
-        fut = self._submit(batch)
-        fut.add_done_callback(_log_failure)
+            staged = replace(existing, open=True, end=None, path=meta.path,
+                             resumable=existing.resumable or meta.resumable, updated_at=now)
+            if meta.auth_digest is not None:  # the new captor is who may resume it now
+                staged = replace(staged, auth_salt=meta.auth_salt, auth_digest=meta.auth_digest)
+        else:
+            staged = replace(meta, base=self._seq, created_at=now, updated_at=now)
+        self._staged[meta.key] = staged
+        self._broken.discard(meta.key)
+        await self._submit(_Batch(key=meta.key, metas={meta.key: staged}, revive=True))
+        return self._metas[meta.key]
 
     # --- writes ------------------------------------------------------------------------------
 
-    def _stage_events(self, batch: _Batch, meta: StreamMeta, events: Sequence[Event]) -> list[Entry]:
+    def _stage_events(self, batch: _Batch, meta: StreamMeta, events: Sequence[Event]) -> tuple[StreamMeta, list[Entry]]:
         if not events:
-            return []
+            return meta, []
         first = self._seq + 1
         entries: list[Entry] = []
         parts: list[bytes] = []
@@ -259,49 +359,54 @@ class LmdbEventLog(EventLog):
         value = _RECORD_TIME.pack(int(now * 1000)) + b"".join(parts)
         batch.events.append((key, value))
         batch.count += len(entries)
-        added = len(key) + len(value)
         self._seq = batch.seq = seq - 1
-        meta.head = seq - 1
-        meta.count += len(entries)
-        meta.size += added
-        meta.last_upstream_id = last_uid
-        meta.updated_at = now
-        self._size += added
-        return entries
+        staged = replace(meta, head=seq - 1, count=meta.count + len(entries), size=meta.size + len(key) + len(value),
+                         last_upstream_id=last_uid, last_event=event_name(events[-1][0]).decode("utf-8", "replace"),
+                         updated_at=now)
+        return staged, entries
 
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
         return self._stage_and_submit(key, events, end=False, end_reason=None)
 
-    async def finish(self, key: str, end: str | None, events: Sequence[Event] = ()) -> list[Entry]:
+    async def finish(self, key: str, end: EndReason | None, events: Sequence[Event] = ()) -> list[Entry]:
         return await self._stage_and_submit(key, events, end=True, end_reason=end)
 
     def _stage_and_submit(self, key: str, events: Sequence[Event], *, end: bool,
-                          end_reason: str | None) -> asyncio.Future[list[Entry]]:
-        meta = self._metas.get(key)
+                          end_reason: EndReason | None) -> asyncio.Future[list[Entry]]:
+        meta = self._staged.get(key)
         if meta is None:
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
-        batch = _Batch()
-        entries = self._stage_events(batch, meta, events)
+        if key in self._broken:
+            raise StorageError(f"stream {key} stopped at a failed commit: {self._failure or 'storage error'}")
+        batch = _Batch(key=key)
+        staged, entries = self._stage_events(batch, meta, events)
         if end:
-            meta.open = False
-            meta.end = end_reason
-            meta.updated_at = time.time()
-        batch.metas[key.encode()] = meta.to_bytes()
-        return self._submit(batch, entries)
+            staged = replace(staged, open=False, end=end_reason, updated_at=time.time())
+        self._staged[key] = batch.metas[key] = staged
+        batch.result = entries
+        return self._submit(batch)
 
-    def _submit(self, batch: _Batch, result: Any = None) -> asyncio.Future[Any]:
+    def _submit(self, batch: _Batch) -> asyncio.Future[Any]:
         if self._writer is None or self._loop is None:
             raise StorageError("event log is closed")
-        fut: asyncio.Future[Any] = self._loop.create_future()
-        self._queue.put((batch, fut, result))
-        return fut
+        batch.future = self._loop.create_future()
+        self._queue.put(batch)
+        return batch.future
+
+    # --- the writer thread -------------------------------------------------------------------
 
     def _write_loop(self) -> None:
         q = self._queue
+        broken: set[str] = set()  # writer side: batches of these streams are refused until revived
+        failing = False
         stopping = False
         while not stopping:
-            item = q.get()
-            group: list[tuple[_Batch, asyncio.Future[Any], Any]] = []
+            try:
+                item = q.get(timeout=PROBE_INTERVAL) if failing else q.get()
+            except queue.Empty:
+                failing = not self._probe()
+                continue
+            group: list[_Batch] = []
             if item is None:
                 stopping = True
             else:
@@ -319,32 +424,49 @@ class LmdbEventLog(EventLog):
                 continue
             started = time.perf_counter()
             error: BaseException | None = None
+            refused: set[int] = set()
             try:
-                self._commit_group([item[0] for item in group])
+                refused = self._commit_group(group, broken)
             except BaseException as exc:  # reported to every waiter; the thread lives on
-                log.exception("event log commit failed")
+                if not failing:
+                    log.error("event log commit failed: %s", exc)
                 error = exc
-            elapsed = time.perf_counter() - started
-            assert self._loop is not None
-            try:
-                self._loop.call_soon_threadsafe(self._resolve, [(f, r) for _, f, r in group], error,
-                                                sum(item[0].count for item in group), elapsed)
-            except RuntimeError:  # loop already closed at shutdown
-                pass
+                broken.update(b.key for b in group if b.key is not None)
+            failing = error is not None
+            self._report(group, refused, error, time.perf_counter() - started, recovered=not failing)
 
-    def _commit_group(self, batches: list[_Batch]) -> None:
+    def _report(self, group: list[_Batch], refused: set[int], error: BaseException | None, seconds: float,
+                recovered: bool) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._resolve, group, refused, error, seconds, recovered)
+        except RuntimeError:  # loop already closed at shutdown
+            pass
+
+    def _commit_group(self, batches: list[_Batch], broken: set[str]) -> set[int]:
+        """Apply a group in one transaction; returns the indexes of batches refused (broken streams)."""
         assert self._env is not None
         while True:
+            refused: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
-                    self._apply(txn, batches)
-                return
+                    self._apply(txn, batches, broken, refused)
+                for b in batches:
+                    if b.revive and b.key is not None:
+                        broken.discard(b.key)
+                return refused
             except lmdb.MapFullError:
                 self._grow_map()
 
-    def _apply(self, txn: lmdb.Transaction, batches: list[_Batch]) -> None:
+    def _apply(self, txn: lmdb.Transaction, batches: list[_Batch], broken: set[str], refused: set[int]) -> None:
         top = 0
-        for b in batches:
+        revived: set[str] = set()
+        for i, b in enumerate(batches):
+            if b.key is not None and b.key in broken and not b.revive and b.key not in revived:
+                refused.add(i)
+                continue
+            if b.revive and b.key is not None:
+                revived.add(b.key)
             for k in b.drop_keys:
                 txn.delete(k, db=self._events_db)
             for prefix in b.drop_prefixes:
@@ -355,14 +477,32 @@ class LmdbEventLog(EventLog):
                             break
             if b.events:
                 txn.cursor(db=self._events_db).putmulti(b.events, dupdata=False, overwrite=True)
-            for k, v in b.metas.items():
-                if v is None:
-                    txn.delete(k, db=self._streams_db)
+            for key, meta in b.metas.items():
+                if meta is None:
+                    txn.delete(key.encode(), db=self._streams_db)
                 else:
-                    txn.put(k, v, db=self._streams_db)
+                    txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
             top = max(top, b.seq)
         if top:
             txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
+
+    def _probe(self) -> bool:
+        """A real write of some size, undone at once: True when storage takes writes again."""
+        assert self._env is not None
+        try:
+            with self._env.begin(write=True) as txn:
+                txn.put(_PROBE_KEY, b"\0" * _PROBE_BYTES, db=self._meta_db)
+            with self._env.begin(write=True) as txn:
+                txn.delete(_PROBE_KEY, db=self._meta_db)
+        except lmdb.MapFullError:
+            self._grow_map()
+            return False
+        except lmdb.Error as exc:
+            log.debug("storage probe failed: %s", exc)
+            return False
+        log.info("event log storage takes writes again")
+        self._report([], set(), None, 0.0, recovered=True)
+        return True
 
     def _grow_map(self) -> None:
         assert self._env is not None
@@ -374,18 +514,53 @@ class LmdbEventLog(EventLog):
             self._rw.release_write()
         log.info("event log map grown to %d bytes", new_size)
 
-    def _resolve(self, futures: list[tuple[asyncio.Future[Any], Any]], error: BaseException | None,
-                 events: int, seconds: float) -> None:
+    # --- back on the loop --------------------------------------------------------------------
+
+    def _resolve(self, group: list[_Batch], refused: set[int], error: BaseException | None, seconds: float,
+                 recovered: bool) -> None:
         # In submission order: a stream's commits resolve (and publish) in the order they were made.
-        if self._on_commit is not None:
-            self._on_commit(events, seconds, error is None)
-        for f, result in futures:
-            if f.done():
-                continue
-            if error is None:
-                f.set_result(result)
+        if group and self._on_commit is not None:
+            self._on_commit(sum(b.count for b in group), seconds, error is None)
+        if error is not None:
+            self._failure = f"{error.__class__.__name__}: {error}"
+            self._healthy.clear()
+        elif recovered and self._failure is not None:
+            self._failure = None
+            self._healthy.set()
+        for i, b in enumerate(group):
+            failed = error is not None or i in refused
+            if failed:
+                self._fail_batch(b, error)
             else:
-                f.set_exception(StorageError(f"commit failed: {error}"))
+                self._apply_committed(b)
+            fut = b.future
+            if fut is None or fut.done():
+                continue
+            if failed:
+                fut.set_exception(StorageError(f"commit failed: {self._failure or 'the stream stopped at a failed commit'}"))
+            else:
+                fut.set_result(b.result)
+
+    def _apply_committed(self, b: _Batch) -> None:
+        for key, meta in b.metas.items():
+            old = self._metas.get(key)
+            if meta is None:
+                continue  # dropped: already gone from the snapshots
+            if old is None and not b.revive:
+                continue  # evicted meanwhile
+            self._size += meta.size - (old.size if old is not None else 0)
+            self._metas[key] = meta
+
+    def _fail_batch(self, b: _Batch, error: BaseException | None) -> None:
+        if b.key is None:
+            return
+        self._broken.add(b.key)
+        # Nothing of this batch (or of later ones for the stream) is stored: back to what is.
+        committed = self._metas.get(b.key)
+        if committed is None:
+            self._staged.pop(b.key, None)
+        else:
+            self._staged[b.key] = committed
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -400,6 +575,7 @@ class LmdbEventLog(EventLog):
         plen = len(prefix)
         out: list[Entry] = []
         budget = _READ_PAGE_BYTES
+        start = prefix + (after + 1).to_bytes(8, "big")
         self._rw.acquire_read()
         try:
             env = self._env
@@ -408,11 +584,11 @@ class LmdbEventLog(EventLog):
             with env.begin(db=self._events_db, buffers=False) as txn:
                 cur = txn.cursor()
                 # The batch holding seq after+1 may start before it: step back one record.
-                found = cur.set_range(prefix + (after + 1).to_bytes(8, "big"))
-                if not (found and cur.key() == prefix + (after + 1).to_bytes(8, "big")):
+                found = cur.set_range(start)
+                if not (found and cur.key() == start):
                     found = cur.prev() if found else cur.last()
                     if not (found and cur.key().startswith(prefix)):
-                        found = cur.set_range(prefix + (after + 1).to_bytes(8, "big"))
+                        found = cur.set_range(start)
                 while found:
                     k, v = cur.item()
                     if not k.startswith(prefix):
@@ -420,7 +596,7 @@ class LmdbEventLog(EventLog):
                     first = int.from_bytes(k[plen:], "big")
                     if first > upto:
                         break
-                    for seq, _uid, body in _decode(first, v):
+                    for seq, _uid, body in decode_record(first, v):
                         if after < seq <= upto:
                             out.append((seq, body))
                     budget -= len(v)
@@ -443,6 +619,7 @@ class LmdbEventLog(EventLog):
     def _tail_sync(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
         prefix = _prefix(key)
         out: list[tuple[str | None, bytes]] = []
+        budget = _TAIL_BYTES
         self._rw.acquire_read()
         try:
             if self._env is None:
@@ -451,12 +628,13 @@ class LmdbEventLog(EventLog):
                 cur = txn.cursor()
                 # Position just past the stream's last record, then walk backwards.
                 ok = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
-                while ok and len(out) < limit:
+                while ok and len(out) < limit and budget > 0:
                     k, v = cur.item()
                     if not k.startswith(prefix):
                         break
-                    batch = [(uid, body) for _seq, uid, body in _decode(0, v)]
+                    batch = [(uid, body) for _seq, uid, body in decode_record(0, v)]
                     out.extend(reversed(batch))
+                    budget -= len(v)
                     ok = cur.prev()
         finally:
             self._rw.release_read()
@@ -478,7 +656,7 @@ class LmdbEventLog(EventLog):
         removed += self._evict_to_budget(batch=batch)
         for meta in list(self._metas.values()):
             if meta.open and meta.kind == "thread":
-                await self._trim(batch, meta, cutoff)
+                await self._trim(batch, meta.key, cutoff)
         if batch.metas or batch.drop_prefixes or batch.drop_keys:
             await self._submit(batch)
         if removed:
@@ -500,20 +678,18 @@ class LmdbEventLog(EventLog):
             self._drop(batch, meta)
             removed += 1
         if own and removed:
-            self._submit_background(batch)
+            self._submit(batch).add_done_callback(_log_failure)
         return removed
 
-    async def _trim(self, batch: _Batch, meta: StreamMeta, cutoff: float) -> None:
+    async def _trim(self, batch: _Batch, key: str, cutoff: float) -> None:
         """Drop the batches of an open stream appended before ``cutoff`` (a thread stream never closes)."""
         loop = asyncio.get_running_loop()
-        keys, size, next_seq = await loop.run_in_executor(None, self._old_records, meta.key, cutoff)
-        if not keys or self._metas.get(meta.key) is not meta:
+        keys, size, next_seq = await loop.run_in_executor(None, self._old_records, key, cutoff)
+        staged = self._staged.get(key)
+        if not keys or staged is None or key in self._broken:
             return
         batch.drop_keys.extend(keys)
-        meta.size -= size
-        self._size -= size
-        meta.first_seq = next_seq
-        batch.metas[meta.key.encode()] = meta.to_bytes()
+        self._staged[key] = batch.metas[key] = replace(staged, size=staged.size - size, first_seq=next_seq)
 
     def _old_records(self, key: str, cutoff: float) -> tuple[list[bytes], int, int]:
         prefix = _prefix(key)
@@ -541,14 +717,16 @@ class LmdbEventLog(EventLog):
         if last is None:
             return [], 0, 0
         # Only the newest dropped record says where the stream now starts.
-        next_seq = _decode(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
+        next_seq = decode_record(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
         return keys, size, next_seq
 
     def _drop(self, batch: _Batch, meta: StreamMeta) -> None:
+        # Gone from the snapshots at once: nobody starts reading a stream that is being deleted.
         del self._metas[meta.key]
+        self._staged.pop(meta.key, None)
         self._size -= meta.size
         batch.drop_prefixes.append(_prefix(meta.key))
-        batch.metas[meta.key.encode()] = None
+        batch.metas[meta.key] = None
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

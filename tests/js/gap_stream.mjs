@@ -1,0 +1,61 @@
+// Stream one run through a base URL twice, and print ONE JSON line:
+//   {"client": [[event, data], ...], "client_error": null | string,
+//    "hook": {"custom": [...], "error": null | string, "finished": bool}}
+// "client" is the official JS SDK's runs.stream; "hook" feeds the same kind of stream through
+// the StreamManager that the React useStream hook is built on (same callbacks, same error rules),
+// so a gateway-made event (the gap marker) can be checked for what the UI would make of it.
+// Usage: node gap_stream.mjs <base-url> '<run input as JSON>'
+import { Client } from "@langchain/langgraph-sdk";
+// Not in the package's exports map: the file path is the hook's own implementation.
+import { StreamManager } from "./node_modules/@langchain/langgraph-sdk/dist/ui/manager.js";
+import { MessageTupleManager } from "./node_modules/@langchain/langgraph-sdk/dist/ui/messages.js";
+
+const [apiUrl, inputJson] = process.argv.slice(2);
+const input = JSON.parse(inputJson ?? "{}");
+const client = new Client({ apiUrl, apiKey: null });
+
+async function viaClient() {
+  const thread = await client.threads.create();
+  const events = [];
+  try {
+    for await (const part of client.runs.stream(thread.thread_id, "ticker", { input, streamMode: ["custom"] })) {
+      events.push([part.event, part.data]);
+    }
+    return { events, error: null };
+  } catch (err) {
+    return { events, error: String(err?.message ?? err) };
+  }
+}
+
+async function viaHook() {
+  const manager = new StreamManager(new MessageTupleManager(), { throttle: false });
+  const custom = [];
+  let error = null;
+  let finished = false;
+  const thread = await client.threads.create();
+  await manager.start(
+    async (signal) => client.runs.stream(thread.thread_id, "ticker", { input, streamMode: ["custom"], signal }),
+    {
+      getMessages: (values) => values?.messages ?? [],
+      setMessages: (values, messages) => ({ ...values, messages }),
+      initialValues: {},
+      callbacks: { onCustomEvent: (data) => custom.push(data) },
+      onSuccess: async () => undefined,
+      onError: async (err) => { error = String(err?.message ?? err); },
+      onFinish: () => { finished = true; },
+    },
+  );
+  await manager.queue;
+  return { custom, error: error ?? (manager.state.error ? String(manager.state.error) : null), finished };
+}
+
+async function main() {
+  const c = await viaClient();
+  const hook = await viaHook();
+  process.stdout.write(JSON.stringify({ client: c.events, client_error: c.error, hook }) + "\n");
+}
+
+main().catch((err) => {
+  console.error(err?.stack ?? String(err));
+  process.exit(1);
+});

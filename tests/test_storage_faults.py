@@ -1,0 +1,228 @@
+"""Storage that fails under the gateway: a full disk, a damaged record, a damaged or truncated log file.
+
+The rules: nothing a client saw is taken back; a client of an affected stream is cut (never a
+clean end, never a second response inside a started one); the gateway says what is wrong
+(readiness, a one-line start-up error naming the file) and recovers by itself when it can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import aiohttp
+import lmdb
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.app import Gateway, Server
+from gateway.config import build_config
+from tests.conftest import REPO, RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events, read_until_cut
+from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 24 MiB filesystem (tmpfs) for the test; skipped where mounting is not permitted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root or CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill(fs: Path, leave: int) -> Path:
+    """A filler file that leaves about ``leave`` bytes free on ``fs``."""
+    st = os.statvfs(fs)
+    free = st.f_bavail * st.f_frsize
+    filler = fs / "filler"
+    with open(filler, "wb") as f:
+        f.truncate(0)
+        chunk = b"\0" * (1 << 20)
+        left = max(0, free - leave)
+        while left > 0:
+            n = f.write(chunk[: min(len(chunk), left)])
+            left -= n
+    return filler
+
+
+async def test_full_disk_cuts_clients_says_so_and_recovers_when_space_returns(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                         storage={"path": str(small_fs / "data"), "map_size": "64MiB"},
+                         streams={"reattach_backoff": "50ms"})
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    filler = fill(small_fs, leave=3 << 20)
+    n = 200
+    resp = await stream_run(http, gw, tid, n=n, delay=0.002, pad=40_000)  # ~8 MB: more than is free
+    loc = gw.url + resp.headers["Location"]
+    seen, was_cut = await read_until_cut(resp)
+    assert was_cut, "a stream whose events cannot be stored must not end cleanly"
+    assert customs(seen) == list(range(len(customs(seen)))) and len(customs(seen)) < n
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 503
+        assert "storage" in (await r.json())["storage"]
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+        assert r.status == 503 and r.content_type == "application/json"
+        assert "storage" in (await r.json())["detail"]
+    filler.unlink()  # space comes back: the gateway recovers by itself
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert r.status == 200
+    rest = await join(http, loc, seen[-1].id)
+    assert customs(seen + rest) == list(range(n)), "the re-joined upstream filled in what could not be stored"
+    assert_ids_increase(seen + rest)
+    assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+
+
+# --- a damaged record met during a replay -------------------------------------------------------------
+
+async def _stopped_gateway_with_a_run(raw: dict[str, Any], fake: FakeAgentServer) -> str:
+    server = Server(Gateway(build_config(raw), CollectorRegistry()))
+    await server.start()
+    try:
+        url = "http://%s:%d" % server.addresses["main"]
+        async with aiohttp.ClientSession() as http:
+            tid = await new_thread(http, RunningGateway(server))
+            resp = await stream_run(http, RunningGateway(server), tid, n=20)
+            await read_events(resp)
+            return url + resp.headers["Location"]
+    finally:
+        await server.stop()
+
+
+def _damage_a_record(data_dir: Path) -> None:
+    env = lmdb.open(str(data_dir), max_dbs=4)
+    try:
+        db = env.open_db(b"events")
+        with env.begin(write=True, db=db) as txn:
+            key = next(k for k, _ in txn.cursor())
+            txn.put(key, b"\0" * 8 + b"\1\2\3")  # a time stamp, then half an event header
+    finally:
+        env.close()
+
+
+async def test_error_after_headers_cuts_the_connection_never_a_second_response(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    loc = await _stopped_gateway_with_a_run(raw, fake_upstream)
+    _damage_a_record(tmp_path / "data")
+    gw = await make_gateway(raw)
+    path = loc.split("/", 3)[3]
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"GET /{path} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: -1\r\n\r\n".encode())
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), 10)  # until the gateway closes the connection
+    writer.close()
+    assert data.startswith(b"HTTP/1.1 200"), data[:100]
+    assert data.count(b"HTTP/1.1 ") == 1, "no second status line inside the started body"
+    assert not data.endswith(b"0\r\n\r\n"), "cut, not a clean end of a stream that lost events"
+
+
+# --- a damaged log at start ---------------------------------------------------------------------------
+
+def _start_cli(data_dir: Path) -> subprocess.CompletedProcess[str]:
+    """Start the gateway on ``data_dir``: its exit, or (once it listens) a SIGTERM and its exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "http://127.0.0.1:9", "--port", str(port),
+                             "--admin-port", "0", "--data-dir", str(data_dir)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            proc.terminate()  # it started
+            break
+        except OSError:
+            time.sleep(0.05)
+    out, err = proc.communicate(timeout=20)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.fixture
+async def written_log(fake_upstream: FakeAgentServer, tmp_path: Path) -> AsyncIterator[Path]:
+    """A data directory a gateway wrote a run into and then closed."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    await _stopped_gateway_with_a_run(raw, fake_upstream)
+    yield tmp_path / "data"
+
+
+def _assert_refused(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode not in (0, -7), f"exit {result.returncode} (-7 is SIGBUS):\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in last, f"{fragment!r} not in {last!r}"
+
+
+def _put(data_dir: Path, db_name: bytes, key: bytes | None, value: bytes) -> None:
+    env = lmdb.open(str(data_dir), max_dbs=4)
+    try:
+        db = env.open_db(db_name)
+        with env.begin(write=True, db=db) as txn:
+            if key is None:
+                key = next(k for k, _ in txn.cursor())
+            txn.put(key, value)
+    finally:
+        env.close()
+
+
+def test_bad_stream_metadata_at_start_is_one_line_naming_the_file(written_log: Path) -> None:
+    _put(written_log, b"streams", None, b"{not json")
+    _assert_refused(_start_cli(written_log), str(written_log / "data.mdb"), "stream")
+
+
+def test_bad_seq_record_at_start_is_one_line_naming_the_file(written_log: Path) -> None:
+    _put(written_log, b"meta", b"seq", b"twelve")
+    _assert_refused(_start_cli(written_log), str(written_log / "data.mdb"), "seq")
+
+
+def test_truncated_log_file_is_refused_not_a_crash(written_log: Path) -> None:
+    data = written_log / "data.mdb"
+    size = data.stat().st_size
+    os.truncate(data, size // 2)
+    _assert_refused(_start_cli(written_log), str(data), "truncated")
+
+
+def test_zero_length_log_file_is_refused_not_a_new_log(written_log: Path) -> None:
+    data = written_log / "data.mdb"
+    os.truncate(data, 0)
+    _assert_refused(_start_cli(written_log), str(data), "truncated")
+
+
+def test_moving_a_damaged_log_aside_starts_a_new_one_above_every_old_id(
+        written_log: Path, tmp_path: Path) -> None:
+    env = lmdb.open(str(written_log), max_dbs=4, readonly=True)
+    with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+        old_top = int(txn.get(b"seq"))
+    env.close()
+    shutil.move(written_log, tmp_path / "damaged")
+    assert _start_cli(written_log).returncode == 0
+    env = lmdb.open(str(written_log), max_dbs=4, readonly=True)
+    with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+        new_floor = int(txn.get(b"seq"))
+    env.close()
+    assert new_floor > old_top, "a new log never hands out an id an old one did"
