@@ -294,8 +294,14 @@ class Hub:
         ing.recovering = True
         ing.end(cut=True)
         try:
-            await self.log.wait_healthy()
-            await self.log.begin(ing.meta)
+            while True:
+                await self.log.wait_healthy()
+                try:
+                    await self.log.begin(ing.meta)
+                    break
+                except StorageError as again:  # failing again already, or over budget: wait and retry
+                    log.warning("stream %s: storage not ready to resume (%s)", ing.key, again)
+                    await asyncio.sleep(1.0)
         finally:
             ing.recovering = False
         ing.failed = None
