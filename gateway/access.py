@@ -2,13 +2,20 @@
 
 Serving a replay from the log must not bypass the upstream's own auth. Before
 a client reads a held stream, the gateway asks the upstream for the run (or
-thread) with that client's credentials, and answers as the upstream does when
-it says no. Positive answers are cached briefly, so a reconnect storm costs
-one upstream request per client and stream, not one per reconnect.
+thread) with that client's headers, and answers as the upstream does when it
+says no. Positive answers are cached briefly, so a reconnect storm costs one
+upstream request per client and stream, not one per reconnect.
+
+A cached yes, and the fallback below, are keyed by *every* header that reaches
+the upstream's check (but for a few per-request tracing and caching headers no
+auth scheme reads), not only by well-known credential headers: the gateway
+cannot know which header the upstream authenticates by (a custom ``X-User``,
+a cookie, an IP behind ``X-Forwarded-For``), so only a request the upstream
+could not tell apart from the one it said yes to reuses that yes.
 
 When the upstream cannot answer (down, or a stateless run it has no route
-for), the credentials must match those of the client that started the
-capture; the log keeps a salted hash of them, never the secrets.
+for), the client's headers must match those of the client that started the
+capture; the log keeps a salted hash of them, never the values.
 """
 
 from __future__ import annotations
@@ -34,21 +41,31 @@ _CACHE_ENTRIES = 10_000
 # A resume must not hang on a slow upstream for its full read timeout: past this, the
 # captor comparison decides.
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
+# Headers that change from one request of the same caller to the next and that no auth
+# scheme reads: left out of the key, or every traced client would miss every time.
+_NOT_IDENTITY = frozenset({
+    "traceparent", "tracestate", "baggage", "sentry-trace", "x-request-id", "x-amzn-trace-id",
+    "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3",
+    "x-cloud-trace-context", "cache-control", "pragma", "accept-encoding", "accept-language",
+    "if-none-match", "if-modified-since",
+})
 
 
-def fingerprint(auth: dict[str, str], salt: str) -> str:
+def fingerprint(headers: Mapping[str, str], salt: str) -> str:
+    """A salted hash of the identity a request shows the upstream (header values are never kept).
+
+    Header values may carry bytes that are not UTF-8 (aiohttp keeps them as surrogates).
+    """
     h = hashlib.sha256(salt.encode())
-    for name in sorted(auth, key=str.lower):
-        h.update(b"\0" + name.lower().encode() + b"\0" + auth[name].encode())
+    for name, value in sorted((k.lower(), v) for k, v in headers.items() if k.lower() not in _NOT_IDENTITY):
+        h.update(b"\0" + name.encode("utf-8", "surrogateescape") + b"\0" + value.encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
-def with_captor(meta: StreamMeta, auth: dict[str, str]) -> StreamMeta:
+def with_captor(meta: StreamMeta, identity: Mapping[str, str]) -> StreamMeta:
     """``meta`` recording (hashed) who starts its capture, for the checks the upstream cannot answer."""
-    if not auth:
-        return meta
     salt = secrets.token_hex(8)
-    return replace(meta, auth_salt=salt, auth_digest=fingerprint(auth, salt))
+    return replace(meta, auth_salt=salt, auth_digest=fingerprint(identity, salt))
 
 
 class AccessCheck:
@@ -56,42 +73,41 @@ class AccessCheck:
         self.upstreams = upstreams
         self.ttl = ttl
         self._ok: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._salt = secrets.token_hex(8)  # the cache's own: its keys are worthless outside this process
 
-    def _same_captor(self, meta: StreamMeta, auth: dict[str, str]) -> bool:
+    def _same_captor(self, meta: StreamMeta, identity: Mapping[str, str]) -> bool:
         if meta.auth_digest is None or meta.auth_salt is None:
-            return True  # captured without credentials: nothing to protect beyond the upstream
-        return secrets.compare_digest(meta.auth_digest, fingerprint(auth, meta.auth_salt))
+            return False  # nothing recorded (a log from before): only the upstream may say yes
+        return secrets.compare_digest(meta.auth_digest, fingerprint(identity, meta.auth_salt))
 
-    async def denial(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str],
-                     auth: dict[str, str]) -> aiohttp.ClientResponse | None:
+    async def denial(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str]) -> aiohttp.ClientResponse | None:
         """None when the client may read ``meta``; else the upstream's refusal to relay as is.
 
-        ``headers`` go to the upstream with the check (so any auth scheme it uses works; they
-        ask for JSON);
-        ``auth`` are the credential headers compared with the captor's.
+        ``headers`` are the client's as they reach the upstream's check: they go with the
+        check, and they are the identity that a cached yes and the captor are matched by.
         """
-        cache_key = (meta.key, fingerprint(auth, "cache"))
+        cache_key = (meta.key, fingerprint(headers, self._salt))
         now = time.monotonic()
         expires = self._ok.get(cache_key)
         if expires is not None and expires > now:
             return None
         if meta.thread_id is None:
-            if self._same_captor(meta, auth):
+            if self._same_captor(meta, headers):
                 return None
             raise StreamHidden()
         path = f"/threads/{meta.thread_id}" + (f"/runs/{meta.run_id}" if meta.kind == "run" else "")
         try:
-            resp = await self.upstreams.send(pool, "GET", path, dict(headers), timeout=CHECK_TIMEOUT)
+            resp = await self.upstreams.send(pool, "GET", path, dict(headers), timeout=CHECK_TIMEOUT, kind="check")
         except GatewayError as exc:
-            log.info("upstream cannot check access to %s (%s); comparing credentials", meta.key, exc.detail)
-            if self._same_captor(meta, auth):
+            log.info("upstream cannot check access to %s (%s); comparing with who captured it", meta.key, exc.detail)
+            if self._same_captor(meta, headers):
                 return None
             raise StreamHidden() from None
         if resp.status in (401, 403, 404):
             return resp
         resp.release()
         if not 200 <= resp.status < 300:  # no clear yes: only the captor, and nothing cached
-            if self._same_captor(meta, auth):
+            if self._same_captor(meta, headers):
                 return None
             raise StreamHidden()
         self._ok[cache_key] = now + self.ttl

@@ -18,10 +18,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.config import Config
+from gateway.cors import exposing_location
 from gateway.errors import error_middleware
 from gateway.eventlog import LmdbEventLog, StreamMeta
 from gateway.hub import Hub
 from gateway.legs import Legs
+from gateway.listener import GatewayRunner, refuse_over_cap
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.streams import StreamHandlers
@@ -57,11 +59,12 @@ class Gateway:
         self.metrics = PrometheusMetrics(self.registry)
         self.log = LmdbEventLog(cfg.storage, on_commit=self.metrics.committed)
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
-        self.forwarder = Forwarder(self.upstreams)
+        self.forwarder = Forwarder(self.upstreams, cfg.clients)
         self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)
         self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
         self.metrics.bind_gauges(lambda: self.log.size, lambda: self.hub.live_count(),
-                                 lambda: len(self.hub.followers), lambda: 1 if self.log.failure else 0)
+                                 lambda: len(self.hub.followers), lambda: 1 if self.log.failure else 0,
+                                 self._pool_use)
         self._sweeper: asyncio.Task[None] | None = None
         self._storage_open = False
 
@@ -91,6 +94,10 @@ class Gateway:
             except Exception:
                 log.exception("retention sweep failed; will retry")
 
+    def _pool_use(self) -> list[tuple[str, str, int, int, int]]:
+        return [(b.upstream, b.kind, b.in_use, b.limit, b.refused)
+                for p in self.upstreams.pools.values() for b in p.budgets.values()]
+
     # --- upstream calls the hub makes on its own --------------------------------------------
 
     async def _cancel_run(self, meta: StreamMeta, auth: dict[str, str]) -> None:
@@ -99,7 +106,8 @@ class Gateway:
         pool = self.upstreams.pools[meta.upstream]
         headers = dict(pool.cfg.headers)
         headers.update(auth)
-        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", headers)
+        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", headers,
+                                         kind="check")
         resp.release()
         log.info("cancelled run %s upstream: HTTP %d", meta.run_id, resp.status)
 
@@ -127,10 +135,26 @@ class Gateway:
             self.metrics.request_done(target.pool.name, request.method, status)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[error_middleware], client_max_size=self.cfg.streams.max_request_body)
+        app = web.Application(middlewares=[refuse_over_cap, error_middleware],
+                              client_max_size=self.cfg.streams.max_request_body)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_shutdown.append(self._end_client_streams)
+        app.on_response_prepare.append(self._cors)
         return app
+
+    async def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Cross-origin clients read every answer: the upstream's CORS headers on the ones the
+        gateway makes itself, and Location exposed wherever Content-Location is (gateway.cors)."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        if "Access-Control-Allow-Origin" in response.headers:  # forwarded: the upstream's own
+            if "Access-Control-Expose-Headers" in response.headers:
+                response.headers["Access-Control-Expose-Headers"] = exposing_location(
+                    response.headers["Access-Control-Expose-Headers"])
+            return
+        upstream = self.upstreams.route(request.rel_url.raw_path).pool.name
+        response.headers.update(self.upstreams.cors.headers_for(upstream, origin))
 
     async def _end_client_streams(self, _app: web.Application) -> None:
         self.hub.end_clients()
@@ -163,8 +187,8 @@ class Server:
         cfg = gateway.cfg
         # handler_cancellation: a client that hangs up stops its handler at once,
         # so its subscription and upstream request are released without waiting.
-        self.main = web.AppRunner(gateway.app(), handler_cancellation=True, shutdown_timeout=cfg.shutdown_grace,
-                                  access_log=None)
+        self.main = GatewayRunner(gateway.app(), clients=cfg.clients, handler_cancellation=True,
+                                  shutdown_timeout=cfg.shutdown_grace, access_log=None)
         self.admin = web.AppRunner(gateway.admin_app(), access_log=None, shutdown_timeout=1.0)
         self.addresses: dict[str, tuple[str, int]] = {}
 

@@ -6,6 +6,7 @@ receives the typed, frozen sections below.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -19,11 +20,11 @@ from yarl import URL
 class ConfigError(ValueError):
     """A config value is wrong: names the field, the value and what is expected."""
 
-    def __init__(self, field_name: str, value: object, expected: str) -> None:
+    def __init__(self, field_name: str, value: object, expected: str, *, show_value: bool = True) -> None:
         self.field = field_name
         self.value = value
         self.expected = expected
-        super().__init__(f"{field_name}: {expected} (got {value!r})")
+        super().__init__(f"{field_name}: {expected}" + (f" (got {value!r})" if show_value else ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,11 @@ class Upstream:
     connect_timeout: float = 5.0
     # Well above the agent server's 5 s heartbeat, so only a dead upstream trips it.
     read_timeout: float = 60.0
-    max_connections: int = 512
+    max_connections: int = 512  # plain forwarded requests in flight at once
+    # Upstream legs of captured streams open at once (each live run or thread stream holds one).
+    max_streams: int = 1024
+    # How long a request waits for a free connection before it gets 503 "pool is full".
+    pool_timeout: float = 5.0
     # Added to the requests the gateway makes on its own (health checks, and re-joins and
     # cancels when no client's credentials are at hand, e.g. after a restart). Never used
     # to decide whether a client may read a stream.
@@ -86,7 +91,6 @@ class Streams:
     thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
     reattach_attempts: int = 5
     reattach_backoff: float = 0.5
-    write_timeout: float = 30.0  # a client write blocked this long is dropped (it can resume)
     max_request_body: int = 16 << 20
     # Ask the upstream (with the client's credentials) before serving a held stream from the log.
     authorize_replay: bool = True
@@ -97,6 +101,22 @@ class Streams:
 
 
 @dataclass(frozen=True, slots=True)
+class Clients:
+    """Limits on the client side of the public listener."""
+
+    # A client that stops reading for this long is cut: a stream (it can resume), or a forwarded
+    # body (its upstream connection is freed).
+    write_timeout: float = 30.0
+    header_timeout: float = 10.0  # a connection must finish its request headers within this
+    max_connections: int = 10_000  # client connections at once; beyond, a 503 and a close
+    # One header line, and the number of headers: more than the Agent Server itself refuses.
+    max_header_bytes: int = 1 << 20
+    max_headers: int = 1000
+    # Peers whose X-Forwarded-Host/-Proto are passed on; from anyone else they are replaced.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = Listen()
     admin: Listen = Listen(port=8081)
@@ -104,6 +124,7 @@ class Config:
     routes: tuple[Route, ...] = ()
     storage: Storage = Storage()
     streams: Streams = Streams()
+    clients: Clients = Clients()
     shutdown_grace: float = 10.0
     log_level: str = "info"
 
@@ -264,7 +285,7 @@ def _upstream(name: str, raw: Any) -> Upstream:
         raw = {"urls": raw}
     raw = _mapping(field_name, raw)
     _reject_unknown(field_name, raw, {"url", "urls", "health", "connect_timeout", "read_timeout", "max_connections",
-                                      "headers"})
+                                      "max_streams", "pool_timeout", "headers"})
     urls_raw = raw.get("urls", raw.get("url"))
     if isinstance(urls_raw, str):
         urls_raw = [urls_raw]
@@ -278,6 +299,8 @@ def _upstream(name: str, raw: Any) -> Upstream:
         connect_timeout=_duration(f"{field_name}.connect_timeout", raw.get("connect_timeout", d.connect_timeout)),
         read_timeout=_duration(f"{field_name}.read_timeout", raw.get("read_timeout", d.read_timeout)),
         max_connections=_int(f"{field_name}.max_connections", raw.get("max_connections", d.max_connections), 1),
+        max_streams=_int(f"{field_name}.max_streams", raw.get("max_streams", d.max_streams), 1),
+        pool_timeout=_duration(f"{field_name}.pool_timeout", raw.get("pool_timeout", d.pool_timeout)),
         headers=_headers(f"{field_name}.headers", raw.get("headers")),
     )
 
@@ -343,7 +366,7 @@ def _storage(raw: Any) -> Storage:
 def _streams(raw: Any) -> Streams:
     raw = _mapping("streams", raw)
     d = Streams()
-    _reject_unknown("streams", raw, set(Streams.__dataclass_fields__))
+    _reject_unknown("streams", raw, set(Streams.__dataclass_fields__) | {"write_timeout"})
     return Streams(
         request_resumable=_bool("streams.request_resumable", raw.get("request_resumable", d.request_resumable)),
         heartbeat=_duration("streams.heartbeat", raw.get("heartbeat", d.heartbeat)),
@@ -354,7 +377,6 @@ def _streams(raw: Any) -> Streams:
         thread_linger=_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
         reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),
         reattach_backoff=_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
-        write_timeout=_duration("streams.write_timeout", raw.get("write_timeout", d.write_timeout)),
         max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),
         authorize_replay=_bool("streams.authorize_replay", raw.get("authorize_replay", d.authorize_replay)),
         authorize_ttl=_duration("streams.authorize_ttl", raw.get("authorize_ttl", d.authorize_ttl), allow_zero=True),
@@ -368,10 +390,40 @@ def _header_names(name: str, v: Any) -> tuple[str, ...]:
     return tuple(v)
 
 
+def _clients(raw: Any, old_write_timeout: Any) -> Clients:
+    raw = _mapping("clients", raw)
+    d = Clients()
+    _reject_unknown("clients", raw, set(Clients.__dataclass_fields__))
+    # streams.write_timeout is the setting's old name; clients.write_timeout wins when both are given.
+    write_timeout = raw.get("write_timeout", d.write_timeout if old_write_timeout is None else old_write_timeout)
+    name = "clients.write_timeout" if "write_timeout" in raw or old_write_timeout is None else "streams.write_timeout"
+    return Clients(
+        write_timeout=_duration(name, write_timeout),
+        header_timeout=_duration("clients.header_timeout", raw.get("header_timeout", d.header_timeout)),
+        max_connections=_int("clients.max_connections", raw.get("max_connections", d.max_connections), 1),
+        max_header_bytes=_size("clients.max_header_bytes", raw.get("max_header_bytes", d.max_header_bytes)),
+        max_headers=_int("clients.max_headers", raw.get("max_headers", d.max_headers), 1),
+        trusted_proxies=_networks("clients.trusted_proxies", raw.get("trusted_proxies", [])),
+    )
+
+
+def _networks(name: str, v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(v, list):
+        raise ConfigError(name, v, "a list of addresses or networks (CIDR), e.g. [10.0.0.0/8]")
+    out = []
+    for i, item in enumerate(v):
+        try:
+            out.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise ConfigError(f"{name}[{i}]", item, "an address or network (CIDR), e.g. 10.0.0.0/8") from None
+    return tuple(out)
+
+
 def build_config(raw: Any) -> Config:
     """Validate an already-expanded tree (defaults fill whatever is missing)."""
     raw = _mapping("<root>", raw)
-    _reject_unknown("", raw, {"listen", "admin", "upstreams", "routes", "storage", "streams", "shutdown_grace", "log_level"})
+    _reject_unknown("", raw, {"listen", "admin", "upstreams", "routes", "storage", "streams", "clients",
+                              "shutdown_grace", "log_level"})
     ups_raw = raw.get("upstreams")
     if ups_raw is None:
         ups_raw = {"default": {"urls": [DEFAULT_UPSTREAM_URL]}}
@@ -388,19 +440,24 @@ def build_config(raw: Any) -> Config:
         routes=_routes(raw.get("routes"), upstreams),
         storage=_storage(raw.get("storage")),
         streams=_streams(raw.get("streams")),
+        clients=_clients(raw.get("clients"), _mapping("streams", raw.get("streams")).get("write_timeout")),
         shutdown_grace=_duration("shutdown_grace", raw.get("shutdown_grace", 10.0), allow_zero=True),
         log_level=log_level,
     )
 
 
-def parse_config(text: str, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Parse YAML text and expand ${VAR}; returns the raw tree for build_config."""
+def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<yaml>") -> dict[str, Any]:
+    """Parse YAML text and expand ${VAR}; returns the raw tree for build_config.
+
+    A syntax error names the file, line and column, never the line's text (it may hold a secret).
+    """
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "document"
-        raise ConfigError("<yaml>", where, f"valid YAML ({getattr(exc, 'problem', exc)})") from None
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
+        raise ConfigError(where, None, f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
+                          show_value=False) from None
     raw = _mapping("<root>", raw)
     return expand_env(raw, os.environ if env is None else env)
 
@@ -425,7 +482,7 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
             text = Path(path).read_text()
         except OSError as exc:
             raise ConfigError("--config", path, f"a readable YAML file ({exc.strerror})") from None
-        raw = parse_config(text, env)
+        raw = parse_config(text, env, source=path)
     if overrides.host is not None or overrides.port is not None:
         listen = dict(_mapping("listen", raw.get("listen")))
         if overrides.host is not None:

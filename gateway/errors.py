@@ -66,6 +66,18 @@ class NoHealthyReplica(GatewayError):
     status = 503
 
 
+class PoolFull(GatewayError):
+    """Every connection the gateway may open to an upstream for this kind of request is in use."""
+
+    status = 503
+
+
+class TooManyConnections(GatewayError):
+    """The public listener holds as many client connections as it is configured for."""
+
+    status = 503
+
+
 class StorageUnavailable(GatewayError):
     status = 503
 

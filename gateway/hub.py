@@ -47,7 +47,11 @@ UpstreamCanceller = Callable[[StreamMeta, dict[str, str]], Awaitable[None]]
 
 
 class UpstreamBroke(Exception):
-    """The upstream leg ended without a clean end of stream."""
+    """The upstream leg ended without a clean end of stream (worth trying again)."""
+
+
+class UpstreamRefused(UpstreamBroke):
+    """The upstream answered in a way trying again will not change (a 404 re-join, a malformed stream)."""
 
 
 def interrupted_event(reason: str) -> Event:
@@ -105,7 +109,7 @@ class Hub:
         self.log = log_
         self.cfg = cfg
         self.legs = legs
-        self._cancel_upstream = cancel_upstream
+        self.cancel_upstream = cancel_upstream
         self.metrics: Metrics = metrics or NoMetrics()
         self._live: dict[str, Ingest] = {}
         self.closing = False
@@ -235,7 +239,8 @@ class Hub:
                     reason = _describe(exc)
                     # A leg that delivered events before breaking starts the retry budget over.
                     failures = 1 if isinstance(exc, _Progress) else failures + 1
-                    if not self._can_rejoin(ing) or failures > self.cfg.reattach_attempts:
+                    permanent = isinstance(exc, (UpstreamRefused, SSEProtocolError))
+                    if permanent or not self._can_rejoin(ing) or failures > self.cfg.reattach_attempts:
                         log.warning("stream %s interrupted: %s", ing.key, reason)
                         await self._interrupt(ing.meta, reason, ing)
                         return
@@ -280,7 +285,10 @@ class Hub:
         if not ok:
             body = (await resp.content.read(512)).decode("utf-8", "replace")
             resp.release()
-            raise UpstreamBroke(f"re-join answered HTTP {resp.status}: {body.strip()[:200]}")
+            detail = f"re-join answered HTTP {resp.status}: {body.strip()[:200]}"
+            if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                raise UpstreamRefused(detail)
+            raise UpstreamBroke(detail)
         try:
             return resp, await self._seam(ing.meta, held, last)
         except BaseException:
@@ -442,7 +450,7 @@ class Hub:
             return
         log.info("last client of %s left and asked for cancel on disconnect", ing.key)
         if ing.meta.thread_id is not None:
-            await self._cancel_upstream(ing.meta, ing.auth)
+            await self.cancel_upstream(ing.meta, ing.auth)
             return
         # A stateless run has no cancel endpoint upstream: closing its leg is the cancel
         # (it was created with on_disconnect=cancel).

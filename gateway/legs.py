@@ -49,4 +49,4 @@ class Legs:
         if meta.kind == "thread":
             query = THREAD_CAPTURE_QUERY
         path = meta.path + (f"?{query}" if query else "")
-        return await self.upstreams.send(pool, "GET", path, headers)
+        return await self.upstreams.send(pool, "GET", path, headers, kind="stream")

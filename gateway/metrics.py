@@ -3,9 +3,14 @@ the Prometheus implementation. Labels stay bounded: never a run or thread id."""
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# (upstream, kind, in use, limit, refused so far): one connection budget, read at scrape time.
+PoolUse = tuple[str, str, int, int, int]
 
 
 class Metrics(Protocol):
@@ -69,7 +74,9 @@ class PrometheusMetrics:
                             "by reason", ["reason"], registry=registry)
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
-                    subscribers: Callable[[], float], storage_failing: Callable[[], float]) -> None:
+                    subscribers: Callable[[], float], storage_failing: Callable[[], float],
+                    pools: Callable[[], Iterable[PoolUse]] = lambda: ()) -> None:
+        self.registry.register(_PoolCollector(pools))
         Gauge("gateway_log_bytes", "Bytes held in the event log", registry=self.registry).set_function(log_bytes)
         Gauge("gateway_streams_live", "Upstream streams being captured", registry=self.registry).set_function(live_streams)
         Gauge("gateway_subscribers", "Client streams connected", registry=self.registry).set_function(subscribers)
@@ -107,3 +114,25 @@ class PrometheusMetrics:
 
     def gap(self, reason: str) -> None:
         self.gaps.labels(reason).inc()
+
+
+class _PoolCollector(Collector):
+    """Upstream connection budgets: in use, limit, and requests refused because the pool was full."""
+
+    def __init__(self, pools: Callable[[], Iterable[PoolUse]]) -> None:
+        self._pools = pools
+
+    def collect(self) -> Iterator[Metric]:
+        use = GaugeMetricFamily("gateway_upstream_connections", "Upstream connections in use, by kind of traffic",
+                                labels=["upstream", "kind"])
+        limit = GaugeMetricFamily("gateway_upstream_connections_limit", "Upstream connections allowed, by kind",
+                                  labels=["upstream", "kind"])
+        refused = CounterMetricFamily("gateway_upstream_pool_full", "Requests refused with 503 because the "
+                                      "upstream's connection pool stayed full", labels=["upstream", "kind"])
+        for upstream, kind, in_use, cap, n in self._pools():
+            use.add_metric([upstream, kind], in_use)
+            limit.add_metric([upstream, kind], cap)
+            refused.add_metric([upstream, kind], n)
+        yield use
+        yield limit
+        yield refused

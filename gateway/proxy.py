@@ -1,18 +1,26 @@
-"""Transparent forwarding: headers in and out, and streaming a body through unchanged."""
+"""Transparent forwarding: headers in and out, and streaming a body through unchanged.
+
+What the upstream says reaches the client as it said it: its headers (but for
+hop-by-hop ones) and its body, byte for byte; nothing is added that it did not
+send (not even a default ``Content-Type``). A client that stops reading for
+``clients.write_timeout`` is cut, so it cannot hold an upstream connection forever.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.config import Clients
 from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable, cut, start_response
-from gateway.upstream import Target, Upstreams
+from gateway.upstream import Kind, Target, Upstreams
 
 log = logging.getLogger("gateway.proxy")
 
@@ -25,18 +33,6 @@ HOP_BY_HOP = frozenset({
 def _hop_by_hop(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> frozenset[str]:
     named = {h.strip().lower() for v in headers.getall("Connection", []) for h in v.split(",")}
     return HOP_BY_HOP | named
-
-
-def upstream_headers(request: web.Request, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
-    """The client's headers as the upstream should get them."""
-    skip = _hop_by_hop(request.headers) | {"host"} | {d.lower() for d in drop}
-    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
-    peer = request.remote or ""
-    prior = request.headers.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto", request.scheme)
-    out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host", request.host)
-    return out
 
 
 def rewrite_location(value: str, target: Target) -> str:
@@ -66,51 +62,107 @@ def client_headers(resp: aiohttp.ClientResponse, target: Target, *, drop: tuple[
     return out
 
 
-def check_headers(request: web.Request) -> CIMultiDict[str]:
-    """The client's headers for a quick GET the gateway makes on its behalf (no body, JSON answer)."""
-    headers = upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
-    headers["Accept"] = "application/json"
-    return headers
+class _UpstreamHeaders(web.StreamResponse):
+    """Headers as the upstream sent them: aiohttp adds no ``Content-Type`` the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        had_type = hdrs.CONTENT_TYPE in self.headers
+        await super()._prepare_headers()
+        if not had_type:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
-async def pipe_body(request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
-    """Copy the upstream body to the client chunk by chunk; abort the client on upstream failure."""
-    try:
-        async for chunk in resp.content.iter_any():
-            await out.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        # Headers are gone already: the only honest signal left is a cut connection.
-        log.warning("upstream body broke mid-response on %s %s: %r", request.method, request.path, exc)
-        cut(request)
-        return
-    await out.write_eof()
+class RelayedResponse(_UpstreamHeaders):
+    """An upstream response streamed through."""
+
+
+class RelayedBody(_UpstreamHeaders, web.Response):
+    """An upstream response the gateway read whole before answering (a background run's JSON)."""
 
 
 class Forwarder:
     """Forwards any request to its upstream and streams the answer back."""
 
-    def __init__(self, upstreams: Upstreams) -> None:
+    def __init__(self, upstreams: Upstreams, clients: Clients) -> None:
         self.upstreams = upstreams
+        self.clients = clients
+
+    def upstream_headers(self, request: web.Request, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+        """The client's headers as the upstream should get them.
+
+        ``X-Forwarded-Host``/``-Proto`` say what the gateway saw, unless the peer is a
+        proxy the operator trusts (``clients.trusted_proxies``): a client cannot make the
+        upstream believe it came in over HTTPS, or for another host.
+        """
+        skip = _hop_by_hop(request.headers) | {"host"} | {d.lower() for d in drop}
+        out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+        peer = request.remote or ""
+        prior = request.headers.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+        trusted = self._trusted(peer)
+        out["X-Forwarded-Proto"] = (request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme
+        out["X-Forwarded-Host"] = (request.headers.get("X-Forwarded-Host") if trusted else None) or request.host
+        return out
+
+    def _trusted(self, peer: str) -> bool:
+        if not self.clients.trusted_proxies or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self.clients.trusted_proxies)
+
+    def check_headers(self, request: web.Request) -> CIMultiDict[str]:
+        """The client's headers for a quick GET the gateway makes on its behalf (no body, JSON answer)."""
+        headers = self.upstream_headers(request, drop=("Last-Event-ID", "Content-Length", "Content-Type", "Accept"))
+        headers["Accept"] = "application/json"
+        return headers
 
     async def open(self, request: web.Request, target: Target, *, data: Any = None,
-                   headers: CIMultiDict[str] | None = None, query: str | None = None) -> aiohttp.ClientResponse:
+                   headers: CIMultiDict[str] | None = None, query: str | None = None,
+                   kind: Kind = "forward") -> aiohttp.ClientResponse:
         """Send the request upstream; returns the response with headers read."""
         qs = request.rel_url.raw_query_string if query is None else query
         pq = target.path + (f"?{qs}" if qs else "")
         if data is None and request.body_exists:
             data = request.content
         return await self.upstreams.send(target.pool, request.method, pq,
-                                         headers if headers is not None else upstream_headers(request), data)
+                                         headers if headers is not None else self.upstream_headers(request),
+                                         data, kind=kind)
 
     async def relay(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse) -> web.StreamResponse:
         """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
         try:
-            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=client_headers(resp, target))
+            out = RelayedResponse(status=resp.status, reason=resp.reason, headers=client_headers(resp, target))
             await start_response(request, out)
-            await pipe_body(request, resp, out)
+            await self._pipe_body(request, resp, out)
             return out
         finally:
             resp.release()
+
+    async def _pipe_body(self, request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+        """Copy the upstream body to the client chunk by chunk; a broken side cuts the other."""
+        try:
+            async for chunk in resp.content.iter_any():
+                try:
+                    async with asyncio.timeout(self.clients.write_timeout):
+                        await out.write(chunk)
+                except TimeoutError:
+                    log.info("client on %s %s stopped reading for %gs; cut, and its upstream connection freed",
+                             request.method, request.path, self.clients.write_timeout)
+                    resp.close()
+                    cut(request)
+                    return
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectionResetError) and _client_gone(request):
+                resp.close()
+                return  # the client hung up: nothing to tell anyone
+            # Headers are gone already: the only honest signal left is a cut connection.
+            log.warning("upstream body broke mid-response on %s %s: %r", request.method, request.path, exc)
+            cut(request)
+            return
+        await out.write_eof()
 
     async def forward(self, request: web.Request, target: Target) -> web.StreamResponse:
         resp = await self.open(request, target)
@@ -127,6 +179,10 @@ class Forwarder:
         if body is None:
             raise BadUpstreamResponse(f"upstream response body exceeds the {limit}-byte limit")
         return body
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:

@@ -101,7 +101,10 @@ class Parser:
         self._tail = self._bounded(buf[end + 2:])
         events: list[Event] = []
         append = events.append
+        max_event = self._max
         for block in buf[:end].split(b"\n\n"):
+            if len(block) > max_event:
+                raise SSEProtocolError(f"SSE event larger than {max_event} bytes")
             if block[:1] == b"\n":
                 block = block.lstrip(b"\n")  # extra blank lines between events
                 if not block:

@@ -37,6 +37,15 @@ def canonical_id(raw: str) -> str:
         return text
 
 
+def is_uuid(ident: str) -> bool:
+    """Whether an id from a path is one the Agent Server would accept (it answers others with 422)."""
+    try:
+        uuid.UUID(ident)
+    except ValueError:
+        return False
+    return True
+
+
 CursorKind = Literal["none", "start", "seq", "upstream"]
 
 
@@ -135,9 +144,16 @@ def truthy(value: str | None) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class RunRequest:
-    body: bytes
+    body: bytes  # as forwarded
     resumable: bool
     cancel_on_disconnect: bool
+    original: bytes  # as the client sent it
+    changed: bool  # body differs from original
+
+    def resend_as_sent(self, status: int) -> bool:
+        """The upstream refused the body the gateway changed: ask again with the client's own, so
+        its validation error quotes what the client sent (a refused run was not created)."""
+        return self.changed and status == 422
 
 
 def prepare_run_request(body: bytes, *, ask_resumable: bool, stateless: bool, streaming: bool = True) -> RunRequest:
@@ -147,13 +163,15 @@ def prepare_run_request(body: bytes, *, ask_resumable: bool, stateless: bool, st
     runs, ``on_disconnect: cancel`` becomes the gateway's job (it cancels when the
     last client leaves); the upstream gets ``continue``, or it would cancel the run
     whenever the gateway's own leg drops (a network blip, a gateway restart).
+    Only a well-formed run request (a JSON object naming its assistant) is changed:
+    anything else goes as sent, so the upstream's error is about the client's body.
     """
     try:
         doc = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         doc = None  # forwarded unchanged: the upstream answers with its own 422
-    if not isinstance(doc, dict):
-        return RunRequest(body, False, False)
+    if not isinstance(doc, dict) or not isinstance(doc.get("assistant_id"), str) or not doc["assistant_id"]:
+        return RunRequest(body, False, False, body, False)
     cancel = doc.get("on_disconnect") == "cancel"
     changed = False
     if ask_resumable and not stateless and "stream_resumable" not in doc:
@@ -162,6 +180,5 @@ def prepare_run_request(body: bytes, *, ask_resumable: bool, stateless: bool, st
     if cancel and streaming and not stateless:
         doc["on_disconnect"] = "continue"
         changed = True
-    if changed:
-        body = orjson.dumps(doc)
-    return RunRequest(body, doc.get("stream_resumable") is True, cancel)
+    return RunRequest(orjson.dumps(doc) if changed else body, doc.get("stream_resumable") is True, cancel,
+                      body, changed)

@@ -25,31 +25,27 @@ from gateway.errors import (
     InvalidEventId,
     PayloadTooLarge,
     StorageUnavailable,
+    Unprocessable,
     cut,
     start_response,
 )
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Hub, Ingest, is_event_stream
-from gateway.proxy import (
-    Forwarder,
-    check_headers,
-    client_headers,
-    read_limited,
-    upstream_headers,
-)
+from gateway.proxy import Forwarder, RelayedBody, client_headers, read_limited
 from gateway.sse import HEARTBEAT, frame
 from gateway.stream_params import (
     Cursor,
     RunRequest,
     canonical_id,
+    is_uuid,
     parse_cursor,
     prepare_run_request,
     run_mode_filter,
     thread_mode_filter,
     truthy,
 )
-from gateway.upstream import Target
+from gateway.upstream import Kind, Target
 
 log = logging.getLogger("gateway.streams")
 
@@ -112,8 +108,7 @@ class StreamHandlers:
         run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self._check_capacity()
-        resp = await self.forwarder.open(request, target, data=run.body,
-                                         headers=upstream_headers(request, drop=("Content-Length",)))
+        resp = await self._create_run(request, target, run, "stream")
         if not is_event_stream(resp):
             return await self.forwarder.relay(request, target, resp)
         tid, rid = _run_ids(resp)
@@ -126,9 +121,35 @@ class StreamHandlers:
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
                           thread_id=None if stateless else tid, run_id=rid,
                           resumable=run.resumable and not stateless)
-        await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
+        try:
+            await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
+        except Exception as exc:
+            await self._abandon(request, meta, exc)
         follower = self.hub.subscribe(meta.key, 0)
         return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
+
+    async def _create_run(self, request: web.Request, target: Target, run: RunRequest, kind: Kind) -> aiohttp.ClientResponse:
+        """Send a run-creating request; if the upstream refuses the body as the gateway changed it,
+        send the client's own, so the answer (and its validation error) is about what the client sent."""
+        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
+        resp = await self.forwarder.open(request, target, data=run.body, headers=headers, kind=kind)
+        if run.resend_as_sent(resp.status):
+            resp.release()
+            resp = await self.forwarder.open(request, target, data=run.original, headers=headers, kind=kind)
+        return resp
+
+    async def _abandon(self, request: web.Request, meta: StreamMeta, exc: Exception) -> None:
+        """A run exists upstream that the gateway cannot capture: cancel it, and say so (503)."""
+        log.error("run %s was created upstream but could not be captured (%s); cancelling it", meta.run_id, exc)
+        what = "it was closed"
+        if meta.thread_id is not None:
+            try:
+                await self.hub.cancel_upstream(meta, self._auth(request))
+                what = "it was cancelled upstream"
+            except Exception as cancel_exc:  # say what happened either way
+                what = f"cancelling it upstream failed too ({cancel_exc})"
+        raise StorageUnavailable(f"run {meta.run_id} was created upstream but the gateway could not capture it "
+                                 f"({exc}); {what}") from exc
 
     # --- POST /threads/{tid}/runs ---------------------------------------------------------------
 
@@ -136,13 +157,12 @@ class StreamHandlers:
         run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
         self._check_capacity()
-        resp = await self.forwarder.open(request, target, data=run.body,
-                                         headers=upstream_headers(request, drop=("Content-Length",)))
+        resp = await self._create_run(request, target, run, "forward")
         # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
         return await asyncio.shield(self.hub.run_owned(self._answer_background(request, target, resp, run)))
 
     async def _answer_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
-                                 run: RunRequest) -> web.Response:
+                                 run: RunRequest) -> web.StreamResponse:
         try:
             body = await self.forwarder.read_json_response(resp, self.cfg.max_request_body)
             headers = client_headers(resp, target, drop=("Content-Length",))
@@ -151,7 +171,7 @@ class StreamHandlers:
             resp.release()
         if status == 200:
             await self._capture_background(request, target, body, run)
-        return web.Response(status=status, reason=reason, body=body, headers=headers)
+        return RelayedBody(status=status, reason=reason, body=body, headers=headers)
 
     async def _capture_background(self, request: web.Request, target: Target, body: bytes, run: RunRequest) -> None:
         try:
@@ -167,8 +187,8 @@ class StreamHandlers:
             return
         try:
             await self._capture(request, meta, None)
-        except Exception as exc:  # the run exists upstream; the client still gets its answer
-            log.warning("could not start capturing background run %s: %s", rid, exc)
+        except Exception as exc:
+            await self._abandon(request, meta, exc)
 
     # --- GET .../runs/{rid}/stream ----------------------------------------------------------------
 
@@ -200,6 +220,8 @@ class StreamHandlers:
             follower = self.hub.subscribe(key, after)
             return await self._send(request, follower, headers, keep)
         if tid is None:
+            if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
+                raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
             self._count_resume(cursor, "not_held")
             return await self.forwarder.forward(request, target)
@@ -241,8 +263,8 @@ class StreamHandlers:
         error event, which must not become a 'finished run' in the log."""
         try:
             resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}",
-                                                       check_headers(request),
-                                                       timeout=CHECK_TIMEOUT)
+                                                       self.forwarder.check_headers(request),
+                                                       timeout=CHECK_TIMEOUT, kind="check")
         except GatewayError:
             return True  # no quick answer: the join itself will tell
         resp.release()
@@ -293,21 +315,20 @@ class StreamHandlers:
     async def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
                        cancel_on_orphan: bool = False) -> Ingest:
         """Capture a stream whose first leg is ``resp`` (None: the hub opens it)."""
-        auth = self._auth(request)
-        return await self.hub.capture(with_captor(meta, auth), resp, auth=auth, cancel_on_orphan=cancel_on_orphan)
+        identity = with_captor(meta, self.forwarder.check_headers(request))
+        return await self.hub.capture(identity, resp, auth=self._auth(request), cancel_on_orphan=cancel_on_orphan)
 
     async def _open_capture(self, request: web.Request, meta: StreamMeta, cursor: Cursor, query: str,
                             cancel: bool) -> tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse:
         """Have the hub open a leg with the client's headers and capture it."""
-        auth = self._auth(request)
-        fwd = upstream_headers(request, drop=("Last-Event-ID",))
-        return await self.hub.open_capture(with_captor(meta, auth), cursor, fwd, query, auth=auth,
-                                           cancel_on_orphan=cancel)
+        fwd = self.forwarder.upstream_headers(request, drop=("Last-Event-ID",))
+        return await self.hub.open_capture(with_captor(meta, self.forwarder.check_headers(request)), cursor, fwd,
+                                           query, auth=self._auth(request), cancel_on_orphan=cancel)
 
     async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
         if self.access is None:
             return None
-        return await self.access.denial(target.pool, meta, check_headers(request), self._auth(request))
+        return await self.access.denial(target.pool, meta, self.forwarder.check_headers(request))
 
     def _auth(self, request: web.Request) -> dict[str, str]:
         """The client's credential headers (streams.auth_headers) the gateway may reuse for it."""
@@ -359,7 +380,7 @@ class StreamHandlers:
                     data = frame(e for e in batch if keep(e[1]))
                     if not data:
                         continue
-                async with asyncio.timeout(self.cfg.write_timeout):
+                async with asyncio.timeout(self.forwarder.clients.write_timeout):
                     await out.write(data)
             await out.write_eof()
             return out

@@ -1,8 +1,16 @@
 """Upstreams: the route table, replica pools with health checks, and sending requests.
 
 A request that never reached a replica (connection refused, connect timeout)
-is retried on the next healthy replica; once bytes were sent it is never
-replayed, so a run is never created twice.
+is retried on the next replica; once bytes were sent it is never replayed, so
+a run is never created twice.
+
+Connections are budgeted per upstream and per kind of traffic, so one kind can
+never starve another: plain forwards (``max_connections``), the legs of captured
+streams (``max_streams``), the gateway's own short checks (access, does the run
+exist, cancel), and health checks on a session of their own that never queues
+behind traffic. A request that finds its budget spent waits at most
+``pool_timeout`` and then gets a 503 naming the upstream; the gateway's own
+saturation never counts against a replica's health.
 """
 
 from __future__ import annotations
@@ -11,16 +19,23 @@ import asyncio
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import config
-from gateway.errors import NoHealthyReplica, UpstreamTimeout, UpstreamUnreachable
+from gateway.cors import CorsMemory
+from gateway.errors import NoHealthyReplica, PoolFull, UpstreamTimeout, UpstreamUnreachable
 
 log = logging.getLogger("gateway.upstream")
+
+# What a connection to an upstream is for; each kind has its own budget.
+Kind = Literal["forward", "stream", "check"]
+KINDS: tuple[Kind, ...] = ("forward", "stream", "check")
+# The gateway's own checks are short and few per client: this many at once per upstream.
+CHECK_CONNECTIONS = 64
 
 
 @dataclass(slots=True)
@@ -46,6 +61,33 @@ class Replica:
 HealthObserver = Callable[[str, str, bool], None]
 
 
+class Budget:
+    """The connections one upstream may have open for one kind of traffic."""
+
+    def __init__(self, upstream: str, kind: Kind, limit: int, wait: float) -> None:
+        self.upstream = upstream
+        self.kind = kind
+        self.limit = limit
+        self.wait = wait
+        self.in_use = 0
+        self.refused = 0  # requests that found the pool full (metrics)
+        self._sem = asyncio.Semaphore(limit)
+
+    async def acquire(self) -> None:
+        try:
+            async with asyncio.timeout(self.wait):
+                await self._sem.acquire()
+        except TimeoutError:
+            self.refused += 1
+            raise PoolFull(f"upstream '{self.upstream}': the connection pool for {self.kind} requests is full "
+                           f"({self.limit} in use for {self.wait:g}s); try again later") from None
+        self.in_use += 1
+
+    def release(self) -> None:
+        self.in_use -= 1
+        self._sem.release()
+
+
 class Pool:
     """The replicas of one named upstream, spread round-robin over the healthy ones."""
 
@@ -57,15 +99,20 @@ class Pool:
         self._observer = observer
         self.timeout = aiohttp.ClientTimeout(
             total=None, connect=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
+        self.budgets: dict[Kind, Budget] = {
+            "forward": Budget(cfg.name, "forward", cfg.max_connections, cfg.pool_timeout),
+            "stream": Budget(cfg.name, "stream", cfg.max_streams, cfg.pool_timeout),
+            "check": Budget(cfg.name, "check", CHECK_CONNECTIONS, cfg.pool_timeout),
+        }
         for r in self.replicas:
             self._notify(r)
 
     def candidates(self) -> list[Replica]:
-        healthy = [r for r in self.replicas if r.healthy]
-        if not healthy:
-            return []
-        start = next(self._rr) % len(healthy)
-        return healthy[start:] + healthy[:start]
+        """Healthy replicas round-robin; when none is, all of them (a replica marked down may
+        be back already, and trying costs a refused connection, while refusing costs the request)."""
+        pick = [r for r in self.replicas if r.healthy] or self.replicas
+        start = next(self._rr) % len(pick)
+        return pick[start:] + pick[:start]
 
     def owns(self, url: URL) -> bool:
         return any(r.url.origin() == url.origin() for r in self.replicas)
@@ -77,16 +124,20 @@ class Pool:
             log.warning("upstream %s replica %s taken out: %s", self.name, replica.label, reason)
             self._notify(replica)
 
+    def mark_up(self, replica: Replica, why: str) -> None:
+        if not replica.healthy:
+            replica.healthy = True
+            log.info("upstream %s replica %s is back (%s)", self.name, replica.label, why)
+            self._notify(replica)
+
     def record_check(self, replica: Replica, ok: bool, reason: object = None) -> None:
         h = self.cfg.health
         if ok:
             replica.checked = True
             replica.failures = 0
             replica.successes += 1
-            if not replica.healthy and replica.successes >= h.healthy_threshold:
-                replica.healthy = True
-                log.info("upstream %s replica %s is back", self.name, replica.label)
-                self._notify(replica)
+            if replica.successes >= h.healthy_threshold:
+                self.mark_up(replica, "health check passed")
         else:
             replica.successes = 0
             replica.failures += 1
@@ -119,9 +170,12 @@ class Target:
 class Upstreams:
     cfg: config.Config
     observer: HealthObserver | None = None
+    # What each upstream answers browsers of each origin (see gateway.cors): learned from every answer.
+    cors: CorsMemory = field(default_factory=CorsMemory)
     pools: dict[str, Pool] = field(init=False)
     _routes: list[tuple[str, Pool]] = field(init=False)
     _session: aiohttp.ClientSession | None = field(init=False, default=None)
+    _health_session: aiohttp.ClientSession | None = field(init=False, default=None)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -129,10 +183,15 @@ class Upstreams:
         self._routes = [("" if r.prefix == "/" else r.prefix, self.pools[r.upstream]) for r in self.cfg.routes]
 
     async def start(self) -> None:
-        limit = sum(u.max_connections for u in self.cfg.upstreams)
-        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, enable_cleanup_closed=True)
+        # No connector limit: the budgets above are the limits, with bounded waits.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
         # auto_decompress off: bodies pass through byte-for-byte, Content-Encoding and all.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              cookie_jar=aiohttp.DummyCookieJar())
+        replicas = sum(len(p.replicas) for p in self.pools.values())
+        self._health_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=2 * replicas, enable_cleanup_closed=True),
+            cookie_jar=aiohttp.DummyCookieJar())
         for pool in self.pools.values():
             self._tasks.append(asyncio.create_task(self._health_loop(pool), name=f"health:{pool.name}"))
 
@@ -141,9 +200,10 @@ class Upstreams:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._health_session):
+            if session is not None:
+                await session.close()
+        self._session = self._health_session = None
 
     @property
     def ready(self) -> bool:
@@ -158,33 +218,56 @@ class Upstreams:
         raise AssertionError("config guarantees a root route")
 
     async def send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
-                   data: Any = None, timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
+                   data: Any = None, timeout: aiohttp.ClientTimeout | None = None,
+                   kind: Kind = "forward") -> aiohttp.ClientResponse:
         """Send to the first replica that accepts the connection; response headers are read.
 
-        ``timeout`` overrides the pool's (for the gateway's own quick checks).
+        The connection counts against ``pool``'s budget for ``kind`` until the response
+        is released. ``timeout`` overrides the pool's (for the gateway's own quick checks).
         """
         assert self._session is not None, "upstreams not started"
-        candidates = pool.candidates()
-        if not candidates:
-            raise NoHealthyReplica(f"upstream '{pool.name}' has no healthy replica")
+        budget = pool.budgets[kind]
+        await budget.acquire()
+        try:
+            resp = await self._send(pool, method, path_qs, headers, data, timeout or pool.timeout)
+        except BaseException:
+            budget.release()
+            raise
+        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
+        conn = resp.connection
+        if conn is None:  # nothing left to read: the connection is back in the pool already
+            budget.release()
+        else:
+            conn.add_callback(budget.release)  # called once, when the response lets go of it
+        return resp
+
+    async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
+                    data: Any, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+        assert self._session is not None
         refused: list[str] = []
-        for replica in candidates:
+        for replica in pool.candidates():
             url = URL(replica.base + path_qs, encoded=True)
             try:
-                return await self._session.request(
-                    method, url, headers=headers, data=data, allow_redirects=False,
-                    timeout=timeout or pool.timeout, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                resp = await self._session.request(
+                    method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout,
+                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 # Never reached the replica: safe to try the next one.
                 pool.mark_down(replica, exc)
                 refused.append(f"{replica.label}: {exc.__class__.__name__}")
+                continue
             except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                limit = (timeout or pool.timeout).sock_read or (timeout or pool.timeout).total
+                limit = timeout.sock_read or timeout.total
                 raise UpstreamTimeout(
                     f"upstream '{pool.name}' ({replica.label}) did not answer within {limit:g}s") from None
             except aiohttp.ClientError as exc:
-                raise UpstreamUnreachable(f"upstream '{pool.name}' ({replica.label}) failed: {exc or exc.__class__.__name__}") from None
+                raise UpstreamUnreachable(
+                    f"upstream '{pool.name}' ({replica.label}) failed: {exc or exc.__class__.__name__}") from None
+            pool.mark_up(replica, "it answered a request")
+            return resp
+        if not pool.replicas:
+            raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")
         raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
 
     async def _health_loop(self, pool: Pool) -> None:
@@ -195,9 +278,10 @@ class Upstreams:
             await asyncio.sleep(h.interval)
 
     async def _check(self, pool: Pool, replica: Replica, path: str, timeout: aiohttp.ClientTimeout) -> None:
-        assert self._session is not None
+        assert self._health_session is not None
         try:
-            async with self._session.get(replica.base + path, timeout=timeout, headers=dict(pool.cfg.headers)) as resp:
+            async with self._health_session.get(replica.base + path, timeout=timeout,
+                                                headers=dict(pool.cfg.headers)) as resp:
                 await resp.read()
                 pool.record_check(replica, 200 <= resp.status < 300, f"HTTP {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -22,7 +22,7 @@ import asyncio
 import base64
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -38,6 +38,8 @@ class Behaviour:
     replay_expired: bool = False
     # The real server's replay/live race: the last replayed event comes again as the first live one.
     resend_last_on_join: bool = True
+    # A join of a run it does not know: the in-memory server says 200 and an error event; others 404.
+    join_unknown_status: int = 200
 
 
 @dataclass
@@ -50,6 +52,9 @@ class Faults:
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
     api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
+    # (header, value): every API request must carry it (else 403), like an upstream whose
+    # custom auth reads a header of its own (X-User) rather than Authorization or a key.
+    require_header: tuple[str, str] | None = None
 
 
 @dataclass
@@ -66,6 +71,22 @@ class Run:
     listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+
+
+class _Untyped(web.Response):
+    """aiohttp always sends a Content-Type with a body; uvicorn does not when the app sets none."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall("Content-Type", None)
+
+
+def _cors(request: web.Request, headers: Any) -> None:
+    """The CORS headers langgraph-api's Starlette middleware adds to a request with an Origin."""
+    if "Origin" in request.headers:
+        headers["Access-Control-Allow-Origin"] = "*"
+        headers["Access-Control-Expose-Headers"] = "x-pagination-total, x-pagination-next, content-location"
+        headers["Vary"] = "Origin"
 
 
 def _frame(event: str, data: object, uid: str | None) -> bytes:
@@ -108,10 +129,14 @@ class FakeAgentServer:
         r.add_post("/threads/{tid}/runs/{rid}/cancel", self.cancel)
         r.add_get("/threads/{tid}/stream", self.thread_stream)
         r.add_get("/redirect", self.redirect)
+        r.add_get("/big", self.big)
+        r.add_get("/notype", self.notype)
         return app
 
     async def start(self, port: int = 0) -> FakeAgentServer:
-        self.runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5)
+        # Header limits as generous as uvicorn's (it took a 200 KB header line and 300 headers).
+        self.runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5,
+                                    max_line_size=1 << 20, max_field_size=1 << 20, max_headers=1000)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
         await site.start()
@@ -136,7 +161,14 @@ class FakeAgentServer:
                 return web.json_response({"detail": "injected failure"}, status=self.faults.status)
             if self.faults.api_key is not None and request.headers.get("X-Api-Key") != self.faults.api_key:
                 return web.json_response({"detail": "Invalid API key"}, status=401)
-        return await handler(request)
+            if self.faults.require_header is not None:
+                name, value = self.faults.require_header
+                if request.headers.get(name) != value:
+                    return web.json_response({"detail": "Forbidden"}, status=403)
+        resp = await handler(request)
+        if not resp.prepared:
+            _cors(request, resp.headers)
+        return resp
 
     # --- plain endpoints ---------------------------------------------------------------------
 
@@ -176,6 +208,23 @@ class FakeAgentServer:
             await resp.write(payload)
         await resp.write_eof()
         return resp
+
+    async def big(self, request: web.Request) -> web.StreamResponse:
+        """``size`` bytes of body, written as fast as the client reads them (a large download)."""
+        size = int(request.query.get("size", "1048576"))
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        await resp.prepare(request)
+        chunk = b"x" * 65536
+        left = size
+        while left > 0:
+            await resp.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def notype(self, request: web.Request) -> web.Response:
+        """A body with no Content-Type, as langgraph-api answers some 422s."""
+        return _Untyped(status=422, body=b"Namespace label '' must be a non-empty string without periods")
 
     async def redirect(self, request: web.Request) -> web.Response:
         return web.Response(status=303, headers={"Location": f"{self.url}/echo/landed"})
@@ -248,6 +297,7 @@ class FakeAgentServer:
             "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
             "X-Accel-Buffering": "no", "Location": base + "/stream", "Content-Location": base,
         })
+        _cors(request, resp.headers)
         await resp.prepare(request)
         sent = 0
         cut = self._next_cut()
@@ -280,6 +330,9 @@ class FakeAgentServer:
 
     async def create_stream(self, request: web.Request) -> web.StreamResponse:
         doc = await request.json()
+        if "assistant_id" not in doc:  # jsonschema's message, quoting the body it got, as langgraph-api
+            return web.json_response({"detail": "'assistant_id' is a required property\n\nOn instance:\n    "
+                                      + orjson.dumps(doc).decode()}, status=422)
         if doc.get("multitask_strategy") == "reject":
             return web.json_response({"detail": "Thread is already running a task."}, status=409)
         run = self._new_run(request.match_info.get("tid"), doc)
@@ -294,6 +347,8 @@ class FakeAgentServer:
 
     async def join(self, request: web.Request) -> web.StreamResponse:
         run = self.runs.get(request.match_info["rid"])
+        if run is None and self.behaviour.join_unknown_status != 200:
+            return web.json_response({"detail": "Run not found"}, status=self.behaviour.join_unknown_status)
         if run is None:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -325,6 +380,7 @@ class FakeAgentServer:
         listeners = self.thread_listeners.setdefault(request.match_info["tid"], [])
         listeners.append(q)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        _cors(request, resp.headers)
         await resp.prepare(request)
         try:
             async for frame in self._frames(q, resp):

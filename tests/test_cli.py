@@ -85,7 +85,7 @@ def test_yaml_syntax_error_exits_2(tmp_path: Path) -> None:
     cfg.write_text("listen:\n  port: 8080\n   host: [unclosed\n")
     proc = run_cli("--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 2
-    assert_one_line(proc.stderr, "<yaml>", "line ")
+    assert_one_line(proc.stderr, str(cfg), "line 3, column 8", "not valid YAML")
 
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:

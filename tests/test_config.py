@@ -155,11 +155,11 @@ def test_env_default_expansion(tmp_path: Path) -> None:
     assert given.storage.path == Path("/data/log")
 
 
-def test_yaml_syntax_error(tmp_path: Path) -> None:
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path: Path) -> None:
     err = config_error(tmp_path, "listen:\n  port: 8080\n   host: [unclosed\n")
-    assert err.field == "<yaml>"
-    assert str(err.value).startswith("line ")
-    assert "valid YAML" in err.expected
+    assert err.field.endswith("gateway.yaml, line 3, column 8"), err.field
+    assert "not valid YAML" in err.expected
+    assert "unclosed" not in str(err), "the line's text is not echoed (it may hold a secret)"
 
 
 def test_yaml_document_not_a_mapping(tmp_path: Path) -> None:

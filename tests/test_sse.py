@@ -148,3 +148,9 @@ def test_fast_and_general_paths_agree_on_random_splits() -> None:
         got, p = feed_split(data, *cuts)
         assert got == reference
         assert not p.pending()
+
+
+def test_a_whole_event_over_the_limit_in_one_chunk_is_refused_too() -> None:
+    p = Parser(1 << 10)
+    with pytest.raises(SSEProtocolError):
+        p.feed(b"event: custom\ndata: " + b"x" * 4096 + b"\n\n")

@@ -1,0 +1,60 @@
+"""CORS on the answers the gateway makes itself, as the upstream would have made them.
+
+A browser on another origin reads a response only if it carries the upstream's
+``Access-Control-*`` headers. Forwarded responses have them already; the ones
+the gateway makes (a stream replayed from its log, a 503) would not. So the
+gateway learns them: every upstream answer to a request with an ``Origin``
+teaches what the upstream says to that origin (Agent Server deployments
+configure CORS upstream, and the gateway has nothing to decide), and answers the
+gateway makes for that origin carry the same. ``Location`` and
+``X-Gateway-Resume`` are added to the exposed headers wherever the upstream
+exposes ``Content-Location``: the SDKs re-join with ``Location`` after a cut.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Mapping
+
+# Origins are chosen by clients: remember this many (upstream, origin) answers, newest kept.
+_MEMORY = 1000
+_LEARNED = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Expose-Headers")
+_ALSO_EXPOSED = ("location", "x-gateway-resume")
+
+
+class CorsMemory:
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
+
+    def learn(self, upstream: str, origin: str | None, headers: Mapping[str, str]) -> None:
+        """Remember what the upstream answered ``origin`` (nothing when it sent no CORS headers)."""
+        if not origin or "Access-Control-Allow-Origin" not in headers:
+            return
+        key = (upstream, origin)
+        self._seen[key] = {h: headers[h] for h in _LEARNED if h in headers}
+        self._seen.move_to_end(key)
+        while len(self._seen) > _MEMORY:
+            self._seen.popitem(last=False)
+
+    def headers_for(self, upstream: str, origin: str | None) -> dict[str, str]:
+        """The CORS headers for an answer the gateway makes to ``origin`` ({} when never learned)."""
+        if not origin:
+            return {}
+        learned = self._seen.get((upstream, origin))
+        if learned is None:
+            return {}
+        out = dict(learned)
+        if "Access-Control-Expose-Headers" in out:
+            out["Access-Control-Expose-Headers"] = exposing_location(out["Access-Control-Expose-Headers"])
+        out["Vary"] = "Origin"
+        return out
+
+
+def exposing_location(expose: str) -> str:
+    """An Expose-Headers value that also exposes Location (and X-Gateway-Resume) where it exposes
+    Content-Location: adding names a browser may read breaks nothing."""
+    exposed = [h.strip() for h in expose.split(",") if h.strip()]
+    have = {h.lower() for h in exposed}
+    if "content-location" not in have:
+        return expose
+    return ", ".join(exposed + [h for h in _ALSO_EXPOSED if h not in have])

@@ -1,0 +1,158 @@
+"""The public listener's connections: a cap on how many, a deadline for request headers, and
+malformed requests answered in the API's shape.
+
+aiohttp answers a request it cannot parse with a ``text/plain`` 400 that quotes
+what it choked on (a header line: credentials leak that way) and logs a
+traceback at ERROR each time; it has no deadline for headers (a client that
+sends one byte a second holds its connection forever) and no connection cap.
+``ClientConnection`` is aiohttp's request handler with those three changed;
+``GatewayRunner`` is the app runner that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from gateway.config import Clients
+from gateway.errors import TooManyConnections, error_response
+
+log = logging.getLogger("gateway.listener")
+
+
+@dataclass
+class ConnectionCount:
+    """Open client connections on one listener (owned by its runner)."""
+
+    limit: int
+    open: int = 0
+
+
+class ClientConnection(RequestHandler):
+    """One client connection (aiohttp's protocol, with the gateway's limits)."""
+
+    def __init__(self, manager: Any, *, clients: Clients, count: ConnectionCount, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._clients = clients
+        self._count = count
+        self._counted = False
+        self.over_cap = False  # read by refuse_over_cap: this connection is answered with a 503
+        self._header_deadline: asyncio.TimerHandle | None = None
+        self._between_requests = True
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._count.open += 1
+        self._counted = True
+        self.over_cap = self._count.open > self._count.limit
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._counted:
+            self._count.open -= 1
+            self._counted = False
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        if self._between_requests:
+            self._arm()  # the first bytes of a request: its headers must be in within header_timeout
+        super().data_received(data)
+        if self._request_count != before:  # a request's headers are complete
+            self._between_requests = False
+            self._disarm()
+
+    async def finish_response(self, request: Any, resp: web.StreamResponse,
+                              start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        out = await super().finish_response(request, resp, start_time)
+        self._between_requests = True
+        return out
+
+    def _arm(self) -> None:
+        if self._header_deadline is None:
+            self._header_deadline = asyncio.get_running_loop().call_later(
+                self._clients.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport is not None and self._between_requests:
+            log.info("closed a client connection that did not send its request headers within %gs",
+                     self._clients.header_timeout)
+            self.transport.close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A request that cannot be handled: a JSON answer that quotes nothing of the request.
+
+        One INFO line at most, naming only the kind of problem: never header values.
+        """
+        if request.writer.output_size > 0:  # part of a response is out: it cannot be replaced
+            raise ConnectionError("response already started; connection closed")
+        if status >= 500:
+            log.error("error handling a request from %s", request.remote, exc_info=exc)
+            detail = "internal gateway error (logged)"
+        else:
+            if isinstance(exc, LineTooLong) or "too many headers" in (message or "").lower():
+                status, detail = 431, "request header fields too large"
+            else:
+                detail = "malformed HTTP request"
+            log.info("refused a malformed request from %s: %s", request.remote,
+                     exc.__class__.__name__ if exc is not None else status)
+        resp = error_response(status, detail)
+        resp.force_close()
+        return resp
+
+
+class ClientServer(web.Server):
+    """aiohttp's low-level server, making ``ClientConnection``s."""
+
+    def __init__(self, *args: Any, clients: Clients, count: ConnectionCount, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clients = clients
+        self._count = count
+
+    def __call__(self) -> RequestHandler:
+        return ClientConnection(self, loop=self._loop, clients=self._clients, count=self._count, **self._kwargs)
+
+
+class GatewayRunner(web.AppRunner):
+    """An app runner whose server makes ``ClientConnection``s."""
+
+    def __init__(self, app: web.Application, *, clients: Clients, **kwargs: Any) -> None:
+        kwargs.update(max_line_size=clients.max_header_bytes, max_field_size=clients.max_header_bytes,
+                      max_headers=clients.max_headers)
+        super().__init__(app, **kwargs)
+        self.count = ConnectionCount(clients.max_connections)
+        self._clients = clients
+        self._server_kwargs = kwargs
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()  # the app's startup, and its request handler
+        kwargs = {k: v for k, v in self._server_kwargs.items() if k not in ("shutdown_timeout", "handle_signals")}
+        return ClientServer(plain.request_handler, request_factory=plain.request_factory,
+                            clients=self._clients, count=self.count, **kwargs)
+
+
+@web.middleware
+async def refuse_over_cap(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A connection beyond ``clients.max_connections`` gets a 503 saying so, and is closed."""
+    if getattr(request.protocol, "over_cap", False):
+        resp = error_response(TooManyConnections.status,
+                              "the gateway holds as many client connections as it is configured for "
+                              "(clients.max_connections); try again later", {"Retry-After": "1"})
+        resp.force_close()
+        return resp
+    return await handler(request)
+

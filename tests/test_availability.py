@@ -1,0 +1,118 @@
+"""The gateway is never the reason a request fails: full pools, upstream blips, permanent failures.
+
+Every test drives the gateway over real sockets against the fake upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+
+from tests.conftest import RunningGateway, free_port, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_long_streams_filling_the_pool_do_not_take_the_upstream_down(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_connections": 3, "max_streams": 3, "pool_timeout": "300ms",
+        "health": {"interval": "100ms", "timeout": "200ms", "unhealthy_threshold": 1}}}))
+    tid = await new_thread(http, gw)
+    runs = [await stream_run(http, gw, tid, n=400, delay=0.01) for _ in range(3)]  # every stream slot taken
+    for r in runs:
+        await read_events(r, limit=1)
+    await asyncio.sleep(0.6)  # several health checks while the pool is full
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 200, await r.text()
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        assert r.status == 200, "plain requests have their own budget"
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+        assert r.status == 503 and r.content_type == "application/json"
+        detail = (await r.json())["detail"]
+        assert "default" in detail and "pool" in detail and "full" in detail
+    metrics = await (await http.get(gw.admin_url + "/metrics")).text()
+    assert 'gateway_upstream_connections{kind="stream",upstream="default"} 3.0' in metrics
+    for r in runs:
+        r.close()
+
+
+async def test_a_client_that_stops_reading_a_forwarded_body_is_cut_and_frees_its_slot(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_connections": 2, "pool_timeout": "5s"}}, clients={"write_timeout": "500ms"}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    stalled = []
+    for _ in range(2):  # two clients that ask for 50 MB and never read it
+        s = socket.create_connection((host, int(port)))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /big?size=52428800 HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.append(s)
+    try:
+        await asyncio.sleep(0.3)
+        async with http.get(f"{gw.url}/echo/next") as r:  # waits for a freed slot, not forever
+            assert r.status == 200
+    finally:
+        for s in stalled:
+            s.close()
+
+
+async def test_the_first_request_after_the_only_upstream_comes_back_succeeds(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    port = free_port()
+    up = await FakeAgentServer().start(port=port)
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [up.url]}}))  # checks every 5 s
+    await up.stop()
+    async with http.get(f"{gw.url}/echo/x") as r:  # refused: the replica is marked down
+        assert r.status == 502
+    up = await FakeAgentServer().start(port=port)  # back at once, long before the next health check
+    try:
+        async with http.get(f"{gw.url}/echo/y") as r:
+            assert r.status == 200, await r.text()
+        assert gw.gw.upstreams.pools["default"].replicas[0].healthy, "a success puts the replica back"
+    finally:
+        await up.stop()
+
+
+async def test_a_rejoin_answered_404_ends_at_once(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "1s", "reattach_attempts": 5}))
+    tid = await new_thread(http, gw)
+    fake_upstream.faults.cut_after = 3
+    resp = await stream_run(http, gw, tid, n=200, delay=0.01)
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    fake_upstream.runs.pop(run_id)  # the upstream forgot the run: its join answers 404
+    fake_upstream.behaviour.join_unknown_status = 404
+    got = await asyncio.wait_for(read_events(resp), 30)
+    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"  # type: ignore[index]
+    assert "404" in got[-1].json["message"]  # type: ignore[index]
+    joins = [p for m, p in fake_upstream.requests if m == "GET" and p.startswith(f"/threads/{tid}/runs/{run_id}/stream")]
+    assert len(joins) == 1, f"a permanent failure was retried: {len(joins)} re-joins"
+
+
+async def test_an_event_over_the_size_limit_ends_at_once(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_event_bytes": "64KiB", "reattach_backoff": "1s"}))
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=5, pad=200_000)
+    got = await asyncio.wait_for(read_events(resp), 20)
+    assert got[-1].event == "error" and "larger than" in got[-1].json["message"]  # type: ignore[index]
+    assert not [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "not retried"

@@ -1,0 +1,269 @@
+"""The public listener under hostile or odd input: bytes that are not UTF-8, malformed and slow
+requests, spoofed forwarding headers, callers the upstream tells apart by a header of its own,
+and answers in the API's own shape wherever the gateway answers itself.
+
+Raw sockets where the point is bytes an HTTP client library would not send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.conftest import RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import customs, join, new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def raw_request(url: str, request: bytes, *, timeout: float = 10.0) -> bytes:
+    """Send bytes as they are; everything the gateway answers until it closes (or ``timeout``)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    data = b""
+    try:
+        writer.write(request)
+        async with asyncio.timeout(timeout):
+            await writer.drain()
+            while chunk := await reader.read(65536):
+                data += chunk
+    except (TimeoutError, ConnectionResetError, BrokenPipeError):
+        pass  # what arrived before the gateway gave up on the connection is the answer
+    writer.close()
+    return data
+
+
+def status_and_body(raw: bytes) -> tuple[int, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+# --- 3. header bytes that are not UTF-8 -------------------------------------------------------------
+
+@pytest.mark.parametrize("header", [b"Cookie", b"Authorization", b"X-Api-Key"])
+async def test_non_utf8_header_bytes_never_give_500_and_the_run_is_captured(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, header: bytes) -> None:
+    tid = await new_thread(http, gateway)
+    body = orjson.dumps({"assistant_id": "a", "input": {"n": 3}})
+    raw = await raw_request(gateway.url, b"POST /threads/" + tid.encode() + b"/runs/stream HTTP/1.1\r\nHost: x\r\n"
+                            + header + b": a=\xe9\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    status, _ = status_and_body(raw)
+    assert status == 200, raw[:300]
+    assert len(fake_upstream.runs) == 1, "one run created upstream"
+    meta = next(iter(gateway.gw.log.streams()))
+    assert meta.kind == "run", "and it was captured"
+    raw = await raw_request(gateway.url, b"GET " + meta.path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header
+                            + b": a=\xe9\r\nLast-Event-ID: -1\r\nConnection: close\r\n\r\n")
+    assert status_and_body(raw)[0] == 200, raw[:300]
+
+
+async def test_a_run_created_upstream_is_never_left_uncaptured(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The budget is spent by the time the upstream has answered (a race with another capture):
+    # the gateway cancels the run it could not capture, and says so.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage={"max_bytes": 3000}))
+    tid = await new_thread(http, gw)
+    fake_upstream.faults.hang = 0.5  # the next request is answered late
+    late = asyncio.ensure_future(http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                                           json={"assistant_id": "a", "input": {"n": 300, "delay": 0.01}}))
+    await asyncio.sleep(0.1)
+    fake_upstream.faults.hang = 0
+    filler = await stream_run(http, gw, tid, n=400, pad=50, delay=0.01)  # fills the budget meanwhile
+    await read_events(filler, limit=60)
+    r = await late
+    assert r.status == 503 and "cancelled" in (await r.json())["detail"]
+    runs = [run for run in fake_upstream.runs.values() if run.n == 300]
+    assert len(runs) == 1
+    for _ in range(40):
+        if runs[0].status == "interrupted":
+            break
+        await asyncio.sleep(0.05)
+    assert runs[0].status == "interrupted", "the run nobody can follow was cancelled upstream"
+    filler.close()
+
+
+# --- 4. a cached "yes" is only for the caller it was given to ------------------------------------------
+
+async def test_a_cached_yes_is_not_reused_for_a_caller_the_upstream_tells_apart_by_its_own_header(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    alice = {"X-User": "alice"}
+    fake_upstream.faults.require_header = ("X-User", "alice")
+    async with http.post(f"{gateway.url}/threads", json={}, headers=alice) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", headers=alice,
+                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        loc = gateway.url + r.headers["Location"]
+        original = await read_events(r)
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **alice}) as r:  # Alice: yes, and it is cached
+        assert r.status == 200 and await read_events(r) == original
+    for other in ({"X-User": "bob"}, {}):
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **other}) as r:
+            assert r.status == 403, f"{other or 'anonymous'} read Alice's run from the cache"
+
+
+async def test_a_stateless_run_is_only_replayed_to_the_caller_that_started_it(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    alice = {"X-User": "alice"}
+    fake_upstream.faults.require_header = ("X-User", "alice")
+    async with http.post(f"{gateway.url}/runs/stream", headers=alice, json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        loc = gateway.url + r.headers["Location"]
+        original = await read_events(r)
+    async with http.get(loc, headers={"Last-Event-ID": "-1", **alice}) as r:
+        assert r.status == 200 and await read_events(r) == original
+    for other in ({"X-User": "bob"}, {}):
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **other}) as r:
+            assert r.status == 404, f"{other or 'anonymous'} read Alice's stateless run"
+
+
+# --- 5. malformed and slow requests ---------------------------------------------------------------------
+
+async def test_a_malformed_request_gets_a_json_400_that_echoes_nothing(
+        gateway: RunningGateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    raw = await raw_request(gateway.url, b"GET /threads HTTP/1.1\r\nHost: x\r\nsecret-token-123 no colon\r\n\r\n")
+    status, body = status_and_body(raw)
+    assert status == 400
+    assert b"application/json" in raw.split(b"\r\n\r\n")[0].lower()
+    assert "detail" in orjson.loads(body)
+    assert b"secret-token-123" not in raw, "request bytes are never echoed"
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not errors, [r.getMessage() for r in errors]
+    assert all("secret-token-123" not in r.getMessage() and r.exc_info is None for r in caplog.records)
+
+
+async def test_long_header_lines_pass_as_they_do_upstream_and_oversized_ones_leak_nothing(
+        gateway: RunningGateway, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    raw = await raw_request(gateway.url, b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000
+                            + b"\r\nConnection: close\r\n\r\n")
+    assert status_and_body(raw)[0] == 200, raw[:200]
+    token = b"Bearer " + b"s3cr3t" * 400_000  # beyond any sane limit
+    raw = await raw_request(gateway.url, b"GET /echo/x HTTP/1.1\r\nHost: x\r\nAuthorization: " + token
+                            + b"\r\nConnection: close\r\n\r\n")
+    if raw:  # a JSON refusal, or a plain close: both are fine, a leak is not
+        status, body = status_and_body(raw)
+        assert status in (400, 431) and b"s3cr3t" not in raw and "detail" in orjson.loads(body)
+    assert all("s3cr3t" not in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_connections_that_never_finish_their_headers_are_closed(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"header_timeout": "500ms"}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    conns = []
+    for _ in range(30):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /thr")  # and then nothing more, like a slowloris client
+        conns.append((reader, writer))
+    try:
+        closed = 0
+        for reader, _ in conns:
+            try:
+                async with asyncio.timeout(5):
+                    await reader.read()  # b"" (or a refusal) once the gateway gives up on it
+                closed += 1
+            except TimeoutError:
+                pass
+        assert closed == len(conns)
+    finally:
+        for _, writer in conns:
+            writer.close()
+
+
+async def test_connections_beyond_the_cap_get_a_clear_503(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"max_connections": 4}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port))) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.1)
+        raw = await raw_request(gw.url, b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n", timeout=5)
+        status, body = status_and_body(raw)
+        assert status == 503 and "connections" in orjson.loads(body)["detail"]
+    finally:
+        for s in held:
+            s.close()
+    await asyncio.sleep(0.1)
+    async with http.get(f"{gw.url}/echo/x") as r:  # below the cap again
+        assert r.status == 200
+
+
+# --- 6. forwarding headers only from proxies the operator trusts -----------------------------------------
+
+async def test_client_sent_forwarded_host_and_proto_are_overwritten(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.url}/echo/h", headers={"X-Forwarded-Host": "evil.example",
+                                                         "X-Forwarded-Proto": "https"}) as r:
+        got = {k.lower(): v for k, v in (await r.json())["headers"]}
+    assert got["x-forwarded-host"] == gateway.url.removeprefix("http://")
+    assert got["x-forwarded-proto"] == "http"
+
+
+async def test_a_trusted_proxy_may_set_forwarded_host_and_proto(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"trusted_proxies": ["127.0.0.0/8"]}))
+    async with http.get(f"{gw.url}/echo/h", headers={"X-Forwarded-Host": "app.example",
+                                                    "X-Forwarded-Proto": "https"}) as r:
+        got = {k.lower(): v for k, v in (await r.json())["headers"]}
+    assert got["x-forwarded-host"] == "app.example" and got["x-forwarded-proto"] == "https"
+
+
+# --- 7. and 8. answers in the API's shape; the upstream's answers as it gave them -----------------------
+
+async def test_a_malformed_run_id_on_a_route_served_from_the_log_is_422(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.url}/runs/not-a-uuid/stream", headers={"Last-Event-ID": "-1"}) as r:
+        assert r.status == 422
+        assert await r.json() == {"detail": "Invalid run ID: must be a UUID"}
+
+
+async def test_an_upstream_body_without_content_type_keeps_none(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.url}/notype") as r:
+        assert r.status == 422
+        assert "Content-Type" not in r.headers, r.headers.get("Content-Type")
+        assert await r.read() == b"Namespace label '' must be a non-empty string without periods"
+
+
+async def test_the_upstreams_validation_error_quotes_the_body_the_client_sent(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", json={"input": {"n": 1}}) as r:
+        assert r.status == 422
+        detail = (await r.json())["detail"]
+    assert "stream_resumable" not in detail and '"input"' in detail
+
+
+# --- 9. CORS on the answers the gateway makes itself ----------------------------------------------------
+
+async def test_a_stream_served_from_the_log_carries_the_upstreams_cors_headers(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    origin = {"Origin": "http://127.0.0.1:9999"}
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", headers=origin,
+                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        assert r.headers["Access-Control-Allow-Origin"] == "*"  # forwarded: the upstream's own
+        loc = gateway.url + r.headers["Location"]
+        await read_events(r)
+    for _ in range(2):  # the first asks the upstream, the second comes from the cached answer
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **origin}) as r:
+            assert r.status == 200
+            assert r.headers.get("Access-Control-Allow-Origin") == "*"
+            exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+            assert {"content-location", "location"} <= exposed
+            assert customs(await read_events(r)) == [0, 1, 2]
