@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import yaml
 from yarl import URL
@@ -69,12 +69,19 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Storage:
+    # "lmdb": one gateway process, embedded. "redis": any number of gateway replicas share the log.
+    backend: Literal["lmdb", "redis"] = "lmdb"
     path: Path = Path("./data")
-    durability: str = "fsync"  # "fsync" | "none"
+    durability: Literal["fsync", "none"] = "fsync"
     map_size: int = 1 << 30  # initial LMDB map; grows on demand
     max_bytes: int = 8 << 30  # disk budget for event payloads
     retention: float = 24 * 3600.0  # seconds a finished stream is kept
     sweep_interval: float = 60.0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "agw"  # every key is "{<prefix>}:...": one hash tag, one cluster slot
+    # A replica capturing a stream holds a lease this long, renewed at a third of it; a replica
+    # that stops renewing (crashed, frozen) loses its streams to another one after this.
+    lease_ttl: float = 6.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,12 +355,25 @@ def _routes(raw: Any, upstreams: tuple[Upstream, ...]) -> tuple[Route, ...]:
 
 def _storage(raw: Any) -> Storage:
     raw = _mapping("storage", raw)
-    _reject_unknown("storage", raw, {"path", "durability", "map_size", "max_bytes", "retention", "sweep_interval"})
+    _reject_unknown("storage", raw, set(Storage.__dataclass_fields__))
     d = Storage()
     durability = raw.get("durability", d.durability)
     if durability not in ("fsync", "none"):
         raise ConfigError("storage.durability", durability, "'fsync' or 'none'")
+    backend = raw.get("backend", d.backend)
+    if backend not in ("lmdb", "redis"):
+        raise ConfigError("storage.backend", backend, "'lmdb' or 'redis'")
+    redis_url = _str("storage.redis_url", raw.get("redis_url", d.redis_url))
+    if not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("storage.redis_url", redis_url, "a redis://, rediss:// or unix:// URL")
+    prefix = _str("storage.redis_prefix", raw.get("redis_prefix", d.redis_prefix))
+    if not _NAME.match(prefix):
+        raise ConfigError("storage.redis_prefix", prefix, "letters, digits, '.', '_' or '-'")
     return Storage(
+        backend=backend,
+        redis_url=redis_url,
+        redis_prefix=prefix,
+        lease_ttl=_duration("storage.lease_ttl", raw.get("lease_ttl", d.lease_ttl)),
         path=Path(_str("storage.path", str(raw.get("path", d.path)))),
         durability=durability,
         map_size=_size("storage.map_size", raw.get("map_size", d.map_size)),

@@ -1,16 +1,19 @@
 """The stream hub: one ingest task per upstream stream, fanned out to any number of clients.
 
-Ingest reads the upstream in whole chunks, appends each chunk's events to the
-log in one call, and publishes them to subscribers only after the commit. The
-task belongs to the hub, not to a request: it keeps capturing after every
-client has left, until the upstream stream ends.
+Ingest reads the upstream in whole chunks and appends each chunk's events to the
+log in one call; the log hands them to followers (``gateway.follower``) through
+its live feed only after the commit. The task belongs to the hub, not to a
+request: it keeps capturing after every client has left, until the upstream
+stream ends. The hub also knows who follows each stream, which decides when a
+capture may stop (a thread stream nobody watches, a run whose last client asked
+to cancel on disconnect), and it is the ``Source`` followers read through.
 
 When a leg breaks the hub opens another (``gateway.legs``, with the Last-Event-ID
 ``gateway.rejoin`` decides) and passes it through a ``Seam``: re-sent events are
 dropped, and a gap marker goes into the log where the gateway cannot prove that
 nothing was lost. When storage fails, the stream's clients are cut (they
 reconnect and replay what is committed), and the capture re-joins the upstream
-once commits succeed again. Clients read through ``gateway.follower``.
+once commits succeed again.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from multidict import CIMultiDict
 from gateway.config import Streams
 from gateway.errors import GatewayError
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
-from gateway.follower import Follower, Subscriber
+from gateway.eventlog.base import ClaimLost, Feed
+from gateway.follower import Follower
 from gateway.legs import Legs
 from gateway.metrics import Metrics, NoMetrics
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
@@ -54,6 +58,10 @@ class UpstreamRefused(UpstreamBroke):
     """The upstream answered in a way trying again will not change (a 404 re-join, a malformed stream)."""
 
 
+class CapturedElsewhere(Exception):
+    """Another gateway process captures this stream: follow it instead."""
+
+
 def interrupted_event(reason: str) -> Event:
     payload = {"error": "CaptureInterrupted",
                "message": f"the gateway lost this stream's upstream and could not re-join it: {reason}"}
@@ -69,8 +77,6 @@ class Ingest:
     """The live capture of one upstream stream."""
 
     meta: StreamMeta  # what the stream is (key, kind, upstream path), as begun
-    subscribers: set[Subscriber]
-    head: int  # last seq published to subscribers (all committed)
     task: asyncio.Task[None] | None = None
     cancel_on_orphan: bool = False
     orphan_timer: asyncio.TimerHandle | None = None
@@ -80,30 +86,16 @@ class Ingest:
     inflight: int = 0  # commits submitted, not yet published
     failed: BaseException | None = None  # a commit that failed: the pump stops
     recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
+    cancelling: bool = False  # its last follower left and asked for a cancel: done once
 
     @property
     def key(self) -> str:
         return self.meta.key
 
-    def publish(self, entries: list[Entry]) -> int:
-        self.head = entries[-1][0]
-        nbytes = sum([len(body) for _, body in entries])
-        dropped = 0
-        for sub in self.subscribers:
-            if not sub.push(entries, nbytes):
-                dropped += 1
-        return dropped
-
-    def beat(self) -> None:
-        for sub in self.subscribers:
-            sub.beat()
-
-    def end(self, *, cut: bool = False) -> None:
-        for sub in self.subscribers:
-            sub.end(cut=cut)
-
 
 class Hub:
+    """Captures upstream streams into the log, and is the ``Source`` its followers read through."""
+
     def __init__(self, log_: EventLog, cfg: Streams, legs: Legs, cancel_upstream: UpstreamCanceller,
                  metrics: Metrics | None = None) -> None:
         self.log = log_
@@ -113,25 +105,65 @@ class Hub:
         self.metrics: Metrics = metrics or NoMetrics()
         self._live: dict[str, Ingest] = {}
         self.closing = False
+        self.heartbeat = cfg.heartbeat
         self.followers: set[Follower] = set()
+        self._following: dict[str, int] = {}  # followers in this process, by stream
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._takeover_task: asyncio.Task[None] | None = None
+        log_.on_lost(self._claim_lost)
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Re-attach every stream a previous process left open."""
-        for meta in self.log.streams():
-            if not meta.open:
+        """Take over every open stream nobody captures (a previous process left them open), then
+        keep doing so when the log is shared (another replica may stop or die)."""
+        await self._take_over()
+        if self.log.takeover_interval is not None:
+            self._takeover_task = asyncio.create_task(self._takeover_loop(self.log.takeover_interval),
+                                                      name="takeover")
+
+    async def _takeover_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._take_over()
+                await self._check_orphans()
+            except Exception:
+                log.exception("taking over unowned streams failed; will retry")
+
+    async def _take_over(self) -> None:
+        for meta in await self.log.unowned():
+            if self.closing or meta.key in self._live:
                 continue
             if meta.kind == "thread":
-                await self.log.finish(meta.key, None)  # re-opened when a client asks
-            elif meta.thread_id is not None:
-                log.info("re-attaching %s from upstream id %s", meta.key, meta.last_upstream_id)
-                self._start(meta, None, None)
-            else:
-                await self._interrupt(meta, "the gateway restarted while the stateless run was live, and the "
-                                            "upstream has no way to re-join a stateless run")
+                if await self.log.followers(meta.key, self._following.get(meta.key, 0)) == 0:
+                    if await self.log.claim(meta.key):  # nobody watches it: released, re-opened when asked
+                        await self.log.finish(meta.key, None)
+                        await self.log.release(meta.key)
+                    continue
+            if not await self.log.claim(meta.key):
+                continue  # another replica was faster
+            if meta.kind == "run" and meta.thread_id is None:
+                await self._interrupt(meta, "the gateway that captured this stateless run stopped while it was "
+                                            "live, and the upstream has no way to re-join a stateless run")
+                await self.log.release(meta.key)
+                continue
+            log.info("taking over %s from upstream id %s", meta.key, meta.last_upstream_id)
+            self._start(meta, None, None)
+
+    async def _check_orphans(self) -> None:
+        """Followers on other replicas come and go unseen: what nobody follows any more is released."""
+        for ing in list(self._live.values()):
+            if not self._following.get(ing.key) and (ing.meta.kind == "thread" or ing.cancel_on_orphan):
+                self._orphaned(ing)
+
+    def _claim_lost(self, key: str) -> None:
+        ing = self._live.get(key)
+        if ing is not None and ing.task is not None:
+            log.warning("stream %s is captured by another gateway process now; this one stops writing it", key)
+            del self._live[key]
+            ing.task.cancel()
 
     def end_clients(self) -> None:
         """Cut every client stream at an event boundary (shutdown: clients resume elsewhere)."""
@@ -140,12 +172,23 @@ class Hub:
             f.shutdown()
 
     async def stop(self) -> None:
-        """Stop ingest; open streams stay open in the log and are re-attached on the next start."""
+        """Stop ingest; open streams stay open in the log and are taken over (by another replica
+        now, or by this gateway at its next start): their claims are released at once."""
         self.end_clients()
+        for ing in self._live.values():
+            if ing.orphan_timer is not None:
+                ing.orphan_timer.cancel()
         tasks = [i.task for i in self._live.values() if i.task is not None] + list(self._side_tasks)
+        if self._takeover_task is not None:
+            tasks.append(self._takeover_task)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for key in list(self._live):
+            try:
+                await self.log.release(key)
+            except Exception as exc:  # the lease runs out by itself
+                log.warning("could not release %s at shutdown: %s", key, exc)
         self._live.clear()
 
     # --- capture -----------------------------------------------------------------------------
@@ -174,6 +217,8 @@ class Hub:
         if meta.key in self._live:
             raise RuntimeError(f"stream {meta.key} is already being captured")
         try:
+            if not await self.log.claim(meta.key):
+                raise CapturedElsewhere(meta.key)
             meta = await self.log.begin(meta)
         except BaseException:
             if resp is not None:
@@ -187,24 +232,33 @@ class Hub:
         """Open a leg for a client and capture it: a run or thread not captured right now.
 
         Returns the capture and the leg (for its headers), or the upstream's answer
-        alone when it is not an event stream (the caller relays it as is).
+        alone when it is not an event stream (the caller relays it as is). Raises
+        CapturedElsewhere when another gateway process captures it already.
         """
-        held = self.log.get(meta.key)
-        last = leg_last_event_id(meta.kind, held, cursor)
-        resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
+        if not await self.log.claim(meta.key):
+            raise CapturedElsewhere(meta.key)
+        try:
+            held = await self.log.lookup(meta.key)
+            last = leg_last_event_id(meta.kind, held, cursor)
+            resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
+        except BaseException:
+            await self.log.release(meta.key)
+            raise
         if not is_event_stream(resp):
+            await self.log.release(meta.key)
             return resp
         try:
             seam = await self._seam(meta, held, last)
             meta = await self.log.begin(meta)
         except BaseException:
             resp.close()
+            await self.log.release(meta.key)
             raise
         return self._start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan), resp
 
     def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | None, *,
                auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
-        ing = Ingest(meta=meta, subscribers=set(), head=meta.head, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
+        ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
         self._live[meta.key] = ing
         ing.task = asyncio.create_task(self._run(ing, resp, seam), name=f"ingest:{meta.key}")
         return ing
@@ -224,7 +278,7 @@ class Hub:
             while True:
                 try:
                     if resp is None:
-                        if self._ended(ing.key):
+                        if await self._ended(ing.key):
                             await self._finish(ing, "done")
                             return
                         resp, seam = await self._rejoin(ing)
@@ -252,9 +306,12 @@ class Hub:
                     failures = 0
         except asyncio.CancelledError:
             raise
+        except ClaimLost:
+            log.warning("stream %s is captured by another gateway process now; this one stops writing it", ing.key)
+            return
         except Exception:
             log.exception("ingest of %s crashed", ing.key)
-            ing.end(cut=True)
+            self.log.cut(ing.key)
         finally:
             if resp is not None:
                 resp.close()
@@ -262,10 +319,19 @@ class Hub:
                 del self._live[ing.key]
             if ing.orphan_timer is not None:
                 ing.orphan_timer.cancel()
+        await self._release(ing.key)
 
-    def _ended(self, key: str) -> bool:
+    async def _release(self, key: str) -> None:
+        if key in self._live:
+            return  # a new capture of the stream holds the claim now
+        try:
+            await self.log.release(key)
+        except Exception as exc:  # the lease runs out by itself
+            log.warning("could not release %s: %s", key, exc)
+
+    async def _ended(self, key: str) -> bool:
         """A run whose last event is its error event is over: there is nothing to re-join for."""
-        held = self.log.get(key)
+        held = await self.log.lookup(key)
         return held is not None and held.kind == "run" and held.last_event == "error"
 
     def _can_rejoin(self, ing: Ingest) -> bool:
@@ -273,7 +339,7 @@ class Hub:
         return ing.meta.kind == "thread" or ing.meta.thread_id is not None
 
     async def _rejoin(self, ing: Ingest) -> tuple[aiohttp.ClientResponse, Seam | None]:
-        held = self.log.get(ing.key)
+        held = await self.log.lookup(ing.key)
         last = leg_last_event_id(ing.meta.kind, held)
         try:
             resp = await self.legs.open(ing.meta, last, auth=ing.auth)
@@ -300,7 +366,7 @@ class Hub:
         log.error("stream %s: the event log failed (%s); clients cut, capture resumes when storage does",
                   ing.key, exc)
         ing.recovering = True
-        ing.end(cut=True)
+        self.log.cut(ing.key)
         try:
             while True:
                 await self.log.wait_healthy()
@@ -314,7 +380,7 @@ class Hub:
             ing.recovering = False
         ing.failed = None
         log.info("stream %s: storage is back; re-joining the upstream", ing.key)
-        if not ing.subscribers and ing.cancel_on_orphan:
+        if not self._following.get(ing.key) and ing.cancel_on_orphan:
             self.run_owned(self._cancel_run(ing))
 
     async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse, seam: Seam | None) -> None:
@@ -334,7 +400,7 @@ class Hub:
                 if parser.comments:
                     parser.comments = 0
                     if not events:
-                        ing.beat()
+                        self.log.beat(key)
                 if seam is not None and events:
                     events = seam.filter(events)
                 if events:
@@ -368,53 +434,92 @@ class Hub:
     def _committed(self, ing: Ingest, fut: asyncio.Future[list[Entry]]) -> None:
         ing.inflight -= 1
         if fut.cancelled() or ing.failed is not None:
-            return  # after a failed commit nothing more is published: clients never skip a seq
+            return  # after a failed commit the pump stops: the stream never has a hole
         if fut.exception() is not None:
             ing.failed = fut.exception()
             return
         entries = fut.result()
         if entries:
             self.metrics.appended(len(entries))
-            dropped = ing.publish(entries)
-            if dropped:
-                self.metrics.overflowed(dropped)
 
     async def _finish(self, ing: Ingest, end: EndReason, events: list[Event] | None = None) -> None:
-        entries = await self.log.finish(ing.key, end, events or [])
-        if entries:
-            ing.publish(entries)
-        ing.end()
+        await self.log.finish(ing.key, end, events or [])  # its followers get the end from the log
 
     async def _interrupt(self, meta: StreamMeta, reason: str, ing: Ingest | None = None) -> None:
         self.metrics.interrupted()
         try:
-            entries = await self.log.finish(meta.key, "interrupted", [interrupted_event(reason)])
+            await self.log.finish(meta.key, "interrupted", [interrupted_event(reason)])
         except StorageError as exc:
             log.error("stream %s: could not record its interruption (%s); it stays open for the next start",
                       meta.key, exc)
-            if ing is not None:
-                ing.end(cut=True)
-            return
-        if ing is not None:
-            if entries:
-                ing.publish(entries)
-            ing.end()
+            self.log.cut(meta.key)
 
-    # --- subscribers -------------------------------------------------------------------------
+    # --- followers: the Source they read through ------------------------------------------------
 
-    def subscribe(self, key: str, after: int | None) -> Follower:
-        """Register now (before any await) and return the follower to iterate."""
+    def follow(self, key: str, after: int | None) -> Follower:
+        """A follower of ``key`` from ``after`` (None: the live tail), registered at once."""
         return Follower(self, key, after)
 
-    def attach(self, ing: Ingest, sub: Subscriber) -> None:
-        ing.subscribers.add(sub)
-        if ing.orphan_timer is not None:
+    async def join(self, key: str, after: int | None, *, cancel_on_disconnect: bool = False) -> Follower:
+        """Follow a stream the log holds. One that is open but captured by nobody (its ingest
+        crashed) is captured again first: a follower never waits on a stream nobody writes."""
+        meta = await self.log.lookup(key)
+        if (key not in self._live and meta is not None and meta.open and meta.kind == "run" and not self.closing
+                and await self.log.claim(key) and key not in self._live):
+            log.info("stream %s is open but nobody captures it; re-attaching", key)
+            self._start(meta, None, None)
+        ing = self._live.get(key)
+        if ing is not None and cancel_on_disconnect:
+            ing.cancel_on_orphan = True
+        return Follower(self, key, after)
+
+    async def wait_for(self, key: str, wait: float) -> None:
+        """Until a stream another gateway process has just claimed is in the log (CapturedElsewhere
+        if that takes longer than ``wait``)."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while await self.log.lookup(key) is None:
+            if asyncio.get_running_loop().time() > deadline:
+                raise CapturedElsewhere(key)
+            await asyncio.sleep(0.05)
+
+    async def lookup(self, key: str) -> StreamMeta | None:
+        return await self.log.lookup(key)
+
+    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
+        return await self.log.read(key, after, upto, limit)
+
+    def subscribe(self, key: str) -> Feed:
+        return self.log.subscribe(key, self.cfg.subscriber_buffer, self.cfg.subscriber_buffer_bytes,
+                                  lambda: self.metrics.overflowed(1))
+
+    def joined(self, follower: Follower) -> None:
+        self.followers.add(follower)
+        n = self._following[follower.key] = self._following.get(follower.key, 0) + 1
+        ing = self._live.get(follower.key)
+        if ing is not None and ing.orphan_timer is not None:
             ing.orphan_timer.cancel()
             ing.orphan_timer = None
+        if n == 1:
+            self.run_owned(self.log.set_followers(follower.key, 1))
 
-    def detach(self, ing: Ingest, sub: Subscriber) -> None:
-        ing.subscribers.discard(sub)
-        if ing.subscribers or self.closing or ing.recovering or self._live.get(ing.key) is not ing:
+    def left(self, follower: Follower) -> None:
+        self.followers.discard(follower)
+        key = follower.key
+        n = self._following.get(key, 0) - 1
+        if n > 0:
+            self._following[key] = n
+            return
+        self._following.pop(key, None)
+        if not self.closing:
+            self.run_owned(self.log.set_followers(key, 0))
+        ing = self._live.get(key)
+        if ing is not None:
+            self._orphaned(ing)
+
+    def _orphaned(self, ing: Ingest) -> None:
+        """Nobody here follows ``ing`` any more: a thread stream lingers, then is released; a run
+        whose client asked for it is cancelled (if nobody follows it on another replica either)."""
+        if self.closing or ing.recovering or self._live.get(ing.key) is not ing or ing.orphan_timer is not None:
             return
         if ing.meta.kind == "thread":
             ing.orphan_timer = asyncio.get_running_loop().call_later(
@@ -438,16 +543,20 @@ class Hub:
             log.error("hub background task failed", exc_info=task.exception())
 
     async def _release_thread(self, ing: Ingest) -> None:
-        if ing.subscribers or not await self._stop_ingest(ing):
+        ing.orphan_timer = None
+        if await self._followed(ing) or not await self._stop_ingest(ing):
             return
-        ing.end()
         if ing.key not in self._live:  # not if a new capture began meanwhile: it owns the stream now
             await self.log.finish(ing.key, None)
         log.debug("thread stream %s released after linger", ing.key)
 
+    async def _followed(self, ing: Ingest) -> bool:
+        return await self.log.followers(ing.key, self._following.get(ing.key, 0)) > 0
+
     async def _cancel_run(self, ing: Ingest) -> None:
-        if ing.subscribers:
+        if ing.cancelling or await self._followed(ing):
             return
+        ing.cancelling = True
         log.info("last client of %s left and asked for cancel on disconnect", ing.key)
         if ing.meta.thread_id is not None:
             await self.cancel_upstream(ing.meta, ing.auth)

@@ -31,7 +31,7 @@ from gateway.errors import (
 )
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
-from gateway.hub import Hub, Ingest, is_event_stream
+from gateway.hub import CapturedElsewhere, Hub, Ingest, is_event_stream
 from gateway.proxy import Forwarder, RelayedBody, client_headers, read_limited
 from gateway.sse import HEARTBEAT, frame
 from gateway.stream_params import (
@@ -123,9 +123,11 @@ class StreamHandlers:
                           resumable=run.resumable and not stateless)
         try:
             await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
+        except CapturedElsewhere:
+            pass  # another replica captured this run already: follow what it commits
         except Exception as exc:
             await self._abandon(request, meta, exc)
-        follower = self.hub.subscribe(meta.key, 0)
+        follower = self.hub.follow(meta.key, 0)
         return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
 
     async def _create_run(self, request: web.Request, target: Target, run: RunRequest, kind: Kind) -> aiohttp.ClientResponse:
@@ -187,6 +189,8 @@ class StreamHandlers:
             return
         try:
             await self._capture(request, meta, None)
+        except CapturedElsewhere:
+            pass
         except Exception as exc:
             await self._abandon(request, meta, exc)
 
@@ -202,22 +206,19 @@ class StreamHandlers:
             return await self.forwarder.forward(request, target)
         pool = target.pool.name
         key = run_key(pool, rid)
-        meta = self.log.get(key)
+        meta = await self.log.lookup(key)
         if meta is not None and tid is not None and meta.thread_id not in (None, tid):
             # Held, but under another thread: not ours to serve. The upstream answers as it would.
             return await self.forwarder.forward(request, target)
         if meta is not None:
             headers: CIMultiDict[str] = CIMultiDict()
-            after = self._resume_from(cursor, meta, headers)
+            after = await self._resume_from(cursor, meta, headers)
             if (denied := await self._denial(request, target, meta)) is not None:
                 return await self.forwarder.relay(request, target, denied)
-            ing = self.hub.live(key)
-            if ing is not None and cancel:
-                ing.cancel_on_orphan = True
             headers["Content-Type"] = "text/event-stream; charset=utf-8"
             headers["Location"] = target.client_path(meta.path)
             headers["Content-Location"] = target.client_path(meta.path.removesuffix("/stream"))
-            follower = self.hub.subscribe(key, after)
+            follower = await self.hub.join(key, after, cancel_on_disconnect=cancel)
             return await self._send(request, follower, headers, keep)
         if tid is None:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
@@ -227,7 +228,7 @@ class StreamHandlers:
             return await self.forwarder.forward(request, target)
         # Not held: capture it from the upstream from here on (one capture, however many ask at once).
         async with self.hub.capture_lock(key):
-            if self.log.get(key) is not None:
+            if await self.log.lookup(key) is not None:
                 opened: tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse | None = None
             else:
                 opened = await self._capture_run_join(request, target, tid, rid, cursor, cancel)
@@ -251,12 +252,17 @@ class StreamHandlers:
         meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=f"/threads/{tid}/runs/{rid}/stream",
                           thread_id=tid, run_id=rid, resumable=cursor.kind != "none")
         query = _drop_params(request.rel_url.raw_query_string, _JOIN_PARAMS)
-        opened = await self._open_capture(request, meta, cursor, query, cancel)
+        try:
+            opened = await self._open_capture(request, meta, cursor, query, cancel)
+        except CapturedElsewhere:  # a client of another replica asked for it at the same moment
+            headers["Content-Type"] = "text/event-stream; charset=utf-8"
+            await self._wait_elsewhere(key, target)
+            return self.hub.follow(key, 0), headers
         if isinstance(opened, aiohttp.ClientResponse):
             return opened
-        ing, resp = opened
+        _ing, resp = opened
         headers.extend(client_headers(resp, target, drop=("Content-Length",)))
-        return self.hub.subscribe(key, 0), headers
+        return self.hub.follow(key, 0), headers
 
     async def _run_exists(self, request: web.Request, target: Target, tid: str, rid: str) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
@@ -285,10 +291,10 @@ class StreamHandlers:
         # Everything from "is it held?" to registering the follower happens under the key's
         # lock: a capture another client starts meanwhile cannot skip the checks below.
         async with self.hub.capture_lock(key):
-            meta = self.log.get(key)
+            meta = await self.log.lookup(key)
             after: int | None = 0
             if meta is not None:
-                after = self._resume_from(cursor, meta, headers)
+                after = await self._resume_from(cursor, meta, headers)
                 relay = await self._denial(request, target, meta)
             elif cursor.kind != "none":
                 self._count_resume(cursor, "not_held")
@@ -297,15 +303,22 @@ class StreamHandlers:
                 self._check_capacity(key)
                 new = StreamMeta(key=key, kind="thread", upstream=pool, path=f"/threads/{tid}/stream",
                                  thread_id=tid, resumable=True)
-                opened = await self._open_capture(request, new, cursor, "", False)
+                try:
+                    opened: tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse | None = (
+                        await self._open_capture(request, new, cursor, "", False))
+                except CapturedElsewhere:
+                    opened = None
+                    await self._wait_elsewhere(key, target)
                 if isinstance(opened, aiohttp.ClientResponse):
                     relay = opened
-                else:
+                elif opened is not None:
                     headers.extend(client_headers(opened[1], target, drop=("Content-Length",)))
+                else:
+                    headers["Content-Type"] = "text/event-stream; charset=utf-8"
             elif relay is None:
                 headers["Content-Type"] = "text/event-stream; charset=utf-8"
             if relay is None:
-                follower = self.hub.subscribe(key, after)
+                follower = self.hub.follow(key, after)
         if relay is not None:
             return await self.forwarder.relay(request, target, relay)
         return await self._send(request, follower, headers, keep)
@@ -325,6 +338,13 @@ class StreamHandlers:
         return await self.hub.open_capture(with_captor(meta, self.forwarder.check_headers(request)), cursor, fwd,
                                            query, auth=self._auth(request), cancel_on_orphan=cancel)
 
+    async def _wait_elsewhere(self, key: str, target: Target) -> None:
+        try:
+            await self.hub.wait_for(key, target.pool.cfg.pool_timeout)
+        except CapturedElsewhere:
+            raise StorageUnavailable("another gateway replica claimed this stream but has not started "
+                                     "capturing it; try again") from None
+
     async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
         if self.access is None:
             return None
@@ -336,13 +356,13 @@ class StreamHandlers:
 
     # --- where a resume starts ---------------------------------------------------------------------
 
-    def _resume_from(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> int | None:
+    async def _resume_from(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> int | None:
         """Where a client resuming ``meta`` starts: after its id, or from the start when its id is not
         one of this capture's; counts the outcome and says it in ``X-Gateway-Resume``."""
         if cursor.kind == "upstream":
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this stream is served by the "
                                  "gateway; resume with an id the gateway sent")
-        if cursor.kind == "seq" and cursor.seq > self.log.last_seq:
+        if cursor.kind == "seq" and cursor.seq > await self.log.last_seq():
             # An id above every id ever handed out would wait forever for events: say so instead.
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
         if cursor.kind == "seq" and cursor.seq <= meta.base:

@@ -60,7 +60,7 @@ async def test_non_utf8_header_bytes_never_give_500_and_the_run_is_captured(
     status, _ = status_and_body(raw)
     assert status == 200, raw[:300]
     assert len(fake_upstream.runs) == 1, "one run created upstream"
-    meta = next(iter(gateway.gw.log.streams()))
+    meta = (await gateway.gw.log.streams())[0]
     assert meta.kind == "run", "and it was captured"
     raw = await raw_request(gateway.url, b"GET " + meta.path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + header
                             + b": a=\xe9\r\nLast-Event-ID: -1\r\nConnection: close\r\n\r\n")

@@ -96,7 +96,7 @@ async def test_upstream_409_json_on_run_stream_is_not_captured(gateway: RunningG
     async with http.post(f"{gateway.url}/threads/t/runs/stream",
                          json={"assistant_id": "a", "multitask_strategy": "reject"}) as r:
         assert r.status == 409 and r.content_type == "application/json"
-    assert not list(gateway.gw.log.streams())
+    assert not await gateway.gw.log.streams()
 
 
 async def test_upstream_hang_on_run_stream_is_504(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,

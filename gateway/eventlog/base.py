@@ -20,8 +20,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import orjson
 
@@ -44,6 +45,11 @@ class StorageFull(StorageError):
 
 class StorageDamaged(StorageError):
     """What is on disk is not what the gateway wrote (a truncated file, a corrupted record)."""
+
+
+class ClaimLost(Exception):
+    """Another gateway process captures this stream now (this one stalled past its lease): stop
+    writing it. Its followers here go on reading what the new owner commits."""
 
 
 def seq_floor() -> int:
@@ -115,6 +121,126 @@ class StreamMeta:
 _FIELDS = frozenset(f.name for f in fields(StreamMeta))
 
 
+FeedKind = Literal["events", "end", "beat", "cut"]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What a stream's live feed carries: committed events, or a notice about the stream.
+
+    ``prev`` is the stream's head before ``entries``: a follower whose position is
+    below it has missed something (a dropped message) and catches up from the log.
+    """
+
+    kind: FeedKind
+    entries: list[Entry] = field(default_factory=list)
+    prev: int = 0
+    nbytes: int = 0
+
+
+BEAT = Batch("beat")  # the upstream sent a heartbeat: pass it on (this process's followers only)
+CUT = Batch("cut")  # the capture failed here: cut this process's followers, they resume elsewhere or later
+
+
+class Feed:
+    """One follower's bounded subscription to a stream's live batches, wherever they were committed.
+
+    Bounded by batches' events and bytes: a follower that falls behind is never waited
+    for; its feed overflows, and it catches up from the log instead.
+    """
+
+    __slots__ = ("key", "queue", "queued", "queued_bytes", "limit", "byte_limit", "wake", "overflowed", "_unlink",
+                 "_on_overflow")
+
+    def __init__(self, key: str, limit: int, byte_limit: int, unlink: Callable[[Feed], None],
+                 on_overflow: Callable[[], None] | None = None) -> None:
+        self.key = key
+        self.queue: deque[Batch] = deque()
+        self.queued = 0
+        self.queued_bytes = 0
+        self.limit = limit
+        self.byte_limit = byte_limit
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self._unlink = unlink
+        self._on_overflow = on_overflow
+
+    def push(self, batch: Batch) -> bool:
+        """Queue a batch; False when the follower is too far behind (the queue is dropped)."""
+        if self.overflowed:
+            return False
+        n = len(batch.entries)
+        if self.queued + n > self.limit or self.queued_bytes + batch.nbytes > self.byte_limit:
+            self.overflowed = True
+            self.queue.clear()
+            self.queued = self.queued_bytes = 0
+            self.wake.set()
+            if self._on_overflow is not None:
+                self._on_overflow()
+            return False
+        self.queue.append(batch)
+        self.queued += n
+        self.queued_bytes += batch.nbytes
+        self.wake.set()
+        return True
+
+    def take(self) -> Batch | None:
+        if not self.queue:
+            return None
+        batch = self.queue.popleft()
+        self.queued -= len(batch.entries)
+        self.queued_bytes -= batch.nbytes
+        return batch
+
+    async def wait(self, timeout: float) -> bool:
+        """Until something can be taken (or the feed overflowed); False after ``timeout`` of nothing."""
+        if self.queue or self.overflowed:
+            return True
+        self.wake.clear()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.wake.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def restart(self) -> None:
+        """After an overflow: the follower caught up from the log; queue from here on again."""
+        self.overflowed = False
+
+    def close(self) -> None:
+        self._unlink(self)
+
+
+class LocalFeeds:
+    """The feeds of this process's followers, by stream: what every backend delivers to."""
+
+    def __init__(self) -> None:
+        self._feeds: dict[str, set[Feed]] = {}
+
+    def subscribe(self, key: str, limit: int, byte_limit: int, on_overflow: Callable[[], None] | None = None) -> Feed:
+        feed = Feed(key, limit, byte_limit, self._unlink, on_overflow)
+        self._feeds.setdefault(key, set()).add(feed)
+        return feed
+
+    def _unlink(self, feed: Feed) -> None:
+        feeds = self._feeds.get(feed.key)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds[feed.key]
+
+    def deliver(self, key: str, batch: Batch) -> int:
+        """Hand a batch to every local follower of ``key``; returns how many overflowed."""
+        feeds = self._feeds.get(key)
+        if not feeds:
+            return 0
+        return sum(1 for f in feeds if not f.push(batch))
+
+    def following(self, key: str) -> bool:
+        return key in self._feeds
+
+
 class EventLog(abc.ABC):
     """Append-only, per-stream event log with group commit and retention."""
 
@@ -131,12 +257,30 @@ class EventLog(abc.ABC):
         """Commit what is queued and release storage."""
 
     @abc.abstractmethod
-    def get(self, key: str) -> StreamMeta | None:
-        """The committed snapshot of a stream held in the log (cheap: no I/O)."""
+    async def lookup(self, key: str) -> StreamMeta | None:
+        """The committed snapshot of a stream held in the log, or None."""
 
     @abc.abstractmethod
-    def streams(self) -> Iterable[StreamMeta]:
+    async def streams(self) -> list[StreamMeta]:
         """Every stream held in the log."""
+
+    # --- the live feed: committed batches of a stream, for followers in this process -------------
+
+    @abc.abstractmethod
+    def subscribe(self, key: str, limit: int, byte_limit: int, on_overflow: Callable[[], None] | None = None) -> Feed:
+        """Start receiving ``key``'s batches as they are committed, by whichever writer.
+
+        Register before reading the durable head: what commits in between is queued,
+        and the follower drops what it already read (register-then-replay).
+        """
+
+    @abc.abstractmethod
+    def beat(self, key: str) -> None:
+        """An upstream heartbeat arrived for ``key``: pass it to this process's followers."""
+
+    @abc.abstractmethod
+    def cut(self, key: str) -> None:
+        """The capture of ``key`` failed in this process: cut this process's followers."""
 
     @abc.abstractmethod
     async def begin(self, meta: StreamMeta) -> StreamMeta:
@@ -201,10 +345,42 @@ class EventLog(abc.ABC):
     async def wait_healthy(self) -> None:
         """Return once commits succeed again (at once when healthy)."""
 
-    @property
+    # --- several gateway processes on one log -------------------------------------------------------
+    # A shared log lets any number of gateway replicas serve each other's streams. Exactly
+    # one captures a stream at a time: it holds a claim (a lease, with a fencing token that
+    # the log checks on every append, so a stalled former owner cannot write). The others
+    # follow it through the feed. A log one process owns grants every claim.
+
+    # How often the hub looks for open streams nobody captures (None: only at start).
+    takeover_interval: float | None = None
+
     @abc.abstractmethod
-    def last_seq(self) -> int:
-        """The highest seq handed out so far, over all streams."""
+    async def claim(self, key: str) -> bool:
+        """Take the exclusive right to capture ``key``; False while another process holds it."""
+
+    @abc.abstractmethod
+    async def release(self, key: str) -> None:
+        """Give the claim on ``key`` up (the stream ended, or this process stops)."""
+
+    @abc.abstractmethod
+    async def unowned(self) -> list[StreamMeta]:
+        """Open streams nobody captures (their owner stopped or died): to take over."""
+
+    @abc.abstractmethod
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(key)`` when this process loses a claim to another one."""
+
+    @abc.abstractmethod
+    async def set_followers(self, key: str, here: int) -> None:
+        """This process now has ``here`` followers of ``key``."""
+
+    @abc.abstractmethod
+    async def followers(self, key: str, here: int) -> int:
+        """Followers of ``key`` in every process (``here`` of them in this one)."""
+
+    @abc.abstractmethod
+    async def last_seq(self) -> int:
+        """The highest seq handed out so far, over all streams (by any writer of a shared log)."""
 
     @property
     @abc.abstractmethod

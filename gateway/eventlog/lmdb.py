@@ -34,27 +34,31 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import lmdb
 
 from gateway.config import Storage
 from gateway.eventlog.base import (
+    BEAT,
+    CUT,
+    Batch,
     EndReason,
     Entry,
     EventLog,
+    Feed,
+    LocalFeeds,
     StorageDamaged,
     StorageError,
     StorageFull,
     StreamMeta,
     seq_floor,
 )
-from gateway.sse import Event, event_name
+from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.sse import Event
 
 log = logging.getLogger("gateway.eventlog")
 
-_EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
-_RECORD_TIME = struct.Struct(">Q")  # unix ms the batch was appended
 _SEQ_KEY = b"seq"
 _PROBE_KEY = b"probe"
 _READ_PAGE_BYTES = 4 << 20
@@ -78,6 +82,7 @@ class _Batch:
     drop_keys: list[bytes] = field(default_factory=list)
     seq: int = 0  # highest seq in the batch (0: none)
     count: int = 0  # events in the records above (metrics)
+    nbytes: int = 0  # bytes of those events' bodies (what followers queue)
     revive: bool = False  # begin(): the stream may take writes again after a failure
     result: Any = None
     future: asyncio.Future[Any] | None = None
@@ -117,29 +122,6 @@ class _RWLock:
 
 def _prefix(key: str) -> bytes:
     return key.encode() + b"\x00"
-
-
-def decode_record(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
-    """The events of one batch record: (seq, upstream id, body); StorageDamaged if it is not one."""
-    out: list[tuple[int, str | None, bytes]] = []
-    unpack = _EVENT_HEAD.unpack_from
-    n = len(value)
-    if n < _RECORD_TIME.size + _EVENT_HEAD.size:
-        raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
-    i, seq = _RECORD_TIME.size, first
-    while i < n:
-        if i + 6 > n:
-            raise StorageDamaged(f"record at seq {first} ends inside an event header")
-        blen, ulen = unpack(value, i)
-        i += 6
-        if i + ulen + blen > n:
-            raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
-        uid = value[i:i + ulen].decode("utf-8", "replace") if ulen else None
-        i += ulen
-        out.append((seq, uid, value[i:i + blen]))
-        i += blen
-        seq += 1
-    return out
 
 
 def verify_file(path: Path) -> None:
@@ -193,6 +175,8 @@ class LmdbEventLog(EventLog):
         self._failure: str | None = None
         self._healthy = asyncio.Event()
         self._healthy.set()
+        self._feeds = LocalFeeds()
+        self._claimed: set[str] = set()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -285,18 +269,53 @@ class LmdbEventLog(EventLog):
     # --- metadata ----------------------------------------------------------------------------
 
     def get(self, key: str) -> StreamMeta | None:
+        """The committed snapshot, without awaiting (this log keeps them all in memory)."""
         return self._metas.get(key)
 
-    def streams(self) -> Iterable[StreamMeta]:
+    async def lookup(self, key: str) -> StreamMeta | None:
+        return self._metas.get(key)
+
+    async def streams(self) -> list[StreamMeta]:
         return list(self._metas.values())
 
     @property
     def size(self) -> int:
         return self._size
 
-    @property
-    def last_seq(self) -> int:
+    async def last_seq(self) -> int:
         return self._seq
+
+    # --- one process owns the log: every claim is granted, every follower is here -------------
+
+    async def claim(self, key: str) -> bool:
+        self._claimed.add(key)
+        return True
+
+    async def release(self, key: str) -> None:
+        self._claimed.discard(key)
+
+    async def unowned(self) -> list[StreamMeta]:
+        return [m for m in self._metas.values() if m.open and m.key not in self._claimed]
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        pass  # nobody else can take a claim
+
+    async def set_followers(self, key: str, here: int) -> None:
+        pass
+
+    async def followers(self, key: str, here: int) -> int:
+        return here
+
+    # --- the live feed (one process: every follower is local) ------------------------------------
+
+    def subscribe(self, key: str, limit: int, byte_limit: int, on_overflow: Callable[[], None] | None = None) -> Feed:
+        return self._feeds.subscribe(key, limit, byte_limit, on_overflow)
+
+    def beat(self, key: str) -> None:
+        self._feeds.deliver(key, BEAT)
+
+    def cut(self, key: str) -> None:
+        self._feeds.deliver(key, CUT)
 
     @property
     def failure(self) -> str | None:
@@ -340,28 +359,16 @@ class LmdbEventLog(EventLog):
         if not events:
             return meta, []
         first = self._seq + 1
-        entries: list[Entry] = []
-        parts: list[bytes] = []
-        pack = _EVENT_HEAD.pack
-        last_uid = meta.last_upstream_id
-        seq = first
-        for body, uid in events:
-            if uid is None:
-                parts += (pack(len(body), 0), body)
-            else:
-                ub = uid.encode()
-                parts += (pack(len(body), len(ub)), ub, body)
-                last_uid = uid
-            entries.append((seq, body))
-            seq += 1
-        key = _prefix(meta.key) + first.to_bytes(8, "big")
         now = time.time()
-        value = _RECORD_TIME.pack(int(now * 1000)) + b"".join(parts)
-        batch.events.append((key, value))
-        batch.count += len(entries)
-        self._seq = batch.seq = seq - 1
-        staged = replace(meta, head=seq - 1, count=meta.count + len(entries), size=meta.size + len(key) + len(value),
-                         last_upstream_id=last_uid, last_event=event_name(events[-1][0]).decode("utf-8", "replace"),
+        enc = encode(events, int(now * 1000))
+        entries: list[Entry] = [(first + i, body) for i, (body, _uid) in enumerate(events)]
+        key = _prefix(meta.key) + first.to_bytes(8, "big")
+        batch.events.append((key, enc.record))
+        batch.count += enc.count
+        batch.nbytes += enc.nbytes
+        self._seq = batch.seq = first + enc.count - 1
+        staged = replace(meta, head=batch.seq, count=meta.count + enc.count, size=meta.size + len(key) + len(enc.record),
+                         last_upstream_id=enc.last_upstream_id or meta.last_upstream_id, last_event=enc.last_event,
                          updated_at=now)
         return staged, entries
 
@@ -550,6 +557,10 @@ class LmdbEventLog(EventLog):
                 continue  # evicted meanwhile
             self._size += meta.size - (old.size if old is not None else 0)
             self._metas[key] = meta
+            if key == b.key and b.result:  # the stream's own events: its followers get them now
+                self._feeds.deliver(key, Batch("events", b.result, old.head if old is not None else 0, b.nbytes))
+            if key == b.key and not meta.open and (old is None or old.open):
+                self._feeds.deliver(key, Batch("end", prev=meta.head))
 
     def _fail_batch(self, b: _Batch, error: BaseException | None) -> None:
         if b.key is None:
@@ -596,7 +607,7 @@ class LmdbEventLog(EventLog):
                     first = int.from_bytes(k[plen:], "big")
                     if first > upto:
                         break
-                    for seq, _uid, body in decode_record(first, v):
+                    for seq, _uid, body in decode(first, v):
                         if after < seq <= upto:
                             out.append((seq, body))
                     budget -= len(v)
@@ -632,7 +643,7 @@ class LmdbEventLog(EventLog):
                     k, v = cur.item()
                     if not k.startswith(prefix):
                         break
-                    batch = [(uid, body) for _seq, uid, body in decode_record(0, v)]
+                    batch = [(uid, body) for _seq, uid, body in decode(0, v)]
                     out.extend(reversed(batch))
                     budget -= len(v)
                     ok = cur.prev()
@@ -706,7 +717,7 @@ class LmdbEventLog(EventLog):
                 found = cur.set_range(prefix)
                 while found:
                     k, v = cur.item()
-                    if not k.startswith(prefix) or _RECORD_TIME.unpack_from(v)[0] >= limit_ms:
+                    if not k.startswith(prefix) or record_time_ms(v) >= limit_ms:
                         break
                     keys.append(k)
                     size += len(k) + len(v)
@@ -717,7 +728,7 @@ class LmdbEventLog(EventLog):
         if last is None:
             return [], 0, 0
         # Only the newest dropped record says where the stream now starts.
-        next_seq = decode_record(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
+        next_seq = decode(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
         return keys, size, next_seq
 
     def _drop(self, batch: _Batch, meta: StreamMeta) -> None:

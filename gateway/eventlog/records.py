@@ -1,0 +1,75 @@
+"""The stored form of one appended batch, shared by every backend.
+
+A record holds a chunk's events with consecutive seqs, so one write (an LMDB
+put, a Redis stream entry) carries a whole chunk:
+``<u64 unix ms>`` then for each event ``<u32 body length><u16 id length><upstream id><body>``.
+The first seq is the record's key (LMDB) or entry id (Redis); the time lets
+retention trim the old part of a thread stream that never closes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Sequence
+
+from gateway.eventlog.base import StorageDamaged
+from gateway.sse import Event, event_name
+
+_EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
+RECORD_TIME = struct.Struct(">Q")  # unix ms the batch was appended
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A batch of events ready to store: the record, and what it changes in the stream's metadata."""
+
+    record: bytes
+    count: int
+    nbytes: int  # bodies only: what followers queue
+    last_upstream_id: str | None  # the newest id in the batch (None: none had one)
+    last_event: str  # the SSE name of the batch's last event
+
+
+def encode(events: Sequence[Event], now_ms: int) -> Encoded:
+    parts: list[bytes] = [RECORD_TIME.pack(now_ms)]
+    pack = _EVENT_HEAD.pack
+    last_uid: str | None = None
+    nbytes = 0
+    for body, uid in events:
+        if uid is None:
+            parts += (pack(len(body), 0), body)
+        else:
+            ub = uid.encode()
+            parts += (pack(len(body), len(ub)), ub, body)
+            last_uid = uid
+        nbytes += len(body)
+    return Encoded(b"".join(parts), len(events), nbytes, last_uid,
+                   event_name(events[-1][0]).decode("utf-8", "replace") if events else "")
+
+
+def decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
+    """The events of one record: (seq, upstream id, body); StorageDamaged if it is not one."""
+    out: list[tuple[int, str | None, bytes]] = []
+    unpack = _EVENT_HEAD.unpack_from
+    n = len(value)
+    if n < RECORD_TIME.size + _EVENT_HEAD.size:
+        raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
+    i, seq = RECORD_TIME.size, first
+    while i < n:
+        if i + 6 > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event header")
+        blen, ulen = unpack(value, i)
+        i += 6
+        if i + ulen + blen > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
+        uid = value[i:i + ulen].decode("utf-8", "replace") if ulen else None
+        i += ulen
+        out.append((seq, uid, value[i:i + blen]))
+        i += blen
+        seq += 1
+    return out
+
+
+def record_time_ms(value: bytes) -> int:
+    return int(RECORD_TIME.unpack_from(value)[0])
