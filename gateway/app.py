@@ -20,7 +20,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from gateway.config import Config
 from gateway.cors import exposing_location
 from gateway.errors import error_middleware
-from gateway.eventlog import LmdbEventLog, StreamMeta
+from gateway.eventlog import EventLog, LmdbEventLog, StreamMeta
+from gateway.eventlog.redis import RedisEventLog
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, refuse_over_cap
@@ -57,7 +58,9 @@ class Gateway:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = PrometheusMetrics(self.registry)
-        self.log = LmdbEventLog(cfg.storage, on_commit=self.metrics.committed)
+        self.log: EventLog = (RedisEventLog(cfg.storage, on_commit=self.metrics.committed)
+                              if cfg.storage.backend == "redis" else
+                              LmdbEventLog(cfg.storage, on_commit=self.metrics.committed))
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
         self.forwarder = Forwarder(self.upstreams, cfg.clients)
         self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)

@@ -38,6 +38,7 @@ class Source(Protocol):
     heartbeat: float  # idle seconds before the client gets a heartbeat comment
     closing: bool  # the gateway is shutting down: do not start
 
+    async def ready(self, feed: Feed) -> None: ...
     async def lookup(self, key: str) -> StreamMeta | None: ...
     async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]: ...
     def subscribe(self, key: str) -> Feed: ...
@@ -75,6 +76,8 @@ class Follower:
         connection instead, StreamGone when the stream left the log meanwhile.
         """
         try:
+            assert self.feed is not None
+            await self.source.ready(self.feed)  # subscribed before the head is read
             meta = await self.source.lookup(self.key)
             if meta is None:
                 raise StreamGone(f"stream {self.key} is not in the log")
@@ -109,6 +112,15 @@ class Follower:
             if self._stopped:
                 raise StreamCut("the gateway is shutting down")
             if not await feed.wait(self.source.heartbeat):
+                # Idle: look at the durable head too, so an end or a batch whose notice got lost on
+                # the way (a shared log's channel dropped it) shows within a heartbeat.
+                meta = await self.source.lookup(self.key)
+                if meta is None:
+                    raise StreamGone(f"stream {self.key} was removed from the log")
+                async for page in self._replay(meta.head):
+                    yield page
+                if meta.finished:
+                    return
                 yield []
                 continue
             if self._stopped:

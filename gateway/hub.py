@@ -482,6 +482,9 @@ class Hub:
                 raise CapturedElsewhere(key)
             await asyncio.sleep(0.05)
 
+    async def ready(self, feed: Feed) -> None:
+        await self.log.ready(feed)
+
     async def lookup(self, key: str) -> StreamMeta | None:
         return await self.log.lookup(key)
 

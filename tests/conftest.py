@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
+import uuid
 import socket
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from gateway.app import Gateway, Server
 from gateway.config import build_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
+from tests.support.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,11 +90,14 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         await server.stop()
 
 
-@pytest.fixture
+@pytest.fixture(params=["lmdb", "redis"])
 async def gateway(make_gateway: Callable[..., Awaitable[RunningGateway]], fake_upstream: FakeAgentServer,
-                  tmp_path: Path) -> RunningGateway:
-    """A gateway in front of the fake upstream."""
-    return await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+                  tmp_path: Path, request: pytest.FixtureRequest) -> RunningGateway:
+    """A gateway in front of the fake upstream, on each log backend (the same tests, both ways)."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    if request.param == "redis":
+        raw["storage"] = request.getfixturevalue("redis_storage")
+    return await make_gateway(raw)
 
 
 @pytest.fixture
@@ -170,3 +176,33 @@ def gateway_process(tmp_path: Path) -> Any:
     yield make
     for p in procs:
         p.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Any:
+    """A real redis-server (AOF fsynced on every write, no eviction), started once per session.
+
+    Tests keep apart by prefix (``redis_storage``); one that restarts Redis uses ``own_redis``.
+    """
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (tests/run.sh installs it with apt-get)")
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def own_redis() -> Any:
+    """A redis-server of this test's own, for tests that stop, restart or flush it."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (tests/run.sh installs it with apt-get)")
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def redis_storage(redis_server: RedisServer) -> dict[str, Any]:
+    """The storage section for a gateway on the shared Redis, under a prefix of this test's own."""
+    return {"backend": "redis", "redis_url": redis_server.url, "redis_prefix": f"t{uuid.uuid4().hex[:10]}",
+            "lease_ttl": "1500ms"}

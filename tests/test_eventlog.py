@@ -1,32 +1,52 @@
-"""The event log contract, run against the LMDB backend (a shared-log backend must pass it too)."""
+"""The event log contract, run against every backend: LMDB (embedded) and Redis (shared, a real
+redis-server). Then the live-feed contract (what followers rely on) and the ownership contract
+(what several gateway processes on one log rely on)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 
 from gateway.config import Storage
 from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
+from gateway.eventlog.base import ClaimLost
+from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
 
 Opener = Callable[..., Awaitable[EventLog]]
+BACKENDS = ["lmdb", "redis"]
 
 
-@pytest.fixture
-async def open_log(tmp_path: Path) -> AsyncIterator[Opener]:
-    """Open (and reopen) an LMDB log in tmp_path; every log opened is closed at teardown."""
+def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str, **kw: Any) -> Storage:
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        base = Storage(backend="redis", redis_url=server.url, redis_prefix=prefix, lease_ttl=1.5)
+    else:
+        base = Storage(path=tmp_path / "log")
+    return replace(base, **kw)
+
+
+def _make(cfg: Storage, **kw: Any) -> EventLog:
+    return RedisEventLog(cfg, **kw) if cfg.backend == "redis" else LmdbEventLog(cfg, **kw)
+
+
+@pytest.fixture(params=BACKENDS)
+async def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Open (and reopen) a log of each backend; every log opened is closed at teardown."""
     opened: list[EventLog] = []
+    prefix = f"c{uuid.uuid4().hex[:10]}"
 
-    async def opener(**storage: object) -> EventLog:
+    async def opener(**storage: Any) -> EventLog:
         for old in opened:
             await old.close()
         opened.clear()
-        cfg = replace(Storage(path=tmp_path / "log"), **storage)  # type: ignore[arg-type]
-        log = LmdbEventLog(cfg)
+        log = _make(_storage(request.param, tmp_path, request, prefix, **storage))
         await log.open()
         opened.append(log)
         return log
@@ -36,23 +56,48 @@ async def open_log(tmp_path: Path) -> AsyncIterator[Opener]:
         await log.close()
 
 
-def meta(key: str, **kw: object) -> StreamMeta:
-    return StreamMeta(key=key, kind="run", upstream="u", path=f"/threads/t/runs/{key}/stream", **kw)  # type: ignore[arg-type]
+@pytest.fixture
+async def two_processes(redis_server: Any) -> AsyncIterator[tuple[EventLog, EventLog]]:
+    """Two gateway processes' logs on one Redis (the same prefix)."""
+    cfg = Storage(backend="redis", redis_url=redis_server.url, redis_prefix=f"p{uuid.uuid4().hex[:10]}",
+                  lease_ttl=1.0)
+    a, b = RedisEventLog(cfg, replica="a"), RedisEventLog(cfg, replica="b")
+    await a.open()
+    await b.open()
+    yield a, b
+    await a.close()
+    await b.close()
+
+
+def meta(key: str, **kw: Any) -> StreamMeta:
+    return StreamMeta(key=key, kind="run", upstream="u", path=f"/threads/t/runs/{key}/stream", **kw)
+
+
+async def begun(log: EventLog, m: StreamMeta) -> StreamMeta:
+    assert await log.claim(m.key)
+    return await log.begin(m)
 
 
 def evs(*bodies: str, uid: str | None = None) -> list[Event]:
     return [event(f"event: custom\ndata: {b}\n".encode(), uid) for b in bodies]
 
 
+async def head(log: EventLog, key: str) -> int:
+    m = await log.lookup(key)
+    assert m is not None
+    return m.head
+
+
+# --- storage -----------------------------------------------------------------------------------------
+
 async def test_append_then_read_in_order(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("a"))
+    await begun(log, meta("a"))
     first = await log.append("a", evs("1", "2"))
     second = await log.append("a", evs("3"))
     seqs = [s for s, _ in first + second]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
-    got = await log.read("a", 0, log.get("a").head, 100)
-    assert got == first + second
+    assert await log.read("a", 0, await head(log, "a"), 100) == first + second
     assert await log.read("a", seqs[0], seqs[-1], 100) == first[1:] + second
     assert await log.read("a", seqs[0], seqs[1], 100) == first[1:]
     assert await log.read("a", 0, seqs[-1], 2) == first
@@ -60,8 +105,8 @@ async def test_append_then_read_in_order(open_log: Opener) -> None:
 
 async def test_streams_do_not_mix_and_ids_are_global(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("a"))
-    await log.begin(meta("ab"))  # a key that is a prefix of another must not leak into it
+    await begun(log, meta("a"))
+    await begun(log, meta("ab"))  # a key that is a prefix of another must not leak into it
     a = await log.append("a", evs("a1"))
     ab = await log.append("ab", evs("ab1"))
     a2 = await log.append("a", evs("a2"))
@@ -72,45 +117,53 @@ async def test_streams_do_not_mix_and_ids_are_global(open_log: Opener) -> None:
 
 async def test_reopen_keeps_events_metadata_and_never_reuses_ids(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("a"))
+    await begun(log, meta("a"))
     before = await log.append("a", evs("1", "2", uid="99-0"))
     await log.finish("a", "done", evs("last"))
     log = await open_log()
-    m = log.get("a")
+    m = await log.lookup("a")
     assert m is not None and m.end == "done" and not m.open and m.count == 3
-    assert m.last_upstream_id == "99-0"
+    assert m.last_upstream_id == "99-0" and m.last_event == "custom"
     got = await log.read("a", 0, m.head, 100)
     assert got[:2] == before and len(got) == 3
-    await log.begin(meta("b"))
+    await begun(log, meta("b"))
     after = await log.append("b", evs("x"))
     assert after[0][0] > m.head
 
 
+async def test_a_new_log_starts_its_ids_above_every_old_one(open_log: Opener) -> None:
+    log = await open_log()
+    await begun(log, meta("a"))
+    assert (await log.append("a", evs("1")))[0][0] > (time.time() - 3600) * 1_000_000
+
+
 async def test_ids_not_reused_after_the_newest_stream_is_evicted(open_log: Opener) -> None:
     log = await open_log(retention=1.0)
-    await log.begin(meta("a"))
+    await begun(log, meta("a"))
     top = (await log.append("a", evs("1")))[-1][0]
     await log.finish("a", "done")
+    await log.release("a")
     assert await log.sweep(now=time.time() + 10) == 1
     log = await open_log()
-    assert log.get("a") is None
-    await log.begin(meta("a"))
+    assert await log.lookup("a") is None
+    again = await begun(log, meta("a"))
+    assert again.base >= top, "ids of the earlier capture are at or below the new one's base"
     assert (await log.append("a", evs("again")))[0][0] > top
 
 
 async def test_open_stream_survives_reopen_as_open(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("live", resumable=True))
+    await begun(log, meta("live", resumable=True))
     await log.append("live", evs("1", uid="5-0"))
     log = await open_log()
-    m = log.get("live")
+    m = await log.lookup("live")
     assert m is not None and m.open and m.resumable and m.end is None
 
 
 async def test_tail_returns_upstream_ids_newest_last(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("a"))
-    await log.begin(meta("b"))
+    await begun(log, meta("a"))
+    await begun(log, meta("b"))
     await log.append("a", evs("1", uid="1-0") + evs("2", uid="2-0") + evs("3"))
     await log.append("b", evs("other", uid="9-0"))
     tail = await log.tail("a", 2)
@@ -121,63 +174,50 @@ async def test_tail_returns_upstream_ids_newest_last(open_log: Opener) -> None:
 async def test_retention_ttl_removes_finished_streams_whole_and_keeps_live(open_log: Opener) -> None:
     log = await open_log(retention=60.0)
     for k in ("old", "live"):
-        await log.begin(meta(k))
+        await begun(log, meta(k))
         await log.append(k, evs("1", "2"))
     await log.finish("old", "done")
     assert await log.sweep(now=time.time() + 30) == 0
     assert await log.sweep(now=time.time() + 3600) == 1
-    assert log.get("old") is None and log.get("live") is not None
+    assert await log.lookup("old") is None and await log.lookup("live") is not None
     assert await log.read("old", 0, 10**18, 10) == []
     log = await open_log(retention=60.0)
-    assert log.get("old") is None and len(await log.read("live", 0, 10**18, 10)) == 2
+    assert await log.lookup("old") is None and len(await log.read("live", 0, 10**18, 10)) == 2
 
 
 async def test_size_budget_evicts_oldest_finished_first_never_live(open_log: Opener) -> None:
     log = await open_log(max_bytes=3000)
     payload = "x" * 400
     for k in ("f1", "f2", "live"):
-        await log.begin(meta(k))
+        await begun(log, meta(k))
         await log.append(k, evs(payload, payload))
         if k != "live":
             await log.finish(k, "done")
-        time.sleep(0.01)  # distinct finish times
-    assert log.size > 0
-    await log.begin(meta("live2"))
+        await asyncio.sleep(0.01)  # distinct finish times
+    await begun(log, meta("live2"))
     await log.append("live2", evs(payload, payload, payload))
     await log.sweep()
-    assert log.get("f1") is None, "oldest finished goes first"
-    assert log.get("live") is not None and log.get("live2") is not None
+    assert await log.lookup("f1") is None, "oldest finished goes first"
+    assert await log.lookup("live") is not None and await log.lookup("live2") is not None
 
 
 async def test_full_budget_with_only_live_streams_refuses_new_captures(open_log: Opener) -> None:
     log = await open_log(max_bytes=1000)
-    await log.begin(meta("live"))
+    await begun(log, meta("live"))
     await log.append("live", evs("y" * 1200))
+    await log.sweep()  # a shared log learns what everyone holds when it sweeps
     assert not log.accepting()
     with pytest.raises(StorageFull):
-        await log.begin(meta("new"))
+        await begun(log, meta("new"))
     # Nothing stored is lost, and the live stream can still append.
     more = await log.append("live", evs("z"))
     assert len(await log.read("live", 0, more[-1][0], 10)) == 2
 
 
-async def test_map_grows_instead_of_failing(open_log: Opener) -> None:
-    log = await open_log(map_size=64 * 1024)
-    await log.begin(meta("big"))
-    total = 0
-    for _ in range(40):
-        got = await log.append("big", evs(*["p" * 1000] * 10))
-        total += len(got)
-    assert total == 400
-    assert len(await log.read("big", 0, 10**18, 1000)) == 400
-
-
 async def test_group_commit_many_streams_concurrently(open_log: Opener) -> None:
-    import asyncio
-
     log = await open_log()
     for i in range(50):
-        await log.begin(meta(f"s{i}"))
+        await begun(log, meta(f"s{i}"))
     results = await asyncio.gather(*(log.append(f"s{i}", evs(str(i))) for i in range(50)))
     seqs = [r[0][0] for r in results]
     assert len(set(seqs)) == 50
@@ -191,7 +231,7 @@ async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
     rng = random.Random(3)
     log = await open_log()
     for k in ("s", "s2", "r"):  # neighbours in key order on both sides
-        await log.begin(meta(k))
+        await begun(log, meta(k))
     everything: list[tuple[int, bytes]] = []
     for i in range(40):
         await log.append("r", evs("noise"))
@@ -208,12 +248,17 @@ async def test_reads_from_any_position_across_batches(open_log: Opener) -> None:
     assert [b for _, b in tail] == [b for _, b in everything[-5:]]
 
 
-async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None:
+async def test_commit_observer_counts_events_not_records(open_log: Opener, tmp_path: Path,
+                                                         request: pytest.FixtureRequest) -> None:
     seen: list[tuple[int, bool]] = []
-    log = LmdbEventLog(Storage(path=tmp_path / "obs"), on_commit=lambda n, secs, ok: seen.append((n, ok)))
+    probe = await open_log()
+    cfg = _storage("redis" if isinstance(probe, RedisEventLog) else "lmdb", tmp_path / "obs", request,
+                   f"o{uuid.uuid4().hex[:8]}")
+    log = _make(cfg, on_commit=lambda n, secs, ok: seen.append((n, ok)))
+    await probe.close()
     await log.open()
     try:
-        await log.begin(meta("a"))
+        await begun(log, meta("a"))
         await log.append("a", evs("1", "2", "3"))
         assert sum(n for n, _ in seen) == 3 and all(ok for _, ok in seen)
     finally:
@@ -222,27 +267,136 @@ async def test_commit_observer_counts_events_not_records(tmp_path: Path) -> None
 
 async def test_open_thread_stream_loses_only_batches_older_than_retention(open_log: Opener) -> None:
     log = await open_log(retention=60.0)
-    await log.begin(StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
-    await log.begin(meta("run-live"))
+    await begun(log, StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
+    await begun(log, meta("run-live"))
     old = await log.append("t", evs("old1", "old2"))
     await log.append("run-live", evs("r"))
-    size_before = log.size
     # Pretend an hour passed for what is held now, then append something fresh.
     assert await log.sweep(now=time.time() + 3600 - 1) == 0
     fresh = await log.append("t", evs("fresh"))
-    m = log.get("t")
+    m = await log.lookup("t")
     assert m is not None and m.open and m.first_seq == old[-1][0] + 1
-    assert log.size < size_before + 100
     assert await log.read("t", 0, m.head, 100) == fresh
     assert len(await log.read("run-live", 0, 10**18, 10)) == 1, "a live run is never trimmed"
     log = await open_log(retention=60.0)
-    m = log.get("t")
+    m = await log.lookup("t")
     assert m is not None and m.first_seq == old[-1][0] + 1
 
 
 async def test_read_never_returns_more_than_limit_even_mid_batch(open_log: Opener) -> None:
     log = await open_log()
-    await log.begin(meta("a"))
+    await begun(log, meta("a"))
     batch = await log.append("a", evs(*[str(i) for i in range(10)]))
     assert await log.read("a", 0, batch[-1][0], 3) == batch[:3]
     assert await log.read("a", batch[2][0], batch[-1][0], 3) == batch[3:6]
+
+
+@pytest.mark.parametrize("backend", ["lmdb"])
+async def test_map_grows_instead_of_failing(tmp_path: Path, backend: str) -> None:
+    log = LmdbEventLog(Storage(path=tmp_path / "log", map_size=64 * 1024))
+    await log.open()
+    try:
+        await begun(log, meta("big"))
+        total = 0
+        for _ in range(40):
+            total += len(await log.append("big", evs(*["p" * 1000] * 10)))
+        assert total == 400
+        assert len(await log.read("big", 0, 10**18, 1000)) == 400
+    finally:
+        await log.close()
+
+
+# --- the live feed --------------------------------------------------------------------------------------
+
+async def test_feed_carries_commits_in_order_with_the_head_before_each(open_log: Opener) -> None:
+    log = await open_log()
+    await begun(log, meta("a"))
+    feed = log.subscribe("a", 100, 1 << 20)
+    await log.ready(feed)
+    one = await log.append("a", evs("1", "2"))
+    two = await log.append("a", evs("3"))
+    await log.finish("a", "done")
+    got = []
+    while len(got) < 3:
+        assert await feed.wait(5)
+        b = feed.take()
+        if b is not None:
+            got.append(b)
+    assert [b.kind for b in got] == ["events", "events", "end"]
+    assert got[0].entries == one and got[1].entries == two
+    assert got[1].prev == one[-1][0] and got[2].prev == two[-1][0]
+    feed.close()
+
+
+async def test_a_follower_past_its_bounds_overflows_instead_of_blocking(open_log: Opener) -> None:
+    log = await open_log()
+    await begun(log, meta("a"))
+    feed = log.subscribe("a", 3, 1 << 20)
+    await log.ready(feed)
+    await log.append("a", evs("1", "2"))
+    await log.append("a", evs("3", "4"))
+    assert await feed.wait(5) and feed.overflowed
+    feed.close()
+
+
+async def test_feeds_of_one_process_see_another_processes_commits(two_processes: tuple[EventLog, EventLog]) -> None:
+    a, b = two_processes
+    await begun(a, meta("s"))
+    feed = b.subscribe("s", 100, 1 << 20)
+    await b.ready(feed)
+    sent = await a.append("s", evs("x", "y"))
+    assert await feed.wait(5)
+    got = feed.take()
+    assert got is not None and got.kind == "events" and got.entries == sent
+    await a.finish("s", "done")
+    assert await feed.wait(5)
+    end = feed.take()
+    assert end is not None and end.kind == "end" and end.prev == sent[-1][0]
+    feed.close()
+
+
+# --- ownership ----------------------------------------------------------------------------------------
+
+async def test_one_claim_per_stream_and_a_stale_owner_is_fenced(two_processes: tuple[EventLog, EventLog]) -> None:
+    a, b = two_processes
+    lost: list[str] = []
+    a.on_lost(lost.append)
+    assert await a.claim("s")
+    assert not await b.claim("s"), "held: the other process must follow instead"
+    await a.begin(meta("s"))
+    await a.append("s", evs("1"))
+    # a stalls past its lease (no renewal reaches Redis): b takes over and begins again.
+    assert isinstance(a, RedisEventLog) and isinstance(b, RedisEventLog)
+    await a._r.delete(a._k("l", "s"))  # the lease ran out
+    assert await b.claim("s")
+    await b.begin(meta("s"))
+    with pytest.raises(ClaimLost):
+        await a.append("s", evs("stale"))
+    assert lost == ["s"]
+    await b.append("s", evs("2"))
+    assert [body for _, body in await b.read("s", 0, 10**18, 10)] == [e[0] for e in evs("1", "2")]
+
+
+async def test_unowned_open_streams_are_offered_for_takeover(two_processes: tuple[EventLog, EventLog]) -> None:
+    a, b = two_processes
+    await begun(a, meta("s"))
+    assert [m.key for m in await b.unowned()] == []
+    await a.release("s")
+    assert [m.key for m in await b.unowned()] == ["s"]
+    assert await b.claim("s") and not await a.claim("s")
+
+
+async def test_followers_are_counted_in_every_process(two_processes: tuple[EventLog, EventLog]) -> None:
+    a, b = two_processes
+    await b.set_followers("s", 1)
+    for _ in range(50):
+        if await a.followers("s", 0) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await a.followers("s", 0) == 1
+    await b.set_followers("s", 0)
+    for _ in range(50):
+        if await a.followers("s", 0) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await a.followers("s", 0) == 0

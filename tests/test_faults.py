@@ -260,4 +260,4 @@ async def test_join_of_an_unknown_run_is_not_captured(gateway: RunningGateway, f
     rid = str(uuid.uuid4())
     got = await join(http, f"{gateway.url}/threads/t/runs/{rid}/stream", "-1")
     assert got[0].event == "error" and "404" in got[0].data  # the upstream's own answer
-    assert gateway.gw.log.get(f"default/run/{rid}") is None
+    assert await gateway.gw.log.lookup(f"default/run/{rid}") is None

@@ -240,6 +240,14 @@ class LocalFeeds:
     def following(self, key: str) -> bool:
         return key in self._feeds
 
+    def resync(self, key: str) -> None:
+        """Batches of ``key`` may have been lost on the way: every follower catches up from the log."""
+        for f in self._feeds.get(key, ()):
+            f.overflowed = True
+            f.queue.clear()
+            f.queued = f.queued_bytes = 0
+            f.wake.set()
+
 
 class EventLog(abc.ABC):
     """Append-only, per-stream event log with group commit and retention."""
@@ -273,6 +281,9 @@ class EventLog(abc.ABC):
         Register before reading the durable head: what commits in between is queued,
         and the follower drops what it already read (register-then-replay).
         """
+
+    async def ready(self, feed: Feed) -> None:
+        """Until ``feed`` receives everything committed from now on (at once when local)."""
 
     @abc.abstractmethod
     def beat(self, key: str) -> None:

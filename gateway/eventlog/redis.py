@@ -1,0 +1,834 @@
+"""A shared event log on Redis Streams: any number of gateway replicas, one log.
+
+Layout, every key under one hash tag (``{prefix}``, so a cluster keeps them in one slot):
+- ``{p}:seq``: the seq counter for every stream. Created at the current time in
+  microseconds when missing, so after Redis lost its data new ids stay above every
+  id ever handed out.
+- ``{p}:s:<key>``: a Redis Stream per captured stream, **one entry per committed
+  batch**, its id the batch's first seq, field ``d`` the record (``records.py``).
+- ``{p}:m:<key>``: the stream's metadata, a hash of StreamMeta fields plus the
+  owner's fencing token (``fence``) and its last applied batch number (``bno``).
+- ``{p}:l:<key>``: the lease of the replica capturing it (``replica:token``), set
+  NX with a TTL and renewed at a third of it. ``{p}:fence`` counts tokens.
+- ``{p}:c:<key>``: the pub/sub channel its batches are published on.
+- ``{p}:f:<key>``: which replicas have followers of it; ``{p}:r:<replica>`` says a
+  replica is alive. ``{p}:open`` / ``{p}:all``: the open / all stream keys.
+  ``{p}:size``: bytes held. ``{p}:sweeper``: the lease of the one replica sweeping.
+
+Every append is one Lua script (``_APPEND``): it refuses a caller whose token is
+not the stream's (a stalled former owner), ignores a batch number already applied
+(a retry after a timeout never duplicates), assigns seqs, adds the entry, updates
+the metadata and publishes the batch with the head before it, so a follower that
+missed one sees a gap and reads it from the stream. One writer task sends every
+queued batch of every stream in one pipeline: one round trip per commit group.
+``durability: fsync`` needs ``appendonly yes`` with ``appendfsync always`` (Redis
+then writes and fsyncs before it answers); eviction must be off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Sequence
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.config import Storage
+from gateway.eventlog.base import (
+    BEAT,
+    CUT,
+    Batch,
+    ClaimLost,
+    EndReason,
+    Entry,
+    EventLog,
+    Feed,
+    LocalFeeds,
+    StorageError,
+    StorageFull,
+    StreamMeta,
+)
+from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.sse import Event
+
+log = logging.getLogger("gateway.eventlog.redis")
+
+CommitObserver = Callable[[int, float, bool], None]
+PROBE_INTERVAL = 1.0
+_READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call
+_TAIL_ENTRIES = 256
+# Every key expires this long after its last write: a stream nobody touches for so long is
+# gone even if retention never ran (a safety net, not the retention rule).
+_SAFETY_TTL_MS = 7 * 24 * 3600 * 1000
+
+# KEYS: seq, stream, meta, channel, size, open-set
+# ARGV: token, bno, n, record, last_uid ("" none), last_event, now, end ("" | "done" | "interrupted" | "-"), writer, key
+_APPEND = """
+local fence = redis.call('HGET', KEYS[3], 'fence')
+if not fence then return redis.error_reply('GONE stream not in the log') end
+if fence ~= ARGV[1] then return redis.error_reply('FENCED another replica owns the stream') end
+local bno = tonumber(ARGV[2])
+if bno <= tonumber(redis.call('HGET', KEYS[3], 'bno') or '0') then return {0, 0} end
+local n = tonumber(ARGV[3])
+local head = redis.call('HGET', KEYS[3], 'head') or '0'
+local first = 0
+if n > 0 then
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', KEYS[1], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  local last = redis.call('INCRBY', KEYS[1], n)
+  first = last - n + 1
+  redis.call('XADD', KEYS[2], string.format('%.0f', first) .. '-0', 'd', ARGV[4])
+  local added = string.len(ARGV[4]) + 24
+  redis.call('HSET', KEYS[3], 'head', string.format('%.0f', last), 'updated_at', ARGV[7], 'last_event', ARGV[6])
+  redis.call('HINCRBY', KEYS[3], 'count', n)
+  redis.call('HINCRBY', KEYS[3], 'size', added)
+  redis.call('INCRBY', KEYS[5], added)
+  if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'last_upstream_id', ARGV[5]) end
+end
+redis.call('HSET', KEYS[3], 'bno', ARGV[2])
+local kind = 'v'
+if ARGV[8] ~= '' then
+  local ending = ARGV[8]
+  if ending == '-' then ending = '' end
+  redis.call('HSET', KEYS[3], 'open', '0', 'end', ending, 'updated_at', ARGV[7])
+  redis.call('SREM', KEYS[6], ARGV[10])
+  kind = 'e'
+end
+redis.call('PEXPIRE', KEYS[2], __TTL__)
+redis.call('PEXPIRE', KEYS[3], __TTL__)
+if n > 0 or kind == 'e' then
+  redis.call('PUBLISH', KEYS[4], kind .. '|' .. ARGV[9] .. '|' .. head .. '|' .. string.format('%.0f', first) .. '|' .. (n > 0 and ARGV[4] or ''))
+end
+return {first, tonumber(head)}
+""".replace("__TTL__", str(_SAFETY_TTL_MS))
+
+# KEYS: lease, fence counter, meta.  ARGV: replica, ttl ms.  Returns the token, or nil when held.
+_CLAIM = """
+local token = redis.call('INCR', KEYS[2])
+local value = ARGV[1] .. ':' .. token
+if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'fence', token) end
+return token
+"""
+
+# KEYS: lease.  ARGV: value, ttl ms.  1 when still ours (renewed), 0 when lost.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+
+# KEYS: lease.  ARGV: value.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: meta, lease, seq, open-set, all-set.  ARGV: lease value, token, now, then field/value pairs
+# of a new stream. Starts (or restarts) a capture; refuses a caller that does not hold the lease.
+_BEGIN = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
+local key = redis.call('HGET', KEYS[1], 'key')
+if key then
+  redis.call('HSET', KEYS[1], 'open', '1', 'end', '', 'updated_at', ARGV[3], 'fence', ARGV[2], 'bno', '0')
+  for i = 4, #ARGV, 2 do
+    local f = ARGV[i]
+    if f == 'path' or f == 'auth_salt' or f == 'auth_digest' or (f == 'resumable' and ARGV[i + 1] == '1') then
+      redis.call('HSET', KEYS[1], f, ARGV[i + 1])
+    end
+  end
+else
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    local t = redis.call('TIME')
+    redis.call('SET', KEYS[3], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'fence', ARGV[2], 'bno', '0',
+             'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
+end
+redis.call('SADD', KEYS[4], redis.call('HGET', KEYS[1], 'key'))
+redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'key'))
+return redis.call('HGETALL', KEYS[1])
+"""
+
+_INT_FIELDS = {"head", "count", "size", "first_seq", "base"}
+_FLOAT_FIELDS = {"created_at", "updated_at"}
+_BOOL_FIELDS = {"resumable", "open"}
+_META_FIELDS = {f.name for f in fields(StreamMeta)}
+
+
+def _meta_from_hash(raw: dict[bytes, bytes]) -> StreamMeta | None:
+    if not raw or b"key" not in raw:
+        return None
+    values: dict[str, Any] = {}
+    for k, v in raw.items():
+        name = k.decode()
+        if name not in _META_FIELDS:
+            continue
+        text = v.decode("utf-8", "surrogateescape")
+        if name in _INT_FIELDS:
+            values[name] = int(text or 0)
+        elif name in _FLOAT_FIELDS:
+            values[name] = float(text or 0)
+        elif name in _BOOL_FIELDS:
+            values[name] = text == "1"
+        else:
+            values[name] = text or None
+    return StreamMeta(**values)
+
+
+def _meta_to_pairs(meta: StreamMeta) -> list[str]:
+    out: list[str] = []
+    for f in fields(StreamMeta):
+        v = getattr(meta, f.name)
+        if v is None:
+            continue
+        out += [f.name, ("1" if v else "0") if isinstance(v, bool) else (repr(v) if isinstance(v, float) else str(v))]
+    return out
+
+
+@dataclass(eq=False)
+class _Claim:
+    value: str  # "replica:token", the lease's value
+    token: str
+    bno: int = 0  # batch numbers this claim has handed out
+
+
+@dataclass(eq=False)
+class _Pending:
+    key: str
+    claim: _Claim
+    bno: int
+    n: int
+    record: bytes
+    last_uid: str | None
+    last_event: str
+    end: str  # "" (not ending), "done", "interrupted", "-" (thread stream released)
+    bodies: list[bytes]
+    nbytes: int
+    future: asyncio.Future[list[Entry]]
+
+
+class RedisEventLog(EventLog):
+    def __init__(self, cfg: Storage, *, on_commit: CommitObserver | None = None, replica: str | None = None) -> None:
+        self._cfg = cfg
+        self._on_commit = on_commit
+        self.replica = replica or uuid.uuid4().hex[:12]
+        p = "{" + cfg.redis_prefix + "}:"
+        self._p = p
+        self._redis: aioredis.Redis | None = None
+        self._feeds = LocalFeeds()
+        self._claims: dict[str, _Claim] = {}
+        self._queue: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failure: str | None = None
+        self._healthy = asyncio.Event()
+        self._healthy.set()
+        self._lost_callbacks: list[Callable[[str], None]] = []
+        self._followed_here: dict[str, int] = {}  # presence to publish: key -> followers here
+        self._presence_dirty: set[str] = set()
+        self._presence_wake = asyncio.Event()
+        self._pubsub: Any = None
+        self._channels: dict[bytes, str] = {}  # subscribed channel -> stream key
+        self._subscribed = asyncio.Event()
+        self._live_channels: set[bytes] = set()
+        self._size = 0
+        self.takeover_interval = cfg.lease_ttl / 2
+        self._append: Any = None
+        self._claim_script: Any = None
+        self._renew: Any = None
+        self._release_script: Any = None
+        self._begin: Any = None
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def _k(self, kind: str, key: str = "") -> str:
+        return f"{self._p}{kind}:{key}" if key else f"{self._p}{kind}"
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self._redis = aioredis.from_url(self._cfg.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0,
+                                        health_check_interval=15)
+        try:
+            await self._redis.ping()
+            await self._check_server()
+            r = self._redis
+            self._append = r.register_script(_APPEND)
+            self._claim_script = r.register_script(_CLAIM)
+            self._renew = r.register_script(_RENEW)
+            self._release_script = r.register_script(_RELEASE)
+            self._begin = r.register_script(_BEGIN)
+            await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
+            self._size = int(await r.get(self._k("size")) or 0)
+        except RedisError as exc:
+            await self._redis.aclose()
+            raise StorageError(f"redis at {_shown(self._cfg.redis_url)}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._write_loop(), name="redis-writer"),
+                       loop.create_task(self._renew_loop(), name="redis-leases"),
+                       loop.create_task(self._pubsub_loop(), name="redis-feed"),
+                       loop.create_task(self._presence_loop(), name="redis-presence")]
+        log.info("shared event log on redis %s (prefix %s) as replica %s", _shown(self._cfg.redis_url),
+                 self._cfg.redis_prefix, self.replica)
+
+    async def _check_server(self) -> None:
+        """Refuse settings that break the log's promises; warn where they cannot be read."""
+        assert self._redis is not None
+        try:
+            conf = await self._redis.config_get("appendonly")
+            conf.update(await self._redis.config_get("appendfsync"))
+            conf.update(await self._redis.config_get("maxmemory-policy"))
+        except ResponseError as exc:  # managed services often forbid CONFIG
+            log.warning("cannot verify the redis server's persistence and eviction settings (%s): make sure "
+                        "appendonly is yes, appendfsync is %s and maxmemory-policy is noeviction", exc,
+                        "always" if self._cfg.durability == "fsync" else "everysec or always")
+            return
+        if conf.get("maxmemory-policy") != "noeviction":
+            raise StorageError(f"redis maxmemory-policy is {conf.get('maxmemory-policy')!r}: it may evict the "
+                               "log's keys; set it to noeviction")
+        if self._cfg.durability == "fsync" and (conf.get("appendonly") != "yes" or conf.get("appendfsync") != "always"):
+            raise StorageError(
+                f"storage.durability is fsync but redis has appendonly={conf.get('appendonly')} "
+                f"appendfsync={conf.get('appendfsync')}: set appendonly yes and appendfsync always "
+                "(or durability: none, which accepts appendfsync everysec)")
+        if self._cfg.durability == "none" and conf.get("appendonly") != "yes":
+            log.warning("redis has appendonly=%s: a redis restart loses the log", conf.get("appendonly"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        for fut in [p.future for p in self._queue]:
+            if not fut.done():
+                fut.set_exception(StorageError("event log is closed"))
+        self._queue.clear()
+        if self._redis is not None:
+            try:
+                for key in list(self._claims):
+                    await self.release(key)
+                await self._redis.delete(self._k("r", self.replica))
+            except RedisError:
+                pass
+            if self._pubsub is not None:
+                await self._pubsub.aclose()
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def _r(self) -> Any:
+        # Any: redis-py types replies as unions of every shape a command may take; what comes
+        # back is turned into precise types right here (_rows, _meta_from_hash).
+        if self._redis is None:
+            raise StorageError("event log is closed")
+        return self._redis
+
+    # --- metadata ----------------------------------------------------------------------------
+
+    async def lookup(self, key: str) -> StreamMeta | None:
+        try:
+            return _meta_from_hash(await self._r.hgetall(self._k("m", key)))
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+
+    async def streams(self) -> list[StreamMeta]:
+        try:
+            keys = [k.decode() for k in await self._r.smembers(self._k("all"))]
+            async with self._r.pipeline(transaction=False) as p:
+                for k in keys:
+                    p.hgetall(self._k("m", k))
+                raws = await p.execute()
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        return [m for m in (_meta_from_hash(raw) for raw in raws) if m is not None]
+
+    async def last_seq(self) -> int:
+        try:
+            return int(await self._r.get(self._k("seq")) or 0)
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def failure(self) -> str | None:
+        return self._failure
+
+    async def wait_healthy(self) -> None:
+        await self._healthy.wait()
+
+    def accepting(self, key: str | None = None) -> bool:
+        # The budget is shared: this replica's view of it is refreshed by every sweep.
+        return self._failure is None and self._size < self._cfg.max_bytes
+
+    # --- ownership ---------------------------------------------------------------------------
+
+    async def claim(self, key: str) -> bool:
+        if key in self._claims:
+            return True
+        try:
+            token = await self._claim_script(keys=[self._k("l", key), self._k("fence"), self._k("m", key)],
+                                             args=[self.replica, int(self._cfg.lease_ttl * 1000)])
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        if token is None:
+            return False
+        tok = str(int(token))
+        self._claims[key] = _Claim(f"{self.replica}:{tok}", tok)
+        return True
+
+    async def release(self, key: str) -> None:
+        claim = self._claims.pop(key, None)
+        if claim is None:
+            return
+        try:
+            await self._release_script(keys=[self._k("l", key)], args=[claim.value])
+        except RedisError as exc:
+            log.warning("could not release %s (its lease runs out by itself): %s", key, exc)
+
+    async def unowned(self) -> list[StreamMeta]:
+        try:
+            keys = [k.decode() for k in await self._r.smembers(self._k("open"))]
+            if not keys:
+                return []
+            async with self._r.pipeline(transaction=False) as p:
+                for k in keys:
+                    p.exists(self._k("l", k))
+                held = await p.execute()
+            free = [k for k, h in zip(keys, held) if not h and k not in self._claims]
+            metas = [await self.lookup(k) for k in free]
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        return [m for m in metas if m is not None and m.open]
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def _lost(self, key: str) -> None:
+        if self._claims.pop(key, None) is not None:
+            for cb in self._lost_callbacks:
+                cb(key)
+
+    async def _renew_loop(self) -> None:
+        """Renew every lease at a third of its TTL; one found lost stops its capture here."""
+        ttl_ms = int(self._cfg.lease_ttl * 1000)
+        while True:
+            await asyncio.sleep(self._cfg.lease_ttl / 3)
+            claims = list(self._claims.items())
+            try:
+                async with self._r.pipeline(transaction=False) as p:
+                    p.set(self._k("r", self.replica), "1", px=ttl_ms)
+                    for key, claim in claims:
+                        await self._renew(keys=[self._k("l", key)], args=[claim.value, ttl_ms], client=p)
+                    results = await p.execute()
+            except RedisError as exc:
+                log.warning("could not renew leases: %s", exc)
+                continue
+            for (key, claim), ok in zip(claims, results[1:]):
+                if not ok and self._claims.get(key) is claim:
+                    log.warning("lease on %s was lost (this process stalled past %gs?)", key, self._cfg.lease_ttl)
+                    self._lost(key)
+
+    # --- presence -----------------------------------------------------------------------------
+
+    async def set_followers(self, key: str, here: int) -> None:
+        self._followed_here[key] = here
+        self._presence_dirty.add(key)
+        self._presence_wake.set()
+
+    async def followers(self, key: str, here: int) -> int:
+        try:
+            others = [r.decode() for r in await self._r.hkeys(self._k("f", key)) if r.decode() != self.replica]
+            if not others:
+                return here
+            async with self._r.pipeline(transaction=False) as p:
+                for r in others:
+                    p.exists(self._k("r", r))
+                alive = await p.execute()
+        except RedisError as exc:
+            log.warning("cannot count followers of %s on other replicas (%s); assuming some", key, exc)
+            return here + 1
+        return here + sum(1 for a in alive if a)
+
+    async def _presence_loop(self) -> None:
+        """Write this replica's followers per stream, latest state first, in order."""
+        while True:
+            await self._presence_wake.wait()
+            self._presence_wake.clear()
+            dirty, self._presence_dirty = self._presence_dirty, set()
+            try:
+                async with self._r.pipeline(transaction=False) as p:
+                    for key in dirty:
+                        n = self._followed_here.get(key, 0)
+                        if n:
+                            p.hset(self._k("f", key), self.replica, n)
+                            p.pexpire(self._k("f", key), _SAFETY_TTL_MS)
+                        else:
+                            p.hdel(self._k("f", key), self.replica)
+                            self._followed_here.pop(key, None)
+                    await p.execute()
+            except RedisError as exc:
+                log.warning("could not record followers: %s", exc)
+                self._presence_dirty |= dirty
+                await asyncio.sleep(PROBE_INTERVAL)
+                self._presence_wake.set()
+
+    # --- the live feed --------------------------------------------------------------------------
+
+    def subscribe(self, key: str, limit: int, byte_limit: int, on_overflow: Callable[[], None] | None = None) -> Feed:
+        feed = self._feeds.subscribe(key, limit, byte_limit, on_overflow)
+        channel = self._k("c", key).encode()
+        if channel not in self._channels:
+            self._channels[channel] = key
+            self._subscribed.clear()
+            self._wake_pubsub()
+        return feed
+
+    def beat(self, key: str) -> None:
+        self._feeds.deliver(key, BEAT)
+
+    def cut(self, key: str) -> None:
+        self._feeds.deliver(key, CUT)
+
+    def _wake_pubsub(self) -> None:
+        if self._pubsub_wake is not None:
+            self._pubsub_wake.set()
+
+    _pubsub_wake: asyncio.Event | None = None
+
+    async def _pubsub_loop(self) -> None:
+        """One pub/sub connection: (un)subscribes to the channels of streams followed here, and
+        hands other replicas' batches to this process's feeds. When the connection breaks, every
+        follower here catches up from the log (a message may have been lost)."""
+        self._pubsub_wake = asyncio.Event()
+        current: set[bytes] = set()
+        while True:
+            try:
+                self._pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+                current = set()
+                while True:
+                    wanted = {c for c, k in self._channels.items() if self._feeds.following(k)}
+                    for c in list(self._channels):
+                        if c not in wanted:
+                            del self._channels[c]
+                    if wanted - current:
+                        await self._pubsub.subscribe(*(wanted - current))
+                    if current - wanted:
+                        await self._pubsub.unsubscribe(*(current - wanted))
+                    current = wanted
+                    self._live_channels = current
+                    self._subscribed.set()
+                    if not current:
+                        self._pubsub_wake.clear()
+                        await self._pubsub_wake.wait()
+                        continue
+                    msg = await self._pubsub.get_message(timeout=0.05)
+                    if msg is not None and msg.get("type") == "message":
+                        self._on_message(msg["channel"], msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self._live_channels = set()
+                log.warning("redis feed connection lost (%s); followers here catch up from the log", exc)
+                for key in set(self._channels.values()):
+                    self._feeds.resync(key)
+                try:
+                    await self._pubsub.aclose()
+                except Exception:  # noqa: BLE001 - it is broken already
+                    pass
+                await asyncio.sleep(0.2)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        key = self._channels.get(channel)
+        if key is None:
+            return
+        kind, writer, head, first, record = data.split(b"|", 4)
+        if writer == self.replica.encode():
+            return  # committed here: delivered when the commit was acknowledged
+        prev = int(head or 0)
+        if kind == b"e":
+            self._feeds.deliver(key, Batch("end", prev=prev if not record else int(first) - 1))
+            return
+        entries = [(seq, body) for seq, _uid, body in decode(int(first), record)]
+        self._feeds.deliver(key, Batch("events", entries, prev, sum(len(b) for _, b in entries)))
+
+    async def ready(self, feed: Feed) -> None:
+        """Until the channel of ``feed`` is subscribed (register-then-replay across replicas); a broken
+        feed connection does not hold followers up for long: the gaps show and are read from the log."""
+        try:
+            async with asyncio.timeout(2.0):
+                while self._k("c", feed.key).encode() not in self._live_channels:
+                    self._subscribed.clear()
+                    await self._subscribed.wait()
+        except TimeoutError:
+            log.warning("feed subscription for %s not confirmed; relying on catch-up from the log", feed.key)
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    async def begin(self, meta: StreamMeta) -> StreamMeta:
+        if self._failure is not None:
+            raise StorageError(f"storage is failing: {self._failure}")
+        if self._size >= self._cfg.max_bytes:
+            await self.sweep()
+            if self._size >= self._cfg.max_bytes:
+                raise StorageFull(f"event log is at its budget ({self._size} of {self._cfg.max_bytes} bytes)")
+        claim = self._claims.get(meta.key)
+        if claim is None:
+            raise ClaimLost(meta.key)
+        claim.bno = 0
+        now = repr(time.time())
+        try:
+            raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
+                                          self._k("open"), self._k("all")],
+                                    args=[claim.value, claim.token, now, *_meta_to_pairs(meta)])
+        except ResponseError as exc:
+            if "FENCED" in str(exc):
+                self._lost(meta.key)
+                raise ClaimLost(meta.key) from None
+            raise StorageError(f"redis: {exc}") from exc
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        begun = _meta_from_hash(dict(zip(raw[::2], raw[1::2])))
+        assert begun is not None
+        return begun
+
+    def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
+        return self._enqueue(key, events, "")
+
+    async def finish(self, key: str, end: EndReason | None, events: Sequence[Event] = ()) -> list[Entry]:
+        return await self._enqueue(key, events, end or "-")
+
+    def _enqueue(self, key: str, events: Sequence[Event], end: str) -> asyncio.Future[list[Entry]]:
+        claim = self._claims.get(key)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[Entry]] = loop.create_future()
+        if claim is None:
+            fut.set_exception(ClaimLost(key))
+            return fut
+        if self._failure is not None:
+            fut.set_exception(StorageError(f"storage is failing: {self._failure}"))
+            return fut
+        claim.bno += 1
+        enc = encode(events, int(time.time() * 1000)) if events else None
+        self._queue.append(_Pending(
+            key, claim, claim.bno, len(events), enc.record if enc else b"",
+            enc.last_upstream_id if enc else None, enc.last_event if enc else "", end,
+            [body for body, _ in events], enc.nbytes if enc else 0, fut))
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._queue:
+                continue
+            group, self._queue = self._queue, []
+            started = time.perf_counter()
+            results = await self._commit(group)
+            ok = not isinstance(results, BaseException)
+            if self._on_commit is not None:
+                self._on_commit(sum(p.n for p in group), time.perf_counter() - started, ok)
+            if isinstance(results, BaseException):
+                self._fail(f"{results.__class__.__name__}: {results}")
+                for p in group:
+                    if not p.future.done():
+                        p.future.set_exception(StorageError(f"commit failed: {results}"))
+                continue
+            for p, res in zip(group, results):
+                self._resolve(p, res)
+
+    async def _commit(self, group: list[_Pending]) -> list[Any] | BaseException:
+        """One pipeline for the whole group; once more after a broken connection (batch numbers
+        make the retry idempotent: what was applied already is skipped, not applied twice)."""
+        for attempt in range(2):
+            try:
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for p in group:
+                        await self._append(
+                            keys=[self._k("seq"), self._k("s", p.key), self._k("m", p.key), self._k("c", p.key),
+                                  self._k("size"), self._k("open")],
+                            args=[p.claim.token, p.bno, p.n, p.record, p.last_uid or "", p.last_event,
+                                  repr(time.time()), p.end, self.replica, p.key], client=pipe)
+                    return list(await pipe.execute(raise_on_error=False))
+            except NoScriptError:
+                continue
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if attempt:
+                    return exc
+                await asyncio.sleep(0.05)
+            except RedisError as exc:
+                return exc
+        return StorageError("the append script could not be loaded")
+
+    def _resolve(self, p: _Pending, res: Any) -> None:
+        if isinstance(res, BaseException):
+            text = str(res)
+            if "FENCED" in text:
+                self._lost(p.key)
+                p.future.set_exception(ClaimLost(p.key))
+            else:
+                p.future.set_exception(StorageError(f"commit failed: {text}"))
+            return
+        first, prev = int(res[0]), int(res[1])
+        if self._failure is not None:
+            self._recovered()
+        if first == 0 and prev == 0 and p.n:  # applied by an earlier try: followers find it in the log
+            p.future.set_result([])
+            return
+        entries = [(first + i, body) for i, body in enumerate(p.bodies)]
+        if entries:
+            self._feeds.deliver(p.key, Batch("events", entries, prev, p.nbytes))
+        if p.end:
+            self._feeds.deliver(p.key, Batch("end", prev=entries[-1][0] if entries else prev))
+        p.future.set_result(entries)
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            log.error("redis commits fail: %s", reason)
+            self._failure = reason
+            self._healthy.clear()
+            asyncio.get_running_loop().create_task(self._probe())
+
+    def _recovered(self) -> None:
+        if self._failure is not None:
+            log.info("redis takes writes again")
+            self._failure = None
+            self._healthy.set()
+
+    async def _probe(self) -> None:
+        while self._failure is not None:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self._r.ping()
+                await self._r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
+            except (RedisError, OSError):
+                continue
+            self._recovered()
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
+        if after >= upto:
+            return []
+        skey = self._k("s", key)
+        out: list[Entry] = []
+        try:
+            # The batch holding seq after+1 may start before it: the last entry at or below it.
+            before = _rows(await self._r.xrevrange(skey, max=f"{after + 1}-0", min="-", count=1))
+            start = f"{before[0][0]}-0" if before else "-"
+            while len(out) < limit:
+                rows = _rows(await self._r.xrange(skey, min=start, max=f"{upto}-0", count=_READ_PAGE_ENTRIES))
+                if not rows:
+                    break
+                for first, record in rows:
+                    for seq, _uid, body in decode(first, record):
+                        if after < seq <= upto:
+                            out.append((seq, body))
+                if len(rows) < _READ_PAGE_ENTRIES:
+                    break
+                start = f"({rows[-1][0]}-0"
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        return out[:limit]
+
+    async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
+        try:
+            rows = await self._r.xrevrange(self._k("s", key), count=_TAIL_ENTRIES)
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        out: list[tuple[str | None, bytes]] = []
+        for first, record in _rows(rows):
+            batch = [(uid, body) for _seq, uid, body in decode(first, record)]
+            out.extend(reversed(batch))
+            if len(out) >= limit:
+                break
+        out = out[:limit]
+        out.reverse()
+        return out
+
+    # --- retention ---------------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Retention, by one replica at a time (it holds the sweeper lease while it works)."""
+        now = time.time() if now is None else now
+        r = self._r
+        try:
+            if not await r.set(self._k("sweeper"), self.replica, nx=True, px=60_000):
+                self._size = int(await r.get(self._k("size")) or 0)
+                return 0
+            try:
+                removed = await self._sweep(now)
+            finally:
+                await r.delete(self._k("sweeper"))
+            self._size = int(await r.get(self._k("size")) or 0)
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        if removed:
+            log.info("retention removed %d streams; %d bytes held", removed, self._size)
+        return removed
+
+    async def _sweep(self, now: float) -> int:
+        cutoff = now - self._cfg.retention
+        metas = await self.streams()
+        removed = 0
+        closed = sorted((m for m in metas if not m.open), key=lambda m: m.updated_at)
+        size = int(await self._r.get(self._k("size")) or 0)
+        for m in closed:
+            if m.updated_at < cutoff or size >= self._cfg.max_bytes:
+                await self._drop(m)
+                size -= m.size
+                removed += 1
+        for m in metas:
+            if m.open and m.kind == "thread":
+                await self._trim(m, cutoff)
+        return removed
+
+    async def _drop(self, m: StreamMeta) -> None:
+        async with self._r.pipeline(transaction=True) as p:
+            p.delete(self._k("s", m.key), self._k("m", m.key), self._k("f", m.key))
+            p.srem(self._k("all"), m.key)
+            p.srem(self._k("open"), m.key)
+            p.decrby(self._k("size"), m.size)
+            await p.execute()
+
+    async def _trim(self, m: StreamMeta, cutoff: float) -> None:
+        """Drop an open thread stream's entries appended before ``cutoff`` (it never closes)."""
+        limit_ms = int(cutoff * 1000)
+        rows = _rows(await self._r.xrange(self._k("s", m.key), count=1000))
+        old = [(first, record) for first, record in rows if record_time_ms(record) < limit_ms]
+        if not old:
+            return
+        next_seq = decode(old[-1][0], old[-1][1])[-1][0] + 1
+        size = sum(len(d) + 24 for _, d in old)
+        async with self._r.pipeline(transaction=True) as p:
+            p.xtrim(self._k("s", m.key), minid=f"{next_seq}-0")
+            p.hset(self._k("m", m.key), mapping={"first_seq": str(next_seq)})
+            p.hincrby(self._k("m", m.key), "size", -size)
+            p.decrby(self._k("size"), size)
+            await p.execute()
+
+
+def _rows(raw: Any) -> list[tuple[int, bytes]]:
+    """Stream entries as (first seq of the batch, record)."""
+    return [(int(eid.split(b"-")[0]), fields_[b"d"]) for eid, fields_ in raw or ()]
+
+
+def _shown(url: str) -> str:
+    """A Redis URL as logs may show it: without a password."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
