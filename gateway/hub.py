@@ -111,6 +111,8 @@ class Hub:
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._takeover_task: asyncio.Task[None] | None = None
+        self.seam_delay: Callable[[], float] | None = None  # a test hook (see ready)
+        self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         log_.on_lost(self._claim_lost)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -216,14 +218,21 @@ class Hub:
         """
         if meta.key in self._live:
             raise RuntimeError(f"stream {meta.key} is already being captured")
+        self._opening.add(meta.key)
         try:
             if not await self.log.claim(meta.key):
                 raise CapturedElsewhere(meta.key)
             meta = await self.log.begin(meta)
+        except ClaimLost:
+            if resp is not None:
+                resp.close()
+            raise CapturedElsewhere(meta.key) from None
         except BaseException:
             if resp is not None:
                 resp.close()
             raise
+        finally:
+            self._opening.discard(meta.key)
         return self._start(meta, resp, None, auth=auth, cancel_on_orphan=cancel_on_orphan)
 
     async def open_capture(self, meta: StreamMeta, cursor: Cursor, client_headers: CIMultiDict[str], query: str, *,
@@ -235,26 +244,34 @@ class Hub:
         alone when it is not an event stream (the caller relays it as is). Raises
         CapturedElsewhere when another gateway process captures it already.
         """
-        if not await self.log.claim(meta.key):
-            raise CapturedElsewhere(meta.key)
+        key = meta.key
+        self._opening.add(key)
         try:
-            held = await self.log.lookup(meta.key)
-            last = leg_last_event_id(meta.kind, held, cursor)
-            resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
-        except BaseException:
-            await self.log.release(meta.key)
-            raise
-        if not is_event_stream(resp):
-            await self.log.release(meta.key)
-            return resp
-        try:
-            seam = await self._seam(meta, held, last)
-            meta = await self.log.begin(meta)
-        except BaseException:
-            resp.close()
-            await self.log.release(meta.key)
-            raise
-        return self._start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan), resp
+            if not await self.log.claim(key):
+                raise CapturedElsewhere(key)
+            try:
+                held = await self.log.lookup(key)
+                last = leg_last_event_id(meta.kind, held, cursor)
+                resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
+            except BaseException:
+                await self.log.release(key)
+                raise
+            if not is_event_stream(resp):
+                await self.log.release(key)
+                return resp
+            try:
+                seam = await self._seam(meta, held, last)
+                meta = await self.log.begin(meta)
+            except ClaimLost:
+                resp.close()
+                raise CapturedElsewhere(key) from None
+            except BaseException:
+                resp.close()
+                await self.log.release(key)
+                raise
+            return self._start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan), resp
+        finally:
+            self._opening.discard(key)
 
     def _start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | None, *,
                auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
@@ -322,7 +339,7 @@ class Hub:
         await self._release(ing.key)
 
     async def _release(self, key: str) -> None:
-        if key in self._live:
+        if key in self._live or key in self._opening:
             return  # a new capture of the stream holds the claim now
         try:
             await self.log.release(key)
@@ -484,6 +501,8 @@ class Hub:
 
     async def ready(self, feed: Feed) -> None:
         await self.log.ready(feed)
+        if self.seam_delay is not None:  # tests only: widen the window between subscribing and the head
+            await asyncio.sleep(self.seam_delay())
 
     async def lookup(self, key: str) -> StreamMeta | None:
         return await self.log.lookup(key)

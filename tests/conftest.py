@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import signal
 import uuid
 import socket
 import subprocess
@@ -161,6 +162,18 @@ class GatewayProcess:
         assert self.proc is not None
         self.proc.terminate()
         return self.proc.wait(timeout)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process stalls (a long GC pause, a VM frozen) without dying."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -74,7 +76,7 @@ local fence = redis.call('HGET', KEYS[3], 'fence')
 if not fence then return redis.error_reply('GONE stream not in the log') end
 if fence ~= ARGV[1] then return redis.error_reply('FENCED another replica owns the stream') end
 local bno = tonumber(ARGV[2])
-if bno <= tonumber(redis.call('HGET', KEYS[3], 'bno') or '0') then return {0, 0} end
+if bno <= tonumber(redis.call('HGET', KEYS[3], 'bno') or '0') then return {-1, -1} end
 local n = tonumber(ARGV[3])
 local head = redis.call('HGET', KEYS[3], 'head') or '0'
 local first = 0
@@ -115,7 +117,7 @@ _CLAIM = """
 local token = redis.call('INCR', KEYS[2])
 local value = ARGV[1] .. ':' .. token
 if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then return false end
-if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'fence', token) end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'fence', token, 'bno', '0') end
 return token
 """
 
@@ -131,14 +133,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: meta, lease, seq, open-set, all-set.  ARGV: lease value, token, now, then field/value pairs
-# of a new stream. Starts (or restarts) a capture; refuses a caller that does not hold the lease.
+# KEYS: meta, lease, seq, open-set, all-set.  ARGV: lease value, token, now, ttl ms, then field/value
+# pairs of a new stream. Starts (or restarts) a capture; refuses a caller whose lease another holds
+# (one that vanished with nobody else holding it, say after Redis lost its data, is taken again).
 _BEGIN = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
+if not cur then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
 local key = redis.call('HGET', KEYS[1], 'key')
 if key then
   redis.call('HSET', KEYS[1], 'open', '1', 'end', '', 'updated_at', ARGV[3], 'fence', ARGV[2], 'bno', '0')
-  for i = 4, #ARGV, 2 do
+  for i = 5, #ARGV, 2 do
     local f = ARGV[i]
     if f == 'path' or f == 'auth_salt' or f == 'auth_digest' or (f == 'resumable' and ARGV[i + 1] == '1') then
       redis.call('HSET', KEYS[1], f, ARGV[i + 1])
@@ -149,7 +154,7 @@ else
     local t = redis.call('TIME')
     redis.call('SET', KEYS[3], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
   end
-  for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'fence', ARGV[2], 'bno', '0',
              'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
 end
@@ -256,8 +261,12 @@ class RedisEventLog(EventLog):
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self._redis = aioredis.from_url(self._cfg.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0,
-                                        health_check_interval=15)
+        # Retries cover a connection that broke under the pool (a Redis restart): reads are
+        # idempotent, and so are appends (their batch numbers).
+        self._redis = aioredis.from_url(
+            self._cfg.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0, health_check_interval=15,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError])
         try:
             await self._redis.ping()
             await self._check_server()
@@ -591,7 +600,8 @@ class RedisEventLog(EventLog):
         try:
             raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
                                           self._k("open"), self._k("all")],
-                                    args=[claim.value, claim.token, now, *_meta_to_pairs(meta)])
+                                    args=[claim.value, claim.token, now, int(self._cfg.lease_ttl * 1000),
+                                          *_meta_to_pairs(meta)])
         except ResponseError as exc:
             if "FENCED" in str(exc):
                 self._lost(meta.key)
@@ -684,7 +694,7 @@ class RedisEventLog(EventLog):
         first, prev = int(res[0]), int(res[1])
         if self._failure is not None:
             self._recovered()
-        if first == 0 and prev == 0 and p.n:  # applied by an earlier try: followers find it in the log
+        if first == -1:  # applied by an earlier try: followers find it in the log (a gap, or when idle)
             p.future.set_result([])
             return
         entries = [(first + i, body) for i, body in enumerate(p.bodies)]

@@ -1,0 +1,262 @@
+"""Several gateway replicas sharing one log on a real Redis: resume on any replica, survive losing one.
+
+Subprocess replicas where signals matter (SIGKILL, SIGSTOP); in-process ones where the test
+needs to reach inside (the seam hook). Every test checks the same invariant from the client's
+side: every event exactly once, ids strictly increasing, the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayProcess, RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.nginx import Nginx
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Ev, read_events, read_until_cut
+from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+def replica_config(tmp_path: Path, name: str, upstream: str, storage: dict[str, Any]) -> Path:
+    cfg = tmp_path / f"{name}.yaml"
+    lines = [f"upstreams:\n  default:\n    urls: [{upstream}]\n",
+             "storage:\n" + "".join(f"  {k}: {v}\n" for k, v in storage.items()),
+             "streams:\n  reattach_backoff: 100ms\n"]
+    cfg.write_text("".join(lines))
+    return cfg
+
+
+@pytest.fixture
+def replicas(gateway_process: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any],
+             tmp_path: Path) -> Callable[[int], list[GatewayProcess]]:
+    """Start N gateway subprocesses on one Redis (one prefix), in front of the fake upstream."""
+    def start(n: int) -> list[GatewayProcess]:
+        return [gateway_process("--config", str(replica_config(tmp_path, f"r{i}", fake_upstream.url,
+                                                                  redis_storage))).start() for i in range(n)]
+    return start
+
+
+async def _start_run(http: aiohttp.ClientSession, url: str, n: int, delay: float = 0.02,
+                     **body: Any) -> aiohttp.ClientResponse:
+    async with http.post(f"{url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    resp = await http.post(f"{url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": n, "delay": delay}, **body})
+    assert resp.status == 200, await resp.text()
+    return resp
+
+
+def assert_exactly_once(events: list[Ev], n: int) -> None:
+    assert [e.event for e in events if e.event not in ("metadata", "custom")] == [], "no gap, no error"
+    assert customs(events) == list(range(n)), "every event exactly once, in order"
+    assert_ids_increase(events)
+
+
+async def test_three_replicas_serve_each_others_resumes(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    a, b, c = replicas(3)
+    resp = await _start_run(http, a.url, 60)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=10)
+    resp.close()
+    # The client comes back on another replica, then on the third: the log is the same.
+    async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
+        middle = await read_events(r, limit=20)
+    async with http.get(c.url + loc, headers={"Last-Event-ID": middle[-1].id or ""}) as r:
+        assert r.status == 200 and "X-Gateway-Resume" not in r.headers
+        rest = await read_events(r)
+    assert_exactly_once(seen + middle + rest, 60)
+    for replica in (a, b, c):  # each replica replays the finished run the same way
+        assert await join(http, replica.url + loc, "-1") == seen + middle + rest
+
+
+async def test_owner_killed_mid_stream_the_client_resumes_on_another_replica(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    a, b, _c = replicas(3)
+    resp = await _start_run(http, a.url, 100)  # resumable upstream: the gateway asked for it
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=15)
+    a.kill()  # SIGKILL the owner: its lease runs out, another replica takes the capture over
+    resp.close()
+    async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
+        rest = await asyncio.wait_for(read_events(r), 30)
+    assert_exactly_once(seen + rest, 100)
+
+
+async def test_a_frozen_owner_is_fenced_when_it_wakes(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    a, b = replicas(2)
+    resp = await _start_run(http, a.url, 150, delay=0.02)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=10)
+    resp.close()
+    a.freeze()  # past its lease: b takes over while a still believes it owns the stream
+    await asyncio.sleep(3.0)
+    a.thaw()
+    async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
+        rest = await asyncio.wait_for(read_events(r), 30)
+    assert_exactly_once(seen + rest, 150)
+    async with http.get(a.url + loc, headers={"Last-Event-ID": "-1"}) as r:  # the log has no interleaving
+        assert_exactly_once(await read_events(r), 150)
+    for _ in range(40):
+        if "captured by another gateway process now" in a.log_text():
+            break
+        await asyncio.sleep(0.1)
+    assert "captured by another gateway process now" in a.log_text(), "the woken owner stopped writing"
+
+
+async def test_a_load_balancer_in_front_of_replicas(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    reps = replicas(3)
+    lb = Nginx([f"127.0.0.1:{r.port}" for r in reps]).start()
+    try:
+        resp = await _start_run(http, lb.url, 40)
+        loc = resp.headers["Location"]
+        got = await read_events(resp, limit=5)
+        resp.close()
+        while len(got) < 41:  # every reconnect may land on another replica
+            async with http.get(lb.url + loc, headers={"Last-Event-ID": got[-1].id or ""}) as r:
+                assert r.status == 200
+                got += await read_events(r, limit=7)
+        assert_exactly_once(got, 40)
+    finally:
+        lb.stop()
+
+
+# --- in-process replicas, where the test reaches inside ----------------------------------------------------
+
+async def two_gateways(make_gateway: MakeGateway, fake: FakeAgentServer, tmp_path: Path,
+                       storage: dict[str, Any]) -> tuple[RunningGateway, RunningGateway]:
+    gws = []
+    for name in ("a", "b"):
+        raw = gateway_config(tmp_path / name, {"default": {"urls": [fake.url]}}, streams={"reattach_backoff": "100ms"})
+        raw["storage"] = storage
+        gws.append(await make_gateway(raw))
+    return gws[0], gws[1]
+
+
+async def test_two_replicas_asked_for_the_same_run_at_once_open_one_leg(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        http: aiohttp.ClientSession) -> None:
+    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    async with aiohttp.ClientSession() as direct:  # a run the gateways did not create
+        created = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                    json={"assistant_id": "a", "stream_resumable": True,
+                                          "input": {"n": 40, "delay": 0.02}})
+        loc = created.headers["Location"]
+        await read_events(created, limit=2)
+        fake_upstream.requests.clear()
+        both = await asyncio.gather(join(http, a.url + loc, "-1"), join(http, b.url + loc, "-1"))
+        created.close()
+    legs = [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")]
+    assert len(legs) == 1, f"the upstream saw {len(legs)} legs"
+    for got in both:
+        assert customs(got) == list(range(40))
+        assert_ids_increase(got)
+    assert both[0] == both[1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_the_seam_between_subscribing_and_the_head_loses_and_repeats_nothing(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        http: aiohttp.ClientSession, seed: int) -> None:
+    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    rng = random.Random(seed)
+    b.gw.hub.seam_delay = lambda: rng.uniform(0, 0.08)  # commits land between subscribe and head
+    resp = await _start_run(http, a.url, 80, delay=0.005)
+    loc = resp.headers["Location"]
+    cuts = sorted(rng.sample(range(1, 80), 6))
+    got: list[Ev] = []
+    for k in cuts:  # reconnect to the other replica at random points, each time through the seam
+        last = got[-1].id if got else "-1"
+        async with http.get(b.url + loc, headers={"Last-Event-ID": last or ""}) as r:
+            got += await read_events(r, limit=k - len(got))
+    async with http.get(b.url + loc, headers={"Last-Event-ID": got[-1].id or ""}) as r:
+        got += await read_events(r)
+    await read_events(resp)
+    assert_exactly_once(got, 80)
+
+
+async def test_followers_survive_their_feed_connection_being_killed(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_server: RedisServer,
+        redis_storage: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    resp = await _start_run(http, a.url, 120, delay=0.01)
+    loc = resp.headers["Location"]
+    async with http.get(b.url + loc, headers={"Last-Event-ID": "-1"}) as r:
+        first = await read_events(r, limit=20)
+        redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")  # every replica's feed connection
+        rest = await asyncio.wait_for(read_events(r), 30)
+    await read_events(resp)
+    assert_exactly_once(first + rest, 120)
+
+
+async def test_redis_restarted_from_its_aof_mid_run_loses_nothing_a_client_saw(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    storage = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "aof", "lease_ttl": "5s"}
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
+    raw["storage"] = storage
+    gw = await make_gateway(raw)
+    resp = await _start_run(http, gw.url, 150, delay=0.01)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=20)
+    own_redis.restart()  # from its append-only file
+    more, _cut = await read_until_cut(resp)
+    seen += more
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    rest = await asyncio.wait_for(join(http, gw.url + loc, seen[-1].id), 30)
+    assert_exactly_once(seen + rest, 150)
+    replay = await join(http, gw.url + loc, "-1")
+    assert replay[: len(seen)] == seen, "every event a client saw is still there, under the same id"
+
+
+async def test_after_redis_lost_everything_old_ids_are_not_held_and_new_ids_are_above(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    storage = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "flush", "lease_ttl": "2s"}
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    raw["storage"] = storage
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=5)
+    old = await read_events(resp)
+    loc = gw.url + resp.headers["Location"]
+    own_redis.command("FLUSHALL")
+    async with http.get(loc, headers={"Last-Event-ID": old[2].id or ""}) as r:
+        assert r.status == 200 and r.headers["X-Gateway-Resume"] == "not-held"
+        again = await read_events(r)
+    assert customs(again) == list(range(5)), "the upstream's own replay, captured anew"
+    assert min(int(e.id or 0) for e in again) > max(int(e.id or 0) for e in old), "new ids above every old one"
+
+
+async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        http: aiohttp.ClientSession) -> None:
+    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    resp = await _start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
+    loc = resp.headers["Location"]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    await read_events(other, limit=3)
+    resp.close()  # the client that asked for cancel leaves; one on the other replica stays
+    await asyncio.sleep(2.0)  # longer than the owner's look at followers elsewhere
+    assert fake_upstream.runs[run_id].status == "running", "a follower on another replica is still there"
+    other.close()
+    for _ in range(80):
+        if fake_upstream.runs[run_id].status == "interrupted":
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.runs[run_id].status == "interrupted", "the last follower left: cancelled"
