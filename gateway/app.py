@@ -198,9 +198,13 @@ class Server:
     async def start(self) -> None:
         cfg = self.gateway.cfg
         await self.gateway.start()
-        for name, runner, listen in (("main", self.main, cfg.listen), ("admin", self.admin, cfg.admin)):
+        # Workers share the public port (the kernel spreads connections); each has its own admin port.
+        admin_port = cfg.admin.port + cfg.worker_index if cfg.admin.port else 0
+        for name, runner, host, port, shared in (("main", self.main, cfg.listen.host, cfg.listen.port, cfg.workers > 1),
+                                                 ("admin", self.admin, cfg.admin.host, admin_port, False)):
             await runner.setup()
-            site = web.TCPSite(runner, listen.host, listen.port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=shared or None,
+                               backlog=cfg.clients.backlog)
             await site.start()
             self.addresses[name] = runner.addresses[0][:2]
         log.info("listening on http://%s:%d (admin http://%s:%d)", *self.addresses["main"], *self.addresses["admin"])

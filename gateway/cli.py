@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from dataclasses import replace
 
 from gateway.config import ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
@@ -37,6 +38,9 @@ def _parser() -> _Parser:
                    help="replica URL of the default upstream; repeat for several (default http://127.0.0.1:2024)")
     p.add_argument("--data-dir", metavar="DIR", help="event log directory (default ./data)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes serving the port, each a replica of the shared log (needs storage.backend: redis)")
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     return p
 
 
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         cfg = load_config(args.config, Overrides(
             host=args.host, port=args.port, admin_host=args.admin_host, admin_port=args.admin_port,
-            upstreams=tuple(args.upstream), data_dir=args.data_dir, log_level=args.log_level))
+            upstreams=tuple(args.upstream), data_dir=args.data_dir, log_level=args.log_level, workers=args.workers))
     except _ArgError as exc:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -54,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agent-gateway: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.workers > 1 and args.worker_index is None:
+        from gateway.workers import supervise
+
+        return supervise(list(sys.argv[1:] if argv is None else argv), cfg.workers)
+    if args.worker_index is not None:
+        cfg = replace(cfg, worker_index=args.worker_index)
     from gateway.app import serve  # heavy imports only once the config is good
 
     try:

@@ -116,6 +116,9 @@ class Clients:
     write_timeout: float = 30.0
     header_timeout: float = 10.0  # a connection must finish its request headers within this
     max_connections: int = 10_000  # client connections at once; beyond, a 503 and a close
+    # Connections the kernel queues before the gateway accepts them: a reconnect storm of a
+    # thousand clients fits, instead of waiting for SYN retries.
+    backlog: int = 4096
     # One header line, and the number of headers: more than the Agent Server itself refuses.
     max_header_bytes: int = 1 << 20
     max_headers: int = 1000
@@ -132,6 +135,11 @@ class Config:
     storage: Storage = Storage()
     streams: Streams = Streams()
     clients: Clients = Clients()
+    # Processes serving the same port (SO_REUSEPORT), each a replica of the shared log: one
+    # gateway host uses every core. More than one needs storage.backend: redis.
+    workers: int = 1
+    # Which of them this process is (0 for a single process); its admin port is admin.port + index.
+    worker_index: int = 0
     shutdown_grace: float = 10.0
     log_level: str = "info"
 
@@ -421,6 +429,7 @@ def _clients(raw: Any, old_write_timeout: Any) -> Clients:
         write_timeout=_duration(name, write_timeout),
         header_timeout=_duration("clients.header_timeout", raw.get("header_timeout", d.header_timeout)),
         max_connections=_int("clients.max_connections", raw.get("max_connections", d.max_connections), 1),
+        backlog=_int("clients.backlog", raw.get("backlog", d.backlog), 1, 65535),
         max_header_bytes=_size("clients.max_header_bytes", raw.get("max_header_bytes", d.max_header_bytes)),
         max_headers=_int("clients.max_headers", raw.get("max_headers", d.max_headers), 1),
         trusted_proxies=_networks("clients.trusted_proxies", raw.get("trusted_proxies", [])),
@@ -443,7 +452,7 @@ def build_config(raw: Any) -> Config:
     """Validate an already-expanded tree (defaults fill whatever is missing)."""
     raw = _mapping("<root>", raw)
     _reject_unknown("", raw, {"listen", "admin", "upstreams", "routes", "storage", "streams", "clients",
-                              "shutdown_grace", "log_level"})
+                              "workers", "shutdown_grace", "log_level"})
     ups_raw = raw.get("upstreams")
     if ups_raw is None:
         ups_raw = {"default": {"urls": [DEFAULT_UPSTREAM_URL]}}
@@ -453,12 +462,21 @@ def build_config(raw: Any) -> Config:
     log_level = str(raw.get("log_level", "info")).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", log_level, "one of debug, info, warning, error")
+    storage = _storage(raw.get("storage"))
+    listen = _listen("listen", raw.get("listen"), Listen())
+    workers = _int("workers", raw.get("workers", 1), 1, 64)
+    if workers > 1 and storage.backend != "redis":
+        raise ConfigError("workers", workers, "1 with storage.backend lmdb (one process per LMDB log); "
+                          "several workers share the log through storage.backend: redis")
+    if workers > 1 and listen.port == 0:
+        raise ConfigError("listen.port", 0, "a fixed port when workers > 1 (they all listen on it)")
     return Config(
-        listen=_listen("listen", raw.get("listen"), Listen()),
+        workers=workers,
+        listen=listen,
         admin=_listen("admin", raw.get("admin"), Listen(port=8081)),
         upstreams=upstreams,
         routes=_routes(raw.get("routes"), upstreams),
-        storage=_storage(raw.get("storage")),
+        storage=storage,
         streams=_streams(raw.get("streams")),
         clients=_clients(raw.get("clients"), _mapping("streams", raw.get("streams")).get("write_timeout")),
         shutdown_grace=_duration("shutdown_grace", raw.get("shutdown_grace", 10.0), allow_zero=True),
@@ -493,6 +511,7 @@ class Overrides:
     upstreams: tuple[str, ...] = field(default_factory=tuple)
     data_dir: str | None = None
     log_level: str | None = None
+    workers: int | None = None
 
 
 def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mapping[str, str] | None = None) -> Config:
@@ -533,6 +552,8 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
         raw["storage"] = storage
     if overrides.log_level is not None:
         raw["log_level"] = overrides.log_level
+    if overrides.workers is not None:
+        raw["workers"] = overrides.workers
     return build_config(raw)
 
 

@@ -12,14 +12,21 @@ fi
 # The gateway plus the real clients and the real Agent Server used as upstream.
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
-# Debian's Chromium for the browser test (tests/test_browser.py). Playwright drives this binary;
-# `playwright install` is never run (its browser downloads are not reachable here).
-if [ ! -x /usr/bin/chromium ]; then
+# Debian packages the tests start as real processes: Chromium for the browser test (Playwright
+# drives this binary; `playwright install` is never run, its downloads are not reachable here),
+# redis-server for the shared log, nginx as the load balancer in front of replicas.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    # policy-rc.d: install the packages, never start their system services.
+    [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   else
-    echo "/usr/bin/chromium not found and apt-get needs root: the browser test will be skipped" >&2
+    echo "missing ${missing[*]} and apt-get needs root: the tests that need them will be skipped" >&2
   fi
 fi
 

@@ -260,3 +260,44 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
             break
         await asyncio.sleep(0.05)
     assert fake_upstream.runs[run_id].status == "interrupted", "the last follower left: cancelled"
+
+
+async def test_workers_share_one_port_and_a_dead_one_is_replaced(
+        gateway_process: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any], tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    import os
+    import signal
+
+    cfg = replica_config(tmp_path, "w", fake_upstream.url, redis_storage)
+    sup = gateway_process("--config", str(cfg), "--workers", "2").start()
+    assert sup.proc is not None
+
+    def children() -> list[int]:
+        out = Path(f"/proc/{sup.proc.pid}/task/{sup.proc.pid}/children")  # type: ignore[union-attr]
+        return [int(p) for p in out.read_text().split()] if out.exists() else []
+
+    for _ in range(100):
+        if len(children()) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(children()) == 2, "two workers behind one port"
+    resp = await _start_run(http, sup.url, 80)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=10)
+    resp.close()
+    victim = children()[0]
+    os.kill(victim, signal.SIGKILL)  # its streams are taken over by the other, and it is started again
+    got = list(seen)
+    while len(got) < 81:
+        async with http.get(sup.url + loc, headers={"Last-Event-ID": got[-1].id or ""}) as r:
+            if r.status != 200:
+                await asyncio.sleep(0.1)
+                continue
+            got += await read_events(r, limit=10)
+    assert_exactly_once(got, 80)
+    for _ in range(100):
+        if len(children()) == 2 and victim not in children():
+            break
+        await asyncio.sleep(0.05)
+    assert len(children()) == 2 and victim not in children(), "the dead worker was replaced"
+    assert sup.terminate() == 0
