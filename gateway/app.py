@@ -24,7 +24,7 @@ from gateway.eventlog import EventLog, LmdbEventLog, StreamMeta
 from gateway.eventlog.redis import RedisEventLog
 from gateway.hub import Hub
 from gateway.legs import Legs
-from gateway.listener import GatewayRunner, refuse_over_cap
+from gateway.listener import GatewayRunner, guard
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.streams import StreamHandlers
@@ -138,7 +138,7 @@ class Gateway:
             self.metrics.request_done(target.pool.name, request.method, status)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[refuse_over_cap, error_middleware],
+        app = web.Application(middlewares=[guard, error_middleware],
                               client_max_size=self.cfg.streams.max_request_body)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_shutdown.append(self._end_client_streams)

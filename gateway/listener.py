@@ -16,7 +16,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+import orjson
+from aiohttp import HttpVersion10, web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
@@ -145,9 +147,26 @@ class GatewayRunner(web.AppRunner):
                             clients=self._clients, count=self.count, **kwargs)
 
 
+_NO_VERSION = orjson.dumps({"detail": "malformed HTTP request: no HTTP version"})
+_NO_VERSION_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(_NO_VERSION)).encode() + b"\r\nServer: " + SERVER_SOFTWARE.encode()
+                        + b"\r\nConnection: close\r\n\r\n" + _NO_VERSION)
+
+
 @web.middleware
-async def refuse_over_cap(request: web.Request, handler: Any) -> web.StreamResponse:
-    """A connection beyond ``clients.max_connections`` gets a 503 saying so, and is closed."""
+async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Requests refused before anything else looks at them.
+
+    A connection beyond ``clients.max_connections`` gets a 503 saying so, and is closed.
+    A request line without an HTTP version (HTTP/0.9 to aiohttp, which would answer with an
+    ``HTTP/0.9`` status line no client parses) gets a 400 in HTTP/1.1, written as is.
+    """
+    if request.version < HttpVersion10:
+        log.info("refused a request without an HTTP version from %s", request.remote)
+        if request.transport is not None:
+            request.transport.write(_NO_VERSION_RESPONSE)
+            request.transport.close()
+        return web.Response(status=400)  # the connection is closed: this one is never sent
     if getattr(request.protocol, "over_cap", False):
         resp = error_response(TooManyConnections.status,
                               "the gateway holds as many client connections as it is configured for "

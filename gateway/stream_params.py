@@ -12,7 +12,7 @@ from urllib.parse import unquote
 import orjson
 from aiohttp import web
 
-from gateway.errors import BadRequest, InvalidEventId, Unprocessable
+from gateway.errors import InvalidEventId, Unprocessable
 from gateway.sse import event_name
 
 THREAD_MODES = ("run_modes", "lifecycle", "state_update")
@@ -96,17 +96,14 @@ def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
     if not values:
         return None
     raw = values[-1]
-    modes: set[str]
+    modes = {raw}  # as the Agent Server: a value that is no mode matches nothing (an empty stream)
     if raw.startswith("["):
         try:
             parsed = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise BadRequest(f"stream_mode {raw!r} is not a JSON array") from None
-        if not isinstance(parsed, list) or not all(isinstance(m, str) for m in parsed):
-            raise BadRequest(f"stream_mode {raw!r} must be a string or a JSON array of strings")
-        modes = set(parsed)
-    else:
-        modes = {raw}
+            parsed = None
+        if isinstance(parsed, list):
+            modes = {m for m in parsed if isinstance(m, str)}
 
     def keep(body: bytes) -> bool:
         name = event_name(body)
@@ -120,8 +117,8 @@ def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
     values = request.query.getall("stream_modes", [])
     if not values or not values[-1]:
         return None
-    modes = {m.strip() for m in values[-1].split(",") if m.strip()}
-    for m in modes:
+    modes = set(values[-1].split(","))  # as the Agent Server reads them: no blank or padded entry
+    for m in sorted(modes):
         if m not in THREAD_MODES:
             raise Unprocessable(f"Invalid stream mode: {m}")
     if modes >= {"run_modes", "state_update"}:

@@ -267,3 +267,32 @@ async def test_a_stream_served_from_the_log_carries_the_upstreams_cors_headers(
             exposed = {h.strip().lower() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
             assert {"content-location", "location"} <= exposed
             assert customs(await read_events(r)) == [0, 1, 2]
+
+
+# --- found by the OpenAPI fuzz (tests/test_fuzz.py): differences from the Agent Server --------------------
+
+async def test_a_stream_mode_that_is_no_json_array_filters_everything_out_like_upstream(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=3)
+    await read_events(resp)
+    for mode in ("[bad", "[1]"):
+        async with http.get(gateway.url + resp.headers["Location"], params={"stream_mode": mode},
+                            headers={"Last-Event-ID": "-1"}) as r:
+            assert r.status == 200, await r.text()
+            assert await read_events(r) == []
+
+
+async def test_a_blank_thread_stream_mode_is_refused_like_upstream(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, gateway)
+    for modes in ("lifecycle,", " "):
+        async with http.get(f"{gateway.url}/threads/{tid}/stream", params={"stream_modes": modes}) as r:
+            assert r.status == 422
+            assert (await r.json())["detail"].startswith("Invalid stream mode: ")
+
+
+async def test_a_request_line_without_a_version_gets_an_http_1_1_400(gateway: RunningGateway) -> None:
+    raw = await raw_request(gateway.url, b"GET /ok\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 400 "), raw[:60]
+    assert orjson.loads(status_and_body(raw)[1])["detail"].startswith("malformed HTTP request")
