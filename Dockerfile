@@ -40,13 +40,14 @@ RUN groupadd --system --gid 10001 gateway \
 WORKDIR /tmp/src
 COPY . .
 RUN pip install . \
-    && cp config/gateway.yaml /etc/agent-gateway/gateway.yaml \
-    && cd / && rm -rf /tmp/src
+    && cp config/gateway.yaml /etc/agent-gateway/gateway.yaml
 
 ENV GATEWAY_DATA_DIR=/data
 VOLUME /data
 WORKDIR /data
-USER gateway
+RUN rm -rf /tmp/src
+# The numeric id: it resolves the same on every host (and Kubernetes runAsNonRoot can check it).
+USER 10001:10001
 
 # 8080: the proxied Agent Server API. 8081: /healthz, /readyz, /metrics.
 EXPOSE 8080 8081
@@ -57,7 +58,7 @@ EXPOSE 8080 8081
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2).status == 200 else 1)"]
 
-# SIGTERM (docker stop) drains: client streams end at an event boundary, other
+# SIGTERM (docker stop) drains: client streams are cut at an event boundary (they resume), other
 # requests get shutdown_grace (10s by default), then the log is closed. docker
 # stop sends SIGKILL after 10s, so give it more than shutdown_grace:
 # `docker stop -t 20`, or `stop_grace_period: 20s` in compose. (A SIGKILL loses

@@ -11,7 +11,9 @@ import asyncio
 import logging
 import re
 import signal
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
+
+import orjson
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,12 +21,14 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from gateway.config import Config
 from gateway.cors import exposing_location
-from gateway.errors import error_middleware
+from gateway.errors import NotFound, Unprocessable, error_middleware
 from gateway.eventlog import EventLog, LmdbEventLog, StreamMeta
 from gateway.eventlog.redis import RedisEventLog
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, guard
+from gateway.logs import AccessLogger
+from gateway.logview import matches, public, served_details
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.streams import StreamHandlers
@@ -67,7 +71,7 @@ class Gateway:
         self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
         self.metrics.bind_gauges(lambda: self.log.size, lambda: self.hub.live_count(),
                                  lambda: len(self.hub.followers), lambda: 1 if self.log.failure else 0,
-                                 self._pool_use)
+                                 self._pool_use, cfg.storage.max_bytes)
         self._sweeper: asyncio.Task[None] | None = None
         self._storage_open = False
 
@@ -167,7 +171,38 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
+        app.router.add_get("/streams", self._list_streams)
+        app.router.add_get("/streams/{key:.+}", self._show_stream)
         return app
+
+    async def _list_streams(self, request: web.Request) -> web.Response:
+        """The log's streams, with who follows them here: ``?state=live|finished&upstream=&thread=``."""
+        q = request.query
+        state = q.get("state")
+        if state not in (None, "live", "finished"):
+            raise Unprocessable("state must be live or finished")
+        metas = [m for m in await self.log.streams()
+                 if matches(m, state=state, upstream=q.get("upstream"), thread=q.get("thread"), older=None, newer=None)]
+        return web.json_response([self._with_followers(m) for m in sorted(metas, key=lambda m: m.updated_at)],
+                                 dumps=_dumps)
+
+    async def _show_stream(self, request: web.Request) -> web.Response:
+        """One stream by key (``default/run/<id>``) or by run or thread id: metadata, followers, markers."""
+        ident = request.match_info["key"]
+        meta = await self.log.lookup(ident)
+        if meta is None:
+            found = [m for m in await self.log.streams() if ident in (m.run_id, m.thread_id)]
+            meta = found[0] if len(found) == 1 else None
+        if meta is None:
+            raise NotFound(f"no stream {ident!r} in the log")
+        doc = await served_details(self.log, meta)
+        doc.update(self._with_followers(meta))
+        doc["followers_everywhere"] = await self.log.followers(meta.key, doc["followers_here"])
+        return web.json_response(doc, dumps=_dumps)
+
+    def _with_followers(self, meta: StreamMeta) -> dict[str, Any]:
+        return {**public(meta), "followers_here": self.hub.following(meta.key),
+                "captured_here": self.hub.live(meta.key) is not None}
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -182,6 +217,10 @@ class Gateway:
         return web.json_response(body, status=200 if ready else 503)
 
 
+def _dumps(doc: Any) -> str:
+    return orjson.dumps(doc).decode()
+
+
 class Server:
     """Both listeners around a Gateway, with graceful shutdown."""
 
@@ -191,7 +230,8 @@ class Server:
         # handler_cancellation: a client that hangs up stops its handler at once,
         # so its subscription and upstream request are released without waiting.
         self.main = GatewayRunner(gateway.app(), clients=cfg.clients, handler_cancellation=True,
-                                  shutdown_timeout=cfg.shutdown_grace, access_log=None)
+                                  shutdown_timeout=cfg.shutdown_grace, access_log_class=AccessLogger,
+                                  access_log=logging.getLogger("gateway.access"))
         self.admin = web.AppRunner(gateway.admin_app(), access_log=None, shutdown_timeout=1.0)
         self.addresses: dict[str, tuple[str, int]] = {}
 

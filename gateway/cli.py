@@ -1,15 +1,16 @@
-"""Command line: ``agent-gateway [--config FILE] [--upstream URL ...] [--port N] ...``."""
+"""Command line: ``agent-gateway [--config FILE] [--upstream URL ...] [--port N] ...`` serves;
+``agent-gateway streams ...`` and ``agent-gateway check`` are the operator tools (``gateway.tools``)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from dataclasses import replace
 
 from gateway.config import ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
+from gateway.logs import setup as setup_logging
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -38,26 +39,51 @@ def _parser() -> _Parser:
                    help="replica URL of the default upstream; repeat for several (default http://127.0.0.1:2024)")
     p.add_argument("--data-dir", metavar="DIR", help="event log directory (default ./data)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line, for log shippers")
     p.add_argument("--workers", type=int, metavar="N",
                    help="processes serving the port, each a replica of the shared log (needs storage.backend: redis)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     return p
 
 
+TOOLS = ("streams", "check")
+_VALUE_OPTIONS = {"--config", "--host", "--port", "--admin-host", "--admin-port", "--upstream", "--data-dir",
+                  "--log-level", "--workers", "--worker-index", "--log-format"}
+
+
+def _command(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor an option's value: a tool's name, or None."""
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in _VALUE_OPTIONS:
+            skip = True
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if _command(raw) in TOOLS:
+        from gateway.tools import main as tools_main
+
+        return tools_main(raw)
     parser = _parser()
     try:
         args = parser.parse_args(argv)
         cfg = load_config(args.config, Overrides(
             host=args.host, port=args.port, admin_host=args.admin_host, admin_port=args.admin_port,
-            upstreams=tuple(args.upstream), data_dir=args.data_dir, log_level=args.log_level, workers=args.workers))
+            upstreams=tuple(args.upstream), data_dir=args.data_dir, log_level=args.log_level, workers=args.workers,
+            log_format=args.log_format))
     except _ArgError as exc:
         print(f"agent-gateway: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except ConfigError as exc:
         print(f"agent-gateway: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(cfg.log_level, cfg.log_format)
     if cfg.workers > 1 and args.worker_index is None:
         from gateway.workers import supervise
 

@@ -142,6 +142,7 @@ class Config:
     worker_index: int = 0
     shutdown_grace: float = 10.0
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
 
     def upstream(self, name: str) -> Upstream:
         for up in self.upstreams:
@@ -452,7 +453,7 @@ def build_config(raw: Any) -> Config:
     """Validate an already-expanded tree (defaults fill whatever is missing)."""
     raw = _mapping("<root>", raw)
     _reject_unknown("", raw, {"listen", "admin", "upstreams", "routes", "storage", "streams", "clients",
-                              "workers", "shutdown_grace", "log_level"})
+                              "workers", "shutdown_grace", "log_level", "log_format"})
     ups_raw = raw.get("upstreams")
     if ups_raw is None:
         ups_raw = {"default": {"urls": [DEFAULT_UPSTREAM_URL]}}
@@ -481,7 +482,16 @@ def build_config(raw: Any) -> Config:
         clients=_clients(raw.get("clients"), _mapping("streams", raw.get("streams")).get("write_timeout")),
         shutdown_grace=_duration("shutdown_grace", raw.get("shutdown_grace", 10.0), allow_zero=True),
         log_level=log_level,
+        log_format=_log_format(raw.get("log_format", "text")),
     )
+
+
+def _log_format(v: Any) -> Literal["text", "json"]:
+    if v == "text":
+        return "text"
+    if v == "json":
+        return "json"
+    raise ConfigError("log_format", v, "text or json")
 
 
 def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<yaml>") -> dict[str, Any]:
@@ -511,6 +521,7 @@ class Overrides:
     upstreams: tuple[str, ...] = field(default_factory=tuple)
     data_dir: str | None = None
     log_level: str | None = None
+    log_format: str | None = None
     workers: int | None = None
 
 
@@ -552,6 +563,8 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
         raw["storage"] = storage
     if overrides.log_level is not None:
         raw["log_level"] = overrides.log_level
+    if overrides.log_format is not None:
+        raw["log_format"] = overrides.log_format
     if overrides.workers is not None:
         raw["workers"] = overrides.workers
     return build_config(raw)

@@ -201,6 +201,10 @@ class Hub:
     def live_count(self) -> int:
         return len(self._live)
 
+    def following(self, key: str) -> int:
+        """Followers of ``key`` in this process."""
+        return self._following.get(key, 0)
+
     def capture_lock(self, key: str) -> asyncio.Lock:
         """Held while a handler opens an upstream leg for ``key``, so two clients arriving
         together share one capture instead of starting two."""

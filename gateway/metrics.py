@@ -75,8 +75,10 @@ class PrometheusMetrics:
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
                     subscribers: Callable[[], float], storage_failing: Callable[[], float],
-                    pools: Callable[[], Iterable[PoolUse]] = lambda: ()) -> None:
+                    pools: Callable[[], Iterable[PoolUse]] = lambda: (), log_budget: float = 0) -> None:
         self.registry.register(_PoolCollector(pools))
+        Gauge("gateway_log_budget_bytes", "storage.max_bytes: the disk budget for event payloads",
+              registry=self.registry).set(log_budget)
         Gauge("gateway_log_bytes", "Bytes held in the event log", registry=self.registry).set_function(log_bytes)
         Gauge("gateway_streams_live", "Upstream streams being captured", registry=self.registry).set_function(live_streams)
         Gauge("gateway_subscribers", "Client streams connected", registry=self.registry).set_function(subscribers)

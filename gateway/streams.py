@@ -32,6 +32,7 @@ from gateway.errors import (
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import CapturedElsewhere, Hub, Ingest, is_event_stream
+from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.proxy import Forwarder, RelayedBody, client_headers, read_limited
 from gateway.sse import HEARTBEAT, frame
 from gateway.stream_params import (
@@ -121,6 +122,7 @@ class StreamHandlers:
         meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
                           thread_id=None if stateless else tid, run_id=rid,
                           resumable=run.resumable and not stateless)
+        request[STREAM_KEY] = meta.key
         try:
             await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
         except CapturedElsewhere:
@@ -206,13 +208,14 @@ class StreamHandlers:
             return await self.forwarder.forward(request, target)
         pool = target.pool.name
         key = run_key(pool, rid)
+        request[STREAM_KEY] = key
         meta = await self.log.lookup(key)
         if meta is not None and tid is not None and meta.thread_id not in (None, tid):
             # Held, but under another thread: not ours to serve. The upstream answers as it would.
             return await self.forwarder.forward(request, target)
         if meta is not None:
             headers: CIMultiDict[str] = CIMultiDict()
-            after = await self._resume_from(cursor, meta, headers)
+            after = await self._resume_from(request, cursor, meta, headers)
             if (denied := await self._denial(request, target, meta)) is not None:
                 return await self.forwarder.relay(request, target, denied)
             headers["Content-Type"] = "text/event-stream; charset=utf-8"
@@ -224,7 +227,7 @@ class StreamHandlers:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
                 raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
-            self._count_resume(cursor, "not_held")
+            self._count_resume(request, cursor, "not_held")
             return await self.forwarder.forward(request, target)
         # Not held: capture it from the upstream from here on (one capture, however many ask at once).
         async with self.hub.capture_lock(key):
@@ -243,7 +246,7 @@ class StreamHandlers:
                                 cancel: bool) -> tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse:
         headers: CIMultiDict[str] = CIMultiDict()
         if cursor.kind in ("start", "seq"):
-            self._count_resume(cursor, "not_held")
+            self._count_resume(request, cursor, "not_held")
             headers[RESUME_HEADER] = "not-held"
         key = run_key(target.pool.name, rid)
         self._check_capacity(key)
@@ -286,6 +289,7 @@ class StreamHandlers:
             return await self.forwarder.forward(request, target)
         pool = target.pool.name
         key = thread_key(pool, tid)
+        request[STREAM_KEY] = key
         headers: CIMultiDict[str] = CIMultiDict()
         relay: aiohttp.ClientResponse | None = None
         # Everything from "is it held?" to registering the follower happens under the key's
@@ -294,10 +298,10 @@ class StreamHandlers:
             meta = await self.log.lookup(key)
             after: int | None = 0
             if meta is not None:
-                after = await self._resume_from(cursor, meta, headers)
+                after = await self._resume_from(request, cursor, meta, headers)
                 relay = await self._denial(request, target, meta)
             elif cursor.kind != "none":
-                self._count_resume(cursor, "not_held")
+                self._count_resume(request, cursor, "not_held")
                 headers[RESUME_HEADER] = "not-held"
             if relay is None and self.hub.live(key) is None:
                 self._check_capacity(key)
@@ -356,7 +360,8 @@ class StreamHandlers:
 
     # --- where a resume starts ---------------------------------------------------------------------
 
-    async def _resume_from(self, cursor: Cursor, meta: StreamMeta, headers: CIMultiDict[str]) -> int | None:
+    async def _resume_from(self, request: web.Request, cursor: Cursor, meta: StreamMeta,
+                           headers: CIMultiDict[str]) -> int | None:
         """Where a client resuming ``meta`` starts: after its id, or from the start when its id is not
         one of this capture's; counts the outcome and says it in ``X-Gateway-Resume``."""
         if cursor.kind == "upstream":
@@ -369,18 +374,19 @@ class StreamHandlers:
             # An id from an earlier capture of this run or thread (before retention removed it, or
             # from a log moved aside): none of the events held follow it. Everything, and say so.
             headers[RESUME_HEADER] = "not-held"
-            self._count_resume(cursor, "not_held")
+            self._count_resume(request, cursor, "not_held")
             return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
             headers[RESUME_HEADER] = "truncated"
-            self._count_resume(cursor, "truncated")
+            self._count_resume(request, cursor, "truncated")
         else:
-            self._count_resume(cursor, "hit")
+            self._count_resume(request, cursor, "hit")
         return cursor.after()
 
-    def _count_resume(self, cursor: Cursor, outcome: str) -> None:
+    def _count_resume(self, request: web.Request, cursor: Cursor, outcome: str) -> None:
         if cursor.kind != "none":
             self.on_resume(outcome)
+            request[RESUME_OUTCOME] = outcome
 
     # --- writing ------------------------------------------------------------------------------------
 

@@ -14,11 +14,13 @@ fi
 
 # Debian packages the tests start as real processes: Chromium for the browser test (Playwright
 # drives this binary; `playwright install` is never run, its downloads are not reachable here),
-# redis-server for the shared log, nginx as the load balancer in front of replicas.
+# redis-server for the shared log, nginx as the load balancer in front of replicas, prometheus
+# (with promtool) for the metrics and alert-rule tests.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq

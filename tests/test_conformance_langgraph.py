@@ -345,12 +345,15 @@ def _js_skip_reason() -> str | None:
     return None
 
 
-async def test_js_sdk_sees_what_python_sdk_sees(lg_gateway: Any) -> None:
+# 2.0.0 was pinned first (npm marks it deprecated); 1.15.0 is what `npm install` gives (latest tag).
+@pytest.mark.parametrize("package", ["@langchain/langgraph-sdk", "@langchain/langgraph-sdk-latest"],
+                         ids=["sdk-2.0.0", "sdk-latest-1.15.0"])
+async def test_js_sdk_sees_what_python_sdk_sees(lg_gateway: Any, package: str) -> None:
     reason = _js_skip_reason()
     if reason:
         pytest.skip(reason)
     proc = await asyncio.create_subprocess_exec(
-        "node", str(JS_DIR / "sdk_stream.mjs"), lg_gateway.url, cwd=JS_DIR,
+        "node", str(JS_DIR / "sdk_stream.mjs"), lg_gateway.url, package, cwd=JS_DIR,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 45)

@@ -36,7 +36,7 @@ def exposed_samples() -> set[str]:
     """Sample names PrometheusMetrics exposes once every hook has run once."""
     registry = CollectorRegistry()
     m = PrometheusMetrics(registry)
-    m.bind_gauges(lambda: 1024, lambda: 2, lambda: 3, lambda: 0)
+    m.bind_gauges(lambda: 1024, lambda: 2, lambda: 3, lambda: 0, lambda: [("default", "stream", 1, 8, 0)], 1 << 30)
     m.request_done("default", "POST", 200)
     m.replica_health("default", "http://127.0.0.1:2024", True)
     m.committed(5, 0.002, True)

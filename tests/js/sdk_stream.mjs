@@ -1,7 +1,9 @@
 // Drive the official LangGraph JS SDK against a base URL (a real Agent Server or the gateway)
 // and print ONE JSON line: {"stream": [[event, data], ...], "join": [...], "thread_id", "run_ids"}.
-// Usage: node sdk_stream.mjs http://127.0.0.1:PORT
-import { Client } from "@langchain/langgraph-sdk";
+// Usage: node sdk_stream.mjs http://127.0.0.1:PORT [package]
+// package: "@langchain/langgraph-sdk" (2.0.0, the default) or "@langchain/langgraph-sdk-latest" (1.15.0,
+// what npm installs today; an alias in package.json).
+const { Client } = await import(process.argv[3] ?? "@langchain/langgraph-sdk");
 
 const apiUrl = process.argv[2];
 if (!apiUrl) {

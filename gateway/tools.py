@@ -1,0 +1,166 @@
+"""The operator commands: ``agent-gateway streams list|show|tail|export`` and ``agent-gateway check``.
+
+They read the log the config names (``--config``, or ``--data-dir`` for LMDB) read-only,
+through ``gateway.logview``, so they work while a gateway is serving it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+import orjson
+
+from gateway.config import ConfigError, Overrides, load_config
+from gateway.eventlog import StorageError, StreamMeta
+from gateway.logview import LogView, check, details, event_record, matches, open_view, public, resolve
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A bad argument: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]  # one line, our exit code
+        raise UsageError(message)
+
+
+def _age(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"an age such as 30s, 10m, 2h or 1d (got {text!r})") from None
+
+
+def _parser() -> _Parser:
+    # Which log: accepted before the command or after it (agent-gateway streams list --config F).
+    common = _Parser(add_help=False)
+    common.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the gateway's YAML config (which log to read)")
+    common.add_argument("--data-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="an LMDB data directory (instead of --config)")
+    p = _Parser(prog="agent-gateway", description="Inspect and check the gateway's event log.", parents=[common])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    streams = sub.add_parser("streams", help="list, show, tail or export captured streams")
+    ss = streams.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    ls = ss.add_parser("list", help="one line per stream (or JSON with --json)", parents=[common])
+    state = ls.add_mutually_exclusive_group()
+    state.add_argument("--live", dest="state", action="store_const", const="live", help="only streams being captured")
+    state.add_argument("--finished", dest="state", action="store_const", const="finished",
+                       help="only streams that ended")
+    ls.add_argument("--upstream", help="only this upstream's")
+    ls.add_argument("--thread", help="only this thread's runs and thread stream")
+    ls.add_argument("--older-than", type=_age, metavar="AGE", help="last updated at least AGE ago (30s, 10m, 2h, 1d)")
+    ls.add_argument("--newer-than", type=_age, metavar="AGE", help="last updated at most AGE ago")
+    ls.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    show = ss.add_parser("show", help="one stream: metadata, head, size, times, last upstream id, end, gap markers",
+                         parents=[common])
+    show.add_argument("stream", metavar="KEY-or-RUN-ID")
+    show.add_argument("--json", action="store_true")
+    for name, what in (("tail", "the last events"), ("export", "every event")):
+        q = ss.add_parser(name, help=f"{what} of a stream, as SSE (with ids) or JSON lines (with ids and times)",
+                          parents=[common])
+        q.add_argument("stream", metavar="KEY-or-RUN-ID")
+        q.add_argument("--format", choices=["sse", "jsonl"], default="sse")
+        if name == "tail":
+            q.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+    sub.add_parser("check", help="offline integrity check: one line per problem, exit 1 if any", parents=[common])
+    return p
+
+
+def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        cfg = load_config(getattr(args, "config", None), Overrides(data_dir=getattr(args, "data_dir", None)))
+    except UsageError as exc:
+        print(f"agent-gateway: {exc}", file=err)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"agent-gateway: config error: {exc}", file=err)
+        return EXIT_USAGE
+    try:
+        view = open_view(cfg.storage)
+    except StorageError as exc:
+        print(f"agent-gateway: {exc}", file=err)
+        return EXIT_PROBLEMS
+    try:
+        run: Callable[[LogView, argparse.Namespace, TextIO], int] = (
+            _check if args.command == "check" else _ACTIONS[args.action])
+        return run(view, args, out)
+    except StorageError as exc:
+        print(f"agent-gateway: {exc}", file=err)
+        return EXIT_PROBLEMS
+    except UsageError as exc:
+        print(f"agent-gateway: {exc}", file=err)
+        return EXIT_USAGE
+    finally:
+        view.close()
+
+
+def _list(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
+    now = time.time()
+    metas = sorted((m for m in view.metas() if matches(m, state=args.state, upstream=args.upstream,
+                                                         thread=args.thread, older=args.older_than,
+                                                         newer=args.newer_than, now=now)),
+                   key=lambda m: m.updated_at)
+    if args.json:
+        for m in metas:
+            out.write(orjson.dumps(public(m)).decode() + "\n")
+        return EXIT_OK
+    rows = [("KEY", "STATE", "EVENTS", "BYTES", "HEAD", "UPDATED")]
+    rows += [(m.key, public(m)["state"], str(m.count), str(m.size), str(m.head),
+              time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(m.updated_at))) for m in metas]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    return EXIT_OK
+
+
+def _stream(view: LogView, args: argparse.Namespace) -> StreamMeta:
+    meta = resolve(view, args.stream)
+    if meta is None:
+        raise UsageError(f"no stream {args.stream!r} in the log (a key from 'streams list', or a run or thread id)")
+    return meta
+
+
+def _show(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
+    d = details(view, _stream(view, args))
+    doc: dict[str, Any] = {**d.meta, "events_held": d.events, "first_event_at": d.first_event_at,
+                           "last_event_at": d.last_event_at, "gap_markers": d.gaps, "error_events": d.errors}
+    if args.json:
+        out.write(orjson.dumps(doc).decode() + "\n")
+        return EXIT_OK
+    for k, v in doc.items():
+        if k in ("first_event_at", "last_event_at", "created_at", "updated_at") and isinstance(v, (int, float)):
+            v = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(v))}.{int(v * 1000) % 1000:03d} UTC"
+        out.write(f"{k + ':':18} {v}\n")
+    return EXIT_OK
+
+
+def _events(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
+    meta = _stream(view, args)
+    rows = [(seq, body, rec.time_ms) for rec in view.records(meta.key) for seq, _uid, body in rec.events]
+    if args.action == "tail":
+        rows = rows[-args.n:] if args.n > 0 else []
+    for seq, body, t in rows:
+        if args.format == "jsonl":
+            out.write(orjson.dumps(event_record(seq, body, t)).decode() + "\n")
+        else:
+            out.write(body.decode("utf-8", "replace") + f"id: {seq}\n\n")
+    return EXIT_OK
+
+
+def _check(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
+    problems = check(view)
+    for line in problems:
+        out.write(line + "\n")
+    return EXIT_PROBLEMS if problems else EXIT_OK
+
+
+_ACTIONS: dict[str, Callable[[LogView, argparse.Namespace, TextIO], int]] = {
+    "list": _list, "show": _show, "tail": _events, "export": _events}

