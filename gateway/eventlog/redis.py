@@ -63,6 +63,8 @@ log = logging.getLogger("gateway.eventlog.redis")
 
 CommitObserver = Callable[[int, float, bool], None]
 PROBE_INTERVAL = 1.0
+POOL_SIZE = 64  # connections to Redis per process: the writer, the feed, and reads share them
+POOL_WAIT = 10.0  # seconds a read may wait for a free connection
 _READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call
 _TAIL_ENTRIES = 256
 # Every key expires this long after its last write: a stream nobody touches for so long is
@@ -263,10 +265,14 @@ class RedisEventLog(EventLog):
     async def open(self) -> None:
         # Retries cover a connection that broke under the pool (a Redis restart): reads are
         # idempotent, and so are appends (their batch numbers).
-        self._redis = aioredis.from_url(
-            self._cfg.redis_url, socket_timeout=10.0, socket_connect_timeout=5.0, health_check_interval=15,
+        # A blocking pool: a thousand streams' reads wait for one of POOL_SIZE connections instead
+        # of failing when the pool is spent (redis-py's default pool raises past 100).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._cfg.redis_url, max_connections=POOL_SIZE, timeout=POOL_WAIT, socket_timeout=10.0,
+            socket_connect_timeout=5.0, health_check_interval=15,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError])
+        self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: closing the client closes it
         try:
             await self._redis.ping()
             await self._check_server()
