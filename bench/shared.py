@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Run the shared SSE benchmark (../shared/bench: C load client, C upstream, nginx beside) against the
+gateway, started here with a config for the variant to measure.
+
+    .venv/bin/python bench/shared.py --label gw-lmdb                      # the full matrix, LMDB, fsync
+    .venv/bin/python bench/shared.py --label gw-redis-2 --backend redis --workers 2
+    .venv/bin/python bench/shared.py --label gw-lmdb --only c_lat_c1000   # one scenario
+    (cd ../shared/bench && BENCH_WORK=/tmp/sse-bench ./run.sh peers direct nginx)   # the peers, same run set
+    (cd ../shared/bench && BENCH_WORK=/tmp/sse-bench ./run.sh report)                # the tables
+
+Results go to $BENCH_WORK/results/<label>.json (default /tmp/sse-bench). The gateway listens on
+127.0.0.1:18100 (admin 18101+) in front of the bench's upstream on 127.0.0.1:18000; redis-server
+(for --backend redis) is started on 127.0.0.1:18379 with appendfsync always, in a fresh directory.
+Every process started here is stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "bench"
+PORT, ADMIN, REDIS = 18100, 18101, 18379
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def config(work: Path, args: argparse.Namespace) -> Path:
+    storage = [f"  backend: {args.backend}", f"  durability: {args.durability}", "  max_bytes: 50GiB",
+               f"  path: {work / 'data'}"]
+    if args.backend == "redis":
+        storage += [f"  redis_url: redis://127.0.0.1:{REDIS}/0", "  redis_prefix: bench"]
+    text = "\n".join([
+        f"listen: {{host: 127.0.0.1, port: {PORT}}}", f"admin: {{host: 127.0.0.1, port: {ADMIN}}}",
+        "log_level: warning", f"workers: {args.workers}",
+        "upstreams:", "  default:", "    urls: [http://127.0.0.1:18000]", "    max_streams: 20000",
+        "    max_connections: 20000", "clients:", "  backlog: 4096", "  max_connections: 20000",
+        "storage:", *storage, ""])
+    path = work / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label", required=True)
+    p.add_argument("--backend", choices=["lmdb", "redis"], default="lmdb")
+    p.add_argument("--durability", choices=["fsync", "none"], default="fsync")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
+    p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT (svg) meanwhile")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    env = dict(os.environ, BENCH_WORK=os.environ.get("BENCH_WORK", "/tmp/sse-bench"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        if args.backend == "redis":
+            (work / "redis").mkdir()
+            procs.append(subprocess.Popen(
+                ["redis-server", "--port", str(REDIS), "--bind", "127.0.0.1", "--dir", str(work / "redis"),
+                 "--appendonly", "yes", "--appendfsync", "always" if args.durability == "fsync" else "everysec",
+                 "--save", "", "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL))
+            wait_port(REDIS)
+        gw = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config(work, args))], cwd=REPO,
+                              stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
+        procs.append(gw)
+        wait_port(PORT)
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(gw.pid), "--subprocesses", "--rate", "200",
+                                    "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run_env = dict(env, LABEL=args.label, **({"BENCH_ONLY": args.only} if args.only else {}))
+        code = subprocess.call([str(SHARED / "run.sh"), f"http://127.0.0.1:{PORT}", str(gw.pid)], env=run_env)
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        return code
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
