@@ -66,7 +66,7 @@ def main() -> int:
     p.add_argument("--durability", choices=["fsync", "none"], default="fsync")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
-    p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT (svg) meanwhile")
+    p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT meanwhile (svg; collapsed stacks if OUT ends in .txt)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     env = dict(os.environ, BENCH_WORK=os.environ.get("BENCH_WORK", "/tmp/sse-bench"))
@@ -85,8 +85,8 @@ def main() -> int:
         wait_port(PORT)
         spy = None
         if args.profile:
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(gw.pid), "--subprocesses", "--rate", "200",
-                                    "-o", args.profile], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(gw.pid), "--subprocesses", "--rate", "200",
+                                    "-o", args.profile] + (["--format", "raw"] if args.profile.endswith(".txt") else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         run_env = dict(env, LABEL=args.label, **({"BENCH_ONLY": args.only} if args.only else {}))
         code = subprocess.call([str(SHARED / "run.sh"), f"http://127.0.0.1:{PORT}", str(gw.pid)], env=run_env)
         if spy is not None:

@@ -12,6 +12,7 @@ Handlers start responses with ``start_response`` so this rule can see them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable
 
@@ -108,6 +109,25 @@ def cut(request: web.Request) -> None:
     """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
     if request.transport is not None:
         request.transport.close()
+
+
+# A write that leaves at most this much in the transport's buffer stays below its high-water mark
+# (64 KiB), so it returns without waiting for the client: no deadline needs arming for it.
+_UNBLOCKING_WRITE = 16 << 10
+
+
+async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float) -> None:
+    """Write part of a started response; TimeoutError when the client stops reading for ``stall_timeout``.
+
+    Arming a deadline costs more than a small write itself, and a write into a nearly empty
+    buffer cannot wait, so only a write that may wait gets one.
+    """
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
+        await response.write(data)
+        return
+    async with asyncio.timeout(stall_timeout):
+        await response.write(data)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -19,7 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Clients
-from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable, cut, start_response
+from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable, cut, send_body, start_response
 from gateway.upstream import Kind, Target, Upstreams
 
 log = logging.getLogger("gateway.proxy")
@@ -146,8 +146,7 @@ class Forwarder:
         try:
             async for chunk in resp.content.iter_any():
                 try:
-                    async with asyncio.timeout(self.clients.write_timeout):
-                        await out.write(chunk)
+                    await send_body(request, out, chunk, self.clients.write_timeout)
                 except TimeoutError:
                     log.info("client on %s %s stopped reading for %gs; cut, and its upstream connection freed",
                              request.method, request.path, self.clients.write_timeout)

@@ -27,6 +27,7 @@ from gateway.errors import (
     StorageUnavailable,
     Unprocessable,
     cut,
+    send_body,
     start_response,
 )
 from gateway.eventlog import EventLog, StreamMeta
@@ -406,8 +407,7 @@ class StreamHandlers:
                     data = frame(e for e in batch if keep(e[1]))
                     if not data:
                         continue
-                async with asyncio.timeout(self.forwarder.clients.write_timeout):
-                    await out.write(data)
+                await send_body(request, out, data, self.forwarder.clients.write_timeout)
             await out.write_eof()
             return out
         except TimeoutError:
