@@ -526,7 +526,7 @@ class Hub:
             ing.orphan_timer.cancel()
             ing.orphan_timer = None
         if n == 1:
-            self.run_owned(self.log.set_followers(follower.key, 1))
+            self.log.set_followers(follower.key, 1)
 
     def left(self, follower: Follower) -> None:
         self.followers.discard(follower)
@@ -537,7 +537,7 @@ class Hub:
             return
         self._following.pop(key, None)
         if not self.closing:
-            self.run_owned(self.log.set_followers(key, 0))
+            self.log.set_followers(key, 0)
         ing = self._live.get(key)
         if ing is not None:
             self._orphaned(ing)

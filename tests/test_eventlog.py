@@ -388,13 +388,13 @@ async def test_unowned_open_streams_are_offered_for_takeover(two_processes: tupl
 
 async def test_followers_are_counted_in_every_process(two_processes: tuple[EventLog, EventLog]) -> None:
     a, b = two_processes
-    await b.set_followers("s", 1)
+    b.set_followers("s", 1)
     for _ in range(50):
         if await a.followers("s", 0) == 1:
             break
         await asyncio.sleep(0.02)
     assert await a.followers("s", 0) == 1
-    await b.set_followers("s", 0)
+    b.set_followers("s", 0)
     for _ in range(50):
         if await a.followers("s", 0) == 0:
             break

@@ -150,7 +150,7 @@ class Feed:
     """
 
     __slots__ = ("key", "queue", "queued", "queued_bytes", "limit", "byte_limit", "wake", "overflowed", "_unlink",
-                 "_on_overflow")
+                 "_on_overflow", "_timer", "_active", "_idle")
 
     def __init__(self, key: str, limit: int, byte_limit: int, unlink: Callable[[Feed], None],
                  on_overflow: Callable[[], None] | None = None) -> None:
@@ -164,6 +164,9 @@ class Feed:
         self.overflowed = False
         self._unlink = unlink
         self._on_overflow = on_overflow
+        self._timer: asyncio.TimerHandle | None = None
+        self._active = False  # a batch came since the idle timer last looked
+        self._idle = False  # the idle timer woke the follower
 
     def push(self, batch: Batch) -> bool:
         """Queue a batch; False when the follower is too far behind (the queue is dropped)."""
@@ -181,6 +184,7 @@ class Feed:
         self.queue.append(batch)
         self.queued += n
         self.queued_bytes += batch.nbytes
+        self._active = True
         self.wake.set()
         return True
 
@@ -192,23 +196,38 @@ class Feed:
         self.queued_bytes -= batch.nbytes
         return batch
 
-    async def wait(self, timeout: float) -> bool:
-        """Until something can be taken (or the feed overflowed); False after ``timeout`` of nothing."""
+    async def wait(self, idle: float) -> bool:
+        """Until something can be taken (or the feed overflowed); False once nothing came for ``idle``
+        seconds: somewhere between one and two ``idle``s, because one timer per feed checks for
+        activity instead of a deadline armed per wait (which cost more than the wait itself)."""
         if self.queue or self.overflowed:
             return True
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(idle, self._tick, idle)
         self.wake.clear()
-        try:
-            async with asyncio.timeout(timeout):
-                await self.wake.wait()
-        except TimeoutError:
+        await self.wake.wait()
+        if self._idle and not self.queue and not self.overflowed:
+            self._idle = False
             return False
         return True
+
+    def _tick(self, idle: float) -> None:
+        if self._active:  # something came since the last tick: not idle, look again later
+            self._active = False
+            self._timer = asyncio.get_running_loop().call_later(idle, self._tick, idle)
+            return
+        self._timer = None
+        self._idle = True
+        self.wake.set()
 
     def restart(self) -> None:
         """After an overflow: the follower caught up from the log; queue from here on again."""
         self.overflowed = False
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._unlink(self)
 
 
@@ -382,8 +401,9 @@ class EventLog(abc.ABC):
         """Call ``callback(key)`` when this process loses a claim to another one."""
 
     @abc.abstractmethod
-    async def set_followers(self, key: str, here: int) -> None:
-        """This process now has ``here`` followers of ``key``."""
+    def set_followers(self, key: str, here: int) -> None:
+        """This process now has ``here`` followers of ``key`` (noted now, published by the log when it
+        is shared: called on every client's arrival and departure, so it must not wait)."""
 
     @abc.abstractmethod
     async def followers(self, key: str, here: int) -> int:

@@ -300,7 +300,7 @@ class LmdbEventLog(EventLog):
     def on_lost(self, callback: Callable[[str], None]) -> None:
         pass  # nobody else can take a claim
 
-    async def set_followers(self, key: str, here: int) -> None:
+    def set_followers(self, key: str, here: int) -> None:
         pass
 
     async def followers(self, key: str, here: int) -> int:
@@ -468,6 +468,7 @@ class LmdbEventLog(EventLog):
     def _apply(self, txn: lmdb.Transaction, batches: list[_Batch], broken: set[str], refused: set[int]) -> None:
         top = 0
         revived: set[str] = set()
+        metas: dict[str, StreamMeta | None] = {}
         for i, b in enumerate(batches):
             if b.key is not None and b.key in broken and not b.revive and b.key not in revived:
                 refused.add(i)
@@ -484,12 +485,16 @@ class LmdbEventLog(EventLog):
                             break
             if b.events:
                 txn.cursor(db=self._events_db).putmulti(b.events, dupdata=False, overwrite=True)
-            for key, meta in b.metas.items():
-                if meta is None:
-                    txn.delete(key.encode(), db=self._streams_db)
-                else:
-                    txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
+            metas.update(b.metas)
             top = max(top, b.seq)
+        # A stream's metadata is written once per group, as its last batch left it: with many
+        # small chunks per stream in a group, encoding every intermediate snapshot was most of
+        # the writer's time under the GIL.
+        for key, meta in metas.items():
+            if meta is None:
+                txn.delete(key.encode(), db=self._streams_db)
+            else:
+                txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
         if top:
             txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
 

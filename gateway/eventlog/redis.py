@@ -457,7 +457,7 @@ class RedisEventLog(EventLog):
 
     # --- presence -----------------------------------------------------------------------------
 
-    async def set_followers(self, key: str, here: int) -> None:
+    def set_followers(self, key: str, here: int) -> None:
         self._followed_here[key] = here
         self._presence_dirty.add(key)
         self._presence_wake.set()
