@@ -361,15 +361,17 @@ class LmdbEventLog(EventLog):
         first = self._seq + 1
         now = time.time()
         enc = encode(events, int(now * 1000))
-        entries: list[Entry] = [(first + i, body) for i, (body, _uid) in enumerate(events)]
+        if len(events) == 1:  # one token per chunk is the common case
+            entries: list[Entry] = [(first, events[0][0])]
+        else:
+            entries = [(first + i, body) for i, (body, _uid) in enumerate(events)]
         key = _prefix(meta.key) + first.to_bytes(8, "big")
         batch.events.append((key, enc.record))
         batch.count += enc.count
         batch.nbytes += enc.nbytes
         self._seq = batch.seq = first + enc.count - 1
-        staged = replace(meta, head=batch.seq, count=meta.count + enc.count, size=meta.size + len(key) + len(enc.record),
-                         last_upstream_id=enc.last_upstream_id or meta.last_upstream_id, last_event=enc.last_event,
-                         updated_at=now)
+        staged = meta.advanced(batch.seq, meta.count + enc.count, meta.size + len(key) + len(enc.record),
+                               enc.last_upstream_id or meta.last_upstream_id, enc.last_event, now)
         return staged, entries
 
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
@@ -469,12 +471,15 @@ class LmdbEventLog(EventLog):
         top = 0
         revived: set[str] = set()
         metas: dict[str, StreamMeta | None] = {}
+        puts: list[tuple[bytes, bytes]] = []
         for i, b in enumerate(batches):
             if b.key is not None and b.key in broken and not b.revive and b.key not in revived:
                 refused.add(i)
                 continue
             if b.revive and b.key is not None:
                 revived.add(b.key)
+            if b.drop_keys or b.drop_prefixes:
+                self._put_events(txn, puts)  # what came before a drop is written before it
             for k in b.drop_keys:
                 txn.delete(k, db=self._events_db)
             for prefix in b.drop_prefixes:
@@ -483,10 +488,10 @@ class LmdbEventLog(EventLog):
                     while bytes(cur.key()).startswith(prefix):
                         if not cur.delete():
                             break
-            if b.events:
-                txn.cursor(db=self._events_db).putmulti(b.events, dupdata=False, overwrite=True)
+            puts += b.events
             metas.update(b.metas)
             top = max(top, b.seq)
+        self._put_events(txn, puts)  # one call for the group's records: a call per chunk cost more than the copy
         # A stream's metadata is written once per group, as its last batch left it: with many
         # small chunks per stream in a group, encoding every intermediate snapshot was most of
         # the writer's time under the GIL.
@@ -497,6 +502,11 @@ class LmdbEventLog(EventLog):
                 txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
         if top:
             txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
+
+    def _put_events(self, txn: lmdb.Transaction, puts: list[tuple[bytes, bytes]]) -> None:
+        if puts:
+            txn.cursor(db=self._events_db).putmulti(puts, dupdata=False, overwrite=True)
+            puts.clear()
 
     def _probe(self) -> bool:
         """A real write of some size, undone at once: True when storage takes writes again."""
