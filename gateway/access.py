@@ -3,8 +3,9 @@
 Serving a replay from the log must not bypass the upstream's own auth. Before
 a client reads a held stream, the gateway asks the upstream for the run (or
 thread) with that client's headers, and answers as the upstream does when it
-says no. Positive answers are cached briefly, so a reconnect storm costs one
-upstream request per client and stream, not one per reconnect.
+says no. Positive answers are cached briefly, and identical checks under way at
+once share one upstream request, so a reconnect storm costs one upstream request
+per caller and stream, not one per reconnect.
 
 A cached yes, and the fallback below, are keyed by *every* header that reaches
 the upstream's check (but for a few per-request tracing and caching headers no
@@ -20,6 +21,7 @@ capture; the log keeps a salted hash of them, never the values.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import secrets
@@ -73,6 +75,7 @@ class AccessCheck:
         self.upstreams = upstreams
         self.ttl = ttl
         self._ok: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._flights: dict[tuple[str, str], asyncio.Future[None]] = {}  # checks under way, by cache key
         self._salt = secrets.token_hex(8)  # the cache's own: its keys are worthless outside this process
 
     def _same_captor(self, meta: StreamMeta, identity: Mapping[str, str]) -> bool:
@@ -87,10 +90,30 @@ class AccessCheck:
         check, and they are the identity that a cached yes and the captor are matched by.
         """
         cache_key = (meta.key, fingerprint(headers, self._salt))
-        now = time.monotonic()
-        expires = self._ok.get(cache_key)
-        if expires is not None and expires > now:
+        if self._cached(cache_key):
             return None
+        flight = self._flights.get(cache_key)
+        if flight is not None:
+            # The same question is being asked for a request the upstream could not tell apart from
+            # this one: wait for that answer instead of asking again (a reconnect storm sends
+            # hundreds at once). Only a yes is shared; anything else, this request asks for itself.
+            await asyncio.shield(flight)
+            if self._cached(cache_key):
+                return None
+            return await self._ask(pool, meta, headers, cache_key)
+        flight = self._flights[cache_key] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._ask(pool, meta, headers, cache_key)
+        finally:
+            del self._flights[cache_key]
+            flight.set_result(None)
+
+    def _cached(self, cache_key: tuple[str, str]) -> bool:
+        expires = self._ok.get(cache_key)
+        return expires is not None and expires > time.monotonic()
+
+    async def _ask(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str],
+                   cache_key: tuple[str, str]) -> aiohttp.ClientResponse | None:
         if meta.thread_id is None:
             if self._same_captor(meta, headers):
                 return None
@@ -110,7 +133,7 @@ class AccessCheck:
             if self._same_captor(meta, headers):
                 return None
             raise StreamHidden()
-        self._ok[cache_key] = now + self.ttl
+        self._ok[cache_key] = time.monotonic() + self.ttl
         self._ok.move_to_end(cache_key)
         while len(self._ok) > _CACHE_ENTRIES:
             self._ok.popitem(last=False)

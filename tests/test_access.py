@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
 from tests.conftest import RunningGateway
@@ -100,3 +102,26 @@ async def test_a_yes_from_the_upstream_is_reused_for_a_while(gateway: RunningGat
             await r.read()
     checks = [p for m, p in fake_upstream.requests if m == "GET" and p.count("/") == 4 and "/runs/" in p]
     assert len(checks) == 1
+
+
+def _run_checks(fake: FakeAgentServer) -> int:
+    return len([p for m, p in fake.requests if m == "GET" and p.count("/") == 4 and "/runs/" in p])
+
+
+async def test_simultaneous_resumes_share_one_check(gateway: RunningGateway, fake_upstream: FakeAgentServer,
+                                                    http: aiohttp.ClientSession) -> None:
+    loc, original = await _run(http, gateway)
+    fake_upstream.faults.hang = 0.5  # the check is slow, so all the resumes below overlap it
+
+    async def resume(headers: dict[str, str]) -> tuple[int, list]:
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **headers}) as r:
+            return r.status, await read_events(r) if r.status == 200 else []
+
+    results = await asyncio.gather(*(resume(KEY) for _ in range(20)))
+    assert results == [(200, original)] * 20
+    assert _run_checks(fake_upstream) == 1, "twenty identical checks at once: one upstream request"
+    # Another caller is asked about separately, and a refusal is never shared: each asks for itself.
+    fake_upstream.faults.api_key = "alice-key"
+    refused = await asyncio.gather(*(resume({"X-Api-Key": "mallory"}) for _ in range(5)))
+    assert refused == [(401, [])] * 5
+    assert _run_checks(fake_upstream) == 1 + 5
