@@ -94,6 +94,8 @@ class Streams:
     # Bytes queued per client before it catches up from the log: 1,000 stalled clients stay
     # within about 256 MiB.
     subscriber_buffer_bytes: int = 256 << 10
+    # Replayed pages kept framed, so clients replaying the same range share one read (0: off).
+    replay_cache_bytes: int = 64 << 20
     max_event_bytes: int = 32 << 20  # an upstream event bigger than this is a broken upstream
     thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
     reattach_attempts: int = 5
@@ -198,7 +200,7 @@ def _duration(name: str, v: Any, *, allow_zero: bool = False) -> float:
     return secs
 
 
-def _size(name: str, v: Any) -> int:
+def _size(name: str, v: Any, *, allow_zero: bool = False) -> int:
     if isinstance(v, bool):
         raise ConfigError(name, v, "a size such as 1048576, 512MiB or 10GiB")
     if isinstance(v, int):
@@ -207,8 +209,8 @@ def _size(name: str, v: Any) -> int:
         n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
     else:
         raise ConfigError(name, v, "a size such as 1048576, 512MiB or 10GiB")
-    if n <= 0:
-        raise ConfigError(name, v, "a positive size")
+    if n < 0 or (n == 0 and not allow_zero):
+        raise ConfigError(name, v, "a positive size" if not allow_zero else "a size (0 turns it off)")
     return n
 
 
@@ -402,6 +404,8 @@ def _streams(raw: Any) -> Streams:
         subscriber_buffer=_int("streams.subscriber_buffer", raw.get("subscriber_buffer", d.subscriber_buffer), 1),
         subscriber_buffer_bytes=_size("streams.subscriber_buffer_bytes",
                                       raw.get("subscriber_buffer_bytes", d.subscriber_buffer_bytes)),
+        replay_cache_bytes=_size("streams.replay_cache_bytes", raw.get("replay_cache_bytes", d.replay_cache_bytes),
+                                 allow_zero=True),
         max_event_bytes=_size("streams.max_event_bytes", raw.get("max_event_bytes", d.max_event_bytes)),
         thread_linger=_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
         reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),

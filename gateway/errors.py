@@ -114,6 +114,10 @@ def cut(request: web.Request) -> None:
 # A write that leaves at most this much in the transport's buffer stays below its high-water mark
 # (64 KiB), so it returns without waiting for the client: no deadline needs arming for it.
 _UNBLOCKING_WRITE = 16 << 10
+# Bigger writes go out in slices of this size, waiting for the client between them: a replayed page
+# (hundreds of KiB, shared by every client replaying it) is never copied whole into each client's
+# buffer, so a thousand slow readers hold a thousand slices, not a thousand pages.
+_SLICE = 64 << 10
 
 
 async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float) -> None:
@@ -126,8 +130,10 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
     if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
         await response.write(data)
         return
-    async with asyncio.timeout(stall_timeout):
-        await response.write(data)
+    view = memoryview(data)
+    for start in range(0, len(data), _SLICE):
+        async with asyncio.timeout(stall_timeout):
+            await response.write(view[start:start + _SLICE])  # a slice this big makes aiohttp drain after it
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from typing import AsyncIterator, Protocol
 
-from gateway.eventlog import Entry, StreamMeta
+from gateway.eventlog import StreamMeta
 from gateway.eventlog.base import Feed
+from gateway.replay import EMPTY, Page
 
 REPLAY_PAGE = 2000
 
@@ -40,7 +41,7 @@ class Source(Protocol):
 
     async def ready(self, feed: Feed) -> None: ...
     async def lookup(self, key: str) -> StreamMeta | None: ...
-    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]: ...
+    async def page(self, key: str, after: int, upto: int, limit: int) -> Page: ...
     def subscribe(self, key: str) -> Feed: ...
     def joined(self, follower: Follower) -> None: ...
     def left(self, follower: Follower) -> None: ...
@@ -69,8 +70,8 @@ class Follower:
             self.feed = None
             self.source.left(self)
 
-    async def entries(self) -> AsyncIterator[list[Entry]]:
-        """Batches of committed events; an empty batch means "send a heartbeat".
+    async def pages(self) -> AsyncIterator[Page]:
+        """Pages of committed events; an empty page means "send a heartbeat".
 
         Ends when the stream ends; raises StreamCut when the client must see a cut
         connection instead, StreamGone when the stream left the log meanwhile.
@@ -92,20 +93,20 @@ class Follower:
         finally:
             self.close()
 
-    async def _replay(self, upto: int) -> AsyncIterator[list[Entry]]:
+    async def _replay(self, upto: int) -> AsyncIterator[Page]:
         assert self.pos is not None
         while self.pos < upto:
             if self._stopped:
                 raise StreamCut("the gateway is shutting down")
-            page = await self.source.read(self.key, self.pos, upto, REPLAY_PAGE)
+            page = await self.source.page(self.key, self.pos, upto, REPLAY_PAGE)
             if not page:
                 # Evicted underneath us: a clean end would look complete.
                 raise StreamGone(f"stream {self.key} was removed from the log during replay")
-            self.pos = page[-1][0]
+            self.pos = page.last
             yield page
         self.pos = max(self.pos, upto)
 
-    async def _live(self) -> AsyncIterator[list[Entry]]:
+    async def _live(self) -> AsyncIterator[Page]:
         feed = self.feed
         assert feed is not None and self.pos is not None
         while True:
@@ -121,7 +122,7 @@ class Follower:
                     yield page
                 if meta.finished:
                     return
-                yield []
+                yield EMPTY
                 continue
             if self._stopped:
                 raise StreamCut("the gateway is shutting down")
@@ -139,7 +140,7 @@ class Follower:
             if batch is None:
                 continue
             if batch.kind == "beat":
-                yield []
+                yield EMPTY
             elif batch.kind == "cut":
                 raise StreamCut(f"the capture of {self.key} stopped here before the stream's end")
             elif batch.kind == "end":
@@ -156,4 +157,4 @@ class Follower:
                     entries = [e for e in entries if e[0] > self.pos]
                 if entries:
                     self.pos = entries[-1][0]
-                    yield entries
+                    yield Page(entries)

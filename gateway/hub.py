@@ -37,6 +37,7 @@ from gateway.follower import Follower
 from gateway.legs import Legs
 from gateway.metrics import Metrics, NoMetrics
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
+from gateway.replay import Page, ReplayPages
 from gateway.sse import Event, Parser, SSEProtocolError, make_body
 from gateway.stream_params import Cursor
 
@@ -112,6 +113,7 @@ class Hub:
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._takeover_task: asyncio.Task[None] | None = None
         self.seam_delay: Callable[[], float] | None = None  # a test hook (see ready)
+        self.replay = ReplayPages(log_.read, cfg.replay_cache_bytes, self.metrics.replayed)
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         log_.on_lost(self._claim_lost)
 
@@ -511,8 +513,8 @@ class Hub:
     async def lookup(self, key: str) -> StreamMeta | None:
         return await self.log.lookup(key)
 
-    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
-        return await self.log.read(key, after, upto, limit)
+    async def page(self, key: str, after: int, upto: int, limit: int) -> Page:
+        return await self.replay.page(key, after, upto, limit)
 
     def subscribe(self, key: str) -> Feed:
         return self.log.subscribe(key, self.cfg.subscriber_buffer, self.cfg.subscriber_buffer_bytes,

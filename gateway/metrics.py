@@ -25,6 +25,7 @@ class Metrics(Protocol):
     def interrupted(self) -> None: ...
     def resumed(self, outcome: str) -> None: ...
     def gap(self, reason: str) -> None: ...
+    def replayed(self, source: str) -> None: ...
 
 
 class NoMetrics:
@@ -39,6 +40,7 @@ class NoMetrics:
     def interrupted(self) -> None: ...
     def resumed(self, outcome: str) -> None: ...
     def gap(self, reason: str) -> None: ...
+    def replayed(self, source: str) -> None: ...
 
 
 class PrometheusMetrics:
@@ -72,6 +74,9 @@ class PrometheusMetrics:
                                ["outcome"], registry=registry)
         self.gaps = Counter("gateway_gap_markers", "Gap markers written: events an upstream leg may have lost, "
                             "by reason", ["reason"], registry=registry)
+        self.replayed_pages = Counter(
+            "gateway_replay_pages", "Pages of events replayed to clients, by where they came from: read from the "
+            "log, or shared with another client replaying the same range", ["source"], registry=registry)
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
                     subscribers: Callable[[], float], storage_failing: Callable[[], float],
@@ -116,6 +121,9 @@ class PrometheusMetrics:
 
     def gap(self, reason: str) -> None:
         self.gaps.labels(reason).inc()
+
+    def replayed(self, source: str) -> None:
+        self.replayed_pages.labels(source).inc()
 
 
 class _PoolCollector(Collector):

@@ -398,13 +398,13 @@ class StreamHandlers:
         out = web.StreamResponse(status=200, headers=headers)
         try:
             await start_response(request, out)
-            async for batch in follower.entries():
-                if not batch:
+            async for page in follower.pages():
+                if not page:
                     data = HEARTBEAT
                 elif keep is None:
-                    data = frame(batch)
+                    data = page.wire()  # a replayed page's bytes are shared by every client reading it
                 else:
-                    data = frame(e for e in batch if keep(e[1]))
+                    data = frame(e for e in page.entries if keep(e[1]))
                     if not data:
                         continue
                 await send_body(request, out, data, self.forwarder.clients.write_timeout)

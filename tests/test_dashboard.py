@@ -48,6 +48,7 @@ def exposed_samples() -> set[str]:
     m.interrupted()
     m.resumed("hit")
     m.gap("replay_mismatch")
+    m.replayed("shared")
     text = generate_latest(registry).decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 

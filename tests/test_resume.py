@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from gateway.follower import REPLAY_PAGE
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import Ev, read_events
@@ -119,6 +120,25 @@ async def test_finished_run_replays_in_full_including_final_error(gateway: Runni
     # Resuming from the middle ends exactly as the original ended.
     tail = await join(http, gateway.url + resp.headers["Location"], original[1].id)
     assert tail == original[2:]
+
+
+async def test_a_reconnect_storm_reads_each_page_from_the_log_once(gateway: RunningGateway,
+                                                                    http: aiohttp.ClientSession) -> None:
+    n = 2 * REPLAY_PAGE + 500  # three pages
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=n)
+    original = await read_events(resp)
+    loc = gateway.url + resp.headers["Location"]
+    pages = gateway.gw.metrics.replayed_pages
+    clients = 30
+    replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
+    assert all(r == original for r in replays), "every client of the storm gets the whole run, exactly"
+    assert pages.labels("log")._value.get() == 3, "each page was read and framed once"
+    assert pages.labels("shared")._value.get() == 3 * clients - 3
+    # Shared pages are per range: a client resuming elsewhere, or filtering, gets its own exact events.
+    assert await join(http, loc, original[100].id) == original[101:]
+    only_custom = await join(http, loc, "-1", stream_mode="custom")
+    assert customs(only_custom) == list(range(n)) and {e.event for e in only_custom} == {"custom"}
 
 
 async def test_stream_mode_filter_on_replay_and_live(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
