@@ -5,6 +5,9 @@ gateway, started here with a config for the variant to measure.
     .venv/bin/python bench/shared.py --label gw-lmdb                      # the full matrix, LMDB, fsync
     .venv/bin/python bench/shared.py --label gw-redis-2 --backend redis --workers 2
     .venv/bin/python bench/shared.py --label gw-lmdb --only c_lat_c1000   # one scenario
+    .venv/bin/python bench/shared.py --label gw-5k --adhoc 5000,50,200,100   # one client run outside the
+        matrix (C streams, N events, S bytes, D ms apart) with the bench's own C client and upstream;
+        prints the client's summary and the gateway's CPU per event and peak RSS
     (cd ../shared/bench && BENCH_WORK=/tmp/sse-bench ./run.sh peers direct nginx)   # the peers, same run set
     (cd ../shared/bench && BENCH_WORK=/tmp/sse-bench ./run.sh report)                # the tables
 
@@ -59,6 +62,91 @@ def config(work: Path, args: argparse.Namespace) -> Path:
     return path
 
 
+def tree(pid: int) -> list[int]:
+    """The process and its descendants (the workers of --workers N)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen[bytes]]) -> int:
+    c, n, s, d = (int(x) for x in spec.split(","))
+    binaries = bench_work / "bin"
+    if not (binaries / "sseclient").exists():
+        raise SystemExit(f"no {binaries}/sseclient: run the matrix once first (it builds the binaries)")
+    try:
+        socket.create_connection(("127.0.0.1", 18000), timeout=0.2).close()
+    except OSError:
+        procs.insert(0, subprocess.Popen([str(binaries / "upstream"), "-p", "18000", "-T", "900"]))
+        wait_port(18000)
+    pids = tree(gw_pid)
+    cpu0, peak = cpu_seconds(pids), rss_mb(pids)
+    client = subprocess.Popen([str(binaries / "sseclient"), "-u", f"http://127.0.0.1:{PORT}", "-c", str(c), "-n", str(n),
+                               "-s", str(s), "-d", str(d), "-t", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while client.poll() is None:
+        peak = max(peak, rss_mb(pids))
+        time.sleep(0.05)
+    out, err = client.communicate()
+    used = cpu_seconds(pids) - cpu0
+    import json
+    result = json.loads(out or b"{}")
+    events = result.get("events", 0) or 1
+    print(err.decode().strip())
+    print(f"gateway: cpu {used:.2f} s = {used / events * 1e6:.1f} us/event over {events} events, peak RSS {peak:.0f} MB, "
+          f"client exit {client.returncode}")
+    return client.returncode
+
+
+def commit_summary(workers: int) -> None:
+    """Mean commit time and events per commit group over the run, from every worker's /metrics."""
+    import urllib.request
+    sums: dict[str, float] = {}
+    for i in range(workers):
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN + i}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("gateway_log_commit_seconds_sum", "gateway_log_commit_seconds_count",
+                        "gateway_log_commit_group_events_sum"):
+                sums[name] = sums.get(name, 0.0) + float(value)
+    groups = sums.get("gateway_log_commit_seconds_count", 0.0)
+    if groups:
+        print(f"commits: {groups:.0f} groups, mean {sums['gateway_log_commit_seconds_sum'] / groups * 1000:.1f} ms, "
+              f"{sums.get('gateway_log_commit_group_events_sum', 0.0) / groups:.0f} events per group")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label", required=True)
@@ -66,6 +154,7 @@ def main() -> int:
     p.add_argument("--durability", choices=["fsync", "none"], default="fsync")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
+    p.add_argument("--adhoc", metavar="C,N,S,D", help="one sseclient run with these parameters instead of the matrix")
     p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT meanwhile (svg; collapsed stacks if OUT ends in .txt)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
@@ -87,11 +176,15 @@ def main() -> int:
         if args.profile:
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(gw.pid), "--subprocesses", "--rate", "200",
                                     "-o", args.profile] + (["--format", "raw"] if args.profile.endswith(".txt") else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        run_env = dict(env, LABEL=args.label, **({"BENCH_ONLY": args.only} if args.only else {}))
-        code = subprocess.call([str(SHARED / "run.sh"), f"http://127.0.0.1:{PORT}", str(gw.pid)], env=run_env)
+        if args.adhoc:
+            code = adhoc(Path(env["BENCH_WORK"]), gw.pid, args.adhoc, procs)
+        else:
+            run_env = dict(env, LABEL=args.label, **({"BENCH_ONLY": args.only} if args.only else {}))
+            code = subprocess.call([str(SHARED / "run.sh"), f"http://127.0.0.1:{PORT}", str(gw.pid)], env=run_env)
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
+        commit_summary(args.workers)
         return code
     finally:
         for proc in reversed(procs):

@@ -131,8 +131,8 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
         await response.write(data)
         return
     view = memoryview(data)
-    for start in range(0, len(data), _SLICE):
-        async with asyncio.timeout(stall_timeout):
+    async with asyncio.timeout(stall_timeout):
+        for start in range(0, len(data), _SLICE):
             await response.write(view[start:start + _SLICE])  # a slice this big makes aiohttp drain after it
 
 

@@ -24,6 +24,7 @@ from gateway.sse import frame
 Reader = Callable[[str, int, int, int], Awaitable[list[Entry]]]
 RangeKey = tuple[str, int, int, int]  # stream, after, upto, limit
 PageSource = Literal["log", "shared"]
+_ASKED_RANGES = 10_000  # ranges remembered as read once: a few hundred KiB
 
 
 class Page:
@@ -51,10 +52,22 @@ class Page:
 EMPTY = Page([], b"")
 
 
+class _Reading:
+    """A read of a range under way, and how many other clients wait for it."""
+
+    __slots__ = ("done", "waiters")
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[Page | None] = asyncio.get_running_loop().create_future()
+        self.waiters = 0
+
+
 class ReplayPages:
     """Pages of committed ranges, least recently used first out, bounded by bytes held.
 
-    ``budget`` 0 turns the sharing off (every read goes to the log).
+    A page is kept once its range is asked for a second time (at once, or later): a client
+    catching up alone on a live stream would only push the pages of a storm out. ``budget``
+    0 turns the sharing off (every read goes to the log).
     """
 
     def __init__(self, read: Reader, budget: int, on_page: Callable[[PageSource], None] = lambda _: None) -> None:
@@ -63,7 +76,8 @@ class ReplayPages:
         self._on_page = on_page
         self.held = 0  # bytes of the cached pages (bodies and wire bytes)
         self._pages: OrderedDict[RangeKey, tuple[Page, int]] = OrderedDict()
-        self._reading: dict[RangeKey, asyncio.Future[Page | None]] = {}
+        self._reading: dict[RangeKey, _Reading] = {}
+        self._asked: OrderedDict[RangeKey, None] = OrderedDict()  # ranges read once, not kept (yet)
 
     async def page(self, key: str, after: int, upto: int, limit: int) -> Page:
         """Events with ``after < seq <= upto`` (at most ``limit``), framed; empty when none is held."""
@@ -77,22 +91,32 @@ class ReplayPages:
             return hit[0]
         reading = self._reading.get(rk)
         if reading is not None:  # the same range is being read for another client right now
-            shared = await asyncio.shield(reading)
+            reading.waiters += 1
+            shared = await asyncio.shield(reading.done)
             if shared is None:
                 return await self._from_log(key, after, upto, limit)
             self._on_page("shared")
             return shared
-        fut = self._reading[rk] = asyncio.get_running_loop().create_future()
+        reading = self._reading[rk] = _Reading()
         page: Page | None = None
         try:
             page = await self._from_log(key, after, upto, limit)
-            if page:
+            if page and (reading.waiters or self._asked_before(rk)):
                 page.wire()  # framed now, once: every client of the range writes these bytes
                 self._keep(rk, page)
             return page
         finally:
             del self._reading[rk]
-            fut.set_result(page)  # None when the read failed: each waiter then reads for itself
+            reading.done.set_result(page)  # None when the read failed: each waiter then reads for itself
+
+    def _asked_before(self, rk: RangeKey) -> bool:
+        if rk in self._asked:
+            del self._asked[rk]
+            return True
+        self._asked[rk] = None
+        if len(self._asked) > _ASKED_RANGES:
+            self._asked.popitem(last=False)
+        return False
 
     async def _from_log(self, key: str, after: int, upto: int, limit: int) -> Page:
         page = Page(await self._read(key, after, upto, limit))

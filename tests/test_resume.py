@@ -133,8 +133,13 @@ async def test_a_reconnect_storm_reads_each_page_from_the_log_once(gateway: Runn
     clients = 30
     replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
     assert all(r == original for r in replays), "every client of the storm gets the whole run, exactly"
-    assert pages.labels("log")._value.get() == 3, "each page was read and framed once"
-    assert pages.labels("shared")._value.get() == 3 * clients - 3
+    # A page is kept once a second client asks for it: each is read from the log once or twice.
+    from_log = pages.labels("log")._value.get()
+    assert 3 <= from_log <= 6
+    assert pages.labels("shared")._value.get() == 3 * clients - from_log
+    replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
+    assert all(r == original for r in replays)
+    assert pages.labels("log")._value.get() == from_log, "the next storm reads nothing from the log"
     # Shared pages are per range: a client resuming elsewhere, or filtering, gets its own exact events.
     assert await join(http, loc, original[100].id) == original[101:]
     only_custom = await join(http, loc, "-1", stream_mode="custom")
