@@ -23,6 +23,7 @@ from gateway.config import build_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.redis_server import RedisServer
+from tests.support.procs import die_with_parent
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +142,8 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "--port", str(self.port), "--admin-port", str(self.admin_port),
-                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ),
+                preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from tests.support.procs import die_with_parent
 
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "agent"
 
@@ -81,7 +82,7 @@ class LangGraphServer:
         # Own session so stop() can kill the whole tree (the CLI spawns children).
         self.proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=self._log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         try:
             self._wait_ready()
         except BaseException:

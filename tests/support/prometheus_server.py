@@ -13,6 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+from tests.support.procs import die_with_parent
 
 ALERTS = Path(__file__).resolve().parents[2] / "prometheus" / "alerts.yaml"
 
@@ -42,7 +43,7 @@ class PrometheusServer:
         self.proc = subprocess.Popen(
             [self.binary, f"--config.file={self.dir / 'prometheus.yml'}", f"--storage.tsdb.path={self.dir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=self._log)
+            stdout=subprocess.DEVNULL, stderr=self._log, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
