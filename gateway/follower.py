@@ -62,7 +62,7 @@ class Follower:
         """The gateway stops: end this client's stream with a cut at the next event boundary."""
         self._stopped = True
         if self.feed is not None:
-            self.feed.wake.set()
+            self.feed.wake()
 
     def close(self) -> None:
         if self.feed is not None:

@@ -124,8 +124,10 @@ class StreamHandlers:
                           thread_id=None if stateless else tid, run_id=rid,
                           resumable=run.resumable and not stateless)
         request[STREAM_KEY] = meta.key
+        cancel_on_orphan = run.cancel_on_disconnect
+        del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
         try:
-            await self._capture(request, meta, resp, cancel_on_orphan=run.cancel_on_disconnect)
+            await self._capture(request, meta, resp, cancel_on_orphan=cancel_on_orphan)
         except CapturedElsewhere:
             pass  # another replica captured this run already: follow what it commits
         except Exception as exc:

@@ -134,9 +134,11 @@ async def test_a_reconnect_storm_reads_each_page_from_the_log_once(gateway: Runn
     replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
     assert all(r == original for r in replays), "every client of the storm gets the whole run, exactly"
     # A page is kept once a second client asks for it: each is read from the log once or twice.
-    from_log = pages.labels("log")._value.get()
-    assert 3 <= from_log <= 6
-    assert pages.labels("shared")._value.get() == 3 * clients - from_log
+    # (How many pages a replay takes is the backend's business: a page ends at a stored batch.)
+    from_log, shared = pages.labels("log")._value.get(), pages.labels("shared")._value.get()
+    per_client = (from_log + shared) / clients
+    assert per_client == int(per_client) >= 3
+    assert from_log <= 2 * per_client and shared >= (clients - 2) * per_client
     replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
     assert all(r == original for r in replays)
     assert pages.labels("log")._value.get() == from_log, "the next storm reads nothing from the log"

@@ -162,27 +162,28 @@ class Feed:
     """One follower's bounded subscription to a stream's live batches, wherever they were committed.
 
     Bounded by batches' events and bytes: a follower that falls behind is never waited
-    for; its feed overflows, and it catches up from the log instead.
+    for; its feed overflows, and it catches up from the log instead. Kept small, since an
+    idle client holds one for hours: no queue while nothing is queued, one future while
+    its follower waits, and no timer of its own (``LocalFeeds`` ticks for all of them).
     """
 
-    __slots__ = ("key", "queue", "queued", "queued_bytes", "limit", "byte_limit", "wake", "overflowed", "_unlink",
-                 "_on_overflow", "_timer", "_active", "_idle")
+    __slots__ = ("key", "queue", "queued", "queued_bytes", "limit", "byte_limit", "overflowed", "_owner",
+                 "_on_overflow", "_waiter", "_active", "_idle")
 
-    def __init__(self, key: str, limit: int, byte_limit: int, unlink: Callable[[Feed], None],
+    def __init__(self, key: str, limit: int, byte_limit: int, owner: LocalFeeds,
                  on_overflow: Callable[[], None] | None = None) -> None:
         self.key = key
-        self.queue: deque[Batch] = deque()
+        self.queue: deque[Batch] | None = None
         self.queued = 0
         self.queued_bytes = 0
         self.limit = limit
         self.byte_limit = byte_limit
-        self.wake = asyncio.Event()
         self.overflowed = False
-        self._unlink = unlink
+        self._owner = owner
         self._on_overflow = on_overflow
-        self._timer: asyncio.TimerHandle | None = None
-        self._active = False  # a batch came since the idle timer last looked
-        self._idle = False  # the idle timer woke the follower
+        self._waiter: asyncio.Future[None] | None = None
+        self._active = False  # a batch came since the idle ticker last looked
+        self._idle = False  # the idle ticker woke the follower
 
     def push(self, batch: Batch) -> bool:
         """Queue a batch; False when the follower is too far behind (the queue is dropped)."""
@@ -190,80 +191,116 @@ class Feed:
             return False
         n = len(batch.entries)
         if self.queued + n > self.limit or self.queued_bytes + batch.nbytes > self.byte_limit:
-            self.overflowed = True
-            self.queue.clear()
-            self.queued = self.queued_bytes = 0
-            self.wake.set()
+            self.drop()
             if self._on_overflow is not None:
                 self._on_overflow()
             return False
+        if self.queue is None:
+            self.queue = deque()
         self.queue.append(batch)
         self.queued += n
         self.queued_bytes += batch.nbytes
         self._active = True
-        self.wake.set()
+        self.wake()
         return True
+
+    def drop(self) -> None:
+        """Forget what is queued: the follower catches up from the log instead."""
+        self.overflowed = True
+        self.queue = None
+        self.queued = self.queued_bytes = 0
+        self.wake()
 
     def take(self) -> Batch | None:
         if not self.queue:
             return None
         batch = self.queue.popleft()
+        if not self.queue:
+            self.queue = None
         self.queued -= len(batch.entries)
         self.queued_bytes -= batch.nbytes
         return batch
 
+    def wake(self) -> None:
+        """Let a waiting follower look (a batch came, the gateway stops, it fell behind)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def wait(self, idle: float) -> bool:
         """Until something can be taken (or the feed overflowed); False once nothing came for ``idle``
-        seconds: somewhere between one and two ``idle``s, because one timer per feed checks for
-        activity instead of a deadline armed per wait (which cost more than the wait itself)."""
+        seconds: somewhere between one and two ``idle``s, as ``LocalFeeds`` ticks every ``idle``."""
         if self.queue or self.overflowed:
             return True
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(idle, self._tick, idle)
-        self.wake.clear()
-        await self.wake.wait()
+        self._owner.tick_every(idle)
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
         if self._idle and not self.queue and not self.overflowed:
             self._idle = False
             return False
         return True
 
-    def _tick(self, idle: float) -> None:
-        if self._active:  # something came since the last tick: not idle, look again later
+    def tick(self) -> None:
+        """The idle ticker: wake a follower that has waited a whole tick with nothing coming."""
+        if self._waiter is None:
+            return  # busy writing to its client, not idle
+        if self._active:
             self._active = False
-            self._timer = asyncio.get_running_loop().call_later(idle, self._tick, idle)
             return
-        self._timer = None
         self._idle = True
-        self.wake.set()
+        self.wake()
 
     def restart(self) -> None:
         """After an overflow: the follower caught up from the log; queue from here on again."""
         self.overflowed = False
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._unlink(self)
+        self._owner.unlink(self)
 
 
 class LocalFeeds:
-    """The feeds of this process's followers, by stream: what every backend delivers to."""
+    """The feeds of this process's followers, by stream: what every backend delivers to.
+
+    One timer ticks for all of them (a timer per feed cost more than the feed), every
+    ``idle`` seconds while anyone waits, so an idle client gets its heartbeat.
+    """
 
     def __init__(self) -> None:
         self._feeds: dict[str, set[Feed]] = {}
+        self._ticker: asyncio.TimerHandle | None = None
 
     def subscribe(self, key: str, limit: int, byte_limit: int, on_overflow: Callable[[], None] | None = None) -> Feed:
-        feed = Feed(key, limit, byte_limit, self._unlink, on_overflow)
+        feed = Feed(key, limit, byte_limit, self, on_overflow)
         self._feeds.setdefault(key, set()).add(feed)
         return feed
 
-    def _unlink(self, feed: Feed) -> None:
+    def unlink(self, feed: Feed) -> None:
         feeds = self._feeds.get(feed.key)
         if feeds is not None:
             feeds.discard(feed)
             if not feeds:
                 del self._feeds[feed.key]
+
+    def tick_every(self, idle: float) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().call_later(idle, self._tick, idle)
+
+    def _tick(self, idle: float) -> None:
+        self._ticker = None
+        for feeds in list(self._feeds.values()):
+            for feed in list(feeds):
+                feed.tick()
+        if self._feeds:
+            self.tick_every(idle)
+
+    def stop(self) -> None:
+        """The log closes: no more ticks."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
 
     def deliver(self, key: str, batch: Batch) -> int:
         """Hand a batch to every local follower of ``key``; returns how many overflowed."""
@@ -278,10 +315,7 @@ class LocalFeeds:
     def resync(self, key: str) -> None:
         """Batches of ``key`` may have been lost on the way: every follower catches up from the log."""
         for f in self._feeds.get(key, ()):
-            f.overflowed = True
-            f.queue.clear()
-            f.queued = f.queued_bytes = 0
-            f.wake.set()
+            f.drop()
 
 
 class EventLog(abc.ABC):

@@ -253,6 +253,7 @@ class LmdbEventLog(EventLog):
             self._lock_fd = None
 
     async def close(self) -> None:
+        self._feeds.stop()
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)

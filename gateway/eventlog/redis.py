@@ -319,6 +319,7 @@ class RedisEventLog(EventLog):
             log.warning("redis has appendonly=%s: a redis restart loses the log", conf.get("appendonly"))
 
     async def close(self) -> None:
+        self._feeds.stop()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
