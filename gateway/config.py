@@ -510,8 +510,8 @@ def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = 
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source
         raise ConfigError(where, None, f"not valid YAML: {getattr(exc, 'problem', None) or exc}",
                           show_value=False) from None
-    raw = _mapping("<root>", raw)
-    return expand_env(raw, os.environ if env is None else env)
+    expanded: dict[str, Any] = expand_env(_mapping("<root>", raw), os.environ if env is None else env)
+    return expanded
 
 
 @dataclass(frozen=True, slots=True)

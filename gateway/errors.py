@@ -146,7 +146,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:
         raise  # the client left; nothing to answer
     except Exception as exc:
-        started = request.get(_STARTED)
+        started: web.StreamResponse | None = request.get(_STARTED)
         if started is not None and started.prepared:
             log.error("%s %s failed after its response started; connection cut: %s",
                       request.method, request.path, _brief(exc), exc_info=not isinstance(exc, GatewayError))

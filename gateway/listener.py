@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
-from gateway.errors import TooManyConnections, error_response
+from gateway.errors import Handler, TooManyConnections, error_response
 
 log = logging.getLogger("gateway.listener")
 
@@ -154,7 +154,7 @@ _NO_VERSION_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/
 
 
 @web.middleware
-async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Requests refused before anything else looks at them.
 
     A connection beyond ``clients.max_connections`` gets a 503 saying so, and is closed.
