@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 
 @dataclass
@@ -152,7 +153,7 @@ class FakeAgentServer:
             self.runner = None
 
     @web.middleware
-    async def _faults_mw(self, request: web.Request, handler):  # type: ignore[no-untyped-def]
+    async def _faults_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/ok":
             self.requests.append((request.method, request.path_qs))
             if self.faults.hang:
@@ -235,7 +236,7 @@ class FakeAgentServer:
     async def get_thread(self, request: web.Request) -> web.Response:
         return web.json_response({"thread_id": request.match_info["tid"], "status": "idle"})
 
-    def _new_run(self, tid: str | None, doc: dict) -> Run:  # type: ignore[type-arg]
+    def _new_run(self, tid: str | None, doc: dict[str, Any]) -> Run:
         inp = doc.get("input") or {}
         resumable = doc.get("stream_resumable") is True and not self.behaviour.ignore_resumable
         run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),

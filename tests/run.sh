@@ -40,7 +40,7 @@ else
   echo "npm not found: the JS SDK test will be skipped" >&2
 fi
 
-# The package is typed; a type error fails the run like a failing test.
-.venv/bin/python -m mypy gateway
+# The package and its tests are typed (mypy strict, see pyproject.toml); a type error fails the run like a failing test.
+.venv/bin/python -m mypy gateway tests
 
 exec .venv/bin/python -m pytest "$@"

@@ -8,13 +8,13 @@ import aiohttp
 
 from tests.conftest import RunningGateway
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import read_events
+from tests.support.sse import Ev, read_events
 from tests.test_resume import customs
 
 KEY = {"X-Api-Key": "alice-key"}
 
 
-async def _run(http: aiohttp.ClientSession, gw: RunningGateway, *, stateless: bool = False) -> tuple[str, list]:
+async def _run(http: aiohttp.ClientSession, gw: RunningGateway, *, stateless: bool = False) -> tuple[str, list[Ev]]:
     if stateless:
         url = f"{gw.url}/runs/stream"
     else:
@@ -113,7 +113,7 @@ async def test_simultaneous_resumes_share_one_check(gateway: RunningGateway, fak
     loc, original = await _run(http, gateway)
     fake_upstream.faults.hang = 0.5  # the check is slow, so all the resumes below overlap it
 
-    async def resume(headers: dict[str, str]) -> tuple[int, list]:
+    async def resume(headers: dict[str, str]) -> tuple[int, list[Ev]]:
         async with http.get(loc, headers={"Last-Event-ID": "-1", **headers}) as r:
             return r.status, await read_events(r) if r.status == 200 else []
 

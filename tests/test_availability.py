@@ -97,12 +97,12 @@ async def test_a_rejoin_answered_404_ends_at_once(
     tid = await new_thread(http, gw)
     fake_upstream.faults.cut_after = 3
     resp = await stream_run(http, gw, tid, n=200, delay=0.01)
-    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
     fake_upstream.runs.pop(run_id)  # the upstream forgot the run: its join answers 404
     fake_upstream.behaviour.join_unknown_status = 404
     got = await asyncio.wait_for(read_events(resp), 30)
-    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"  # type: ignore[index]
-    assert "404" in got[-1].json["message"]  # type: ignore[index]
+    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"
+    assert "404" in got[-1].json["message"]
     joins = [p for m, p in fake_upstream.requests if m == "GET" and p.startswith(f"/threads/{tid}/runs/{run_id}/stream")]
     assert len(joins) == 1, f"a permanent failure was retried: {len(joins)} re-joins"
 
@@ -114,5 +114,5 @@ async def test_an_event_over_the_size_limit_ends_at_once(
     tid = await new_thread(http, gw)
     resp = await stream_run(http, gw, tid, n=5, pad=200_000)
     got = await asyncio.wait_for(read_events(resp), 20)
-    assert got[-1].event == "error" and "larger than" in got[-1].json["message"]  # type: ignore[index]
+    assert got[-1].event == "error" and "larger than" in got[-1].json["message"]
     assert not [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "not retried"

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import httpx
@@ -163,9 +163,11 @@ async def test_objects_created_through_gateway_read_the_same_directly(langgraph_
         tid = thread["thread_id"]
         run = await via.runs.create(tid, "ticker", input={"n": 2, "delay": 0.01})
         await via.runs.join(tid, run["run_id"])
-        for name, call in (("thread", lambda c: c.threads.get(tid)),
-                           ("run", lambda c: c.runs.get(tid, run["run_id"])),
-                           ("runs", lambda c: c.runs.list(tid))):
+        reads: tuple[tuple[str, Callable[[Any], Awaitable[Any]]], ...] = (
+            ("thread", lambda c: c.threads.get(tid)),
+            ("run", lambda c: c.runs.get(tid, run["run_id"])),
+            ("runs", lambda c: c.runs.list(tid)))
+        for name, call in reads:
             assert await call(via) == await call(direct), name
 
 
@@ -295,7 +297,9 @@ async def test_malformed_last_event_id_is_422_json(lg_gateway: Any, http: aiohtt
         resp, _ = await _run_stream_raw(http, lg_gateway.url, f"/threads/{tid}/runs/stream",
                                         {"assistant_id": "ticker", "input": {"n": 1, "delay": 0}})
         location = resp.headers["Location"]
-        for kwargs in ({"headers": {"Last-Event-ID": bad}}, {"params": {"last_event_id": bad}}):
+        variants: tuple[dict[str, Any], ...] = ({"headers": {"Last-Event-ID": bad}},
+                                                {"params": {"last_event_id": bad}})
+        for kwargs in variants:
             async with http.get(lg_gateway.url + location, **kwargs) as r:
                 assert r.status == 422, (kwargs, await r.text())
                 assert r.content_type == "application/json"

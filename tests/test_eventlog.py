@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config import Storage
 from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
-from gateway.eventlog.base import ClaimLost
+from gateway.eventlog.base import Batch, ClaimLost
 from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
 
@@ -316,7 +316,7 @@ async def test_feed_carries_commits_in_order_with_the_head_before_each(open_log:
     one = await log.append("a", evs("1", "2"))
     two = await log.append("a", evs("3"))
     await log.finish("a", "done")
-    got = []
+    got: list[Batch] = []
     while len(got) < 3:
         assert await feed.wait(5)
         b = feed.take()

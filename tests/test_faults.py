@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -65,7 +65,7 @@ async def test_on_disconnect_cancel_cancels_the_run_upstream(gateway: RunningGat
     resp = await http.post(f"{gateway.url}/threads/{tid}/runs/stream",
                            json={"assistant_id": "a", "input": {"n": 200, "delay": 0.02}, "on_disconnect": "cancel"})
     first = await read_events(resp, limit=2)
-    run_id = first[0].json["run_id"]  # type: ignore[index]
+    run_id = first[0].json["run_id"]
     resp.close()
     for _ in range(50):
         if fake_upstream.runs[run_id].status == "interrupted":
@@ -78,7 +78,7 @@ async def test_default_disconnect_keeps_the_run_going(gateway: RunningGateway, f
                                                       http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=10, delay=0.02)
-    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
     resp.close()
     await asyncio.sleep(0.5)
     assert fake_upstream.runs[run_id].status == "success"
@@ -153,7 +153,7 @@ async def test_join_with_cancel_on_disconnect_cancels_when_last_client_leaves(
         gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=300, delay=0.02)
-    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
     joiner = await http.get(gateway.url + resp.headers["Location"], params={"cancel_on_disconnect": "true"})
     await read_events(joiner, limit=1)
     resp.close()
@@ -200,7 +200,7 @@ async def test_run_body_arriving_in_pieces_is_forwarded_whole(gateway: RunningGa
     doc = {"assistant_id": "a", "input": {"n": 2, "pad_ignored": "y" * 300_000}}
     raw = orjson.dumps(doc)
 
-    async def trickle():  # type: ignore[no-untyped-def]
+    async def trickle() -> AsyncIterator[bytes]:
         for i in range(0, len(raw), 50_000):
             yield raw[i:i + 50_000]
             await asyncio.sleep(0.01)
@@ -218,7 +218,7 @@ async def test_chunked_run_body_over_the_limit_is_413(make_gateway: MakeGateway,
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
                                            streams={"max_request_body": 1024}))
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         for _ in range(10):
             yield b" " * 500
 

@@ -38,7 +38,7 @@ def assert_gap_marked_at_every_seam(got: list[Ev], n: int, seams: int) -> None:
         if e.event == "gap":
             stretches.append([])
         elif e.event == "custom":
-            stretches[-1].append(e.json["i"])  # type: ignore[index]
+            stretches[-1].append(e.json["i"])
     flat = [i for s in stretches for i in s]
     assert flat == sorted(flat) and len(set(flat)) == len(flat), "no duplicate, no reordering"
     for s in stretches:
@@ -99,7 +99,7 @@ async def test_expired_replay_buffer_is_marked(
     resp = await stream_run(http, gw, tid, n=n, delay=0.01)
     got = await read_events(resp)
     assert_gap_marked_at_every_seam(got, n, seams=1)
-    assert gaps(got)[0].json["reason"] == "replay_mismatch"  # type: ignore[index]
+    assert gaps(got)[0].json["reason"] == "replay_mismatch"
 
 
 async def test_run_that_ended_while_the_leg_was_down_is_marked_then_ends(
@@ -111,7 +111,7 @@ async def test_run_that_ended_while_the_leg_was_down_is_marked_then_ends(
     resp = await stream_run(http, gw, tid, n=30, delay=0.001)  # over before the re-join
     got = await read_events(resp)
     assert got[-1].event == "gap", "the re-join got nothing: the end is not proof that nothing was lost"
-    assert got[-1].json["reason"] == "empty_rejoin"  # type: ignore[index]
+    assert got[-1].json["reason"] == "empty_rejoin"
 
 
 async def test_provable_rejoin_has_no_marker_and_no_duplicate(

@@ -248,7 +248,7 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
     a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
     resp = await _start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
     loc = resp.headers["Location"]
-    run_id = (await read_events(resp, limit=1))[0].json["run_id"]  # type: ignore[index]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
     other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
     await read_events(other, limit=3)
     resp.close()  # the client that asked for cancel leaves; one on the other replica stays
@@ -273,7 +273,7 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
     assert sup.proc is not None
 
     def children() -> list[int]:
-        out = Path(f"/proc/{sup.proc.pid}/task/{sup.proc.pid}/children")  # type: ignore[union-attr]
+        out = Path(f"/proc/{sup.proc.pid}/task/{sup.proc.pid}/children")
         return [int(p) for p in out.read_text().split()] if out.exists() else []
 
     for _ in range(100):

@@ -76,6 +76,7 @@ async def test_sigkill_mid_stream_then_resume_after_restart(
     tid2 = await _thread(http, gw2.url)
     async with http.post(f"{gw2.url}/threads/{tid2}/runs/stream", json={"assistant_id": "a", "input": {"n": 2}}) as r:
         later = await read_events(r)
+    assert later[0].id is not None
     assert int(later[0].id) > max(ids)
 
 
@@ -109,8 +110,10 @@ async def test_sigterm_cuts_client_streams_and_they_resume_after_restart(
     assert was_cut
     assert await stop == 0
     seen = first + more
+    last_id = seen[-1].id
+    assert last_id is not None
     gw2 = _restart(gateway_process, gw, *args)
-    rest = await _join_until_end(http, gw2.url + loc, seen[-1].id)
+    rest = await _join_until_end(http, gw2.url + loc, last_id)
     assert customs(seen + rest) == list(range(80))
 
 

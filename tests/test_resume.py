@@ -28,7 +28,7 @@ async def new_thread(http: aiohttp.ClientSession, gw: RunningGateway) -> str:
 
 
 def customs(events: list[Ev]) -> list[int]:
-    return [e.json["i"] for e in events if e.event == "custom"]  # type: ignore[index]
+    return [e.json["i"] for e in events if e.event == "custom"]
 
 
 def assert_ids_increase(events: list[Ev]) -> None:
@@ -100,7 +100,7 @@ async def test_no_header_is_live_tail_only_like_upstream(gateway: RunningGateway
     location = gateway.url + resp.headers["Location"]
     first = await read_events(resp, limit=10)
     tail = await join(http, location)
-    assert tail and tail[0].event == "custom" and tail[0].json["i"] >= 9  # type: ignore[index]
+    assert tail and tail[0].event == "custom" and tail[0].json["i"] >= 9
     assert customs(tail) == list(range(customs(tail)[0], 30))
     resp.close()
     # A finished run without a header: nothing, and the response ends.
@@ -130,18 +130,24 @@ async def test_a_reconnect_storm_reads_each_page_from_the_log_once(gateway: Runn
     original = await read_events(resp)
     loc = gateway.url + resp.headers["Location"]
     pages = gateway.gw.metrics.replayed_pages
+    # Counted from here: the run's own client may have read a page from the log already, when it
+    # fell behind the capture and caught up from the log (the feed overflowed).
+    log_before, shared_before = pages.labels("log")._value.get(), pages.labels("shared")._value.get()
     clients = 30
     replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
     assert all(r == original for r in replays), "every client of the storm gets the whole run, exactly"
     # A page is kept once a second client asks for it: each is read from the log once or twice.
     # (How many pages a replay takes is the backend's business: a page ends at a stored batch.)
-    from_log, shared = pages.labels("log")._value.get(), pages.labels("shared")._value.get()
-    per_client = (from_log + shared) / clients
-    assert per_client == int(per_client) >= 3
-    assert from_log <= 2 * per_client and shared >= (clients - 2) * per_client
+    from_log = pages.labels("log")._value.get() - log_before
+    shared = pages.labels("shared")._value.get() - shared_before
+    # A replay is three pages or more; rarely one client takes one more (CI saw 91 pages for 30
+    # clients on Redis once), which must not fail a test of sharing: the second storm below is exact.
+    per_client = int((from_log + shared) // clients)
+    assert per_client >= 3
+    assert from_log <= 2 * per_client + 1 and shared >= (clients - 2) * per_client
     replays = await asyncio.gather(*(join(http, loc, "-1") for _ in range(clients)))
     assert all(r == original for r in replays)
-    assert pages.labels("log")._value.get() == from_log, "the next storm reads nothing from the log"
+    assert pages.labels("log")._value.get() == log_before + from_log, "the next storm reads nothing from the log"
     # Shared pages are per range: a client resuming elsewhere, or filtering, gets its own exact events.
     assert await join(http, loc, original[100].id) == original[101:]
     only_custom = await join(http, loc, "-1", stream_mode="custom")
@@ -287,7 +293,7 @@ async def test_thread_stream_captured_and_resumable(gateway: RunningGateway, htt
         rest = await read_events(ts2, limit=4)
     union = first + rest
     assert [e.event for e in union][:7] == ["metadata"] + ["custom"] * 5 + ["metadata"]
-    assert union[6].json["status"] == "run_done"  # type: ignore[index]
+    assert union[6].json["status"] == "run_done"
     assert_ids_increase(union)
     async with http.get(url, headers={"Last-Event-ID": "-"}, params={"stream_modes": "lifecycle"}) as ts3:
         life = await read_events(ts3, limit=2)
@@ -301,7 +307,7 @@ async def test_a_held_run_is_not_served_under_another_thread(gateway: RunningGat
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=2)
     events = await read_events(resp)
-    run_id = events[0].json["run_id"]  # type: ignore[index]
+    run_id = events[0].json["run_id"]
     await join(http, f"{gateway.url}/threads/other-thread/runs/{run_id}/stream", "-1")
     # The upstream (which knows which thread the run is on) answered, not the log.
     assert ("GET", f"/threads/other-thread/runs/{run_id}/stream") in fake_upstream.requests
@@ -390,7 +396,7 @@ async def test_other_spellings_of_a_held_run_share_its_capture(
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=5)
     original = await read_events(resp)
-    rid = original[0].json["run_id"]  # type: ignore[index]
+    rid = original[0].json["run_id"]
     url = URL(f"{gateway.url}/threads/{spell(tid)}/runs/{spell(rid)}/stream", encoded=True)  # sent as spelled
     async with http.get(url, headers={"Last-Event-ID": "-1"}) as r:
         assert r.status == 200

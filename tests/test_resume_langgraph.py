@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -15,7 +16,7 @@ from tests.test_resume import assert_ids_increase, customs, join, new_thread
 async def start(http: aiohttp.ClientSession, gw: RunningGateway, n: int, delay: float,
                 resumable: bool | None = None) -> aiohttp.ClientResponse:
     tid = await new_thread(http, gw)
-    body = {"assistant_id": "ticker", "input": {"n": n, "delay": delay}, "stream_mode": ["custom"]}
+    body: dict[str, Any] = {"assistant_id": "ticker", "input": {"n": n, "delay": delay}, "stream_mode": ["custom"]}
     if resumable is not None:
         body["stream_resumable"] = resumable
     resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream", json=body)

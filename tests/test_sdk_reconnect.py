@@ -20,6 +20,7 @@ import orjson
 import pytest
 from aiohttp_sse_client.client import EventSource
 from langgraph_sdk import get_client
+from langgraph_sdk.schema import StreamMode
 
 from tests.support.sse import read_events
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.timeout(60)
 
 N = 30
 TICKER = {"n": N, "delay": 0.02}
-MODES = ["custom", "values"]
+MODES: list[StreamMode] = ["custom", "values"]
 
 _SSE_TYPE = re.compile(rb"^content-type:[ \t]*text/event-stream", re.I | re.M)
 _CHUNKED = re.compile(rb"^transfer-encoding:[ \t]*chunked", re.I | re.M)
@@ -243,7 +244,8 @@ async def test_python_sdk_reconnects_exactly_once_through_gateway(lg_gateway: An
     custom = [p.data["i"] for p in parts if p.event == "custom"]
     assert custom == list(range(N)), f"custom events after a cut at {k}: {custom}"
 
-    ids = [int(p.id) for p in parts]
+    assert all(p.id is not None for p in parts), "every part carries an id"
+    ids = [int(p.id) for p in parts if p.id is not None]
     assert ids == sorted(set(ids)), f"duplicate or out-of-order ids: {ids}"
 
     run_id = parts[0].data["run_id"]

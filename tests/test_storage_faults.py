@@ -217,12 +217,16 @@ def test_moving_a_damaged_log_aside_starts_a_new_one_above_every_old_id(
         written_log: Path, tmp_path: Path) -> None:
     env = lmdb.open(str(written_log), max_dbs=4, readonly=True)
     with env.begin(db=env.open_db(b"meta", create=False)) as txn:
-        old_top = int(txn.get(b"seq"))
+        seq = txn.get(b"seq")
+        assert seq is not None
+        old_top = int(seq)
     env.close()
     shutil.move(written_log, tmp_path / "damaged")
     assert _start_cli(written_log).returncode == 0
     env = lmdb.open(str(written_log), max_dbs=4, readonly=True)
     with env.begin(db=env.open_db(b"meta", create=False)) as txn:
-        new_floor = int(txn.get(b"seq"))
+        seq = txn.get(b"seq")
+        assert seq is not None
+        new_floor = int(seq)
     env.close()
     assert new_floor > old_top, "a new log never hands out an id an old one did"

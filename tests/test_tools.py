@@ -43,7 +43,7 @@ async def served(make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Pa
     live = await stream_run(http, gw, tid, n=2000, delay=0.05)
     await read_events(live, limit=2)
     return gw, {"tid": tid, "done": done_events, "gappy": gappy_events, "live": live,
-                "done_run": done_events[0].json["run_id"], "gappy_run": gappy_events[0].json["run_id"]}  # type: ignore[index]
+                "done_run": done_events[0].json["run_id"], "gappy_run": gappy_events[0].json["run_id"]}
 
 
 async def test_streams_commands_read_a_log_while_the_gateway_serves_it(
@@ -85,7 +85,9 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     with env.begin(write=True) as txn:  # a stream claims a head its records never reach, and a stray record
         streams = env.open_db(b"streams", txn=txn)
         key = f"default/run/{s['done_run']}".encode()
-        doc = json.loads(txn.get(key, db=streams))
+        raw = txn.get(key, db=streams)
+        assert raw is not None
+        doc = json.loads(raw)
         doc["head"] += 7
         txn.put(key, json.dumps(doc).encode(), db=streams)
         txn.put(b"default/run/ghost\x00" + (5).to_bytes(8, "big"), b"\0" * 8 + b"\0\0\0\0\0\0",

@@ -510,11 +510,12 @@ class Exchange:
     @property
     def lei(self) -> str | None:
         """The Last-Event-ID the gateway got (header, else the last_event_id query parameter)."""
+        from urllib.parse import unquote
         for k, v in self.gw_sent.headers.items():
             if k.lower() == "last-event-id":
                 return v
         m = re.search(r"[?&]last_event_id=([^&]*)", self.gw_sent.url)
-        return requests.utils.unquote(m.group(1)) if m else None
+        return unquote(m.group(1)) if m else None
 
     def query(self, name: str) -> list[str]:
         from urllib.parse import parse_qs, urlsplit
@@ -615,7 +616,7 @@ _ODD_BYTES = [b" ", b"\t", b"\x00", b"\x7f", b"\xff", b"\xc3\xa9", b"%", b"%zz",
 
 
 @st.composite
-def raw_requests(draw: Callable[[st.SearchStrategy[Any]], Any]) -> bytes:
+def raw_requests(draw: st.DrawFn) -> bytes:
     """An HTTP/1.1 request, usually with one part broken at the byte level."""
     odd = st.lists(st.sampled_from(_ODD_BYTES), min_size=1, max_size=3).map(b"".join)
     method = draw(st.sampled_from([b"GET", b"GET", b"POST", b"DELETE", b"OPTIONS", b"HEAD", b"G@T", b"get"]))

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 from tests.support.procs import die_with_parent
 
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "agent"
@@ -33,7 +34,7 @@ EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "agent"
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -42,8 +43,8 @@ class LangGraphServer:
     port: int = 0  # 0 = pick a free one
     startup_timeout: float = 90.0
     workdir: Path | None = None
-    proc: subprocess.Popen | None = field(default=None, repr=False)
-    _log_file: object = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -91,6 +92,7 @@ class LangGraphServer:
         return self
 
     def _wait_ready(self) -> None:
+        assert self.proc is not None, "server not started"
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -129,7 +131,7 @@ class LangGraphServer:
     def __enter__(self) -> "LangGraphServer":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
@@ -140,6 +142,7 @@ if __name__ == "__main__":
     server = LangGraphServer(port=port).start()
     print(server.url, flush=True)
     print(f"log: {server.log_path}", file=sys.stderr, flush=True)
+    assert server.proc is not None
     try:
         while server.proc.poll() is None:
             time.sleep(1)

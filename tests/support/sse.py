@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -16,7 +17,7 @@ class Ev:
     id: str | None
 
     @property
-    def json(self) -> object:
+    def json(self) -> Any:
         return orjson.loads(self.data)
 
 
@@ -41,7 +42,7 @@ def parse_all(text: str) -> list[Ev]:
 
 
 # Bytes read past the last event returned, per response, so a later call goes on from there.
-_LEFTOVER: "weakref.WeakKeyDictionary[aiohttp.ClientResponse, list[Ev | str]]" = weakref.WeakKeyDictionary()
+_LEFTOVER: "weakref.WeakKeyDictionary[aiohttp.ClientResponse, tuple[list[Ev], str]]" = weakref.WeakKeyDictionary()
 
 
 async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) -> list[Ev]:
@@ -50,8 +51,8 @@ async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) ->
     Events that arrived in the same chunk beyond `limit` are kept for the next
     call on the same response (a client that closes instead never saw them).
     """
-    pending, buf = _LEFTOVER.pop(resp, [[], ""])  # type: ignore[misc]
-    got: list[Ev] = list(pending)  # type: ignore[arg-type]
+    pending, buf = _LEFTOVER.pop(resp, ([], ""))
+    got: list[Ev] = list(pending)
 
     def done() -> bool:
         return limit is not None and len(got) >= limit
@@ -68,10 +69,10 @@ async def read_events(resp: aiohttp.ClientResponse, limit: int | None = None) ->
             got.extend(parse_all(buf))
             buf = ""
     if limit is not None and len(got) > limit:
-        _LEFTOVER[resp] = [got[limit:], buf]  # type: ignore[list-item]
+        _LEFTOVER[resp] = (got[limit:], buf)
         return got[:limit]
     if buf:
-        _LEFTOVER[resp] = [[], buf]
+        _LEFTOVER[resp] = ([], buf)
     return got
 
 
