@@ -38,7 +38,6 @@ import os
 import re
 import signal
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,6 +49,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.ports import free_port, wait_port  # noqa: E402  (idle_alloc.py imports them from here too)
+
 PY = sys.executable
 SAMPLE_EVERY = 30.0
 OPEN_CONCURRENCY = 16  # streams being opened at once by the client (keeps the load light)
@@ -61,23 +63,8 @@ class BenchError(RuntimeError):
 
 # --- processes -------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise BenchError(f"process {proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise BenchError(f"nothing listens on {port}")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -346,7 +333,6 @@ def report(r: dict[str, Any]) -> str:
 # --- the roles run in child processes --------------------------------------------------------------
 
 def upstream_main(port: int, heartbeat: float) -> None:
-    sys.path.insert(0, str(REPO))
     from tests.fake_upstream import FakeAgentServer
 
     async def serve() -> None:

@@ -31,19 +31,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.ports import wait_port  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "bench"
 PORT, ADMIN, REDIS = 18100, 18101, 18379
 
 
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def config(work: Path, args: argparse.Namespace) -> Path:

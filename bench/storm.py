@@ -47,7 +47,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +57,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bench.ports import free_port, wait_port  # noqa: E402
+
 BENCH = REPO / "bench"
 RUNS, N, SIZE = 10, 2000, 200
 # The fake's custom data is {"i":k,"of":2000,"pad":"x.."}: 29 bytes + pad for a 4-digit k.
@@ -69,23 +71,8 @@ def log(*a: Any) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
@@ -169,7 +156,6 @@ def cpu_seconds(pids: list[int]) -> float:
 # --- the fake upstream, in its own process ---------------------------------------------------------
 
 def upstream_main(port: int) -> None:
-    sys.path.insert(0, str(REPO))
     from tests.fake_upstream import FakeAgentServer
 
     async def run() -> None:
@@ -287,7 +273,6 @@ class Bench:
         return t
 
     def start_langgraph(self) -> Target:
-        sys.path.insert(0, str(REPO))
         from tests.support.langgraph_server import LangGraphServer
 
         log("langgraph: starting langgraph dev (bench/storm_graph) ...")
