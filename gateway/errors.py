@@ -114,26 +114,44 @@ def cut(request: web.Request) -> None:
 # A write that leaves at most this much in the transport's buffer stays below its high-water mark
 # (64 KiB), so it returns without waiting for the client: no deadline needs arming for it.
 _UNBLOCKING_WRITE = 16 << 10
-# Bigger writes go out in slices of this size, waiting for the client between them: a replayed page
-# (hundreds of KiB, shared by every client replaying it) is never copied whole into each client's
-# buffer, so a thousand slow readers hold a thousand slices, not a thousand pages.
+# Bigger writes go out in slices of about this size, waiting for the client between them: a replayed
+# page (up to megabytes, shared by every client replaying it) is never copied whole into each
+# client's buffer, so a thousand slow readers hold a thousand slices, not a thousand pages.
 _SLICE = 64 << 10
 
 
-async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float) -> None:
+async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float,
+                    boundary: bytes | None = None) -> None:
     """Write part of a started response; TimeoutError when the client stops reading for ``stall_timeout``.
 
     Arming a deadline costs more than a small write itself, and a write into a nearly empty
-    buffer cannot wait, so only a write that may wait gets one.
+    buffer cannot wait, so only a write that may wait gets one; it is pushed back after every
+    slice the client took, so a slow reader is never cut, only a stalled one. With ``boundary``
+    (b"\\n\\n" for SSE) every slice ends on one: a client cut for stalling then holds whole
+    events only, never half of one, whatever it does with an event pending at the end of a body.
     """
     transport = request.transport
     if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
         await response.write(data)
         return
-    view = memoryview(data)
-    async with asyncio.timeout(stall_timeout):
-        for start in range(0, len(data), _SLICE):
-            await response.write(view[start:start + _SLICE])  # a slice this big makes aiohttp drain after it
+    view, loop, start = memoryview(data), asyncio.get_running_loop(), 0
+    async with asyncio.timeout(stall_timeout) as deadline:
+        while start < len(data):
+            end = _slice_end(data, start, boundary)
+            await response.write(view[start:end])  # a slice this big makes aiohttp drain after it
+            start = end
+            deadline.reschedule(loop.time() + stall_timeout)
+
+
+def _slice_end(data: bytes, start: int, boundary: bytes | None) -> int:
+    end = start + _SLICE
+    if end >= len(data) or boundary is None:
+        return min(end, len(data))
+    last = data.rfind(boundary, start, end)
+    if last >= 0:
+        return last + len(boundary)
+    after = data.find(boundary, end)  # one event longer than a slice: the slice is that event
+    return len(data) if after < 0 else after + len(boundary)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

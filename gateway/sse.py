@@ -17,6 +17,8 @@ from typing import Iterable, Optional
 DEFAULT_MAX_EVENT = 32 << 20
 
 HEARTBEAT = b": heartbeat\n\n"
+# Every framed event and comment ends with it, and nothing inside one does (lines end in a single LF).
+EVENT_END = b"\n\n"
 
 
 class SSEProtocolError(ValueError):

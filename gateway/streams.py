@@ -35,7 +35,7 @@ from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import CapturedElsewhere, Hub, Ingest, is_event_stream
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.proxy import Forwarder, RelayedBody, client_headers, read_limited
-from gateway.sse import HEARTBEAT, frame
+from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     Cursor,
     RunRequest,
@@ -398,8 +398,11 @@ class StreamHandlers:
         headers.setdefault("Cache-Control", "no-store")
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
+        loop = asyncio.get_running_loop()
+        sent_at = 0.0  # when a filtered stream last wrote: it owes its client a heartbeat too
         try:
             await start_response(request, out)
+            sent_at = loop.time()
             async for page in follower.pages():
                 if not page:
                     data = HEARTBEAT
@@ -407,9 +410,14 @@ class StreamHandlers:
                     data = page.wire()  # a replayed page's bytes are shared by every client reading it
                 else:
                     data = frame(e for e in page.entries if keep(e[1]))
+                    # Events come but none is this client's: the follower never idles, so the
+                    # heartbeat is owed from here, or a load balancer drops a quiet connection.
                     if not data:
-                        continue
-                await send_body(request, out, data, self.forwarder.clients.write_timeout)
+                        if loop.time() - sent_at < follower.source.heartbeat:
+                            continue
+                        data = HEARTBEAT
+                    sent_at = loop.time()
+                await send_body(request, out, data, self.forwarder.clients.write_timeout, EVENT_END)
             await out.write_eof()
             return out
         except TimeoutError:

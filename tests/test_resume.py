@@ -7,6 +7,7 @@ its connections is every upstream event exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -17,7 +18,7 @@ from yarl import URL
 from gateway.follower import REPLAY_PAGE
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import Ev, read_events
+from tests.support.sse import Ev, parse_all, read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -339,6 +340,47 @@ async def test_gateway_sends_its_own_heartbeat_when_idle(make_gateway: MakeGatew
     assert chunk == b": heartbeat\n\n"
 
 
+async def test_a_quiet_stream_gets_a_heartbeat_within_the_configured_time(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # "heartbeat" is what an operator sets below a load balancer's idle timeout: a client must
+    # never wait longer than that for a byte, wherever the last event fell between two ticks.
+    heartbeat = 2.0
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"heartbeat": f"{heartbeat}s"}))
+    fake_upstream.heartbeat = 60  # the upstream stays silent
+
+    async def silence_after_first_event() -> float:
+        tid = await new_thread(http, gw)
+        async with http.post(f"{gw.url}/threads/{tid}/runs/stream",  # metadata, then nothing for good
+                             json={"assistant_id": "a", "input": {"n": 1, "delay": 1e9}}) as r:
+            assert (await r.content.readuntil(b"\n\n")).startswith(b"event: metadata")
+            since = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(r.content.readuntil(b"\n\n"), 3 * heartbeat) == b": heartbeat\n\n"
+            return asyncio.get_running_loop().time() - since
+
+    async def staggered(i: int) -> float:
+        await asyncio.sleep(i * heartbeat / 4)  # last events at four points of the ticker's period
+        return await silence_after_first_event()
+
+    silences = await asyncio.gather(*(staggered(i) for i in range(4)))
+    assert max(silences) <= heartbeat + 0.6, f"silences {silences} with heartbeat {heartbeat}s"
+
+
+async def test_a_client_whose_filter_drops_every_event_still_gets_heartbeats(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    heartbeat = 0.5
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"heartbeat": f"{heartbeat}s"}))
+    fake_upstream.heartbeat = 60  # the upstream sends no comments of its own
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=60, delay=0.05)  # a custom event every 50 ms for 3 s
+    # The live tail, keeping only "values": every event of this run is dropped for this client.
+    async with http.get(gw.url + resp.headers["Location"], params={"stream_mode": "values"}) as r:
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), heartbeat + 0.6)
+    assert first == b": heartbeat\n\n"
+    resp.close()
+
+
 async def test_resume_into_a_trimmed_thread_stream_says_so(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
     import time as _time
 
@@ -388,6 +430,64 @@ async def test_a_stalled_client_is_bounded_in_bytes_and_catches_up_from_the_log(
         got = await read_events(stalled)
     assert customs(got) == list(range(n)), "it catches up from the log"
     assert_ids_increase(got)
+
+
+async def _raw_replay(gw: RunningGateway, path: str, read: Callable[[socket.socket], Awaitable[bytes]],
+                      rcvbuf: int = 8192) -> tuple[bytes, bool]:
+    """GET ``path`` from the start over a raw socket with a fixed receive buffer; the de-chunked
+    body as ``read`` received it, and whether it ended with the chunked terminator (a clean end)."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, gw.server.addresses["main"])
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: -1\r\nConnection: close\r\n\r\n".encode())
+        raw = await read(sock)
+    finally:
+        sock.close()
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:200]
+    body, clean = b"", False
+    while chunked:
+        size_line, _, rest = chunked.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            clean = True
+            break
+        body += rest[:size]
+        chunked = rest[size + 2:]
+    return body, clean
+
+
+async def _read_to_eof(sock: socket.socket, every: float = 0.0, size: int = 65536) -> bytes:
+    loop, raw = asyncio.get_running_loop(), b""
+    while chunk := await loop.sock_recv(sock, size):
+        raw += chunk
+        if every:
+            await asyncio.sleep(every)
+    return raw
+
+
+async def test_a_client_cut_for_stalling_is_cut_after_a_whole_event(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"write_timeout": "500ms"}))
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=2000, pad=5000)  # ~10 MB: more than the kernel's socket buffers hold
+    original = await read_events(resp)
+
+    async def stall_then_read(sock: socket.socket) -> bytes:
+        await asyncio.sleep(1.5)  # stops reading for three write timeouts: the gateway cuts it
+        return await _read_to_eof(sock)
+
+    body, clean = await _raw_replay(gw, resp.headers["Location"], stall_then_read)
+    assert not clean and 0 < len(body) < sum(len(e.data) for e in original), "cut, not ended"
+    # What was sent before the cut ends with a whole event: a client that dispatches the event
+    # pending at the end of a body would otherwise see half an event, or keep an id it never got.
+    assert body.endswith(b"\n\n"), body[-80:]
+    got = parse_all(body.decode())
+    assert got == original[:len(got)]
 
 
 @pytest.mark.parametrize("spell", [str.upper, lambda s: s.replace("-", "%2D"), lambda s: s.replace("-", "")])

@@ -182,7 +182,7 @@ class Feed:
         self._owner = owner
         self._on_overflow = on_overflow
         self._waiter: asyncio.Future[None] | None = None
-        self._active = False  # a batch came since the idle ticker last looked
+        self._active = False  # the current wait began after the idle ticker last looked
         self._idle = False  # the idle ticker woke the follower
 
     def push(self, batch: Batch) -> bool:
@@ -200,7 +200,6 @@ class Feed:
         self.queue.append(batch)
         self.queued += n
         self.queued_bytes += batch.nbytes
-        self._active = True
         self.wake()
         return True
 
@@ -228,11 +227,14 @@ class Feed:
             waiter.set_result(None)
 
     async def wait(self, idle: float) -> bool:
-        """Until something can be taken (or the feed overflowed); False once nothing came for ``idle``
-        seconds: somewhere between one and two ``idle``s, as ``LocalFeeds`` ticks every ``idle``."""
+        """Until something can be taken (or the feed overflowed); False once nothing came for
+        between half of ``idle`` and ``idle`` seconds (``LocalFeeds`` ticks every half ``idle``,
+        and a wait is idle from the second tick on), never later: ``idle`` is the longest a
+        client may go without a byte (set below a load balancer's idle timeout)."""
         if self.queue or self.overflowed:
             return True
         self._owner.tick_every(idle)
+        self._active = True  # the first tick of a wait only starts its idle time
         self._waiter = asyncio.get_running_loop().create_future()
         try:
             await self._waiter
@@ -264,8 +266,8 @@ class Feed:
 class LocalFeeds:
     """The feeds of this process's followers, by stream: what every backend delivers to.
 
-    One timer ticks for all of them (a timer per feed cost more than the feed), every
-    ``idle`` seconds while anyone waits, so an idle client gets its heartbeat.
+    One timer ticks for all of them (a timer per feed cost more than the feed), every half
+    ``idle`` while anyone waits, so an idle client gets its heartbeat within ``idle``.
     """
 
     def __init__(self) -> None:
@@ -286,7 +288,7 @@ class LocalFeeds:
 
     def tick_every(self, idle: float) -> None:
         if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().call_later(idle, self._tick, idle)
+            self._ticker = asyncio.get_running_loop().call_later(idle / 2, self._tick, idle)
 
     def _tick(self, idle: float) -> None:
         self._ticker = None

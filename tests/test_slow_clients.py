@@ -1,0 +1,102 @@
+"""Writing to slow clients, at the write itself: a real aiohttp server and a raw-socket client with
+small socket buffers, so that how fast the client reads is what the server sees (on loopback the
+kernel would otherwise take megabytes at once). The gateway-level cut is in test_resume.py."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from gateway.errors import cut, send_body, start_response
+from gateway.sse import EVENT_END, frame
+from tests.support.sse import parse_all
+
+BODY = b'event: messages\ndata: {"token":"' + b"y" * 180 + b'"}\n'
+PAGE = frame((i, BODY) for i in range(1, 10_001))  # ~2.2 MB of whole events
+STALL = 0.3  # seconds a client may go without taking anything
+
+
+class Server:
+    """Serves PAGE once per request through send_body; records how each response ended."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.runner: web.AppRunner | None = None
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await start_response(request, out)
+        try:
+            await send_body(request, out, PAGE, STALL, EVENT_END)
+            await out.write_eof()
+            self.outcomes.append("ended")
+        except TimeoutError:
+            cut(request)
+            self.outcomes.append("cut")
+        return out
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    srv = Server()
+    app = web.Application()
+    app.router.add_get("/", srv.handle)
+    srv.runner = web.AppRunner(app)
+    await srv.runner.setup()
+    site = web.TCPSite(srv.runner, "127.0.0.1", 0)
+    await site.start()
+    srv.address = srv.runner.addresses[0][:2]
+    yield srv
+    await srv.runner.cleanup()
+
+
+async def fetch(address: tuple[str, int], stall: float = 0.0, every: float = 0.0) -> tuple[bytes, bool]:
+    """The de-chunked body and whether it ended cleanly, reading 8 KiB every ``every`` seconds
+    through an 8 KiB receive buffer after ``stall`` seconds of reading nothing."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, address)
+        await loop.sock_sendall(sock, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await asyncio.sleep(stall)
+        raw = b""
+        while chunk := await loop.sock_recv(sock, 8192):
+            raw += chunk
+            await asyncio.sleep(every)
+    finally:
+        sock.close()
+    chunked = raw.partition(b"\r\n\r\n")[2]
+    body = b""
+    while chunked:
+        size_line, _, rest = chunked.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return body, True
+        body, chunked = body + rest[:size], rest[size + 2:]
+    return body, False
+
+
+async def test_a_slow_but_steady_reader_is_never_cut(server: Server) -> None:
+    # ~1.6 MB/s: the 2.2 MB write takes over a second, four stall timeouts, though the client
+    # never goes anywhere near STALL without taking something. The deadline is for a stall.
+    body, clean = await fetch(server.address, every=0.005)
+    assert server.outcomes == ["ended"] and clean
+    assert body == PAGE
+
+
+async def test_a_stalled_reader_is_cut_after_a_whole_event(server: Server) -> None:
+    body, clean = await fetch(server.address, stall=4 * STALL)
+    assert server.outcomes == ["cut"] and not clean
+    assert 0 < len(body) < len(PAGE) and body.endswith(b"\n\n"), body[-60:]
+    assert body == PAGE[:len(body)]
+    assert len(parse_all(body.decode())) == body.count(b"\n\n")
