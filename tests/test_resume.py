@@ -18,7 +18,7 @@ from yarl import URL
 from gateway.follower import REPLAY_PAGE
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import Ev, parse_all, read_events
+from tests.support.sse import Ev, dechunk, parse_all, read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -448,16 +448,7 @@ async def _raw_replay(gw: RunningGateway, path: str, read: Callable[[socket.sock
         sock.close()
     head, _, chunked = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head[:200]
-    body, clean = b"", False
-    while chunked:
-        size_line, _, rest = chunked.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            clean = True
-            break
-        body += rest[:size]
-        chunked = rest[size + 2:]
-    return body, clean
+    return dechunk(chunked)
 
 
 async def _read_to_eof(sock: socket.socket, every: float = 0.0, size: int = 65536) -> bytes:

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from gateway.errors import cut, send_body, start_response
 from gateway.sse import EVENT_END, frame
-from tests.support.sse import parse_all
+from tests.support.sse import dechunk, parse_all
 
 BODY = b'event: messages\ndata: {"token":"' + b"y" * 180 + b'"}\n'
 PAGE = frame((i, BODY) for i in range(1, 10_001))  # ~2.2 MB of whole events
@@ -75,15 +75,7 @@ async def fetch(address: tuple[str, int], stall: float = 0.0, every: float = 0.0
             await asyncio.sleep(every)
     finally:
         sock.close()
-    chunked = raw.partition(b"\r\n\r\n")[2]
-    body = b""
-    while chunked:
-        size_line, _, rest = chunked.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return body, True
-        body, chunked = body + rest[:size], rest[size + 2:]
-    return body, False
+    return dechunk(raw.partition(b"\r\n\r\n")[2])
 
 
 async def test_a_slow_but_steady_reader_is_never_cut(server: Server) -> None:

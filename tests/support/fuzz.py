@@ -45,6 +45,8 @@ import requests
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from tests.support.sse import dechunk
+
 # --- placeholders -----------------------------------------------------------------------------
 
 N_THREADS = 3  # threads per side; each has RUNS_PER_THREAD runs
@@ -720,24 +722,9 @@ def send_raw(base: str, data: bytes, limits: Limits) -> Wire:
         k, _, v = line.decode("latin-1").partition(":")
         wire.headers[k.strip().lower()] = v.strip()
     if "chunked" in wire.headers.get("transfer-encoding", "").lower():
-        body = _dechunk(body)
+        body = dechunk(body)[0]
     wire.body = body
     return wire
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            break
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2:]
-    return bytes(out)
 
 
 # --- the run ------------------------------------------------------------------------------------

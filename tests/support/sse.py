@@ -89,3 +89,20 @@ async def read_until_cut(resp: aiohttp.ClientResponse) -> tuple[list[Ev], bool]:
         whole = raw.decode().replace("\r\n", "\n").rsplit("\n\n", 1)[0]
         return parse_all(whole + "\n\n"), True
     return parse_all(raw.decode()), False
+
+
+def dechunk(data: bytes) -> tuple[bytes, bool]:
+    """A chunked HTTP/1.1 body as read off a socket: its data, and whether the terminating
+    zero-size chunk came (a clean end) rather than the connection being cut."""
+    out = bytearray()
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            break
+        if size == 0:
+            return bytes(out), True
+        out += rest[:size]
+        data = rest[size + 2:]
+    return bytes(out), False
