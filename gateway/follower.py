@@ -55,6 +55,7 @@ class Follower:
         self.key = key
         self.pos = after  # None: the live tail only (no Last-Event-ID)
         self._stopped = source.closing  # a request that slipped in during shutdown
+        self._finished = False  # the last look at the durable head found the stream ended
         self.feed: Feed | None = source.subscribe(key)  # register before anything is read
         source.joined(self)
 
@@ -106,6 +107,15 @@ class Follower:
             yield page
         self.pos = max(self.pos, upto)
 
+    async def _to_head(self) -> AsyncIterator[Page]:
+        """Replay up to the durable head as it is now; ``_finished`` then says whether the stream ended."""
+        meta = await self.source.lookup(self.key)
+        if meta is None:
+            raise StreamGone(f"stream {self.key} was removed from the log")
+        async for page in self._replay(meta.head):
+            yield page
+        self._finished = meta.finished
+
     async def _live(self) -> AsyncIterator[Page]:
         feed = self.feed
         assert feed is not None and self.pos is not None
@@ -115,12 +125,9 @@ class Follower:
             if not await feed.wait(self.source.heartbeat):
                 # Idle: look at the durable head too, so an end or a batch whose notice got lost on
                 # the way (a shared log's channel dropped it) shows within a heartbeat.
-                meta = await self.source.lookup(self.key)
-                if meta is None:
-                    raise StreamGone(f"stream {self.key} was removed from the log")
-                async for page in self._replay(meta.head):
+                async for page in self._to_head():
                     yield page
-                if meta.finished:
+                if self._finished:
                     return
                 yield EMPTY
                 continue
@@ -128,12 +135,9 @@ class Follower:
                 raise StreamCut("the gateway is shutting down")
             if feed.overflowed:  # too far behind: catch up from the log, then queue again
                 feed.restart()
-                meta = await self.source.lookup(self.key)
-                if meta is None:
-                    raise StreamGone(f"stream {self.key} was removed from the log")
-                async for page in self._replay(meta.head):
+                async for page in self._to_head():
                     yield page
-                if meta.finished:
+                if self._finished:
                     return
                 continue
             batch = feed.take()

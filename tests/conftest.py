@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import pytest
@@ -23,15 +23,9 @@ from gateway.config import build_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.redis_server import RedisServer
-from tests.support.procs import die_with_parent
+from tests.support.procs import die_with_parent, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def gateway_config(tmp_path: Path, upstreams: dict[str, Any], **sections: Any) -> dict[str, Any]:
@@ -199,16 +193,16 @@ def redis_server() -> Any:
 
     Tests keep apart by prefix (``redis_storage``); one that restarts Redis uses ``own_redis``.
     """
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (tests/run.sh installs it with apt-get)")
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
+    yield from _redis()
 
 
 @pytest.fixture
 def own_redis() -> Any:
     """A redis-server of this test's own, for tests that stop, restart or flush it."""
+    yield from _redis()
+
+
+def _redis() -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (tests/run.sh installs it with apt-get)")
     server = RedisServer().start()

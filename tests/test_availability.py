@@ -12,7 +12,8 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
-from tests.conftest import RunningGateway, free_port, gateway_config
+from tests.conftest import RunningGateway, gateway_config
+from tests.support.procs import free_port
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events
 from tests.test_resume import new_thread, stream_run

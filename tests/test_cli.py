@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ import aiohttp
 import pytest
 
 from tests.fake_upstream import FakeAgentServer
+from tests.support.procs import free_port
 from tests.support.sse import read_events, read_until_cut
 
 # Bounded waits, in seconds.
 START_TIMEOUT = 20.0
 HEALTH_INTERVAL = 0.2
 GRACE = 3.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clean_env() -> dict[str, str]:

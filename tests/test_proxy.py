@@ -11,7 +11,8 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 from yarl import URL
 
-from tests.conftest import RunningGateway, free_port, gateway_config
+from tests.conftest import RunningGateway, gateway_config
+from tests.support.procs import free_port
 from tests.fake_upstream import FakeAgentServer
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]

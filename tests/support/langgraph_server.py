@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,15 +25,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
-from tests.support.procs import die_with_parent
+from tests.support.procs import die_with_parent, free_port
 
 EXAMPLE_APP = Path(__file__).resolve().parents[2] / "examples" / "agent"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

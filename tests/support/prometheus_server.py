@@ -13,7 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
-from tests.support.procs import die_with_parent
+from tests.support.procs import die_with_parent, stop
 
 ALERTS = Path(__file__).resolve().parents[2] / "prometheus" / "alerts.yaml"
 
@@ -83,13 +83,7 @@ class PrometheusServer:
             return "<no log>"
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop(self.proc)
         if self._log is not None:
             self._log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -13,19 +13,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from tests.support.procs import die_with_parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.procs import die_with_parent, free_port, stop
 
 
 class RedisServer:
     def __init__(self, binary: str = "redis-server") -> None:
         self.binary = shutil.which(binary) or binary
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -54,13 +48,7 @@ class RedisServer:
         raise RuntimeError(f"redis-server did not answer: {self.log_tail()}")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop(self.proc)
         self.proc = None
 
     def restart(self) -> None:
