@@ -70,15 +70,21 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the processes (their live threads included)."""
+    user = system = 0
     for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            user, system = user + int(fields[11]), system + int(fields[12])
         except OSError:
             pass
-    return total / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_split(pids))
 
 
 def rss_mb(pids: list[int]) -> float:
@@ -104,19 +110,22 @@ def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen
         procs.insert(0, subprocess.Popen([str(binaries / "upstream"), "-p", "18000", "-T", "900"]))
         wait_port(18000)
     pids = tree(gw_pid)
-    cpu0, peak = cpu_seconds(pids), rss_mb(pids)
+    (user0, sys0), peak = cpu_split(pids), rss_mb(pids)
     client = subprocess.Popen([str(binaries / "sseclient"), "-u", f"http://127.0.0.1:{PORT}", "-c", str(c), "-n", str(n),
                                "-s", str(s), "-d", str(d), "-t", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     while client.poll() is None:
         peak = max(peak, rss_mb(pids))
         time.sleep(0.05)
     out, err = client.communicate()
-    used = cpu_seconds(pids) - cpu0
+    user1, sys1 = cpu_split(pids)
+    user, system = user1 - user0, sys1 - sys0
+    used = user + system
     import json
     result = json.loads(out or b"{}")
     events = result.get("events", 0) or 1
     print(err.decode().strip())
-    print(f"gateway: cpu {used:.2f} s = {used / events * 1e6:.1f} us/event over {events} events, peak RSS {peak:.0f} MB, "
+    print(f"gateway: cpu {used:.2f} s = {used / events * 1e6:.1f} us/event over {events} events "
+          f"(user {user / events * 1e6:.1f}, system {system / events * 1e6:.1f}), peak RSS {peak:.0f} MB, "
           f"client exit {client.returncode}")
     return client.returncode
 
