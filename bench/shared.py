@@ -157,6 +157,8 @@ def main() -> int:
     p.add_argument("--durability", choices=["fsync", "none"], default="fsync")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only the thread holding the GIL (Python's own CPU; a thread waiting for the GIL is not counted as busy)")
     p.add_argument("--adhoc", metavar="C,N,S,D", help="one sseclient run with these parameters instead of the matrix")
     p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT meanwhile (svg; collapsed stacks if OUT ends in .txt)")
     args = p.parse_args()
@@ -178,7 +180,8 @@ def main() -> int:
         spy = None
         if args.profile:
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", str(gw.pid), "--subprocesses", "--rate", "200",
-                                    "-o", args.profile] + (["--format", "raw"] if args.profile.endswith(".txt") else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                    "-o", args.profile] + (["--format", "raw"] if args.profile.endswith(".txt") else [])
+                                   + (["--gil"] if args.profile_gil else []), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if args.adhoc:
             code = adhoc(Path(env["BENCH_WORK"]), gw.pid, args.adhoc, procs)
         else:
