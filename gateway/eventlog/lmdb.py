@@ -25,6 +25,7 @@ second and reports recovery, so the gateway heals by itself when space returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -34,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import lmdb
 
@@ -65,6 +66,10 @@ _READ_PAGE_BYTES = 4 << 20
 _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
 # While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
 PROBE_INTERVAL = 1.0
+# The writer holds the loop still while it puts a group (LmdbEventLog._loop_held): it waits this
+# long for the loop to get to it, and the loop waits at most this long for the puts.
+_LOOP_PARK_WAIT = 0.25
+_LOOP_HOLD_LIMIT = 0.1
 _PROBE_BYTES = 1 << 20
 
 # Called on the loop after each commit group: (events, seconds, ok). Metrics hook.
@@ -460,13 +465,45 @@ class LmdbEventLog(EventLog):
             refused: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
-                    self._apply(txn, batches, broken, refused)
+                    with self._loop_held():
+                        self._apply(txn, batches, broken, refused)
+                    # The commit (and its fsync) runs with the GIL released: the loop goes on meanwhile.
                 for b in batches:
                     if b.revive and b.key is not None:
                         broken.discard(b.key)
                 return refused
             except lmdb.MapFullError:
                 self._grow_map()
+
+    @contextlib.contextmanager
+    def _loop_held(self) -> Iterator[None]:
+        """Hold the event loop still while this thread puts a group's records.
+
+        py-lmdb releases the GIL around every single put and takes it back after, so beside a
+        busy loop each record waits for the loop's thread to let go of the GIL: a group of
+        3,000 token events took 50-80 ms to put instead of ~5 (``bench/lmdb_gil.py``), and
+        every event waited for it. Parked in a callback that waits on an event (the GIL free),
+        the loop loses only the few milliseconds of the puts. Both waits are bounded: a loop
+        that does not get to the callback soon, or puts that take long (a cold map read from
+        disk), go on side by side as before, so the loop never stands still for long.
+        """
+        loop, parked, release = self._loop, threading.Event(), threading.Event()
+
+        def park() -> None:
+            parked.set()
+            release.wait(_LOOP_HOLD_LIMIT)
+
+        try:
+            assert loop is not None
+            loop.call_soon_threadsafe(park)
+        except RuntimeError:  # the loop is closed (shutdown): nothing to hold
+            yield
+            return
+        parked.wait(_LOOP_PARK_WAIT)
+        try:
+            yield
+        finally:
+            release.set()
 
     def _apply(self, txn: lmdb.Transaction, batches: list[_Batch], broken: set[str], refused: set[int]) -> None:
         top = 0
