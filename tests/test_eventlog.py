@@ -306,6 +306,27 @@ async def test_map_grows_instead_of_failing(tmp_path: Path, backend: str) -> Non
         await log.close()
 
 
+async def test_the_writer_commits_while_the_event_loop_is_blocked(tmp_path: Path) -> None:
+    """The LMDB writer holds the loop still while it puts a group (for speed), but never needs it:
+    with the loop stuck in a long callback, the commit still reaches the disk."""
+    log = LmdbEventLog(Storage(path=tmp_path / "log"))
+    await log.open()
+    try:
+        await begun(log, meta("k"))
+        pending = log.submit("k", evs("during the block"))
+        # Block the loop right here (no await) and look at the disk from this thread meanwhile.
+        deadline = time.monotonic() + 10
+        stored: list[tuple[int, bytes]] = []
+        while not stored and time.monotonic() < deadline:
+            time.sleep(0.01)
+            stored = log._read_sync("k", 0, 2**62, 10)
+        assert [body for _, body in stored] == [b"event: custom\ndata: during the block\n"], (
+            "the writer waited for the blocked loop")
+        assert len(await pending) == 1
+    finally:
+        await log.close()
+
+
 # --- the live feed --------------------------------------------------------------------------------------
 
 async def test_feed_carries_commits_in_order_with_the_head_before_each(open_log: Opener) -> None:
