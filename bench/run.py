@@ -24,7 +24,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,9 @@ import aiohttp
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PY = sys.executable
+sys.path.insert(0, str(ROOT))
+from bench.ports import free_port  # noqa: E402
+from bench.procstat import cpu_seconds  # noqa: E402
 
 _DATA_I = re.compile(rb'data: \{"i":(\d+)\}')
 _EVENT = re.compile(rb"^event: custom\r?$", re.M)
@@ -52,28 +54,12 @@ class BenchError(Exception):
 
 # --- processes -----------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def proc_status(pid: int, field_name: str) -> int:
     """A /proc/<pid>/status size field (VmRSS, VmHWM) in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field_name + ":"):
             return int(line.split()[1])
     raise BenchError(f"no {field_name} for pid {pid}")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime of the processes (all their threads), from /proc/<pid>/stat."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / tick
 
 
 def children(pid: int) -> list[int]:

@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.ports import wait_port  # noqa: E402
+from bench.procstat import cpu_split  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "bench"
 PORT, ADMIN, REDIS = 18100, 18101, 18379
@@ -68,23 +69,6 @@ def tree(pid: int) -> list[int]:
             except OSError:
                 pass
     return out
-
-
-def cpu_split(pids: list[int]) -> tuple[float, float]:
-    """User and system CPU seconds of the processes (their live threads included)."""
-    user = system = 0
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            user, system = user + int(fields[11]), system + int(fields[12])
-        except OSError:
-            pass
-    tick = os.sysconf("SC_CLK_TCK")
-    return user / tick, system / tick
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    return sum(cpu_split(pids))
 
 
 def rss_mb(pids: list[int]) -> float:

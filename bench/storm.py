@@ -59,12 +59,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.ports import free_port, wait_port  # noqa: E402
+from bench.procstat import cpu_seconds  # noqa: E402
 
 BENCH = REPO / "bench"
 RUNS, N, SIZE = 10, 2000, 200
 # The fake's custom data is {"i":k,"of":2000,"pad":"x.."}: 29 bytes + pad for a 4-digit k.
 PAD = SIZE - 29
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 def log(*a: Any) -> None:
@@ -140,17 +140,21 @@ def proc_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime (all threads) of these processes, in seconds."""
-    total = 0
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / TICK
+def fill_runs(t: Target, assistant: str, extra: dict[str, Any]) -> None:
+    """Stream RUNS runs of N custom events through ``t`` (each read to its end): what the storm replays."""
+    t0 = time.monotonic()
+    for _ in range(RUNS):
+        status, doc = http_json(t.port, "POST", "/threads", {})
+        if status != 200:
+            raise RuntimeError(f"POST /threads on {t.name}: {status} {doc}")
+        path, counts, nbytes = stream_run(t.port, doc["thread_id"], {
+            "assistant_id": assistant, "input": {"n": N, "pad": PAD}, "stream_mode": ["custom"], **extra})
+        if counts.get("custom") != N:
+            raise RuntimeError(f"{t.name}: a run streamed {counts} from {path}")
+        t.paths.append(path)
+    log(f"{t.name}: filled {RUNS} runs in {time.monotonic() - t0:.2f} s; each original stream: {counts}, "
+        f"{nbytes} bytes")
+    t.fill = {"events": counts, "bytes": nbytes}  # type: ignore[attr-defined]
 
 
 # --- the fake upstream, in its own process ---------------------------------------------------------
@@ -247,19 +251,7 @@ class Bench:
         t = Target()
         t.name, t.port, t.pids = "gateway", gw_port, [gw.pid]
         t.paths = []
-        t0 = time.monotonic()
-        for _ in range(RUNS):
-            status, doc = http_json(gw_port, "POST", "/threads", {})
-            if status != 200:
-                raise RuntimeError(f"POST /threads via gateway: {status} {doc}")
-            path, counts, nbytes = stream_run(gw_port, doc["thread_id"], {
-                "assistant_id": "agent", "input": {"n": N, "pad": PAD}, "stream_mode": ["custom"]})
-            if counts.get("custom") != N:
-                raise RuntimeError(f"fill: {counts} from {path}")
-            t.paths.append(path)
-        log(f"gateway: filled {RUNS} runs through the gateway in {time.monotonic() - t0:.2f} s; "
-            f"each original stream: {counts}, {nbytes} bytes")
-        t.fill = {"events": counts, "bytes": nbytes}  # type: ignore[attr-defined]
+        fill_runs(t, "agent", {})
         return t
 
     def start_ceiling(self) -> Target:
@@ -281,20 +273,7 @@ class Bench:
         t = Target()
         t.name, t.port, t.id_mode, t.paths = "langgraph", port, ("seq" if self.args.strict_langgraph_ids else "seq-nondecreasing"), []
         t.pids = [self.lg_server.proc.pid]
-        t0 = time.monotonic()
-        for _ in range(RUNS):
-            status, doc = http_json(port, "POST", "/threads", {})
-            if status != 200:
-                raise RuntimeError(f"POST /threads on langgraph: {status} {doc}")
-            path, counts, nbytes = stream_run(port, doc["thread_id"], {
-                "assistant_id": "storm", "input": {"n": N, "pad": PAD}, "stream_mode": ["custom"],
-                "stream_resumable": True})
-            if counts.get("custom") != N:
-                raise RuntimeError(f"langgraph run: {counts} from {path}")
-            t.paths.append(path)
-        log(f"langgraph: created {RUNS} runs in {time.monotonic() - t0:.2f} s; each original stream: {counts}, "
-            f"{nbytes} bytes")
-        t.fill = {"events": counts, "bytes": nbytes}  # type: ignore[attr-defined]
+        fill_runs(t, "storm", {"stream_resumable": True})
         return t
 
     # one storm

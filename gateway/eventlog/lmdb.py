@@ -66,11 +66,11 @@ _READ_PAGE_BYTES = 4 << 20
 _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
 # While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
 PROBE_INTERVAL = 1.0
+_PROBE_BYTES = 1 << 20
 # The writer holds the loop still while it puts a group (LmdbEventLog._loop_held): it waits this
 # long for the loop to get to it, and the loop waits at most this long for the puts.
 _LOOP_PARK_WAIT = 0.25
 _LOOP_HOLD_LIMIT = 0.1
-_PROBE_BYTES = 1 << 20
 
 # Called on the loop after each commit group: (events, seconds, ok). Metrics hook.
 CommitObserver = Callable[[int, float, bool], None]
