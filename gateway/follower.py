@@ -83,6 +83,7 @@ class Follower:
             meta = await self.source.lookup(self.key)
             if meta is None:
                 raise StreamGone(f"stream {self.key} is not in the log")
+            self._check_held(meta)
             if self.pos is None:
                 self.pos = meta.head
             async for page in self._replay(meta.head):
@@ -93,6 +94,20 @@ class Follower:
                 yield batch
         finally:
             self.close()
+
+    @property
+    def _restarted(self) -> str:
+        return (f"the log lost what this client was sent of {self.key} and captures it anew: it must "
+                "reconnect (its ids no longer apply)")
+
+    def _check_held(self, meta: StreamMeta) -> None:
+        """The stream as held still contains this client's position, or the client is cut.
+
+        When the log lost a stream (Redis flushed) and the capture began it again, the new events
+        have new ids above the client's: following on would feed it the run a second time.
+        """
+        if self.pos and self.pos <= meta.base:
+            raise StreamCut(self._restarted)
 
     async def _replay(self, upto: int) -> AsyncIterator[Page]:
         assert self.pos is not None
@@ -112,6 +127,7 @@ class Follower:
         meta = await self.source.lookup(self.key)
         if meta is None:
             raise StreamGone(f"stream {self.key} was removed from the log")
+        self._check_held(meta)
         async for page in self._replay(meta.head):
             yield page
         self._finished = meta.finished
@@ -148,6 +164,8 @@ class Follower:
             elif batch.kind == "cut":
                 raise StreamCut(f"the capture of {self.key} stopped here before the stream's end")
             elif batch.kind == "end":
+                if batch.prev < self.pos:
+                    raise StreamCut(self._restarted)
                 if batch.prev > self.pos:  # the end came with events this follower has not seen
                     async for page in self._replay(batch.prev):
                         yield page
@@ -157,6 +175,10 @@ class Follower:
                     async for page in self._replay(batch.prev):
                         yield page
                 entries = batch.entries
+                if batch.prev < self.pos < entries[-1][0]:
+                    # Batches start where the one before ended, and this client's position is
+                    # always at a batch's end: a batch across it belongs to another capture.
+                    raise StreamCut(self._restarted)
                 if entries and entries[0][0] <= self.pos:
                     entries = [e for e in entries if e[0] > self.pos]
                 if entries:

@@ -5,6 +5,7 @@ redis-server). Then the live-feed contract (what followers rely on) and the owne
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from dataclasses import replace
@@ -18,15 +19,21 @@ from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
 from gateway.eventlog.base import Batch, ClaimLost
 from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
+from tests.support.tcp_relay import TcpRelay
 
 Opener = Callable[..., Awaitable[EventLog]]
-BACKENDS = ["lmdb", "redis"]
+# "redis-chaos": the same Redis behind a relay that resets the connection of one script call in
+# ten after the script ran and before its reply (an append, a claim, a drop: the commit path), so
+# each contract holds when the gateway cannot know whether its write happened.
+BACKENDS = ["lmdb", "redis", "redis-chaos"]
 
 
-def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str, **kw: Any) -> Storage:
-    if backend == "redis":
+def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str,
+             relay: TcpRelay | None = None, **kw: Any) -> Storage:
+    if backend.startswith("redis"):
         server = request.getfixturevalue("redis_server")
-        base = Storage(backend="redis", redis_url=server.url, redis_prefix=prefix, lease_ttl=1.5)
+        url = server.url if relay is None else f"redis://127.0.0.1:{relay.port}/0"
+        base = Storage(backend="redis", redis_url=url, redis_prefix=prefix, lease_ttl=1.5)
     else:
         base = Storage(path=tmp_path / "log")
     return replace(base, **kw)
@@ -41,12 +48,16 @@ async def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     """Open (and reopen) a log of each backend; every log opened is closed at teardown."""
     opened: list[EventLog] = []
     prefix = f"c{uuid.uuid4().hex[:10]}"
+    relay: TcpRelay | None = None
+    if request.param == "redis-chaos":
+        relay = await TcpRelay("127.0.0.1", request.getfixturevalue("redis_server").port, rng=random.Random(11),
+                               lose_replies_to=b"EVALSHA", lose_share=0.1).start()
 
     async def opener(**storage: Any) -> EventLog:
         for old in opened:
             await old.close()
         opened.clear()
-        log = _make(_storage(request.param, tmp_path, request, prefix, **storage))
+        log = _make(_storage(request.param, tmp_path, request, prefix, relay, **storage))
         await log.open()
         opened.append(log)
         return log
@@ -54,6 +65,8 @@ async def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
     yield opener
     for log in opened:
         await log.close()
+    if relay is not None:
+        await relay.stop()
 
 
 @pytest.fixture

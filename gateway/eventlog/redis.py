@@ -17,7 +17,8 @@ Layout, every key under one hash tag (``{prefix}``, so a cluster keeps them in o
 
 Every append is one Lua script (``_APPEND``): it refuses a caller whose token is
 not the stream's (a stalled former owner), ignores a batch number already applied
-(a retry after a timeout never duplicates), assigns seqs, adds the entry, updates
+(a retry after a timeout never duplicates), refuses one that does not follow the
+last applied (an earlier batch was lost: applying it would leave a hole), assigns seqs, adds the entry, updates
 the metadata and publishes the batch with the head before it, so a follower that
 missed one sees a gap and reads it from the stream. One writer task sends every
 queued batch of every stream in one pipeline: one round trip per commit group.
@@ -78,9 +79,23 @@ local fence = redis.call('HGET', KEYS[3], 'fence')
 if not fence then return redis.error_reply('GONE stream not in the log') end
 if fence ~= ARGV[1] then return redis.error_reply('FENCED another replica owns the stream') end
 local bno = tonumber(ARGV[2])
-if bno <= tonumber(redis.call('HGET', KEYS[3], 'bno') or '0') then return {-1, -1} end
+local applied = tonumber(redis.call('HGET', KEYS[3], 'bno') or '0')
 local n = tonumber(ARGV[3])
 local head = redis.call('HGET', KEYS[3], 'head') or '0'
+if bno <= applied then
+  -- Applied by an earlier try whose reply was lost: answer as that try did. Its entry is among
+  -- the newest (batches after it are this claim's, and there are applied - bno of them at most).
+  if n == 0 then return {0, tonumber(head)} end
+  for _, row in ipairs(redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', applied - bno + 1)) do
+    local f, b, p = row[2], nil, nil
+    for i = 1, #f, 2 do
+      if f[i] == 'b' then b = f[i + 1] elseif f[i] == 'p' then p = f[i + 1] end
+    end
+    if b == ARGV[2] then return {string.match(row[1], '^(%d+)'), p} end
+  end
+  return {-1, -1}
+end
+if bno ~= applied + 1 then return redis.error_reply('GAP batch ' .. bno .. ' follows ' .. applied) end
 local first = 0
 if n > 0 then
   if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -89,7 +104,7 @@ if n > 0 then
   end
   local last = redis.call('INCRBY', KEYS[1], n)
   first = last - n + 1
-  redis.call('XADD', KEYS[2], string.format('%.0f', first) .. '-0', 'd', ARGV[4])
+  redis.call('XADD', KEYS[2], string.format('%.0f', first) .. '-0', 'd', ARGV[4], 'b', ARGV[2], 'p', head)
   local added = string.len(ARGV[4]) + 24
   redis.call('HSET', KEYS[3], 'head', string.format('%.0f', last), 'updated_at', ARGV[7], 'last_event', ARGV[6])
   redis.call('HINCRBY', KEYS[3], 'count', n)
@@ -114,11 +129,18 @@ end
 return {first, tonumber(head)}
 """.replace("__TTL__", str(_SAFETY_TTL_MS))
 
-# KEYS: lease, fence counter, meta.  ARGV: replica, ttl ms.  Returns the token, or nil when held.
+# KEYS: lease, fence counter, meta.  ARGV: replica, ttl ms, nonce.  Returns the token, or nil when
+# another holds it. The lease's value is "replica:nonce:token": a retry whose first try took the
+# lease (its reply lost) gets that token back instead of a refusal.
 _CLAIM = """
+local mine = ARGV[1] .. ':' .. ARGV[3] .. ':'
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if string.sub(cur, 1, #mine) == mine then return string.sub(cur, #mine + 1) end
+  return false
+end
 local token = redis.call('INCR', KEYS[2])
-local value = ARGV[1] .. ':' .. token
-if not redis.call('SET', KEYS[1], value, 'NX', 'PX', ARGV[2]) then return false end
+redis.call('SET', KEYS[1], mine .. token, 'PX', ARGV[2])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'fence', token, 'bno', '0') end
 return token
 """
@@ -165,9 +187,38 @@ redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'key'))
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS: stream, meta, followers, all-set, open-set, size.  ARGV: key.  Removes a closed stream whole;
+# one that is open again (re-captured since the sweep looked) is kept, and a retry after a lost
+# reply finds nothing left to count twice (and says removed: it is).
+_DROP = """
+local size = redis.call('HGET', KEYS[2], 'size')
+if size and redis.call('HGET', KEYS[2], 'open') == '1' then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
+if size then redis.call('DECRBY', KEYS[6], size) end
+return 1
+"""
+
+# KEYS: stream, meta, size.  ARGV: min id kept, first seq kept, bytes the older entries hold.
+# Trims an open thread stream; the bytes are uncounted only by the call that removed the entries.
+_TRIM = """
+if redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], 'first_seq', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'size', -tonumber(ARGV[3]))
+redis.call('DECRBY', KEYS[3], ARGV[3])
+return 1
+"""
+
+# KEYS: meta.  ARGV: field, value.  Sets a field of a stream still held (never creates a stray hash).
+_FLAG = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 0
+"""
+
 _INT_FIELDS = {"head", "count", "size", "first_seq", "base"}
 _FLOAT_FIELDS = {"created_at", "updated_at"}
-_BOOL_FIELDS = {"resumable", "open"}
+_BOOL_FIELDS = {"resumable", "open", "cancel_on_orphan"}
 _META_FIELDS = {f.name for f in fields(StreamMeta)}
 
 
@@ -234,6 +285,9 @@ class RedisEventLog(EventLog):
         self._feeds = LocalFeeds()
         self._claims: dict[str, _Claim] = {}
         self._queue: list[_Pending] = []
+        # Streams a failed commit stopped: their later batches are refused until begin() (as on
+        # LMDB), so a batch queued behind a lost one never lands after the hole it leaves.
+        self._broken: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._failure: str | None = None
@@ -393,15 +447,16 @@ class RedisEventLog(EventLog):
     async def claim(self, key: str) -> bool:
         if key in self._claims:
             return True
+        nonce = uuid.uuid4().hex[:12]
         try:
             token = await self._claim_script(keys=[self._k("l", key), self._k("fence"), self._k("m", key)],
-                                             args=[self.replica, int(self._cfg.lease_ttl * 1000)])
+                                             args=[self.replica, int(self._cfg.lease_ttl * 1000), nonce])
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
         if token is None:
             return False
         tok = str(int(token))
-        self._claims[key] = _Claim(f"{self.replica}:{tok}", tok)
+        self._claims[key] = _Claim(f"{self.replica}:{nonce}:{tok}", tok)
         return True
 
     async def release(self, key: str) -> None:
@@ -573,11 +628,11 @@ class RedisEventLog(EventLog):
         if writer == self.replica.encode():
             return  # committed here: delivered when the commit was acknowledged
         prev = int(head or 0)
-        if kind == b"e":
-            self._feeds.deliver(key, Batch("end", prev=prev if not record else int(first) - 1))
-            return
-        entries = [(seq, body) for seq, _uid, body in decode(int(first), record)]
-        self._feeds.deliver(key, Batch("events", entries, prev, sum(len(b) for _, b in entries)))
+        entries = [(seq, body) for seq, _uid, body in decode(int(first), record)] if record else []
+        if entries:
+            self._feeds.deliver(key, Batch("events", entries, prev, sum(len(b) for _, b in entries)))
+        if kind == b"e":  # an end may carry the stream's last events (an error event): they go first
+            self._feeds.deliver(key, Batch("end", prev=entries[-1][0] if entries else prev))
 
     async def ready(self, feed: Feed) -> None:
         """Until the channel of ``feed`` is subscribed (register-then-replay across replicas); a broken
@@ -603,6 +658,7 @@ class RedisEventLog(EventLog):
         if claim is None:
             raise ClaimLost(meta.key)
         claim.bno = 0
+        self._broken.discard(meta.key)
         now = repr(time.time())
         try:
             raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
@@ -636,6 +692,9 @@ class RedisEventLog(EventLog):
         if self._failure is not None:
             fut.set_exception(StorageError(f"storage is failing: {self._failure}"))
             return fut
+        if key in self._broken:
+            fut.set_exception(StorageError(f"stream {key} stopped at a failed commit"))
+            return fut
         claim.bno += 1
         enc = encode(events, int(time.time() * 1000)) if events else None
         self._queue.append(_Pending(
@@ -660,8 +719,7 @@ class RedisEventLog(EventLog):
             if isinstance(results, BaseException):
                 self._fail(f"{results.__class__.__name__}: {results}")
                 for p in group:
-                    if not p.future.done():
-                        p.future.set_exception(StorageError(f"commit failed: {results}"))
+                    self._break(p.key, StorageError(f"commit failed: {results}"))
                 continue
             for p, res in zip(group, results):
                 self._resolve(p, res)
@@ -696,6 +754,8 @@ class RedisEventLog(EventLog):
                 self._lost(p.key)
                 p.future.set_exception(ClaimLost(p.key))
             else:
+                self._break(p.key, StorageError(f"commit failed: {text}"))
+            if not p.future.done():
                 p.future.set_exception(StorageError(f"commit failed: {text}"))
             return
         first, prev = int(res[0]), int(res[1])
@@ -710,6 +770,20 @@ class RedisEventLog(EventLog):
         if p.end:
             self._feeds.deliver(p.key, Batch("end", prev=entries[-1][0] if entries else prev))
         p.future.set_result(entries)
+
+    def _break(self, key: str, error: StorageError) -> None:
+        """A batch of ``key`` was not (or may not have been) applied: refuse the batches queued
+        behind it and every later one until the stream is begun again."""
+        self._broken.add(key)
+        for p in self._pending_of(key):
+            if not p.future.done():
+                p.future.set_exception(error)
+
+    def _pending_of(self, key: str) -> list[_Pending]:
+        mine = [p for p in self._queue if p.key == key]
+        if mine:
+            self._queue = [p for p in self._queue if p.key != key]
+        return mine
 
     def _fail(self, reason: str) -> None:
         if self._failure is None:
@@ -782,13 +856,16 @@ class RedisEventLog(EventLog):
         now = time.time() if now is None else now
         r = self._r
         try:
-            if not await r.set(self._k("sweeper"), self.replica, nx=True, px=60_000):
+            nonce = f"{self.replica}:{uuid.uuid4().hex[:8]}"
+            # A retried SET whose first try took the lease answers "not set": the value says whose it is.
+            if not await r.set(self._k("sweeper"), nonce, nx=True, px=60_000) and \
+                    await r.get(self._k("sweeper")) != nonce.encode():
                 self._size = int(await r.get(self._k("size")) or 0)
                 return 0
             try:
                 removed = await self._sweep(now)
             finally:
-                await r.delete(self._k("sweeper"))
+                await self._release_script(keys=[self._k("sweeper")], args=[nonce])
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
@@ -803,8 +880,7 @@ class RedisEventLog(EventLog):
         closed = sorted((m for m in metas if not m.open), key=lambda m: m.updated_at)
         size = int(await self._r.get(self._k("size")) or 0)
         for m in closed:
-            if m.updated_at < cutoff or size >= self._cfg.max_bytes:
-                await self._drop(m)
+            if (m.updated_at < cutoff or size >= self._cfg.max_bytes) and await self._drop(m):
                 size -= m.size
                 removed += 1
         for m in metas:
@@ -812,13 +888,10 @@ class RedisEventLog(EventLog):
                 await self._trim(m, cutoff)
         return removed
 
-    async def _drop(self, m: StreamMeta) -> None:
-        async with self._r.pipeline(transaction=True) as p:
-            p.delete(self._k("s", m.key), self._k("m", m.key), self._k("f", m.key))
-            p.srem(self._k("all"), m.key)
-            p.srem(self._k("open"), m.key)
-            p.decrby(self._k("size"), m.size)
-            await p.execute()
+    async def _drop(self, m: StreamMeta) -> bool:
+        return bool(await self._drop_script(
+            keys=[self._k("s", m.key), self._k("m", m.key), self._k("f", m.key), self._k("all"), self._k("open"),
+                  self._k("size")], args=[m.key]))
 
     async def _trim(self, m: StreamMeta, cutoff: float) -> None:
         """Drop an open thread stream's entries appended before ``cutoff`` (it never closes)."""
@@ -829,12 +902,8 @@ class RedisEventLog(EventLog):
             return
         next_seq = decode(old[-1][0], old[-1][1])[-1][0] + 1
         size = sum(len(d) + 24 for _, d in old)
-        async with self._r.pipeline(transaction=True) as p:
-            p.xtrim(self._k("s", m.key), minid=f"{next_seq}-0")
-            p.hset(self._k("m", m.key), mapping={"first_seq": str(next_seq)})
-            p.hincrby(self._k("m", m.key), "size", -size)
-            p.decrby(self._k("size"), size)
-            await p.execute()
+        await self._trim_script(keys=[self._k("s", m.key), self._k("m", m.key), self._k("size")],
+                                args=[f"{next_seq}-0", next_seq, size])
 
 
 def _rows(raw: Any) -> list[tuple[int, bytes]]:

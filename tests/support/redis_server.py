@@ -51,6 +51,13 @@ class RedisServer:
         stop(self.proc)
         self.proc = None
 
+    def kill(self) -> None:
+        """SIGKILL: Redis dies without a word; what it acknowledged is in its AOF (fsynced always)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
     def restart(self) -> None:
         """Stop, then start from the same AOF on the same port."""
         self.stop()

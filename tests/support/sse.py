@@ -85,7 +85,7 @@ async def read_until_cut(resp: aiohttp.ClientResponse) -> tuple[list[Ev], bool]:
     try:
         async for chunk in resp.content.iter_any():
             raw += chunk
-    except aiohttp.ClientPayloadError:
+    except aiohttp.ClientError:  # a cut body, or a reset connection: what came whole counts
         whole = raw.decode().replace("\r\n", "\n").rsplit("\n\n", 1)[0]
         return parse_all(whole + "\n\n"), True
     return parse_all(raw.decode()), False

@@ -1,0 +1,162 @@
+"""The shared log when Redis fails under it: outages of every length, connections dropped at random
+points of the commit path, and Redis losing its data. Real redis-server processes (AOF, fsync
+always), real sockets; every client's view and every ``-1`` replay is checked for the promise:
+each event exactly once, or a gap marker where events are missing, never a silent hole or a repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator, Literal
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+from tests.support.invariants import assert_exactly_once, assert_whole_or_marked, follow_to_end
+from tests.support.redis_server import RedisServer
+from tests.support.sse import Ev, read_events, read_until_cut
+from tests.support.tcp_relay import TcpRelay
+from tests.test_resume import join
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+# Outage lengths swept (seconds): shorter than a commit's retries, about as long, and longer
+# than the lease, so every path back (retry, storage recovery, takeover) is taken.
+OUTAGES = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0]
+
+
+async def _gateway_on(make_gateway: MakeGateway, fake: FakeAgentServer, tmp_path: Path, redis_url: str,
+                      prefix: str, name: str = "gw") -> RunningGateway:
+    raw = gateway_config(tmp_path / name, {"default": {"urls": [fake.url]}}, streams={"reattach_backoff": "100ms"})
+    raw["storage"] = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix, "lease_ttl": "1500ms"}
+    return await make_gateway(raw)
+
+
+async def _start_run(http: aiohttp.ClientSession, url: str, n: int, delay: float) -> aiohttp.ClientResponse:
+    async with http.post(f"{url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    resp = await http.post(f"{url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": n, "delay": delay}})
+    assert resp.status == 200, await resp.text()
+    return resp
+
+
+@pytest.fixture
+def redises() -> Iterator[list[RedisServer]]:
+    """Redis servers a test starts itself; listed before ``make_gateway``, they stop after its gateways."""
+    started: list[RedisServer] = []
+    yield started
+    for server in started:
+        server.cleanup()
+
+
+async def _one_outage(make_gateway: MakeGateway, fake: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+                      redises: list[RedisServer], outage: float,
+                      how: Literal["term", "kill"]) -> tuple[list[Ev], list[Ev]]:
+    redis = RedisServer()
+    redises.append(redis)
+    await asyncio.to_thread(redis.start)
+    gw = await _gateway_on(make_gateway, fake, tmp_path, redis.url, "o", f"gw-{outage}")
+    resp = await _start_run(http, gw.url, 140, 0.05)
+    url = gw.url + resp.headers["Location"]
+    reader = asyncio.create_task(follow_to_end(http, url, resp))
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(redis.stop if how == "term" else redis.kill)
+    await asyncio.sleep(outage)
+    await asyncio.to_thread(redis.start)  # from its AOF, on the same port
+    live = await reader
+    replay = await asyncio.wait_for(join(http, url, "-1"), 30)
+    return live, replay
+
+
+@pytest.mark.parametrize("how", ["term", "kill"])
+async def test_a_redis_outage_of_any_length_leaves_no_silent_hole(
+        redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        how: Literal["term", "kill"]) -> None:
+    # One gateway and one Redis per outage length, all at once (the runs are independent).
+    results = await asyncio.gather(*(_one_outage(make_gateway, fake_upstream, tmp_path, http, redises, outage, how)
+                                     for outage in OUTAGES))
+    for outage, (live, replay) in zip(OUTAGES, results):
+        missing = assert_whole_or_marked(live, 140)
+        assert replay == live, f"outage {outage}s: the -1 replay is what the live client got"
+        # The upstream keeps a replay buffer, so the re-join recovers everything: nothing to mark.
+        assert missing == [], f"outage {outage}s: customs {missing} missing"
+
+
+async def test_redis_connections_dropped_at_random_lose_and_repeat_nothing(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Two replicas whose every Redis connection is reset every 10-100 ms, and one script call in ten
+    runs but loses its reply:
+    four runs through one replica, each followed from the other; what every client got, and
+    every replay, is each event exactly once or marked."""
+    relay = await TcpRelay("127.0.0.1", own_redis.port, rng=random.Random(7), lose_replies_to=b"EVALSHA",
+                           lose_share=0.1).start()
+    try:
+        url = f"redis://127.0.0.1:{relay.port}/0"
+        a = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "a")
+        b = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "b")
+        relay.chaos(random.Random(8), (0.01, 0.1))
+        starts = [await _start_run(http, a.url, 100, 0.02) for _ in range(4)]
+        locs = [r.headers["Location"] for r in starts]
+        views = await asyncio.gather(*(follow_to_end(http, a.url + loc, r) for loc, r in zip(locs, starts)),
+                                     *(follow_to_end(http, b.url + loc) for loc in locs))
+        await relay.calm()
+        assert relay.cuts >= 10 and relay.lost_replies >= 10, "the relay really dropped connections and replies"
+        for loc, view in zip(locs + locs, views):
+            assert_whole_or_marked(view, 100)
+            replay = await join(http, b.url + loc, "-1")
+            assert replay == await join(http, a.url + loc, "-1"), "one log: both replicas replay the same"
+            assert [e for e in replay if e in view] == view, "what a client got is in the log, in order"
+            assert_exactly_once(replay, 100)
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("flush_after", [5, 28])
+async def test_redis_losing_its_data_cuts_followers_on_every_replica_instead_of_repeating_the_run(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession, flush_after: int) -> None:
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "flush", "a")
+    b = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "flush", "b")
+    resp = await _start_run(http, a.url, 150, 0.02)
+    loc = resp.headers["Location"]
+    on_b = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    seen_b = await read_events(on_b, limit=flush_after + 1)  # metadata and flush_after customs
+    seen_a = await read_events(resp, limit=flush_after + 1)
+    own_redis.command("FLUSHALL")
+    for seen, r in ((seen_a, resp), (seen_b, on_b)):
+        more, cut = await asyncio.wait_for(read_until_cut(r), 30)
+        r.close()
+        assert cut, "the ids this client holds are gone with the log: it is cut, not fed the run again"
+        customs = [e.json["i"] for e in seen + more if e.event == "custom"]
+        assert customs == sorted(set(customs)), "nothing repeated before the cut"
+        async with http.get(b.url + loc, headers={"Last-Event-ID": (seen + more)[-1].id or ""}) as again:
+            assert again.status == 200 and again.headers["X-Gateway-Resume"] == "not-held"
+
+
+async def test_a_follower_on_another_replica_gets_the_error_event_an_interrupted_run_ends_with(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        http: aiohttp.ClientSession) -> None:
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, redis_storage["redis_url"],
+                          redis_storage["redis_prefix"], "a")
+    b = await _gateway_on(make_gateway, fake_upstream, tmp_path, redis_storage["redis_url"],
+                          redis_storage["redis_prefix"], "b")
+    fake_upstream.faults.cut_after = 10  # the capture's leg breaks after 10 events ...
+    resp = await _start_run(http, a.url, 100, 0.02)
+    loc = resp.headers["Location"]
+    on_b = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    await read_events(on_b, limit=3)
+    fake_upstream.faults.status = 404  # ... and its re-join is refused: the run ends interrupted
+    rest, cut = await asyncio.wait_for(read_until_cut(on_b), 30)
+    on_b.close()
+    resp.close()
+    fake_upstream.faults.status = 0
+    assert not cut and rest and rest[-1].event == "error", "a remote follower ends as the log does"
+    assert rest[-1].json["error"] == "CaptureInterrupted"
+    replay = await join(http, b.url + loc, "-1")
+    assert replay[-1] == rest[-1]
