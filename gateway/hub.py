@@ -118,6 +118,8 @@ class Hub:
         self.seam_delay: Callable[[], float] | None = None  # a test hook (see ready)
         self.replay = ReplayPages(log_.read, cfg.replay_cache_bytes, self.metrics.replayed)
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
+        # Runs another process captures that a client here asked to cancel on disconnect: its credentials.
+        self._cancel_auth: dict[str, dict[str, str]] = {}
         log_.on_lost(self._claim_lost)
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -160,9 +162,15 @@ class Hub:
             self._start(meta, None, None)
 
     async def _check_orphans(self) -> None:
-        """Followers on other replicas come and go unseen: what nobody follows any more is released."""
+        """Followers on other replicas come and go unseen: what nobody follows any more is released,
+        or cancelled if a client asked for that on any replica."""
         for ing in list(self._live.values()):
-            if not self._following.get(ing.key) and (ing.meta.kind == "thread" or ing.cancel_on_orphan):
+            if self._following.get(ing.key):
+                continue
+            if ing.meta.kind == "run" and not ing.cancel_on_orphan:
+                held = await self.log.lookup(ing.key)
+                ing.cancel_on_orphan = held is not None and held.cancel_on_orphan
+            if ing.meta.kind == "thread" or ing.cancel_on_orphan:
                 self._orphaned(ing)
 
     def _claim_lost(self, key: str) -> None:
@@ -486,18 +494,34 @@ class Hub:
         """A follower of ``key`` from ``after`` (None: the live tail), registered at once."""
         return Follower(self, key, after)
 
-    async def join(self, key: str, after: int | None, *, cancel_on_disconnect: bool = False) -> Follower:
+    async def join(self, key: str, after: int | None, *, cancel_on_disconnect: bool = False,
+                   auth: dict[str, str] | None = None) -> Follower:
         """Follow a stream the log holds. One that is open but captured by nobody (its ingest
-        crashed) is captured again first: a follower never waits on a stream nobody writes."""
+        crashed) is captured again first: a follower never waits on a stream nobody writes.
+
+        ``cancel_on_disconnect``: the run is cancelled upstream once nobody follows it on any
+        replica; ``auth`` are the client's credentials, for a cancel sent from here.
+        """
         meta = await self.log.lookup(key)
         if (key not in self._live and meta is not None and meta.open and meta.kind == "run" and not self.closing
                 and await self.log.claim(key) and key not in self._live):
             log.info("stream %s is open but nobody captures it; re-attaching", key)
             self._start(meta, None, None)
-        ing = self._live.get(key)
-        if ing is not None and cancel_on_disconnect:
-            ing.cancel_on_orphan = True
-        return Follower(self, key, after)
+        elsewhere = False
+        if cancel_on_disconnect and meta is not None and meta.kind == "run" and meta.open:
+            ing = self._live.get(key)
+            if ing is not None:
+                ing.cancel_on_orphan = True
+            else:  # captured by another process: it learns the wish from the log
+                elsewhere = True
+                try:
+                    await self.log.request_cancel(key)
+                except StorageError as exc:  # this process still cancels when its last follower leaves
+                    log.warning("could not note the cancel request on %s for its captor: %s", key, exc)
+        follower = Follower(self, key, after)
+        if elsewhere:
+            self._cancel_auth[key] = auth or {}  # for a cancel from here when the last follower leaves (left)
+        return follower
 
     async def wait_for(self, key: str, wait: float) -> None:
         """Until a stream another gateway process has just claimed is in the log (CapturedElsewhere
@@ -541,11 +565,15 @@ class Hub:
             self._following[key] = n
             return
         self._following.pop(key, None)
-        if not self.closing:
-            self.log.set_followers(key, 0)
+        cancel_auth = self._cancel_auth.pop(key, None)
+        if self.closing:
+            return
+        self.log.set_followers(key, 0)
         ing = self._live.get(key)
         if ing is not None:
             self._orphaned(ing)
+        elif cancel_auth is not None:
+            self.run_owned(self._cancel_elsewhere(key, cancel_auth))
 
     def _orphaned(self, ing: Ingest) -> None:
         """Nobody here follows ``ing`` any more: a thread stream lingers, then is released; a run
@@ -596,6 +624,16 @@ class Hub:
         # (it was created with on_disconnect=cancel).
         if await self._stop_ingest(ing):
             await self._finish(ing, "done")
+
+    async def _cancel_elsewhere(self, key: str, auth: dict[str, str]) -> None:
+        """The last follower here of a run another process captures left, and asked for a cancel:
+        cancel it now if nobody follows it anywhere (else the captor does, when the last one leaves)."""
+        meta = await self.log.lookup(key)
+        if (meta is None or not meta.open or self._following.get(key) or key in self._live
+                or await self.log.followers(key, 0) > 0):
+            return
+        log.info("last client of %s left and asked for cancel on disconnect (captured elsewhere)", key)
+        await self.cancel_upstream(meta, auth)
 
     async def _stop_ingest(self, ing: Ingest) -> bool:
         """Take a live ingest out of the live set, then cancel it; False if it was not live."""

@@ -224,7 +224,7 @@ class StreamHandlers:
             headers["Content-Type"] = "text/event-stream; charset=utf-8"
             headers["Location"] = target.client_path(meta.path)
             headers["Content-Location"] = target.client_path(meta.path.removesuffix("/stream"))
-            follower = await self.hub.join(key, after, cancel_on_disconnect=cancel)
+            follower = await self.hub.join(key, after, cancel_on_disconnect=cancel, auth=self._auth(request))
             return await self._send(request, follower, headers, keep)
         if tid is None:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids

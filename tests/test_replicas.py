@@ -305,3 +305,24 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
         await asyncio.sleep(0.05)
     assert len(children()) == 2 and victim not in children(), "the dead worker was replaced"
     assert sup.terminate() == 0
+
+
+async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the_run(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        http: aiohttp.ClientSession) -> None:
+    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    async with http.post(f"{a.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{a.url}/threads/{tid}/runs",  # a background run: a captures it, nobody follows
+                         json={"assistant_id": "a", "input": {"n": 400, "delay": 0.02}}) as r:
+        run_id = (await r.json())["run_id"]
+    on_b = await http.get(f"{b.url}/threads/{tid}/runs/{run_id}/stream", params={"cancel_on_disconnect": "true"},
+                          headers={"Last-Event-ID": "-1"})
+    assert b.gw.hub.live(f"default/run/{run_id}") is None, "b does not capture the run"
+    await read_events(on_b, limit=3)
+    on_b.close()  # the only client, and it asked for a cancel when it leaves
+    for _ in range(100):
+        if fake_upstream.runs[run_id].status == "interrupted":
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.runs[run_id].status == "interrupted", "cancelled upstream, as on the owning replica"

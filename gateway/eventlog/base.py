@@ -88,6 +88,9 @@ class StreamMeta:
     # The log's last seq when this capture began: every id of this capture is above it, so a
     # client id at or below it belongs to an earlier capture of the same run or thread.
     base: int = 0
+    # A client asked for the run to be cancelled once nobody follows it (cancel_on_disconnect),
+    # wherever it joined: the capturing process reads it here.
+    cancel_on_orphan: bool = False
     # Salted hash of the credentials that started the capture (gateway.access); never the secret.
     auth_salt: str | None = None
     auth_digest: str | None = None
@@ -451,6 +454,11 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     def on_lost(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(key)`` when this process loses a claim to another one."""
+
+    @abc.abstractmethod
+    async def request_cancel(self, key: str) -> None:
+        """Note on ``key`` that a client wants its run cancelled once nobody follows it
+        (``StreamMeta.cancel_on_orphan``), for whichever process captures it."""
 
     @abc.abstractmethod
     def set_followers(self, key: str, here: int) -> None:

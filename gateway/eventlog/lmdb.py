@@ -306,6 +306,13 @@ class LmdbEventLog(EventLog):
     def on_lost(self, callback: Callable[[str], None]) -> None:
         pass  # nobody else can take a claim
 
+    async def request_cancel(self, key: str) -> None:
+        staged = self._staged.get(key)
+        if staged is None or staged.cancel_on_orphan or key in self._broken:
+            return
+        self._staged[key] = staged = replace(staged, cancel_on_orphan=True)
+        await self._submit(_Batch(key=key, metas={key: staged}))
+
     def set_followers(self, key: str, here: int) -> None:
         pass
 

@@ -308,6 +308,9 @@ class RedisEventLog(EventLog):
         self._renew: Any = None
         self._release_script: Any = None
         self._begin: Any = None
+        self._drop_script: Any = None
+        self._trim_script: Any = None
+        self._flag_script: Any = None
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -336,6 +339,9 @@ class RedisEventLog(EventLog):
             self._renew = r.register_script(_RENEW)
             self._release_script = r.register_script(_RELEASE)
             self._begin = r.register_script(_BEGIN)
+            self._drop_script = r.register_script(_DROP)
+            self._trim_script = r.register_script(_TRIM)
+            self._flag_script = r.register_script(_FLAG)
             await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
@@ -510,6 +516,12 @@ class RedisEventLog(EventLog):
                 if not ok and self._claims.get(key) is claim:
                     log.warning("lease on %s was lost (this process stalled past %gs?)", key, self._cfg.lease_ttl)
                     self._lost(key)
+
+    async def request_cancel(self, key: str) -> None:
+        try:
+            await self._flag_script(keys=[self._k("m", key)], args=["cancel_on_orphan", "1"])
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
 
     # --- presence -----------------------------------------------------------------------------
 
