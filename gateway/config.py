@@ -166,6 +166,24 @@ _SIZE_UNITS = {
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+# Query parameters that carry a secret in the URLs redis-py (and others) accept.
+_SECRET_PARAMS = frozenset({"password", "pass", "passwd", "secret", "token", "auth"})
+
+
+def shown_url(url: str) -> str:
+    """A URL as logs and error messages may show it: its user info and secret query values masked.
+
+    The password may contain ``@`` (the host follows the *last* one), or come as a query
+    parameter (``redis://host/0?password=...``, which redis-py accepts).
+    """
+    parts = urlsplit(url)
+    user, at, host = parts.netloc.rpartition("@")
+    netloc = f"***@{host}" if at else host
+    query = "&".join(f"{name}=***" if name.lower() in _SECRET_PARAMS else f"{name}{eq}{value}"
+                     for name, eq, value in (p.partition("=") for p in parts.query.split("&") if p))
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+
 def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
     """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
     if isinstance(value, str):
@@ -376,7 +394,7 @@ def _storage(raw: Any) -> Storage:
         raise ConfigError("storage.backend", backend, "'lmdb' or 'redis'")
     redis_url = _str("storage.redis_url", raw.get("redis_url", d.redis_url))
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("storage.redis_url", redis_url, "a redis://, rediss:// or unix:// URL")
+        raise ConfigError("storage.redis_url", shown_url(redis_url), "a redis://, rediss:// or unix:// URL")
     prefix = _str("storage.redis_prefix", raw.get("redis_prefix", d.redis_prefix))
     if not _NAME.match(prefix):
         raise ConfigError("storage.redis_prefix", prefix, "letters, digits, '.', '_' or '-'")

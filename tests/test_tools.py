@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.redis_server import RedisServer
 from tests.support.sse import read_events
 from tests.test_resume import new_thread, stream_run
 
@@ -139,6 +140,30 @@ async def test_json_logs_have_one_line_per_request_and_no_secrets(
     assert resume["resume"] == "hit" and resume["bytes"] > 0 and resume["duration_ms"] >= 0
     text = gw.log_text()
     assert "very-secret" not in text and tid not in text, "no credentials, no ids from URLs"
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+async def test_the_redis_password_is_never_logged(
+        gateway_process: Any, fake_upstream: FakeAgentServer, own_redis: RedisServer, tmp_path: Path,
+        http: aiohttp.ClientSession, form: str) -> None:
+    secret = "pa@ss-very-secret"  # an "@" in it: the host follows the last one
+    own_redis.command("CONFIG", "SET", "requirepass", secret)
+    host = f"127.0.0.1:{own_redis.port}"
+    url = f"redis://:{secret}@{host}/0" if form == "userinfo" else f"redis://{host}/0?password={secret}"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  backend: redis\n  redis_url: '{url}'\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        assert r.status == 200
+    assert gw.terminate() == 0
+    wrong = tmp_path / "wrong.yaml"  # refused at start: the error names the URL, not the password
+    wrong.write_text(cfg.read_text().replace(secret, secret + "-wrong"))
+    refused = cli("--config", str(wrong))
+    assert refused.returncode != 0 and host in refused.stderr
+    text = gw.log_text() + refused.stdout + refused.stderr
+    assert f"on redis redis://" in text, "the shared log is named in the log"
+    assert "very-secret" not in text and "pa@ss" not in text and "ss-very" not in text
 
 
 def test_the_dockerfile_passes_hadolint() -> None:

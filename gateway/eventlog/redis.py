@@ -42,7 +42,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.config import Storage
+from gateway.config import Storage, shown_url
 from gateway.eventlog.base import (
     BEAT,
     CUT,
@@ -346,13 +346,13 @@ class RedisEventLog(EventLog):
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
             await self._redis.aclose()
-            raise StorageError(f"redis at {_shown(self._cfg.redis_url)}: {exc}") from exc
+            raise StorageError(f"redis at {shown_url(self._cfg.redis_url)}: {exc}") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._write_loop(), name="redis-writer"),
                        loop.create_task(self._renew_loop(), name="redis-leases"),
                        loop.create_task(self._pubsub_loop(), name="redis-feed"),
                        loop.create_task(self._presence_loop(), name="redis-presence")]
-        log.info("shared event log on redis %s (prefix %s) as replica %s", _shown(self._cfg.redis_url),
+        log.info("shared event log on redis %s (prefix %s) as replica %s", shown_url(self._cfg.redis_url),
                  self._cfg.redis_prefix, self.replica)
 
     async def _check_server(self) -> None:
@@ -921,12 +921,3 @@ class RedisEventLog(EventLog):
 def _rows(raw: Any) -> list[tuple[int, bytes]]:
     """Stream entries as (first seq of the batch, record)."""
     return [(int(eid.split(b"-")[0]), fields_[b"d"]) for eid, fields_ in raw or ()]
-
-
-def _shown(url: str) -> str:
-    """A Redis URL as logs may show it: without a password."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
-
