@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 from yarl import URL
@@ -117,6 +118,11 @@ class Clients:
     # body (its upstream connection is freed).
     write_timeout: float = 30.0
     header_timeout: float = 10.0  # a connection must finish its request headers within this
+    # A request body up to body_buffer_bytes is read whole, within body_timeout, before any upstream
+    # connection is taken for it: a client that trickles its body holds its own connection, not one
+    # of the upstream's. Bigger bodies stream through, each read within body_timeout of the last.
+    body_timeout: float = 60.0
+    body_buffer_bytes: int = 1 << 20
     max_connections: int = 10_000  # client connections at once; beyond, a 503 and a close
     # Connections the kernel queues before the gateway accepts them: a reconnect storm of a
     # thousand clients fits, instead of waiting for SYN retries.
@@ -451,6 +457,8 @@ def _clients(raw: Any, old_write_timeout: Any) -> Clients:
     return Clients(
         write_timeout=_duration(name, write_timeout),
         header_timeout=_duration("clients.header_timeout", raw.get("header_timeout", d.header_timeout)),
+        body_timeout=_duration("clients.body_timeout", raw.get("body_timeout", d.body_timeout)),
+        body_buffer_bytes=_size("clients.body_buffer_bytes", raw.get("body_buffer_bytes", d.body_buffer_bytes)),
         max_connections=_int("clients.max_connections", raw.get("max_connections", d.max_connections), 1),
         backlog=_int("clients.backlog", raw.get("backlog", d.backlog), 1, 65535),
         max_header_bytes=_size("clients.max_header_bytes", raw.get("max_header_bytes", d.max_header_bytes)),

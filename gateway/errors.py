@@ -41,6 +41,12 @@ class NotFound(GatewayError):
     status = 404
 
 
+class RequestTimeout(GatewayError):
+    """The client did not send its request body in time."""
+
+    status = 408
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
 

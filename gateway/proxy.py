@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -19,7 +19,16 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Clients
-from gateway.errors import BadUpstreamResponse, UpstreamTimeout, UpstreamUnreachable, cut, send_body, start_response
+from gateway.errors import (
+    BadUpstreamResponse,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    cut,
+    send_body,
+    start_response,
+)
 from gateway.upstream import Kind, Target, Upstreams
 
 log = logging.getLogger("gateway.proxy")
@@ -125,11 +134,52 @@ class Forwarder:
         """Send the request upstream; returns the response with headers read."""
         qs = request.rel_url.raw_query_string if query is None else query
         pq = target.path + (f"?{qs}" if qs else "")
+        streamed: _StreamedBody | None = None
         if data is None and request.body_exists:
-            data = request.content
-        return await self.upstreams.send(target.pool, request.method, pq,
-                                         headers if headers is not None else self.upstream_headers(request),
-                                         data, kind=kind)
+            head, ended = await self._read_head(request)
+            data = head if ended else (streamed := _StreamedBody(request.content, head, self.clients.body_timeout))
+        try:
+            return await self.upstreams.send(target.pool, request.method, pq,
+                                             headers if headers is not None else self.upstream_headers(request),
+                                             data, kind=kind)
+        except UpstreamUnreachable:
+            if streamed is not None and streamed.timed_out:  # the client stalled, not the upstream
+                raise streamed.timeout() from None
+            raise
+
+    async def _read_head(self, request: web.Request) -> tuple[bytes, bool]:
+        """The body, read before any upstream connection is taken for it, if it is at most
+        ``clients.body_buffer_bytes``; else what was read of it, and False (the rest streams)."""
+        limit = self.clients.body_buffer_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return b"", False
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.clients.body_timeout):
+                while size <= limit:
+                    chunk = await request.content.readany()
+                    if not chunk:
+                        return b"".join(parts), True
+                    parts.append(chunk)
+                    size += len(chunk)
+        except TimeoutError:
+            raise _body_timeout(self.clients.body_timeout) from None
+        return b"".join(parts), False
+
+    async def read_body(self, request: web.Request, limit: int) -> bytes:
+        """A whole request body the gateway reads itself (a run to create), within
+        ``clients.body_timeout``; 413 past ``limit``, 408 when it comes too slowly."""
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+        try:
+            async with asyncio.timeout(self.clients.body_timeout):
+                body = await read_limited(request.content, limit)
+        except TimeoutError:
+            raise _body_timeout(self.clients.body_timeout) from None
+        if body is None:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        return body
 
     async def relay(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse) -> web.StreamResponse:
         """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
@@ -178,6 +228,39 @@ class Forwarder:
         if body is None:
             raise BadUpstreamResponse(f"upstream response body exceeds the {limit}-byte limit")
         return body
+
+
+class _StreamedBody:
+    """A request body too big to read first, streamed upstream as it comes: each read within
+    ``timeout`` of the last, or the request fails (and says the client was too slow)."""
+
+    def __init__(self, content: aiohttp.StreamReader, head: bytes, timeout: float) -> None:
+        self._content = content
+        self._head = head
+        self._timeout = timeout
+        self.timed_out = False
+
+    def timeout(self) -> RequestTimeout:
+        return _body_timeout(self._timeout)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.timed_out = True
+                raise self.timeout() from None
+            if not chunk:
+                return
+            yield chunk
+
+
+def _body_timeout(seconds: float) -> RequestTimeout:
+    return RequestTimeout(f"request body not received within {seconds:g}s (clients.body_timeout)",
+                          headers={"Connection": "close"})
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -23,7 +23,6 @@ from gateway.config import Streams
 from gateway.errors import (
     GatewayError,
     InvalidEventId,
-    PayloadTooLarge,
     StorageUnavailable,
     Unprocessable,
     cut,
@@ -34,7 +33,7 @@ from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import CapturedElsewhere, Hub, Ingest, is_event_stream
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
-from gateway.proxy import Forwarder, RelayedBody, client_headers, read_limited
+from gateway.proxy import Forwarder, RelayedBody, client_headers
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     Cursor,
@@ -65,15 +64,6 @@ def run_key(upstream: str, run_id: str) -> str:
 
 def thread_key(upstream: str, thread_id: str) -> str:
     return f"{upstream}/thread/{thread_id}"
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
-    body = await read_limited(request.content, limit)
-    if body is None:
-        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-    return body
 
 
 def _run_ids(resp: aiohttp.ClientResponse) -> tuple[str | None, str | None]:
@@ -107,7 +97,7 @@ class StreamHandlers:
     # --- POST .../runs/stream ------------------------------------------------------------------
 
     async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> web.StreamResponse:
-        run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
+        run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self._check_capacity()
         resp = await self._create_run(request, target, run, "stream")
@@ -161,7 +151,7 @@ class StreamHandlers:
     # --- POST /threads/{tid}/runs ---------------------------------------------------------------
 
     async def create_background_run(self, request: web.Request, target: Target) -> web.StreamResponse:
-        run = prepare_run_request(await read_body(request, self.cfg.max_request_body),
+        run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
         self._check_capacity()
         resp = await self._create_run(request, target, run, "forward")

@@ -231,6 +231,7 @@ class FakeAgentServer:
         return web.Response(status=303, headers={"Location": f"{self.url}/echo/landed"})
 
     async def create_thread(self, request: web.Request) -> web.Response:
+        await request.read()  # the real server parses the whole body before it answers
         return web.json_response({"thread_id": str(uuid.uuid4()), "status": "idle"})
 
     async def get_thread(self, request: web.Request) -> web.Response:

@@ -6,6 +6,7 @@ Every test drives the gateway over real sockets against the fake upstream.
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from pathlib import Path
 from typing import Awaitable, Callable
@@ -117,3 +118,61 @@ async def test_an_event_over_the_size_limit_ends_at_once(
     got = await asyncio.wait_for(read_events(resp), 20)
     assert got[-1].event == "error" and "larger than" in got[-1].json["message"]
     assert not [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "not retried"
+
+
+async def test_clients_trickling_request_bodies_hold_no_upstream_connection(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_connections": 4, "pool_timeout": "1s"}},
+        clients={"body_timeout": "3s"}))
+    tid = await new_thread(http, gw)
+    port = int(gw.url.rsplit(":", 1)[1])
+
+    # More trickling clients than the upstream has forward connections, on a plain forward and
+    # on the run-creating path the gateway reads itself.
+    slow = [asyncio.create_task(trickle(port, "/threads")) for _ in range(6)]
+    slow.append(asyncio.create_task(trickle(port, f"/threads/{tid}/runs/stream")))
+    await asyncio.sleep(1.5)
+    async with http.get(f"{gw.url}/threads/{tid}") as r:
+        assert r.status == 200, await r.text()
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        assert r.status == 200, await r.text()
+    answers = await asyncio.wait_for(asyncio.gather(*slow), 30)
+    for raw in answers:
+        assert_body_timeout(raw)
+
+
+async def test_a_body_too_big_to_read_first_streams_but_not_forever(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"body_timeout": "1s", "body_buffer_bytes": "1KiB"}))
+    async with http.post(f"{gw.url}/echo", data=b"x" * 5000) as r:  # streamed through, whole
+        assert r.status == 200 and len(base64.b64decode((await r.json())["body_b64"])) == 5000
+    port = int(gw.url.rsplit(":", 1)[1])
+    assert_body_timeout(await asyncio.wait_for(trickle(port, "/echo", first=b"y" * 2000, every=1.5), 30))
+
+
+async def trickle(port: int, path: str, first: bytes = b"", every: float = 0.2) -> bytes:
+    """Announce a 100 kB body, send ``first``, then a byte every ``every`` seconds; what the gateway answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 "Content-Length: 100000\r\n\r\n".encode() + first)
+    try:
+        while not reader.at_eof():
+            writer.write(b" ")
+            await writer.drain()
+            try:
+                return await asyncio.wait_for(reader.read(65536), every)
+            except TimeoutError:
+                continue
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return b""
+
+
+def assert_body_timeout(raw: bytes) -> None:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), raw[:200]
+    assert b"body_timeout" in body, "the answer says which setting, in the API's shape"
