@@ -40,7 +40,7 @@ class LogView(Protocol):
 
     def metas(self) -> list[StreamMeta]: ...
     def meta(self, key: str) -> StreamMeta | None: ...
-    def records(self, key: str) -> Iterator[Record]: ...
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]: ...
     def counter(self) -> int: ...
     def orphan_keys(self) -> set[str]: ...
     def close(self) -> None: ...
@@ -75,7 +75,7 @@ class LmdbView:
             raw = txn.get(key.encode())
         return StreamMeta.from_bytes(raw) if raw is not None else None
 
-    def records(self, key: str) -> Iterator[Record]:
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
         prefix = key.encode() + b"\x00"
         with self._env.begin(db=self._events, buffers=False) as txn:
             cur = txn.cursor()
@@ -85,6 +85,8 @@ class LmdbView:
                 if not k.startswith(prefix):
                     break
                 first = int.from_bytes(k[len(prefix):], "big")
+                if upto is not None and first > upto:
+                    break
                 yield Record(first, record_time_ms(v), decode(first, v), len(k) + len(v))
                 found = cur.next()
 
@@ -96,13 +98,13 @@ class LmdbView:
         return int(raw)
 
     def orphan_keys(self) -> set[str]:
-        """Stream keys that have records but no metadata."""
+        """Stream keys that have records but no metadata (one snapshot: a writer beside it cannot
+        make a stream look half-written)."""
         keys: set[str] = set()
-        with self._env.begin(db=self._events) as txn:
-            for k in txn.cursor().iternext(keys=True, values=False):
+        with self._env.begin() as txn:
+            for k in txn.cursor(db=self._events).iternext(keys=True, values=False):
                 keys.add(bytes(k).split(b"\x00", 1)[0].decode("utf-8", "replace"))
-        with self._env.begin(db=self._streams) as txn:
-            known = {bytes(k).decode() for k in txn.cursor().iternext(keys=True, values=False)}
+            known = {bytes(k).decode() for k in txn.cursor(db=self._streams).iternext(keys=True, values=False)}
         return keys - known
 
     def close(self) -> None:
@@ -132,10 +134,11 @@ class RedisView:
         meta: StreamMeta | None = self._meta_from_hash(self._r.hgetall(self._p + "m:" + key))
         return meta
 
-    def records(self, key: str) -> Iterator[Record]:
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
         start = "-"
+        top = "+" if upto is None else f"{upto}-0"
         while True:
-            rows = self._rows(self._r.xrange(self._p + "s:" + key, min=start, count=500))
+            rows = self._rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
             for first, record in rows:
                 yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
             if len(rows) < 500:
@@ -146,9 +149,11 @@ class RedisView:
         return int(self._r.get(self._p + "seq") or 0)
 
     def orphan_keys(self) -> set[str]:
-        known = {k.decode() for k in self._r.smembers(self._p + "all")}
         found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
-        return found - known
+        known = {k.decode() for k in self._r.smembers(self._p + "all")}  # after: streams begun meanwhile count
+        # Each suspect looked at once more: one dropped between the two reads is gone from both now.
+        return {k for k in found - known if self._r.exists(self._p + "s:" + k)
+                and not self._r.sismember(self._p + "all", k)}
 
     def close(self) -> None:
         self._r.close()
@@ -237,40 +242,74 @@ def matches(meta: StreamMeta, *, state: str | None, upstream: str | None, thread
 
 
 def check(view: LogView) -> list[str]:
-    """Every inconsistency in the log, one line each (an empty list: the log is sound)."""
+    """Every inconsistency in the log, one line each (an empty list: the log is sound).
+
+    Sound beside a gateway that writes it: each stream's records are read up to the head its
+    metadata had, a stream trimmed or removed meanwhile is read again, and the id counter is
+    read last (it only grows, so every head read before it is at or below it).
+    """
     problems: list[str] = []
     try:
-        counter = view.counter()
         metas = view.metas()
     except StorageError as exc:
         return [str(exc)]
+    held: list[StreamMeta] = []
     for meta in metas:
-        prefix = f"{meta.key}:"
-        last = 0
-        count = size = 0
-        try:
-            for rec in view.records(meta.key):
-                seqs = [seq for seq, _u, _b in rec.events]
-                if seqs != list(range(rec.first, rec.first + len(seqs))):
-                    problems.append(f"{prefix} the record at {rec.first} does not hold consecutive seqs")
-                if rec.first <= last:
-                    problems.append(f"{prefix} seq {rec.first} does not come after {last}")
-                last = max(last, seqs[-1] if seqs else rec.first)
-                count += len(seqs)
-                size += rec.size
-        except StorageDamaged as exc:
-            problems.append(f"{prefix} {exc}")
-            continue
-        if last and last != meta.head:
-            problems.append(f"{prefix} its metadata says head {meta.head}, its records end at {last}")
-        if not meta.first_seq and count != meta.count:  # trimmed streams keep their total count
-            problems.append(f"{prefix} its metadata counts {meta.count} events, its records hold {count}")
+        found, now = _check_stream(view, meta)
+        problems += found
+        if now is not None:
+            held.append(now)
+    try:
+        counter = view.counter()
+    except StorageError as exc:
+        return problems + [str(exc)]
+    for meta in held:
         if meta.head > counter:
-            problems.append(f"{prefix} head {meta.head} is above the stored counter {counter}: ids could be reused")
-        if meta.base > meta.head and meta.head:
-            problems.append(f"{prefix} base {meta.base} is above its head {meta.head}")
+            problems.append(f"{meta.key}: head {meta.head} is above the stored counter {counter}: ids could be reused")
     for key in sorted(view.orphan_keys()):
         problems.append(f"{key}: records without metadata")
+    return problems
+
+
+def _check_stream(view: LogView, meta: StreamMeta, tries: int = 3) -> tuple[list[str], StreamMeta | None]:
+    """One stream's problems, and its metadata as checked (None: it left the log meanwhile). What
+    is found is reported only if the stream did not change under the read (retention trimmed or
+    removed it, or it was captured anew)."""
+    for _ in range(tries):
+        found = _stream_problems(view, meta)
+        if not found:
+            return [], meta
+        again = view.meta(meta.key)
+        if again is None:
+            return [], None
+        if (again.first_seq, again.base, again.created_at) == (meta.first_seq, meta.base, meta.created_at):
+            return found, meta
+        meta = again
+    return found, meta
+
+
+def _stream_problems(view: LogView, meta: StreamMeta) -> list[str]:
+    prefix = f"{meta.key}:"
+    problems: list[str] = []
+    last = 0
+    count = 0
+    try:
+        for rec in view.records(meta.key, upto=meta.head):  # what commits after the metadata was read is not
+            seqs = [seq for seq, _u, _b in rec.events]
+            if seqs != list(range(rec.first, rec.first + len(seqs))):
+                problems.append(f"{prefix} the record at {rec.first} does not hold consecutive seqs")
+            if rec.first <= last:
+                problems.append(f"{prefix} seq {rec.first} does not come after {last}")
+            last = max(last, seqs[-1] if seqs else rec.first)
+            count += len(seqs)
+    except StorageDamaged as exc:
+        return [f"{prefix} {exc}"]
+    if last and last != meta.head:
+        problems.append(f"{prefix} its metadata says head {meta.head}, its records end at {last}")
+    if not meta.first_seq and count != meta.count:  # trimmed streams keep their total count
+        problems.append(f"{prefix} its metadata counts {meta.count} events, its records hold {count}")
+    if meta.base > meta.head and meta.head:
+        problems.append(f"{prefix} base {meta.base} is above its head {meta.head}")
     return problems
 
 

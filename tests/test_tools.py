@@ -101,6 +101,27 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     assert any("ghost" in p and "without metadata" in p for p in problems), problems
 
 
+@pytest.mark.parametrize("backend", ["lmdb", "redis"])
+async def test_check_beside_a_busy_gateway_finds_nothing_wrong_with_a_sound_log(
+        make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        request: pytest.FixtureRequest, backend: str) -> None:
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    if backend == "redis":
+        raw["storage"] = request.getfixturevalue("redis_storage")
+    gw = await make_gateway(raw)
+    cfg = tmp_path / "check.yaml"
+    cfg.write_text(json.dumps({"storage": {k: str(v) for k, v in raw["storage"].items()}}))
+    tid = await new_thread(http, gw)
+    runs = [await stream_run(http, gw, tid, n=1500, delay=0.003) for _ in range(8)]
+    readers = [asyncio.create_task(read_events(r)) for r in runs]
+    for i in range(6):  # each check reads while commits, appends and finishes land
+        if i == 3:
+            runs.append(await stream_run(http, gw, tid, n=5))  # and streams begin
+        result = await asyncio.to_thread(cli, "check", "--config", str(cfg))
+        assert result.returncode == 0, result.stdout + result.stderr
+    await asyncio.gather(*readers)
+
+
 async def test_the_admin_listener_lists_streams_with_their_followers(
         served: tuple[RunningGateway, dict[str, Any]], http: aiohttp.ClientSession) -> None:
     gw, s = served
