@@ -31,10 +31,13 @@ from gateway.logs import AccessLogger
 from gateway.logview import matches, public, served_details
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
-from gateway.streams import StreamHandlers
+from gateway.streams import StreamHandlers, run_key, thread_key
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.app")
+
+# GET /streams: streams per page by default, and at most.
+LIST_LIMIT, LIST_MAX = 100, 1000
 
 StreamRoute = Callable[["Gateway", web.Request, Target, re.Match[str]], Awaitable[web.StreamResponse]]
 
@@ -176,23 +179,37 @@ class Gateway:
         return app
 
     async def _list_streams(self, request: web.Request) -> web.Response:
-        """The log's streams, with who follows them here: ``?state=live|finished&upstream=&thread=``."""
+        """A page of the log's streams in key order, with who follows them here:
+        ``?state=live|finished&upstream=&thread=&limit=&after=``; ``X-Pagination-Next`` is the
+        ``after`` of the next page (absent on the last)."""
         q = request.query
         state = q.get("state")
         if state not in (None, "live", "finished"):
             raise Unprocessable("state must be live or finished")
-        metas = [m for m in await self.log.streams()
-                 if matches(m, state=state, upstream=q.get("upstream"), thread=q.get("thread"), older=None, newer=None)]
-        return web.json_response([self._with_followers(m) for m in sorted(metas, key=lambda m: m.updated_at)],
-                                 dumps=_dumps)
+        try:
+            limit = int(q.get("limit", LIST_LIMIT))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= LIST_MAX:
+            raise Unprocessable(f"limit must be an integer from 1 to {LIST_MAX}")
+        upstream, thread = q.get("upstream"), q.get("thread")
+        metas, after = await self.log.list_streams(
+            q.get("after", ""), limit,
+            lambda m: matches(m, state=state, upstream=upstream, thread=thread, older=None, newer=None))
+        resp = web.json_response([self._with_followers(m) for m in metas], dumps=_dumps)
+        if after is not None:
+            resp.headers["X-Pagination-Next"] = after
+        return resp
 
     async def _show_stream(self, request: web.Request) -> web.Response:
         """One stream by key (``default/run/<id>``) or by run or thread id: metadata, followers, markers."""
         ident = request.match_info["key"]
         meta = await self.log.lookup(ident)
-        if meta is None:
-            found = [m for m in await self.log.streams() if ident in (m.run_id, m.thread_id)]
-            meta = found[0] if len(found) == 1 else None
+        if meta is None:  # an id: a run's key or a thread's, under any upstream (never a scan of every stream)
+            names = list(self.upstreams.pools)
+            for key in [run_key(u, ident) for u in names] + [thread_key(u, ident) for u in names]:
+                if (meta := await self.log.lookup(key)) is not None:
+                    break
         if meta is None:
             raise NotFound(f"no stream {ident!r} in the log")
         doc = await served_details(self.log, meta)

@@ -127,7 +127,7 @@ class RedisView:
             raise StorageError(f"redis: {exc}") from exc
 
     def metas(self) -> list[StreamMeta]:
-        keys = sorted(k.decode() for k in self._r.smembers(self._p + "all"))
+        keys = sorted(self._index())
         return [m for m in (self.meta(k) for k in keys) if m is not None]
 
     def meta(self, key: str) -> StreamMeta | None:
@@ -145,15 +145,21 @@ class RedisView:
                 return
             start = f"({rows[-1][0]}-0"
 
+    def _index(self) -> list[str]:
+        """Every stream key (a sorted set; a plain set in a log no gateway of this version opened yet)."""
+        index = self._p + "all"
+        raw = self._r.smembers(index) if self._r.type(index) == b"set" else self._r.zrange(index, 0, -1)
+        return [k.decode() for k in raw]
+
     def counter(self) -> int:
         return int(self._r.get(self._p + "seq") or 0)
 
     def orphan_keys(self) -> set[str]:
         found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
-        known = {k.decode() for k in self._r.smembers(self._p + "all")}  # after: streams begun meanwhile count
+        known = set(self._index())  # after: streams begun meanwhile count
         # Each suspect looked at once more: one dropped between the two reads is gone from both now.
         return {k for k in found - known if self._r.exists(self._p + "s:" + k)
-                and not self._r.sismember(self._p + "all", k)}
+                and k not in self._index()}
 
     def close(self) -> None:
         self._r.close()

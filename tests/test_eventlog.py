@@ -434,3 +434,23 @@ async def test_followers_are_counted_in_every_process(two_processes: tuple[Event
             break
         await asyncio.sleep(0.02)
     assert await a.followers("s", 0) == 0
+
+
+async def test_a_log_from_before_with_an_unsorted_index_is_listed_in_key_order(redis_server: Any) -> None:
+    cfg = Storage(backend="redis", redis_url=redis_server.url, redis_prefix=f"v{uuid.uuid4().hex[:10]}")
+    log = RedisEventLog(cfg)
+    await log.open()
+    for k in ("c", "a", "b"):
+        await begun(log, meta(k))
+    await log.close()
+    index = "{" + cfg.redis_prefix + "}:all"  # as a gateway before the sorted index left it: a plain set
+    redis_server.command("DEL", index)
+    redis_server.command("SADD", index, "c", "a", "b")
+    log = RedisEventLog(cfg)
+    await log.open()
+    try:
+        page, after = await log.list_streams("", 2, lambda m: True)
+        assert [m.key for m in page] == ["a", "b"] and after == "b"
+        assert [m.key for m in (await log.list_streams("b", 2, lambda m: True))[0]] == ["c"]
+    finally:
+        await log.close()

@@ -15,6 +15,7 @@ import aiohttp
 import lmdb
 import pytest
 
+from gateway.eventlog import StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.redis_server import RedisServer
@@ -120,6 +121,59 @@ async def test_check_beside_a_busy_gateway_finds_nothing_wrong_with_a_sound_log(
         result = await asyncio.to_thread(cli, "check", "--config", str(cfg))
         assert result.returncode == 0, result.stdout + result.stderr
     await asyncio.gather(*readers)
+
+
+@pytest.mark.parametrize("backend", ["lmdb", "redis"])
+async def test_the_stream_list_comes_in_pages_that_cost_the_same_however_many_streams_are_held(
+        make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        request: pytest.FixtureRequest, backend: str) -> None:
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    if backend == "redis":
+        raw["storage"] = request.getfixturevalue("redis_storage")
+    gw = await make_gateway(raw)
+    log = gw.gw.log
+    keys = []
+    for i in range(450):
+        meta = StreamMeta(key=f"default/run/r{i:04d}", kind="run", upstream="default", path=f"/runs/r{i:04d}/stream")
+        assert await log.claim(meta.key)
+        await log.begin(meta)
+        if i % 3:
+            await log.finish(meta.key, "done")
+            await log.release(meta.key)
+        keys.append(meta.key)
+    async with http.get(gw.admin_url + "/streams") as r:
+        first = await r.json()
+        assert len(first) == 100 and r.headers["X-Pagination-Next"] == first[-1]["key"], "a page, not everything"
+    got, after = [], ""
+    redis_calls = _hgetall_calls(request) if backend == "redis" else 0
+    while True:
+        async with http.get(gw.admin_url + "/streams", params={"limit": "200", "after": after}) as r:
+            page = await r.json()
+            assert len(page) <= 200
+            got += page
+            if "X-Pagination-Next" not in r.headers:
+                break
+            after = r.headers["X-Pagination-Next"]
+    assert [m["key"] for m in got] == sorted(keys), "every stream once, in key order"
+    if backend == "redis":  # each page reads the metadata of its own streams, not of every stream
+        assert _hgetall_calls(request) - redis_calls <= len(keys) + 3
+    live, after = [], ""
+    while True:
+        async with http.get(gw.admin_url + "/streams", params={"state": "live", "limit": "50", "after": after}) as r:
+            live += await r.json()
+            if "X-Pagination-Next" not in r.headers:
+                break
+            after = r.headers["X-Pagination-Next"]
+    assert [m["key"] for m in live] == keys[::3]
+    for bad in ("0", "1001", "x"):
+        async with http.get(gw.admin_url + "/streams", params={"limit": bad}) as r:
+            assert r.status == 422 and "limit" in (await r.json())["detail"]
+
+
+def _hgetall_calls(request: pytest.FixtureRequest) -> int:
+    stats = request.getfixturevalue("redis_server").command("INFO", "commandstats")
+    line = next((x for x in stats.splitlines() if x.startswith("cmdstat_hgetall:")), "calls=0,")
+    return int(line.split("calls=")[1].split(",")[0])
 
 
 async def test_the_admin_listener_lists_streams_with_their_followers(

@@ -31,6 +31,9 @@ from gateway.sse import Event
 # (seq, body): a committed event as the hub and the handlers see it.
 Entry = tuple[int, bytes]
 
+# Streams one page of ``EventLog.list_streams`` looks at, at most.
+LIST_SCAN = 10_000
+
 StreamKind = Literal["run", "thread"]
 EndReason = Literal["done", "interrupted"]
 
@@ -345,6 +348,16 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     async def streams(self) -> list[StreamMeta]:
         """Every stream held in the log."""
+
+    @abc.abstractmethod
+    async def list_streams(self, after: str, limit: int, keep: Callable[[StreamMeta], bool],
+                           scan: int = LIST_SCAN) -> tuple[list[StreamMeta], str | None]:
+        """A page of the streams held, in key order: those after ``after`` that ``keep`` accepts, at
+        most ``limit``, and the key the next page starts after (None: nothing follows).
+
+        Looks at ``scan`` streams at most, so a page costs the same with a million streams held
+        (a selective ``keep`` may then return fewer, with a key to go on from).
+        """
 
     # --- the live feed: committed batches of a stream, for followers in this process -------------
 

@@ -48,6 +48,7 @@ from gateway.eventlog.base import (
     Entry,
     EventLog,
     Feed,
+    LIST_SCAN,
     LocalFeeds,
     StorageDamaged,
     StorageError,
@@ -283,6 +284,34 @@ class LmdbEventLog(EventLog):
 
     async def streams(self) -> list[StreamMeta]:
         return list(self._metas.values())
+
+    async def list_streams(self, after: str, limit: int, keep: Callable[[StreamMeta], bool],
+                           scan: int = LIST_SCAN) -> tuple[list[StreamMeta], str | None]:
+        # Off the loop, from the streams database (in key order): never a sort of every stream held.
+        return await asyncio.get_running_loop().run_in_executor(None, self._list_sync, after, limit, keep, scan)
+
+    def _list_sync(self, after: str, limit: int, keep: Callable[[StreamMeta], bool],
+                   scan: int) -> tuple[list[StreamMeta], str | None]:
+        out: list[StreamMeta] = []
+        last = after
+        self._rw.acquire_read()
+        try:
+            if self._env is None:
+                raise StorageError("event log is closed")
+            with self._env.begin(db=self._streams_db) as txn:
+                cur = txn.cursor()
+                found = cur.set_range(after.encode() + b"\x00") if after else cur.first()
+                while found and scan > 0:
+                    meta = StreamMeta.from_bytes(cur.value())
+                    last, scan = meta.key, scan - 1
+                    if keep(meta):
+                        out.append(meta)
+                        if len(out) == limit:
+                            return out, last
+                    found = cur.next()
+        finally:
+            self._rw.release_read()
+        return out, (last if found else None)
 
     @property
     def size(self) -> int:

@@ -5,14 +5,17 @@ Layout, every key under one hash tag (``{prefix}``, so a cluster keeps them in o
   microseconds when missing, so after Redis lost its data new ids stay above every
   id ever handed out.
 - ``{p}:s:<key>``: a Redis Stream per captured stream, **one entry per committed
-  batch**, its id the batch's first seq, field ``d`` the record (``records.py``).
+  batch**, its id the batch's first seq, field ``d`` the record (``records.py``),
+  ``b`` its batch number and ``p`` the head before it (a retried append answers from them).
 - ``{p}:m:<key>``: the stream's metadata, a hash of StreamMeta fields plus the
   owner's fencing token (``fence``) and its last applied batch number (``bno``).
 - ``{p}:l:<key>``: the lease of the replica capturing it (``replica:token``), set
   NX with a TTL and renewed at a third of it. ``{p}:fence`` counts tokens.
 - ``{p}:c:<key>``: the pub/sub channel its batches are published on.
 - ``{p}:f:<key>``: which replicas have followers of it; ``{p}:r:<replica>`` says a
-  replica is alive. ``{p}:open`` / ``{p}:all``: the open / all stream keys.
+  replica is alive. ``{p}:open``: the open stream keys (a set). ``{p}:all``: every
+  stream key, a sorted set with one score, so pages of it come in key order (``ZRANGE
+  BYLEX``); a log from before holds a plain set, converted at start.
   ``{p}:size``: bytes held. ``{p}:sweeper``: the lease of the one replica sweeping.
 
 Every append is one Lua script (``_APPEND``): it refuses a caller whose token is
@@ -52,6 +55,7 @@ from gateway.eventlog.base import (
     Entry,
     EventLog,
     Feed,
+    LIST_SCAN,
     LocalFeeds,
     StorageError,
     StorageFull,
@@ -183,7 +187,7 @@ else
              'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
 end
 redis.call('SADD', KEYS[4], redis.call('HGET', KEYS[1], 'key'))
-redis.call('SADD', KEYS[5], redis.call('HGET', KEYS[1], 'key'))
+redis.call('ZADD', KEYS[5], 0, redis.call('HGET', KEYS[1], 'key'))
 return redis.call('HGETALL', KEYS[1])
 """
 
@@ -194,7 +198,7 @@ _DROP = """
 local size = redis.call('HGET', KEYS[2], 'size')
 if size and redis.call('HGET', KEYS[2], 'open') == '1' then return 0 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('SREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[5], ARGV[1])
 if size then redis.call('DECRBY', KEYS[6], size) end
 return 1
@@ -214,6 +218,15 @@ return 1
 _FLAG = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 0
+"""
+
+# KEYS: all.  Converts the stream index of a log from before (a plain set) to the sorted set.
+_INDEX_SORTED = """
+if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 0 end
+local keys = redis.call('SMEMBERS', KEYS[1])
+redis.call('DEL', KEYS[1])
+for _, k in ipairs(keys) do redis.call('ZADD', KEYS[1], 0, k) end
+return #keys
 """
 
 _INT_FIELDS = {"head", "count", "size", "first_seq", "base"}
@@ -342,6 +355,8 @@ class RedisEventLog(EventLog):
             self._drop_script = r.register_script(_DROP)
             self._trim_script = r.register_script(_TRIM)
             self._flag_script = r.register_script(_FLAG)
+            if converted := await r.eval(_INDEX_SORTED, 1, self._k("all")):
+                log.info("indexed %d streams of a log from before in key order", converted)
             await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
@@ -418,7 +433,7 @@ class RedisEventLog(EventLog):
 
     async def streams(self) -> list[StreamMeta]:
         try:
-            keys = [k.decode() for k in await self._r.smembers(self._k("all"))]
+            keys = [k.decode() for k in await self._r.zrange(self._k("all"), 0, -1)]
             async with self._r.pipeline(transaction=False) as p:
                 for k in keys:
                     p.hgetall(self._k("m", k))
@@ -426,6 +441,33 @@ class RedisEventLog(EventLog):
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
         return [m for m in (_meta_from_hash(raw) for raw in raws) if m is not None]
+
+    async def list_streams(self, after: str, limit: int, keep: Callable[[StreamMeta], bool],
+                           scan: int = LIST_SCAN) -> tuple[list[StreamMeta], str | None]:
+        out: list[StreamMeta] = []
+        last = after
+        chunk = limit  # a page of what keep accepts reads no more than it needs; a filtered one reads on
+        try:
+            while scan > 0:
+                keys = await self._r.zrangebylex(self._k("all"), f"({last}" if last else "-", "+", 0,
+                                                 min(scan, chunk, 500))
+                chunk = 500
+                if not keys:
+                    return out, None
+                async with self._r.pipeline(transaction=False) as p:
+                    for k in keys:
+                        p.hgetall(self._k("m", k.decode()))
+                    raws = await p.execute()
+                for k, raw in zip(keys, raws):
+                    last, scan = k.decode(), scan - 1
+                    meta = _meta_from_hash(raw)
+                    if meta is not None and keep(meta):
+                        out.append(meta)
+                        if len(out) == limit:
+                            return out, last
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+        return out, last
 
     async def last_seq(self) -> int:
         try:
