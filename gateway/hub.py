@@ -343,9 +343,11 @@ class Hub:
         except ClaimLost:
             log.warning("stream %s is captured by another gateway process now; this one stops writing it", ing.key)
             return
-        except Exception:
+        except Exception as exc:
+            # A bug, not a fault of the upstream or storage: end the stream with an error event
+            # rather than leave it open, or every join would re-attach it and crash again.
             log.exception("ingest of %s crashed", ing.key)
-            self.log.cut(ing.key)
+            await self._interrupt(ing.meta, f"the gateway failed capturing it ({exc.__class__.__name__})", ing)
         finally:
             if resp is not None:
                 resp.close()
@@ -487,6 +489,8 @@ class Hub:
             log.error("stream %s: could not record its interruption (%s); it stays open for the next start",
                       meta.key, exc)
             self.log.cut(meta.key)
+        except ClaimLost:
+            log.warning("stream %s is captured by another gateway process now; it ends it, not this one", meta.key)
 
     # --- followers: the Source they read through ------------------------------------------------
 

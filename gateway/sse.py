@@ -15,6 +15,9 @@ from typing import Iterable, Optional
 
 # Agent state snapshots can be large; an event bigger than this is a broken upstream.
 DEFAULT_MAX_EVENT = 32 << 20
+# Upstream event ids are short ("1733400000000-0"); the log stores one in a 16-bit length, and
+# a longer one is a broken upstream too.
+MAX_ID_BYTES = 4096
 
 HEARTBEAT = b": heartbeat\n\n"
 # Every framed event and comment ends with it, and nothing inside one does (lines end in a single LF).
@@ -121,7 +124,7 @@ class Parser:
                 j = block.rfind(b"\n")
                 if (block.startswith(b"event: ") and block.startswith(b"data: ", i + 1)
                         and block.startswith(b"id: ", j + 1) and b"\x00" not in block[j:]):
-                    append((block[:j + 1], block[j + 5:].decode("utf-8", "replace")))
+                    append((block[:j + 1], _event_id(block[j + 5:])))
                     continue
             elif nl == 0:
                 if block.startswith(b"data: "):
@@ -175,7 +178,7 @@ class Parser:
             self._event = value
         elif name == b"id":
             if b"\x00" not in value:
-                self._id = value.decode("utf-8", "replace")
+                self._id = _event_id(value)
         # "retry" and unknown fields are ignored, as a browser would.
 
     def _dispatch(self, out: list[Event]) -> None:
@@ -194,3 +197,8 @@ class Parser:
         """True when an incomplete event is buffered (the stream was cut mid-event)."""
         return bool(self._tail or self._data or self._event is not None)
 
+
+def _event_id(raw: bytes) -> str:
+    if len(raw) > MAX_ID_BYTES:
+        raise SSEProtocolError(f"SSE event id of {len(raw)} bytes (more than {MAX_ID_BYTES})")
+    return raw.decode("utf-8", "replace")

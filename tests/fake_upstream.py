@@ -50,6 +50,7 @@ class Faults:
     cut_after: int = -1  # the next stream response: drop the TCP connection after this many events (once)
     cuts: list[int] = field(default_factory=list)  # like cut_after, one entry per following stream response
     cut_mid_event: bool = False  # a cut sends the first half of the next event before the reset
+    id_pad: int = 0  # bytes of padding on every event id of resumable runs (a server with huge ids)
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
     api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
@@ -272,7 +273,7 @@ class FakeAgentServer:
             run.done.set()
 
     def _emit(self, run: Run, event: str, data: object, store: bool = True) -> None:
-        uid = f"{1000 + len(run.events)}-0" if run.resumable else None
+        uid = f"{1000 + len(run.events)}-0" + "x" * self.faults.id_pad if run.resumable else None
         frame = _frame(event, data, uid)
         if store:
             run.events.append((uid, frame))

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
+import pytest
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.support.procs import free_port
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events
-from tests.test_resume import new_thread, stream_run
+from tests.test_resume import join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -118,6 +119,21 @@ async def test_an_event_over_the_size_limit_ends_at_once(
     got = await asyncio.wait_for(read_events(resp), 20)
     assert got[-1].event == "error" and "larger than" in got[-1].json["message"]
     assert not [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "not retried"
+
+
+async def test_an_upstream_event_id_too_long_to_store_ends_the_stream_with_an_error_event(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    fake_upstream.faults.id_pad = 70_000  # over 65,535 bytes: more than a record can hold
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=5)
+    got = await asyncio.wait_for(read_events(resp), 20)
+    assert [e.event for e in got] == ["error"] and got[0].json["error"] == "CaptureInterrupted"
+    assert "id" in got[0].json["message"]
+    again = await asyncio.wait_for(join(http, gateway.url + resp.headers["Location"], "-1"), 20)
+    assert again == got, "the stream ended: a reconnect replays it, it does not capture it again"
+    assert not [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "not retried"
+    assert "crashed" not in caplog.text
 
 
 async def test_clients_trickling_request_bodies_hold_no_upstream_connection(

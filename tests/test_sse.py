@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.sse import (
+    MAX_ID_BYTES,
     Event,
     Parser,
     SSEProtocolError,
@@ -154,3 +155,12 @@ def test_a_whole_event_over_the_limit_in_one_chunk_is_refused_too() -> None:
     p = Parser(1 << 10)
     with pytest.raises(SSEProtocolError):
         p.feed(b"event: custom\ndata: " + b"x" * 4096 + b"\n\n")
+
+
+@pytest.mark.parametrize("frame", [b"event: custom\ndata: 1\nid: %s\n\n",  # the fast path's canonical frame
+                                   b"id: %s\nevent: custom\ndata: 1\n\n",  # the line-by-line rules
+                                   b"event: custom\rdata: 1\rid: %s\r\r"])
+def test_an_event_id_longer_than_a_record_holds_is_a_protocol_error(frame: bytes) -> None:
+    assert Parser().feed(frame % (b"7" * MAX_ID_BYTES)) == [(b"event: custom\ndata: 1\n", "7" * MAX_ID_BYTES)]
+    with pytest.raises(SSEProtocolError, match="id"):
+        Parser().feed(frame % (b"7" * (MAX_ID_BYTES + 1)))
