@@ -102,16 +102,12 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     assert any("ghost" in p and "without metadata" in p for p in problems), problems
 
 
-@pytest.mark.parametrize("backend", ["lmdb", "redis"])
 async def test_check_beside_a_busy_gateway_finds_nothing_wrong_with_a_sound_log(
-        make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
-        request: pytest.FixtureRequest, backend: str) -> None:
-    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
-    if backend == "redis":
-        raw["storage"] = request.getfixturevalue("redis_storage")
-    gw = await make_gateway(raw)
+        gateway: RunningGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw, st = gateway, gateway.gw.cfg.storage
     cfg = tmp_path / "check.yaml"
-    cfg.write_text(json.dumps({"storage": {k: str(v) for k, v in raw["storage"].items()}}))
+    cfg.write_text(json.dumps({"storage": {"backend": st.backend, "path": str(st.path), "redis_url": st.redis_url,
+                                           "redis_prefix": st.redis_prefix}}))
     tid = await new_thread(http, gw)
     runs = [await stream_run(http, gw, tid, n=1500, delay=0.003) for _ in range(8)]
     readers = [asyncio.create_task(read_events(r)) for r in runs]
@@ -123,15 +119,10 @@ async def test_check_beside_a_busy_gateway_finds_nothing_wrong_with_a_sound_log(
     await asyncio.gather(*readers)
 
 
-@pytest.mark.parametrize("backend", ["lmdb", "redis"])
 async def test_the_stream_list_comes_in_pages_that_cost_the_same_however_many_streams_are_held(
-        make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
-        request: pytest.FixtureRequest, backend: str) -> None:
-    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
-    if backend == "redis":
-        raw["storage"] = request.getfixturevalue("redis_storage")
-    gw = await make_gateway(raw)
-    log = gw.gw.log
+        gateway: RunningGateway, http: aiohttp.ClientSession, request: pytest.FixtureRequest) -> None:
+    gw, log = gateway, gateway.gw.log
+    backend = gw.gw.cfg.storage.backend
     keys = []
     for i in range(450):
         meta = StreamMeta(key=f"default/run/r{i:04d}", kind="run", upstream="default", path=f"/runs/r{i:04d}/stream")
