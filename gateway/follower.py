@@ -175,7 +175,7 @@ class Follower:
                     async for page in self._replay(batch.prev):
                         yield page
                 entries = batch.entries
-                if batch.prev < self.pos < entries[-1][0]:
+                if entries and batch.prev < self.pos < entries[-1][0]:
                     # Batches start where the one before ended, and this client's position is
                     # always at a batch's end: a batch across it belongs to another capture.
                     raise StreamCut(self._restarted)
