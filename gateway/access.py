@@ -32,9 +32,10 @@ from typing import Mapping
 
 import aiohttp
 
+from gateway import agentapi
 from gateway.errors import GatewayError
 from gateway.eventlog import StreamMeta
-from gateway.upstream import Pool, Upstreams
+from gateway.upstream import Pool, Upstreams, UpstreamError, classify
 
 log = logging.getLogger("gateway.access")
 
@@ -83,27 +84,28 @@ class AccessCheck:
             return False  # nothing recorded (a log from before): only the upstream may say yes
         return secrets.compare_digest(meta.auth_digest, fingerprint(identity, meta.auth_salt))
 
-    async def denial(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str]) -> aiohttp.ClientResponse | None:
-        """None when the client may read ``meta``; else the upstream's refusal to relay as is.
+    async def check(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str]) -> None:
+        """Returns when the client may read ``meta``; raises Refused with the upstream's refusal (to
+        relay as is), or StreamHidden.
 
         ``headers`` are the client's as they reach the upstream's check: they go with the
         check, and they are the identity that a cached yes and the captor are matched by.
         """
         cache_key = (meta.key, fingerprint(headers, self._salt))
         if self._cached(cache_key):
-            return None
+            return
         flight = self._flights.get(cache_key)
         if flight is not None:
             # The same question is being asked for a request the upstream could not tell apart from
             # this one: wait for that answer instead of asking again (a reconnect storm sends
             # hundreds at once). Only a yes is shared; anything else, this request asks for itself.
             await asyncio.shield(flight)
-            if self._cached(cache_key):
-                return None
-            return await self._ask(pool, meta, headers, cache_key)
+            if not self._cached(cache_key):
+                await self._ask(pool, meta, headers, cache_key)
+            return
         flight = self._flights[cache_key] = asyncio.get_running_loop().create_future()
         try:
-            return await self._ask(pool, meta, headers, cache_key)
+            await self._ask(pool, meta, headers, cache_key)
         finally:
             del self._flights[cache_key]
             flight.set_result(None)
@@ -112,32 +114,40 @@ class AccessCheck:
         expires = self._ok.get(cache_key)
         return expires is not None and expires > time.monotonic()
 
-    async def _ask(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str],
-                   cache_key: tuple[str, str]) -> aiohttp.ClientResponse | None:
+    async def _ask(self, pool: Pool, meta: StreamMeta, headers: Mapping[str, str], cache_key: tuple[str, str]) -> None:
         if meta.thread_id is None:
-            if self._same_captor(meta, headers):
-                return None
-            raise StreamHidden()
-        path = f"/threads/{meta.thread_id}" + (f"/runs/{meta.run_id}" if meta.kind == "run" else "")
+            self._captor_only(meta, headers)
+            return
         try:
-            resp = await self.upstreams.send(pool, "GET", path, dict(headers), timeout=CHECK_TIMEOUT, kind="check")
-        except GatewayError as exc:
+            resp = await self.upstreams.send(pool, "GET", agentapi.resource_path(meta), dict(headers),
+                                             timeout=CHECK_TIMEOUT, kind="check")
+        except UpstreamError as exc:
             log.info("upstream cannot check access to %s (%s); comparing with who captured it", meta.key, exc.detail)
-            if self._same_captor(meta, headers):
-                return None
-            raise StreamHidden() from None
-        if resp.status in (401, 403, 404):
-            return resp
+            self._captor_only(meta, headers)
+            return
+        if classify(resp.status) == "refused":
+            raise Refused(resp)
         resp.release()
         if not 200 <= resp.status < 300:  # no clear yes: only the captor, and nothing cached
-            if self._same_captor(meta, headers):
-                return None
-            raise StreamHidden()
+            self._captor_only(meta, headers)
+            return
         self._ok[cache_key] = time.monotonic() + self.ttl
         self._ok.move_to_end(cache_key)
         while len(self._ok) > _CACHE_ENTRIES:
             self._ok.popitem(last=False)
-        return None
+
+    def _captor_only(self, meta: StreamMeta, headers: Mapping[str, str]) -> None:
+        """The upstream cannot say: only the client that started the capture may read it."""
+        if not self._same_captor(meta, headers):
+            raise StreamHidden()
+
+
+class Refused(Exception):
+    """The upstream refused this client the stream (401, 403, 404): its answer is relayed as is."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        super().__init__(resp.status)
+        self.resp = resp
 
 
 class StreamHidden(GatewayError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 from typing import Any, Awaitable, Callable
 
@@ -19,11 +18,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from gateway import agentapi
+from gateway.agentapi import Endpoint
 from gateway.config import Config
 from gateway.cors import exposing_location
-from gateway.errors import NotFound, Unprocessable, error_middleware
-from gateway.eventlog import EventLog, LmdbEventLog, StreamMeta
-from gateway.eventlog.redis import RedisEventLog
+from gateway.errors import NotFound, Unprocessable
+from gateway.responses import error_middleware
+from gateway.eventlog import EventLog, StreamMeta, open_log
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, guard
@@ -31,7 +32,7 @@ from gateway.logs import AccessLogger
 from gateway.logview import matches, public, served_details
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
-from gateway.streams import StreamHandlers, run_key, thread_key
+from gateway.streams import StreamHandlers
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.app")
@@ -39,23 +40,16 @@ log = logging.getLogger("gateway.app")
 # GET /streams: streams per page by default, and at most.
 LIST_LIMIT, LIST_MAX = 100, 1000
 
-StreamRoute = Callable[["Gateway", web.Request, Target, re.Match[str]], Awaitable[web.StreamResponse]]
-
-# The endpoints whose SSE the gateway captures; everything else is forwarded as is.
-STREAM_ROUTES: list[tuple[str, re.Pattern[str], StreamRoute]] = [
-    ("POST", re.compile(r"^/threads/([^/]+)/runs/stream$"),
-     lambda g, r, t, m: g.streams.create_run_stream(r, t, stateless=False)),
-    ("POST", re.compile(r"^/runs/stream$"),
-     lambda g, r, t, m: g.streams.create_run_stream(r, t, stateless=True)),
-    ("POST", re.compile(r"^/threads/([^/]+)/runs$"),
-     lambda g, r, t, m: g.streams.create_background_run(r, t)),
-    ("GET", re.compile(r"^/threads/([^/]+)/runs/([^/]+)/stream$"),
-     lambda g, r, t, m: g.streams.join_run(r, t, m.group(1), m.group(2))),
-    ("GET", re.compile(r"^/runs/([^/]+)/stream$"),
-     lambda g, r, t, m: g.streams.join_run(r, t, None, m.group(1))),
-    ("GET", re.compile(r"^/threads/([^/]+)/stream$"),
-     lambda g, r, t, m: g.streams.join_thread(r, t, m.group(1))),
-]
+# Which handler serves each captured endpoint (gateway.agentapi names them and their paths).
+StreamRoute = Callable[["Gateway", web.Request, Target, tuple[str, ...]], Awaitable[web.StreamResponse]]
+STREAM_HANDLERS: dict[Endpoint, StreamRoute] = {
+    "create_run_stream": lambda g, r, t, ids: g.streams.create_run_stream(r, t, stateless=False),
+    "create_stateless_run_stream": lambda g, r, t, ids: g.streams.create_run_stream(r, t, stateless=True),
+    "create_background_run": lambda g, r, t, ids: g.streams.create_background_run(r, t),
+    "join_run": lambda g, r, t, ids: g.streams.join_run(r, t, ids[0], ids[1]),
+    "join_stateless_run": lambda g, r, t, ids: g.streams.join_run(r, t, None, ids[0]),
+    "join_thread": lambda g, r, t, ids: g.streams.join_thread(r, t, ids[0]),
+}
 
 
 class Gateway:
@@ -65,9 +59,7 @@ class Gateway:
         self.cfg = cfg
         self.registry = registry or CollectorRegistry()
         self.metrics = PrometheusMetrics(self.registry)
-        self.log: EventLog = (RedisEventLog(cfg.storage, on_commit=self.metrics.committed)
-                              if cfg.storage.backend == "redis" else
-                              LmdbEventLog(cfg.storage, on_commit=self.metrics.committed))
+        self.log: EventLog = open_log(cfg.storage, on_commit=self.metrics.committed)
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
         self.forwarder = Forwarder(self.upstreams, cfg.clients)
         self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)
@@ -111,13 +103,13 @@ class Gateway:
     # --- upstream calls the hub makes on its own --------------------------------------------
 
     async def _cancel_run(self, meta: StreamMeta, auth: dict[str, str]) -> None:
-        if meta.thread_id is None or meta.run_id is None:
+        path = agentapi.cancel_path(meta)
+        if path is None:
             return
         pool = self.upstreams.pools[meta.upstream]
         headers = dict(pool.cfg.headers)
         headers.update(auth)
-        resp = await self.upstreams.send(pool, "POST", f"/threads/{meta.thread_id}/runs/{meta.run_id}/cancel", headers,
-                                         kind="check")
+        resp = await self.upstreams.send(pool, "POST", path, headers, kind="check")
         resp.release()
         log.info("cancelled run %s upstream: HTTP %d", meta.run_id, resp.status)
 
@@ -127,10 +119,10 @@ class Gateway:
         target = self.upstreams.route(request.rel_url.raw_path)
         status = 500
         try:
-            for method, pattern, handler in STREAM_ROUTES:
-                if request.method == method and (m := pattern.match(target.path)):
-                    resp = await handler(self, request, target, m)
-                    break
+            captured = agentapi.route(request.method, target.path)
+            if captured is not None:
+                endpoint, ids = captured
+                resp = await STREAM_HANDLERS[endpoint](self, request, target, ids)
             else:
                 resp = await self.forwarder.forward(request, target)
             status = resp.status
@@ -205,11 +197,10 @@ class Gateway:
         """One stream by key (``default/run/<id>``) or by run or thread id: metadata, followers, markers."""
         ident = request.match_info["key"]
         meta = await self.log.lookup(ident)
-        if meta is None:  # an id: a run's key or a thread's, under any upstream (never a scan of every stream)
-            names = list(self.upstreams.pools)
-            for key in [run_key(u, ident) for u in names] + [thread_key(u, ident) for u in names]:
-                if (meta := await self.log.lookup(key)) is not None:
-                    break
+        for key in agentapi.keys_for(ident, list(self.upstreams.pools))[1:]:  # an id: never a scan of every stream
+            if meta is not None:
+                break
+            meta = await self.log.lookup(key)
         if meta is None:
             raise NotFound(f"no stream {ident!r} in the log")
         doc = await served_details(self.log, meta)

@@ -37,7 +37,9 @@ class Source(Protocol):
     to say it came and went (who follows a stream decides when its capture may stop)."""
 
     heartbeat: float  # idle seconds before the client gets a heartbeat comment
-    closing: bool  # the gateway is shutting down: do not start
+
+    @property
+    def closing(self) -> bool: ...  # the gateway is shutting down: do not start
 
     async def ready(self, feed: Feed) -> None: ...
     async def lookup(self, key: str) -> StreamMeta | None: ...

@@ -14,12 +14,9 @@ from typing import Mapping
 import aiohttp
 from multidict import CIMultiDict
 
+from gateway.agentapi import THREAD_CAPTURE_QUERY
 from gateway.eventlog import StreamMeta
-from gateway.stream_params import THREAD_MODES
 from gateway.upstream import Upstreams
-
-# What the gateway asks a thread stream for: everything, filtered per client.
-THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
 
 
 class Legs:

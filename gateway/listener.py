@@ -23,7 +23,8 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
-from gateway.errors import Handler, TooManyConnections, error_response
+from gateway.errors import TooManyConnections
+from gateway.responses import Handler, error_response
 
 log = logging.getLogger("gateway.listener")
 

@@ -19,17 +19,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Clients
-from gateway.errors import (
-    BadUpstreamResponse,
-    PayloadTooLarge,
-    RequestTimeout,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-    cut,
-    send_body,
-    start_response,
-)
-from gateway.upstream import Kind, Target, Upstreams
+from gateway.errors import PayloadTooLarge, RequestTimeout
+from gateway.responses import cut, send_body, start_response
+from gateway.upstream import BadUpstreamResponse, Kind, Target, Upstreams, UpstreamUnreachable, as_upstream_error
 
 log = logging.getLogger("gateway.proxy")
 
@@ -221,10 +213,8 @@ class Forwarder:
         """Read a small upstream body whole (run JSON), mapping failures to 502/504."""
         try:
             body = await read_limited(resp.content, limit)
-        except asyncio.TimeoutError:
-            raise UpstreamTimeout("upstream stopped answering mid-body") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnreachable(f"upstream broke mid-body: {exc}") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise as_upstream_error(exc, "the upstream, mid-body,") from None
         if body is None:
             raise BadUpstreamResponse(f"upstream response body exceeds the {limit}-byte limit")
         return body

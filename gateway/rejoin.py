@@ -27,29 +27,15 @@ from typing import Callable, Iterable, Literal
 import orjson
 
 from gateway.eventlog import StreamKind, StreamMeta
-from gateway.sse import Event, event_name, make_body
-from gateway.stream_params import Cursor
+from gateway.marks import GapReason, gap_event
+from gateway.sse import Event, event_name
+from gateway.agentapi import Cursor
 
 # Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
 DEDUPE_WINDOW = 4096
 
-GAP_EVENT = "gap"
-GapReason = Literal["no_upstream_ids", "replay_mismatch", "empty_rejoin"]
-_GAP_MESSAGES: dict[GapReason, str] = {
-    "no_upstream_ids": "the upstream sends no event ids, so the re-joined stream cannot be matched with "
-                       "what the gateway holds; events produced while it was disconnected may be missing",
-    "replay_mismatch": "the re-joined stream did not start where the gateway's copy ends (the upstream's "
-                       "replay buffer expired, or it does not replay); events in between are missing",
-    "empty_rejoin": "the re-joined stream ended without re-sending anything the gateway holds; events "
-                    "produced while it was disconnected may be missing",
-}
 # What a new leg must show: a held event first ("held"), the run's first event ("start"), or nothing.
 Expect = Literal["held", "start"] | None
-
-
-def gap_event(after: int, reason: GapReason) -> Event:
-    payload = {"after": str(after) if after else None, "reason": reason, "message": _GAP_MESSAGES[reason]}
-    return (make_body(GAP_EVENT, orjson.dumps(payload)), None)
 
 
 def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor | None = None) -> str | None:

@@ -4,61 +4,19 @@ and the run-creating request body as the gateway forwards it."""
 from __future__ import annotations
 
 import re
-import uuid
 from dataclasses import dataclass
-from typing import Callable, Literal
-from urllib.parse import unquote
+from typing import Callable
 
 import orjson
 from aiohttp import web
 
+from gateway.agentapi import THREAD_MODES, Cursor
 from gateway.errors import InvalidEventId, Unprocessable
+from gateway.marks import ALWAYS_SENT
 from gateway.sse import event_name
 
-THREAD_MODES = ("run_modes", "lifecycle", "state_update")
-# Events the gateway itself puts in a stream pass every stream-mode filter: a client that
-# asked for some modes still learns that the run failed or that events were lost.
-_ALWAYS_SENT = (b"error", b"gap")
 _GATEWAY_ID = re.compile(r"^[0-9]{1,19}$")
 _UPSTREAM_ID = re.compile(r"^[0-9]{1,19}-(?:[0-9]{1,19}|\*)$")
-
-
-def canonical_id(raw: str) -> str:
-    """A run or thread id from a path as the upstream understands it: one spelling per id.
-
-    The Agent Server parses these as UUIDs, so upper case, missing hyphens or
-    percent-encoding name the same run; the gateway keys its log the same way,
-    or one run would be captured (and stored) once per spelling.
-    """
-    text = unquote(raw) if "%" in raw else raw
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return text
-
-
-def is_uuid(ident: str) -> bool:
-    """Whether an id from a path is one the Agent Server would accept (it answers others with 422)."""
-    try:
-        uuid.UUID(ident)
-    except ValueError:
-        return False
-    return True
-
-
-CursorKind = Literal["none", "start", "seq", "upstream"]
-
-
-@dataclass(frozen=True, slots=True)
-class Cursor:
-    """A client's Last-Event-ID: none (live tail), start, a gateway seq, or an upstream id."""
-
-    kind: CursorKind
-    seq: int = 0
-    raw: str = ""
-
-    def after(self) -> int | None:
-        return None if self.kind == "none" else self.seq
 
 
 def parse_cursor(request: web.Request) -> Cursor:
@@ -107,7 +65,7 @@ def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
 
     def keep(body: bytes) -> bool:
         name = event_name(body)
-        return name in _ALWAYS_SENT or _run_mode_of(name) in modes
+        return name in ALWAYS_SENT or _run_mode_of(name) in modes
 
     return keep
 
@@ -130,7 +88,7 @@ def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
             return "state_update" in modes
         if name == b"metadata":
             return "run_modes" in modes or "lifecycle" in modes
-        return "run_modes" in modes or name in _ALWAYS_SENT
+        return "run_modes" in modes or name in ALWAYS_SENT
 
     return keep
 

@@ -1,14 +1,15 @@
-"""Handlers for the streaming endpoints: capture run and thread streams, serve joins and resumes.
+"""Handlers for the streaming endpoints: parse the request, ask the hub, write the answer.
 
-Thin on purpose: request parsing and response writing live here; capture,
-re-joins, fan-out and replay are the hub's.
+Thin on purpose: whether a stream is held, captured, followed elsewhere or taken over is the
+hub's decision (``Hub.attach``); the Agent Server's paths and keys are ``gateway.agentapi``'s.
+What stays here is HTTP: the client's cursor and filters, its credentials and access, the
+resume outcome it is told, and the SSE response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import uuid
 from typing import Callable
 from urllib.parse import unquote_plus
@@ -18,61 +19,38 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway.access import CHECK_TIMEOUT, AccessCheck, with_captor
+from gateway import agentapi
+from gateway.access import CHECK_TIMEOUT, AccessCheck, Refused, with_captor
+from gateway.agentapi import Cursor, canonical_id, capturable, is_uuid
+from gateway.capture import is_event_stream
 from gateway.config import Streams
-from gateway.errors import (
-    GatewayError,
-    InvalidEventId,
-    StorageUnavailable,
-    Unprocessable,
-    cut,
-    send_body,
-    start_response,
-)
+from gateway.errors import InvalidEventId, StorageUnavailable, Unprocessable
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
-from gateway.hub import CapturedElsewhere, Hub, Ingest, is_event_stream
+from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.proxy import Forwarder, RelayedBody, client_headers
+from gateway.responses import cut, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
-    Cursor,
     RunRequest,
-    canonical_id,
-    is_uuid,
     parse_cursor,
     prepare_run_request,
     run_mode_filter,
     thread_mode_filter,
     truthy,
 )
-from gateway.upstream import Kind, Target
+from gateway.upstream import Kind, Target, UpstreamError
 
-log = logging.getLogger("gateway.streams")
+logger = logging.getLogger("gateway.streams")
 
-_CAPTURABLE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")
 RESUME_HEADER = "X-Gateway-Resume"
 # Parameters of a run join the gateway applies itself; the rest go to the upstream.
 _JOIN_PARAMS = ("stream_mode", "cancel_on_disconnect", "last_event_id")
 
-_RUN_IN_PATH = re.compile(r"^(?:.*?)(?:/threads/(?P<tid>[^/]+))?/runs/(?P<rid>[^/?]+)")
 
-
-def run_key(upstream: str, run_id: str) -> str:
-    return f"{upstream}/run/{run_id}"
-
-
-def thread_key(upstream: str, thread_id: str) -> str:
-    return f"{upstream}/thread/{thread_id}"
-
-
-def _run_ids(resp: aiohttp.ClientResponse) -> tuple[str | None, str | None]:
-    for h in ("Content-Location", "Location"):
-        v = resp.headers.get(h)
-        if v and (m := _RUN_IN_PATH.match(v)):
-            tid, rid = m.group("tid"), m.group("rid")
-            return (canonical_id(tid) if tid else None), canonical_id(rid)
-    return None, None
+class _NotOurs(Exception):
+    """The stream held under this key belongs to another thread: the upstream answers as it would."""
 
 
 class StreamHandlers:
@@ -103,27 +81,18 @@ class StreamHandlers:
         resp = await self._create_run(request, target, run, "stream")
         if not is_event_stream(resp):
             return await self.forwarder.relay(request, target, resp)
-        tid, rid = _run_ids(resp)
-        pool = target.pool.name
-        if rid is None or not _capturable(rid):  # not an Agent Server run stream: captured, not joinable
+        tid, rid = agentapi.run_ids(resp.headers)
+        if rid is None or not capturable(rid):  # not an Agent Server run stream: captured, not joinable
             rid = f"unnamed-{uuid.uuid4()}"
-        if tid is not None and not _capturable(tid):
+        if stateless or (tid is not None and not capturable(tid)):
             tid = None
-        path = f"/runs/{rid}/stream" if stateless or tid is None else f"/threads/{tid}/runs/{rid}/stream"
-        meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool, path=path,
-                          thread_id=None if stateless else tid, run_id=rid,
-                          resumable=run.resumable and not stateless)
+        meta = agentapi.run_meta(target.pool.name, tid, rid, resumable=run.resumable)
         request[STREAM_KEY] = meta.key
         cancel_on_orphan = run.cancel_on_disconnect
         del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
-        try:
-            await self._capture(request, meta, resp, cancel_on_orphan=cancel_on_orphan)
-        except CapturedElsewhere:
-            pass  # another replica captured this run already: follow what it commits
-        except Exception as exc:
-            await self._abandon(request, meta, exc)
-        follower = self.hub.follow(meta.key, 0)
-        return await self._send(request, follower, client_headers(resp, target, drop=("Content-Length",)), None)
+        await self._capture(request, meta, resp, cancel_on_orphan)
+        return await self._send(request, self.hub.follow(meta.key, 0),
+                                client_headers(resp, target, drop=("Content-Length",)), None)
 
     async def _create_run(self, request: web.Request, target: Target, run: RunRequest, kind: Kind) -> aiohttp.ClientResponse:
         """Send a run-creating request; if the upstream refuses the body as the gateway changed it,
@@ -135,18 +104,23 @@ class StreamHandlers:
             resp = await self.forwarder.open(request, target, data=run.original, headers=headers, kind=kind)
         return resp
 
-    async def _abandon(self, request: web.Request, meta: StreamMeta, exc: Exception) -> None:
-        """A run exists upstream that the gateway cannot capture: cancel it, and say so (503)."""
-        log.error("run %s was created upstream but could not be captured (%s); cancelling it", meta.run_id, exc)
-        what = "it was closed"
-        if meta.thread_id is not None:
-            try:
-                await self.hub.cancel_upstream(meta, self._auth(request))
-                what = "it was cancelled upstream"
-            except Exception as cancel_exc:  # say what happened either way
-                what = f"cancelling it upstream failed too ({cancel_exc})"
-        raise StorageUnavailable(f"run {meta.run_id} was created upstream but the gateway could not capture it "
-                                 f"({exc}); {what}") from exc
+    async def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
+                       cancel_on_orphan: bool = False) -> None:
+        """Capture a run just created upstream; if the log cannot take it, cancel it there and say so (503)."""
+        try:
+            await self.hub.capture(with_captor(meta, self.forwarder.check_headers(request)), resp,
+                                   auth=self._auth(request), cancel_on_orphan=cancel_on_orphan)
+        except Exception as exc:
+            logger.error("run %s was created upstream but could not be captured (%s); cancelling it", meta.run_id, exc)
+            what = "it was closed"
+            if meta.thread_id is not None:
+                try:
+                    await self.hub.cancel_upstream(meta, self._auth(request))
+                    what = "it was cancelled upstream"
+                except Exception as cancel_exc:  # say what happened either way
+                    what = f"cancelling it upstream failed too ({cancel_exc})"
+            raise StorageUnavailable(f"run {meta.run_id} was created upstream but the gateway could not capture "
+                                     f"it ({exc}); {what}") from exc
 
     # --- POST /threads/{tid}/runs ---------------------------------------------------------------
 
@@ -167,185 +141,120 @@ class StreamHandlers:
         finally:
             resp.release()
         if status == 200:
-            await self._capture_background(request, target, body, run)
+            try:
+                doc = orjson.loads(body)
+                tid, rid = canonical_id(str(doc["thread_id"])), canonical_id(str(doc["run_id"]))
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                logger.warning("background run response had no run_id/thread_id; not captured")
+            else:
+                await self._capture(request, agentapi.run_meta(target.pool.name, tid, rid, resumable=run.resumable),
+                                    None)
         return RelayedBody(status=status, reason=reason, body=body, headers=headers)
 
-    async def _capture_background(self, request: web.Request, target: Target, body: bytes, run: RunRequest) -> None:
-        try:
-            doc = orjson.loads(body)
-            tid, rid = canonical_id(str(doc["thread_id"])), canonical_id(str(doc["run_id"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("background run response had no run_id/thread_id; not captured")
-            return
-        pool = target.pool.name
-        meta = StreamMeta(key=run_key(pool, rid), kind="run", upstream=pool,
-                          path=f"/threads/{tid}/runs/{rid}/stream", thread_id=tid, run_id=rid, resumable=run.resumable)
-        if self.hub.live(meta.key) is not None:
-            return
-        try:
-            await self._capture(request, meta, None)
-        except CapturedElsewhere:
-            pass
-        except Exception as exc:
-            await self._abandon(request, meta, exc)
-
-    # --- GET .../runs/{rid}/stream ----------------------------------------------------------------
+    # --- GET .../runs/{rid}/stream and GET /threads/{tid}/stream ------------------------------------
 
     async def join_run(self, request: web.Request, target: Target, raw_tid: str | None,
                        raw_rid: str) -> web.StreamResponse:
         cursor = parse_cursor(request)
         keep = run_mode_filter(request)
-        cancel = truthy(request.query.get("cancel_on_disconnect"))
         tid, rid = (canonical_id(raw_tid) if raw_tid is not None else None), canonical_id(raw_rid)
-        if not _capturable(rid) or (tid is not None and not _capturable(tid)):
+        if not capturable(rid) or (tid is not None and not capturable(tid)):
             return await self.forwarder.forward(request, target)
-        pool = target.pool.name
-        key = run_key(pool, rid)
-        request[STREAM_KEY] = key
-        meta = await self.log.lookup(key)
-        if meta is not None and tid is not None and meta.thread_id not in (None, tid):
-            # Held, but under another thread: not ours to serve. The upstream answers as it would.
+        meta = agentapi.run_meta(target.pool.name, tid, rid, resumable=cursor.kind != "none")
+        request[STREAM_KEY] = meta.key
+        query = _drop_params(request.rel_url.raw_query_string, _JOIN_PARAMS)
+        leg = Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",)), query) if tid is not None else None
+
+        async def prepare() -> aiohttp.ClientResponse | None:
+            self._check_capacity(meta.key)
+            if not await self._run_exists(request, target, meta):
+                return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
+            return None
+
+        try:
+            att, headers = await self._attach(request, target, meta, cursor, leg, prepare,
+                                              cancel=truthy(request.query.get("cancel_on_disconnect")), thread=tid)
+        except _NotOurs:  # held, but under another thread: not ours to serve
             return await self.forwarder.forward(request, target)
-        if meta is not None:
-            headers: CIMultiDict[str] = CIMultiDict()
-            after = await self._resume_from(request, cursor, meta, headers)
-            if (denied := await self._denial(request, target, meta)) is not None:
-                return await self.forwarder.relay(request, target, denied)
-            headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            headers["Location"] = target.client_path(meta.path)
-            headers["Content-Location"] = target.client_path(meta.path.removesuffix("/stream"))
-            follower = await self.hub.join(key, after, cancel_on_disconnect=cancel, auth=self._auth(request))
-            return await self._send(request, follower, headers, keep)
-        if tid is None:
+        if att.held is None and att.answer is None and att.follower is None:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
                 raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
             self._count_resume(request, cursor, "not_held")
             return await self.forwarder.forward(request, target)
-        # Not held: capture it from the upstream from here on (one capture, however many ask at once).
-        async with self.hub.capture_lock(key):
-            if await self.log.lookup(key) is not None:
-                opened: tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse | None = None
-            else:
-                opened = await self._capture_run_join(request, target, tid, rid, cursor, cancel)
-        if opened is None:  # another client's request captured it meanwhile
-            return await self.join_run(request, target, tid, rid)
-        if isinstance(opened, aiohttp.ClientResponse):
-            return await self.forwarder.relay(request, target, opened)
-        follower, headers = opened
-        return await self._send(request, follower, headers, keep)
-
-    async def _capture_run_join(self, request: web.Request, target: Target, tid: str, rid: str, cursor: Cursor,
-                                cancel: bool) -> tuple[Follower, CIMultiDict[str]] | aiohttp.ClientResponse:
-        headers: CIMultiDict[str] = CIMultiDict()
-        if cursor.kind in ("start", "seq"):
-            self._count_resume(request, cursor, "not_held")
-            headers[RESUME_HEADER] = "not-held"
-        key = run_key(target.pool.name, rid)
-        self._check_capacity(key)
-        if not await self._run_exists(request, target, tid, rid):
-            return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
-        meta = StreamMeta(key=key, kind="run", upstream=target.pool.name, path=f"/threads/{tid}/runs/{rid}/stream",
-                          thread_id=tid, run_id=rid, resumable=cursor.kind != "none")
-        query = _drop_params(request.rel_url.raw_query_string, _JOIN_PARAMS)
-        try:
-            opened = await self._open_capture(request, meta, cursor, query, cancel)
-        except CapturedElsewhere:  # a client of another replica asked for it at the same moment
-            headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            await self._wait_elsewhere(key, target)
-            return self.hub.follow(key, 0), headers
-        if isinstance(opened, aiohttp.ClientResponse):
-            return opened
-        _ing, resp = opened
-        headers.extend(client_headers(resp, target, drop=("Content-Length",)))
-        return self.hub.follow(key, 0), headers
-
-    async def _run_exists(self, request: web.Request, target: Target, tid: str, rid: str) -> bool:
-        """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
-        error event, which must not become a 'finished run' in the log."""
-        try:
-            resp = await self.forwarder.upstreams.send(target.pool, "GET", f"/threads/{tid}/runs/{rid}",
-                                                       self.forwarder.check_headers(request),
-                                                       timeout=CHECK_TIMEOUT, kind="check")
-        except GatewayError:
-            return True  # no quick answer: the join itself will tell
-        resp.release()
-        return resp.status != 404
-
-    # --- GET /threads/{tid}/stream ------------------------------------------------------------------
+        return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq"))
 
     async def join_thread(self, request: web.Request, target: Target, raw_tid: str) -> web.StreamResponse:
         cursor = parse_cursor(request)
         keep = thread_mode_filter(request)
         tid = canonical_id(raw_tid)
-        if not _capturable(tid):
+        if not capturable(tid):
             return await self.forwarder.forward(request, target)
-        pool = target.pool.name
-        key = thread_key(pool, tid)
-        request[STREAM_KEY] = key
-        headers: CIMultiDict[str] = CIMultiDict()
-        relay: aiohttp.ClientResponse | None = None
-        # Everything from "is it held?" to registering the follower happens under the key's
-        # lock: a capture another client starts meanwhile cannot skip the checks below.
-        async with self.hub.capture_lock(key):
-            meta = await self.log.lookup(key)
-            after: int | None = 0
-            if meta is not None:
-                after = await self._resume_from(request, cursor, meta, headers)
-                relay = await self._denial(request, target, meta)
-            elif cursor.kind != "none":
-                self._count_resume(request, cursor, "not_held")
-                headers[RESUME_HEADER] = "not-held"
-            if relay is None and self.hub.live(key) is None:
-                self._check_capacity(key)
-                new = StreamMeta(key=key, kind="thread", upstream=pool, path=f"/threads/{tid}/stream",
-                                 thread_id=tid, resumable=True)
-                try:
-                    opened: tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse | None = (
-                        await self._open_capture(request, new, cursor, "", False))
-                except CapturedElsewhere:
-                    opened = None
-                    await self._wait_elsewhere(key, target)
-                if isinstance(opened, aiohttp.ClientResponse):
-                    relay = opened
-                elif opened is not None:
-                    headers.extend(client_headers(opened[1], target, drop=("Content-Length",)))
-                else:
-                    headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            elif relay is None:
-                headers["Content-Type"] = "text/event-stream; charset=utf-8"
-            if relay is None:
-                follower = self.hub.follow(key, after)
-        if relay is not None:
-            return await self.forwarder.relay(request, target, relay)
-        return await self._send(request, follower, headers, keep)
+        meta = agentapi.thread_meta(target.pool.name, tid)
+        request[STREAM_KEY] = meta.key
 
-    # --- capture on a client's behalf ----------------------------------------------------------------
-
-    async def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
-                       cancel_on_orphan: bool = False) -> Ingest:
-        """Capture a stream whose first leg is ``resp`` (None: the hub opens it)."""
-        identity = with_captor(meta, self.forwarder.check_headers(request))
-        return await self.hub.capture(identity, resp, auth=self._auth(request), cancel_on_orphan=cancel_on_orphan)
-
-    async def _open_capture(self, request: web.Request, meta: StreamMeta, cursor: Cursor, query: str,
-                            cancel: bool) -> tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse:
-        """Have the hub open a leg with the client's headers and capture it."""
-        fwd = self.forwarder.upstream_headers(request, drop=("Last-Event-ID",))
-        return await self.hub.open_capture(with_captor(meta, self.forwarder.check_headers(request)), cursor, fwd,
-                                           query, auth=self._auth(request), cancel_on_orphan=cancel)
-
-    async def _wait_elsewhere(self, key: str, target: Target) -> None:
-        try:
-            await self.hub.wait_for(key, target.pool.cfg.pool_timeout)
-        except CapturedElsewhere:
-            raise StorageUnavailable("another gateway replica claimed this stream but has not started "
-                                     "capturing it; try again") from None
-
-    async def _denial(self, request: web.Request, target: Target, meta: StreamMeta) -> aiohttp.ClientResponse | None:
-        if self.access is None:
+        async def prepare() -> aiohttp.ClientResponse | None:
+            self._check_capacity(meta.key)
             return None
-        return await self.access.denial(target.pool, meta, self.forwarder.check_headers(request))
+
+        att, headers = await self._attach(request, target, meta, cursor,
+                                          Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",))),
+                                          prepare)
+        return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq", "upstream"))
+
+    async def _attach(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor, leg: Leg | None,
+                      prepare: Prepare, cancel: bool = False,
+                      thread: str | None = None) -> tuple[Attachment, CIMultiDict[str]]:
+        """Ask the hub for the stream; the headers the client is told about its resume come back too."""
+        headers: CIMultiDict[str] = CIMultiDict()
+
+        async def resume(held: StreamMeta) -> int | None:
+            if thread is not None and held.thread_id not in (None, thread):
+                raise _NotOurs()
+            after = await self._resume_from(request, cursor, held, headers)
+            await self._check_access(request, target, held)
+            return after
+
+        join = Join(with_captor(meta, self.forwarder.check_headers(request)), cursor, self._auth(request), leg,
+                    cancel_on_orphan=cancel, wait=target.pool.cfg.pool_timeout)
+        try:
+            return await self.hub.attach(join, resume, prepare), headers
+        except Refused as refused:
+            return Attachment(answer=refused.resp), headers
+
+    async def _answer(self, request: web.Request, target: Target, att: Attachment, headers: CIMultiDict[str],
+                      cursor: Cursor, keep: Callable[[bytes], bool] | None,
+                      not_held: tuple[str, ...]) -> web.StreamResponse:
+        if att.answer is not None:
+            return await self.forwarder.relay(request, target, att.answer)
+        assert att.follower is not None
+        if att.held is None and cursor.kind in not_held:
+            self._count_resume(request, cursor, "not_held")
+            headers[RESUME_HEADER] = "not-held"
+        if att.leg is not None:
+            headers.extend(client_headers(att.leg, target, drop=("Content-Length",)))
+        else:
+            headers.update(agentapi.stream_headers())
+            if att.held is not None and att.held.kind == "run":
+                headers["Location"] = target.client_path(att.held.path)
+                headers["Content-Location"] = target.client_path(agentapi.resource_path(att.held))
+        return await self._send(request, att.follower, headers, keep)
+
+    async def _run_exists(self, request: web.Request, target: Target, meta: StreamMeta) -> bool:
+        """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
+        error event, which must not become a 'finished run' in the log."""
+        try:
+            resp = await self.forwarder.upstreams.send(target.pool, "GET", agentapi.resource_path(meta),
+                                                       self.forwarder.check_headers(request),
+                                                       timeout=CHECK_TIMEOUT, kind="check")
+        except UpstreamError:
+            return True  # no quick answer: the join itself will tell
+        resp.release()
+        return resp.status != 404
+
+    async def _check_access(self, request: web.Request, target: Target, meta: StreamMeta) -> None:
+        if self.access is not None:
+            await self.access.check(target.pool, meta, self.forwarder.check_headers(request))
 
     def _auth(self, request: web.Request) -> dict[str, str]:
         """The client's credential headers (streams.auth_headers) the gateway may reuse for it."""
@@ -411,22 +320,17 @@ class StreamHandlers:
             await out.write_eof()
             return out
         except TimeoutError:
-            log.info("client on %s too slow to write to; dropped (it can resume)", request.path)
+            logger.info("client on %s too slow to write to; dropped (it can resume)", request.path)
             cut(request)
             return out
         except (StreamGone, StreamCut) as exc:
-            log.info("%s; cutting the client so it retries", exc)
+            logger.info("%s; cutting the client so it retries", exc)
             cut(request)
             return out
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             return out
         finally:
             follower.close()
-
-
-def _capturable(ident: str) -> bool:
-    """Run and thread ids the log will key a stream by (UUIDs in practice); others are just forwarded."""
-    return bool(_CAPTURABLE_ID.match(ident))
 
 
 def _drop_params(raw_qs: str, names: tuple[str, ...]) -> str:

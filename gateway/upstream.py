@@ -27,13 +27,77 @@ from yarl import URL
 
 from gateway import config
 from gateway.cors import CorsMemory
-from gateway.errors import NoHealthyReplica, PoolFull, UpstreamTimeout, UpstreamUnreachable
+from gateway.errors import GatewayError
+from gateway.sse import SSEProtocolError
 
 log = logging.getLogger("gateway.upstream")
 
 # What a connection to an upstream is for; each kind has its own budget.
 Kind = Literal["forward", "stream", "check"]
-KINDS: tuple[Kind, ...] = ("forward", "stream", "check")
+
+
+class UpstreamError(GatewayError):
+    """The upstream could not be asked, or did not answer: what a client gets is 502, 503 or 504."""
+
+    status = 502
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No replica accepted the connection, or the upstream broke the exchange."""
+
+
+class BadUpstreamResponse(UpstreamError):
+    """The upstream answered with something the gateway cannot pass on (a body over its limit)."""
+
+
+class NoHealthyReplica(UpstreamError):
+    status = 503
+
+
+class PoolFull(UpstreamError):
+    """Every connection the gateway may open to an upstream for this kind of request is in use."""
+
+    status = 503
+
+
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    status = 504
+
+
+class UpstreamRefused(Exception):
+    """An upstream answer that asking again will not change (a 404 re-join, a malformed stream)."""
+
+
+def as_upstream_error(exc: BaseException, who: str, timeout: float | None = None) -> UpstreamError:
+    """A failed exchange with an upstream (aiohttp's and asyncio's errors) as what a client is told:
+    the one mapping, for a request and for a body read after it."""
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return UpstreamTimeout(f"{who} did not answer" + (f" within {timeout:g}s" if timeout else " in time"))
+    return UpstreamUnreachable(f"{who} failed: {exc or exc.__class__.__name__}")
+
+
+Verdict = Literal["retry", "permanent", "refused"]
+
+
+def classify(failure: BaseException | int) -> Verdict:
+    """What an upstream failure, or an answer's HTTP status, means to whoever asked: the one rule.
+
+    - ``refused``: the upstream says no to this caller (401, 403, 404): its answer stands and is
+      relayed as it is; never retried.
+    - ``permanent``: asking again gets the same (any other 4xx but 408 and 429, a stream that is
+      not SSE or breaks the protocol): give up and say so.
+    - ``retry``: the upstream or the path to it may recover (5xx, 408, 429, a refused or broken
+      connection, a timeout, a full pool): try again later, or fall back.
+    """
+    if isinstance(failure, int):
+        if failure in (401, 403, 404):
+            return "refused"
+        if 400 <= failure < 500 and failure not in (408, 429):
+            return "permanent"
+        return "retry"
+    if isinstance(failure, (UpstreamRefused, SSEProtocolError)):
+        return "permanent"
+    return "retry"
 # The gateway's own checks are short and few per client: this many at once per upstream.
 CHECK_CONNECTIONS = 64
 
@@ -257,13 +321,9 @@ class Upstreams:
                 pool.mark_down(replica, exc)
                 refused.append(f"{replica.label}: {exc.__class__.__name__}")
                 continue
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                limit = timeout.sock_read or timeout.total
-                raise UpstreamTimeout(
-                    f"upstream '{pool.name}' ({replica.label}) did not answer within {limit:g}s") from None
-            except aiohttp.ClientError as exc:
-                raise UpstreamUnreachable(
-                    f"upstream '{pool.name}' ({replica.label}) failed: {exc or exc.__class__.__name__}") from None
+            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})",
+                                        timeout.sock_read or timeout.total) from None
             pool.mark_up(replica, "it answered a request")
             return resp
         if not pool.replicas:

@@ -7,7 +7,7 @@ import orjson
 from gateway.eventlog import StreamMeta
 from gateway.rejoin import Seam, leg_last_event_id, resume_point
 from gateway.sse import Event, event
-from gateway.stream_params import Cursor
+from gateway.agentapi import Cursor
 
 
 def ev(uid: str | None, body: str, name: str = "custom") -> Event:

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway.errors import cut, send_body, start_response
+from gateway.responses import cut, send_body, start_response
 from gateway.sse import EVENT_END, frame
 from tests.support.sse import dechunk, parse_all
 

@@ -1,0 +1,436 @@
+"""Captures: one ingest task per upstream stream, copying it into the log until it ends.
+
+Ingest reads the upstream in whole chunks and appends each chunk's events to the
+log in one call; the log hands them to followers through its live feed only after
+the commit. The task belongs to the process, not to a request: it keeps capturing
+after every client has left, until the upstream stream ends.
+
+When a leg breaks the capture opens another (``gateway.legs``, with the Last-Event-ID
+``gateway.rejoin`` decides) and passes it through a ``Seam``: re-sent events are
+dropped, and a gap marker goes into the log where the gateway cannot prove that
+nothing was lost. Whether to try again is ``rejoin_delay``'s decision, on
+``gateway.upstream.classify``'s verdict. When storage fails, the stream's clients
+are cut (they reconnect and replay what is committed), and the capture re-joins
+the upstream once commits succeed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import aiohttp
+from multidict import CIMultiDict
+
+from gateway.agentapi import Cursor
+from gateway.config import Streams
+from gateway.errors import GatewayError, describe
+from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
+from gateway.eventlog.base import ClaimLost
+from gateway.legs import Legs
+from gateway.metrics import Metrics
+from gateway.marks import ERROR_EVENT, interrupted_event
+from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
+from gateway.sse import Event, Parser, SSEProtocolError
+from gateway.upstream import UpstreamRefused, classify
+
+logger = logging.getLogger("gateway.capture")
+
+# Commits one stream may have queued before its reader waits: parsing the next chunk
+# overlaps the commit of the last one, and memory per stream stays bounded.
+MAX_INFLIGHT_COMMITS = 8
+
+
+class UpstreamBroke(Exception):
+    """The upstream leg ended without a clean end of stream (worth trying again)."""
+
+
+class _Progress(UpstreamBroke):
+    """A broken leg that had delivered events first: the retry budget starts over."""
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(_leg_failure(cause) if isinstance(cause, BaseException) else str(cause))
+
+
+class CapturedElsewhere(Exception):
+    """Another gateway process captures this stream: follow it instead."""
+
+
+def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
+    # Not resp.content_type: it parses every header into a dict kept for the response's life
+    # (1.6 KiB per idle stream).
+    media = resp.headers.get("Content-Type", "").partition(";")[0]
+    return resp.status == 200 and media.strip().lower() == "text/event-stream"
+
+
+def rejoin_delay(exc: BaseException, failures: int, cfg: Streams, can_rejoin: bool) -> float | None:
+    """Seconds to wait before re-joining a leg that broke with ``exc``, the ``failures``-th time in a
+    row; None: give up (the stream ends with CaptureInterrupted)."""
+    if not can_rejoin or classify(exc) != "retry" or failures > cfg.reattach_attempts:
+        return None
+    return float(cfg.reattach_backoff * 2 ** (failures - 1))
+
+
+@dataclass(eq=False)
+class Ingest:
+    """The live capture of one upstream stream."""
+
+    meta: StreamMeta  # what the stream is (key, kind, upstream path), as begun
+    task: asyncio.Task[None] | None = None
+    cancel_on_orphan: bool = False
+    orphan_timer: asyncio.TimerHandle | None = None
+    # Credentials of the client that started the capture, for re-joins and cancels.
+    # Kept in memory only: secrets never go to disk.
+    auth: dict[str, str] = field(default_factory=dict)
+    inflight: int = 0  # commits submitted, not yet published
+    failed: BaseException | None = None  # a commit that failed: the pump stops
+    recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
+    cancelling: bool = False  # its last follower left and asked for a cancel: done once
+
+    @property
+    def key(self) -> str:
+        return self.meta.key
+
+
+class Captures:
+    """The streams this process captures, and the task that copies each into the log."""
+
+    def __init__(self, log: EventLog, cfg: Streams, legs: Legs, metrics: Metrics) -> None:
+        self.log = log
+        self.cfg = cfg
+        self.legs = legs
+        self.metrics = metrics
+        self.live: dict[str, Ingest] = {}
+        self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
+        # Storage is back under a capture whose clients were cut: the policy for who follows it
+        # (a run nobody follows any more may be cancelled) hears of it here.
+        self.on_recovered: Callable[[Ingest], None] = lambda ing: None
+        log.on_lost(self._claim_lost)
+
+    # --- starting ---------------------------------------------------------------------------
+
+    async def begin(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *,
+                    auth: dict[str, str], cancel_on_orphan: bool = False) -> Ingest:
+        """Capture a stream whose first leg ``resp`` a client's own request opened (a new run);
+        with ``resp`` None the capture opens it (a background run nobody streams yet).
+
+        Raises CapturedElsewhere, or StorageFull/StorageError when the log refuses; ``resp`` is
+        closed then.
+        """
+        if meta.key in self.live:
+            raise RuntimeError(f"stream {meta.key} is already being captured")
+        self._opening.add(meta.key)
+        try:
+            if not await self.log.claim(meta.key):
+                raise CapturedElsewhere(meta.key)
+            meta = await self.log.begin(meta)
+        except ClaimLost:
+            if resp is not None:
+                resp.close()
+            raise CapturedElsewhere(meta.key) from None
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+        finally:
+            self._opening.discard(meta.key)
+        return self.start(meta, resp, None, auth=auth, cancel_on_orphan=cancel_on_orphan)
+
+    async def open(self, meta: StreamMeta, cursor: Cursor, client_headers: CIMultiDict[str], query: str, *,
+                   auth: dict[str, str],
+                   cancel_on_orphan: bool = False) -> tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse:
+        """Open a leg for a client and capture it: a run or thread not captured right now.
+
+        Returns the capture and the leg (for its headers), or the upstream's answer
+        alone when it is not an event stream (the caller relays it as is). Raises
+        CapturedElsewhere when another gateway process captures it already.
+        """
+        key = meta.key
+        self._opening.add(key)
+        try:
+            if not await self.log.claim(key):
+                raise CapturedElsewhere(key)
+            try:
+                held = await self.log.lookup(key)
+                last = leg_last_event_id(meta.kind, held, cursor)
+                resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
+            except BaseException:
+                await self.log.release(key)
+                raise
+            if not is_event_stream(resp):
+                await self.log.release(key)
+                return resp
+            try:
+                seam = await self._seam(meta, held, last)
+                meta = await self.log.begin(meta)
+            except ClaimLost:
+                resp.close()
+                raise CapturedElsewhere(key) from None
+            except BaseException:
+                resp.close()
+                await self.log.release(key)
+                raise
+            return self.start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan), resp
+        finally:
+            self._opening.discard(key)
+
+    def start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | None, *,
+              auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
+        """Run the ingest task of a stream this process has claimed (and begun)."""
+        ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
+        self.live[meta.key] = ing
+        ing.task = asyncio.create_task(self._run(ing, resp, seam), name=f"ingest:{meta.key}")
+        return ing
+
+    async def _seam(self, meta: StreamMeta, held: StreamMeta | None, last: str | None) -> Seam | None:
+        """How a new leg opened with ``last`` meets what is held: None when there is nothing to check."""
+        expect = expectation(meta.kind, held)
+        if last is None and expect is None:
+            return None  # a first leg, live tail only: nothing to match, nothing re-sent
+        recent = await self.log.tail(meta.key, DEDUPE_WINDOW) if held is not None and held.head else []
+        return Seam(recent, after=held.head if held is not None else 0, expect=expect, on_gap=self.metrics.gap)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    async def stop(self, ing: Ingest) -> bool:
+        """Take a live ingest out of the live set, then cancel it; False if it was not live."""
+        if ing.task is None or self.live.get(ing.key) is not ing:
+            return False
+        del self.live[ing.key]  # from now on a new client starts a new capture
+        ing.task.cancel()
+        await asyncio.gather(ing.task, return_exceptions=True)
+        return True
+
+    async def stop_all(self) -> None:
+        """Stop ingest; open streams stay open in the log and are taken over (by another replica
+        now, or by this gateway at its next start): their claims are released at once."""
+        for ing in self.live.values():
+            if ing.orphan_timer is not None:
+                ing.orphan_timer.cancel()
+        tasks = [i.task for i in self.live.values() if i.task is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for key in list(self.live):
+            try:
+                await self.log.release(key)
+            except Exception as exc:  # the lease runs out by itself
+                logger.warning("could not release %s at shutdown: %s", key, exc)
+        self.live.clear()
+
+    def _claim_lost(self, key: str) -> None:
+        ing = self.live.get(key)
+        if ing is not None and ing.task is not None:
+            logger.warning("stream %s is captured by another gateway process now; this one stops writing it", key)
+            del self.live[key]
+            ing.task.cancel()
+
+    async def _release(self, key: str) -> None:
+        if key in self.live or key in self._opening:
+            return  # a new capture of the stream holds the claim now
+        try:
+            await self.log.release(key)
+        except Exception as exc:  # the lease runs out by itself
+            logger.warning("could not release %s: %s", key, exc)
+
+    # --- the ingest task ----------------------------------------------------------------------
+
+    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, seam: Seam | None) -> None:
+        kind = ing.meta.kind
+        failures = 0
+        try:
+            while True:
+                try:
+                    if resp is None:
+                        if await self._ended(ing.key):
+                            await self._finish(ing, "done")
+                            return
+                        resp, seam = await self._rejoin(ing)
+                    await self._pump(ing, resp, seam)
+                    resp = None
+                    if kind == "run":
+                        await self._finish(ing, "done", seam.close() if seam is not None else [])
+                        return
+                    raise UpstreamBroke("the upstream closed the thread stream")
+                except (UpstreamBroke, UpstreamRefused, aiohttp.ClientError, asyncio.TimeoutError,
+                        SSEProtocolError) as exc:
+                    resp = None
+                    reason = _leg_failure(exc)
+                    # A leg that delivered events before breaking starts the retry budget over.
+                    failures = 1 if isinstance(exc, _Progress) else failures + 1
+                    delay = rejoin_delay(exc, failures, self.cfg, _can_rejoin(ing.meta))
+                    if delay is None:
+                        logger.warning("stream %s interrupted: %s", ing.key, reason)
+                        await self.interrupt(ing.meta, reason)
+                        return
+                    logger.info("stream %s upstream leg lost (%s); re-joining (try %d)", ing.key, reason, failures)
+                    await asyncio.sleep(delay)
+                except StorageError as exc:
+                    resp = None
+                    await self._recover_storage(ing, exc)
+                    failures = 0
+        except asyncio.CancelledError:
+            raise
+        except ClaimLost:
+            logger.warning("stream %s is captured by another gateway process now; this one stops writing it",
+                           ing.key)
+            return
+        except Exception as exc:
+            # A bug, not a fault of the upstream or storage: end the stream with an error event
+            # rather than leave it open, or every join would re-attach it and crash again.
+            logger.exception("ingest of %s crashed", ing.key)
+            await self.interrupt(ing.meta, f"the gateway failed capturing it ({exc.__class__.__name__})")
+        finally:
+            if resp is not None:
+                resp.close()
+            if self.live.get(ing.key) is ing:
+                del self.live[ing.key]
+            if ing.orphan_timer is not None:
+                ing.orphan_timer.cancel()
+        await self._release(ing.key)
+
+    async def _ended(self, key: str) -> bool:
+        """A run whose last event is its error event is over: there is nothing to re-join for."""
+        held = await self.log.lookup(key)
+        return held is not None and held.kind == "run" and held.last_event == ERROR_EVENT.decode()
+
+    async def _rejoin(self, ing: Ingest) -> tuple[aiohttp.ClientResponse, Seam | None]:
+        held = await self.log.lookup(ing.key)
+        last = leg_last_event_id(ing.meta.kind, held)
+        try:
+            resp = await self.legs.open(ing.meta, last, auth=ing.auth)
+        except GatewayError as exc:  # to the capture this is just a leg that did not open
+            self.metrics.rejoined(False)
+            raise UpstreamBroke(exc.detail) from exc
+        ok = is_event_stream(resp)
+        self.metrics.rejoined(ok)
+        if not ok:
+            body = (await resp.content.read(512)).decode("utf-8", "replace")
+            resp.release()
+            detail = f"re-join answered HTTP {resp.status}: {body.strip()[:200]}"
+            if classify(resp.status) != "retry":
+                raise UpstreamRefused(detail)
+            raise UpstreamBroke(detail)
+        try:
+            return resp, await self._seam(ing.meta, held, last)
+        except BaseException:
+            resp.close()
+            raise
+
+    async def _recover_storage(self, ing: Ingest, exc: StorageError) -> None:
+        """Storage failed under a live capture: cut its clients, wait, then capture again."""
+        logger.error("stream %s: the event log failed (%s); clients cut, capture resumes when storage does",
+                     ing.key, exc)
+        ing.recovering = True
+        self.log.cut(ing.key)
+        try:
+            while True:
+                await self.log.wait_healthy()
+                try:
+                    await self.log.begin(ing.meta)
+                    break
+                except StorageError as again:  # failing again already, or over budget: wait and retry
+                    logger.warning("stream %s: storage not ready to resume (%s)", ing.key, again)
+                    await asyncio.sleep(1.0)
+        finally:
+            ing.recovering = False
+        ing.failed = None
+        logger.info("stream %s: storage is back; re-joining the upstream", ing.key)
+        self.on_recovered(ing)
+
+    async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse, seam: Seam | None) -> None:
+        """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg.
+
+        Commits are pipelined: each chunk's events are submitted and published by
+        the commit callback (in order), while the next chunk is already parsed.
+        Every commit of the leg is settled before this returns or raises.
+        """
+        parser = Parser(self.cfg.max_event_bytes)
+        key = ing.key
+        last: asyncio.Future[list[Entry]] | None = None
+        committed = partial(self._committed, ing)
+        try:
+            async for chunk in resp.content.iter_any():
+                events = parser.feed(chunk)
+                if parser.comments:
+                    parser.comments = 0
+                    if not events:
+                        self.log.beat(key)
+                if seam is not None and events:
+                    events = seam.filter(events)
+                if events:
+                    if ing.failed is not None:
+                        raise StorageError(str(ing.failed))
+                    last = self.log.submit(key, events)
+                    ing.inflight += 1
+                    last.add_done_callback(committed)
+                    if ing.inflight >= MAX_INFLIGHT_COMMITS:
+                        await last
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Whatever broke the leg, what it delivered is settled first, so the next leg
+            # starts from what is really committed.
+            await _settle(last)
+            if ing.failed is not None:
+                raise StorageError(str(ing.failed)) from exc
+            if last is not None and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+                raise _Progress(exc) from exc
+            raise
+        finally:
+            resp.release()
+        await _settle(last)  # everything of this leg is committed before the stream may end
+        if ing.failed is not None:
+            raise StorageError(str(ing.failed))
+        if parser.pending():
+            raise _Progress("upstream stream ended mid-event") if last is not None else UpstreamBroke(
+                "upstream stream ended mid-event")
+
+    def _committed(self, ing: Ingest, fut: asyncio.Future[list[Entry]]) -> None:
+        ing.inflight -= 1
+        if fut.cancelled() or ing.failed is not None:
+            return  # after a failed commit the pump stops: the stream never has a hole
+        if fut.exception() is not None:
+            ing.failed = fut.exception()
+            return
+        entries = fut.result()
+        if entries:
+            self.metrics.appended(len(entries))
+
+    # --- ending -------------------------------------------------------------------------------
+
+    async def _finish(self, ing: Ingest, end: EndReason, events: list[Event] | None = None) -> None:
+        await self.log.finish(ing.key, end, events or [])  # its followers get the end from the log
+
+    async def interrupt(self, meta: StreamMeta, reason: str) -> None:
+        """End a stream with CaptureInterrupted: its upstream is lost for good."""
+        self.metrics.interrupted()
+        try:
+            await self.log.finish(meta.key, "interrupted", [interrupted_event(reason)])
+        except StorageError as exc:
+            logger.error("stream %s: could not record its interruption (%s); it stays open for the next start",
+                         meta.key, exc)
+            self.log.cut(meta.key)
+        except ClaimLost:
+            logger.warning("stream %s is captured by another gateway process now; it ends it, not this one",
+                           meta.key)
+
+
+def _can_rejoin(meta: StreamMeta) -> bool:
+    # A stateless run has no join path upstream.
+    return meta.kind == "thread" or meta.thread_id is not None
+
+
+async def _settle(fut: asyncio.Future[Any] | None) -> None:
+    """Wait for a commit without raising: its outcome reaches the ingest through its callback."""
+    if fut is not None and not fut.done():
+        await asyncio.wait([fut])
+
+
+def _leg_failure(exc: object) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "upstream read timed out"
+    return describe(exc) if isinstance(exc, BaseException) else str(exc)

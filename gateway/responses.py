@@ -1,0 +1,126 @@
+"""Answers the gateway makes itself, and the one place errors become HTTP responses.
+
+Every error a client sees has the Agent Server API's own shape: ``{"detail": "..."}`` with
+``application/json``. Nothing else turns exceptions into responses.
+
+Once a response has started (its headers are on the wire) an error cannot become a second
+response: the only honest signal left is to cut the connection, so a client never takes a
+broken stream for a complete one. Handlers start responses with ``start_response`` so this
+rule can see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import GatewayError, describe
+from gateway.eventlog import StorageError, StorageFull
+
+log = logging.getLogger("gateway.responses")
+
+
+def error_response(status: int, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"detail": detail}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+_STARTED = web.RequestKey("gateway.started", web.StreamResponse)
+
+
+async def start_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a response's headers; from here on an error cuts the connection instead."""
+    request[_STARTED] = response
+    await response.prepare(request)
+
+
+def cut(request: web.Request) -> None:
+    """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+# A write that leaves at most this much in the transport's buffer stays below its high-water mark
+# (64 KiB), so it returns without waiting for the client: no deadline needs arming for it.
+_UNBLOCKING_WRITE = 16 << 10
+# Bigger writes go out in slices of about this size, waiting for the client between them: a replayed
+# page (up to megabytes, shared by every client replaying it) is never copied whole into each
+# client's buffer, so a thousand slow readers hold a thousand slices, not a thousand pages.
+_SLICE = 64 << 10
+
+
+async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float,
+                    boundary: bytes | None = None) -> None:
+    """Write part of a started response; TimeoutError when the client stops reading for ``stall_timeout``.
+
+    Arming a deadline costs more than a small write itself, and a write into a nearly empty
+    buffer cannot wait, so only a write that may wait gets one; it is pushed back after every
+    slice the client took, so a slow reader is never cut, only a stalled one. With ``boundary``
+    (b"\\n\\n" for SSE) every slice ends on one: a client cut for stalling then holds whole
+    events only, never half of one, whatever it does with an event pending at the end of a body.
+    """
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
+        await response.write(data)
+        return
+    view, loop, start = memoryview(data), asyncio.get_running_loop(), 0
+    async with asyncio.timeout(stall_timeout) as deadline:
+        while start < len(data):
+            end = _slice_end(data, start, boundary)
+            await response.write(view[start:end])  # a slice this big makes aiohttp drain after it
+            start = end
+            deadline.reschedule(loop.time() + stall_timeout)
+
+
+def _slice_end(data: bytes, start: int, boundary: bytes | None) -> int:
+    end = start + _SLICE
+    if end >= len(data) or boundary is None:
+        return min(end, len(data))
+    last = data.rfind(boundary, start, end)
+    if last >= 0:
+        return last + len(boundary)
+    after = data.find(boundary, end)  # one event longer than a slice: the slice is that event
+    return len(data) if after < 0 else after + len(boundary)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ConnectionResetError:
+        raise  # the client left; nothing to answer
+    except Exception as exc:
+        started: web.StreamResponse | None = request.get(_STARTED)
+        if started is not None and started.prepared:
+            log.error("%s %s failed after its response started; connection cut: %s",
+                      request.method, request.path, describe(exc), exc_info=not isinstance(exc, GatewayError))
+            cut(request)
+            return started  # already sent: aiohttp's end-of-response on a cut transport is a no-op
+        return _as_response(request, exc)
+
+
+def _as_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    if isinstance(exc, GatewayError):
+        return error_response(exc.status, exc.detail, exc.headers)
+    if isinstance(exc, StorageFull):
+        return error_response(503, f"capture refused: {exc}")
+    if isinstance(exc, StorageError):
+        return error_response(503, f"event log unavailable: {exc}")
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            raise exc
+        # aiohttp's own refusals (413 body too large, 405, ...) in the API's shape.
+        return error_response(exc.status, exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal gateway error (logged)")

@@ -1,0 +1,69 @@
+"""Open streams nobody captures: a previous process left them (a restart, a crash), or a replica
+stopped renewing its lease. This process takes them over: at start, and on a shared log every
+half lease, while it also looks for captures nobody follows any more (``gateway.presence``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.capture import Captures
+from gateway.eventlog import EventLog, StreamMeta
+from gateway.presence import Presence
+
+logger = logging.getLogger("gateway.takeover")
+
+STATELESS_LOST = ("the gateway that captured this stateless run stopped while it was live, and the upstream "
+                  "has no way to re-join a stateless run")
+
+
+class TakeOver:
+    def __init__(self, log: EventLog, captures: Captures, presence: Presence) -> None:
+        self.log = log
+        self.captures = captures
+        self.presence = presence
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Take over every open stream nobody captures, then keep doing so when the log is shared."""
+        await self.sweep()
+        if self.log.takeover_interval is not None:
+            self._task = asyncio.create_task(self._loop(self.log.takeover_interval), name="takeover")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+                await self.presence.check_orphans()
+            except Exception:
+                logger.exception("taking over unowned streams failed; will retry")
+
+    async def sweep(self) -> None:
+        for meta in await self.log.unowned():
+            if self.presence.closing or meta.key in self.captures.live:
+                continue
+            if meta.kind == "thread":
+                if await self.presence.everywhere(meta.key) == 0:
+                    if await self.log.claim(meta.key):  # nobody watches it: released, re-opened when asked
+                        await self.log.finish(meta.key, None)
+                        await self.log.release(meta.key)
+                    continue
+            if await self.log.claim(meta.key):  # else another replica was faster
+                await self.adopt(meta)
+
+    async def adopt(self, meta: StreamMeta) -> None:
+        """Capture an open stream this process has just claimed, from where the log holds it."""
+        if meta.kind == "run" and meta.thread_id is None:
+            await self.captures.interrupt(meta, STATELESS_LOST)
+            await self.log.release(meta.key)
+            return
+        logger.info("taking over %s from upstream id %s", meta.key, meta.last_upstream_id)
+        self.captures.start(meta, None, None)

@@ -1,0 +1,134 @@
+"""One client's view of a stream, over a fake Source (an in-memory log and feed): the
+register-then-replay race forced at its worst moment, a batch lost on the way, an overflow, a
+capture that began again under the client. And the re-join decisions of a capture, alone."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Callable
+
+import pytest
+
+from gateway.capture import UpstreamBroke, _Progress, rejoin_delay
+from gateway.config import Streams
+from gateway.eventlog import Entry, StreamMeta
+from gateway.eventlog.base import Batch, Feed, LocalFeeds
+from gateway.follower import Follower, StreamCut
+from gateway.replay import Page
+from gateway.sse import SSEProtocolError
+from gateway.upstream import UpstreamRefused, UpstreamTimeout, UpstreamUnreachable, classify
+
+
+class FakeSource:
+    """A stream's committed events and live feed, in memory; ``on_ready`` runs between the follower
+    subscribing and reading the head (where a commit can land, on a shared log's feed above all)."""
+
+    heartbeat = 10.0
+    closing = False
+
+    def __init__(self) -> None:
+        self.feeds = LocalFeeds()
+        self.meta = StreamMeta(key="s", kind="run", upstream="u", path="/p", base=100)
+        self.entries: list[Entry] = []
+        self.hook: Callable[[], object] = lambda: None
+
+    def commit(self, n: int, *, publish: bool = True, end: bool = False) -> list[Entry]:
+        prev = self.meta.head  # the head before: 0 for a stream begun anew
+        top = max(prev, self.meta.base)
+        new = [(top + i + 1, f"data: {top + i + 1}\n".encode()) for i in range(n)]
+        self.entries += new
+        self.meta = replace(self.meta, head=new[-1][0] if new else prev, open=not end,
+                            end="done" if end else None)
+        if publish:
+            self.feeds.deliver("s", Batch("events", new, prev, 10 * n))
+            if end:
+                self.feeds.deliver("s", Batch("end", prev=self.meta.head))
+        return new
+
+    async def ready(self, feed: Feed) -> None:
+        self.hook()
+
+    async def lookup(self, key: str) -> StreamMeta | None:
+        return self.meta
+
+    async def page(self, key: str, after: int, upto: int, limit: int) -> Page:
+        return Page([e for e in self.entries if after < e[0] <= upto][:limit])
+
+    def subscribe(self, key: str) -> Feed:
+        return self.feeds.subscribe(key, 1000, 1 << 20)
+
+    def joined(self, follower: Follower) -> None: ...
+    def left(self, follower: Follower) -> None: ...
+
+
+async def collect(follower: Follower) -> list[int]:
+    return [seq for page in [p async for p in follower.pages()] for seq, _ in page.entries]
+
+
+async def test_a_commit_between_subscribing_and_reading_the_head_is_neither_lost_nor_repeated() -> None:
+    src = FakeSource()
+    src.commit(3)
+    src.hook = lambda: src.commit(2)  # lands on the feed and in the log before the head is read
+    follower = Follower(src, "s", 0)
+    reader = asyncio.create_task(collect(follower))
+    await asyncio.sleep(0.01)
+    src.commit(1, end=True)
+    got = await asyncio.wait_for(reader, 5)
+    assert got == [e[0] for e in src.entries] and len(got) == 6, "each event once, in order"
+
+
+async def test_a_batch_lost_on_the_way_is_read_from_the_log() -> None:
+    src = FakeSource()
+    src.commit(2)
+    follower = Follower(src, "s", 0)
+    reader = asyncio.create_task(collect(follower))
+    await asyncio.sleep(0.01)
+    src.commit(3, publish=False)  # a shared log's channel dropped it
+    src.commit(1, end=True)  # the next batch says what the head was before it
+    assert await asyncio.wait_for(reader, 5) == [e[0] for e in src.entries]
+
+
+async def test_a_follower_that_falls_behind_catches_up_from_the_log() -> None:
+    src = FakeSource()
+    follower = Follower(src, "s", 0)
+    assert follower.feed is not None
+    follower.feed.limit = 2
+    src.commit(1)
+    for _ in range(5):
+        src.commit(1)  # past the feed's bound: it overflows instead of blocking the capture
+    src.commit(1, end=True)
+    assert await asyncio.wait_for(collect(follower), 5) == [e[0] for e in src.entries]
+
+
+@pytest.mark.parametrize("where", ["feed", "head"])
+async def test_a_capture_begun_anew_under_the_client_cuts_it(where: str) -> None:
+    src = FakeSource()
+    src.commit(3)
+    follower = Follower(src, "s", None)
+    reader = asyncio.create_task(collect(follower))
+    await asyncio.sleep(0.01)
+    # The log lost the stream and the capture began it again: new ids, above a new base.
+    src.meta = replace(src.meta, base=src.meta.head + 1000, head=0)
+    if where == "feed":
+        src.commit(2)
+    else:
+        src.feeds.resync("s")  # the follower looks at the head itself
+    with pytest.raises(StreamCut):
+        await asyncio.wait_for(reader, 5)
+
+
+def test_a_leg_that_may_recover_is_retried_with_backoff_and_one_that_will_not_is_given_up() -> None:
+    cfg = Streams(reattach_attempts=3, reattach_backoff=0.5)
+    for transient in (UpstreamBroke("closed"), UpstreamUnreachable("refused"), UpstreamTimeout("slow"),
+                      TimeoutError(), _Progress("mid-event")):
+        assert [rejoin_delay(transient, k, cfg, True) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, None]
+    for permanent in (UpstreamRefused("404"), SSEProtocolError("not SSE")):
+        assert rejoin_delay(permanent, 1, cfg, True) is None
+    assert rejoin_delay(UpstreamBroke("closed"), 1, cfg, False) is None, "a stateless run has no join path"
+
+
+def test_what_an_upstream_answer_means() -> None:
+    assert [classify(s) for s in (401, 403, 404)] == ["refused"] * 3
+    assert [classify(s) for s in (400, 409, 422)] == ["permanent"] * 3
+    assert [classify(s) for s in (408, 429, 500, 502, 503)] == ["retry"] * 5
