@@ -1,184 +1,33 @@
 """Looking at a log from outside the serving path: what operators use when a user says "my chat
 lost half an answer".
 
-``LogView`` reads a log read-only: an LMDB data directory (while a gateway writes it: LMDB
-gives readers a consistent snapshot) or the shared Redis log. ``describe`` and ``check``
-are used by the command line (``agent-gateway streams ...``, ``agent-gateway check``) and
-``describe`` also by the admin listener (``GET /streams``).
+Each backend reads itself read-only (``LogView``, from ``gateway.eventlog.open_view``); what is
+made of it lives here: one stream's details, the integrity check, the filters and JSON shape the
+command line (``agent-gateway streams ...``, ``agent-gateway check``) and the admin listener
+(``GET /streams``) share.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any
 
-import lmdb
 import orjson
 
-from gateway.config import Storage
-from gateway.eventlog import EventLog, StorageDamaged, StorageError, StreamMeta
-from gateway.eventlog.lmdb import verify_file
-from gateway.eventlog.records import decode, record_time_ms
-from gateway.rejoin import GAP_EVENT
+from gateway.agentapi import keys_for
+from gateway.eventlog import EventLog, LogView, StorageDamaged, StorageError, StreamMeta
+from gateway.marks import ERROR_EVENT, GAP_EVENT
 from gateway.sse import event_name
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One stored batch: its first seq, the time it was appended (unix ms), its events."""
-
-    first: int
-    time_ms: int
-    events: list[tuple[int, str | None, bytes]]  # (seq, upstream id, body)
-    size: int
-
-
-class LogView(Protocol):
-    """A log, read-only."""
-
-    def metas(self) -> list[StreamMeta]: ...
-    def meta(self, key: str) -> StreamMeta | None: ...
-    def records(self, key: str, upto: int | None = None) -> Iterator[Record]: ...
-    def counter(self) -> int: ...
-    def orphan_keys(self) -> set[str]: ...
-    def close(self) -> None: ...
-
-
-class LmdbView:
-    def __init__(self, path: Path) -> None:
-        verify_file(path)
-        if not (path / "data.mdb").exists():
-            raise StorageError(f"{path}: no event log here (no data.mdb)")
-        try:
-            self._env = lmdb.open(str(path), readonly=True, max_dbs=4, lock=True, readahead=False)
-            self._events = self._env.open_db(b"events", create=False)
-            self._streams = self._env.open_db(b"streams", create=False)
-            self._meta = self._env.open_db(b"meta", create=False)
-        except lmdb.Error as exc:
-            raise StorageError(f"{path}: cannot open the event log read-only: {exc}") from exc
-        self._path = path
-
-    def metas(self) -> list[StreamMeta]:
-        out = []
-        with self._env.begin(db=self._streams) as txn:
-            for k, v in txn.cursor():
-                try:
-                    out.append(StreamMeta.from_bytes(v))
-                except StorageDamaged as exc:
-                    raise StorageDamaged(f"stream record {bytes(k)[:80]!r}: {exc}") from None
-        return out
-
-    def meta(self, key: str) -> StreamMeta | None:
-        with self._env.begin(db=self._streams) as txn:
-            raw = txn.get(key.encode())
-        return StreamMeta.from_bytes(raw) if raw is not None else None
-
-    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
-        prefix = key.encode() + b"\x00"
-        with self._env.begin(db=self._events, buffers=False) as txn:
-            cur = txn.cursor()
-            found = cur.set_range(prefix)
-            while found:
-                k, v = cur.item()
-                if not k.startswith(prefix):
-                    break
-                first = int.from_bytes(k[len(prefix):], "big")
-                if upto is not None and first > upto:
-                    break
-                yield Record(first, record_time_ms(v), decode(first, v), len(k) + len(v))
-                found = cur.next()
-
-    def counter(self) -> int:
-        with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(b"seq")
-        if raw is None or not raw.isdigit():
-            raise StorageDamaged(f"{self._path}/data.mdb: the seq record is missing or damaged")
-        return int(raw)
-
-    def orphan_keys(self) -> set[str]:
-        """Stream keys that have records but no metadata (one snapshot: a writer beside it cannot
-        make a stream look half-written)."""
-        keys: set[str] = set()
-        with self._env.begin() as txn:
-            for k in txn.cursor(db=self._events).iternext(keys=True, values=False):
-                keys.add(bytes(k).split(b"\x00", 1)[0].decode("utf-8", "replace"))
-            known = {bytes(k).decode() for k in txn.cursor(db=self._streams).iternext(keys=True, values=False)}
-        return keys - known
-
-    def close(self) -> None:
-        self._env.close()
-
-
-class RedisView:
-    def __init__(self, cfg: Storage) -> None:
-        import redis  # only here: the LMDB tools need nothing of it
-
-        from gateway.eventlog.redis import _meta_from_hash, _rows
-
-        self._r: Any = redis.Redis.from_url(cfg.redis_url, socket_timeout=10.0)
-        self._p = "{" + cfg.redis_prefix + "}:"
-        self._meta_from_hash = _meta_from_hash
-        self._rows = _rows
-        try:
-            self._r.ping()
-        except redis.RedisError as exc:
-            raise StorageError(f"redis: {exc}") from exc
-
-    def metas(self) -> list[StreamMeta]:
-        keys = sorted(self._index())
-        return [m for m in (self.meta(k) for k in keys) if m is not None]
-
-    def meta(self, key: str) -> StreamMeta | None:
-        meta: StreamMeta | None = self._meta_from_hash(self._r.hgetall(self._p + "m:" + key))
-        return meta
-
-    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
-        start = "-"
-        top = "+" if upto is None else f"{upto}-0"
-        while True:
-            rows = self._rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
-            for first, record in rows:
-                yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
-            if len(rows) < 500:
-                return
-            start = f"({rows[-1][0]}-0"
-
-    def _index(self) -> list[str]:
-        """Every stream key (a sorted set; a plain set in a log no gateway of this version opened yet)."""
-        index = self._p + "all"
-        raw = self._r.smembers(index) if self._r.type(index) == b"set" else self._r.zrange(index, 0, -1)
-        return [k.decode() for k in raw]
-
-    def counter(self) -> int:
-        return int(self._r.get(self._p + "seq") or 0)
-
-    def orphan_keys(self) -> set[str]:
-        found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
-        known = set(self._index())  # after: streams begun meanwhile count
-        # Each suspect looked at once more: one dropped between the two reads is gone from both now.
-        return {k for k in found - known if self._r.exists(self._p + "s:" + k)
-                and k not in self._index()}
-
-    def close(self) -> None:
-        self._r.close()
-
-
-def open_view(cfg: Storage) -> LogView:
-    return RedisView(cfg) if cfg.backend == "redis" else LmdbView(Path(cfg.path))
-
-
-def resolve(view: LogView, key_or_id: str) -> StreamMeta | None:
-    """A stream by its key (``default/run/<id>``) or by a run or thread id."""
-    meta = view.meta(key_or_id)
-    if meta is not None:
-        return meta
-    matches = [m for m in view.metas() if key_or_id in (m.run_id, m.thread_id) and
-               (m.kind == "run" or m.run_id is None)]
-    runs = [m for m in matches if m.run_id == key_or_id]
-    pick = runs or matches
-    return pick[0] if len(pick) == 1 else None
+def resolve(view: LogView, key_or_id: str, upstreams: list[str]) -> StreamMeta | None:
+    """A stream by its key (``default/run/<id>``), or by a run or thread id under one of ``upstreams``:
+    the rule the admin listener resolves by too (``agentapi.keys_for``)."""
+    for key in keys_for(key_or_id, upstreams):
+        if (meta := view.meta(key)) is not None:
+            return meta
+    return None
 
 
 @dataclass
@@ -202,9 +51,8 @@ def details(view: LogView, meta: StreamMeta) -> Details:
         for seq, _uid, body in rec.events:
             out.events += 1
             name = event_name(body)
-            if name == GAP_EVENT.encode() or name == b"error":
-                data = _data(body)
-                (out.gaps if name != b"error" else out.errors).append({"id": seq, **data})
+            if name in (GAP_EVENT, ERROR_EVENT):
+                (out.gaps if name == GAP_EVENT else out.errors).append({"id": seq, **_data(body)})
     return out
 
 
@@ -331,9 +179,9 @@ async def served_details(log: EventLog, meta: StreamMeta, page: int = 2000) -> d
         for seq, body in entries:
             held += 1
             name = event_name(body)
-            if name == GAP_EVENT.encode():
+            if name == GAP_EVENT:
                 gaps.append({"id": seq, **_data(body)})
-            elif name == b"error":
+            elif name == ERROR_EVENT:
                 errors.append({"id": seq, **_data(body)})
         pos = entries[-1][0]
     return {**public(meta), "events_held": held, "gap_markers": gaps, "error_events": errors}

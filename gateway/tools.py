@@ -13,9 +13,10 @@ from typing import Any, Callable, TextIO
 
 import orjson
 
-from gateway.config import ConfigError, Overrides, load_config
-from gateway.eventlog import StorageError, StreamMeta
-from gateway.logview import LogView, check, details, event_record, matches, open_view, public, resolve
+from gateway.config import ConfigError, Overrides, load_config, parse_duration
+from gateway.eventlog import LogView, StorageError, StreamMeta, open_view
+from gateway.logview import check, details, event_record, matches, public, resolve
+from gateway.sse import frame
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
@@ -30,10 +31,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _age(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
+        return parse_duration("age", text)
+    except ConfigError:
         raise argparse.ArgumentTypeError(f"an age such as 30s, 10m, 2h or 1d (got {text!r})") from None
 
 
@@ -83,6 +83,7 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     except ConfigError as exc:
         print(f"agent-gateway: config error: {exc}", file=err)
         return EXIT_USAGE
+    args.upstreams = [u.name for u in cfg.upstreams]  # a run or thread id is resolved under these
     try:
         view = open_view(cfg.storage)
     except StorageError as exc:
@@ -122,7 +123,7 @@ def _list(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _stream(view: LogView, args: argparse.Namespace) -> StreamMeta:
-    meta = resolve(view, args.stream)
+    meta = resolve(view, args.stream, args.upstreams)
     if meta is None:
         raise UsageError(f"no stream {args.stream!r} in the log (a key from 'streams list', or a run or thread id)")
     return meta
@@ -151,7 +152,7 @@ def _events(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
         if args.format == "jsonl":
             out.write(orjson.dumps(event_record(seq, body, t)).decode() + "\n")
         else:
-            out.write(body.decode("utf-8", "replace") + f"id: {seq}\n\n")
+            out.write(frame([(seq, body)]).decode("utf-8", "replace"))
     return EXIT_OK
 
 

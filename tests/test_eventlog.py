@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway.config import Storage
+from gateway import eventlog
 from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
 from gateway.eventlog.base import Batch, ClaimLost
 from gateway.eventlog.redis import RedisEventLog
@@ -39,10 +40,6 @@ def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefi
     return replace(base, **kw)
 
 
-def _make(cfg: Storage, **kw: Any) -> EventLog:
-    return RedisEventLog(cfg, **kw) if cfg.backend == "redis" else LmdbEventLog(cfg, **kw)
-
-
 @pytest.fixture(params=BACKENDS)
 async def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Open (and reopen) a log of each backend; every log opened is closed at teardown."""
@@ -57,7 +54,7 @@ async def open_log(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
         for old in opened:
             await old.close()
         opened.clear()
-        log = _make(_storage(request.param, tmp_path, request, prefix, relay, **storage))
+        log = eventlog.open_log(_storage(request.param, tmp_path, request, prefix, relay, **storage))
         await log.open()
         opened.append(log)
         return log
@@ -227,6 +224,21 @@ async def test_full_budget_with_only_live_streams_refuses_new_captures(open_log:
     assert len(await log.read("live", 0, more[-1][0], 10)) == 2
 
 
+async def test_over_budget_a_capture_begins_when_something_finished_can_make_room(open_log: Opener) -> None:
+    log = await open_log(max_bytes=1000)
+    await begun(log, meta("done"))
+    await log.append("done", evs("y" * 1200))
+    await log.finish("done", "done")
+    await log.release("done")
+    log = await open_log(max_bytes=1000)  # as a gateway starting on it: over budget, one stream finished
+    assert log.accepting(), "a finished stream can go to make room"
+    await begun(log, meta("new"))
+    assert await log.lookup("done") is None, "the oldest finished stream made room"
+    await log.append("new", evs("z" * 1200))
+    await log.sweep()  # a shared log learns what everyone holds when it sweeps
+    assert not log.accepting(), "over budget again, and nothing finished is left to evict"
+
+
 async def test_group_commit_many_streams_concurrently(open_log: Opener) -> None:
     log = await open_log()
     for i in range(50):
@@ -267,7 +279,7 @@ async def test_commit_observer_counts_events_not_records(open_log: Opener, tmp_p
     probe = await open_log()
     cfg = _storage("redis" if isinstance(probe, RedisEventLog) else "lmdb", tmp_path / "obs", request,
                    f"o{uuid.uuid4().hex[:8]}")
-    log = _make(cfg, on_commit=lambda n, secs, ok: seen.append((n, ok)))
+    log = eventlog.open_log(cfg, on_commit=lambda n, secs, ok: seen.append((n, ok)))
     await probe.close()
     await log.open()
     try:

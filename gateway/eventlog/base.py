@@ -22,7 +22,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence
 
 import orjson
 
@@ -33,6 +33,9 @@ Entry = tuple[int, bytes]
 
 # Streams one page of ``EventLog.list_streams`` looks at, at most.
 LIST_SCAN = 10_000
+
+# Called after each commit group: (events, seconds, ok). The metrics hook.
+CommitObserver = Callable[[int, float, bool], None]
 
 StreamKind = Literal["run", "thread"]
 EndReason = Literal["done", "interrupted"]
@@ -326,8 +329,66 @@ class LocalFeeds:
             f.drop()
 
 
+class Health:
+    """Whether commits succeed right now, and why not: one state, whatever the backend."""
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+        self._healthy = asyncio.Event()
+        self._healthy.set()
+
+    def fail(self, reason: str) -> bool:
+        """Commits fail; True when they did not already (the moment to log it, and to start probing)."""
+        first = self.failure is None
+        self.failure = reason
+        self._healthy.clear()
+        return first
+
+    def recovered(self) -> bool:
+        """Commits succeed again; True when they had been failing."""
+        if self.failure is None:
+            return False
+        self.failure = None
+        self._healthy.set()
+        return True
+
+    async def wait(self) -> None:
+        await self._healthy.wait()
+
+
+def to_evict(metas: Iterable[StreamMeta], size: int, budget: int, cutoff: float,
+             exclude: str | None = None) -> list[StreamMeta]:
+    """Retention, one rule for every backend: the closed streams to remove whole, oldest first:
+    every one last updated before ``cutoff`` (the TTL), then more while ``size`` is over ``budget``.
+    Open streams never (``exclude``: the stream being begun, never evicted to make room for itself)."""
+    out: list[StreamMeta] = []
+    for m in sorted((m for m in metas if not m.open and m.key != exclude), key=lambda m: m.updated_at):
+        if m.updated_at >= cutoff and size < budget:
+            break
+        out.append(m)
+        size -= m.size
+    return out
+
+
+def accepting(failure: str | None, size: int, budget: int, evictable: bool) -> bool:
+    """Whether a new capture may begin: storage healthy, and under budget or able to get under it
+    by evicting something finished."""
+    return failure is None and (size < budget or evictable)
+
+
 class EventLog(abc.ABC):
     """Append-only, per-stream event log with group commit and retention."""
+
+    health: Health
+
+    @property
+    def failure(self) -> str | None:
+        """Why commits are failing right now (a full disk, an I/O error), or None when healthy."""
+        return self.health.failure
+
+    async def wait_healthy(self) -> None:
+        """Return once commits succeed again (at once when healthy)."""
+        await self.health.wait()
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -432,16 +493,7 @@ class EventLog(abc.ABC):
     @abc.abstractmethod
     def accepting(self, key: str | None = None) -> bool:
         """False when a capture of ``key`` must be refused: storage failing, or over budget
-        with nothing else finished to evict."""
-
-    @property
-    @abc.abstractmethod
-    def failure(self) -> str | None:
-        """Why commits are failing right now (a full disk, an I/O error), or None when healthy."""
-
-    @abc.abstractmethod
-    async def wait_healthy(self) -> None:
-        """Return once commits succeed again (at once when healthy)."""
+        with nothing else finished to evict (``accepting`` above, the one rule)."""
 
     # --- several gateway processes on one log -------------------------------------------------------
     # A shared log lets any number of gateway replicas serve each other's streams. Exactly
@@ -492,4 +544,25 @@ class EventLog(abc.ABC):
         """Bytes held."""
 
 
+# --- the log read from outside the serving path (the operator commands) ------------------------------
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored batch: its first seq, the time it was appended (unix ms), its events."""
+
+    first: int
+    time_ms: int
+    events: list[tuple[int, str | None, bytes]]  # (seq, upstream id, body)
+    size: int
+
+
+class LogView(Protocol):
+    """A log, read-only: what each backend offers the operator commands (``gateway.logview``), beside a
+    gateway that writes it."""
+
+    def metas(self) -> list[StreamMeta]: ...
+    def meta(self, key: str) -> StreamMeta | None: ...
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]: ...
+    def counter(self) -> int: ...
+    def orphan_keys(self) -> set[str]: ...
+    def close(self) -> None: ...

@@ -43,18 +43,23 @@ from gateway.config import Storage
 from gateway.eventlog.base import (
     BEAT,
     CUT,
+    LIST_SCAN,
     Batch,
+    CommitObserver,
     EndReason,
     Entry,
     EventLog,
     Feed,
-    LIST_SCAN,
+    Health,
     LocalFeeds,
+    Record,
     StorageDamaged,
     StorageError,
     StorageFull,
     StreamMeta,
+    accepting,
     seq_floor,
+    to_evict,
 )
 from gateway.eventlog.records import decode, encode, record_time_ms
 from gateway.sse import Event
@@ -73,8 +78,6 @@ _PROBE_BYTES = 1 << 20
 _LOOP_PARK_WAIT = 0.25
 _LOOP_HOLD_LIMIT = 0.1
 
-# Called on the loop after each commit group: (events, seconds, ok). Metrics hook.
-CommitObserver = Callable[[int, float, bool], None]
 
 
 @dataclass(slots=True, eq=False)
@@ -178,9 +181,7 @@ class LmdbEventLog(EventLog):
         self._rw = _RWLock()
         self._on_commit = on_commit
         self._lock_fd: int | None = None
-        self._failure: str | None = None
-        self._healthy = asyncio.Event()
-        self._healthy.set()
+        self.health = Health()
         self._feeds = LocalFeeds()
         self._claimed: set[str] = set()
 
@@ -359,22 +360,14 @@ class LmdbEventLog(EventLog):
     def cut(self, key: str) -> None:
         self._feeds.deliver(key, CUT)
 
-    @property
-    def failure(self) -> str | None:
-        return self._failure
-
-    async def wait_healthy(self) -> None:
-        await self._healthy.wait()
-
     def accepting(self, key: str | None = None) -> bool:
-        if self._failure is not None:
-            return False
         # Same rule as begin(): the stream being (re)started is never evicted to make room for itself.
-        return self._size < self._cfg.max_bytes or any(not m.open and m.key != key for m in self._metas.values())
+        return accepting(self.failure, self._size, self._cfg.max_bytes,
+                         any(not m.open and m.key != key for m in self._metas.values()))
 
     async def begin(self, meta: StreamMeta) -> StreamMeta:
-        if self._failure is not None:
-            raise StorageError(f"storage is failing: {self._failure}")
+        if self.failure is not None:
+            raise StorageError(f"storage is failing: {self.failure}")
         if self._size >= self._cfg.max_bytes:
             self._evict_to_budget(exclude=meta.key)
             if self._size >= self._cfg.max_bytes:
@@ -428,7 +421,7 @@ class LmdbEventLog(EventLog):
         if meta is None:
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
         if key in self._broken:
-            raise StorageError(f"stream {key} stopped at a failed commit: {self._failure or 'storage error'}")
+            raise StorageError(f"stream {key} stopped at a failed commit: {self.failure or 'storage error'}")
         batch = _Batch(key=key)
         staged, entries = self._stage_events(batch, meta, events)
         if end:
@@ -618,11 +611,9 @@ class LmdbEventLog(EventLog):
         if group and self._on_commit is not None:
             self._on_commit(sum(b.count for b in group), seconds, error is None)
         if error is not None:
-            self._failure = f"{error.__class__.__name__}: {error}"
-            self._healthy.clear()
-        elif recovered and self._failure is not None:
-            self._failure = None
-            self._healthy.set()
+            self.health.fail(f"{error.__class__.__name__}: {error}")
+        elif recovered:
+            self.health.recovered()
         for i, b in enumerate(group):
             failed = error is not None or i in refused
             if failed:
@@ -633,7 +624,7 @@ class LmdbEventLog(EventLog):
             if fut is None or fut.done():
                 continue
             if failed:
-                fut.set_exception(StorageError(f"commit failed: {self._failure or 'the stream stopped at a failed commit'}"))
+                fut.set_exception(StorageError(f"commit failed: {self.failure or 'the stream stopped at a failed commit'}"))
             else:
                 fut.set_result(b.result)
 
@@ -748,12 +739,7 @@ class LmdbEventLog(EventLog):
         now = time.time() if now is None else now
         cutoff = now - self._cfg.retention
         batch = _Batch()
-        removed = 0
-        for meta in list(self._metas.values()):
-            if not meta.open and meta.updated_at < cutoff:
-                self._drop(batch, meta)
-                removed += 1
-        removed += self._evict_to_budget(batch=batch)
+        removed = self._evict(batch, cutoff)
         for meta in list(self._metas.values()):
             if meta.open and meta.kind == "thread":
                 await self._trim(batch, meta.key, cutoff)
@@ -763,23 +749,18 @@ class LmdbEventLog(EventLog):
             log.info("retention removed %d streams; %d bytes held", removed, self._size)
         return removed
 
-    def _evict_to_budget(self, *, batch: _Batch | None = None, exclude: str | None = None) -> int:
-        """Drop the oldest closed streams until under budget; live ones are never touched."""
-        if self._size < self._cfg.max_bytes:
-            return 0
-        own = batch is None
-        batch = batch or _Batch()
-        closed = sorted((m for m in self._metas.values() if not m.open and m.key != exclude),
-                        key=lambda m: m.updated_at)
-        removed = 0
-        for meta in closed:
-            if self._size < self._cfg.max_bytes:
-                break
+    def _evict(self, batch: _Batch, cutoff: float, exclude: str | None = None) -> int:
+        """Drop what retention says goes (``to_evict``): gone from the snapshots at once."""
+        doomed = to_evict(self._metas.values(), self._size, self._cfg.max_bytes, cutoff, exclude)
+        for meta in doomed:
             self._drop(batch, meta)
-            removed += 1
-        if own and removed:
+        return len(doomed)
+
+    def _evict_to_budget(self, *, exclude: str | None = None) -> None:
+        """Over budget at begin(): the oldest closed streams go now, whatever their age."""
+        batch = _Batch()
+        if self._evict(batch, float("-inf"), exclude):
             self._submit(batch).add_done_callback(_log_failure)
-        return removed
 
     async def _trim(self, batch: _Batch, key: str, cutoff: float) -> None:
         """Drop the batches of an open stream appended before ``cutoff`` (a thread stream never closes)."""
@@ -832,3 +813,70 @@ class LmdbEventLog(EventLog):
 def _log_failure(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("background event log write failed: %s", fut.exception())
+
+
+class LmdbView:
+    """A data directory read-only (LMDB gives readers a consistent snapshot while a gateway writes)."""
+
+    def __init__(self, path: Path) -> None:
+        verify_file(path)
+        if not (path / "data.mdb").exists():
+            raise StorageError(f"{path}: no event log here (no data.mdb)")
+        try:
+            self._env = lmdb.open(str(path), readonly=True, max_dbs=4, lock=True, readahead=False)
+            self._events = self._env.open_db(b"events", create=False)
+            self._streams = self._env.open_db(b"streams", create=False)
+            self._meta = self._env.open_db(b"meta", create=False)
+        except lmdb.Error as exc:
+            raise StorageError(f"{path}: cannot open the event log read-only: {exc}") from exc
+        self._path = path
+
+    def metas(self) -> list[StreamMeta]:
+        out = []
+        with self._env.begin(db=self._streams) as txn:
+            for k, v in txn.cursor():
+                try:
+                    out.append(StreamMeta.from_bytes(v))
+                except StorageDamaged as exc:
+                    raise StorageDamaged(f"stream record {bytes(k)[:80]!r}: {exc}") from None
+        return out
+
+    def meta(self, key: str) -> StreamMeta | None:
+        with self._env.begin(db=self._streams) as txn:
+            raw = txn.get(key.encode())
+        return StreamMeta.from_bytes(raw) if raw is not None else None
+
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
+        prefix = key.encode() + b"\x00"
+        with self._env.begin(db=self._events, buffers=False) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(prefix)
+            while found:
+                k, v = cur.item()
+                if not k.startswith(prefix):
+                    break
+                first = int.from_bytes(k[len(prefix):], "big")
+                if upto is not None and first > upto:
+                    break
+                yield Record(first, record_time_ms(v), decode(first, v), len(k) + len(v))
+                found = cur.next()
+
+    def counter(self) -> int:
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"seq")
+        if raw is None or not raw.isdigit():
+            raise StorageDamaged(f"{self._path}/data.mdb: the seq record is missing or damaged")
+        return int(raw)
+
+    def orphan_keys(self) -> set[str]:
+        """Stream keys that have records but no metadata (one snapshot: a writer beside it cannot
+        make a stream look half-written)."""
+        keys: set[str] = set()
+        with self._env.begin() as txn:
+            for k in txn.cursor(db=self._events).iternext(keys=True, values=False):
+                keys.add(bytes(k).split(b"\x00", 1)[0].decode("utf-8", "replace"))
+            known = {bytes(k).decode() for k in txn.cursor(db=self._streams).iternext(keys=True, values=False)}
+        return keys - known
+
+    def close(self) -> None:
+        self._env.close()

@@ -36,8 +36,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -49,24 +50,28 @@ from gateway.config import Storage, shown_url
 from gateway.eventlog.base import (
     BEAT,
     CUT,
+    LIST_SCAN,
     Batch,
     ClaimLost,
+    CommitObserver,
     EndReason,
     Entry,
     EventLog,
     Feed,
-    LIST_SCAN,
+    Health,
     LocalFeeds,
+    Record,
     StorageError,
     StorageFull,
     StreamMeta,
+    accepting,
+    to_evict,
 )
 from gateway.eventlog.records import decode, encode, record_time_ms
 from gateway.sse import Event
 
 log = logging.getLogger("gateway.eventlog.redis")
 
-CommitObserver = Callable[[int, float, bool], None]
 PROBE_INTERVAL = 1.0
 POOL_SIZE = 64  # connections to Redis per process: the writer, the feed, and reads share them
 POOL_WAIT = 10.0  # seconds a read may wait for a free connection
@@ -303,9 +308,9 @@ class RedisEventLog(EventLog):
         self._broken: set[str] = set()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._failure: str | None = None
-        self._healthy = asyncio.Event()
-        self._healthy.set()
+        self.health = Health()
+        self._closed = 0  # streams held that are closed (evictable), as of the last sweep
+        self._probing: asyncio.Task[None] | None = None  # while commits fail: a write every PROBE_INTERVAL
         self._lost_callbacks: list[Callable[[str], None]] = []
         self._followed_here: dict[str, int] = {}  # presence to publish: key -> followers here
         self._presence_dirty: set[str] = set()
@@ -359,6 +364,7 @@ class RedisEventLog(EventLog):
                 log.info("indexed %d streams of a log from before in key order", converted)
             await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
             self._size = int(await r.get(self._k("size")) or 0)
+            self._closed = int(await r.zcard(self._k("all"))) - int(await r.scard(self._k("open")))
         except RedisError as exc:
             await self._redis.aclose()
             raise StorageError(f"redis at {shown_url(self._cfg.redis_url)}: {exc}") from exc
@@ -395,9 +401,10 @@ class RedisEventLog(EventLog):
 
     async def close(self) -> None:
         self._feeds.stop()
-        for t in self._tasks:
+        tasks = self._tasks + ([self._probing] if self._probing is not None else [])
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for fut in [p.future for p in self._queue]:
             if not fut.done():
@@ -479,16 +486,9 @@ class RedisEventLog(EventLog):
     def size(self) -> int:
         return self._size
 
-    @property
-    def failure(self) -> str | None:
-        return self._failure
-
-    async def wait_healthy(self) -> None:
-        await self._healthy.wait()
-
     def accepting(self, key: str | None = None) -> bool:
-        # The budget is shared: this replica's view of it is refreshed by every sweep.
-        return self._failure is None and self._size < self._cfg.max_bytes
+        # The budget is shared: this replica's view of it (bytes, closed streams) is refreshed by every sweep.
+        return accepting(self.failure, self._size, self._cfg.max_bytes, self._closed > 0)
 
     # --- ownership ---------------------------------------------------------------------------
 
@@ -702,10 +702,10 @@ class RedisEventLog(EventLog):
     # --- writes ----------------------------------------------------------------------------------
 
     async def begin(self, meta: StreamMeta) -> StreamMeta:
-        if self._failure is not None:
-            raise StorageError(f"storage is failing: {self._failure}")
+        if self.failure is not None:
+            raise StorageError(f"storage is failing: {self.failure}")
         if self._size >= self._cfg.max_bytes:
-            await self.sweep()
+            await self._sweep(float("-inf"), exclude=meta.key)  # over budget: the oldest closed go, whatever their age
             if self._size >= self._cfg.max_bytes:
                 raise StorageFull(f"event log is at its budget ({self._size} of {self._cfg.max_bytes} bytes)")
         claim = self._claims.get(meta.key)
@@ -743,8 +743,8 @@ class RedisEventLog(EventLog):
         if claim is None:
             fut.set_exception(ClaimLost(key))
             return fut
-        if self._failure is not None:
-            fut.set_exception(StorageError(f"storage is failing: {self._failure}"))
+        if self.failure is not None:
+            fut.set_exception(StorageError(f"storage is failing: {self.failure}"))
             return fut
         if key in self._broken:
             fut.set_exception(StorageError(f"stream {key} stopped at a failed commit"))
@@ -813,7 +813,7 @@ class RedisEventLog(EventLog):
                 p.future.set_exception(StorageError(f"commit failed: {text}"))
             return
         first, prev = int(res[0]), int(res[1])
-        if self._failure is not None:
+        if self.failure is not None:
             self._recovered()
         if first == -1:  # applied by an earlier try: followers find it in the log (a gap, or when idle)
             p.future.set_result([])
@@ -840,20 +840,16 @@ class RedisEventLog(EventLog):
         return mine
 
     def _fail(self, reason: str) -> None:
-        if self._failure is None:
+        if self.health.fail(reason):
             log.error("redis commits fail: %s", reason)
-            self._failure = reason
-            self._healthy.clear()
-            asyncio.get_running_loop().create_task(self._probe())
+            self._probing = asyncio.get_running_loop().create_task(self._probe(), name="redis-probe")
 
     def _recovered(self) -> None:
-        if self._failure is not None:
+        if self.health.recovered():
             log.info("redis takes writes again")
-            self._failure = None
-            self._healthy.set()
 
     async def _probe(self) -> None:
-        while self._failure is not None:
+        while self.failure is not None:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
                 await self._r.ping()
@@ -906,40 +902,36 @@ class RedisEventLog(EventLog):
     # --- retention ---------------------------------------------------------------------------------
 
     async def sweep(self, now: float | None = None) -> int:
-        """Retention, by one replica at a time (it holds the sweeper lease while it works)."""
         now = time.time() if now is None else now
+        return await self._sweep(now - self._cfg.retention, trim=True)
+
+    async def _sweep(self, cutoff: float, *, exclude: str | None = None, trim: bool = False) -> int:
+        """Retention (``to_evict``), by one replica at a time: it holds the sweeper lease while it works.
+        Returns the streams removed; every sweep refreshes this replica's view of the shared budget."""
         r = self._r
+        removed = 0
         try:
             nonce = f"{self.replica}:{uuid.uuid4().hex[:8]}"
             # A retried SET whose first try took the lease answers "not set": the value says whose it is.
-            if not await r.set(self._k("sweeper"), nonce, nx=True, px=60_000) and \
-                    await r.get(self._k("sweeper")) != nonce.encode():
-                self._size = int(await r.get(self._k("size")) or 0)
-                return 0
-            try:
-                removed = await self._sweep(now)
-            finally:
-                await self._release_script(keys=[self._k("sweeper")], args=[nonce])
+            if await r.set(self._k("sweeper"), nonce, nx=True, px=60_000) or \
+                    await r.get(self._k("sweeper")) == nonce.encode():
+                try:
+                    metas = await self.streams()
+                    size = int(await r.get(self._k("size")) or 0)
+                    for m in to_evict(metas, size, self._cfg.max_bytes, cutoff, exclude):
+                        removed += await self._drop(m)
+                    if trim:
+                        for m in metas:
+                            if m.open and m.kind == "thread":
+                                await self._trim(m, cutoff)
+                    self._closed = sum(1 for m in metas if not m.open) - removed
+                finally:
+                    await self._release_script(keys=[self._k("sweeper")], args=[nonce])
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
         if removed:
             log.info("retention removed %d streams; %d bytes held", removed, self._size)
-        return removed
-
-    async def _sweep(self, now: float) -> int:
-        cutoff = now - self._cfg.retention
-        metas = await self.streams()
-        removed = 0
-        closed = sorted((m for m in metas if not m.open), key=lambda m: m.updated_at)
-        size = int(await self._r.get(self._k("size")) or 0)
-        for m in closed:
-            if (m.updated_at < cutoff or size >= self._cfg.max_bytes) and await self._drop(m):
-                size -= m.size
-                removed += 1
-        for m in metas:
-            if m.open and m.kind == "thread":
-                await self._trim(m, cutoff)
         return removed
 
     async def _drop(self, m: StreamMeta) -> bool:
@@ -963,3 +955,53 @@ class RedisEventLog(EventLog):
 def _rows(raw: Any) -> list[tuple[int, bytes]]:
     """Stream entries as (first seq of the batch, record)."""
     return [(int(eid.split(b"-")[0]), fields_[b"d"]) for eid, fields_ in raw or ()]
+
+
+class RedisView:
+    """The shared log read-only, for the operator commands (a synchronous client)."""
+
+    def __init__(self, cfg: Storage) -> None:
+        self._r: Any = redis.Redis.from_url(cfg.redis_url, socket_timeout=10.0)
+        self._p = "{" + cfg.redis_prefix + "}:"
+        try:
+            self._r.ping()
+        except RedisError as exc:
+            raise StorageError(f"redis: {exc}") from exc
+
+    def metas(self) -> list[StreamMeta]:
+        keys = sorted(self._index())
+        return [m for m in (self.meta(k) for k in keys) if m is not None]
+
+    def meta(self, key: str) -> StreamMeta | None:
+        meta: StreamMeta | None = _meta_from_hash(self._r.hgetall(self._p + "m:" + key))
+        return meta
+
+    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
+        start = "-"
+        top = "+" if upto is None else f"{upto}-0"
+        while True:
+            rows = _rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
+            for first, record in rows:
+                yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
+            if len(rows) < 500:
+                return
+            start = f"({rows[-1][0]}-0"
+
+    def _index(self) -> list[str]:
+        """Every stream key (a sorted set; a plain set in a log no gateway of this version opened yet)."""
+        index = self._p + "all"
+        raw = self._r.smembers(index) if self._r.type(index) == b"set" else self._r.zrange(index, 0, -1)
+        return [k.decode() for k in raw]
+
+    def counter(self) -> int:
+        return int(self._r.get(self._p + "seq") or 0)
+
+    def orphan_keys(self) -> set[str]:
+        found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
+        known = set(self._index())  # after: streams begun meanwhile count
+        # Each suspect looked at once more: one dropped between the two reads is gone from both now.
+        return {k for k in found - known if self._r.exists(self._p + "s:" + k)
+                and k not in self._index()}
+
+    def close(self) -> None:
+        self._r.close()
