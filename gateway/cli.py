@@ -8,7 +8,7 @@ import asyncio
 import sys
 from dataclasses import replace
 
-from gateway.config import ConfigError, Overrides, load_config
+from gateway.config import DEFAULT_UPSTREAM_URL, Config, ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
 from gateway.logs import setup as setup_logging
 
@@ -31,13 +31,15 @@ def _parser() -> _Parser:
         description="Durable, resumable SSE gateway in front of LangGraph Agent Servers.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML config (see config/gateway.yaml)")
-    p.add_argument("--host", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="listen port (default 8080)")
-    p.add_argument("--admin-host", help="admin listener address (default 127.0.0.1)")
-    p.add_argument("--admin-port", type=int, help="admin listener port: /healthz /readyz /metrics (default 8081)")
+    d = Config()
+    p.add_argument("--host", help=f"listen address (default {d.listen.host})")
+    p.add_argument("--port", type=int, help=f"listen port (default {d.listen.port})")
+    p.add_argument("--admin-host", help=f"admin listener address (default {d.admin.host})")
+    p.add_argument("--admin-port", type=int,
+                   help=f"admin listener port: /healthz /readyz /metrics (default {d.admin.port})")
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
-                   help="replica URL of the default upstream; repeat for several (default http://127.0.0.1:2024)")
-    p.add_argument("--data-dir", metavar="DIR", help="event log directory (default ./data)")
+                   help=f"replica URL of the default upstream; repeat for several (default {DEFAULT_UPSTREAM_URL})")
+    p.add_argument("--data-dir", metavar="DIR", help=f"event log directory (default {d.storage.path})")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line, for log shippers")
     p.add_argument("--workers", type=int, metavar="N",

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import yaml
 from yarl import URL
 
+from gateway.sse import DEFAULT_MAX_EVENT
+
 
 class ConfigError(ValueError):
     """A config value is wrong: names the field, the value and what is expected."""
@@ -97,7 +99,7 @@ class Streams:
     subscriber_buffer_bytes: int = 256 << 10
     # Replayed pages kept framed, so clients replaying the same range share one read (0: off).
     replay_cache_bytes: int = 64 << 20
-    max_event_bytes: int = 32 << 20  # an upstream event bigger than this is a broken upstream
+    max_event_bytes: int = DEFAULT_MAX_EVENT  # an upstream event bigger than this is a broken upstream
     thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
     reattach_attempts: int = 5
     reattach_backoff: float = 0.5
@@ -210,7 +212,7 @@ def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
 
 # --- field converters: each raises ConfigError naming the field -------------------------------
 
-def _duration(name: str, v: Any, *, allow_zero: bool = False) -> float:
+def parse_duration(name: str, v: Any, *, allow_zero: bool = False) -> float:
     if isinstance(v, bool):
         raise ConfigError(name, v, "a duration such as 5, 500ms, 30s, 10m or 24h")
     if isinstance(v, (int, float)):
@@ -312,8 +314,8 @@ def _health(name: str, raw: Any) -> HealthCheck:
         raise ConfigError(f"{name}.path", path, "a path starting with /")
     return HealthCheck(
         path=path,
-        interval=_duration(f"{name}.interval", raw.get("interval", d.interval)),
-        timeout=_duration(f"{name}.timeout", raw.get("timeout", d.timeout)),
+        interval=parse_duration(f"{name}.interval", raw.get("interval", d.interval)),
+        timeout=parse_duration(f"{name}.timeout", raw.get("timeout", d.timeout)),
         unhealthy_threshold=_int(f"{name}.unhealthy_threshold", raw.get("unhealthy_threshold", d.unhealthy_threshold), 1),
         healthy_threshold=_int(f"{name}.healthy_threshold", raw.get("healthy_threshold", d.healthy_threshold), 1),
     )
@@ -338,11 +340,11 @@ def _upstream(name: str, raw: Any) -> Upstream:
         name=name,
         urls=tuple(_url(f"{field_name}.urls[{i}]", u) for i, u in enumerate(urls_raw)),
         health=_health(f"{field_name}.health", raw.get("health")),
-        connect_timeout=_duration(f"{field_name}.connect_timeout", raw.get("connect_timeout", d.connect_timeout)),
-        read_timeout=_duration(f"{field_name}.read_timeout", raw.get("read_timeout", d.read_timeout)),
+        connect_timeout=parse_duration(f"{field_name}.connect_timeout", raw.get("connect_timeout", d.connect_timeout)),
+        read_timeout=parse_duration(f"{field_name}.read_timeout", raw.get("read_timeout", d.read_timeout)),
         max_connections=_int(f"{field_name}.max_connections", raw.get("max_connections", d.max_connections), 1),
         max_streams=_int(f"{field_name}.max_streams", raw.get("max_streams", d.max_streams), 1),
-        pool_timeout=_duration(f"{field_name}.pool_timeout", raw.get("pool_timeout", d.pool_timeout)),
+        pool_timeout=parse_duration(f"{field_name}.pool_timeout", raw.get("pool_timeout", d.pool_timeout)),
         headers=_headers(f"{field_name}.headers", raw.get("headers")),
     )
 
@@ -408,13 +410,13 @@ def _storage(raw: Any) -> Storage:
         backend=backend,
         redis_url=redis_url,
         redis_prefix=prefix,
-        lease_ttl=_duration("storage.lease_ttl", raw.get("lease_ttl", d.lease_ttl)),
+        lease_ttl=parse_duration("storage.lease_ttl", raw.get("lease_ttl", d.lease_ttl)),
         path=Path(_str("storage.path", str(raw.get("path", d.path)))),
         durability=durability,
         map_size=_size("storage.map_size", raw.get("map_size", d.map_size)),
         max_bytes=_size("storage.max_bytes", raw.get("max_bytes", d.max_bytes)),
-        retention=_duration("storage.retention", raw.get("retention", d.retention)),
-        sweep_interval=_duration("storage.sweep_interval", raw.get("sweep_interval", d.sweep_interval)),
+        retention=parse_duration("storage.retention", raw.get("retention", d.retention)),
+        sweep_interval=parse_duration("storage.sweep_interval", raw.get("sweep_interval", d.sweep_interval)),
     )
 
 
@@ -424,19 +426,19 @@ def _streams(raw: Any) -> Streams:
     _reject_unknown("streams", raw, set(Streams.__dataclass_fields__) | {"write_timeout"})
     return Streams(
         request_resumable=_bool("streams.request_resumable", raw.get("request_resumable", d.request_resumable)),
-        heartbeat=_duration("streams.heartbeat", raw.get("heartbeat", d.heartbeat)),
+        heartbeat=parse_duration("streams.heartbeat", raw.get("heartbeat", d.heartbeat)),
         subscriber_buffer=_int("streams.subscriber_buffer", raw.get("subscriber_buffer", d.subscriber_buffer), 1),
         subscriber_buffer_bytes=_size("streams.subscriber_buffer_bytes",
                                       raw.get("subscriber_buffer_bytes", d.subscriber_buffer_bytes)),
         replay_cache_bytes=_size("streams.replay_cache_bytes", raw.get("replay_cache_bytes", d.replay_cache_bytes),
                                  allow_zero=True),
         max_event_bytes=_size("streams.max_event_bytes", raw.get("max_event_bytes", d.max_event_bytes)),
-        thread_linger=_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
+        thread_linger=parse_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
         reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),
-        reattach_backoff=_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
+        reattach_backoff=parse_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
         max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),
         authorize_replay=_bool("streams.authorize_replay", raw.get("authorize_replay", d.authorize_replay)),
-        authorize_ttl=_duration("streams.authorize_ttl", raw.get("authorize_ttl", d.authorize_ttl), allow_zero=True),
+        authorize_ttl=parse_duration("streams.authorize_ttl", raw.get("authorize_ttl", d.authorize_ttl), allow_zero=True),
         auth_headers=_header_names("streams.auth_headers", raw.get("auth_headers", list(d.auth_headers))),
     )
 
@@ -455,9 +457,9 @@ def _clients(raw: Any, old_write_timeout: Any) -> Clients:
     write_timeout = raw.get("write_timeout", d.write_timeout if old_write_timeout is None else old_write_timeout)
     name = "clients.write_timeout" if "write_timeout" in raw or old_write_timeout is None else "streams.write_timeout"
     return Clients(
-        write_timeout=_duration(name, write_timeout),
-        header_timeout=_duration("clients.header_timeout", raw.get("header_timeout", d.header_timeout)),
-        body_timeout=_duration("clients.body_timeout", raw.get("body_timeout", d.body_timeout)),
+        write_timeout=parse_duration(name, write_timeout),
+        header_timeout=parse_duration("clients.header_timeout", raw.get("header_timeout", d.header_timeout)),
+        body_timeout=parse_duration("clients.body_timeout", raw.get("body_timeout", d.body_timeout)),
         body_buffer_bytes=_size("clients.body_buffer_bytes", raw.get("body_buffer_bytes", d.body_buffer_bytes)),
         max_connections=_int("clients.max_connections", raw.get("max_connections", d.max_connections), 1),
         backlog=_int("clients.backlog", raw.get("backlog", d.backlog), 1, 65535),
@@ -490,12 +492,13 @@ def build_config(raw: Any) -> Config:
     if not isinstance(ups_raw, dict) or not ups_raw:
         raise ConfigError("upstreams", ups_raw, "a mapping of upstream name to {urls: [...]}")
     upstreams = tuple(_upstream(str(name), v) for name, v in ups_raw.items())
-    log_level = str(raw.get("log_level", "info")).lower()
+    d = Config()
+    log_level = str(raw.get("log_level", d.log_level)).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level", log_level, "one of debug, info, warning, error")
     storage = _storage(raw.get("storage"))
-    listen = _listen("listen", raw.get("listen"), Listen())
-    workers = _int("workers", raw.get("workers", 1), 1, 64)
+    listen = _listen("listen", raw.get("listen"), d.listen)
+    workers = _int("workers", raw.get("workers", d.workers), 1, 64)
     if workers > 1 and storage.backend != "redis":
         raise ConfigError("workers", workers, "1 with storage.backend lmdb (one process per LMDB log); "
                           "several workers share the log through storage.backend: redis")
@@ -504,15 +507,15 @@ def build_config(raw: Any) -> Config:
     return Config(
         workers=workers,
         listen=listen,
-        admin=_listen("admin", raw.get("admin"), Listen(port=8081)),
+        admin=_listen("admin", raw.get("admin"), d.admin),
         upstreams=upstreams,
         routes=_routes(raw.get("routes"), upstreams),
         storage=storage,
         streams=_streams(raw.get("streams")),
         clients=_clients(raw.get("clients"), _mapping("streams", raw.get("streams")).get("write_timeout")),
-        shutdown_grace=_duration("shutdown_grace", raw.get("shutdown_grace", 10.0), allow_zero=True),
+        shutdown_grace=parse_duration("shutdown_grace", raw.get("shutdown_grace", d.shutdown_grace), allow_zero=True),
         log_level=log_level,
-        log_format=_log_format(raw.get("log_format", "text")),
+        log_format=_log_format(raw.get("log_format", d.log_format)),
     )
 
 
@@ -598,8 +601,3 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
     if overrides.workers is not None:
         raw["workers"] = overrides.workers
     return build_config(raw)
-
-
-def with_storage(cfg: Config, **changes: Any) -> Config:
-    """Copy of cfg with storage fields replaced (tests and benchmarks)."""
-    return replace(cfg, storage=replace(cfg.storage, **changes))
