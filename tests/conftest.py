@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import io
 import os
 import shutil
 import signal
@@ -83,7 +85,19 @@ async def make_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
 
     yield start
     for server in reversed(started):
-        await server.stop()
+        await stop_or_tell(server)
+
+
+async def stop_or_tell(server: Server, timeout: float = 60.0) -> None:
+    """Stop a gateway; one that does not stop in time fails the test with every task's stack, so a
+    hang at shutdown says where it waits instead of running into the test timeout silently."""
+    try:
+        await asyncio.wait_for(server.stop(), timeout)
+    except TimeoutError:
+        out = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(file=out)
+        pytest.fail(f"the gateway did not stop within {timeout:g}s; tasks:\n{out.getvalue()}")
 
 
 @pytest.fixture(params=["lmdb", "redis"])

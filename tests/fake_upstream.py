@@ -51,6 +51,9 @@ class Faults:
     cuts: list[int] = field(default_factory=list)  # like cut_after, one entry per following stream response
     cut_mid_event: bool = False  # a cut sends the first half of the next event before the reset
     id_pad: int = 0  # bytes of padding on every event id of resumable runs (a server with huge ids)
+    # The next stream response: after this many events, half of the next one, then silence with the
+    # connection open (no heartbeat, no close), as a stalled server or a dead network path looks.
+    stall_after: int = -1
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
     api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
@@ -171,6 +174,13 @@ class FakeAgentServer:
         if not resp.prepared:
             _cors(request, resp.headers)
         return resp
+
+    async def wait_status(self, run_id: str, status: str, timeout: float = 5.0) -> str:
+        """The run's status once it is ``status``, or whatever it is after ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.runs[run_id].status != status and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        return self.runs[run_id].status
 
     # --- plain endpoints ---------------------------------------------------------------------
 
@@ -304,12 +314,16 @@ class FakeAgentServer:
         await resp.prepare(request)
         sent = 0
         cut = self._next_cut()
+        stall, self.faults.stall_after = self.faults.stall_after, -1
         try:
             for frame in replay:
                 await resp.write(frame)
             if replay and self.behaviour.resend_last_on_join:
                 await resp.write(replay[-1])
             async for frame in self._frames(q, resp):
+                if stall >= 0 and sent >= stall:
+                    await resp.write(frame[: len(frame) // 2])
+                    await asyncio.Event().wait()  # until the client gives up on this connection
                 if cut >= 0 and sent >= cut:
                     if self.faults.cut_mid_event:
                         await resp.write(frame[: len(frame) // 2])

@@ -9,7 +9,7 @@ import aiohttp
 from tests.conftest import RunningGateway
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import Ev, read_events
-from tests.test_resume import customs
+from tests.support.runs import customs
 
 KEY = {"X-Api-Key": "alice-key"}
 

@@ -17,19 +17,10 @@ import pytest
 from tests.conftest import RunningGateway, gateway_config
 from tests.support.procs import free_port
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import read_events
-from tests.test_resume import join, new_thread, stream_run
+from tests.support.sse import parse_all, read_events
+from tests.support.runs import customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
-
-
-async def _wait_for(check: Callable[[], Awaitable[bool]], seconds: float = 10.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while asyncio.get_running_loop().time() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 async def test_long_streams_filling_the_pool_do_not_take_the_upstream_down(
@@ -91,6 +82,21 @@ async def test_the_first_request_after_the_only_upstream_comes_back_succeeds(
         assert gw.gw.upstreams.pools["default"].replicas[0].healthy, "a success puts the replica back"
     finally:
         await up.stop()
+
+
+async def test_a_stalled_upstream_leg_is_rejoined_after_the_read_timeout_and_clients_get_heartbeats(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "1500ms"}},
+                                           streams={"heartbeat": "400ms", "reattach_backoff": "100ms"}))
+    fake_upstream.faults.stall_after = 5  # half an event, then nothing: the connection stays open
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=20, delay=0.02, assistant="a")
+    raw = await asyncio.wait_for(resp.read(), 30)
+    events = parse_all(raw.decode())
+    assert customs(events) == list(range(20)) and all(e.event in ("metadata", "custom") for e in events), \
+        "the re-joined leg continues exactly where the stalled one stopped"
+    assert raw.count(b": heartbeat") >= 2, "the client heard from the gateway while the upstream was silent"
+    assert [p for m, p in fake_upstream.requests if m == "GET" and p.endswith("/stream")], "re-joined"
 
 
 async def test_a_rejoin_answered_404_ends_at_once(

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events
-from tests.test_resume import customs, new_thread, stream_run
+from tests.support.runs import customs, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events
-from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -67,11 +67,7 @@ async def test_on_disconnect_cancel_cancels_the_run_upstream(gateway: RunningGat
     first = await read_events(resp, limit=2)
     run_id = first[0].json["run_id"]
     resp.close()
-    for _ in range(50):
-        if fake_upstream.runs[run_id].status == "interrupted":
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.runs[run_id].status == "interrupted"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
 
 
 async def test_default_disconnect_keeps_the_run_going(gateway: RunningGateway, fake_upstream: FakeAgentServer,
@@ -160,11 +156,7 @@ async def test_join_with_cancel_on_disconnect_cancels_when_last_client_leaves(
     await asyncio.sleep(0.2)
     assert fake_upstream.runs[run_id].status == "running", "one client is still there"
     joiner.close()
-    for _ in range(50):
-        if fake_upstream.runs[run_id].status == "interrupted":
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.runs[run_id].status == "interrupted"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
 
 
 async def test_thread_stream_upstream_leg_released_after_linger(

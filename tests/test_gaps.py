@@ -21,7 +21,7 @@ from gateway.sse import event
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import Ev, read_events
-from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 

@@ -20,7 +20,7 @@ from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.sse import read_events
 from tests.test_dashboard import DASHBOARD, queries
-from tests.test_resume import join, new_thread, stream_run
+from tests.support.runs import join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",

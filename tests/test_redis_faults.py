@@ -21,7 +21,7 @@ from tests.support.invariants import assert_exactly_once, assert_whole_or_marked
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.tcp_relay import TcpRelay
-from tests.test_resume import join
+from tests.support.runs import join, start_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -35,18 +35,6 @@ async def _gateway_on(make_gateway: MakeGateway, upstream: FakeAgentServer | Lan
     raw = gateway_config(tmp_path / name, {"default": {"urls": [upstream.url]}}, streams={"reattach_backoff": "100ms"})
     raw["storage"] = {"backend": "redis", "redis_url": redis_url, "redis_prefix": prefix, "lease_ttl": "1500ms"}
     return await make_gateway(raw)
-
-
-async def _start_run(http: aiohttp.ClientSession, url: str, n: int, delay: float,
-                     assistant: str = "a") -> aiohttp.ClientResponse:
-    """A ticking run: the fake's assistant, or the real server's ``ticker`` (custom events only)."""
-    async with http.post(f"{url}/threads", json={}) as r:
-        tid = (await r.json())["thread_id"]
-    resp = await http.post(f"{url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": assistant, "input": {"n": n, "delay": delay},
-                                 "stream_mode": ["custom"]})
-    assert resp.status == 200, await resp.text()
-    return resp
 
 
 @pytest.fixture
@@ -65,7 +53,8 @@ async def _one_outage(make_gateway: MakeGateway, upstream: FakeAgentServer | Lan
     redises.append(redis)
     await asyncio.to_thread(redis.start)
     gw = await _gateway_on(make_gateway, upstream, tmp_path, redis.url, "o", f"gw-{how}-{outage}")
-    resp = await _start_run(http, gw.url, 140, 0.05, "ticker" if isinstance(upstream, LangGraphServer) else "a")
+    resp = await start_run(http, gw, 140, delay=0.05, stream_mode=["custom"],
+                           assistant="ticker" if isinstance(upstream, LangGraphServer) else "a")
     url = gw.url + resp.headers["Location"]
     reader = asyncio.create_task(follow_to_end(http, url, resp))
     await asyncio.sleep(2.0)
@@ -118,7 +107,7 @@ async def test_redis_connections_dropped_at_random_lose_and_repeat_nothing(
         a = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "a")
         b = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "b")
         relay.chaos(random.Random(8), (0.01, 0.1))
-        starts = [await _start_run(http, a.url, 100, 0.02) for _ in range(4)]
+        starts = [await start_run(http, a, 100, delay=0.02) for _ in range(4)]
         locs = [r.headers["Location"] for r in starts]
         views = await asyncio.gather(*(follow_to_end(http, a.url + loc, r) for loc, r in zip(locs, starts)),
                                      *(follow_to_end(http, b.url + loc) for loc in locs))
@@ -140,7 +129,7 @@ async def test_redis_losing_its_data_cuts_followers_on_every_replica_instead_of_
         http: aiohttp.ClientSession, flush_after: int) -> None:
     a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "flush", "a")
     b = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "flush", "b")
-    resp = await _start_run(http, a.url, 150, 0.02)
+    resp = await start_run(http, a, 150, delay=0.02)
     loc = resp.headers["Location"]
     on_b = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
     seen_b = await read_events(on_b, limit=flush_after + 1)  # metadata and flush_after customs
@@ -164,7 +153,7 @@ async def test_a_follower_on_another_replica_gets_the_error_event_an_interrupted
     b = await _gateway_on(make_gateway, fake_upstream, tmp_path, redis_storage["redis_url"],
                           redis_storage["redis_prefix"], "b")
     fake_upstream.faults.cut_after = 10  # the capture's leg breaks after 10 events ...
-    resp = await _start_run(http, a.url, 100, 0.02)
+    resp = await start_run(http, a, 100, delay=0.02)
     loc = resp.headers["Location"]
     on_b = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
     await read_events(on_b, limit=3)

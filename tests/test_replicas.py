@@ -15,12 +15,14 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import pytest
 
+from gateway.eventlog.base import Feed
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.nginx import Nginx
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
-from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+from tests.support.invariants import assert_exactly_once
+from tests.support.runs import assert_ids_increase, customs, join, new_thread, start_run, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -44,26 +46,10 @@ def replicas(gateway_process: Any, fake_upstream: FakeAgentServer, redis_storage
     return start
 
 
-async def _start_run(http: aiohttp.ClientSession, url: str, n: int, delay: float = 0.02,
-                     **body: Any) -> aiohttp.ClientResponse:
-    async with http.post(f"{url}/threads", json={}) as r:
-        tid = (await r.json())["thread_id"]
-    resp = await http.post(f"{url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": "a", "input": {"n": n, "delay": delay}, **body})
-    assert resp.status == 200, await resp.text()
-    return resp
-
-
-def assert_exactly_once(events: list[Ev], n: int) -> None:
-    assert [e.event for e in events if e.event not in ("metadata", "custom")] == [], "no gap, no error"
-    assert customs(events) == list(range(n)), "every event exactly once, in order"
-    assert_ids_increase(events)
-
-
 async def test_three_replicas_serve_each_others_resumes(
         replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
     a, b, c = replicas(3)
-    resp = await _start_run(http, a.url, 60)
+    resp = await start_run(http, a.url, 60)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=10)
     resp.close()
@@ -81,7 +67,7 @@ async def test_three_replicas_serve_each_others_resumes(
 async def test_owner_killed_mid_stream_the_client_resumes_on_another_replica(
         replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
     a, b, _c = replicas(3)
-    resp = await _start_run(http, a.url, 100)  # resumable upstream: the gateway asked for it
+    resp = await start_run(http, a.url, 100)  # resumable upstream: the gateway asked for it
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=15)
     a.kill()  # SIGKILL the owner: its lease runs out, another replica takes the capture over
@@ -94,7 +80,7 @@ async def test_owner_killed_mid_stream_the_client_resumes_on_another_replica(
 async def test_a_frozen_owner_is_fenced_when_it_wakes(
         replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
     a, b = replicas(2)
-    resp = await _start_run(http, a.url, 150, delay=0.02)
+    resp = await start_run(http, a.url, 150, delay=0.02)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=10)
     resp.close()
@@ -118,7 +104,7 @@ async def test_a_load_balancer_in_front_of_replicas(
     reps = replicas(3)
     lb = Nginx([f"127.0.0.1:{r.port}" for r in reps]).start()
     try:
-        resp = await _start_run(http, lb.url, 40)
+        resp = await start_run(http, lb.url, 40)
         loc = resp.headers["Location"]
         got = await read_events(resp, limit=5)
         resp.close()
@@ -170,8 +156,14 @@ async def test_the_seam_between_subscribing_and_the_head_loses_and_repeats_nothi
         http: aiohttp.ClientSession, seed: int) -> None:
     a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
     rng = random.Random(seed)
-    b.gw.hub.seam_delay = lambda: rng.uniform(0, 0.08)  # commits land between subscribe and head
-    resp = await _start_run(http, a.url, 80, delay=0.005)
+    ready = b.gw.hub.ready
+
+    async def ready_late(feed: Feed) -> None:  # commits land between subscribing and reading the head
+        await ready(feed)
+        await asyncio.sleep(rng.uniform(0, 0.08))
+
+    b.gw.hub.ready = ready_late  # type: ignore[method-assign]
+    resp = await start_run(http, a.url, 80, delay=0.005)
     loc = resp.headers["Location"]
     cuts = sorted(rng.sample(range(1, 80), 6))
     got: list[Ev] = []
@@ -189,7 +181,7 @@ async def test_followers_survive_their_feed_connection_being_killed(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_server: RedisServer,
         redis_storage: dict[str, Any], http: aiohttp.ClientSession) -> None:
     a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
-    resp = await _start_run(http, a.url, 120, delay=0.01)
+    resp = await start_run(http, a.url, 120, delay=0.01)
     loc = resp.headers["Location"]
     async with http.get(b.url + loc, headers={"Last-Event-ID": "-1"}) as r:
         first = await read_events(r, limit=20)
@@ -206,7 +198,7 @@ async def test_redis_restarted_from_its_aof_mid_run_loses_nothing_a_client_saw(
     raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
     raw["storage"] = storage
     gw = await make_gateway(raw)
-    resp = await _start_run(http, gw.url, 150, delay=0.01)
+    resp = await start_run(http, gw.url, 150, delay=0.01)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=20)
     own_redis.restart()  # from its append-only file
@@ -246,7 +238,7 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
         http: aiohttp.ClientSession) -> None:
     a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
-    resp = await _start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
+    resp = await start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
     loc = resp.headers["Location"]
     run_id = (await read_events(resp, limit=1))[0].json["run_id"]
     other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
@@ -255,11 +247,7 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
     await asyncio.sleep(2.0)  # longer than the owner's look at followers elsewhere
     assert fake_upstream.runs[run_id].status == "running", "a follower on another replica is still there"
     other.close()
-    for _ in range(80):
-        if fake_upstream.runs[run_id].status == "interrupted":
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.runs[run_id].status == "interrupted", "the last follower left: cancelled"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "the last follower left: cancelled"
 
 
 async def test_workers_share_one_port_and_a_dead_one_is_replaced(
@@ -281,7 +269,7 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
             break
         await asyncio.sleep(0.05)
     assert len(children()) == 2, "two workers behind one port"
-    resp = await _start_run(http, sup.url, 80)
+    resp = await start_run(http, sup.url, 80)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=10)
     resp.close()
@@ -321,8 +309,4 @@ async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the
     assert b.gw.hub.live(f"default/run/{run_id}") is None, "b does not capture the run"
     await read_events(on_b, limit=3)
     on_b.close()  # the only client, and it asked for a cancel when it leaves
-    for _ in range(100):
-        if fake_upstream.runs[run_id].status == "interrupted":
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.runs[run_id].status == "interrupted", "cancelled upstream, as on the owning replica"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "cancelled upstream, as on the owning replica"

@@ -11,31 +11,17 @@ import pytest
 
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events, read_until_cut
-from tests.test_resume import customs
-
-
-async def _thread(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.post(f"{url}/threads", json={}) as r:
-        return str((await r.json())["thread_id"])
+from tests.support.runs import customs, new_thread, start_run
 
 
 async def _wait_run(fake: FakeAgentServer, run_id: str) -> None:
     await asyncio.wait_for(fake.runs[run_id].done.wait(), 30)
 
 
-async def _start_run(http: aiohttp.ClientSession, gw: Any, n: int,
-                     headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
-    """A new thread and a ticking run streamed through ``gw``; the response is open."""
-    async with http.post(f"{gw.url}/threads", json={}, headers=headers) as r:
-        tid = (await r.json())["thread_id"]
-    return await http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=headers,
-                           json={"assistant_id": "a", "input": {"n": n, "delay": 0.02}})
-
-
 async def _kill_mid_stream(http: aiohttp.ClientSession, gw: Any, n: int, k: int,
                            headers: dict[str, str] | None = None) -> tuple[str, list[Any]]:
     """Stream a run, read k events, SIGKILL the gateway; returns the Location and what was seen."""
-    resp = await _start_run(http, gw, n, headers)
+    resp = await start_run(http, gw, n, headers=headers)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=k)
     gw.kill()  # SIGKILL: no chance to flush anything
@@ -73,7 +59,7 @@ async def test_sigkill_mid_stream_then_resume_after_restart(
     assert replay[: len(seen)] == seen
     await _wait_run(fake_upstream, run_id)
     # Ids continue without reuse after the restart.
-    tid2 = await _thread(http, gw2.url)
+    tid2 = await new_thread(http, gw2.url)
     async with http.post(f"{gw2.url}/threads/{tid2}/runs/stream", json={"assistant_id": "a", "input": {"n": 2}}) as r:
         later = await read_events(r)
     assert later[0].id is not None
@@ -102,7 +88,7 @@ async def test_sigterm_cuts_client_streams_and_they_resume_after_restart(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     args = ("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"))
     gw = gateway_process(*args).start()
-    resp = await _start_run(http, gw, 80)
+    resp = await start_run(http, gw, 80)
     loc = resp.headers["Location"]
     first = await read_events(resp, limit=5)
     stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
@@ -175,7 +161,7 @@ async def test_restart_reattaches_to_an_upstream_that_needs_auth_with_the_servic
 
 
 async def _start_lg_run(http: aiohttp.ClientSession, url: str, n: int, delay: float) -> aiohttp.ClientResponse:
-    tid = await _thread(http, url)
+    tid = await new_thread(http, url)
     resp = await http.post(f"{url}/threads/{tid}/runs/stream",
                            json={"assistant_id": "ticker", "input": {"n": n, "delay": delay}, "stream_mode": ["custom"]})
     assert resp.status == 200, await resp.text()

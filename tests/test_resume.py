@@ -18,36 +18,10 @@ from yarl import URL
 from gateway.follower import REPLAY_PAGE
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 from tests.support.sse import Ev, dechunk, parse_all, read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
-
-
-async def new_thread(http: aiohttp.ClientSession, gw: RunningGateway) -> str:
-    async with http.post(f"{gw.url}/threads", json={}) as r:
-        return str((await r.json())["thread_id"])
-
-
-def customs(events: list[Ev]) -> list[int]:
-    return [e.json["i"] for e in events if e.event == "custom"]
-
-
-def assert_ids_increase(events: list[Ev]) -> None:
-    ids = [int(e.id) for e in events if e.id is not None]
-    assert len(ids) == len(events), "every event carries a gateway id"
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
-
-
-async def stream_run(http: aiohttp.ClientSession, gw: RunningGateway, tid: str, **inp: Any) -> aiohttp.ClientResponse:
-    return await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                           json={"assistant_id": inp.pop("assistant", "ticker"), "input": inp})
-
-
-async def join(http: aiohttp.ClientSession, url: str, last: str | None = None, **params: str) -> list[Ev]:
-    headers = {"Last-Event-ID": last} if last is not None else {}
-    async with http.get(url, headers=headers, params=params) as r:
-        assert r.status == 200, await r.text()
-        return await read_events(r)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 3, 7, 20, 39, 41])

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import RunningGateway
 from tests.support.sse import Ev, read_events
-from tests.test_resume import assert_ids_increase, customs, join, new_thread
+from tests.support.runs import assert_ids_increase, customs, join, new_thread
 
 
 async def start(http: aiohttp.ClientSession, gw: RunningGateway, n: int, delay: float,

@@ -27,7 +27,7 @@ from gateway.config import build_config
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events, read_until_cut
-from tests.test_resume import assert_ids_increase, customs, join, new_thread, stream_run
+from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 

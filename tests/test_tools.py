@@ -20,7 +20,7 @@ from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.redis_server import RedisServer
 from tests.support.sse import read_events
-from tests.test_resume import new_thread, stream_run
+from tests.support.runs import new_thread, stream_run
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
