@@ -120,7 +120,9 @@ class Gateway:
         status = 500
         try:
             captured = agentapi.route(request.method, target.path)
-            if captured is not None:
+            if _is_websocket(request):
+                resp = await self.forwarder.websocket(request, target)
+            elif captured is not None:
                 endpoint, ids = captured
                 resp = await STREAM_HANDLERS[endpoint](self, request, target, ids)
             else:
@@ -223,6 +225,10 @@ class Gateway:
         ready = self._storage_open and failure is None and self.upstreams.ready
         body = {"status": "ready" if ready else "not ready", "storage": storage, "healthy_replicas": pools}
         return web.json_response(body, status=200 if ready else 503)
+
+
+def _is_websocket(request: web.Request) -> bool:
+    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
 
 
 def _dumps(doc: Any) -> str:

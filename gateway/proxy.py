@@ -20,7 +20,7 @@ from yarl import URL
 
 from gateway.config import Clients
 from gateway.errors import PayloadTooLarge, RequestTimeout
-from gateway.responses import cut, send_body, start_response
+from gateway.responses import cut, error_response, send_body, start_response
 from gateway.upstream import BadUpstreamResponse, Kind, Target, Upstreams, UpstreamUnreachable, as_upstream_error
 
 log = logging.getLogger("gateway.proxy")
@@ -209,6 +209,27 @@ class Forwarder:
         resp = await self.open(request, target)
         return await self.relay(request, target, resp)
 
+    async def websocket(self, request: web.Request, target: Target) -> web.StreamResponse:
+        """Proxy a WebSocket upgrade: the upstream's answer to the handshake decides, then messages go
+        both ways as they come (each side's reader waits for the other's writer: backpressure), and a
+        close on either side closes the other with the same code."""
+        qs = request.rel_url.raw_query_string
+        headers = self.upstream_headers(request, drop=_WS_HANDSHAKE)
+        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        try:
+            async with self.upstreams.websocket(target.pool, target.path + (f"?{qs}" if qs else ""), headers,
+                                                protocols) as upstream:
+                # autoclose off: a close frame from either side is answered once the other side closed.
+                client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
+                                               max_msg_size=0, autoclose=False)
+                await start_response(request, client)
+                await _splice(client, upstream)
+                return client
+        except aiohttp.WSServerHandshakeError as exc:  # before anything was sent to the client
+            return error_response(exc.status if exc.status >= 400 else 502,
+                                  f"upstream '{target.pool.name}' refused the WebSocket upgrade: "
+                                  f"HTTP {exc.status} {exc.message}")
+
     async def read_json_response(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
         """Read a small upstream body whole (run JSON), mapping failures to 502/504."""
         try:
@@ -251,6 +272,57 @@ class _StreamedBody:
 def _body_timeout(seconds: float) -> RequestTimeout:
     return RequestTimeout(f"request body not received within {seconds:g}s (clients.body_timeout)",
                           headers={"Connection": "close"})
+
+
+# Handshake headers the upstream connection makes its own (aiohttp's client sets them).
+_WS_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+                 "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
+
+
+async def _splice(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
+    """Copy messages both ways until one side closes, then close the other with its code and reason.
+
+    The closes are shielded: a client that sends its close frame and hangs up at once cancels this
+    handler, and the upstream must still hear that client's code, not a default.
+    """
+    closed: dict[str, tuple[int, bytes]] = {}  # which side closed first, with what code and reason
+    down = asyncio.create_task(_copy(upstream, client, closed, "upstream"))
+    up = asyncio.create_task(_copy(client, upstream, closed, "client"))
+    try:
+        await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (down, up):
+            t.cancel()
+        await asyncio.shield(_close_both(client, upstream, closed, down, up))
+
+
+async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
+                      closed: dict[str, tuple[int, bytes]], *copies: asyncio.Task[None]) -> None:
+    await asyncio.gather(*copies, return_exceptions=True)
+    if "client" in closed:
+        code, reason = closed["client"]
+        await upstream.close(code=code, message=reason)
+    elif "upstream" in closed:
+        code, reason = closed["upstream"]
+        await client.close(code=code, message=reason)
+    # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going away").
+    await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY)
+    await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+
+async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: str) -> None:
+    """Messages from ``src`` to ``dst`` until ``src`` closes (its code noted under ``side``) or breaks."""
+    while True:
+        msg = await src.receive()
+        if msg.type == aiohttp.WSMsgType.TEXT:
+            await dst.send_str(msg.data)
+        elif msg.type == aiohttp.WSMsgType.BINARY:
+            await dst.send_bytes(msg.data)
+        elif msg.type == aiohttp.WSMsgType.CLOSE:
+            closed.setdefault(side, (int(msg.data), (msg.extra or "").encode()))
+            return
+        elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+            return
 
 
 def _client_gone(request: web.Request) -> bool:

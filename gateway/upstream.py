@@ -16,10 +16,11 @@ saturation never counts against a replica's health.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 import aiohttp
 from multidict import CIMultiDict
@@ -328,6 +329,46 @@ class Upstreams:
             return resp
         if not pool.replicas:
             raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")
+        raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
+
+    @contextlib.asynccontextmanager
+    async def websocket(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
+                        protocols: list[str]) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+        """A WebSocket to the first replica that accepts the connection, held against the pool's
+        budget for streams until the block ends. Raises aiohttp.WSServerHandshakeError when the
+        upstream answers the upgrade with something else (its status is the caller's to relay)."""
+        assert self._session is not None, "upstreams not started"
+        budget = pool.budgets["stream"]
+        await budget.acquire()
+        try:
+            ws = await self._ws_connect(pool, path_qs, headers, protocols)
+            try:
+                yield ws
+            finally:
+                await ws.close()
+        finally:
+            budget.release()
+
+    async def _ws_connect(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
+                          protocols: list[str]) -> aiohttp.ClientWebSocketResponse:
+        assert self._session is not None
+        refused: list[str] = []
+        for replica in pool.candidates():
+            try:
+                ws = await self._session.ws_connect(
+                    URL(replica.base + path_qs, encoded=True), headers=headers, protocols=protocols,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=0)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                pool.mark_down(replica, exc)
+                refused.append(f"{replica.label}: {exc.__class__.__name__}")
+                continue
+            except aiohttp.WSServerHandshakeError:
+                pool.mark_up(replica, "it answered a request")
+                raise
+            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})") from None
+            pool.mark_up(replica, "it answered a request")
+            return ws
         raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
 
     async def _health_loop(self, pool: Pool) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import orjson
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from aiohttp.typedefs import Handler
 
 
@@ -108,6 +108,8 @@ class FakeAgentServer:
         self.runs: dict[str, Run] = {}
         self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
+        self.ws_closed: list[int | None] = []  # close codes of /ws/echo sockets, as the server saw them
+        self.ws_headers: list[dict[str, str]] = []
         self.heartbeat = 5.0
         self.runner: web.AppRunner | None = None
         self.port = 0
@@ -136,6 +138,7 @@ class FakeAgentServer:
         r.add_get("/redirect", self.redirect)
         r.add_get("/big", self.big)
         r.add_get("/notype", self.notype)
+        r.add_get("/ws/echo", self.ws_echo)
         return app
 
     async def start(self, port: int = 0) -> FakeAgentServer:
@@ -233,6 +236,31 @@ class FakeAgentServer:
             left -= len(chunk)
         await resp.write_eof()
         return resp
+
+    async def ws_echo(self, request: web.Request) -> web.WebSocketResponse:
+        """A WebSocket that echoes; ``close:<code>`` closes it with that code, ``burst:<n>`` sends n
+        messages of 64 KiB at once (as fast as the reader takes them)."""
+        self.ws_headers.append(dict(request.headers))
+        ws = web.WebSocketResponse(protocols=("echo.v1",))
+        await ws.prepare(request)
+        while True:
+            msg = await ws.receive()
+            if msg.type == WSMsgType.CLOSE:  # the peer's code (ws.close_code is the one sent back)
+                self.ws_closed.append(int(msg.data))
+                break
+            if msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                self.ws_closed.append(None)
+                break
+            if msg.type == WSMsgType.TEXT and msg.data.startswith("close:"):
+                await ws.close(code=int(msg.data[6:]), message=b"asked to")
+            elif msg.type == WSMsgType.TEXT and msg.data.startswith("burst:"):
+                for i in range(int(msg.data[6:])):
+                    await ws.send_bytes(i.to_bytes(4, "big") + b"x" * 65532)
+            elif msg.type == WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
 
     async def notype(self, request: web.Request) -> web.Response:
         """A body with no Content-Type, as langgraph-api answers some 422s."""

@@ -1,0 +1,83 @@
+"""WebSocket upgrades through the gateway: proxied to the upstream on any path it serves them on,
+both directions, close codes, subprotocols, refusals and connection budgets kept."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from tests.conftest import RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def test_messages_go_both_ways_with_the_upstreams_subprotocol_and_headers(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    async with http.ws_connect(gateway.url + "/ws/echo", protocols=["echo.v1"],
+                               headers={"Authorization": "Bearer k", "X-User": "u1"}) as ws:
+        assert ws.protocol == "echo.v1"
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "hello"
+        await ws.send_bytes(b"\x00\xff" * 1000)
+        assert (await ws.receive()).data == b"\x00\xff" * 1000
+    seen = fake_upstream.ws_headers[-1]
+    assert seen["Authorization"] == "Bearer k" and seen["X-User"] == "u1", "the client's headers go upstream"
+    assert "X-Forwarded-For" in seen
+
+
+@pytest.mark.parametrize("code", [1000, 4001, 4999])
+async def test_a_close_on_either_side_closes_the_other_with_its_code(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, code: int) -> None:
+    async with http.ws_connect(gateway.url + "/ws/echo") as ws:
+        await ws.send_str(f"close:{code}")
+        msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == code, "the upstream's code reaches the client"
+    ws = await http.ws_connect(gateway.url + "/ws/echo")
+    await ws.send_str("ping")
+    await ws.receive()
+    await ws.close(code=code)
+    for _ in range(100):
+        if len(fake_upstream.ws_closed) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_upstream.ws_closed[-1] == code, "the client's code reaches the upstream"
+
+
+async def test_a_slow_reader_gets_every_message_in_order(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.ws_connect(gateway.url + "/ws/echo") as ws:
+        await ws.send_str("burst:100")  # 6.4 MB as fast as the reader takes it
+        got = []
+        for _ in range(100):
+            msg = await ws.receive()
+            got.append(int.from_bytes(msg.data[:4], "big"))
+            if len(got) % 10 == 0:
+                await asyncio.sleep(0.01)
+        assert got == list(range(100))
+
+
+async def test_an_upgrade_the_upstream_refuses_gets_its_status(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await http.ws_connect(gateway.url + "/threads")  # the upstream serves no WebSocket there
+    assert refused.value.status == 405
+
+
+async def test_upgrades_count_against_the_upstreams_stream_budget(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_streams": 1, "pool_timeout": "300ms"}}))
+    async with http.ws_connect(gw.url + "/ws/echo") as first:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as full:
+            await http.ws_connect(gw.url + "/ws/echo")
+        assert full.value.status == 503
+        await first.send_str("still here")
+        assert (await first.receive()).data == "still here"
+    async with http.ws_connect(gw.url + "/ws/echo") as again:  # the slot is free once the first closed
+        await again.send_str("x")
+        assert (await again.receive()).data == "x"
