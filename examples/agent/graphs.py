@@ -71,3 +71,36 @@ _interrupt.add_edge(START, "ask")
 _interrupt.add_edge("ask", END)
 # The server supplies the checkpointer that interrupt() needs.
 interrupt_graph = _interrupt.compile()
+
+
+# --- the v3 thread session (client.threads.stream): which channels the graphs publish ------------
+# langgraph's v3 stream carries values, messages, lifecycle and subgraphs by default; a graph
+# module opts into more with stream_transformers(). The ticker's writes become `custom` events,
+# and each tick is also published on a named channel (`custom:ticks`).
+from langgraph.stream._types import StreamTransformer  # noqa: E402
+from langgraph.stream.stream_channel import StreamChannel  # noqa: E402
+from langgraph.stream.transformers import CustomTransformer, UpdatesTransformer  # noqa: E402
+
+
+class TickNames(StreamTransformer):
+    """Each ticker write, again on the named channel `ticks` (the wire's `custom:ticks`)."""
+
+    required_stream_modes = ("custom",)
+
+    def __init__(self, scope=()):
+        super().__init__(scope)
+        self._ch = StreamChannel("ticks")
+
+    def init(self):
+        return {"ticks": self._ch}
+
+    def process(self, event):
+        data = event["params"].get("data")
+        if event["method"] == "custom" and isinstance(data, dict) and "i" in data:
+            self._ch.push({"tick": data["i"]})
+        return True
+
+
+def stream_transformers():
+    return [CustomTransformer, UpdatesTransformer, TickNames]
+

@@ -63,18 +63,9 @@ class LangGraphServer:
         shutil.copytree(self.app_dir, app, ignore=shutil.ignore_patterns(".langgraph_api", "__pycache__"))
         if not self.port:
             self.port = free_port()
-        cli = Path(sys.executable).parent / "langgraph"
-        cmd = [
-            str(cli), "dev", "--no-browser", "--no-reload",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            # The dev default is 1 job per worker, which would serialise all runs server-wide.
-            "--n-jobs-per-worker", "10",
-        ]
-        env = dict(os.environ, LANGSMITH_TRACING="false", LANGCHAIN_TRACING_V2="false",
-                   LANGGRAPH_CLI_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
         self._log_file = open(self.log_path, "wb")
         # Own session so stop() can kill the whole tree (the CLI spawns children).
-        self.proc = subprocess.Popen(cmd, cwd=app, env=env, stdout=self._log_file,
+        self.proc = subprocess.Popen(self._command(), cwd=app, env=self._env(), stdout=self._log_file,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, preexec_fn=die_with_parent)
         try:
@@ -83,6 +74,17 @@ class LangGraphServer:
             self.stop()
             raise
         return self
+
+    def _command(self) -> list[str]:
+        cli = Path(sys.executable).parent / "langgraph"
+        return [str(cli), "dev", "--no-browser", "--no-reload", "--host", "127.0.0.1", "--port", str(self.port),
+                # The dev default is 1 job per worker, which would serialise all runs server-wide.
+                "--n-jobs-per-worker", "10"]
+
+    @staticmethod
+    def _env() -> dict[str, str]:
+        return dict(os.environ, LANGSMITH_TRACING="false", LANGCHAIN_TRACING_V2="false",
+                    LANGGRAPH_CLI_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
 
     def _wait_ready(self) -> None:
         assert self.proc is not None, "server not started"
@@ -102,6 +104,28 @@ class LangGraphServer:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"langgraph dev not ready on {self.url} after {self.startup_timeout}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole server: nothing is saved."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(15)
+        self.proc = None
+
+    def restart_empty(self) -> None:
+        """Start it again on the same port with none of its state (killed before it could save any,
+        or a new replica): threads and runs it had are gone."""
+        self.kill()
+        assert self.workdir is not None
+        shutil.rmtree(self.workdir / "app" / ".langgraph_api", ignore_errors=True)
+        if self._log_file is not None:
+            self._log_file.close()
+        self._log_file = open(self.log_path, "ab")
+        cmd = self._command()
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir / "app", env=self._env(), stdout=self._log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=die_with_parent)
+        self._wait_ready()
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is not None:
