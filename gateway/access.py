@@ -125,8 +125,10 @@ class AccessCheck:
             log.info("upstream cannot check access to %s (%s); comparing with who captured it", meta.key, exc.detail)
             self._captor_only(meta, headers)
             return
-        if classify(resp.status) == "refused":
+        if classify(resp.status) == "refused" and not (resp.status == 404 and meta.kind == "session"):
             raise Refused(resp)
+        # A thread the upstream does not know any more (it restarted empty): its session events the
+        # gateway holds are its captor's still, and nobody else's.
         resp.release()
         if not 200 <= resp.status < 300:  # no clear yes: only the captor, and nothing cached
             self._captor_only(meta, headers)

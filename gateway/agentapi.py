@@ -25,7 +25,7 @@ THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
 # --- the captured endpoints ----------------------------------------------------------------------
 
 Endpoint = Literal["create_run_stream", "create_stateless_run_stream", "create_background_run",
-                   "join_run", "join_stateless_run", "join_thread"]
+                   "join_run", "join_stateless_run", "join_thread", "session_events"]
 
 # (method, upstream path, endpoint): the group(s) of a match are the path's thread and run ids.
 ROUTES: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = (
@@ -35,6 +35,9 @@ ROUTES: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = (
     ("GET", re.compile(r"^/threads/([^/]+)/runs/([^/]+)/stream$"), "join_run"),
     ("GET", re.compile(r"^/runs/([^/]+)/stream$"), "join_stateless_run"),
     ("GET", re.compile(r"^/threads/([^/]+)/stream$"), "join_thread"),
+    # The v3 thread session's events: SSE on POST, a WebSocket on GET (gateway.sessions).
+    ("POST", re.compile(r"^/threads/([^/]+)/stream/events$"), "session_events"),
+    ("GET", re.compile(r"^/threads/([^/]+)/stream/events$"), "session_events"),
 )
 
 
@@ -88,10 +91,15 @@ def thread_key(upstream: str, thread_id: str) -> str:
     return f"{upstream}/thread/{thread_id}"
 
 
+def session_key(upstream: str, thread_id: str) -> str:
+    return f"{upstream}/session/{thread_id}"
+
+
 def keys_for(ident: str, upstreams: list[str]) -> list[str]:
     """The log keys a run or thread id may be held under (a key itself first): the one rule the
-    admin listener and the command line resolve an id by."""
-    return [ident, *(run_key(u, ident) for u in upstreams), *(thread_key(u, ident) for u in upstreams)]
+    admin listener and the command line resolve an id by (a thread id: its thread stream first)."""
+    return [ident, *(run_key(u, ident) for u in upstreams), *(thread_key(u, ident) for u in upstreams),
+            *(session_key(u, ident) for u in upstreams)]
 
 
 def run_ids(headers: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -117,6 +125,12 @@ def run_meta(upstream: str, thread_id: str | None, run_id: str, *, resumable: bo
 def thread_meta(upstream: str, thread_id: str) -> StreamMeta:
     return StreamMeta(key=thread_key(upstream, thread_id), kind="thread", upstream=upstream,
                       path=f"/threads/{thread_id}/stream", thread_id=thread_id, resumable=True)
+
+
+def session_meta(upstream: str, thread_id: str) -> StreamMeta:
+    """A thread's v3 session events (``client.threads.stream``): captured once per thread, every channel."""
+    return StreamMeta(key=session_key(upstream, thread_id), kind="session", upstream=upstream,
+                      path=f"/threads/{thread_id}/stream/events", thread_id=thread_id, resumable=True)
 
 
 def resource_path(meta: StreamMeta) -> str:

@@ -32,6 +32,7 @@ from gateway.logs import AccessLogger
 from gateway.logview import matches, public, served_details
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
+from gateway.session_streams import SessionHandlers
 from gateway.streams import StreamHandlers
 from gateway.upstream import Target, Upstreams
 
@@ -49,6 +50,7 @@ STREAM_HANDLERS: dict[Endpoint, StreamRoute] = {
     "join_run": lambda g, r, t, ids: g.streams.join_run(r, t, ids[0], ids[1]),
     "join_stateless_run": lambda g, r, t, ids: g.streams.join_run(r, t, None, ids[0]),
     "join_thread": lambda g, r, t, ids: g.streams.join_thread(r, t, ids[0]),
+    "session_events": lambda g, r, t, ids: g.sessions.events(r, t, ids[0]),
 }
 
 
@@ -64,6 +66,7 @@ class Gateway:
         self.forwarder = Forwarder(self.upstreams, cfg.clients)
         self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)
         self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
+        self.sessions: SessionHandlers = SessionHandlers(self.streams)
         self.metrics.bind_gauges(lambda: self.log.size, lambda: self.hub.live_count(),
                                  lambda: len(self.hub.followers), lambda: 1 if self.log.failure else 0,
                                  self._pool_use, cfg.storage.max_bytes)
@@ -120,7 +123,7 @@ class Gateway:
         status = 500
         try:
             captured = agentapi.route(request.method, target.path)
-            if _is_websocket(request):
+            if captured is None and _is_websocket(request):
                 resp = await self.forwarder.websocket(request, target)
             elif captured is not None:
                 endpoint, ids = captured

@@ -34,6 +34,9 @@ from gateway.legs import Legs
 from gateway.metrics import Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
+from gateway.sessions import SessionSeam, latest_run
+from gateway.sessions import interrupted_event as session_interrupted_event
+from gateway.sessions import event_id as session_event_id
 from gateway.sse import Event, Parser, SSEProtocolError
 from gateway.upstream import UpstreamRefused, classify
 
@@ -177,7 +180,7 @@ class Captures:
         finally:
             self._opening.discard(key)
 
-    def start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | None, *,
+    def start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | SessionSeam | None, *,
               auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
         """Run the ingest task of a stream this process has claimed (and begun)."""
         ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
@@ -185,13 +188,30 @@ class Captures:
         ing.task = asyncio.create_task(self._run(ing, resp, seam), name=f"ingest:{meta.key}")
         return ing
 
-    async def _seam(self, meta: StreamMeta, held: StreamMeta | None, last: str | None) -> Seam | None:
+    async def _seam(self, meta: StreamMeta, held: StreamMeta | None, last: str | None) -> Seam | SessionSeam | None:
         """How a new leg opened with ``last`` meets what is held: None when there is nothing to check."""
+        if meta.kind == "session":  # the upstream replays the whole thread: everything held is known by event_id
+            bodies = await self._held_bodies(meta.key, held)
+            return SessionSeam({eid for body in bodies if (eid := session_event_id(body)) is not None},
+                               latest_run(bodies), after=held.head if held is not None else 0, on_gap=self.metrics.gap)
         expect = expectation(meta.kind, held)
         if last is None and expect is None:
             return None  # a first leg, live tail only: nothing to match, nothing re-sent
         recent = await self.log.tail(meta.key, DEDUPE_WINDOW) if held is not None and held.head else []
         return Seam(recent, after=held.head if held is not None else 0, expect=expect, on_gap=self.metrics.gap)
+
+    async def _held_bodies(self, key: str, held: StreamMeta | None) -> list[bytes]:
+        """Every event held of a stream, oldest first (a session's re-join matches the upstream's replay
+        of the whole thread against them)."""
+        bodies: list[bytes] = []
+        pos, head = (held.first_seq - 1 if held.first_seq else 0, held.head) if held is not None else (0, 0)
+        while pos < head:
+            entries = await self.log.read(key, pos, head, 5000)
+            if not entries:
+                break
+            bodies += [body for _seq, body in entries]
+            pos = entries[-1][0]
+        return bodies
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -238,7 +258,7 @@ class Captures:
 
     # --- the ingest task ----------------------------------------------------------------------
 
-    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, seam: Seam | None) -> None:
+    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, seam: Seam | SessionSeam | None) -> None:
         kind = ing.meta.kind
         failures = 0
         try:
@@ -297,7 +317,7 @@ class Captures:
         held = await self.log.lookup(key)
         return held is not None and held.kind == "run" and held.last_event == ERROR_EVENT.decode()
 
-    async def _rejoin(self, ing: Ingest) -> tuple[aiohttp.ClientResponse, Seam | None]:
+    async def _rejoin(self, ing: Ingest) -> tuple[aiohttp.ClientResponse, Seam | SessionSeam | None]:
         held = await self.log.lookup(ing.key)
         last = leg_last_event_id(ing.meta.kind, held)
         try:
@@ -341,7 +361,7 @@ class Captures:
         logger.info("stream %s: storage is back; re-joining the upstream", ing.key)
         self.on_recovered(ing)
 
-    async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse, seam: Seam | None) -> None:
+    async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse, seam: Seam | SessionSeam | None) -> None:
         """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg.
 
         Commits are pipelined: each chunk's events are submitted and published by
@@ -409,7 +429,8 @@ class Captures:
         """End a stream with CaptureInterrupted: its upstream is lost for good."""
         self.metrics.interrupted()
         try:
-            await self.log.finish(meta.key, "interrupted", [interrupted_event(reason)])
+            end = session_interrupted_event(reason) if meta.kind == "session" else interrupted_event(reason)
+            await self.log.finish(meta.key, "interrupted", [end])
         except StorageError as exc:
             logger.error("stream %s: could not record its interruption (%s); it stays open for the next start",
                          meta.key, exc)
@@ -421,7 +442,7 @@ class Captures:
 
 def _can_rejoin(meta: StreamMeta) -> bool:
     # A stateless run has no join path upstream.
-    return meta.kind == "thread" or meta.thread_id is not None
+    return meta.endless or meta.thread_id is not None
 
 
 async def _settle(fut: asyncio.Future[Any] | None) -> None:

@@ -90,7 +90,7 @@ class Follower:
                 self.pos = meta.head
             async for page in self._replay(meta.head):
                 yield page
-            if meta.finished or (not meta.open and meta.kind == "thread"):
+            if meta.finished or (not meta.open and meta.endless):
                 return
             async for batch in self._live():
                 yield batch

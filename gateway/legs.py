@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from gateway.agentapi import THREAD_CAPTURE_QUERY
+from gateway.sessions import CAPTURE_BODY as SESSION_CAPTURE_BODY
 from gateway.eventlog import StreamMeta
 from gateway.upstream import Upstreams
 
@@ -26,7 +27,8 @@ class Legs:
     async def open(self, meta: StreamMeta, last_event_id: str | None, *,
                    client_headers: CIMultiDict[str] | None = None, auth: Mapping[str, str] | None = None,
                    query: str = "") -> aiohttp.ClientResponse:
-        """GET the stream's upstream path; the response has its headers read (GatewayError if none).
+        """Open the stream's upstream path (GET; a session's events: POST asking for every channel); the
+        response has its headers read (GatewayError if none).
 
         ``client_headers``: the forwarded headers of the client this leg is opened for;
         without them the gateway goes on its own, with the pool's service headers and
@@ -46,4 +48,8 @@ class Legs:
         if meta.kind == "thread":
             query = THREAD_CAPTURE_QUERY
         path = meta.path + (f"?{query}" if query else "")
+        if meta.kind == "session":
+            headers.popall("Content-Length", None)
+            headers["Content-Type"] = "application/json"
+            return await self.upstreams.send(pool, "POST", path, headers, data=SESSION_CAPTURE_BODY, kind="stream")
         return await self.upstreams.send(pool, "GET", path, headers, kind="stream")

@@ -34,8 +34,11 @@ def gap_event(after: int, reason: GapReason) -> Event:
     return (make_body(GAP_EVENT, orjson.dumps(payload)), None)
 
 
+def interrupted_message(reason: str) -> str:
+    return f"the gateway lost this stream's upstream and could not re-join it: {reason}"
+
+
 def interrupted_event(reason: str) -> Event:
     """The end of a stream whose upstream the gateway lost and could not re-join."""
-    payload = {"error": "CaptureInterrupted",
-               "message": f"the gateway lost this stream's upstream and could not re-join it: {reason}"}
+    payload = {"error": "CaptureInterrupted", "message": interrupted_message(reason)}
     return (make_body(ERROR_EVENT, orjson.dumps(payload)), None)

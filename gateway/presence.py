@@ -108,7 +108,7 @@ class Presence:
             if ing.meta.kind == "run" and not ing.cancel_on_orphan:
                 held = await self.log.lookup(ing.key)
                 ing.cancel_on_orphan = held is not None and held.cancel_on_orphan
-            if ing.meta.kind == "thread" or ing.cancel_on_orphan:
+            if ing.meta.endless or ing.cancel_on_orphan:
                 self._orphaned(ing)
 
     def _recovered(self, ing: Ingest) -> None:
@@ -123,7 +123,7 @@ class Presence:
         if (self.closing or ing.recovering or self.captures.live.get(ing.key) is not ing
                 or ing.orphan_timer is not None):
             return
-        if ing.meta.kind == "thread":
+        if ing.meta.endless:
             ing.orphan_timer = asyncio.get_running_loop().call_later(
                 self.cfg.thread_linger, lambda: self.run_owned(self._release_thread(ing)))
         elif ing.cancel_on_orphan:

@@ -46,6 +46,8 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
     asks for what the client asked: a client's gateway ids mean nothing upstream, so
     "from the start" then; an upstream id is passed through.
     """
+    if kind == "session":
+        return None  # its upstream replays the whole thread on every connection (SessionSeam)
     if held is not None:
         point = resume_point(held.last_upstream_id)
         if point is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Callable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -25,7 +25,7 @@ from gateway.agentapi import Cursor, canonical_id, capturable, is_uuid
 from gateway.capture import is_event_stream
 from gateway.config import Streams
 from gateway.errors import InvalidEventId, StorageUnavailable, Unprocessable
-from gateway.eventlog import EventLog, StreamMeta
+from gateway.eventlog import Entry, EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
@@ -49,6 +49,10 @@ RESUME_HEADER = "X-Gateway-Resume"
 _JOIN_PARAMS = ("stream_mode", "cancel_on_disconnect", "last_event_id")
 
 
+# Where a client starts in a held stream: (request, its cursor, the stream, headers to tell it) -> after.
+Position = Callable[[web.Request, Cursor, StreamMeta, CIMultiDict[str]], Awaitable[int | None]]
+
+
 class _NotOurs(Exception):
     """The stream held under this key belongs to another thread: the upstream answers as it would."""
 
@@ -63,7 +67,7 @@ class StreamHandlers:
         self.cfg = cfg
         self.on_resume = on_resume
 
-    def _check_capacity(self, key: str | None = None) -> None:
+    def check_capacity(self, key: str | None = None) -> None:
         # Refuse before anything reaches the upstream, so no run is created that we cannot hold.
         if self.log.failure is not None:
             raise StorageUnavailable(f"event log storage is failing ({self.log.failure}); new captures are "
@@ -77,7 +81,7 @@ class StreamHandlers:
     async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> web.StreamResponse:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
-        self._check_capacity()
+        self.check_capacity()
         resp = await self._create_run(request, target, run, "stream")
         if not is_event_stream(resp):
             return await self.forwarder.relay(request, target, resp)
@@ -91,7 +95,7 @@ class StreamHandlers:
         cancel_on_orphan = run.cancel_on_disconnect
         del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
         await self._capture(request, meta, resp, cancel_on_orphan)
-        return await self._send(request, self.hub.follow(meta.key, 0),
+        return await self.send(request, self.hub.follow(meta.key, 0),
                                 client_headers(resp, target, drop=("Content-Length",)), None)
 
     async def _create_run(self, request: web.Request, target: Target, run: RunRequest, kind: Kind) -> aiohttp.ClientResponse:
@@ -127,7 +131,7 @@ class StreamHandlers:
     async def create_background_run(self, request: web.Request, target: Target) -> web.StreamResponse:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
-        self._check_capacity()
+        self.check_capacity()
         resp = await self._create_run(request, target, run, "forward")
         # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
         return await asyncio.shield(self.hub.run_owned(self._answer_background(request, target, resp, run)))
@@ -166,13 +170,13 @@ class StreamHandlers:
         leg = Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",)), query) if tid is not None else None
 
         async def prepare() -> aiohttp.ClientResponse | None:
-            self._check_capacity(meta.key)
+            self.check_capacity(meta.key)
             if not await self._run_exists(request, target, meta):
                 return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
             return None
 
         try:
-            att, headers = await self._attach(request, target, meta, cursor, leg, prepare,
+            att, headers = await self.attach(request, target, meta, cursor, leg, prepare,
                                               cancel=truthy(request.query.get("cancel_on_disconnect")), thread=tid)
         except _NotOurs:  # held, but under another thread: not ours to serve
             return await self.forwarder.forward(request, target)
@@ -194,24 +198,25 @@ class StreamHandlers:
         request[STREAM_KEY] = meta.key
 
         async def prepare() -> aiohttp.ClientResponse | None:
-            self._check_capacity(meta.key)
+            self.check_capacity(meta.key)
             return None
 
-        att, headers = await self._attach(request, target, meta, cursor,
+        att, headers = await self.attach(request, target, meta, cursor,
                                           Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",))),
                                           prepare)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq", "upstream"))
 
-    async def _attach(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor, leg: Leg | None,
-                      prepare: Prepare, cancel: bool = False,
-                      thread: str | None = None) -> tuple[Attachment, CIMultiDict[str]]:
-        """Ask the hub for the stream; the headers the client is told about its resume come back too."""
+    async def attach(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor, leg: Leg | None,
+                     prepare: Prepare, cancel: bool = False, thread: str | None = None,
+                     position: Position | None = None) -> tuple[Attachment, CIMultiDict[str]]:
+        """Ask the hub for the stream; the headers the client is told about its resume come back too.
+        ``position``: where the client starts in a held stream (default: after its Last-Event-ID)."""
         headers: CIMultiDict[str] = CIMultiDict()
 
         async def resume(held: StreamMeta) -> int | None:
             if thread is not None and held.thread_id not in (None, thread):
                 raise _NotOurs()
-            after = await self._resume_from(request, cursor, held, headers)
+            after = await (position or self._resume_from)(request, cursor, held, headers)
             await self._check_access(request, target, held)
             return after
 
@@ -238,7 +243,7 @@ class StreamHandlers:
             if att.held is not None and att.held.kind == "run":
                 headers["Location"] = target.client_path(att.held.path)
                 headers["Content-Location"] = target.client_path(agentapi.resource_path(att.held))
-        return await self._send(request, att.follower, headers, keep)
+        return await self.send(request, att.follower, headers, keep)
 
     async def _run_exists(self, request: web.Request, target: Target, meta: StreamMeta) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
@@ -292,8 +297,11 @@ class StreamHandlers:
 
     # --- writing ------------------------------------------------------------------------------------
 
-    async def _send(self, request: web.Request, follower: Follower, headers: CIMultiDict[str],
-                    keep: Callable[[bytes], bool] | None) -> web.StreamResponse:
+    async def send(self, request: web.Request, follower: Follower, headers: CIMultiDict[str],
+                    keep: Callable[[bytes], bool] | None, framer: Callable[[Iterable[Entry]], bytes] = frame,
+                    endless: bool = False) -> web.StreamResponse:
+        """Stream what ``follower`` reads to the client: pages framed by ``framer`` (filtered by ``keep``).
+        ``endless``: the stream has no end a client may see (a v3 session): a cut, never a clean end."""
         headers.setdefault("Cache-Control", "no-store")
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
@@ -305,10 +313,10 @@ class StreamHandlers:
             async for page in follower.pages():
                 if not page:
                     data = HEARTBEAT
-                elif keep is None:
+                elif keep is None and framer is frame:
                     data = page.wire()  # a replayed page's bytes are shared by every client reading it
                 else:
-                    data = frame(e for e in page.entries if keep(e[1]))
+                    data = framer(e for e in page.entries if keep is None or keep(e[1]))
                     # Events come but none is this client's: the follower never idles, so the
                     # heartbeat is owed from here, or a load balancer drops a quiet connection.
                     if not data:
@@ -317,6 +325,8 @@ class StreamHandlers:
                         data = HEARTBEAT
                     sent_at = loop.time()
                 await send_body(request, out, data, self.forwarder.clients.write_timeout, EVENT_END)
+            if endless:
+                raise StreamCut(f"the capture of {follower.key} ended")
             await out.write_eof()
             return out
         except TimeoutError:

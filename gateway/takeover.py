@@ -50,7 +50,7 @@ class TakeOver:
         for meta in await self.log.unowned():
             if self.presence.closing or meta.key in self.captures.live:
                 continue
-            if meta.kind == "thread":
+            if meta.endless:
                 if await self.presence.everywhere(meta.key) == 0:
                     if await self.log.claim(meta.key):  # nobody watches it: released, re-opened when asked
                         await self.log.finish(meta.key, None)

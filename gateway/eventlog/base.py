@@ -37,7 +37,11 @@ LIST_SCAN = 10_000
 # Called after each commit group: (events, seconds, ok). The metrics hook.
 CommitObserver = Callable[[int, float, bool], None]
 
-StreamKind = Literal["run", "thread"]
+# A run's stream ends with the run; a thread stream (runs of a thread, one after another) and a
+# session stream (the v3 thread session's events) never end: released when nobody follows them,
+# trimmed by retention while open.
+StreamKind = Literal["run", "thread", "session"]
+STREAM_KINDS: tuple[StreamKind, ...] = ("run", "thread", "session")
 EndReason = Literal["done", "interrupted"]
 
 
@@ -118,13 +122,18 @@ class StreamMeta:
         if missing:
             raise StorageDamaged(f"missing {', '.join(sorted(missing))}")
         meta = cls(**known)
-        if meta.kind not in ("run", "thread") or not isinstance(meta.head, int) or not isinstance(meta.key, str):
+        if meta.kind not in STREAM_KINDS or not isinstance(meta.head, int) or not isinstance(meta.key, str):
             raise StorageDamaged(f"bad field values in {meta.key!r}")
         return meta
 
     @property
     def finished(self) -> bool:
         return self.end is not None
+
+    @property
+    def endless(self) -> bool:
+        """A stream that never ends by itself (thread, session): it lingers, is released, is trimmed."""
+        return self.kind != "run"
 
     def advanced(self, head: int, count: int, size: int, last_upstream_id: str | None, last_event: str,
                  now: float) -> StreamMeta:

@@ -741,7 +741,7 @@ class LmdbEventLog(EventLog):
         batch = _Batch()
         removed = self._evict(batch, cutoff)
         for meta in list(self._metas.values()):
-            if meta.open and meta.kind == "thread":
+            if meta.open and meta.endless:
                 await self._trim(batch, meta.key, cutoff)
         if batch.metas or batch.drop_prefixes or batch.drop_keys:
             await self._submit(batch)

@@ -922,7 +922,7 @@ class RedisEventLog(EventLog):
                         removed += await self._drop(m)
                     if trim:
                         for m in metas:
-                            if m.open and m.kind == "thread":
+                            if m.open and m.endless:
                                 await self._trim(m, cutoff)
                     self._closed = sum(1 for m in metas if not m.open) - removed
                 finally:

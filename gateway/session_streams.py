@@ -1,0 +1,296 @@
+"""Handlers for the v3 thread session's events (``/threads/{tid}/stream/events``): SSE on POST, a
+WebSocket on GET, both served from the gateway's capture of the thread (``gateway.sessions``).
+
+Over SSE the body's ``since`` is a position in the log (the ``seq`` the gateway sent), and the
+stream never ends cleanly: the SDK takes a clean end for the end of its session, so the gateway
+cuts when it cannot go on. Over the WebSocket, subscriptions are the gateway's (``since`` honoured
+on subscribe as on reconnect, events once per socket); every other command goes to the upstream's
+``POST /threads/{tid}/commands`` with the client's headers, and its answer comes back on the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from gateway import agentapi, sessions
+from gateway.access import StreamHidden
+from gateway.agentapi import Cursor, canonical_id, capturable
+from gateway.errors import GatewayError
+from gateway.eventlog import StreamMeta
+from gateway.follower import Follower, StreamCut, StreamGone
+from gateway.hub import Attachment, Leg
+from gateway.logs import STREAM_KEY
+from gateway.responses import error_response, start_response
+from gateway.streams import RESUME_HEADER, StreamHandlers
+from gateway.upstream import Target
+
+logger = logging.getLogger("gateway.session_streams")
+
+# Seqs a socket remembers having sent, so an event two of its subscriptions match goes out once.
+_SENT_WINDOW = 10_000
+_LEG_DROP = ("Last-Event-ID", "Content-Length", "Content-Type", "Accept")
+
+
+class SessionHandlers:
+    def __init__(self, streams: StreamHandlers) -> None:
+        self.streams = streams
+        self.hub = streams.hub
+        self.forwarder = streams.forwarder
+
+    async def events(self, request: web.Request, target: Target, raw_tid: str) -> web.StreamResponse:
+        tid = canonical_id(raw_tid)
+        if not capturable(tid):
+            return await self.forwarder.forward(request, target)
+        if request.method == "GET":
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return await self.forwarder.forward(request, target)
+            return await self._socket(request, target, tid)
+        body = await self.forwarder.read_body(request, self.streams.cfg.max_request_body)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return error_response(400, "Invalid JSON body")
+        try:
+            flt = sessions.parse_filter(doc)
+        except sessions.BadFilter as exc:
+            return error_response(400, str(exc))
+        since = sessions.parse_since(doc)
+        try:
+            att, headers = await self._attach(request, target, tid, since)
+        except StreamHidden:
+            # The upstream no longer knows the thread and this is not who captured it: the log is
+            # not theirs to read, and they get what the upstream itself gives them.
+            return await self.forwarder.relay(request, target, await self.forwarder.open(request, target, data=body))
+        if att.answer is not None:
+            return await self.forwarder.relay(request, target, att.answer)
+        assert att.follower is not None
+        if att.leg is not None:
+            headers.extend(agentapi.stream_headers())
+        else:
+            headers.update(agentapi.stream_headers())
+        return await self.streams.send(request, att.follower, headers, flt.keep, sessions.frame, endless=True)
+
+    async def _attach(self, request: web.Request, target: Target, tid: str, since: int | None,
+                      ) -> tuple[Attachment, Any]:
+        """The thread's session events: followed from the log after ``since`` (None: from the start),
+        captured first if nobody does."""
+        meta = agentapi.session_meta(target.pool.name, tid)
+        request[STREAM_KEY] = meta.key
+        cursor = Cursor("seq", since, str(since)) if since else Cursor("start", 0, "0")
+
+        async def prepare() -> aiohttp.ClientResponse | None:
+            self.streams.check_capacity(meta.key)
+            return None
+
+        async def position(request: web.Request, cursor: Cursor, held: StreamMeta, headers: Any) -> int:
+            # As the upstream reads since: events after it, or everything. A since at or below the
+            # capture's base is no id of this capture's (an upstream seq, or an earlier capture's).
+            if cursor.kind != "seq" or cursor.seq <= held.base:
+                if cursor.kind == "seq":
+                    headers[RESUME_HEADER] = "not-held"
+                return 0
+            if held.first_seq and cursor.seq < held.first_seq - 1:
+                headers[RESUME_HEADER] = "truncated"
+            return cursor.seq
+
+        leg = Leg(self.forwarder.upstream_headers(request, drop=_LEG_DROP))
+        return await self.streams.attach(request, target, meta, cursor, leg, prepare, position=position)
+
+    # --- the WebSocket ----------------------------------------------------------------------------
+
+    async def _socket(self, request: web.Request, target: Target, tid: str) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=0, heartbeat=self.hub.heartbeat)
+        await start_response(request, ws)
+        socket = _Socket(self, request, target, tid, ws)
+        try:
+            await socket.serve()
+        finally:
+            await socket.close()
+        return ws
+
+
+class _Socket:
+    """One client's WebSocket: its subscriptions, and commands passed to the upstream."""
+
+    def __init__(self, handlers: SessionHandlers, request: web.Request, target: Target, tid: str,
+                 ws: web.WebSocketResponse) -> None:
+        self.handlers = handlers
+        self.request = request
+        self.target = target
+        self.tid = tid
+        self.ws = ws
+        self.subs: dict[str, asyncio.Task[None]] = {}
+        self.sent: OrderedDict[int, None] = OrderedDict()
+        self.applied = 0  # the highest seq sent on this socket (meta.applied_through_seq)
+        self._send_lock = asyncio.Lock()
+
+    async def serve(self) -> None:
+        async for msg in self.ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                continue
+            try:
+                command = orjson.loads(msg.data)
+            except orjson.JSONDecodeError:
+                await self.reply(_error(None, "invalid_argument", "Protocol commands must be valid JSON."))
+                continue
+            if (not isinstance(command, dict) or not isinstance(command.get("id"), int)
+                    or isinstance(command.get("id"), bool) or not isinstance(command.get("method"), str)):
+                await self.reply(_error(command.get("id") if isinstance(command, dict) else None, "invalid_argument",
+                                        "Protocol commands must include an integer id and string method."))
+                continue
+            method = command["method"]
+            if method in ("subscription.subscribe", "subscription.reconnect"):
+                await self.subscribe(command, reconnect=method == "subscription.reconnect")
+            elif method == "subscription.unsubscribe":
+                await self.unsubscribe(command)
+            else:
+                await self.reply(await self.upstream_command(msg.data, command["id"]))
+
+    async def reply(self, doc: dict[str, Any]) -> None:
+        await self.send(orjson.dumps(doc))
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.ws.send_str(data.decode())
+
+    def meta(self) -> dict[str, int]:
+        return {"applied_through_seq": self.applied}
+
+    async def upstream_command(self, raw: str, cid: int) -> dict[str, Any]:
+        """A command the gateway does not serve itself: the upstream answers it, as over HTTP."""
+        headers = self.handlers.forwarder.upstream_headers(self.request, drop=_LEG_DROP)
+        headers["Content-Type"] = "application/json"
+        headers["Accept"] = "application/json"
+        try:
+            resp = await self.handlers.forwarder.upstreams.send(
+                self.target.pool, "POST", f"/threads/{self.tid}/commands", headers, data=raw.encode(), kind="check")
+            try:
+                doc = orjson.loads(await resp.read())
+            finally:
+                resp.release()
+        except (GatewayError, aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
+            detail = exc.detail if isinstance(exc, GatewayError) else f"upstream answered badly: {exc}"
+            return _error(cid, "unknown_error", detail)
+        return doc if isinstance(doc, dict) else _error(cid, "unknown_error", "the upstream's answer was not an object")
+
+    async def subscribe(self, command: dict[str, Any], *, reconnect: bool) -> None:
+        cid, what = command["id"], command["method"]
+        params = _params(command)
+        try:
+            flt = sessions.parse_filter(params, strict_namespaces=True)
+        except sessions.BadFilter:
+            word = "requires a non-empty channels array" if not params.get("channels") else "received an unsupported channel"
+            await self.reply(_error(cid, "invalid_argument", f"{what} {word}.", self.meta()))
+            return
+        since = sessions.parse_since(params)
+        if reconnect and since is None:
+            await self.reply(_error(cid, "invalid_argument", f"{what} requires a non-negative integer since.",
+                                    self.meta()))
+            return
+        asked = params.get("subscription_id")
+        sub_id = asked if reconnect and isinstance(asked, str) and asked else str(uuid.uuid4())
+        try:
+            att, _headers = await self.handlers._attach(self.request, self.target, self.tid, since)
+        except GatewayError as exc:
+            await self.reply(_error(cid, "unknown_error", exc.detail, self.meta()))
+            return
+        if att.answer is not None:
+            status = att.answer.status
+            att.answer.release()
+            await self.reply(_error(cid, "unknown_error", f"the upstream refused the thread's events: HTTP {status}",
+                                    self.meta()))
+            return
+        assert att.follower is not None
+        held = await self.handlers.hub.lookup(att.follower.key)
+        if reconnect and held is not None and held.first_seq and since is not None and since + 1 < held.first_seq:
+            att.follower.close()
+            doc = _error(cid, "resume_gap", f"resume gap: since={since} is older than min_available_seq="
+                                            f"{held.first_seq}", self.meta())
+            doc.update(since=since, min_available_seq=held.first_seq)
+            await self.reply(doc)
+            return
+        if sub_id in self.subs:
+            self.subs.pop(sub_id).cancel()
+        acked = asyncio.get_running_loop().create_future()
+        self.subs[sub_id] = asyncio.create_task(self.follow(att.follower, flt, cid, sub_id, held.head if held else 0,
+                                                            acked))
+        await asyncio.wait([acked, self.subs[sub_id]], return_when=asyncio.FIRST_COMPLETED)
+
+    async def follow(self, follower: Follower, flt: sessions.Filter, cid: int, sub_id: str, head: int,
+                     acked: asyncio.Future[None]) -> None:
+        """One subscription: its replay (counted, then acknowledged, as the upstream does), then the
+        live tail. The socket is closed with 1011 when the stream cannot go on here."""
+        replayed = 0
+
+        async def ack() -> None:
+            if not acked.done():
+                await self.reply({"type": "success", "id": cid, "result": {"subscription_id": sub_id,
+                                                                           "replayed_events": replayed},
+                                  "meta": self.meta()})
+                acked.set_result(None)
+
+        try:
+            if (follower.pos or 0) >= head:
+                await ack()
+            async for page in follower.pages():
+                for seq, body in page.entries:
+                    if seq in self.sent or not flt.keep(body):
+                        continue
+                    self._sent(seq)
+                    await self.send(sessions.wire(seq, body))
+                    replayed += not acked.done()
+                if (follower.pos or 0) >= head:
+                    await ack()
+            raise StreamCut(f"the capture of {follower.key} ended")
+        except (StreamCut, StreamGone) as exc:
+            logger.info("%s; closing the client's socket so it reconnects", exc)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass
+        finally:
+            follower.close()
+            if not acked.done():
+                acked.set_result(None)
+
+    def _sent(self, seq: int) -> None:
+        self.sent[seq] = None
+        if len(self.sent) > _SENT_WINDOW:
+            self.sent.popitem(last=False)
+        self.applied = max(self.applied, seq)
+
+    async def unsubscribe(self, command: dict[str, Any]) -> None:
+        sid = _params(command).get("subscription_id")
+        task = self.subs.pop(sid, None) if isinstance(sid, str) else None
+        if task is None:
+            await self.reply(_error(command["id"], "no_such_subscription", f"Unknown subscription: {sid}", self.meta()))
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self.reply({"type": "success", "id": command["id"], "result": {}, "meta": self.meta()})
+
+    async def close(self) -> None:
+        tasks = list(self.subs.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.subs.clear()
+
+
+def _params(command: dict[str, Any]) -> dict[str, Any]:
+    params = command.get("params")
+    return params if isinstance(params, dict) else {}
+
+
+def _error(cid: Any, code: str, message: str, meta: dict[str, int] | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {"type": "error", "id": cid, "error": code, "message": message}
+    if meta is not None:
+        doc["meta"] = meta
+    return doc

@@ -1,0 +1,249 @@
+"""The v3 thread session (the SDKs' ``client.threads.stream``): its events as the gateway stores,
+filters and serves them, over SSE and WebSocket.
+
+The upstream numbers a session's events per connection (``seq`` from 1, the thread's history
+replayed from the start on every connection, and from 1 again after it restarts), so a client's
+``since`` means nothing across connections or restarts. The gateway captures one connection per
+thread with every channel, keeps each event's ``event_id``, and gives it the gateway's own id as
+its ``seq``: one counter for the whole log, so seqs only grow for the life of the thread, on any
+replica, across restarts of either side, and ``since`` is a position in the log.
+
+A stored event is its SSE body without ``seq`` (``event: <method>\\ndata: {...}\\n``); the seq is
+put back in front when it is sent (``wire``), so a page read once serves every client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import orjson
+
+from gateway.eventlog import Entry
+from gateway.marks import GapReason, interrupted_message
+from gateway.sse import MAX_ID_BYTES, Event, SSEProtocolError
+
+# Every channel the upstream serves; the capture asks for all of them and each client gets its own cut.
+CHANNELS = ("values", "updates", "checkpoints", "messages", "tools", "custom", "lifecycle", "input", "tasks")
+CAPTURE_BODY = orjson.dumps({"channels": list(CHANNELS)})
+
+_DATA = b"\ndata: {"
+ERROR_METHOD = b"error"
+
+
+class BadFilter(ValueError):
+    """A subscription the upstream would refuse: its detail, as the upstream words it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """Which events one subscription gets: the upstream's rule (channels, namespace prefixes, depth)."""
+
+    channels: frozenset[str]
+    namespaces: tuple[tuple[str, ...], ...] | None = None
+    depth: int | None = None
+
+    def keep(self, body: bytes) -> bool:
+        """Whether a stored event is for this subscription; what the gateway writes itself always is."""
+        if not body.startswith(b"event: ") or body.startswith(b"event: error\n"):
+            return True
+        try:
+            event = orjson.loads(body[body.index(_DATA) + 7:])
+        except (ValueError, orjson.JSONDecodeError):
+            return True
+        return self.matches(event)
+
+    def matches(self, event: dict[str, Any]) -> bool:
+        method = event.get("method")
+        params = event.get("params") if isinstance(event.get("params"), dict) else {}
+        assert isinstance(params, dict)
+        channel = "input" if method == "input.requested" else method
+        if not isinstance(channel, str):
+            return False
+        if channel == "custom":
+            data = params.get("data")
+            name = data.get("name") if isinstance(data, dict) else None
+            if "custom" not in self.channels and (not name or f"custom:{name}" not in self.channels):
+                return False
+        elif channel not in self.channels:
+            return False
+        if not self.namespaces:
+            return True
+        namespace = params.get("namespace")
+        ns = [s for s in namespace if isinstance(s, str)] if isinstance(namespace, list) else []
+        return any(_prefix(ns, p) and (self.depth is None or len(ns) - len(p) <= self.depth) for p in self.namespaces)
+
+
+def _prefix(namespace: list[str], prefix: tuple[str, ...]) -> bool:
+    """A namespace under ``prefix``: segments equal, or a segment without ``:`` naming a node whose
+    task ids differ (``child`` matches ``child:<task id>``)."""
+    if len(prefix) > len(namespace):
+        return False
+    for want, have in zip(prefix, namespace):
+        if have != want and (":" in want or have.split(":")[0] != want):
+            return False
+    return True
+
+
+def supported(channel: object) -> bool:
+    return isinstance(channel, str) and (channel in CHANNELS or (channel.startswith("custom:") and len(channel) > 7))
+
+
+def parse_filter(doc: object, *, strict_namespaces: bool = False) -> Filter:
+    """A subscription's channels, namespaces and depth, validated as the upstream validates them
+    (BadFilter with its words). ``strict_namespaces``: one malformed namespace drops them all (the
+    WebSocket's rule) instead of only itself (the SSE endpoint's)."""
+    channels = doc.get("channels") if isinstance(doc, dict) else None
+    if not isinstance(channels, list) or not channels:
+        raise BadFilter("channels is required and must be a non-empty array")
+    bad = [c if isinstance(c, str) else repr(c) for c in channels if not supported(c)]
+    if bad:
+        raise BadFilter("channels contains unsupported entries: " + ", ".join(bad[:5]) + ". Allowed: values, "
+                        "updates, messages, tools, custom, lifecycle, input, tasks, or any `custom:<name>`.")
+    assert isinstance(doc, dict)
+    raw = doc.get("namespaces")
+    namespaces: tuple[tuple[str, ...], ...] | None = None
+    if isinstance(raw, list):
+        good = [tuple(ns) for ns in raw if isinstance(ns, list) and all(isinstance(s, str) for s in ns)]
+        if strict_namespaces and len(good) != len(raw):
+            good = []
+        namespaces = tuple(good) or None
+    depth = doc.get("depth")
+    return Filter(frozenset(channels), namespaces,
+                  depth if isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0 else None)
+
+
+def parse_since(doc: object) -> int | None:
+    """``since`` when it is a non-negative integer (a bool is not); anything else means the start."""
+    since = doc.get("since") if isinstance(doc, dict) else None
+    return since if isinstance(since, int) and not isinstance(since, bool) and since >= 0 else None
+
+
+# --- the stored form -------------------------------------------------------------------------------
+
+def stored(body: bytes) -> tuple[bytes, str] | None:
+    """An upstream event (the body the SSE parser gives) as stored: without its ``seq``, with its
+    ``event_id`` apart; None for anything that is not a protocol event."""
+    at = body.find(b"data: ")
+    if at < 0:
+        return None
+    try:
+        event = orjson.loads(body[at + 6:])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str):
+        return None
+    if len(event["event_id"]) > MAX_ID_BYTES:  # stored as a record's upstream id: bounded as the parser bounds ids
+        raise SSEProtocolError(f"event_id of {len(event['event_id'])} characters (more than {MAX_ID_BYTES})")
+    event.pop("seq", None)
+    method = event.get("method")
+    name = method.encode() if isinstance(method, str) and "\n" not in method else b"event"
+    return b"event: " + name + b"\ndata: " + orjson.dumps(event) + b"\n", event["event_id"]
+
+
+def event_id(body: bytes) -> str | None:
+    """The ``event_id`` of a stored event (None for the gateway's own)."""
+    try:
+        doc = orjson.loads(body[body.index(b"data: ") + 6:])
+    except (ValueError, orjson.JSONDecodeError):
+        return None
+    eid = doc.get("event_id") if isinstance(doc, dict) else None
+    return eid if isinstance(eid, str) else None
+
+
+def wire(seq: int, body: bytes) -> bytes:
+    """A stored event as the client gets it: its JSON with the gateway id as ``seq``, first."""
+    at = body.find(_DATA)
+    if at < 0:
+        return orjson.dumps({"type": "event", "seq": seq})
+    return b'{"seq":%d,' % seq + body[at + 8:].rstrip(b"\n")
+
+
+def frame(entries: Iterable[Entry]) -> bytes:
+    """SSE frames as the upstream writes them (``event``, ``data``, ``id``), the seq in data and id."""
+    return b"".join([b"%s\ndata: %s\nid: %d\n\n" % (body[:max(body.find(b"\n"), 0)], wire(seq, body), seq)
+                     for seq, body in entries])
+
+
+def gap_event(after: int, reason: GapReason, message: str) -> Event:
+    """Events may be missing after gateway id ``after``: said in the protocol's own shape, an
+    unsolicited error (``"id": null``), which the SDKs log and go on past."""
+    doc = {"type": "error", "id": None, "error": "resume_gap", "message": message, "reason": reason,
+           "since": after or None}
+    return (b"event: error\ndata: " + orjson.dumps(doc) + b"\n", None)
+
+
+def interrupted_event(reason: str) -> Event:
+    """The capture's end when its upstream is lost for good, in the protocol's shape (an unsolicited
+    error); the stream stays open to clients, who are cut so that they reconnect."""
+    doc = {"type": "error", "id": None, "error": "capture_interrupted", "message": interrupted_message(reason)}
+    return (b"event: error\ndata: " + orjson.dumps(doc) + b"\n", None)
+
+
+class SessionSeam:
+    """Where a capture leg meets what the log holds. The upstream replays the thread's history from
+    the start on every connection: what is held (by ``event_id``) is dropped, and the rest appended.
+
+    The leg continues the stream exactly when, before anything new, it re-sends every event held of
+    the thread's latest run (``required``): the upstream's replay then covers what happened while the
+    gateway was not connected. Otherwise a gap marker goes in first: the upstream restarted and lost
+    the thread, trimmed it, or the run published events it does not keep for replay (a graph's own
+    stream channels, ``custom:<name>``), and those produced meanwhile are gone.
+    """
+
+    __slots__ = ("held", "pending", "after", "proven", "on_gap")
+
+    def __init__(self, held: set[str], required: Iterable[str], *, after: int,
+                 on_gap: Callable[[GapReason], None] | None = None) -> None:
+        self.held = held
+        self.pending = set(required)
+        self.after = after
+        self.proven = not self.pending
+        self.on_gap = on_gap
+
+    def filter(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for body, _upstream_seq in events:
+            event = stored(body)
+            if event is None:
+                continue
+            if event[1] in self.held:
+                self.pending.discard(event[1])
+                continue
+            if not self.proven:
+                self.proven = True
+                if self.pending:
+                    out.append(gap_event(self.after, "replay_mismatch", _LOST))
+                    if self.on_gap is not None:
+                        self.on_gap("replay_mismatch")
+            self.held.add(event[1])
+            out.append(event)
+        return out
+
+    def close(self) -> list[Event]:
+        return []
+
+
+def latest_run(bodies: Iterable[bytes]) -> list[str]:
+    """The event ids of the thread's latest run as held, oldest first: from its root ``running``
+    lifecycle on (everything, if none is held)."""
+    out: list[str] = []
+    for body in bodies:
+        try:
+            doc = orjson.loads(body[body.index(b"data: ") + 6:])
+        except (ValueError, orjson.JSONDecodeError):
+            continue
+        if not isinstance(doc, dict) or not isinstance(doc.get("event_id"), str):
+            continue
+        params = doc.get("params") if isinstance(doc.get("params"), dict) else {}
+        data = params.get("data") if isinstance(params, dict) else None
+        if (doc.get("method") == "lifecycle" and isinstance(params, dict) and params.get("namespace") == []
+                and isinstance(data, dict) and data.get("event") == "running"):
+            out = []
+        out.append(doc["event_id"])
+    return out
+
+
+_LOST = ("the upstream's replay of this thread does not hold every event the gateway captured of its latest run "
+         "(the upstream restarted, trimmed it, or the run published events it does not keep for replay); events "
+         "produced while the gateway was not connected may be missing")

@@ -1,0 +1,462 @@
+"""The v3 thread session (the SDK's ``client.threads.stream``) through the gateway, in front of a real
+``langgraph dev``: the official SDK unchanged over SSE and WebSocket, cuts checked on the wire, the
+upstream restarted empty, the gateway killed and restarted, a filtered replay, the session moving
+to another replica on Redis. And the parts alone: the subscription filter against the server's
+own code, the seam that keeps a re-joined capture exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import orjson
+import pytest
+from langgraph_sdk import get_client
+
+from gateway import sessions
+from tests.conftest import GatewayProcess, RunningGateway, gateway_config
+from tests.support.chaos_proxy import ChaosProxy
+from tests.support.langgraph_server import LangGraphServer
+
+MakeGateway = Callable[..., Awaitable[RunningGateway]]
+ALL = list(sessions.CHANNELS)
+pytestmark = pytest.mark.timeout(90)
+
+
+# --- a client of the protocol, by hand ------------------------------------------------------------
+
+async def new_thread(http: aiohttp.ClientSession, url: str) -> str:
+    async with http.post(f"{url}/threads", json={}) as r:
+        return str((await r.json())["thread_id"])
+
+
+async def run_start(http: aiohttp.ClientSession, url: str, tid: str, n: int, delay: float) -> str:
+    async with http.post(f"{url}/threads/{tid}/commands", json={
+            "id": 1, "method": "run.start", "params": {"assistant_id": "ticker", "input": {"n": n, "delay": delay}}}) as r:
+        doc = await r.json()
+    assert doc["type"] == "success", doc
+    return str(doc["result"]["run_id"])
+
+
+def is_end(event: dict[str, Any]) -> bool:
+    params = event.get("params") or {}
+    return (event.get("method") == "lifecycle" and params.get("namespace") == []
+            and params.get("data", {}).get("event") in ("completed", "failed"))
+
+
+async def frames(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+    """(event name, data JSON, id) of each frame of a session's SSE body, as it comes."""
+    buf = b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk.replace(b"\r\n", b"\n")
+        while b"\n\n" in buf:
+            block, buf = buf.split(b"\n\n", 1)
+            fields = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line and line[:1] != b":")
+            if b"data" in fields:
+                yield (fields.get(b"event", b"message").decode(), orjson.loads(fields[b"data"]),
+                       int(fields[b"id"]) if b"id" in fields else None)
+
+
+async def read_session(http: aiohttp.ClientSession, url: str, tid: str, *, since: int | None = None,
+                       channels: list[str] = ALL, runs: int = 1, count: int | None = None,
+                       limit: int | None = None) -> list[dict[str, Any]]:
+    """A subscription's events until ``runs`` runs ended (or ``count`` events came, or ``limit`` came
+    and the client drops the connection); each event's wire id is checked to be its seq."""
+    body: dict[str, Any] = {"channels": channels}
+    if since is not None:
+        body["since"] = since
+    got: list[dict[str, Any]] = []
+    async with http.post(f"{url}/threads/{tid}/stream/events", json=body) as r:
+        assert r.status == 200, await r.text()
+        async for name, data, wire_id in frames(r):
+            assert wire_id == data.get("seq"), "the id line is the event's seq"
+            got.append(data)
+            ended = sum(1 for e in got if is_end(e))
+            if ended >= runs and count is None and limit is None:
+                break
+            if (count is not None and len(got) >= count) or (limit is not None and len(got) >= limit):
+                break
+    return got
+
+
+def ids(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event_id"] for e in events if e.get("type") == "event"]
+
+
+def assert_every_stored_event_once(got: list[dict[str, Any]], direct: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``got`` holds every event the upstream keeps (``direct``, its own replay) once and in its order;
+    what else it holds is the events the upstream published live only, and gap markers. Returns those."""
+    kept = set(ids(direct))
+    assert [i for i in ids(got) if i in kept] == ids(direct), "every event the upstream keeps, once, in its order"
+    assert len(set(ids(got))) == len(ids(got)), "nothing twice"
+    return [e for e in got if e.get("type") != "event" or e["event_id"] not in kept]
+
+
+def assert_seqs_grow(events: list[dict[str, Any]]) -> None:
+    seqs = [e["seq"] for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), "seqs strictly increase, nothing twice"
+
+
+# --- the official SDK, unchanged ----------------------------------------------------------------------
+
+async def sdk_session(url: str, transport: str, n: int = 4) -> tuple[list[Any], list[Any], Any]:
+    async with get_client(url=url, api_key=None) as client:
+        async with client.threads.stream(assistant_id="ticker", transport=transport) as thread:  # type: ignore[arg-type]
+            async def values() -> list[Any]:
+                return [v.get("items") if isinstance(v, dict) else v async for v in thread.values]
+
+            async def lifecycle() -> list[Any]:
+                return [(e["params"]["namespace"], e["params"]["data"]["event"])
+                        async for e in thread.subscribe(["lifecycle"])]
+
+            await thread.run.start(input={"n": n, "delay": 0.05})
+            got_values, got_lifecycle = await asyncio.wait_for(asyncio.gather(values(), lifecycle()), 60)
+            output = await asyncio.wait_for(thread.output, 60)
+    return got_values, got_lifecycle, output["items"]
+
+
+@pytest.mark.parametrize("transport", ["sse", "websocket"])
+async def test_the_sdk_session_through_the_gateway_sees_what_it_sees_direct(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, transport: str) -> None:
+    through = await sdk_session(lg_gateway.url, transport)
+    direct = await sdk_session(langgraph_server.url, transport)
+    assert through == direct
+    assert through[2] == [0, 1, 2, 3, "done"]
+
+
+@pytest.mark.parametrize("after", [2, 5])
+async def test_a_cut_sdk_session_resumes_exactly_and_the_wire_shows_it(
+        lg_gateway: RunningGateway, after: int) -> None:
+    proxy = await ChaosProxy(lg_gateway.url, after_events=after, cuts=2).start()
+    try:
+        values, lifecycle, output = await sdk_session(proxy.url, "sse", n=12)
+    finally:
+        await proxy.stop()
+    assert output == [*range(12), "done"] and lifecycle[-1] == ([], "completed")
+    reconnects = [body for r in proxy.requests if r.target.endswith("/stream/events")
+                  and (body := orjson.loads(r.body)).get("since")]
+    assert reconnects, "the SDK reconnected with since"
+    # On the wire: each response after a reconnect carried only events after that reconnect's since.
+    for stream in proxy.streams:
+        seqs = [orjson.loads(line[6:])["seq"] for frame in stream for line in frame.replace(b"\r\n", b"\n").split(b"\n")
+                if line.startswith(b"data: ")]
+        assert seqs == sorted(set(seqs)), "no event twice on one response"
+    cut = [s for s in proxy.streams[:2]]
+    sent_before = {orjson.loads(line[6:])["seq"] for frame in sum(cut, []) for line in frame.split(b"\n")
+                   if line.startswith(b"data: ")}
+    for body in reconnects:
+        assert body["since"] in sent_before, "since is a seq the gateway sent"
+
+
+# --- by hand, on the wire ---------------------------------------------------------------------------
+
+async def test_a_dropped_subscription_resumes_exactly_and_a_filter_keeps_the_original_seqs(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, lg_gateway.url)
+    await run_start(http, lg_gateway.url, tid, n=15, delay=0.05)
+    first = await read_session(http, lg_gateway.url, tid, limit=12)  # then the client drops the connection
+    rest = await read_session(http, lg_gateway.url, tid, since=first[-1]["seq"])
+    whole = await read_session(http, lg_gateway.url, tid)
+    assert first + rest == whole, "exactly the events after since, then the live tail"
+    assert_seqs_grow(whole)
+    assert [e["method"] for e in whole].count("custom") >= 30, "every channel is captured"
+    ticks = await read_session(http, lg_gateway.url, tid, channels=["custom:ticks"], count=15)
+    assert ticks == [e for e in whole if e["method"] == "custom" and e["params"]["data"].get("name") == "ticks"]
+    mid = whole[len(whole) // 2]["seq"]
+    later_ticks = await read_session(http, lg_gateway.url, tid, since=mid, channels=["custom:ticks"],
+                                     count=sum(1 for e in ticks if e["seq"] > mid))
+    assert later_ticks == [e for e in ticks if e["seq"] > mid]
+    # The admin view holds it as one stream of its own kind, beside the thread's other streams.
+    async with http.get(f"{lg_gateway.admin_url}/streams", params={"thread": tid}) as r:
+        listed = {m["key"]: m for m in await r.json()}
+    key = f"default/session/{tid}"
+    assert listed[key]["kind"] == "session" and listed[key]["captured_here"] and listed[key]["state"] == "live"
+    async with http.get(f"{lg_gateway.admin_url}/streams/{key}") as r:
+        assert (await r.json())["head"] == whole[-1]["seq"]
+
+
+async def test_the_websocket_honours_since_on_subscribe_and_answers_reconnect_from_the_log(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, lg_gateway.url)
+    await run_start(http, lg_gateway.url, tid, n=6, delay=0.02)
+    whole = await read_session(http, lg_gateway.url, tid)
+    mid = whole[len(whole) // 2]["seq"]
+    async with http.ws_connect(f"{lg_gateway.url}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL, "since": mid}})
+        got, reply = await ws_until_reply(ws, 1)
+        assert got == [e for e in whole if e["seq"] > mid] and reply["result"]["replayed_events"] == len(got)
+        await ws.send_json({"id": 2, "method": "subscription.reconnect",
+                            "params": {"channels": ["lifecycle"], "since": whole[0]["seq"], "subscription_id": "s"}})
+        got, reply = await ws_until_reply(ws, 2)
+        assert reply["result"]["subscription_id"] == "s"
+        assert got == [], "each event once per socket: the lifecycle ones were sent already"
+        await ws.send_json({"id": 3, "method": "agent.getTree", "params": {}})  # the upstream answers the rest
+        _, reply = await ws_until_reply(ws, 3)
+        assert reply["id"] == 3 and reply["type"] in ("success", "error")
+        await ws.send_json({"id": 4, "method": "subscription.unsubscribe", "params": {"subscription_id": "nope"}})
+        _, reply = await ws_until_reply(ws, 4)
+        assert reply["error"] == "no_such_subscription"
+
+
+async def test_refusals_foreign_cursors_and_trimmed_history_are_answered_as_the_protocol_answers(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
+    tid = await new_thread(http, lg_gateway.url)
+    for body in (b"{}", b'{"channels": []}', b'{"channels": ["values", "nope", 3]}', b"{"):
+        answers = []
+        for url in (langgraph_server.url, lg_gateway.url):
+            async with http.post(f"{url}/threads/{tid}/stream/events", data=body,
+                                 headers={"Content-Type": "application/json"}) as r:
+                answers.append((r.status, await r.json()))
+        assert answers[1] == answers[0] and answers[0][0] in (400, 422), (body, answers)
+    await run_start(http, lg_gateway.url, tid, n=4, delay=0.01)
+    whole = await read_session(http, lg_gateway.url, tid)
+    async with http.post(f"{lg_gateway.url}/threads/{tid}/stream/events", json={"channels": ALL, "since": 3}) as r:
+        # An upstream seq (or a cursor of an earlier capture) is no position of this log: all of it, said.
+        assert r.headers["X-Gateway-Resume"] == "not-held"
+        assert [data async for _n, data, _i in frames_until(r, len(whole))] == whole
+    async with http.post(f"{lg_gateway.url}/threads/{tid}/stream/events", json={"channels": ["lifecycle"]}) as held:
+        gw = lg_gateway.gw
+        await gw.log.sweep(now=time.time() + gw.cfg.storage.retention + 5)  # the first run is past retention
+        await run_start(http, lg_gateway.url, tid, n=2, delay=0.01)
+        later = await read_session(http, lg_gateway.url, tid, since=whole[-1]["seq"])
+        async with http.post(f"{lg_gateway.url}/threads/{tid}/stream/events",
+                             json={"channels": ALL, "since": whole[1]["seq"]}) as r:
+            assert r.headers["X-Gateway-Resume"] == "truncated"
+            assert [data async for _n, data, _i in frames_until(r, len(later))] == later
+        async with http.ws_connect(f"{lg_gateway.url}/threads/{tid}/stream/events") as ws:
+            await ws.send_json({"id": 1, "method": "subscription.reconnect",
+                                "params": {"channels": ALL, "since": whole[1]["seq"], "subscription_id": "s"}})
+            _, reply = await ws_until_reply(ws, 1)
+            assert reply["error"] == "resume_gap" and reply["since"] == whole[1]["seq"]
+            assert reply["min_available_seq"] == later[0]["seq"]
+        held.close()
+
+
+async def frames_until(resp: aiohttp.ClientResponse, n: int) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+    count = 0
+    async for frame in frames(resp):
+        yield frame
+        count += 1
+        if count >= n:
+            return
+
+
+async def ws_until_reply(ws: aiohttp.ClientWebSocketResponse, cid: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while True:
+        doc = orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+        if doc.get("type") == "event":
+            events.append(doc)
+        elif doc.get("id") == cid:
+            return events, doc
+
+
+# --- faults ------------------------------------------------------------------------------------------
+
+async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    upstream = await asyncio.to_thread(LangGraphServer().start)
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [upstream.url]}},
+                                               streams={"reattach_backoff": "200ms", "reattach_attempts": 20}))
+        tid = await new_thread(http, gw.url)
+        await run_start(http, gw.url, tid, n=8, delay=0.02)
+        whole = await read_session(http, gw.url, tid)
+        await asyncio.to_thread(upstream.restart_empty)  # SIGKILL: the thread and its runs are gone upstream
+        async with http.get(f"{upstream.url}/threads/{tid}") as r:
+            assert r.status == 404, "the upstream lost the thread"
+        for since in (None, whole[len(whole) // 3]["seq"], whole[-2]["seq"]):
+            expected = [e for e in whole if since is None or e["seq"] > since]
+            assert await read_session(http, gw.url, tid, since=since, count=len(expected)) == expected
+        async with aiohttp.ClientSession() as stranger:  # the upstream cannot say: only the captor reads the log
+            for url in (upstream.url, gw.url):  # anyone else gets what the upstream gives them: nothing held
+                async with stranger.post(f"{url}/threads/{tid}/stream/events", json={"channels": ALL},
+                                         headers={"Authorization": "Bearer someone-else"}) as r:
+                    assert r.status == 200
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(r.content.readuntil(b"\n\n"), 1.0)
+        # A new run on the thread the upstream lost: the gateway cannot prove nothing went missing
+        # in between, so it says so (in the protocol's shape) before the new run's events.
+        await run_start(http, gw.url, tid, n=3, delay=0.02)
+        after = await read_session(http, gw.url, tid, since=whole[-1]["seq"], runs=1)
+        assert after[0]["type"] == "error" and after[0]["error"] == "resume_gap" and after[0]["id"] is None
+        assert is_end(after[-1]) and all(e["seq"] > whole[-1]["seq"] for e in after)
+    finally:
+        await asyncio.to_thread(upstream.stop)
+
+
+async def test_an_upstream_lost_for_good_is_said_in_the_protocols_shape_and_the_client_is_cut(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    upstream = await asyncio.to_thread(LangGraphServer().start)
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [upstream.url]}},
+                                               streams={"reattach_backoff": "100ms", "reattach_attempts": 2}))
+        tid = await new_thread(http, gw.url)
+        await run_start(http, gw.url, tid, n=100, delay=0.05)
+        got: list[dict[str, Any]] = []
+        ws = await http.ws_connect(f"{gw.url}/threads/{tid}/stream/events")
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
+        async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+            with pytest.raises(aiohttp.ClientPayloadError):  # cut, never a clean end the SDK would take for done
+                async for _name, data, _id in frames(r):
+                    got.append(data)
+                    if len(got) == 10:
+                        await asyncio.to_thread(upstream.kill)
+        last = got[-1]
+        assert last["type"] == "error" and last["id"] is None and last["error"] == "capture_interrupted", last
+        assert_seqs_grow(got)
+        on_socket = []  # the same over the WebSocket, then a close that tells the client to reconnect
+        async for msg in ws:
+            doc = orjson.loads(msg.data)
+            if doc.get("id") != 1:
+                on_socket.append(doc)
+        assert on_socket == got and ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR
+        # While the upstream is down a reconnect is refused as the upstream's failure (the SDK retries) ...
+        async with http.post(f"{gw.url}/threads/{tid}/stream/events",
+                             json={"channels": ALL, "since": got[4]["seq"]}) as r:
+            assert r.status == 502 and "unreachable" in (await r.json())["detail"]
+        # ... and once it is back (without the thread), answered from the log, then live again.
+        await asyncio.to_thread(upstream.restart_empty)
+        again = await read_session(http, gw.url, tid, since=got[4]["seq"], count=len(got) - 5)
+        assert again == got[5:]
+    finally:
+        await asyncio.to_thread(upstream.stop)
+
+
+async def test_the_gateway_killed_twice_mid_run_loses_and_repeats_nothing(
+        gateway_process: Any, langgraph_server: LangGraphServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    args = ("--upstream", langgraph_server.url, "--data-dir", str(tmp_path / "data"))
+    gw: GatewayProcess = gateway_process(*args).start()
+    tid = await new_thread(http, gw.url)
+    await run_start(http, gw.url, tid, n=30, delay=0.05)
+    got = await read_session(http, gw.url, tid, limit=10)
+    for _ in range(2):
+        gw.kill()  # SIGKILL mid-run
+        restarted: GatewayProcess = gateway_process(*args)
+        restarted.port = gw.port
+        gw = restarted.start()
+        got += await read_session(http, gw.url, tid, since=got[-1]["seq"], limit=len(got) + 10 - len(got))
+    got += await read_session(http, gw.url, tid, since=got[-1]["seq"])
+    assert is_end(got[-1])
+    assert_seqs_grow(got)
+    extra = assert_every_stored_event_once(got, await read_session(http, langgraph_server.url, tid))
+    # The ticker's custom:ticks events are published live only: those produced while no gateway was
+    # connected are gone, and each re-join mid-run says so before what it appends.
+    markers = [e for e in extra if e.get("type") == "error"]
+    assert len(markers) == 2 and all(m["error"] == "resume_gap" for m in markers)
+
+
+async def test_the_session_moves_to_another_replica_on_redis(
+        make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        redis_storage: dict[str, Any], http: aiohttp.ClientSession) -> None:
+    gws = []
+    for name in ("a", "b"):
+        raw = gateway_config(tmp_path / name, {"default": {"urls": [langgraph_server.url]}},
+                             streams={"reattach_backoff": "100ms"})
+        raw["storage"] = redis_storage
+        gws.append(await make_gateway(raw))
+    a, b = gws
+    tid = await new_thread(http, a.url)
+    await run_start(http, a.url, tid, n=30, delay=0.05)
+    got = await read_session(http, a.url, tid, limit=15)
+    await a.server.stop()  # its capture stops; the client comes back on b
+    got += await read_session(http, b.url, tid, since=got[-1]["seq"])
+    assert is_end(got[-1])
+    assert_seqs_grow(got)
+    extra = assert_every_stored_event_once(got, await read_session(http, langgraph_server.url, tid))
+    assert [e["error"] for e in extra if e.get("type") == "error"] == ["resume_gap"], "the move mid-run is said once"
+    assert await read_session(http, b.url, tid) == got, "the log holds it whole, under the ids clients saw"
+
+
+# --- the parts alone -----------------------------------------------------------------------------------
+
+def test_the_filter_agrees_with_the_servers_own_rule() -> None:
+    rng = random.Random(5)
+    names = ["child", "child:1", "child:2", "grand", "grand:9", "x:y"]
+    channel_sets = [["values"], ["custom"], ["custom:ticks"], ["custom:other", "lifecycle"], ALL, ["input"]]
+    for _ in range(3000):
+        ns = [rng.choice(names) for _ in range(rng.randrange(0, 4))]
+        method = rng.choice(["values", "custom", "lifecycle", "input.requested", "updates", "messages"])
+        data: Any = {"name": rng.choice(["ticks", "other", None])} if method == "custom" else {}
+        event = {"type": "event", "event_id": "1-0", "method": method,
+                 "params": {"namespace": ns, "timestamp": 1, "data": data}}
+        channels = rng.choice(channel_sets)
+        prefixes = [[rng.choice(names) for _ in range(rng.randrange(0, 3))] for _ in range(rng.randrange(0, 3))]
+        depth = rng.choice([None, 0, 1, 2])
+        flt = sessions.parse_filter({"channels": channels, "namespaces": prefixes or None, "depth": depth})
+        assert flt.matches(event) == _servers_rule(event, set(channels), prefixes or None, depth), (event, flt)
+        body, _eid = sessions.stored(b"event: " + method.encode() + b"\ndata: " + orjson.dumps(event) + b"\n") or (b"", "")
+        assert flt.keep(body) == flt.matches(event)
+
+
+def _server_namespaces() -> Any:
+    """The server's own namespace module (it imports nothing; its package would need a server config)."""
+    import importlib.util
+
+    import langgraph_sdk
+
+    path = Path(langgraph_sdk.__file__).parents[1] / "langgraph_api" / "event_streaming" / "namespace.py"
+    spec = importlib.util.spec_from_file_location("server_namespace", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _servers_rule(event: dict[str, Any], channels: set[str], namespaces: list[list[str]] | None,
+                  depth: int | None) -> bool:
+    """The server's ``_matches_subscription`` as it reads (langgraph-api 0.16.7), on its prefix rule."""
+    is_prefix_match = _server_namespaces().is_prefix_match
+    method = event["method"]
+    channel = "input" if method == "input.requested" else method
+    if channel == "custom":
+        name = event["params"]["data"].get("name")
+        if not ("custom" in channels or (name is not None and f"custom:{name}" in channels)):
+            return False
+    elif channel not in channels:
+        return False
+    if not namespaces:
+        return True
+    ns = event["params"]["namespace"]
+    return any(is_prefix_match(ns, p) and (depth is None or len(ns) - len(p) <= depth) for p in namespaces)
+
+
+def test_a_subscription_the_upstream_would_refuse_is_refused_in_its_words() -> None:
+    for doc, word in [({}, "channels is required"), ({"channels": []}, "channels is required"),
+                      ({"channels": ["values", "bogus", 3]}, "unsupported entries: bogus, 3."),
+                      ({"channels": ["custom:"]}, "unsupported entries: custom:.")]:
+        with pytest.raises(sessions.BadFilter, match=word):
+            sessions.parse_filter(doc)
+    assert [sessions.parse_since({"since": s}) for s in (5, 0, -1, "3", True, 2.5, None)] == [5, 0, None, None, None, None,
+                                                                                              None]
+
+
+def _event(eid: str, method: str = "values") -> tuple[bytes, str | None]:
+    doc = {"type": "event", "event_id": eid, "seq": 7, "method": method, "params": {"namespace": [], "data": {}}}
+    return (b"event: " + method.encode() + b"\ndata: " + orjson.dumps(doc) + b"\n", "7")
+
+
+def test_the_seam_drops_what_is_held_and_proves_or_marks_continuity() -> None:
+    replay = [_event("a"), _event("b"), _event("c"), _event("d")]
+    exact = sessions.SessionSeam({"a", "b"}, ["a", "b"], after=100)
+    assert [e[1] for e in exact.filter(replay)] == ["c", "d"], "held events dropped, no marker: the run was re-sent"
+    gaps: list[str] = []
+    lost = sessions.SessionSeam({"a", "b", "x"}, ["b", "x"], after=100, on_gap=gaps.append)  # x: live only, or lost
+    out = lost.filter(replay)
+    assert out[0][0].startswith(b"event: error\n") and [e[1] for e in out[1:]] == ["c", "d"] and gaps == ["replay_mismatch"]
+    assert b'"since":100' in out[0][0]
+    running = _event("r", "lifecycle")
+    doc = orjson.loads(running[0].split(b"data: ", 1)[1])
+    doc["params"] = {"namespace": [], "data": {"event": "running"}}
+    bodies = [_event("old")[0], b"event: lifecycle\ndata: " + orjson.dumps(doc) + b"\n", _event("new")[0]]
+    assert sessions.latest_run(bodies) == ["r", "new"], "what a re-join must see again: the latest run"
+    first = sessions.SessionSeam(set(), [], after=0)
+    assert [e[1] for e in first.filter(replay)] == ["a", "b", "c", "d"], "a first capture takes everything"
+    stored, eid = sessions.stored(replay[0][0]) or (b"", "")
+    assert b'"seq"' not in stored and eid == "a"
+    assert sessions.wire(42, stored).startswith(b'{"seq":42,"type":"event"')
