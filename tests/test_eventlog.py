@@ -333,12 +333,14 @@ async def test_map_grows_instead_of_failing(tmp_path: Path, backend: str) -> Non
 
 async def test_the_writer_commits_while_the_event_loop_is_blocked(tmp_path: Path) -> None:
     """The LMDB writer holds the loop still while it puts a group (for speed), but never needs it:
-    with the loop stuck in a long callback, the commit still reaches the disk."""
+    with the loop stuck in a long callback once the group is handed over, the commit still
+    reaches the disk."""
     log = LmdbEventLog(Storage(path=tmp_path / "log"))
     await log.open()
     try:
         await begun(log, meta("k"))
         pending = log.submit("k", evs("during the block"))
+        await asyncio.sleep(0)  # the turn of the loop in which the group goes to the writer
         # Block the loop right here (no await) and look at the disk from this thread meanwhile.
         deadline = time.monotonic() + 10
         stored: list[tuple[int, bytes]] = []

@@ -175,7 +175,13 @@ class LmdbEventLog(EventLog):
         self._broken: set[str] = set()  # streams a failed commit stopped (loop side)
         self._seq = 0
         self._size = 0
-        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Batch] | None] = queue.SimpleQueue()
+        # Batches submitted while a group commits wait here and go to the writer together when it is
+        # done: a group is everything that came during the previous commit (its fsync, mostly), one
+        # hand-over per group, however the loop and the writer thread happen to trade the GIL.
+        self._outbox: list[_Batch] = []
+        self._committing = False
+        self._handover_due = False
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
@@ -262,6 +268,9 @@ class LmdbEventLog(EventLog):
     async def close(self) -> None:
         self._feeds.stop()
         if self._writer is not None:
+            if self._outbox:
+                self._queue.put(self._outbox)
+                self._outbox = []
             self._queue.put(None)
             await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
             self._writer = None
@@ -434,8 +443,19 @@ class LmdbEventLog(EventLog):
         if self._writer is None or self._loop is None:
             raise StorageError("event log is closed")
         batch.future = self._loop.create_future()
-        self._queue.put(batch)
+        self._outbox.append(batch)
+        if not self._committing and not self._handover_due:
+            self._handover_due = True
+            self._loop.call_soon(self._hand_over)  # after this turn of the loop: its batches in one group
         return batch.future
+
+    def _hand_over(self) -> None:
+        self._handover_due = False
+        if self._committing or not self._outbox or self._writer is None:
+            return
+        self._committing = True
+        self._queue.put(self._outbox)
+        self._outbox = []
 
     # --- the writer thread -------------------------------------------------------------------
 
@@ -454,8 +474,8 @@ class LmdbEventLog(EventLog):
             if item is None:
                 stopping = True
             else:
-                group.append(item)
-            while True:  # drain: everything queued now shares one commit
+                group += item
+            while True:  # drain: everything queued now shares one commit (at close, the last groups)
                 try:
                     item = q.get_nowait()
                 except queue.Empty:
@@ -463,7 +483,7 @@ class LmdbEventLog(EventLog):
                 if item is None:
                     stopping = True
                 else:
-                    group.append(item)
+                    group += item
             if not group:
                 continue
             started = time.perf_counter()
@@ -610,6 +630,8 @@ class LmdbEventLog(EventLog):
         # In submission order: a stream's commits resolve (and publish) in the order they were made.
         if group and self._on_commit is not None:
             self._on_commit(sum(b.count for b in group), seconds, error is None)
+        if group:
+            self._committing = False
         if error is not None:
             self.health.fail(f"{error.__class__.__name__}: {error}")
         elif recovered:
@@ -627,6 +649,8 @@ class LmdbEventLog(EventLog):
                 fut.set_exception(StorageError(f"commit failed: {self.failure or 'the stream stopped at a failed commit'}"))
             else:
                 fut.set_result(b.result)
+        if group:
+            self._hand_over()  # what came while this group committed: the next group, at once
 
     def _apply_committed(self, b: _Batch) -> None:
         for key, meta in b.metas.items():
