@@ -35,8 +35,9 @@ sys.path.insert(0, str(REPO))
 from bench.ports import wait_port  # noqa: E402
 from bench.procstat import cpu_split  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "bench"
+SHARED = Path(os.environ.get("BENCH_SHARED", REPO.parent / "shared" / "bench"))  # a worktree elsewhere: say where
 PORT, ADMIN, REDIS = 18100, 18101, 18379
+UVLOOP_MAIN = "import sys, uvloop; uvloop.install(); from gateway.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 
@@ -140,6 +141,7 @@ def main() -> int:
     p.add_argument("--backend", choices=["lmdb", "redis"], default="lmdb")
     p.add_argument("--durability", choices=["fsync", "none"], default="fsync")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--uvloop", action="store_true", help="run the gateway on uvloop instead of asyncio's loop")
     p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
     p.add_argument("--profile-gil", action="store_true",
                    help="with --profile: sample only the thread holding the GIL (Python's own CPU; a thread waiting for the GIL is not counted as busy)")
@@ -157,7 +159,8 @@ def main() -> int:
                  "--appendonly", "yes", "--appendfsync", "always" if args.durability == "fsync" else "everysec",
                  "--save", "", "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL))
             wait_port(REDIS)
-        gw = subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config(work, args))], cwd=REPO,
+        entry = ["-c", UVLOOP_MAIN] if args.uvloop else ["-m", "gateway"]
+        gw = subprocess.Popen([sys.executable, *entry, "--config", str(config(work, args))], cwd=REPO,
                               stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
         procs.append(gw)
         wait_port(PORT)
