@@ -8,7 +8,6 @@ Shutdown runs it backwards after the listeners stop.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 from typing import Any, Awaitable, Callable
@@ -19,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from gateway import agentapi
+from gateway import agentapi, runtime
 from gateway.agentapi import Endpoint
 from gateway.config import Config
 from gateway.cors import exposing_location
@@ -279,17 +278,6 @@ class Server:
 # every few hundred streams, each traversing every object alive (~45 ms at 1,000 streams, every
 # stream stalled meanwhile). Streams leave no reference cycles (tests/test_memory.py), so the
 # collector has little to find: it runs on fewer, larger generations.
-GC_THRESHOLDS = (50_000, 50, 100)
-
-
-def tune_gc() -> None:
-    """Once started: what start-up allocated (modules, config, the app) is never collected, so it
-    is left out of every collection from now on; collections are rarer (GC_THRESHOLDS)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-
-
 async def serve(cfg: Config) -> None:
     server = Server(Gateway(cfg))
     stop = asyncio.Event()
@@ -298,7 +286,7 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
-        tune_gc()
+        runtime.tune()
         await stop.wait()
         log.info("shutting down (grace %.1fs)", cfg.shutdown_grace)
     finally:

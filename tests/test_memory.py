@@ -1,5 +1,5 @@
 """What a stream leaves behind in memory. The gateway tunes CPython's cyclic collector for a server
-(``gateway.app.tune_gc``: start-up objects frozen, collections rarer), which is only sound while
+(``gateway.runtime.tune_gc``: start-up objects frozen, collections rarer), which is only sound while
 streams leave no reference cycles for it to find: a cycle per stream would be a leak that only
 the collector hides, and rarer collections would let it grow.
 """
