@@ -30,7 +30,7 @@ from gateway.config import Streams
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
 from gateway.eventlog.base import ClaimLost
-from gateway.legs import Legs
+from gateway.legs import IdleWatch, Legs
 from gateway.metrics import Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
@@ -372,8 +372,11 @@ class Captures:
         key = ing.key
         last: asyncio.Future[list[Entry]] | None = None
         committed = partial(self._committed, ing)
+        idle = IdleWatch(resp)
+        seen = idle.seen
         try:
             async for chunk in resp.content.iter_any():
+                seen()
                 events = parser.feed(chunk)
                 if parser.comments:
                     parser.comments = 0
@@ -401,6 +404,7 @@ class Captures:
                 raise _Progress(exc) from exc
             raise
         finally:
+            idle.close()
             resp.release()
         await _settle(last)  # everything of this leg is committed before the stream may end
         if ing.failed is not None:

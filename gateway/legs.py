@@ -9,6 +9,7 @@ credentials of the client that started the capture).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Mapping
 
 import aiohttp
@@ -53,3 +54,47 @@ class Legs:
             headers["Content-Type"] = "application/json"
             return await self.upstreams.send(pool, "POST", path, headers, data=SESSION_CAPTURE_BODY, kind="stream")
         return await self.upstreams.send(pool, "GET", path, headers, kind="stream")
+
+
+class IdleWatch:
+    """Ends a leg the upstream sent nothing on for its pool's ``read_timeout``, with the error
+    aiohttp's own ``sock_read`` raises, at the cost of one timer per ``read_timeout`` instead of
+    one per chunk.
+
+    aiohttp re-arms its read timer on every chunk it receives (a cancel, a new timer handle, a
+    heap push): on a token stream that is once per event. A capture marks each chunk with
+    ``seen()`` (one clock read) and the watch's single timer, when it fires, either finds a
+    recent chunk and sleeps again until ``read_timeout`` after it, or ends the leg.
+    """
+
+    __slots__ = ("_resp", "_timeout", "_loop", "_handle", "last")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
+        self._handle: asyncio.TimerHandle | None = None
+        proto = resp.connection.protocol if resp.connection is not None else None
+        timeout = proto.read_timeout if proto is not None else None
+        self._timeout = timeout or 0.0
+        if proto is not None and timeout:
+            # The response's headers are in: from its next chunk on, aiohttp arms no timer.
+            proto.read_timeout = None
+            self._handle = self._loop.call_at(self.last + timeout, self._check)
+
+    def seen(self) -> None:
+        self.last = self._loop.time()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        due = self.last + self._timeout
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        self._handle = None
+        self._resp.content.set_exception(
+            aiohttp.SocketTimeoutError(f"the upstream sent nothing for {self._timeout:g} s"))
