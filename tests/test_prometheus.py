@@ -21,6 +21,7 @@ from tests.support.prometheus_server import PrometheusServer
 from tests.support.sse import read_events
 from tests.test_dashboard import DASHBOARD, queries
 from tests.support.runs import join, new_thread, stream_run
+from prometheus_client.parser import text_string_to_metric_families
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
@@ -109,6 +110,38 @@ async def test_promtool_accepts_the_metrics_exposition(gateway: RunningGateway, 
         text = await r.read()
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+# Every labelled series whose label values are a closed set, as an operator's alert or panel names it.
+# ``increase()`` and ``rate()`` only see an increment from a sample before it: a series that first
+# appears at 1 never moves them, so each must be scraped at 0 before anything happens.
+CLOSED_SERIES = {
+    ("gateway_gap_markers_total", (("reason", "no_upstream_ids"),)),
+    ("gateway_gap_markers_total", (("reason", "replay_mismatch"),)),
+    ("gateway_gap_markers_total", (("reason", "empty_rejoin"),)),
+    ("gateway_resumes_total", (("outcome", "hit"),)),
+    ("gateway_resumes_total", (("outcome", "not_held"),)),
+    ("gateway_resumes_total", (("outcome", "truncated"),)),
+    ("gateway_upstream_rejoins_total", (("outcome", "ok"),)),
+    ("gateway_upstream_rejoins_total", (("outcome", "failed"),)),
+    ("gateway_replay_pages_total", (("source", "log"),)),
+    ("gateway_replay_pages_total", (("source", "shared"),)),
+    ("gateway_upstream_pool_full_total", (("kind", "check"), ("upstream", "default"))),
+    ("gateway_upstream_pool_full_total", (("kind", "forward"), ("upstream", "default"))),
+    ("gateway_upstream_pool_full_total", (("kind", "stream"), ("upstream", "default"))),
+}
+
+
+async def test_a_fresh_gateway_exposes_every_closed_label_set_at_zero(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(gateway.admin_url + "/metrics") as r:
+        text = await r.text()
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    missing = sorted(f"{name}{dict(labels)}" for name, labels in CLOSED_SERIES if (name, labels) not in values)
+    assert not missing, "series not exposed before their first use:\n" + "\n".join(missing)
+    assert {f"{name}{dict(labels)}": values[(name, labels)] for name, labels in CLOSED_SERIES} == {
+        f"{name}{dict(labels)}": 0.0 for name, labels in CLOSED_SERIES}
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:
