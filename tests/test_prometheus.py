@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
-               "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated",
+               "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated", "GatewayUpstreamRequestsRefused",
                "GatewaySubscribersOverflowing"}
 
 
