@@ -17,6 +17,9 @@ GapReason = Literal["no_upstream_ids", "replay_mismatch", "empty_rejoin"]
 ResumeOutcome = Literal["hit", "not_held", "truncated"]
 RejoinOutcome = Literal["ok", "failed"]
 PageSource = Literal["log", "shared"]  # a replayed page read from the log, or shared with another client
+# How this process learned that another replica holds a stream it captured: its lease renewal
+# found the lease gone, or the log refused a write with the fencing check.
+LeaseLoss = Literal["renewal", "fenced"]
 
 # (upstream, kind, in use, limit, refused so far): one connection budget, read at scrape time.
 PoolUse = tuple[str, str, int, int, int]
@@ -35,6 +38,8 @@ class Metrics(Protocol):
     def resumed(self, outcome: ResumeOutcome) -> None: ...
     def gap(self, reason: GapReason) -> None: ...
     def replayed(self, source: PageSource) -> None: ...
+    def lease_lost(self, how: LeaseLoss) -> None: ...
+    def took_over(self) -> None: ...
 
 
 class NoMetrics:
@@ -50,6 +55,8 @@ class NoMetrics:
     def resumed(self, outcome: ResumeOutcome) -> None: ...
     def gap(self, reason: GapReason) -> None: ...
     def replayed(self, source: PageSource) -> None: ...
+    def lease_lost(self, how: LeaseLoss) -> None: ...
+    def took_over(self) -> None: ...
 
 
 class PrometheusMetrics:
@@ -87,6 +94,13 @@ class PrometheusMetrics:
             "gateway_replay_pages", "Pages of events replayed to clients, by where they came from: read from the "
             "log, or shared with another client replaying the same range", ["source"], registry=registry),
             PageSource)
+        self.leases_lost = _at_zero(Counter(
+            "gateway_leases_lost", "Streams this process stopped capturing because another replica holds them "
+            "now (this one stalled past storage.lease_ttl), by how it learned: at lease renewal, or by a write "
+            "the fencing check refused", ["how"], registry=registry), LeaseLoss)
+        self.taken_over = Counter(
+            "gateway_streams_taken_over", "Open streams this process took over from a gateway process that "
+            "stopped capturing them (it died, restarted or lost its lease)", registry=registry)
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
                     subscribers: Callable[[], float], storage_failing: Callable[[], float],
@@ -135,6 +149,12 @@ class PrometheusMetrics:
 
     def replayed(self, source: PageSource) -> None:
         self.replayed_pages.labels(source).inc()
+
+    def lease_lost(self, how: LeaseLoss) -> None:
+        self.leases_lost.labels(how).inc()
+
+    def took_over(self) -> None:
+        self.taken_over.inc()
 
 
 def _at_zero(counter: Counter, label_set: object) -> Counter:

@@ -10,23 +10,24 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
 
-from tests.conftest import REPO, RunningGateway, gateway_config
+from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.sse import read_events
 from tests.test_dashboard import DASHBOARD, queries
-from tests.support.runs import join, new_thread, stream_run
+from tests.support.runs import join, new_thread, start_run, stream_run
+from tests.test_replicas import replica_config
 from prometheus_client.parser import text_string_to_metric_families
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
                "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated", "GatewayUpstreamRequestsRefused",
-               "GatewaySubscribersOverflowing"}
+               "GatewaySubscribersOverflowing", "GatewayStreamsTakenOver", "GatewayLeasesLost"}
 
 
 def _need(binary: str) -> None:
@@ -129,6 +130,9 @@ CLOSED_SERIES = {
     ("gateway_upstream_pool_full_total", (("kind", "check"), ("upstream", "default"))),
     ("gateway_upstream_pool_full_total", (("kind", "forward"), ("upstream", "default"))),
     ("gateway_upstream_pool_full_total", (("kind", "stream"), ("upstream", "default"))),
+    ("gateway_leases_lost_total", (("how", "renewal"),)),
+    ("gateway_leases_lost_total", (("how", "fenced"),)),
+    ("gateway_streams_taken_over_total", ()),
 }
 
 
@@ -142,6 +146,34 @@ async def test_a_fresh_gateway_exposes_every_closed_label_set_at_zero(
     assert not missing, "series not exposed before their first use:\n" + "\n".join(missing)
     assert {f"{name}{dict(labels)}": values[(name, labels)] for name, labels in CLOSED_SERIES} == {
         f"{name}{dict(labels)}": 0.0 for name, labels in CLOSED_SERIES}
+
+
+async def test_a_replica_taking_over_a_killed_owners_stream_raises_the_takeover_alert(
+        gateway_process: Callable[..., GatewayProcess], fake_upstream: FakeAgentServer,
+        redis_storage: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two replicas on one Redis, both scraped: the owner of a live capture is SIGKILLed, the other
+    takes the stream over when the lease runs out, and Prometheus raises the alert at once."""
+    _need("prometheus")
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, redis_storage))).start()
+            for name in ("a", "b"))
+    prom = PrometheusServer(f"127.0.0.1:{a.admin_port}", f"127.0.0.1:{b.admin_port}").start()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)  # both scraped with the counter at 0
+        resp = await start_run(http, a.url, 400)  # 8 s of events: still live when a dies
+        await read_events(resp, limit=5)
+        a.kill()
+        resp.close()
+        taken: list[dict[str, Any]] = []
+        for _ in range(150):  # lease 1.5 s, takeover sweep every 0.75 s, scrape and evaluation every 1 s
+            taken = await loop.run_in_executor(None, prom.alerts, "GatewayStreamsTakenOver")
+            if taken:
+                break
+            await asyncio.sleep(0.2)
+        assert [(t["labels"]["instance"], t["state"] in ("pending", "firing")) for t in taken] == [
+            (f"127.0.0.1:{b.admin_port}", True)], prom.log_tail()
+    finally:
+        prom.stop()
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:
