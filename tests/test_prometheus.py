@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -174,6 +175,16 @@ async def test_a_replica_taking_over_a_killed_owners_stream_raises_the_takeover_
             (f"127.0.0.1:{b.admin_port}", True)], prom.log_tail()
     finally:
         prom.stop()
+
+
+def test_readme_explains_every_alert() -> None:
+    """The README's table says, for each shipped rule, when it fires and what users see."""
+    rules = yaml.safe_load((REPO / "prometheus" / "alerts.yaml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert names == ALERT_NAMES
+    table = (REPO / "README.md").read_text().split("### Metrics and alerts")[1].split("\n### ")[0]
+    missing = sorted(n for n in names if f"| `{n}` (" not in table)
+    assert not missing, f"README.md's Metrics and alerts table does not explain {missing}"
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:
