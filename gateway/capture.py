@@ -31,7 +31,7 @@ from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
 from gateway.eventlog.base import ClaimLost
 from gateway.legs import IdleWatch, Legs
-from gateway.metrics import Metrics
+from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
 from gateway.sessions import SessionSeam, latest_run
@@ -241,7 +241,8 @@ class Captures:
                 logger.warning("could not release %s at shutdown: %s", key, exc)
         self.live.clear()
 
-    def _claim_lost(self, key: str) -> None:
+    def _claim_lost(self, key: str, how: LeaseLoss) -> None:
+        self.metrics.lease_lost(how)
         ing = self.live.get(key)
         if ing is not None and ing.task is not None:
             logger.warning("stream %s is captured by another gateway process now; this one stops writing it", key)

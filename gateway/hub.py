@@ -85,7 +85,7 @@ class Hub:
         self._side_tasks: set[asyncio.Future[Any]] = set()
         self.captures = Captures(log, cfg, legs, self.metrics)
         self.presence = Presence(log, cfg, self.captures, cancel_upstream, self.run_owned)
-        self.takeover = TakeOver(log, self.captures, self.presence)
+        self.takeover = TakeOver(log, self.captures, self.presence, self.metrics)
         self.replay = ReplayPages(log.read, cfg.replay_cache_bytes, self.metrics.replayed)
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 

@@ -7,17 +7,15 @@ learns that events were lost or that the run failed.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import orjson
 
+from gateway.metrics import GapReason
 from gateway.sse import Event, make_body
 
 GAP_EVENT = b"gap"
 ERROR_EVENT = b"error"  # also the upstream's own: a run ends with it when it fails
 ALWAYS_SENT = (ERROR_EVENT, GAP_EVENT)
 
-GapReason = Literal["no_upstream_ids", "replay_mismatch", "empty_rejoin"]
 _GAP_MESSAGES: dict[GapReason, str] = {
     "no_upstream_ids": "the upstream sends no event ids, so the re-joined stream cannot be matched with "
                        "what the gateway holds; events produced while it was disconnected may be missing",

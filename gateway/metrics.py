@@ -3,11 +3,23 @@ the Prometheus implementation. Labels stay bounded: never a run or thread id."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Literal, Protocol, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+# The closed label sets, named once: the parts that report use these types, and PrometheusMetrics
+# creates every child of each at 0 at start-up. A series that first appears at 1 is invisible to
+# increase() and rate() (they need a sample before the increment), so an alert on the first gap
+# marker, or a panel of the first resumes, would stay silent.
+GapReason = Literal["no_upstream_ids", "replay_mismatch", "empty_rejoin"]
+ResumeOutcome = Literal["hit", "not_held", "truncated"]
+RejoinOutcome = Literal["ok", "failed"]
+PageSource = Literal["log", "shared"]  # a replayed page read from the log, or shared with another client
+# How this process learned that another replica holds a stream it captured: its lease renewal
+# found the lease gone, or the log refused a write with the fencing check.
+LeaseLoss = Literal["renewal", "fenced"]
 
 # (upstream, kind, in use, limit, refused so far): one connection budget, read at scrape time.
 PoolUse = tuple[str, str, int, int, int]
@@ -23,9 +35,11 @@ class Metrics(Protocol):
     def overflowed(self, n: int) -> None: ...
     def rejoined(self, ok: bool) -> None: ...
     def interrupted(self) -> None: ...
-    def resumed(self, outcome: str) -> None: ...
-    def gap(self, reason: str) -> None: ...
-    def replayed(self, source: str) -> None: ...
+    def resumed(self, outcome: ResumeOutcome) -> None: ...
+    def gap(self, reason: GapReason) -> None: ...
+    def replayed(self, source: PageSource) -> None: ...
+    def lease_lost(self, how: LeaseLoss) -> None: ...
+    def took_over(self) -> None: ...
 
 
 class NoMetrics:
@@ -38,9 +52,11 @@ class NoMetrics:
     def overflowed(self, n: int) -> None: ...
     def rejoined(self, ok: bool) -> None: ...
     def interrupted(self) -> None: ...
-    def resumed(self, outcome: str) -> None: ...
-    def gap(self, reason: str) -> None: ...
-    def replayed(self, source: str) -> None: ...
+    def resumed(self, outcome: ResumeOutcome) -> None: ...
+    def gap(self, reason: GapReason) -> None: ...
+    def replayed(self, source: PageSource) -> None: ...
+    def lease_lost(self, how: LeaseLoss) -> None: ...
+    def took_over(self) -> None: ...
 
 
 class PrometheusMetrics:
@@ -66,17 +82,25 @@ class PrometheusMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000))
         self.subscribers_overflowed = Counter(
             "gateway_subscribers_overflowed", "Slow clients switched to catch-up from the log", registry=registry)
-        self.rejoins = Counter("gateway_upstream_rejoins", "Upstream legs re-joined, by outcome",
-                               ["outcome"], registry=registry)
+        self.rejoins = _at_zero(Counter("gateway_upstream_rejoins", "Upstream legs re-joined, by outcome",
+                                        ["outcome"], registry=registry), RejoinOutcome)
         self.interruptions = Counter(
             "gateway_streams_interrupted", "Streams ended with a CaptureInterrupted error event", registry=registry)
-        self.resumes = Counter("gateway_resumes", "Client resumes with Last-Event-ID, by outcome",
-                               ["outcome"], registry=registry)
-        self.gaps = Counter("gateway_gap_markers", "Gap markers written: events an upstream leg may have lost, "
-                            "by reason", ["reason"], registry=registry)
-        self.replayed_pages = Counter(
+        self.resumes = _at_zero(Counter("gateway_resumes", "Client resumes with Last-Event-ID, by outcome",
+                                        ["outcome"], registry=registry), ResumeOutcome)
+        self.gaps = _at_zero(Counter("gateway_gap_markers", "Gap markers written: events an upstream leg may "
+                                     "have lost, by reason", ["reason"], registry=registry), GapReason)
+        self.replayed_pages = _at_zero(Counter(
             "gateway_replay_pages", "Pages of events replayed to clients, by where they came from: read from the "
-            "log, or shared with another client replaying the same range", ["source"], registry=registry)
+            "log, or shared with another client replaying the same range", ["source"], registry=registry),
+            PageSource)
+        self.leases_lost = _at_zero(Counter(
+            "gateway_leases_lost", "Streams this process stopped capturing because another replica holds them "
+            "now (this one stalled past storage.lease_ttl), by how it learned: at lease renewal, or by a write "
+            "the fencing check refused", ["how"], registry=registry), LeaseLoss)
+        self.taken_over = Counter(
+            "gateway_streams_taken_over", "Open streams this process took over from a gateway process that "
+            "stopped capturing them (it died, restarted or lost its lease)", registry=registry)
 
     def bind_gauges(self, log_bytes: Callable[[], float], live_streams: Callable[[], float],
                     subscribers: Callable[[], float], storage_failing: Callable[[], float],
@@ -111,19 +135,33 @@ class PrometheusMetrics:
         self.subscribers_overflowed.inc(n)
 
     def rejoined(self, ok: bool) -> None:
-        self.rejoins.labels("ok" if ok else "failed").inc()
+        outcome: RejoinOutcome = "ok" if ok else "failed"
+        self.rejoins.labels(outcome).inc()
 
     def interrupted(self) -> None:
         self.interruptions.inc()
 
-    def resumed(self, outcome: str) -> None:
+    def resumed(self, outcome: ResumeOutcome) -> None:
         self.resumes.labels(outcome).inc()
 
-    def gap(self, reason: str) -> None:
+    def gap(self, reason: GapReason) -> None:
         self.gaps.labels(reason).inc()
 
-    def replayed(self, source: str) -> None:
+    def replayed(self, source: PageSource) -> None:
         self.replayed_pages.labels(source).inc()
+
+    def lease_lost(self, how: LeaseLoss) -> None:
+        self.leases_lost.labels(how).inc()
+
+    def took_over(self) -> None:
+        self.taken_over.inc()
+
+
+def _at_zero(counter: Counter, label_set: object) -> Counter:
+    """Create the child of every value of the closed ``label_set`` (a Literal) now, at 0."""
+    for value in get_args(label_set):
+        counter.labels(value)
+    return counter
 
 
 class _PoolCollector(Collector):

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Literal
 import orjson
 
 from gateway.eventlog import StreamKind, StreamMeta
-from gateway.marks import GapReason, gap_event
+from gateway.marks import gap_event
+from gateway.metrics import GapReason
 from gateway.sse import Event, event_name
 from gateway.agentapi import Cursor
 

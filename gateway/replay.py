@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Awaitable, Callable, Literal
+from typing import Awaitable, Callable
 
 from gateway.eventlog import Entry
+from gateway.metrics import PageSource
 from gateway.sse import frame
 
 Reader = Callable[[str, int, int, int], Awaitable[list[Entry]]]
 RangeKey = tuple[str, int, int, int]  # stream, after, upto, limit
-PageSource = Literal["log", "shared"]
 _ASKED_RANGES = 10_000  # ranges remembered as read once: about 3 MB when full (measured)
 # What an entry costs beyond its body: its tuple, its seq, the bytes object, a list slot (measured
 # with token-sized events, where counting bodies alone undercounted memory by 1.7x).

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from gateway.eventlog import Entry
-from gateway.marks import GapReason, interrupted_message
+from gateway.marks import interrupted_message
+from gateway.metrics import GapReason
 from gateway.sse import MAX_ID_BYTES, Event, SSEProtocolError
 
 # Every channel the upstream serves; the capture asks for all of them and each client gets its own cut.

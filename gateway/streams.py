@@ -29,6 +29,7 @@ from gateway.eventlog import Entry, EventLog, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
+from gateway.metrics import ResumeOutcome
 from gateway.proxy import Forwarder, RelayedBody, client_headers
 from gateway.responses import cut, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
@@ -59,7 +60,7 @@ class _NotOurs(Exception):
 
 class StreamHandlers:
     def __init__(self, hub: Hub, log_: EventLog, forwarder: Forwarder, cfg: Streams,
-                 on_resume: Callable[[str], None] = lambda outcome: None) -> None:
+                 on_resume: Callable[[ResumeOutcome], None] = lambda outcome: None) -> None:
         self.access = AccessCheck(forwarder.upstreams, cfg.authorize_ttl) if cfg.authorize_replay else None
         self.hub = hub
         self.log = log_
@@ -290,7 +291,7 @@ class StreamHandlers:
             self._count_resume(request, cursor, "hit")
         return cursor.after()
 
-    def _count_resume(self, request: web.Request, cursor: Cursor, outcome: str) -> None:
+    def _count_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome) -> None:
         if cursor.kind != "none":
             self.on_resume(outcome)
             request[RESUME_OUTCOME] = outcome

@@ -10,6 +10,7 @@ import logging
 
 from gateway.capture import Captures
 from gateway.eventlog import EventLog, StreamMeta
+from gateway.metrics import Metrics
 from gateway.presence import Presence
 
 logger = logging.getLogger("gateway.takeover")
@@ -19,8 +20,9 @@ STATELESS_LOST = ("the gateway that captured this stateless run stopped while it
 
 
 class TakeOver:
-    def __init__(self, log: EventLog, captures: Captures, presence: Presence) -> None:
+    def __init__(self, log: EventLog, captures: Captures, presence: Presence, metrics: Metrics) -> None:
         self.log = log
+        self.metrics = metrics
         self.captures = captures
         self.presence = presence
         self._task: asyncio.Task[None] | None = None
@@ -61,6 +63,7 @@ class TakeOver:
 
     async def adopt(self, meta: StreamMeta) -> None:
         """Capture an open stream this process has just claimed, from where the log holds it."""
+        self.metrics.took_over()  # whoever captured it stopped: an operator wants to know how often
         if meta.kind == "run" and meta.thread_id is None:
             await self.captures.interrupt(meta, STATELESS_LOST)
             await self.log.release(meta.key)

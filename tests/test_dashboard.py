@@ -49,6 +49,8 @@ def exposed_samples() -> set[str]:
     m.resumed("hit")
     m.gap("replay_mismatch")
     m.replayed("shared")
+    m.lease_lost("fenced")
+    m.took_over()
     text = generate_latest(registry).decode()
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
@@ -73,6 +75,25 @@ def test_every_dashboard_metric_is_exposed() -> None:
     assert len(used) >= 15  # sanity: the regex found the panels' metrics
     missing = used - exposed_samples()
     assert not missing, f"dashboard queries metrics the gateway does not expose: {sorted(missing)}"
+
+
+def exposed_families() -> dict[str, set[str]]:
+    """Every metric family the gateway exposes, with the sample names a query may use for it (a
+    counter's ``_total``, a histogram's ``_bucket``, ``_sum`` and ``_count``, a gauge's own name)."""
+    registry = CollectorRegistry()
+    PrometheusMetrics(registry).bind_gauges(lambda: 0, lambda: 0, lambda: 0, lambda: 0,
+                                            lambda: [("default", "stream", 0, 8, 0)], 1 << 30)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {f.name: {f.name + suffix for suffix in suffixes[f.type]} for f in registry.collect()}
+
+
+def test_every_exposed_metric_has_a_panel() -> None:
+    """A metric an operator cannot see on the dashboard might as well not exist (the takeover and
+    lease metrics came with their panels)."""
+    dash = json.loads(DASHBOARD.read_text())
+    used = {name for q in queries(dash) for name in METRIC.findall(q)}
+    unseen = sorted(family for family, samples in exposed_families().items() if not samples & used)
+    assert not unseen, f"metrics no dashboard panel shows: {unseen}"
 
 
 def test_readme_maps_every_panel() -> None:

@@ -407,8 +407,8 @@ async def test_feeds_of_one_process_see_another_processes_commits(two_processes:
 
 async def test_one_claim_per_stream_and_a_stale_owner_is_fenced(two_processes: tuple[EventLog, EventLog]) -> None:
     a, b = two_processes
-    lost: list[str] = []
-    a.on_lost(lost.append)
+    lost: list[tuple[str, str]] = []
+    a.on_lost(lambda key, how: lost.append((key, how)))
     assert await a.claim("s")
     assert not await b.claim("s"), "held: the other process must follow instead"
     await a.begin(meta("s"))
@@ -420,7 +420,7 @@ async def test_one_claim_per_stream_and_a_stale_owner_is_fenced(two_processes: t
     await b.begin(meta("s"))
     with pytest.raises(ClaimLost):
         await a.append("s", evs("stale"))
-    assert lost == ["s"]
+    assert lost == [("s", "fenced")], "the refused append tells, once, how the claim was lost"
     await b.append("s", evs("2"))
     assert [body for _, body in await b.read("s", 0, 10**18, 10)] == [e[0] for e in evs("1", "2")]
 

@@ -10,22 +10,25 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+import yaml
 
-from tests.conftest import REPO, RunningGateway, gateway_config
+from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.sse import read_events
 from tests.test_dashboard import DASHBOARD, queries
-from tests.support.runs import join, new_thread, stream_run
+from tests.support.runs import join, new_thread, start_run, stream_run
+from tests.test_replicas import replica_config
+from prometheus_client.parser import text_string_to_metric_families
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
-               "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated",
-               "GatewaySubscribersOverflowing"}
+               "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated", "GatewayUpstreamRequestsRefused",
+               "GatewaySubscribersOverflowing", "GatewayStreamsTakenOver", "GatewayLeasesLost"}
 
 
 def _need(binary: str) -> None:
@@ -109,6 +112,79 @@ async def test_promtool_accepts_the_metrics_exposition(gateway: RunningGateway, 
         text = await r.read()
     proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+# Every labelled series whose label values are a closed set, as an operator's alert or panel names it.
+# ``increase()`` and ``rate()`` only see an increment from a sample before it: a series that first
+# appears at 1 never moves them, so each must be scraped at 0 before anything happens.
+CLOSED_SERIES = {
+    ("gateway_gap_markers_total", (("reason", "no_upstream_ids"),)),
+    ("gateway_gap_markers_total", (("reason", "replay_mismatch"),)),
+    ("gateway_gap_markers_total", (("reason", "empty_rejoin"),)),
+    ("gateway_resumes_total", (("outcome", "hit"),)),
+    ("gateway_resumes_total", (("outcome", "not_held"),)),
+    ("gateway_resumes_total", (("outcome", "truncated"),)),
+    ("gateway_upstream_rejoins_total", (("outcome", "ok"),)),
+    ("gateway_upstream_rejoins_total", (("outcome", "failed"),)),
+    ("gateway_replay_pages_total", (("source", "log"),)),
+    ("gateway_replay_pages_total", (("source", "shared"),)),
+    ("gateway_upstream_pool_full_total", (("kind", "check"), ("upstream", "default"))),
+    ("gateway_upstream_pool_full_total", (("kind", "forward"), ("upstream", "default"))),
+    ("gateway_upstream_pool_full_total", (("kind", "stream"), ("upstream", "default"))),
+    ("gateway_leases_lost_total", (("how", "renewal"),)),
+    ("gateway_leases_lost_total", (("how", "fenced"),)),
+    ("gateway_streams_taken_over_total", ()),
+}
+
+
+async def test_a_fresh_gateway_exposes_every_closed_label_set_at_zero(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(gateway.admin_url + "/metrics") as r:
+        text = await r.text()
+    values = {(s.name, tuple(sorted(s.labels.items()))): s.value
+              for family in text_string_to_metric_families(text) for s in family.samples}
+    missing = sorted(f"{name}{dict(labels)}" for name, labels in CLOSED_SERIES if (name, labels) not in values)
+    assert not missing, "series not exposed before their first use:\n" + "\n".join(missing)
+    assert {f"{name}{dict(labels)}": values[(name, labels)] for name, labels in CLOSED_SERIES} == {
+        f"{name}{dict(labels)}": 0.0 for name, labels in CLOSED_SERIES}
+
+
+async def test_a_replica_taking_over_a_killed_owners_stream_raises_the_takeover_alert(
+        gateway_process: Callable[..., GatewayProcess], fake_upstream: FakeAgentServer,
+        redis_storage: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two replicas on one Redis, both scraped: the owner of a live capture is SIGKILLed, the other
+    takes the stream over when the lease runs out, and Prometheus raises the alert at once."""
+    _need("prometheus")
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, redis_storage))).start()
+            for name in ("a", "b"))
+    prom = PrometheusServer(f"127.0.0.1:{a.admin_port}", f"127.0.0.1:{b.admin_port}").start()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)  # both scraped with the counter at 0
+        resp = await start_run(http, a.url, 400)  # 8 s of events: still live when a dies
+        await read_events(resp, limit=5)
+        a.kill()
+        resp.close()
+        taken: list[dict[str, Any]] = []
+        for _ in range(150):  # lease 1.5 s, takeover sweep every 0.75 s, scrape and evaluation every 1 s
+            taken = await loop.run_in_executor(None, prom.alerts, "GatewayStreamsTakenOver")
+            if taken:
+                break
+            await asyncio.sleep(0.2)
+        assert [(t["labels"]["instance"], t["state"] in ("pending", "firing")) for t in taken] == [
+            (f"127.0.0.1:{b.admin_port}", True)], prom.log_tail()
+    finally:
+        prom.stop()
+
+
+def test_readme_explains_every_alert() -> None:
+    """The README's table says, for each shipped rule, when it fires and what users see."""
+    rules = yaml.safe_load((REPO / "prometheus" / "alerts.yaml").read_text())
+    names = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert names == ALERT_NAMES
+    table = (REPO / "README.md").read_text().split("### Metrics and alerts")[1].split("\n### ")[0]
+    missing = sorted(n for n in names if f"| `{n}` (" not in table)
+    assert not missing, f"README.md's Metrics and alerts table does not explain {missing}"
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:

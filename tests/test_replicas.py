@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.eventlog.base import Feed
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
@@ -25,6 +26,13 @@ from tests.support.invariants import assert_exactly_once
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, start_run, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+async def counter(http: aiohttp.ClientSession, replica: GatewayProcess, name: str) -> float:
+    """The sum of a counter's series on a replica's /metrics."""
+    async with http.get(f"http://127.0.0.1:{replica.admin_port}/metrics") as r:
+        text = await r.text()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
 def replica_config(tmp_path: Path, name: str, upstream: str, storage: dict[str, Any]) -> Path:
@@ -97,6 +105,10 @@ async def test_a_frozen_owner_is_fenced_when_it_wakes(
             break
         await asyncio.sleep(0.1)
     assert "captured by another gateway process now" in a.log_text(), "the woken owner stopped writing"
+    # What an operator's alerts read: a lost its lease (learned at renewal or by a fenced append),
+    # b took the stream over.
+    assert await counter(http, a, "gateway_leases_lost_total") == 1
+    assert await counter(http, b, "gateway_streams_taken_over_total") == 1
 
 
 async def test_a_load_balancer_in_front_of_replicas(

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequenc
 
 import orjson
 
+from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
 # (seq, body): a committed event as the hub and the handlers see it.
@@ -550,8 +551,8 @@ class EventLog(abc.ABC):
         """Open streams nobody captures (their owner stopped or died): to take over."""
 
     @abc.abstractmethod
-    def on_lost(self, callback: Callable[[str], None]) -> None:
-        """Call ``callback(key)`` when this process loses a claim to another one."""
+    def on_lost(self, callback: Callable[[str, LeaseLoss], None]) -> None:
+        """Call ``callback(key, how)`` when this process loses a claim to another one (once per claim)."""
 
     @abc.abstractmethod
     async def request_cancel(self, key: str) -> None:

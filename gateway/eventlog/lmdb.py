@@ -62,6 +62,7 @@ from gateway.eventlog.base import (
     to_evict,
 )
 from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
 log = logging.getLogger("gateway.eventlog")
@@ -342,7 +343,7 @@ class LmdbEventLog(EventLog):
     async def unowned(self) -> list[StreamMeta]:
         return [m for m in self._metas.values() if m.open and m.key not in self._claimed]
 
-    def on_lost(self, callback: Callable[[str], None]) -> None:
+    def on_lost(self, callback: Callable[[str, LeaseLoss], None]) -> None:
         pass  # nobody else can take a claim
 
     async def request_cancel(self, key: str) -> None:

@@ -68,6 +68,7 @@ from gateway.eventlog.base import (
     to_evict,
 )
 from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
 log = logging.getLogger("gateway.eventlog.redis")
@@ -311,7 +312,7 @@ class RedisEventLog(EventLog):
         self.health = Health()
         self._closed = 0  # streams held that are closed (evictable), as of the last sweep
         self._probing: asyncio.Task[None] | None = None  # while commits fail: a write every PROBE_INTERVAL
-        self._lost_callbacks: list[Callable[[str], None]] = []
+        self._lost_callbacks: list[Callable[[str, LeaseLoss], None]] = []
         self._followed_here: dict[str, int] = {}  # presence to publish: key -> followers here
         self._presence_dirty: set[str] = set()
         self._presence_wake = asyncio.Event()
@@ -531,13 +532,13 @@ class RedisEventLog(EventLog):
             raise StorageError(f"redis: {exc}") from exc
         return [m for m in metas if m is not None and m.open]
 
-    def on_lost(self, callback: Callable[[str], None]) -> None:
+    def on_lost(self, callback: Callable[[str, LeaseLoss], None]) -> None:
         self._lost_callbacks.append(callback)
 
-    def _lost(self, key: str) -> None:
+    def _lost(self, key: str, how: LeaseLoss) -> None:
         if self._claims.pop(key, None) is not None:
             for cb in self._lost_callbacks:
-                cb(key)
+                cb(key, how)
 
     async def _renew_loop(self) -> None:
         """Renew every lease at a third of its TTL; one found lost stops its capture here."""
@@ -557,7 +558,7 @@ class RedisEventLog(EventLog):
             for (key, claim), ok in zip(claims, results[1:]):
                 if not ok and self._claims.get(key) is claim:
                     log.warning("lease on %s was lost (this process stalled past %gs?)", key, self._cfg.lease_ttl)
-                    self._lost(key)
+                    self._lost(key, "renewal")
 
     async def request_cancel(self, key: str) -> None:
         try:
@@ -721,7 +722,7 @@ class RedisEventLog(EventLog):
                                           *_meta_to_pairs(meta)])
         except ResponseError as exc:
             if "FENCED" in str(exc):
-                self._lost(meta.key)
+                self._lost(meta.key, "fenced")
                 raise ClaimLost(meta.key) from None
             raise StorageError(f"redis: {exc}") from exc
         except RedisError as exc:
@@ -805,7 +806,7 @@ class RedisEventLog(EventLog):
         if isinstance(res, BaseException):
             text = str(res)
             if "FENCED" in text:
-                self._lost(p.key)
+                self._lost(p.key, "fenced")
                 p.future.set_exception(ClaimLost(p.key))
             else:
                 self._break(p.key, StorageError(f"commit failed: {text}"))

@@ -1,5 +1,5 @@
-"""A real Prometheus (Debian's) on a free 127.0.0.1 port, scraping one gateway's admin listener every
-second and loading the shipped alert rules."""
+"""A real Prometheus (Debian's) on a free 127.0.0.1 port, scraping gateways' admin listeners every
+second, evaluating the shipped alert rules every second too."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ ALERTS = Path(__file__).resolve().parents[2] / "prometheus" / "alerts.yaml"
 
 
 class PrometheusServer:
-    def __init__(self, target: str, binary: str = "prometheus") -> None:
+    def __init__(self, *targets: str, binary: str = "prometheus") -> None:
+        self.targets = targets
         self.binary = shutil.which(binary) or binary
         self.dir = Path(tempfile.mkdtemp(prefix="gw-prometheus-"))
         with socket.socket() as s:
@@ -30,7 +31,7 @@ class PrometheusServer:
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
             "rule_files: [alerts.yaml]\n"
             "scrape_configs:\n  - job_name: agent-gateway\n"
-            f"    static_configs:\n      - targets: ['{target}']\n")
+            f"    static_configs:\n      - targets: {list(targets)!r}\n")
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -57,10 +58,11 @@ class PrometheusServer:
         raise RuntimeError(f"prometheus did not get ready: {self.log_tail()}")
 
     def wait_for_target(self, timeout: float = 30.0) -> None:
-        """Until the gateway has been scraped once (target discovery takes a few seconds)."""
+        """Until every gateway has been scraped once (target discovery takes a few seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(r["value"][1] == "1" for r in self.query('up{job="agent-gateway"}')):
+            up = {r["metric"]["instance"] for r in self.query('up{job="agent-gateway"} == 1')}
+            if up >= set(self.targets):
                 return
             time.sleep(0.2)
         raise RuntimeError(f"prometheus never scraped the gateway: {self.api('targets')} {self.log_tail()}")
@@ -71,6 +73,10 @@ class PrometheusServer:
             doc = json.loads(r.read())
         assert doc["status"] == "success", doc
         return doc["data"]
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        """The alerts of rule ``name`` pending or firing now, with their labels and ``state``."""
+        return [a for a in self.api("alerts")["alerts"] if a["labels"].get("alertname") == name]
 
     def query(self, expr: str) -> list[Any]:
         result: list[Any] = self.api("query", query=expr)["result"]
