@@ -26,7 +26,7 @@ from tests.test_replicas import replica_config
 from prometheus_client.parser import text_string_to_metric_families
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
-ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
+ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageCommitsFailed", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
                "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated", "GatewayUpstreamRequestsRefused",
                "GatewaySubscribersOverflowing", "GatewayStreamsTakenOver", "GatewayLeasesLost"}
 
