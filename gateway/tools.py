@@ -7,15 +7,19 @@ through ``gateway.logview``, so they work while a gateway is serving it.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
+import traceback
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import orjson
 
-from gateway.config import ConfigError, Overrides, load_config, parse_duration
+from gateway.config import Config, ConfigError, Overrides, load_config, parse_duration
 from gateway.eventlog import LogView, StorageError, StreamMeta, open_view
-from gateway.logview import check, details, event_record, matches, public, resolve
+from gateway.logview import check, details, event_record, matches, public, resolve, stream_events
 from gateway.sse import frame
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -23,6 +27,10 @@ EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 
 class UsageError(Exception):
     """A bad argument: one line, exit 2."""
+
+
+class _Found(Exception):
+    """Problems found: the line that says so, exit 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,6 +92,45 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         print(f"agent-gateway: config error: {exc}", file=err)
         return EXIT_USAGE
     args.upstreams = [u.name for u in cfg.upstreams]  # a run or thread id is resolved under these
+    if cfg.storage.backend == "lmdb":
+        return _isolated(lambda: _run(cfg, args, out, err), str(Path(cfg.storage.path) / "data.mdb"), err)
+    return _run(cfg, args, out, err)
+
+
+def _isolated(run: Callable[[], int], where: str, err: TextIO) -> int:
+    """``run()`` in a child process. On some damaged pages LMDB does not return an error but
+    aborts the process (a failed assertion, a bad pointer followed): the parent turns that into
+    the one line every other damage gets."""
+    sys.stdout.flush()
+    err.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its stderr, LMDB's included, goes to the parent
+        os.close(r)
+        os.dup2(w, 2)
+        code = EXIT_PROBLEMS
+        try:
+            code = run()
+        except BaseException:
+            traceback.print_exc()  # a bug: shown as it is
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        said = f.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        last = said.strip().splitlines()[-1:]
+        why = signal.Signals(os.WTERMSIG(status)).name + "".join(f": {line.strip()}" for line in last)
+        print(f"agent-gateway: {where}: damaged, LMDB stopped reading it ({why})", file=err)
+        return EXIT_PROBLEMS
+    err.write(said)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _run(cfg: Config, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         view = open_view(cfg.storage)
     except StorageError as exc:
@@ -93,7 +140,7 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         run: Callable[[LogView, argparse.Namespace, TextIO], int] = (
             _check if args.command == "check" else _ACTIONS[args.action])
         return run(view, args, out)
-    except StorageError as exc:
+    except (StorageError, _Found) as exc:
         print(f"agent-gateway: {exc}", file=err)
         return EXIT_PROBLEMS
     except UsageError as exc:
@@ -144,8 +191,7 @@ def _show(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _events(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
-    meta = _stream(view, args)
-    rows = [(seq, body, rec.time_ms) for rec in view.records(meta.key) for seq, _uid, body in rec.events]
+    rows = stream_events(view, _stream(view, args))
     if args.action == "tail":
         rows = rows[-args.n:] if args.n > 0 else []
     for seq, body, t in rows:
@@ -157,10 +203,15 @@ def _events(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _check(view: LogView, args: argparse.Namespace, out: TextIO) -> int:
-    problems = check(view)
-    for line in problems:
+    """A sound log: what was checked, on stdout. Otherwise one line per problem on stdout, and the
+    summary naming the log as the error line."""
+    report = check(view)
+    for line in report.problems:
         out.write(line + "\n")
-    return EXIT_PROBLEMS if problems else EXIT_OK
+    if report.problems:
+        raise _Found(report.summary())
+    out.write(report.summary() + "\n")
+    return EXIT_OK
 
 
 _ACTIONS: dict[str, Callable[[LogView, argparse.Namespace, TextIO], int]] = {

