@@ -30,7 +30,7 @@ from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, guard
 from gateway.logs import AccessLogger
-from gateway.logview import matches, public, served_details
+from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.session_streams import SessionHandlers
@@ -181,8 +181,8 @@ class Gateway:
         ``?state=live|finished&upstream=&thread=&limit=&after=``; ``X-Pagination-Next`` is the
         ``after`` of the next page (absent on the last)."""
         q = request.query
-        state = q.get("state")
-        if state not in (None, "live", "finished"):
+        state = state_named(q["state"]) if "state" in q else None
+        if "state" in q and state is None:
             raise Unprocessable("state must be live or finished")
         try:
             limit = int(q.get("limit", LIST_LIMIT))

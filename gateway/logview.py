@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -73,8 +73,22 @@ def public(meta: StreamMeta) -> dict[str, Any]:
     doc = asdict(meta)
     doc.pop("auth_salt", None)
     doc.pop("auth_digest", None)
-    doc["state"] = "live" if meta.open else (meta.end or "released")
+    doc["state"] = state_of(meta)
     return doc
+
+
+# One word for a stream's state, in the filters (--live/--finished, ?state=) and in every output;
+# how a finished stream ended is its ``end`` (done, interrupted, or none for a released thread stream).
+StreamState = Literal["live", "finished"]
+
+
+def state_of(meta: StreamMeta) -> StreamState:
+    return "live" if meta.open else "finished"
+
+
+def state_named(text: str) -> StreamState | None:
+    """A state as a filter names it (None: not one)."""
+    return "live" if text == "live" else "finished" if text == "finished" else None
 
 
 def _data(body: bytes) -> dict[str, Any]:
@@ -95,12 +109,12 @@ def event_record(seq: int, body: bytes, time_ms: int) -> dict[str, Any]:
     return {"id": seq, "time": time_ms / 1000, "event": name, "data": data.decode("utf-8", "replace")}
 
 
-def matches(meta: StreamMeta, *, state: str | None, upstream: str | None, thread: str | None,
+def matches(meta: StreamMeta, *, state: StreamState | None, upstream: str | None, thread: str | None,
             older: float | None, newer: float | None, now: float | None = None) -> bool:
     """The filters of ``streams list`` (ages in seconds since the last update)."""
     now = time.time() if now is None else now
     age = now - meta.updated_at
-    return ((state is None or (state == "live") == meta.open)
+    return ((state is None or state == state_of(meta))
             and (upstream is None or meta.upstream == upstream)
             and (thread is None or meta.thread_id == thread)
             and (older is None or age >= older)

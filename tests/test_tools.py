@@ -61,10 +61,11 @@ async def test_streams_commands_read_a_log_while_the_gateway_serves_it(
     live = await run(None, cli, "streams", "list", "--live", "--data-dir", data)
     assert live.returncode == 0 and len(live.stdout.splitlines()) == 2  # the header and the live run
     assert (await run(None, cli, "streams", "list", "--finished", "--thread", s["tid"], "--data-dir", data)
-            ).stdout.count("done") == 2
+            ).stdout.count("finished") == 2
     shown = await run(None, cli, "streams", "show", s["gappy_run"], "--data-dir", data, "--json")
     doc = json.loads(shown.stdout)
-    assert doc["run_id"] == s["gappy_run"] and doc["state"] == "done" and doc["last_event_at"]
+    assert doc["run_id"] == s["gappy_run"] and doc["state"] == "finished" and doc["end"] == "done"
+    assert doc["last_event_at"]
     assert [g["id"] for g in doc["gap_markers"]] == [int(e.id) for e in s["gappy"] if e.event == "gap"]
     exported = await run(None, cli, "streams", "export", s["done_run"], "--data-dir", data)
     assert exported.stdout == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in s["done"])
@@ -310,3 +311,80 @@ def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
                 assert result.returncode == 1, f"{what}: exit {result.returncode}\n{result.stderr}"
                 lines = result.stderr.splitlines()
                 assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"
+
+
+# --- the command line, discoverable and complete -------------------------------------------------------
+
+def _log_args(gw: RunningGateway, tmp_path: Path) -> list[str]:
+    """How the commands find this gateway's log, on either backend: its storage section as a config."""
+    st = gw.gw.cfg.storage
+    cfg = tmp_path / "tools.yaml"
+    cfg.write_text(json.dumps({"storage": {"backend": st.backend, "path": str(st.path), "redis_url": st.redis_url,
+                                           "redis_prefix": st.redis_prefix}}))
+    return ["--config", str(cfg)]
+
+
+async def test_the_stream_list_pages_with_a_cursor_in_key_order(
+        gateway: RunningGateway, tmp_path: Path) -> None:
+    log = gateway.gw.log
+    keys = []
+    for i in range(23):
+        meta = StreamMeta(key=f"default/run/p{(i * 7) % 23:03d}", kind="run", upstream="default",
+                          path=f"/runs/p{i:03d}/stream")
+        assert await log.claim(meta.key)
+        await log.begin(meta)
+        if i % 2:
+            await log.finish(meta.key, "done")
+            await log.release(meta.key)
+        keys.append(meta.key)
+    where = _log_args(gateway, tmp_path)
+    for extra, want in (([], sorted(keys)), (["--finished"], sorted(keys[1::2]))):
+        got: list[str] = []
+        after: list[str] = []
+        pages = 0
+        while pages < 20:
+            result = await asyncio.to_thread(cli, "streams", "list", "--json", "--limit", "5", *after, *extra, *where)
+            assert result.returncode == 0, result.stderr
+            page = [json.loads(line)["key"] for line in result.stdout.splitlines()]
+            assert len(page) <= 5
+            got += page
+            pages += 1
+            if not result.stderr:
+                break
+            assert result.stderr.startswith("next page: --after "), result.stderr
+            after = ["--after", result.stderr.removeprefix("next page: --after ").strip()]
+        assert got == want, "every stream once, in key order, in pages of 5"
+    table = await asyncio.to_thread(cli, "streams", "list", "--limit", "3", *where)
+    assert len(table.stdout.splitlines()) == 4 and table.stderr == f"next page: --after {sorted(keys)[2]}\n"
+    bad = await asyncio.to_thread(cli, "streams", "list", "--limit", "0", *where)
+    assert bad.returncode == 2 and "--limit" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+async def test_tail_follow_prints_events_as_they_are_committed_and_ends_with_the_stream(
+        gateway: RunningGateway, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=100, delay=0.05)
+    first = await read_events(resp, limit=3)
+    run_id = str(first[0].json["run_id"])
+    follow = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "streams", "tail", run_id, "-f", "-n", "1000", *_log_args(gateway, tmp_path),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert follow.stdout is not None
+    early = await asyncio.wait_for(follow.stdout.readuntil(b"\n\n"), 20)  # an event printed while the run goes on
+    meta = await gateway.gw.log.lookup(f"default/run/{run_id}")
+    assert meta is not None and meta.open, "printed while the stream is live"
+    rest = first + await read_events(resp)
+    out, err = await asyncio.wait_for(follow.communicate(), 30)  # it ends by itself when the stream ends
+    assert follow.returncode == 0, err
+    assert (early + out).decode() == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in rest)
+
+
+def test_help_lists_every_tool_with_one_line_each() -> None:
+    shown = cli("--help")
+    assert shown.returncode == 0
+    for tool in ("streams list", "streams show", "streams tail", "streams export", "check"):
+        lines = [line for line in shown.stdout.splitlines() if line.strip().startswith(tool)]
+        assert len(lines) == 1, (tool, shown.stdout)
+    assert "--follow" in shown.stdout and "--after" in shown.stdout
+    tail = cli("streams", "tail", "--help")
+    assert tail.returncode == 0 and "-f, --follow" in tail.stdout
