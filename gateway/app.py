@@ -29,7 +29,7 @@ from gateway.eventlog import EventLog, StreamMeta, open_log
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, guard
-from gateway.logs import AccessLogger
+from gateway.logs import AccessLogger, access_middleware
 from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
@@ -143,7 +143,7 @@ class Gateway:
             self.metrics.request_done(target.pool.name, request.method, status)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[guard, error_middleware],
+        app = web.Application(middlewares=[access_middleware, guard, error_middleware],
                               client_max_size=self.cfg.streams.max_request_body)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_shutdown.append(self._end_client_streams)

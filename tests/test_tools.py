@@ -212,6 +212,53 @@ async def test_json_logs_have_one_line_per_request_and_no_secrets(
     assert "very-secret" not in text and tid not in text, "no credentials, no ids from URLs"
 
 
+def _access_lines(text: str, fmt: str) -> list[dict[str, Any]]:
+    """The access log's lines as dicts: JSON as it is, text as ``GET /path 200 12 bytes 3.4ms end=...``."""
+    if fmt == "json":
+        return [d for d in (json.loads(line) for line in text.splitlines() if line.strip())
+                if d["logger"] == "gateway.access"]
+    out = []
+    for line in text.splitlines():
+        if " gateway.access: " in line:
+            method, path, status, *_rest = line.split(" gateway.access: ", 1)[1].split()
+            fields = dict(w.split("=", 1) for w in _rest if "=" in w)
+            out.append({"method": method, "path": path, "status": int(status), **fields})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_the_access_log_has_a_line_for_every_request_and_says_how_it_ended(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        fmt: str) -> None:
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
+                         "--log-format", fmt).start()
+    tid = await new_thread(http, gw)
+    long_run = await stream_run(http, gw, tid, n=400, delay=0.02)
+    seen = await read_events(long_run, limit=3)
+    long_run.close()  # a live stream, dropped by its client
+    path = f"/threads/{tid}/runs/{seen[0].json['run_id']}/stream"
+    async with http.get(gw.url + path, headers={"Last-Event-ID": seen[0].id or ""}) as joined:
+        await read_events(joined, limit=4)  # a resume (replay, then live), dropped
+    short = await stream_run(http, gw, tid, n=3)
+    done = await read_events(short)  # a stream read to its end
+    async with http.get(gw.url + f"/threads/{tid}/runs/{done[0].json['run_id']}/stream",
+                        headers={"Last-Event-ID": done[0].id or ""}) as replay:
+        await read_events(replay)  # a replay read to its end
+    for _ in range(100):  # until the gateway has seen both clients go (bounded)
+        if len(_access_lines(gw.log_text(), fmt)) >= 5:
+            break
+        await asyncio.sleep(0.1)
+    assert gw.terminate() == 0
+    lines = _access_lines(gw.log_text(), fmt)
+    assert [(x["method"], x.get("end")) for x in lines] == [
+        ("POST", "completed"), ("POST", "client_gone"), ("GET", "client_gone"), ("POST", "completed"),
+        ("GET", "completed")], lines
+    dropped = lines[1]
+    assert dropped["path"] == "/threads/{id}/runs/stream" and dropped["status"] == 200
+    if fmt == "json":
+        assert dropped["stream"].startswith("default/run/") and dropped["bytes"] > 0 and lines[2]["resume"] == "hit"
+
+
 @pytest.mark.parametrize("form", ["userinfo", "query"])
 async def test_the_redis_password_is_never_logged(
         gateway_process: Any, fake_upstream: FakeAgentServer, own_redis: RedisServer, tmp_path: Path,
