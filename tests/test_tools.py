@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -435,3 +436,29 @@ def test_help_lists_every_tool_with_one_line_each() -> None:
     assert "--follow" in shown.stdout and "--after" in shown.stdout
     tail = cli("streams", "tail", "--help")
     assert tail.returncode == 0 and "-f, --follow" in tail.stdout
+
+
+def test_a_stream_list_lmdb_reads_short_is_an_error_not_a_short_listing(
+        stopped_log: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A leaf page whose header lost its last entries reads as a shorter page, without an error from
+    LMDB: the listing must see that it holds fewer streams than the log recorded."""
+    sound, runs = stopped_log
+    raw = (sound / "data.mdb").read_bytes()
+    leaves = sorted({i // PAGE for i in range(len(raw)) if raw.startswith(b'{"key":', i)} - {0, 1})
+    refused = 0
+    for p in leaves:
+        flags, lower = struct.unpack_from("<HH", raw, p * PAGE + 10)  # LMDB's page header: flags, then lower
+        if flags != 0x02 or lower < 16 + 2 * 2:  # a leaf with two entries at least
+            continue
+        copy = tmp_path / f"short-{p}"
+        shutil.copytree(sound, copy)
+        with open(copy / "data.mdb", "r+b") as f:
+            f.seek(p * PAGE + 12)
+            f.write(struct.pack("<H", lower - 2 * 2))  # two entries fewer
+        listed = cli("streams", "list", "--json", "--data-dir", str(copy))
+        if listed.returncode == 0:  # a stale copy of the page, not the one the tree uses
+            assert len(listed.stdout.splitlines()) == len(runs), "a short listing, exit 0"
+        else:
+            assert listed.stderr.splitlines() == [listed.stderr.strip()] and str(copy / "data.mdb") in listed.stderr
+            refused += "streams recorded" in listed.stderr
+    assert refused, "the stream list read short, and said so"
