@@ -462,3 +462,37 @@ def test_a_stream_list_lmdb_reads_short_is_an_error_not_a_short_listing(
             assert listed.stderr.splitlines() == [listed.stderr.strip()] and str(copy / "data.mdb") in listed.stderr
             refused += "streams recorded" in listed.stderr
     assert refused, "the stream list read short, and said so"
+
+
+# Each damage, and the commands that read what it damaged (the others answer as on a sound log).
+@pytest.mark.parametrize(("damage", "readers"), [
+    ("records not a stream", ["check", "show", "export"]),
+    ("metadata not numbers", ["check", "list", "show", "export"]),
+    ("index not a set", ["check", "list"]),
+])
+async def test_every_command_on_a_damaged_redis_log_is_one_line_naming_it(
+        make_gateway: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any], redis_server: RedisServer,
+        tmp_path: Path, http: aiohttp.ClientSession, damage: str, readers: list[str]) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage=redis_storage))
+    tid = await new_thread(http, gw)
+    run_id = str((await read_events(await stream_run(http, gw, tid, n=5)))[0].json["run_id"])
+    await gw.server.stop()
+    p, key = "{" + redis_storage["redis_prefix"] + "}:", f"default/run/{run_id}"
+    if damage == "records not a stream":
+        redis_server.command("DEL", f"{p}s:{key}")
+        redis_server.command("SET", f"{p}s:{key}", "junk")
+    elif damage == "metadata not numbers":
+        redis_server.command("HSET", f"{p}m:{key}", "head", "twelve")
+    else:
+        redis_server.command("DEL", f"{p}all")
+        redis_server.command("SET", f"{p}all", "junk")
+    cfg = tmp_path / "tools.yaml"
+    cfg.write_text(json.dumps({"storage": redis_storage}))
+    commands = {"check": ["check"], "list": ["streams", "list"], "show": ["streams", "show", run_id],
+                "export": ["streams", "export", run_id]}
+    for args in (commands[name] for name in readers):
+        result = await asyncio.to_thread(cli, *args, "--config", str(cfg))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and f"127.0.0.1:{redis_server.port}" in lines[0], (args, result.stderr)
