@@ -17,7 +17,7 @@ import time
 from typing import Any, Awaitable, Callable, Literal
 
 import orjson
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractAccessLogger
 
 LogFormat = Literal["text", "json"]
@@ -114,6 +114,11 @@ _ACCESS = logging.getLogger("gateway.access")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
+    """A WebSocket session ended by a close frame (from either side), not by a dropped connection."""
+    return ws.close_code not in (None, WSCloseCode.ABNORMAL_CLOSURE)
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Outermost: marks the requests whose client left, and writes the line aiohttp does not
@@ -122,9 +127,11 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     try:
         resp = await handler(request)
     except asyncio.CancelledError:
+        started = request.get(STARTED)
+        if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
+            request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
         request[END] = request.get(END, "client_gone")
         if _ACCESS.isEnabledFor(logging.INFO):
-            started = request.get(STARTED)
             _access(_ACCESS, request, started.status if started else CLIENT_CLOSED,  # bytes: as aiohttp counts
                     request.writer.output_size if started else 0, asyncio.get_running_loop().time() - began,
                     _end(request))
@@ -133,6 +140,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         request[END] = "client_gone"
         sent = request.get(STARTED)
         return web.Response(status=CLIENT_CLOSED) if sent is None else sent  # aiohttp logs it
-    if END not in request and (request.transport is None or request.transport.is_closing()):
+    if isinstance(resp, web.WebSocketResponse):  # closed either way once it returns: the close says how
+        if not _closed_cleanly(resp):
+            request[END] = request.get(END, "client_gone")
+    elif END not in request and (request.transport is None or request.transport.is_closing()):
         request[END] = "client_gone"  # a handler that saw the client go and returned
     return resp

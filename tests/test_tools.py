@@ -245,15 +245,19 @@ async def test_the_access_log_has_a_line_for_every_request_and_says_how_it_ended
     async with http.get(gw.url + f"/threads/{tid}/runs/{done[0].json['run_id']}/stream",
                         headers={"Last-Event-ID": done[0].id or ""}) as replay:
         await read_events(replay)  # a replay read to its end
+    async with http.ws_connect(gw.url + "/ws/echo") as ws:  # a WebSocket the client closes: a whole session
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "hello"
     for _ in range(100):  # until the gateway has seen both clients go (bounded)
-        if len(_access_lines(gw.log_text(), fmt)) >= 5:
+        if len(_access_lines(gw.log_text(), fmt)) >= 6:
             break
         await asyncio.sleep(0.1)
     assert gw.terminate() == 0
     lines = _access_lines(gw.log_text(), fmt)
     assert [(x["method"], x.get("end")) for x in lines] == [
         ("POST", "completed"), ("POST", "client_gone"), ("GET", "client_gone"), ("POST", "completed"),
-        ("GET", "completed")], lines
+        ("GET", "completed"), ("GET", "completed")], lines
+    assert lines[-1]["path"] == "/ws/echo" and lines[-1]["status"] == 101
     dropped = lines[1]
     assert dropped["path"] == "/threads/{id}/runs/stream" and dropped["status"] == 200
     if fmt == "json":
