@@ -248,16 +248,21 @@ async def test_the_access_log_has_a_line_for_every_request_and_says_how_it_ended
     async with http.ws_connect(gw.url + "/ws/echo") as ws:  # a WebSocket the client closes: a whole session
         await ws.send_str("hello")
         assert (await ws.receive()).data == "hello"
-    for _ in range(100):  # until the gateway has seen both clients go (bounded)
-        if len(_access_lines(gw.log_text(), fmt)) >= 6:
+    fake_upstream.faults.hang = 5.0  # a client that gives up before any response started
+    with pytest.raises(asyncio.TimeoutError):
+        await http.post(f"{gw.url}/threads", json={}, timeout=aiohttp.ClientTimeout(total=0.5))
+    fake_upstream.faults.hang = 0.0
+    for _ in range(100):  # until the gateway has seen every client go (bounded)
+        if len(_access_lines(gw.log_text(), fmt)) >= 7:
             break
         await asyncio.sleep(0.1)
     assert gw.terminate() == 0
     lines = _access_lines(gw.log_text(), fmt)
     assert [(x["method"], x.get("end")) for x in lines] == [
         ("POST", "completed"), ("POST", "client_gone"), ("GET", "client_gone"), ("POST", "completed"),
-        ("GET", "completed"), ("GET", "completed")], lines
-    assert lines[-1]["path"] == "/ws/echo" and lines[-1]["status"] == 101
+        ("GET", "completed"), ("GET", "completed"), ("POST", "client_gone")], lines
+    assert lines[-2]["path"] == "/ws/echo" and lines[-2]["status"] == 101
+    assert lines[-1]["path"] == "/threads" and lines[-1]["status"] == 499, "nothing was sent: nginx's 499"
     dropped = lines[1]
     assert dropped["path"] == "/threads/{id}/runs/stream" and dropped["status"] == 200
     if fmt == "json":
