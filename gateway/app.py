@@ -28,8 +28,8 @@ from gateway.eventlog import EventLog, StreamMeta, open_log
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, guard
-from gateway.logs import AccessLogger
-from gateway.logview import matches, public, served_details
+from gateway.logs import AccessLogger, access_middleware
+from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.session_streams import SessionHandlers
@@ -142,7 +142,7 @@ class Gateway:
             self.metrics.request_done(target.pool.name, request.method, status)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[guard, error_middleware],
+        app = web.Application(middlewares=[access_middleware, guard, error_middleware],
                               client_max_size=self.cfg.streams.max_request_body)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         app.on_shutdown.append(self._end_client_streams)
@@ -180,8 +180,8 @@ class Gateway:
         ``?state=live|finished&upstream=&thread=&limit=&after=``; ``X-Pagination-Next`` is the
         ``after`` of the next page (absent on the last)."""
         q = request.query
-        state = q.get("state")
-        if state not in (None, "live", "finished"):
+        state = state_named(q["state"]) if "state" in q else None
+        if "state" in q and state is None:
             raise Unprocessable("state must be live or finished")
         try:
             limit = int(q.get("limit", LIST_LIMIT))

@@ -26,9 +26,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> _Parser:
+    from gateway.tools import COMMANDS  # the tools' own one-line summaries
+
+    width = max(len(c) for c in COMMANDS)
     p = _Parser(
         prog="agent-gateway",
         description="Durable, resumable SSE gateway in front of LangGraph Agent Servers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="operator tools (they read the log --config FILE or --data-dir DIR names, read-only):\n"
+               + "".join(f"  {c.ljust(width)}  {what}\n" for c, what in COMMANDS.items())
+               + "'agent-gateway streams tail --help' (and so on) shows a tool's options.",
     )
     p.add_argument("--config", metavar="FILE", help="YAML config (see config/gateway.yaml)")
     d = Config()

@@ -2,26 +2,42 @@
 
 The access log has one line per request: method, path template (ids replaced
 by ``{id}``: no run or thread id, no query string, so nothing a client put in a
-URL ends up in the log), status, bytes, duration, and for streams the stream
-key and the resume outcome. Header values are never logged.
+URL ends up in the log), status, bytes, duration, how the request ended, and for
+streams the stream key and the resume outcome. Header values are never logged.
+aiohttp writes no line for a request whose client hung up (its handler is
+cancelled): ``access_middleware`` writes that one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from typing import Any, Literal
+from typing import Any, Awaitable, Callable, Literal
 
 import orjson
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.abc import AbstractAccessLogger
 
 LogFormat = Literal["text", "json"]
 
-# What the stream handlers tell the access log about a request.
+# How a request ended, in its access log line:
+#   completed    the response was sent whole (its status says what it was);
+#   client_gone  the client hung up first;
+#   cut          the gateway cut the connection on purpose: a reader too slow, a capture that ended
+#                under the stream (the client is expected to resume);
+#   error        a failure after the response started (an upstream body broken, an error): cut.
+AccessEnd = Literal["completed", "client_gone", "cut", "error"]
+
+# What the handlers tell the access log about a request.
 STREAM_KEY = web.RequestKey("gateway.stream", str)
 RESUME_OUTCOME = web.RequestKey("gateway.resume", str)
+END = web.RequestKey("gateway.end", str)  # an AccessEnd, when not "completed"
+STARTED = web.RequestKey("gateway.started", web.StreamResponse)  # the response whose headers went out
+_BEGAN = web.RequestKey("gateway.began", float)
+# nginx's status for "client closed request": a client gone before any response started.
+CLIENT_CLOSED = 499
 
 _ID_SEGMENT = re.compile(r"/(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}|\d+)(?=/|$)")
 # The fields of a record that are not extra (anything else a caller passed is printed too).
@@ -60,23 +76,73 @@ def setup(level: str, fmt: LogFormat) -> None:
     root.setLevel(level.upper())
 
 
+def _access(logger: logging.Logger, request: web.BaseRequest, status: int, nbytes: int, duration: float,
+            end: AccessEnd) -> None:
+    """The one access log line."""
+    fields: dict[str, Any] = {
+        "method": request.method,
+        "path": path_template(request.path),
+        "status": status,
+        "bytes": nbytes,
+        "duration_ms": round(duration * 1000, 1),
+        "end": end,
+    }
+    key = request.get(STREAM_KEY)
+    if key is not None:
+        fields["stream"] = key
+        fields["resume"] = request.get(RESUME_OUTCOME)
+    logger.info("%(method)s %(path)s %(status)s %(bytes)s bytes %(duration_ms)sms end=%(end)s", fields, extra=fields)
+
+
+def _end(request: web.BaseRequest) -> AccessEnd:
+    end = request.get(END)
+    return end if end == "client_gone" or end == "cut" or end == "error" else "completed"
+
+
 class AccessLogger(AbstractAccessLogger):
     """aiohttp's access log hook, writing the gateway's own fields to ``gateway.access``."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        fields: dict[str, Any] = {
-            "method": request.method,
-            "path": path_template(request.path),
-            "status": response.status,
-            "bytes": response.body_length,
-            "duration_ms": round(duration * 1000, 1),
-        }
-        key = request.get(STREAM_KEY)
-        if key is not None:
-            fields["stream"] = key
-            fields["resume"] = request.get(RESUME_OUTCOME)
-        self.logger.info("%(method)s %(path)s %(status)s %(bytes)s bytes %(duration_ms)sms", fields, extra=fields)
+        _access(self.logger, request, response.status, response.body_length, duration, _end(request))
 
     @property
     def enabled(self) -> bool:
         return self.logger.isEnabledFor(logging.INFO)
+
+
+_ACCESS = logging.getLogger("gateway.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
+    """A WebSocket session ended by a close frame (from either side), not by a dropped connection."""
+    return ws.close_code not in (None, WSCloseCode.ABNORMAL_CLOSURE)
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: marks the requests whose client left, and writes the line aiohttp does not
+    write for a handler cancelled because its client hung up."""
+    began = asyncio.get_running_loop().time()
+    try:
+        resp = await handler(request)
+    except asyncio.CancelledError:
+        started = request.get(STARTED)
+        if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
+            request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
+        request[END] = request.get(END, "client_gone")
+        if _ACCESS.isEnabledFor(logging.INFO):
+            _access(_ACCESS, request, started.status if started else CLIENT_CLOSED,  # bytes: as aiohttp counts
+                    request.writer.output_size if started else 0, asyncio.get_running_loop().time() - began,
+                    _end(request))
+        raise
+    except ConnectionResetError:
+        request[END] = "client_gone"
+        sent = request.get(STARTED)
+        return web.Response(status=CLIENT_CLOSED) if sent is None else sent  # aiohttp logs it
+    if isinstance(resp, web.WebSocketResponse):  # closed either way once it returns: the close says how
+        if not _closed_cleanly(resp):
+            request[END] = request.get(END, "client_gone")
+    elif END not in request and (request.transport is None or request.transport.is_closing()):
+        request[END] = "client_gone"  # a handler that saw the client go and returned
+    return resp

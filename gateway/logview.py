@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from gateway.agentapi import keys_for
-from gateway.eventlog import EventLog, LogView, StorageDamaged, StorageError, StreamMeta
+from gateway.eventlog import EventLog, LogView, StorageDamaged, StreamMeta
 from gateway.marks import ERROR_EVENT, GAP_EVENT
 from gateway.sse import event_name
 
@@ -44,16 +44,28 @@ class Details:
 
 def details(view: LogView, meta: StreamMeta) -> Details:
     out = Details(meta=public(meta))
-    for rec in view.records(meta.key):
-        t = rec.time_ms / 1000
+    for seq, body, time_ms in stream_events(view, meta):
+        t = time_ms / 1000
         out.first_event_at = t if out.first_event_at is None else out.first_event_at
         out.last_event_at = t
-        for seq, _uid, body in rec.events:
-            out.events += 1
-            name = event_name(body)
-            if name in (GAP_EVENT, ERROR_EVENT):
-                (out.gaps if name == GAP_EVENT else out.errors).append({"id": seq, **_data(body)})
+        out.events += 1
+        name = event_name(body)
+        if name in (GAP_EVENT, ERROR_EVENT):
+            (out.gaps if name == GAP_EVENT else out.errors).append({"id": seq, **_data(body)})
     return out
+
+
+Row = tuple[int, bytes, int]  # seq, body, unix ms of its record
+
+
+def stream_events(view: LogView, meta: StreamMeta) -> list[Row]:
+    """Every event a stream holds up to its head, checked whole as ``check`` checks it: a damaged
+    log is StorageDamaged naming where it is read from, never a short answer."""
+    rows: list[Row] = []
+    found, _meta, _count = _check_stream(view, meta, rows)
+    if found:
+        raise StorageDamaged(found[0] if view.where in found[0] else f"{view.where}: {found[0]}")
+    return rows
 
 
 def public(meta: StreamMeta) -> dict[str, Any]:
@@ -61,8 +73,22 @@ def public(meta: StreamMeta) -> dict[str, Any]:
     doc = asdict(meta)
     doc.pop("auth_salt", None)
     doc.pop("auth_digest", None)
-    doc["state"] = "live" if meta.open else (meta.end or "released")
+    doc["state"] = state_of(meta)
     return doc
+
+
+# One word for a stream's state, in the filters (--live/--finished, ?state=) and in every output;
+# how a finished stream ended is its ``end`` (done, interrupted, or none for a released thread stream).
+StreamState = Literal["live", "finished"]
+
+
+def state_of(meta: StreamMeta) -> StreamState:
+    return "live" if meta.open else "finished"
+
+
+def state_named(text: str) -> StreamState | None:
+    """A state as a filter names it (None: not one)."""
+    return "live" if text == "live" else "finished" if text == "finished" else None
 
 
 def _data(body: bytes) -> dict[str, Any]:
@@ -83,66 +109,83 @@ def event_record(seq: int, body: bytes, time_ms: int) -> dict[str, Any]:
     return {"id": seq, "time": time_ms / 1000, "event": name, "data": data.decode("utf-8", "replace")}
 
 
-def matches(meta: StreamMeta, *, state: str | None, upstream: str | None, thread: str | None,
+def matches(meta: StreamMeta, *, state: StreamState | None, upstream: str | None, thread: str | None,
             older: float | None, newer: float | None, now: float | None = None) -> bool:
     """The filters of ``streams list`` (ages in seconds since the last update)."""
     now = time.time() if now is None else now
     age = now - meta.updated_at
-    return ((state is None or (state == "live") == meta.open)
+    return ((state is None or state == state_of(meta))
             and (upstream is None or meta.upstream == upstream)
             and (thread is None or meta.thread_id == thread)
             and (older is None or age >= older)
             and (newer is None or age <= newer))
 
 
-def check(view: LogView) -> list[str]:
-    """Every inconsistency in the log, one line each (an empty list: the log is sound).
+@dataclass
+class CheckReport:
+    """What ``check`` read, and every inconsistency it found (none: the log is sound)."""
+
+    where: str
+    streams: int = 0
+    events: int = 0
+    counter: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        found = (f"{len(self.problems)} problem{'s' if len(self.problems) != 1 else ''} found" if self.problems
+                 else "no problem found")
+        return (f"checked {self.streams} streams, {self.events} events and the id counter ({self.counter})"
+                f" in {self.where}: {found}")
+
+
+def check(view: LogView) -> CheckReport:
+    """Every inconsistency in the log, one line each; StorageError when the log cannot be read
+    far enough to check it (its stream list or its id counter).
 
     Sound beside a gateway that writes it: each stream's records are read up to the head its
     metadata had, a stream trimmed or removed meanwhile is read again, and the id counter is
     read last (it only grows, so every head read before it is at or below it).
     """
-    problems: list[str] = []
-    try:
-        metas = view.metas()
-    except StorageError as exc:
-        return [str(exc)]
+    report = CheckReport(view.where)
     held: list[StreamMeta] = []
-    for meta in metas:
-        found, now = _check_stream(view, meta)
-        problems += found
+    for meta in view.metas():
+        found, now, count = _check_stream(view, meta)
+        report.problems += found
         if now is not None:
             held.append(now)
-    try:
-        counter = view.counter()
-    except StorageError as exc:
-        return problems + [str(exc)]
+            report.streams += 1
+            report.events += count
+    report.counter = counter = view.counter()
     for meta in held:
         if meta.head > counter:
-            problems.append(f"{meta.key}: head {meta.head} is above the stored counter {counter}: ids could be reused")
+            report.problems.append(
+                f"{meta.key}: head {meta.head} is above the stored counter {counter}: ids could be reused")
     for key in sorted(view.orphan_keys()):
-        problems.append(f"{key}: records without metadata")
-    return problems
+        report.problems.append(f"{key}: records without metadata")
+    return report
 
 
-def _check_stream(view: LogView, meta: StreamMeta, tries: int = 3) -> tuple[list[str], StreamMeta | None]:
-    """One stream's problems, and its metadata as checked (None: it left the log meanwhile). What
-    is found is reported only if the stream did not change under the read (retention trimmed or
-    removed it, or it was captured anew)."""
+def _check_stream(view: LogView, meta: StreamMeta, rows: list[Row] | None = None,
+                  tries: int = 3) -> tuple[list[str], StreamMeta | None, int]:
+    """One stream's problems, its metadata as checked (None: it left the log meanwhile) and the
+    events it holds (kept in ``rows`` if given). What is found is reported only if the stream did
+    not change under the read (retention trimmed or removed it, or it was captured anew)."""
     for _ in range(tries):
-        found = _stream_problems(view, meta)
+        if rows is not None:
+            rows.clear()
+        found, count = _stream_problems(view, meta, rows)
         if not found:
-            return [], meta
+            return [], meta, count
         again = view.meta(meta.key)
         if again is None:
-            return [], None
+            return [], None, 0
         if (again.first_seq, again.base, again.created_at) == (meta.first_seq, meta.base, meta.created_at):
-            return found, meta
+            return found, meta, count
         meta = again
-    return found, meta
+    return found, meta, count
 
 
-def _stream_problems(view: LogView, meta: StreamMeta) -> list[str]:
+def _stream_problems(view: LogView, meta: StreamMeta, rows: list[Row] | None) -> tuple[list[str], int]:
     prefix = f"{meta.key}:"
     problems: list[str] = []
     last = 0
@@ -156,15 +199,17 @@ def _stream_problems(view: LogView, meta: StreamMeta) -> list[str]:
                 problems.append(f"{prefix} seq {rec.first} does not come after {last}")
             last = max(last, seqs[-1] if seqs else rec.first)
             count += len(seqs)
+            if rows is not None:
+                rows += ((seq, body, rec.time_ms) for seq, _u, body in rec.events)
     except StorageDamaged as exc:
-        return [f"{prefix} {exc}"]
+        return [f"{prefix} {exc}"], count
     if last and last != meta.head:
         problems.append(f"{prefix} its metadata says head {meta.head}, its records end at {last}")
     if not meta.first_seq and count != meta.count:  # trimmed streams keep their total count
         problems.append(f"{prefix} its metadata counts {meta.count} events, its records hold {count}")
     if meta.base > meta.head and meta.head:
         problems.append(f"{prefix} base {meta.base} is above its head {meta.head}")
-    return problems
+    return problems, count
 
 
 async def served_details(log: EventLog, meta: StreamMeta, page: int = 2000) -> dict[str, Any]:

@@ -201,7 +201,7 @@ class Forwarder:
                 return  # the client hung up: nothing to tell anyone
             # Headers are gone already: the only honest signal left is a cut connection.
             log.warning("upstream body broke mid-response on %s %s: %r", request.method, request.path, exc)
-            cut(request)
+            cut(request, "error")
             return
         await out.write_eof()
 

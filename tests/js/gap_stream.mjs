@@ -1,16 +1,20 @@
 // Stream one run through a base URL twice, and print ONE JSON line:
-//   {"client": [[event, data], ...], "client_error": null | string,
+//   {"sdk": version, "client": [[event, data], ...], "client_error": null | string,
 //    "hook": {"custom": [...], "error": null | string, "finished": bool}}
 // "client" is the official JS SDK's runs.stream; "hook" feeds the same kind of stream through
 // the StreamManager that the React useStream hook is built on (same callbacks, same error rules),
 // so a gateway-made event (the gap marker) can be checked for what the UI would make of it.
-// Usage: node gap_stream.mjs <base-url> '<run input as JSON>'
-import { Client } from "@langchain/langgraph-sdk";
+// Usage: node gap_stream.mjs <base-url> '<run input as JSON>' [package]
+// package: "@langchain/langgraph-sdk" (2.0.0, the default) or "@langchain/langgraph-sdk-latest" (1.15.0,
+// what npm installs today; an alias in package.json).
+const [apiUrl, inputJson, pkg = "@langchain/langgraph-sdk"] = process.argv.slice(2);
+const { Client } = await import(pkg);
 // Not in the package's exports map: the file path is the hook's own implementation.
-import { StreamManager } from "./node_modules/@langchain/langgraph-sdk/dist/ui/manager.js";
-import { MessageTupleManager } from "./node_modules/@langchain/langgraph-sdk/dist/ui/messages.js";
+const { StreamManager } = await import(`./node_modules/${pkg}/dist/ui/manager.js`);
+const { MessageTupleManager } = await import(`./node_modules/${pkg}/dist/ui/messages.js`);
+const { readFileSync } = await import("node:fs");
+const sdkVersion = JSON.parse(readFileSync(new URL(`./node_modules/${pkg}/package.json`, import.meta.url))).version;
 
-const [apiUrl, inputJson] = process.argv.slice(2);
 const input = JSON.parse(inputJson ?? "{}");
 const client = new Client({ apiUrl, apiKey: null });
 
@@ -52,7 +56,7 @@ async function viaHook() {
 async function main() {
   const c = await viaClient();
   const hook = await viaHook();
-  process.stdout.write(JSON.stringify({ client: c.events, client_error: c.error, hook }) + "\n");
+  process.stdout.write(JSON.stringify({ sdk: sdkVersion, client: c.events, client_error: c.error, hook }) + "\n");
 }
 
 main().catch((err) => {
