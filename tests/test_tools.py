@@ -11,13 +11,13 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 import lmdb
 import pytest
 
-from gateway.eventlog import StreamMeta
+from gateway.eventlog import EventLog, StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.redis_server import RedisServer
@@ -124,19 +124,25 @@ async def test_check_beside_a_busy_gateway_finds_nothing_wrong_with_a_sound_log(
     await asyncio.gather(*readers)
 
 
+async def hold_runs(log: EventLog, run_ids: list[str], finished: Callable[[int], bool]) -> list[str]:
+    """Runs begun in the log in this order (the i-th finished when ``finished(i)``); their keys."""
+    keys = []
+    for i, rid in enumerate(run_ids):
+        meta = StreamMeta(key=f"default/run/{rid}", kind="run", upstream="default", path=f"/runs/{rid}/stream")
+        assert await log.claim(meta.key)
+        await log.begin(meta)
+        if finished(i):
+            await log.finish(meta.key, "done")
+            await log.release(meta.key)
+        keys.append(meta.key)
+    return keys
+
+
 async def test_the_stream_list_comes_in_pages_that_cost_the_same_however_many_streams_are_held(
         gateway: RunningGateway, http: aiohttp.ClientSession, request: pytest.FixtureRequest) -> None:
     gw, log = gateway, gateway.gw.log
     backend = gw.gw.cfg.storage.backend
-    keys = []
-    for i in range(450):
-        meta = StreamMeta(key=f"default/run/r{i:04d}", kind="run", upstream="default", path=f"/runs/r{i:04d}/stream")
-        assert await log.claim(meta.key)
-        await log.begin(meta)
-        if i % 3:
-            await log.finish(meta.key, "done")
-            await log.release(meta.key)
-        keys.append(meta.key)
+    keys = await hold_runs(log, [f"r{i:04d}" for i in range(450)], finished=lambda i: i % 3 != 0)
     async with http.get(gw.admin_url + "/streams") as r:
         first = await r.json()
         assert len(first) == 100 and r.headers["X-Pagination-Next"] == first[-1]["key"], "a page, not everything"
@@ -384,16 +390,7 @@ def _log_args(gw: RunningGateway, tmp_path: Path) -> list[str]:
 async def test_the_stream_list_pages_with_a_cursor_in_key_order(
         gateway: RunningGateway, tmp_path: Path) -> None:
     log = gateway.gw.log
-    keys = []
-    for i in range(23):
-        meta = StreamMeta(key=f"default/run/p{(i * 7) % 23:03d}", kind="run", upstream="default",
-                          path=f"/runs/p{i:03d}/stream")
-        assert await log.claim(meta.key)
-        await log.begin(meta)
-        if i % 2:
-            await log.finish(meta.key, "done")
-            await log.release(meta.key)
-        keys.append(meta.key)
+    keys = await hold_runs(log, [f"p{(i * 7) % 23:03d}" for i in range(23)], finished=lambda i: i % 2 == 1)
     where = _log_args(gateway, tmp_path)
     for extra, want in (([], sorted(keys)), (["--finished"], sorted(keys[1::2]))):
         got: list[str] = []
