@@ -15,10 +15,10 @@ hub offers, so it depends on nothing else of the hub.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
-from gateway.eventlog import StreamMeta
-from gateway.eventlog.base import Feed
+from gateway.eventlog import Entry, StreamMeta
+from gateway.eventlog.base import Batch, Feed
 from gateway.replay import EMPTY, Page
 
 REPLAY_PAGE = 2000
@@ -49,8 +49,20 @@ class Source(Protocol):
     def left(self, follower: Follower) -> None: ...
 
 
+# Writes committed events to the client at once, without waiting; False when it cannot (the
+# client's buffer is not nearly empty, the connection is closing): the events then go the usual way.
+ExpressWriter = Callable[[list[Entry]], bool]
+
+
 class Follower:
-    """One client's view of a stream: replay after a position, then the live tail."""
+    """One client's view of a stream: replay after a position, then the live tail.
+
+    With an ``ExpressWriter`` (``express``), a follower caught up with the live tail has each new
+    batch written from the commit's own callback instead of queued for its task: on token streams
+    that was a task wake-up, a future and a pass through the async generators per event. Whatever
+    the writer refuses, or whatever does not follow on from the follower's position (a batch lost
+    on the way, a capture begun again), is queued and handled by the task exactly as before.
+    """
 
     def __init__(self, source: Source, key: str, after: int | None) -> None:
         self.source = source
@@ -58,8 +70,22 @@ class Follower:
         self.pos = after  # None: the live tail only (no Last-Event-ID)
         self._stopped = source.closing  # a request that slipped in during shutdown
         self._finished = False  # the last look at the durable head found the stream ended
+        self._express: ExpressWriter | None = None
         self.feed: Feed | None = source.subscribe(key)  # register before anything is read
         source.joined(self)
+
+    def express(self, write: ExpressWriter) -> None:
+        """Write live batches with ``write`` from the commit, when caught up (see the class)."""
+        self._express = write
+
+    def _take(self, batch: Batch) -> bool:
+        entries = batch.entries
+        if self._stopped or not entries or batch.prev != self.pos or self._express is None:
+            return False
+        if not self._express(entries):
+            return False
+        self.pos = entries[-1][0]
+        return True
 
     def shutdown(self) -> None:
         """The gateway stops: end this client's stream with a cut at the next event boundary."""
@@ -137,6 +163,16 @@ class Follower:
     async def _live(self) -> AsyncIterator[Page]:
         feed = self.feed
         assert feed is not None and self.pos is not None
+        if self._express is not None:
+            feed.express = self._take  # the feed offers a batch only while this task waits on it
+        try:
+            async for page in self._follow(feed):
+                yield page
+        finally:
+            feed.express = None
+
+    async def _follow(self, feed: Feed) -> AsyncIterator[Page]:
+        assert self.pos is not None
         while True:
             if self._stopped:
                 raise StreamCut("the gateway is shutting down")

@@ -17,9 +17,11 @@ from typing import Awaitable, Callable
 
 import orjson
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
 from gateway.errors import GatewayError, describe
-from gateway.eventlog import StorageError, StorageFull
+from gateway.eventlog import Entry, StorageError, StorageFull
+from gateway.follower import ExpressWriter
 from gateway.logs import END, STARTED, AccessEnd
 
 log = logging.getLogger("gateway.responses")
@@ -78,6 +80,32 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
             await response.write(view[start:end])  # a slice this big makes aiohttp drain after it
             start = end
             deadline.reschedule(loop.time() + stall_timeout)
+
+
+def express_writer(request: web.Request, framer: Callable[[list[Entry]], bytes]) -> ExpressWriter | None:
+    """A started streaming response's writer of live events straight from the commit (see
+    ``gateway.follower.Follower``): it writes only what cannot wait (the client's buffer holds at
+    most ``_UNBLOCKING_WRITE``), so no deadline is needed, and says False otherwise; the events
+    then reach the client through ``send_body``, deadline and all. It writes the transport itself,
+    framed as aiohttp frames a body (chunked or not) and counted where aiohttp counts the bytes
+    sent (the access log's ``bytes``). The gateway never compresses an event stream (which would
+    need aiohttp's writer). None when the response has no connection left."""
+    writer, transport = request.writer, request.transport
+    if transport is None or not isinstance(writer, StreamWriter):
+        return None
+    chunked = writer.chunked
+
+    def write(entries: list[Entry]) -> bool:
+        if transport.is_closing() or transport.get_write_buffer_size() > _UNBLOCKING_WRITE:
+            return False
+        data = framer(entries)
+        if not data:  # an empty chunk would end the body
+            return False
+        wire = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+        transport.write(wire)
+        writer.output_size += len(wire)
+        return True
+    return write
 
 
 def _slice_end(data: bytes, start: int, boundary: bytes | None) -> int:

@@ -31,7 +31,7 @@ from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.metrics import ResumeOutcome
 from gateway.proxy import Forwarder, RelayedBody, client_headers
-from gateway.responses import cut, send_body, start_response
+from gateway.responses import cut, express_writer, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     RunRequest,
@@ -311,6 +311,8 @@ class StreamHandlers:
         try:
             await start_response(request, out)
             sent_at = loop.time()
+            if keep is None and framer is frame and (write := express_writer(request, frame)) is not None:
+                follower.express(write)  # a filtered stream owes heartbeats by time: it stays on the task
             async for page in follower.pages():
                 if not page:
                     data = HEARTBEAT

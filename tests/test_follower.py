@@ -132,3 +132,49 @@ def test_what_an_upstream_answer_means() -> None:
     assert [classify(s) for s in (401, 403, 404)] == ["refused"] * 3
     assert [classify(s) for s in (400, 409, 422)] == ["permanent"] * 3
     assert [classify(s) for s in (408, 429, 500, 502, 503)] == ["retry"] * 5
+
+
+class Client:
+    """An express writer that takes what it is offered until told to refuse (a full buffer)."""
+
+    def __init__(self) -> None:
+        self.got: list[int] = []
+        self.refuse = False
+
+    def write(self, entries: list[Entry]) -> bool:
+        if self.refuse:
+            return False
+        self.got += [seq for seq, _ in entries]
+        return True
+
+
+async def test_a_caught_up_follower_is_written_from_the_commit_and_the_task_takes_the_rest_in_order() -> None:
+    src = FakeSource()
+    src.commit(3)
+    client = Client()
+    follower = Follower(src, "s", 0)
+    follower.express(client.write)
+    pages: list[int] = []
+
+    async def task() -> None:  # what the handler's task writes, in the same order as the client's writes
+        async for page in follower.pages():
+            client.got += [seq for seq, _ in page.entries]
+            pages.extend(seq for seq, _ in page.entries)
+    reader = asyncio.create_task(task())
+    await asyncio.sleep(0.01)
+    assert pages == [101, 102, 103], "the replay goes through the task"
+    src.commit(2)
+    src.commit(1)
+    assert client.got[3:] == [104, 105, 106], "written from the commit, before the task could run"
+    await asyncio.sleep(0.01)
+    assert pages == [101, 102, 103], "the task took none of them"
+    src.commit(2, publish=False)  # a batch lost on the way: the next one does not follow on
+    src.commit(1)
+    client.refuse = True
+    src.commit(1)  # the client's buffer is full: queued for the task
+    await asyncio.sleep(0.01)
+    client.refuse = False
+    src.commit(1, end=True)
+    await asyncio.wait_for(reader, 5)
+    assert client.got == [e[0] for e in src.entries], "each event once, in order, whichever way it went"
+    assert pages == [101, 102, 103, 107, 108, 109, 110], "the gap, the refused batch and all after them"

@@ -168,9 +168,12 @@ async def test_slow_subscriber_catches_up_from_the_log_without_blocking_others(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
                                            streams={"subscriber_buffer": 20}))
+    # 1,500 events of 32 KB, 48 MB: more than loopback's socket buffers can hold (32 + 4 MB at most),
+    # so the slow client's connection fills and its events back up in the gateway (live events are
+    # written from the commit straight into the socket for as long as it takes them).
     n = 1500
     tid = await new_thread(http, gw)
-    resp = await stream_run(http, gw, tid, n=n, pad=4000)
+    resp = await stream_run(http, gw, tid, n=n, pad=32000)
     loc = gw.url + resp.headers["Location"]
     async with http.get(loc, headers={"Last-Event-ID": "-1"}) as slow:
         head = await read_events(slow, limit=3)

@@ -502,3 +502,28 @@ async def test_every_command_on_a_damaged_redis_log_is_one_line_naming_it(
         assert result.returncode == 1 and "Traceback" not in result.stderr, (args, result.stderr)
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and f"127.0.0.1:{redis_server.port}" in lines[0], (args, result.stderr)
+
+
+async def test_the_access_log_counts_every_byte_a_live_stream_sent(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Live events reach a caught-up client straight from the commit, written past aiohttp's
+    writer: they are counted where aiohttp counts, so the line says what went on the wire."""
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
+                         "--log-format", "json").start()
+    tid = await new_thread(http, gw)
+    body = b'{"assistant_id":"a","input":{"n":60,"delay":0.01}}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /threads/%s/runs/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (tid.encode(), len(body), body))
+    received = b""
+    while chunk := await asyncio.wait_for(reader.read(65536), 30):
+        received += chunk
+    writer.close()
+    assert received.count(b"event: custom") == 60 and received.endswith(b"0\r\n\r\n"), received[-200:]
+    for _ in range(50):
+        lines = [x for x in _access_lines(gw.log_text(), "json") if x["path"] == "/threads/{id}/runs/stream"]
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    assert lines and lines[0]["end"] == "completed"
+    assert lines[0]["bytes"] == len(received), "every byte sent, headers and chunk framing included"

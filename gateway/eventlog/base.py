@@ -211,7 +211,7 @@ class Feed:
     """
 
     __slots__ = ("key", "queue", "queued", "queued_bytes", "limit", "byte_limit", "overflowed", "_owner",
-                 "_on_overflow", "_waiter", "_active", "_idle")
+                 "_on_overflow", "_waiter", "_active", "_idle", "express")
 
     def __init__(self, key: str, limit: int, byte_limit: int, owner: LocalFeeds,
                  on_overflow: Callable[[], None] | None = None) -> None:
@@ -227,11 +227,21 @@ class Feed:
         self._waiter: asyncio.Future[None] | None = None
         self._active = False  # the current wait began after the idle ticker last looked
         self._idle = False  # the idle ticker woke the follower
+        # Set by a follower caught up with the live tail: takes a batch of events straight from the
+        # commit (written to its client there and then) and says True, or False to have it queued.
+        self.express: Callable[[Batch], bool] | None = None
 
     def push(self, batch: Batch) -> bool:
         """Queue a batch; False when the follower is too far behind (the queue is dropped)."""
         if self.overflowed:
             return False
+        waiter = self._waiter
+        if (self.express is not None and self.queue is None and waiter is not None and not waiter.done()
+                and batch.kind == "events" and self.express(batch)):
+            # Its follower waits with nothing queued and took the batch itself: no queue, no wake-up
+            # of its task (one task step and a future per event on a token stream, for nothing).
+            self._active = True  # the client got bytes: not idle
+            return True
         n = len(batch.entries)
         if self.queued + n > self.limit or self.queued_bytes + batch.nbytes > self.byte_limit:
             self.drop()
