@@ -84,8 +84,8 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
 
 def express_writer(request: web.Request, framer: Callable[[list[Entry]], bytes]) -> ExpressWriter | None:
     """A started streaming response's writer of live events straight from the commit (see
-    ``gateway.follower.Follower``): it writes only what cannot wait (the client's buffer holds at
-    most ``_UNBLOCKING_WRITE``), so no deadline is needed, and says False otherwise; the events
+    ``gateway.follower.Follower``): it writes only what cannot wait (the client's buffer then holds
+    at most ``_UNBLOCKING_WRITE``), so no deadline is needed, and says False otherwise; the events
     then reach the client through ``send_body``, deadline and all. It writes the transport itself,
     framed as aiohttp frames a body (chunked or not) and counted where aiohttp counts the bytes
     sent (the access log's ``bytes``). The gateway never compresses an event stream (which would
@@ -96,10 +96,12 @@ def express_writer(request: web.Request, framer: Callable[[list[Entry]], bytes])
     chunked = writer.chunked
 
     def write(entries: list[Entry]) -> bool:
-        if transport.is_closing() or transport.get_write_buffer_size() > _UNBLOCKING_WRITE:
+        if transport.is_closing():
             return False
         data = framer(entries)
-        if not data:  # an empty chunk would end the body
+        # What send_body writes without a deadline, and nothing else: a bigger batch goes in slices
+        # that end on event boundaries. An empty chunk would end the body.
+        if not data or transport.get_write_buffer_size() + len(data) > _UNBLOCKING_WRITE:
             return False
         wire = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
         transport.write(wire)
