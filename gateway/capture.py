@@ -29,7 +29,7 @@ from gateway.agentapi import Cursor
 from gateway.config import Streams
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
-from gateway.eventlog.base import ClaimLost
+from gateway.eventlog.base import ClaimLost, stop_tasks
 from gateway.legs import IdleWatch, Legs
 from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
@@ -230,10 +230,7 @@ class Captures:
         for ing in self.live.values():
             if ing.orphan_timer is not None:
                 ing.orphan_timer.cancel()
-        tasks = [i.task for i in self.live.values() if i.task is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks([i.task for i in self.live.values() if i.task is not None], "captures")
         for key in list(self.live):
             try:
                 await self.log.release(key)

@@ -17,7 +17,7 @@ import pytest
 from gateway.config import Storage
 from gateway import eventlog
 from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
-from gateway.eventlog.base import Batch, ClaimLost
+from gateway.eventlog.base import Batch, ClaimLost, stop_tasks
 from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
 from tests.support.tcp_relay import TcpRelay
@@ -468,3 +468,23 @@ async def test_a_log_from_before_with_an_unsorted_index_is_listed_in_key_order(r
         assert [m.key for m in (await log.list_streams("b", 2, lambda m: True))[0]] == ["c"]
     finally:
         await log.close()
+
+
+async def test_a_background_task_that_swallows_its_cancellation_is_still_stopped() -> None:
+    """As redis-py does in some clean-up paths: the loop around it goes round and waits again."""
+    wake = asyncio.Event()
+
+    async def loop_swallowing_once() -> None:
+        swallowed = False
+        while True:
+            try:
+                await wake.wait()
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed = True  # a library caught it: the loop goes on
+
+    task = asyncio.create_task(loop_swallowing_once())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(stop_tasks([task], "test"), 10)
+    assert task.cancelled()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -371,6 +372,24 @@ class LocalFeeds:
         """Batches of ``key`` may have been lost on the way: every follower catches up from the log."""
         for f in self._feeds.get(key, ()):
             f.drop()
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], what: str, attempts: int = 20) -> None:
+    """Cancel background tasks and wait until they have ended, cancelling again any that went on.
+
+    A task's cancellation can be swallowed underneath it: redis-py catches CancelledError in some
+    of its connection clean-up paths, and a loop around such a call then simply goes round and
+    waits again, so a single cancel() left shutdown waiting for ever (seen once in CI: a Redis
+    log's presence loop back in its wait after the cancel). Each round waits at most a second."""
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(attempts):
+        if not pending:
+            return
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for t in pending:
+        logging.getLogger("gateway.eventlog").error("%s: task %s would not stop; left behind", what, t.get_name())
 
 
 class Health:

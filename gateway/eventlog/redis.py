@@ -67,6 +67,7 @@ from gateway.eventlog.base import (
     StorageFull,
     StreamMeta,
     accepting,
+    stop_tasks,
     to_evict,
 )
 from gateway.eventlog.records import decode, encode, record_time_ms
@@ -404,10 +405,7 @@ class RedisEventLog(EventLog):
 
     async def close(self) -> None:
         self._feeds.stop()
-        tasks = self._tasks + ([self._probing] if self._probing is not None else [])
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(self._tasks + ([self._probing] if self._probing is not None else []), "redis log")
         self._tasks.clear()
         for fut in [p.future for p in self._queue]:
             if not fut.done():
