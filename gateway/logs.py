@@ -35,7 +35,6 @@ STREAM_KEY = web.RequestKey("gateway.stream", str)
 RESUME_OUTCOME = web.RequestKey("gateway.resume", str)
 END = web.RequestKey("gateway.end", str)  # an AccessEnd, when not "completed"
 STARTED = web.RequestKey("gateway.started", web.StreamResponse)  # the response whose headers went out
-_BEGAN = web.RequestKey("gateway.began", float)
 # nginx's status for "client closed request": a client gone before any response started.
 CLIENT_CLOSED = 499
 

@@ -96,8 +96,8 @@ def express_writer(request: web.Request, framer: Callable[[list[Entry]], bytes])
     chunked = writer.chunked
 
     def write(entries: list[Entry]) -> bool:
-        if transport.is_closing():
-            return False
+        if transport.is_closing() or transport.get_write_buffer_size() >= _UNBLOCKING_WRITE:
+            return False  # refused before framing: the task frames what it is handed anyway
         data = framer(entries)
         # What send_body writes without a deadline, and nothing else: a bigger batch goes in slices
         # that end on event boundaries. An empty chunk would end the body.

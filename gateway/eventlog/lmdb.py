@@ -864,9 +864,7 @@ class LmdbView:
     def _reading(self, what: str) -> Iterator[None]:
         try:
             yield
-        except _DAMAGE as exc:
-            raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc}") from None
-        except StorageDamaged as exc:  # a record or metadata that does not decode
+        except (*_DAMAGE, StorageDamaged) as exc:  # LMDB's pages, or a record that does not decode
             raise StorageDamaged(f"{self.where}: damaged, reading {what}: {exc}") from None
         except lmdb.Error as exc:
             raise StorageError(f"{self.where}: cannot read {what}: {exc}") from None
