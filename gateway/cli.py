@@ -50,7 +50,7 @@ def _parser() -> _Parser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--log-format", choices=["text", "json"], help="json: one object per line, for log shippers")
     p.add_argument("--workers", type=int, metavar="N",
-                   help="processes serving the port, each a replica of the shared log (needs storage.backend: redis)")
+                   help="processes serving the port, sharing the log (one LMDB directory, or Redis)")
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)  # set by the supervisor
     return p
 

@@ -85,6 +85,9 @@ class Storage:
     # A replica capturing a stream holds a lease this long, renewed at a third of it; a replica
     # that stops renewing (crashed, frozen) loses its streams to another one after this.
     lease_ttl: float = 6.0
+    # LMDB only: several gateway processes on this host serve from this data directory (set by
+    # workers > 1; set it by hand for separate services sharing one directory).
+    shared: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +149,7 @@ class Config:
     streams: Streams = Streams()
     clients: Clients = Clients()
     # Processes serving the same port (SO_REUSEPORT), each a replica of the shared log: one
-    # gateway host uses every core. More than one needs storage.backend: redis.
+    # gateway host uses every core. With LMDB they share its data directory (storage.shared).
     workers: int = 1
     # Which of them this process is (0 for a single process); its admin port is admin.port + index.
     worker_index: int = 0
@@ -417,6 +420,7 @@ def _storage(raw: Any) -> Storage:
         max_bytes=_size("storage.max_bytes", raw.get("max_bytes", d.max_bytes)),
         retention=parse_duration("storage.retention", raw.get("retention", d.retention)),
         sweep_interval=parse_duration("storage.sweep_interval", raw.get("sweep_interval", d.sweep_interval)),
+        shared=_bool("storage.shared", raw.get("shared", d.shared)),
     )
 
 
@@ -499,9 +503,8 @@ def build_config(raw: Any) -> Config:
     storage = _storage(raw.get("storage"))
     listen = _listen("listen", raw.get("listen"), d.listen)
     workers = _int("workers", raw.get("workers", d.workers), 1, 64)
-    if workers > 1 and storage.backend != "redis":
-        raise ConfigError("workers", workers, "1 with storage.backend lmdb (one process per LMDB log); "
-                          "several workers share the log through storage.backend: redis")
+    if workers > 1 and storage.backend == "lmdb":
+        storage = replace(storage, shared=True)  # every worker serves from the one data directory
     if workers > 1 and listen.port == 0:
         raise ConfigError("listen.port", 0, "a fixed port when workers > 1 (they all listen on it)")
     return Config(

@@ -1,7 +1,8 @@
 """Several gateway processes on one host: a supervisor and its workers.
 
 One Python process uses one core. With ``workers: N`` the command starts N
-copies of itself, each a full gateway and a replica of the shared log (Redis),
+copies of itself, each a full gateway sharing the log (one LMDB data directory on this host,
+``gateway.eventlog.lmdb_shared``, or Redis),
 all listening on the same port (SO_REUSEPORT: the kernel spreads connections);
 worker i has the admin listener on ``admin.port + i``. The supervisor only
 starts them, passes SIGTERM/SIGINT on, and starts a worker again when it dies

@@ -224,6 +224,16 @@ def _redis() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(params=["redis", "lmdb"])
+def shared_storage(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """The storage section of gateway processes sharing one log: a Redis, or one LMDB data directory
+    on this host (what ``workers: N`` does with the embedded log)."""
+    if request.param == "redis":
+        storage: dict[str, Any] = request.getfixturevalue("redis_storage")
+        return storage
+    return {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"}
+
+
 @pytest.fixture
 def redis_storage(redis_server: RedisServer) -> dict[str, Any]:
     """The storage section for a gateway on the shared Redis, under a prefix of this test's own."""

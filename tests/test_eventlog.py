@@ -26,7 +26,9 @@ Opener = Callable[..., Awaitable[EventLog]]
 # "redis-chaos": the same Redis behind a relay that resets the connection of one script call in
 # ten after the script ran and before its reply (an append, a claim, a drop: the commit path), so
 # each contract holds when the gateway cannot know whether its write happened.
-BACKENDS = ["lmdb", "redis", "redis-chaos"]
+# "lmdb-shared": one LMDB directory as several processes of a host share it (``workers: N``): the
+# leases, the size and the id counter in the file, the followers of other processes told by message.
+BACKENDS = ["lmdb", "lmdb-shared", "redis", "redis-chaos"]
 
 
 def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str,
@@ -36,7 +38,7 @@ def _storage(backend: str, tmp_path: Path, request: pytest.FixtureRequest, prefi
         url = server.url if relay is None else f"redis://127.0.0.1:{relay.port}/0"
         base = Storage(backend="redis", redis_url=url, redis_prefix=prefix, lease_ttl=1.5)
     else:
-        base = Storage(path=tmp_path / "log")
+        base = Storage(path=tmp_path / "log", shared=backend == "lmdb-shared", lease_ttl=1.5)
     return replace(base, **kw)
 
 

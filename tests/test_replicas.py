@@ -1,7 +1,9 @@
-"""Several gateway replicas sharing one log on a real Redis: resume on any replica, survive losing one.
+"""Several gateway replicas sharing one log: resume on any replica, survive losing one.
 
-Subprocess replicas where signals matter (SIGKILL, SIGSTOP); in-process ones where the test
-needs to reach inside (the seam hook). Every test checks the same invariant from the client's
+The subprocess tests run twice (``shared_storage``): on a real Redis, and on one LMDB data
+directory several processes of one host share (``workers: N`` with the embedded log). In-process
+replicas, where the test needs to reach inside (the seam hook), are Redis only: LMDB allows one
+environment per process. Every test checks the same invariant from the client's
 side: every event exactly once, ids strictly increasing, the stream ends.
 """
 
@@ -45,12 +47,12 @@ def replica_config(tmp_path: Path, name: str, upstream: str, storage: dict[str, 
 
 
 @pytest.fixture
-def replicas(gateway_process: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any],
+def replicas(gateway_process: Any, fake_upstream: FakeAgentServer, shared_storage: dict[str, Any],
              tmp_path: Path) -> Callable[[int], list[GatewayProcess]]:
-    """Start N gateway subprocesses on one Redis (one prefix), in front of the fake upstream."""
+    """Start N gateway subprocesses on one shared log, in front of the fake upstream."""
     def start(n: int) -> list[GatewayProcess]:
         return [gateway_process("--config", str(replica_config(tmp_path, f"r{i}", fake_upstream.url,
-                                                                  redis_storage))).start() for i in range(n)]
+                                                                  shared_storage))).start() for i in range(n)]
     return start
 
 
@@ -83,6 +85,24 @@ async def test_owner_killed_mid_stream_the_client_resumes_on_another_replica(
     async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
         rest = await asyncio.wait_for(read_events(r), 30)
     assert_exactly_once(seen + rest, 100)
+
+
+async def test_a_live_follower_on_another_replica_gets_every_event_as_it_is_committed(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    a, b = replicas(2)
+    resp = await start_run(http, a.url, 120, delay=0.02)  # a captures it; b only follows
+    loc = resp.headers["Location"]
+    first = await read_events(resp, limit=3)
+    async with http.get(b.url + loc, headers={"Last-Event-ID": first[-1].id or ""}) as r:
+        assert r.status == 200
+        early = await read_events(r, limit=10)
+        # Live, not a replay of a finished run: the owner's client has not seen these yet.
+        assert customs(early)[-1] < 100, "the follower on b got events while the run was still going"
+        rest = await read_events(r)
+    mine = first + await read_events(resp)
+    resp.close()
+    assert_exactly_once(first + early + rest, 120)
+    assert first + early + rest == mine, "b's follower saw exactly what a's client saw"
 
 
 async def test_a_frozen_owner_is_fenced_when_it_wakes(
@@ -142,9 +162,9 @@ async def two_gateways(make_gateway: MakeGateway, fake: FakeAgentServer, tmp_pat
 
 
 async def test_two_replicas_asked_for_the_same_run_at_once_open_one_leg(
-        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        replicas: Callable[[int], list[GatewayProcess]], fake_upstream: FakeAgentServer,
         http: aiohttp.ClientSession) -> None:
-    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    a, b = replicas(2)
     async with aiohttp.ClientSession() as direct:  # a run the gateways did not create
         created = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
                                     json={"assistant_id": "a", "stream_resumable": True,
@@ -247,9 +267,9 @@ async def test_after_redis_lost_everything_old_ids_are_not_held_and_new_ids_are_
 
 
 async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
-        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
+        replicas: Callable[[int], list[GatewayProcess]], fake_upstream: FakeAgentServer,
         http: aiohttp.ClientSession) -> None:
-    a, b = await two_gateways(make_gateway, fake_upstream, tmp_path, redis_storage)
+    a, b = replicas(2)
     resp = await start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
     loc = resp.headers["Location"]
     run_id = (await read_events(resp, limit=1))[0].json["run_id"]
@@ -263,12 +283,12 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
 
 
 async def test_workers_share_one_port_and_a_dead_one_is_replaced(
-        gateway_process: Any, fake_upstream: FakeAgentServer, redis_storage: dict[str, Any], tmp_path: Path,
+        gateway_process: Any, fake_upstream: FakeAgentServer, shared_storage: dict[str, Any], tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
     import os
     import signal
 
-    cfg = replica_config(tmp_path, "w", fake_upstream.url, redis_storage)
+    cfg = replica_config(tmp_path, "w", fake_upstream.url, shared_storage)
     sup = gateway_process("--config", str(cfg), "--workers", "2").start()
     assert sup.proc is not None
 

@@ -28,6 +28,10 @@ def open_log(cfg: Storage, *, on_commit: CommitObserver | None = None) -> EventL
         from gateway.eventlog.redis import RedisEventLog  # only here: the embedded log needs nothing of it
 
         return RedisEventLog(cfg, on_commit=on_commit)
+    if cfg.shared:
+        from gateway.eventlog.lmdb_shared import SharedLmdbEventLog
+
+        return SharedLmdbEventLog(cfg, on_commit=on_commit)
     return LmdbEventLog(cfg, on_commit=on_commit)
 
 

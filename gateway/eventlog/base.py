@@ -364,6 +364,11 @@ class LocalFeeds:
         for f in self._feeds.get(key, ()):
             f.drop()
 
+    def resync_all(self) -> None:
+        """Batches of any stream may have been lost on the way: every follower catches up."""
+        for key in list(self._feeds):
+            self.resync(key)
+
 
 async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], what: str, attempts: int = 20) -> None:
     """Cancel background tasks and wait until they have ended, cancelling again any that went on.

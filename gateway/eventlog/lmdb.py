@@ -45,6 +45,7 @@ from gateway.eventlog.base import (
     CUT,
     LIST_SCAN,
     Batch,
+    ClaimLost,
     CommitObserver,
     EndReason,
     Entry,
@@ -68,6 +69,7 @@ from gateway.sse import Event
 log = logging.getLogger("gateway.eventlog")
 
 _SEQ_KEY = b"seq"
+SIZE_KEY = b"size"  # bytes held, kept by a shared log (one process counts in memory)
 _PROBE_KEY = b"probe"
 _READ_PAGE_BYTES = 4 << 20
 _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
@@ -94,6 +96,11 @@ class _Batch:
     count: int = 0  # events in the records above (metrics)
     nbytes: int = 0  # bytes of those events' bodies (what followers queue)
     revive: bool = False  # begin(): the stream may take writes again after a failure
+    # A shared log (gateway.eventlog.lmdb_shared): bytes this batch adds to the log (negative:
+    # removes), the stream's head the begin() was staged on (-1: not a begin), and "release".
+    size_delta: int = 0
+    expect_head: int = -1
+    op: str | None = None
     result: Any = None
     future: asyncio.Future[Any] | None = None
 
@@ -191,6 +198,8 @@ class LmdbEventLog(EventLog):
         self.health = Health()
         self._feeds = LocalFeeds()
         self._claimed: set[str] = set()
+        # Set by a shared log: committed stream changes are collected for the other processes.
+        self._announcing = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -209,7 +218,7 @@ class LmdbEventLog(EventLog):
             verify_file(path)
             sync = self._cfg.durability == "fsync"
             self._env = lmdb.open(
-                str(path), map_size=self._cfg.map_size, max_dbs=4, max_readers=512,
+                str(path), map_size=self._map_size(), max_dbs=4, max_readers=512,
                 sync=sync, metasync=sync, readahead=False, lock=True,
             )
             self._events_db = self._env.open_db(b"events")
@@ -237,6 +246,7 @@ class LmdbEventLog(EventLog):
                 self._seq = max(self._seq, top, seq_floor())
                 with self._env.begin(write=True) as wtxn:
                     wtxn.put(_SEQ_KEY, str(self._seq).encode(), db=self._meta_db)
+            self._opened_sync()
         except StorageError:
             self._release_dir_lock()
             raise
@@ -246,6 +256,19 @@ class LmdbEventLog(EventLog):
         self._staged = dict(self._metas)
         log.info("event log open at %s: %d streams, %d bytes, next seq %d",
                  path, len(self._metas), self._size, self._seq + 1)
+
+    def _map_size(self) -> int:
+        return self._cfg.map_size
+
+    def _opened_sync(self) -> None:
+        """After the streams are loaded. One process keeps the size held in memory only; a count
+        left by a shared log would be stale the next time one is opened here: dropped."""
+        assert self._env is not None
+        with self._env.begin(db=self._meta_db) as txn:
+            stale = txn.get(SIZE_KEY) is not None
+        if stale:
+            with self._env.begin(write=True, db=self._meta_db) as wtxn:
+                wtxn.delete(SIZE_KEY)
 
     def _take_dir_lock(self, path: Path) -> None:
         # LMDB itself allows several processes; two gateways on one log would both hand out
@@ -328,6 +351,10 @@ class LmdbEventLog(EventLog):
     def size(self) -> int:
         return self._size
 
+    def _holds(self, key: str) -> bool:
+        """Whether reads of ``key`` can find anything (a shared log: another process may hold it)."""
+        return key in self._metas
+
     async def last_seq(self) -> int:
         return self._seq
 
@@ -395,7 +422,8 @@ class LmdbEventLog(EventLog):
             staged = replace(meta, base=self._seq, created_at=now, updated_at=now)
         self._staged[meta.key] = staged
         self._broken.discard(meta.key)
-        await self._submit(_Batch(key=meta.key, metas={meta.key: staged}, revive=True))
+        await self._submit(_Batch(key=meta.key, metas={meta.key: staged}, revive=True,
+                                  expect_head=existing.head if existing is not None else 0))
         return self._metas[meta.key]
 
     # --- writes ------------------------------------------------------------------------------
@@ -415,6 +443,7 @@ class LmdbEventLog(EventLog):
         batch.count += enc.count
         batch.nbytes += enc.nbytes
         self._seq = batch.seq = first + enc.count - 1
+        batch.size_delta += len(key) + len(enc.record)
         staged = meta.advanced(batch.seq, meta.count + enc.count, meta.size + len(key) + len(enc.record),
                                enc.last_upstream_id or meta.last_upstream_id, enc.last_event, now)
         return staged, entries
@@ -490,40 +519,50 @@ class LmdbEventLog(EventLog):
             started = time.perf_counter()
             error: BaseException | None = None
             refused: set[int] = set()
+            fenced: set[int] = set()
             try:
-                refused = self._commit_group(group, broken)
+                refused, fenced = self._commit_group(group, broken)
             except BaseException as exc:  # reported to every waiter; the thread lives on
                 if not failing:
                     log.error("event log commit failed: %s", exc)
                 error = exc
                 broken.update(b.key for b in group if b.key is not None)
             failing = error is not None
-            self._report(group, refused, error, time.perf_counter() - started, recovered=not failing)
+            self._report(group, refused, fenced, error, time.perf_counter() - started, recovered=not failing)
 
-    def _report(self, group: list[_Batch], refused: set[int], error: BaseException | None, seconds: float,
-                recovered: bool) -> None:
+    def _report(self, group: list[_Batch], refused: set[int], fenced: set[int], error: BaseException | None,
+                seconds: float, recovered: bool) -> None:
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(self._resolve, group, refused, error, seconds, recovered)
+            self._loop.call_soon_threadsafe(self._resolve, group, refused, fenced, error, seconds, recovered)
         except RuntimeError:  # loop already closed at shutdown
             pass
 
-    def _commit_group(self, batches: list[_Batch], broken: set[str]) -> set[int]:
-        """Apply a group in one transaction; returns the indexes of batches refused (broken streams)."""
+    def _commit_group(self, batches: list[_Batch], broken: set[str]) -> tuple[set[int], set[int]]:
+        """Apply a group in one transaction; returns the indexes of batches refused (broken streams),
+        and of those the ones refused because another process captures their stream now."""
         assert self._env is not None
         while True:
             refused: set[int] = set()
+            fenced: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
+                    self._screen(txn, batches, fenced)  # before the loop is held: it may read
+                    refused |= fenced
                     with self._loop_held():
                         self._apply(txn, batches, broken, refused)
                     # The commit (and its fsync) runs with the GIL released: the loop goes on meanwhile.
-                for b in batches:
-                    if b.revive and b.key is not None:
+                for i, b in enumerate(batches):
+                    if b.revive and b.key is not None and i not in fenced:
                         broken.discard(b.key)
-                return refused
+                return refused, fenced
             except lmdb.MapFullError:
                 self._grow_map()
+            except lmdb.MapResizedError:  # another process sharing the log grew the map
+                self._adopt_map()
+
+    def _screen(self, txn: lmdb.Transaction, batches: list[_Batch], fenced: set[int]) -> None:
+        """Refuse batches this process may no longer write (a shared log checks its leases here)."""
 
     @contextlib.contextmanager
     def _loop_held(self) -> Iterator[None]:
@@ -559,8 +598,11 @@ class LmdbEventLog(EventLog):
         top = 0
         revived: set[str] = set()
         metas: dict[str, StreamMeta | None] = {}
+        spared: set[str] = set()  # chosen by retention, but opened again by another process since
         puts: list[tuple[bytes, bytes]] = []
         for i, b in enumerate(batches):
+            if i in refused:
+                continue
             if b.key is not None and b.key in broken and not b.revive and b.key not in revived:
                 refused.add(i)
                 continue
@@ -571,6 +613,9 @@ class LmdbEventLog(EventLog):
             for k in b.drop_keys:
                 txn.delete(k, db=self._events_db)
             for prefix in b.drop_prefixes:
+                if not self._may_drop(txn, prefix):
+                    spared.add(prefix[:-1].decode())
+                    continue
                 cur = txn.cursor(db=self._events_db)
                 if cur.set_range(prefix):
                     while bytes(cur.key()).startswith(prefix):
@@ -585,11 +630,23 @@ class LmdbEventLog(EventLog):
         # the writer's time under the GIL.
         for key, meta in metas.items():
             if meta is None:
-                txn.delete(key.encode(), db=self._streams_db)
+                if key not in spared:
+                    txn.delete(key.encode(), db=self._streams_db)
             else:
                 txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
         if top:
-            txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
+            self._store_seq(txn, top)
+        self._applied(txn, batches, refused)
+
+    def _may_drop(self, txn: lmdb.Transaction, prefix: bytes) -> bool:
+        """Whether a stream retention chose may still go (a shared log: nobody re-opened it since)."""
+        return True
+
+    def _store_seq(self, txn: lmdb.Transaction, top: int) -> None:
+        txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
+
+    def _applied(self, txn: lmdb.Transaction, batches: list[_Batch], refused: set[int]) -> None:
+        """The group's writes are in ``txn`` (a shared log adds the size held)."""
 
     def _put_events(self, txn: lmdb.Transaction, puts: list[tuple[bytes, bytes]]) -> None:
         if puts:
@@ -611,8 +668,16 @@ class LmdbEventLog(EventLog):
             log.debug("storage probe failed: %s", exc)
             return False
         log.info("event log storage takes writes again")
-        self._report([], set(), None, 0.0, recovered=True)
+        self._report([], set(), set(), None, 0.0, recovered=True)
         return True
+
+    def _adopt_map(self) -> None:
+        assert self._env is not None
+        self._rw.acquire_write()
+        try:
+            self._env.set_mapsize(0)  # 0: the size the file's header says (another process grew it)
+        finally:
+            self._rw.release_write()
 
     def _grow_map(self) -> None:
         assert self._env is not None
@@ -626,8 +691,8 @@ class LmdbEventLog(EventLog):
 
     # --- back on the loop --------------------------------------------------------------------
 
-    def _resolve(self, group: list[_Batch], refused: set[int], error: BaseException | None, seconds: float,
-                 recovered: bool) -> None:
+    def _resolve(self, group: list[_Batch], refused: set[int], fenced: set[int], error: BaseException | None,
+                 seconds: float, recovered: bool) -> None:
         # In submission order: a stream's commits resolve (and publish) in the order they were made.
         if group and self._on_commit is not None:
             self._on_commit(sum(b.count for b in group), seconds, error is None)
@@ -644,14 +709,25 @@ class LmdbEventLog(EventLog):
             else:
                 self._apply_committed(b)
             fut = b.future
+            if i in fenced and b.key is not None:
+                self._fenced(b.key)
             if fut is None or fut.done():
                 continue
-            if failed:
+            if i in fenced:
+                fut.set_exception(ClaimLost(f"stream {b.key} is captured by another gateway process now"))
+            elif failed:
                 fut.set_exception(StorageError(f"commit failed: {self.failure or 'the stream stopped at a failed commit'}"))
             else:
                 fut.set_result(b.result)
         if group:
+            self._committed(group)
             self._hand_over()  # what came while this group committed: the next group, at once
+
+    def _fenced(self, key: str) -> None:
+        """Another process captures ``key`` now (a shared log only)."""
+
+    def _committed(self, group: list[_Batch]) -> None:
+        """A group is committed and its futures resolved (a shared log tells the other processes)."""
 
     def _apply_committed(self, b: _Batch) -> None:
         for key, meta in b.metas.items():
@@ -664,8 +740,14 @@ class LmdbEventLog(EventLog):
             self._metas[key] = meta
             if key == b.key and b.result:  # the stream's own events: its followers get them now
                 self._feeds.deliver(key, Batch("events", b.result, old.head if old is not None else 0, b.nbytes))
-            if key == b.key and not meta.open and (old is None or old.open):
+            ended = key == b.key and not meta.open and (old is None or old.open)
+            if ended:
                 self._feeds.deliver(key, Batch("end", prev=meta.head))
+            if self._announcing and key == b.key and (b.result or ended):
+                self._announce(key, old.head if old is not None else 0, meta.head, b.nbytes, ended)
+
+    def _announce(self, key: str, prev: int, head: int, nbytes: int, ended: bool) -> None:
+        """A stream's commit, for the other processes sharing the log (a shared log only)."""
 
     def _fail_batch(self, b: _Batch, error: BaseException | None) -> None:
         if b.key is None:
@@ -681,7 +763,7 @@ class LmdbEventLog(EventLog):
     # --- reads -------------------------------------------------------------------------------
 
     async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
-        if after >= upto or key not in self._metas:
+        if after >= upto or not self._holds(key):
             return []
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._read_sync, key, after, upto, limit)
@@ -727,7 +809,7 @@ class LmdbEventLog(EventLog):
         return out
 
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
-        if key not in self._metas:
+        if not self._holds(key):
             return []
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._tail_sync, key, limit)
@@ -795,6 +877,7 @@ class LmdbEventLog(EventLog):
         if not keys or staged is None or key in self._broken:
             return
         batch.drop_keys.extend(keys)
+        batch.size_delta -= size
         self._staged[key] = batch.metas[key] = replace(staged, size=staged.size - size, first_seq=next_seq)
 
     def _old_records(self, key: str, cutoff: float) -> tuple[list[bytes], int, int]:

@@ -1,0 +1,534 @@
+"""One LMDB data directory shared by several gateway processes on one host (``workers: N``).
+
+Every process opens the same environment; LMDB serialises their write transactions, each
+process's writer thread still commits a whole group at once. What one process alone kept in
+memory is kept in the file instead, and decided inside the write transaction:
+
+- **Leases** (``leases`` database: stream key -> owning process, ``-`` when free). A process
+  captures a stream only while its lease names it, taken by a claim in a write transaction; every
+  group checks the lease of each stream it writes (fencing: a stalled owner whose streams were
+  taken over cannot write them). Whether an owner is alive is ``gateway.eventlog.siblings``' call.
+- **Ids**: each process hands out ids from its own counter, and the file's counter is the
+  highest committed by anyone. Beginning a capture moves the process's counter above the file's,
+  and the begin commits only if the stream's head is still what it was staged on, so every id of
+  a stream is above every id it held before (on whichever process).
+- **The size held** is a counter in the file, moved by each group; retention decides from the
+  file's streams and re-checks in the transaction that a stream it drops is still closed.
+- **The live feed**: after each group a process tells the others which streams moved (key, old
+  and new head, ended); one that has followers of a stream reads the new events from the file and
+  hands them to them. Follower counts and cancel requests travel the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import lmdb
+
+from gateway.config import Storage
+from gateway.eventlog.base import (
+    LIST_SCAN,
+    Batch,
+    ClaimLost,
+    CommitObserver,
+    StorageDamaged,
+    StorageError,
+    StreamMeta,
+    accepting,
+    to_evict,
+)
+from gateway.eventlog.lmdb import _SEQ_KEY, SIZE_KEY, LmdbEventLog, _Batch, _prefix
+from gateway.eventlog.siblings import FREE, Message, Siblings
+from gateway.metrics import LeaseLoss
+
+log = logging.getLogger("gateway.eventlog")
+
+# Stream changes per message: a datagram stays well under the kernel's limits.
+_ANNOUNCE_CHUNK = 200
+# The map is reserved at this multiple of the disk budget up front: growing it under other
+# processes makes each of them re-map (MapResizedError) in the middle of their reads.
+_MAP_HEADROOM = 4
+
+
+def _bytes(raw: Any) -> bytes | None:
+    """A value read in a write transaction (the writer's transactions hand out buffers)."""
+    return bytes(raw) if raw is not None else None
+
+
+class SharedLmdbEventLog(LmdbEventLog):
+    def __init__(self, cfg: Storage, *, on_commit: CommitObserver | None = None) -> None:
+        super().__init__(cfg, on_commit=on_commit)
+        self.takeover_interval = cfg.lease_ttl / 2
+        self._announcing = True
+        self._siblings = Siblings(cfg.path, cfg.lease_ttl, self._on_message, self._on_gone)
+        self._me = self._siblings.me.encode()
+        self._leases_db: Any = None
+        self._lost_callbacks: list[Callable[[str, LeaseLoss], None]] = []
+        self._outgoing: list[list[Any]] = []  # this group's stream changes, for the others
+        self._followers_here: dict[str, int] = {}
+        self._followers_due: dict[str, int] = {}
+        self._followers_elsewhere: dict[str, dict[str, int]] = {}  # sibling -> key -> followers
+        self._ready = asyncio.Event()
+        self._awaiting: set[str] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._looked_unleased = False
+        self._beginning: set[str] = set()
+        # Whether the log holds something finished that retention could evict to make room: known
+        # at open and at each sweep, and set whenever any process ends a stream.
+        self._evictable = False
+        self._stored_size: int | None = None  # writer thread: the size held after its last group
+        self._dropped_bytes = 0  # writer thread, per group
+
+    @property
+    def worker(self) -> str:
+        return self._siblings.me
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        await super().open()
+        loop = asyncio.get_running_loop()
+        self._siblings.start(loop)
+        self._awaiting = set(self._siblings.peers)
+        for who in self._awaiting:
+            self._siblings.send(who, ["hello", self.worker])
+        if self._awaiting:
+            loop.call_later(1.0, self._ready.set)  # a sibling that never answers is not waited for
+        else:
+            self._ready.set()
+        self._spawn(self._beat_loop(), "siblings-beat")
+        log.info("event log shared by gateway processes on this host; this one is %s", self.worker)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close()
+        self._siblings.stop()
+
+    def _map_size(self) -> int:
+        return max(self._cfg.map_size, _MAP_HEADROOM * self._cfg.max_bytes)
+
+    def _take_dir_lock(self, path: Path) -> None:
+        # Shared with the other workers; never with a gateway that owns the directory alone.
+        fd = os.open(path / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StorageError(f"data directory {path} is in use by a gateway process that does not share it "
+                               "(workers: 1)") from None
+        self._lock_fd = fd
+
+    def _opened_sync(self) -> None:
+        assert self._env is not None
+        self._leases_db = self._env.open_db(b"leases")
+        with self._env.begin(write=True, db=self._meta_db) as txn:
+            raw = txn.get(SIZE_KEY)
+            if raw is None:  # the first process on this directory counts what the log holds
+                txn.put(SIZE_KEY, str(self._size).encode())
+            else:
+                self._size = int(raw)
+        self._evictable = any(not m.open for m in self._metas.values())
+        # Only the streams this process captures are kept in memory; the rest is read from the file.
+        self._metas.clear()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("shared log task %s failed: %r", task.get_name(), task.exception())
+
+    async def _beat_loop(self) -> None:
+        ttl = self._cfg.lease_ttl
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(ttl / 3)
+            now = time.monotonic()
+            stalled, last = now - last > ttl, now
+            self._siblings.beat()
+            self._siblings.scan()
+            self._siblings.settle()
+            if stalled:  # others may have taken this process's streams over meanwhile
+                for key in list(self._claimed):
+                    if self._lease_of(key) not in (None, self.worker):
+                        log.warning("lease on %s was lost (this process stalled past %gs?)", key, ttl)
+                        self._lost(key, "renewal")
+
+    # --- reads from the file ---------------------------------------------------------------------
+
+    def _txn(self, db: Any) -> Any:
+        if self._env is None:
+            raise StorageError("event log is closed")
+        return self._env.begin(db=db)
+
+    def _read_meta(self, key: str) -> StreamMeta | None:
+        self._rw.acquire_read()
+        try:
+            with self._txn(self._streams_db) as txn:
+                raw = txn.get(key.encode())
+        finally:
+            self._rw.release_read()
+        return StreamMeta.from_bytes(raw) if raw is not None else None
+
+    def _lease_of(self, key: str) -> str | None:
+        self._rw.acquire_read()
+        try:
+            with self._txn(self._leases_db) as txn:
+                raw = txn.get(key.encode())
+        finally:
+            self._rw.release_read()
+        return bytes(raw).decode() if raw is not None else None
+
+    def _stored_seq(self) -> int:
+        self._rw.acquire_read()
+        try:
+            with self._txn(self._meta_db) as txn:
+                raw = txn.get(_SEQ_KEY)
+        finally:
+            self._rw.release_read()
+        return int(raw) if raw is not None and raw.isdigit() else 0
+
+    def get(self, key: str) -> StreamMeta | None:
+        mine = self._metas.get(key) if key in self._claimed else None
+        return mine if mine is not None else self._read_meta(key)
+
+    async def lookup(self, key: str) -> StreamMeta | None:
+        return self.get(key)
+
+    async def streams(self) -> list[StreamMeta]:
+        out: list[StreamMeta] = []
+        after = ""
+        while True:
+            page, after_next = await self.list_streams(after, LIST_SCAN, lambda m: True)
+            out += page
+            if after_next is None:
+                return out
+            after = after_next
+
+    def _holds(self, key: str) -> bool:
+        return True
+
+    async def last_seq(self) -> int:
+        return max(self._seq, self._stored_seq())
+
+    def accepting(self, key: str | None = None) -> bool:
+        return accepting(self.failure, self._size, self._cfg.max_bytes, self._evictable)
+
+    # --- leases ------------------------------------------------------------------------------------
+
+    async def claim(self, key: str) -> bool:
+        owner = self._lease_of(key)
+        if owner is not None and owner != self.worker and self._siblings.alive(owner):
+            return False  # the common refusal, without a write
+        # Taken in a write transaction: of two processes claiming at once, one gets it (and opens
+        # the one upstream leg).
+        taken = bool(await self._submit(_Batch(op="claim", result=key)))
+        if taken:
+            self._claimed.add(key)
+            self._adopt(key)
+        return taken
+
+    def _adopt(self, key: str) -> None:
+        """This process writes ``key`` from now on: from what the file holds of it, with ids above
+        every id anyone committed before (the stream's own included)."""
+        if key not in self._staged:
+            held = self._read_meta(key)
+            if held is not None:
+                self._staged[key] = self._metas[key] = held
+        self._seq = max(self._seq, self._stored_seq())
+
+    async def release(self, key: str) -> None:
+        self._claimed.discard(key)
+        await self._submit(_Batch(op="release", result=key))
+        if key not in self._claimed:  # not claimed again meanwhile: another process may write it now
+            self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        self._metas.pop(key, None)
+        self._staged.pop(key, None)
+        self._broken.discard(key)
+
+    async def unowned(self) -> list[StreamMeta]:
+        return await asyncio.get_running_loop().run_in_executor(None, self._unowned_sync)
+
+    def _unowned_sync(self) -> list[StreamMeta]:
+        out: list[StreamMeta] = []
+        self._rw.acquire_read()
+        try:
+            with self._txn(None) as txn:
+                leases = {bytes(k).decode(): bytes(v).decode() for k, v in txn.cursor(db=self._leases_db)}
+                keys = [k for k, who in leases.items() if not self._siblings.alive(who)]
+                for key in keys:
+                    raw = txn.get(key.encode(), db=self._streams_db)
+                    meta = StreamMeta.from_bytes(raw) if raw is not None else None
+                    if meta is not None and meta.open:
+                        out.append(meta)
+                if not self._looked_unleased:  # open streams from before the log was shared
+                    for _k, v in txn.cursor(db=self._streams_db):
+                        meta = StreamMeta.from_bytes(v)
+                        if meta.open and meta.key not in leases:
+                            out.append(meta)
+        finally:
+            self._rw.release_read()
+        self._looked_unleased = True
+        return out
+
+    def on_lost(self, callback: Callable[[str, LeaseLoss], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def _lost(self, key: str, how: LeaseLoss) -> None:
+        if key not in self._claimed:
+            return  # told once per claim
+        self._claimed.discard(key)
+        self._forget(key)
+        for cb in self._lost_callbacks:
+            cb(key, how)
+
+    def _fenced(self, key: str) -> None:
+        if key in self._beginning:  # lost the race to begin it: not a lease lost, just someone else's
+            self._claimed.discard(key)
+            self._forget(key)
+        else:
+            self._lost(key, "fenced")
+
+    # --- the writer thread: decided in the write transaction ----------------------------------------
+
+    def _screen(self, txn: lmdb.Transaction, batches: list[_Batch], fenced: set[int]) -> None:
+        self._dropped_bytes = 0
+        me = self._me
+        owners: dict[str, bytes | None] = {}
+        heads: dict[str, int] = {}  # what earlier batches of this group leave a stream's head at
+
+        def owner(key: str) -> bytes | None:
+            if key not in owners:
+                raw = txn.get(key.encode(), db=self._leases_db)
+                owners[key] = bytes(raw) if raw is not None else None
+            return owners[key]
+
+        def held_elsewhere(key: str) -> bool:
+            who = owner(key)
+            return who is not None and who != me and self._siblings.alive(who.decode())
+
+        for i, b in enumerate(batches):
+            if b.op == "claim":
+                key = b.result
+                b.result = not held_elsewhere(key)
+                if b.result:
+                    txn.put(key.encode(), me, db=self._leases_db)
+                    owners[key] = me
+                continue
+            if b.op == "release":
+                key = b.result
+                b.result = None
+                if owner(key) == me:
+                    raw = _bytes(txn.get(key.encode(), db=self._streams_db))
+                    if raw is not None and StreamMeta.from_bytes(raw).open:
+                        txn.put(key.encode(), FREE.encode(), db=self._leases_db)  # open: anyone takes it over
+                        owners[key] = FREE.encode()
+                    else:
+                        txn.delete(key.encode(), db=self._leases_db)
+                        owners[key] = None
+                continue
+            key = b.key
+            if key is None:
+                continue
+            if b.revive:  # begin(): take the lease, if the stream is still what it was staged on
+                if key not in heads:
+                    raw = _bytes(txn.get(key.encode(), db=self._streams_db))
+                    heads[key] = StreamMeta.from_bytes(raw).head if raw is not None else 0
+                if held_elsewhere(key) or heads[key] != b.expect_head:
+                    fenced.add(i)
+                    continue
+                if owner(key) != me:
+                    txn.put(key.encode(), me, db=self._leases_db)
+                    owners[key] = me
+            elif owner(key) != me:
+                fenced.add(i)
+                continue
+            staged = b.metas.get(key)
+            if staged is not None:
+                heads[key] = staged.head
+
+    def _may_drop(self, txn: lmdb.Transaction, prefix: bytes) -> bool:
+        raw = _bytes(txn.get(prefix[:-1], db=self._streams_db))
+        if raw is None:
+            return False  # another process dropped it already
+        meta = StreamMeta.from_bytes(raw)
+        if meta.open:
+            return False
+        self._dropped_bytes += meta.size
+        return True
+
+    def _store_seq(self, txn: lmdb.Transaction, top: int) -> None:
+        raw = _bytes(txn.get(_SEQ_KEY, db=self._meta_db))
+        if raw is None or not raw.isdigit() or int(raw) < top:  # others count too: never backwards
+            txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
+
+    def _applied(self, txn: lmdb.Transaction, batches: list[_Batch], refused: set[int]) -> None:
+        raw = _bytes(txn.get(SIZE_KEY, db=self._meta_db))
+        size = int(raw) if raw is not None and raw.isdigit() else 0
+        size += sum(b.size_delta for i, b in enumerate(batches) if i not in refused) - self._dropped_bytes
+        size = max(size, 0)
+        txn.put(SIZE_KEY, str(size).encode(), db=self._meta_db)
+        self._stored_size = size
+
+    # --- back on the loop ----------------------------------------------------------------------------
+
+    def _announce(self, key: str, prev: int, head: int, nbytes: int, ended: bool) -> None:
+        self._outgoing.append([key, prev, head, nbytes, ended])
+        self._evictable = self._evictable or ended
+
+    def _committed(self, group: list[_Batch]) -> None:
+        if self._stored_size is not None:
+            self._size = self._stored_size
+        out, self._outgoing = self._outgoing, []
+        for i in range(0, len(out), _ANNOUNCE_CHUNK):
+            self._siblings.broadcast(["commit", self.worker, out[i:i + _ANNOUNCE_CHUNK]])
+
+    def _on_message(self, sender: str, message: Message) -> None:
+        kind = message[0]
+        if kind == "commit":
+            self._deliver(message[2])
+        elif kind == "followers":
+            counts = self._followers_elsewhere.setdefault(sender, {})
+            for key, n in message[2].items():
+                if n:
+                    counts[key] = n
+                else:
+                    counts.pop(key, None)
+        elif kind == "hello":
+            self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
+        elif kind == "welcome":
+            self._followers_elsewhere[sender] = dict(message[2])
+            self._awaiting.discard(sender)
+            if not self._awaiting:
+                self._ready.set()
+        elif kind == "cancel":
+            key = message[2]
+            if key in self._claimed:
+                self._spawn(LmdbEventLog.request_cancel(self, key), "cancel-request")
+        elif kind == "resync":  # a message from ``sender`` was dropped: catch up from the file
+            self._feeds.resync_all()
+
+    def _deliver(self, changes: list[list[Any]]) -> None:
+        """Another process committed: hand what it wrote to this process's followers of those streams."""
+        for key, prev, head, nbytes, ended in changes:
+            self._evictable = self._evictable or ended
+            if not self._feeds.following(key):
+                continue
+            if head > prev:
+                try:
+                    entries = self._read_sync(key, prev, head, 1 << 30)
+                except (StorageError, lmdb.Error) as exc:
+                    log.warning("reading %s for its followers failed (%s): they catch up from the log", key, exc)
+                    self._feeds.resync(key)
+                    continue
+                if entries:
+                    self._feeds.deliver(key, Batch("events", entries, prev, nbytes))
+            if ended:
+                self._feeds.deliver(key, Batch("end", prev=head))
+
+    def _on_gone(self, who: str) -> None:
+        self._followers_elsewhere.pop(who, None)
+        self._awaiting.discard(who)
+        if not self._awaiting:
+            self._ready.set()
+
+    # --- the live feed, followers, cancel requests ------------------------------------------------------
+
+    async def ready(self, feed: Any) -> None:
+        await self._ready.wait()  # every sibling knows this process: it is told of each commit
+
+    def set_followers(self, key: str, here: int) -> None:
+        if here:
+            self._followers_here[key] = here
+        else:
+            self._followers_here.pop(key, None)
+        if not self._followers_due and self._loop is not None:
+            self._loop.call_soon(self._publish_followers)
+        self._followers_due[key] = here
+
+    def _publish_followers(self) -> None:
+        due, self._followers_due = self._followers_due, {}
+        items = list(due.items())
+        for i in range(0, len(items), _ANNOUNCE_CHUNK):
+            self._siblings.broadcast(["followers", self.worker, dict(items[i:i + _ANNOUNCE_CHUNK])])
+
+    async def followers(self, key: str, here: int) -> int:
+        return here + sum(counts.get(key, 0) for counts in self._followers_elsewhere.values())
+
+    async def request_cancel(self, key: str) -> None:
+        if key in self._claimed:
+            await super().request_cancel(key)
+        else:
+            self._siblings.broadcast(["cancel", self.worker, key])  # the owner notes it on the stream
+
+    # --- begin, retention ------------------------------------------------------------------------------
+
+    async def begin(self, meta: StreamMeta) -> StreamMeta:
+        key = meta.key
+        self._adopt(key)
+        self._claimed.add(key)
+        self._beginning.add(key)
+        try:
+            return await super().begin(meta)
+        finally:
+            self._beginning.discard(key)
+
+    def _evict_to_budget(self, *, exclude: str | None = None) -> None:
+        batch = _Batch()
+        metas = self._file_metas()
+        doomed = to_evict(metas, self._size, self._cfg.max_bytes, float("-inf"), exclude)
+        for m in doomed:
+            self._drop_shared(batch, m)
+        self._evictable = len(doomed) < sum(1 for m in metas if not m.open)
+        if batch.drop_prefixes:
+            self._submit(batch)
+
+    def _file_metas(self) -> list[StreamMeta]:
+        self._rw.acquire_read()
+        try:
+            with self._txn(self._streams_db) as txn:
+                return [StreamMeta.from_bytes(v) for _k, v in txn.cursor()]
+        finally:
+            self._rw.release_read()
+
+    def _drop_shared(self, batch: _Batch, meta: StreamMeta) -> None:
+        batch.drop_prefixes.append(_prefix(meta.key))
+        batch.metas[meta.key] = None
+        self._size -= meta.size  # until the commit says what the log holds
+        self._forget(meta.key)
+
+    async def sweep(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        cutoff = now - self._cfg.retention
+        metas = await asyncio.get_running_loop().run_in_executor(None, self._file_metas)
+        batch = _Batch()
+        doomed = to_evict(metas, self._size, self._cfg.max_bytes, cutoff)
+        for m in doomed:
+            self._drop_shared(batch, m)
+        self._evictable = len(doomed) < sum(1 for m in metas if not m.open)
+        for key in list(self._claimed):
+            mine = self._metas.get(key)
+            if mine is not None and mine.open and mine.endless:
+                await self._trim(batch, key, cutoff)
+        if batch.metas or batch.drop_prefixes or batch.drop_keys:
+            await self._submit(batch)
+        if doomed:
+            log.info("retention removed up to %d streams; %d bytes held", len(doomed), self._size)
+        return len(doomed)
+
+
+__all__ = ["SharedLmdbEventLog"]
