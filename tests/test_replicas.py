@@ -74,17 +74,23 @@ async def test_three_replicas_serve_each_others_resumes(
         assert await join(http, replica.url + loc, "-1") == seen + middle + rest
 
 
+@pytest.mark.parametrize("kill_after", [2, 15, 60])
 async def test_owner_killed_mid_stream_the_client_resumes_on_another_replica(
-        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession, kill_after: int) -> None:
     a, b, _c = replicas(3)
-    resp = await start_run(http, a.url, 100)  # resumable upstream: the gateway asked for it
+    resp = await start_run(http, a.url, 100, delay=0.005)  # resumable upstream: the gateway asked for it
     loc = resp.headers["Location"]
-    seen = await read_events(resp, limit=15)
+    # Meanwhile b captures a run of its own: its commits go on whenever a dies (on LMDB, a may die
+    # inside a write transaction, holding the lock every process commits under).
+    own = await start_run(http, b.url, 150, delay=0.005)
+    seen = await read_events(resp, limit=kill_after)
     a.kill()  # SIGKILL the owner: its lease runs out, another replica takes the capture over
     resp.close()
     async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
         rest = await asyncio.wait_for(read_events(r), 30)
     assert_exactly_once(seen + rest, 100)
+    assert_exactly_once(await asyncio.wait_for(read_events(own), 30), 150)
+    own.close()
 
 
 async def test_a_live_follower_on_another_replica_gets_every_event_as_it_is_committed(

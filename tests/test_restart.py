@@ -130,6 +130,28 @@ def test_second_gateway_on_the_same_data_directory_is_refused(gateway_process: A
     assert first.proc is not None and first.proc.poll() is None
 
 
+@pytest.mark.parametrize("first_shares", [False, True], ids=["alone-first", "shared-first"])
+def test_a_gateway_alone_on_a_data_directory_and_gateways_sharing_it_never_meet(
+        gateway_process: Any, tmp_path: Path, first_shares: bool) -> None:
+    def config(shared: bool) -> str:
+        path = tmp_path / f"{'shared' if shared else 'alone'}.yaml"
+        path.write_text("upstreams:\n  default:\n    urls: [http://127.0.0.1:9]\n"
+                        f"storage:\n  path: {tmp_path / 'data'}\n  shared: {str(shared).lower()}\n")
+        return str(path)
+
+    first = gateway_process("--config", config(first_shares)).start()
+    if first_shares:  # a second sharing process is welcome
+        gateway_process("--config", config(True)).start()
+    second = gateway_process("--config", config(not first_shares))
+    try:
+        second.start(timeout=10)
+        raise AssertionError("a gateway started on a data directory used the other way")
+    except RuntimeError as exc:
+        assert "in use by" in str(exc)
+    assert second.proc is not None and second.proc.returncode == 1
+    assert first.proc is not None and first.proc.poll() is None
+
+
 async def test_sigterm_lets_an_in_flight_plain_request_finish(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")).start()

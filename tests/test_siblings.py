@@ -1,0 +1,70 @@
+"""The processes sharing one LMDB directory: who is alive, and that a message that could not be
+delivered is never a silent loss (the receiver is told to catch up from the log)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.eventlog.siblings import FREE, Siblings
+
+
+def pair(tmp_path: Path, ttl: float = 5.0) -> tuple[Siblings, Siblings, list[Any], list[Any]]:
+    got_a: list[Any] = []
+    got_b: list[Any] = []
+    a = Siblings(tmp_path, ttl, lambda who, m: got_a.append(m), lambda who: None)
+    b = Siblings(tmp_path, ttl, lambda who, m: got_b.append(m), lambda who: None)
+    return a, b, got_a, got_b
+
+
+async def test_a_sibling_whose_queue_was_full_is_told_to_catch_up(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    a, b, _, got_b = pair(tmp_path)
+    a.start(loop)
+    b.start(loop)
+    try:
+        assert a.scan() == {b.me}
+        assert b._sock is not None
+        loop.remove_reader(b._sock.fileno())  # b's loop is busy: its queue fills up
+        sent = 0
+        while sent < 100_000 and a.send(b.me, ["commit", a.me, [["k", sent, sent + 1, 10, False]]]):
+            sent += 1
+        assert 0 < sent < 100_000, "the queue filled up"
+        loop.add_reader(b._sock.fileno(), b._readable)  # b reads again
+        for _ in range(100):
+            if got_b and got_b[-1][0] == "resync":
+                break
+            await asyncio.sleep(0.02)
+        commits = [m for m in got_b if m[0] == "commit"]
+        assert [m[2][0][1] for m in commits] == list(range(sent)), "every message that was sent arrived, in order"
+        assert got_b[-1] == ["resync", a.me], "then the message that was dropped is made up for"
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_a_sibling_is_alive_while_it_holds_its_lock_and_beats(tmp_path: Path) -> None:
+    loop = asyncio.get_running_loop()
+    a, b, _, _ = pair(tmp_path, ttl=2.0)
+    a.start(loop)
+    b.start(loop)
+    try:
+        assert a.alive(b.me) and b.alive(a.me)
+        assert not a.alive(FREE) and not a.alive("../escape") and not a.alive("never-was")
+        stale = time.time() - 10
+        os.utime(tmp_path / "workers" / f"{b.me}.lock", (stale, stale))  # b's loop stopped beating
+        assert not a.alive(b.me), "a stalled sibling loses its streams"
+        b.beat()
+        assert a.alive(b.me), "and is alive again once it beats"
+        assert b._lock_fd is not None
+        os.close(b._lock_fd)  # as when it dies (SIGKILL included): the kernel lets its lock go, the file stays
+        b._lock_fd = None
+        assert not a.alive(b.me)
+        assert not (tmp_path / "workers" / f"{b.me}.lock").exists(), "a dead sibling's file is cleared away"
+        assert a.scan() == set()
+    finally:
+        a.stop()
+        b.stop()
