@@ -281,3 +281,11 @@ def test_example_config_env_hooks() -> None:
     cfg = load_config(str(EXAMPLE), env={"UPSTREAM_URL": "http://agent:8000", "GATEWAY_DATA_DIR": "/data"})
     assert cfg.upstream("default").urls == (URL("http://agent:8000"),)
     assert cfg.storage.path == Path("/data")
+
+
+@pytest.mark.parametrize("workers, backend, shared", [(1, "lmdb", False), (2, "lmdb", True), (2, "redis", False)])
+def test_workers_on_the_embedded_log_share_its_data_directory(tmp_path: Path, workers: int, backend: str,
+                                                              shared: bool) -> None:
+    cfg = load_text(tmp_path, "upstreams:\n  default:\n    urls: [http://127.0.0.1:2024]\n"
+                    f"listen: {{port: 8080}}\nworkers: {workers}\nstorage: {{backend: {backend}}}\n")
+    assert cfg.workers == workers and cfg.storage.shared is shared
