@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -66,3 +67,31 @@ async def test_concurrent_subscribers(lg_gateway: RunningGateway, http: aiohttp.
     for got in results:
         assert customs(got) == list(range(30))
         assert_ids_increase(got)
+
+
+async def test_workers_on_the_embedded_log_in_front_of_the_real_server_survive_the_owner_killed(
+        gateway_process: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two gateway processes on one LMDB directory (what ``--workers 2`` runs): a live follower on
+    the second, the first SIGKILLed mid-run; the second takes the run over from the real server."""
+    cfg = tmp_path / "w.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{langgraph_server.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\n  shared: true\n  lease_ttl: 1500ms\n"
+                   "streams:\n  reattach_backoff: 100ms\n")
+    a, b = (gateway_process("--config", str(cfg)).start() for _ in range(2))
+    tid = await new_thread(http, a.url)
+    resp = await http.post(f"{a.url}/threads/{tid}/runs/stream", json={
+        "assistant_id": "ticker", "input": {"n": 60, "delay": 0.03}, "stream_mode": ["custom"]})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=5)
+    follower = await http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""})
+    followed = await read_events(follower, limit=5)  # live, from a's commits
+    a.kill()
+    resp.close()
+    followed += await asyncio.wait_for(read_events(follower), 60)
+    follower.close()
+    union = seen + followed
+    assert [e.event for e in union] == ["metadata"] + ["custom"] * 60
+    assert customs(union) == list(range(60))
+    assert_ids_increase(union)
+    assert await join(http, b.url + loc, "-1") == union, "the log holds what the follower got"
