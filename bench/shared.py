@@ -85,7 +85,8 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen[bytes]]) -> int:
-    c, n, s, d = (int(x) for x in spec.split(","))
+    c, n, s, d, *rest = (int(x) for x in spec.split(","))
+    ramp = ["-r", str(rest[0])] if rest else []  # starts spread over this many ms (e_tokens: 5000)
     binaries = bench_work / "bin"
     if not (binaries / "sseclient").exists():
         raise SystemExit(f"no {binaries}/sseclient: run the matrix once first (it builds the binaries)")
@@ -97,7 +98,8 @@ def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen
     pids = tree(gw_pid)
     (user0, sys0), peak = cpu_split(pids), rss_mb(pids)
     client = subprocess.Popen([str(binaries / "sseclient"), "-u", f"http://127.0.0.1:{PORT}", "-c", str(c), "-n", str(n),
-                               "-s", str(s), "-d", str(d), "-t", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               "-s", str(s), "-d", str(d), "-t", "300", *ramp], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
     while client.poll() is None:
         peak = max(peak, rss_mb(pids))
         time.sleep(0.05)
@@ -116,23 +118,33 @@ def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen
 
 
 def commit_summary(workers: int) -> None:
-    """Mean commit time and events per commit group over the run, from every worker's /metrics."""
+    """Mean commit time and events per commit group over the run, from every worker's /metrics, in
+    all and per worker (with several workers on one LMDB directory: whether one writer starves)."""
     import urllib.request
-    sums: dict[str, float] = {}
+    names = ("gateway_log_commit_seconds_sum", "gateway_log_commit_seconds_count", "gateway_log_commit_group_events_sum")
+    per: list[dict[str, float]] = []
     for i in range(workers):
         try:
             text = urllib.request.urlopen(f"http://127.0.0.1:{ADMIN + i}/metrics", timeout=5).read().decode()
         except OSError:
             continue
+        sums: dict[str, float] = {}
         for line in text.splitlines():
             name, _, value = line.partition(" ")
-            if name in ("gateway_log_commit_seconds_sum", "gateway_log_commit_seconds_count",
-                        "gateway_log_commit_group_events_sum"):
+            if name in names:
                 sums[name] = sums.get(name, 0.0) + float(value)
-    groups = sums.get("gateway_log_commit_seconds_count", 0.0)
-    if groups:
-        print(f"commits: {groups:.0f} groups, mean {sums['gateway_log_commit_seconds_sum'] / groups * 1000:.1f} ms, "
-              f"{sums.get('gateway_log_commit_group_events_sum', 0.0) / groups:.0f} events per group")
+        per.append(sums)
+
+    def show(what: str, sums: dict[str, float]) -> None:
+        groups = sums.get("gateway_log_commit_seconds_count", 0.0)
+        if groups:
+            print(f"commits{what}: {groups:.0f} groups, mean {sums[names[0]] / groups * 1000:.1f} ms, "
+                  f"{sums.get(names[2], 0.0) / groups:.0f} events per group, {sums.get(names[2], 0.0):.0f} events")
+
+    show("", {n: sum(s.get(n, 0.0) for s in per) for n in names})
+    if len(per) > 1:
+        for i, sums in enumerate(per):
+            show(f" (worker {i})", sums)
 
 
 def main() -> int:
@@ -145,7 +157,8 @@ def main() -> int:
     p.add_argument("--only", default="", help="BENCH_ONLY: scenarios to run, comma-separated")
     p.add_argument("--profile-gil", action="store_true",
                    help="with --profile: sample only the thread holding the GIL (Python's own CPU; a thread waiting for the GIL is not counted as busy)")
-    p.add_argument("--adhoc", metavar="C,N,S,D", help="one sseclient run with these parameters instead of the matrix")
+    p.add_argument("--adhoc", metavar="C,N,S,D[,R]",
+                   help="one sseclient run with these parameters instead of the matrix (R: starts spread over R ms)")
     p.add_argument("--profile", metavar="OUT", help="py-spy record the gateway into OUT meanwhile (svg; collapsed stacks if OUT ends in .txt)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gw-bench-"))
