@@ -261,20 +261,27 @@ class SharedLmdbEventLog(LmdbEventLog):
         self._broken.discard(key)
 
     async def unowned(self) -> list[StreamMeta]:
-        return await asyncio.get_running_loop().run_in_executor(None, self._unowned_sync)
+        out, stale = await asyncio.get_running_loop().run_in_executor(None, self._unowned_sync)
+        if stale:  # leases a dead process left on streams that ended: cleared, or the scan grows
+            await self._submit(_Batch(op="clear", result=stale))
+        return out
 
-    def _unowned_sync(self) -> list[StreamMeta]:
+    def _unowned_sync(self) -> tuple[list[StreamMeta], list[tuple[str, str]]]:
         out: list[StreamMeta] = []
+        stale: list[tuple[str, str]] = []
         self._rw.acquire_read()
         try:
             with self._txn(None) as txn:
-                leases = {bytes(k).decode(): bytes(v).decode() for k, v in txn.cursor(db=self._leases_db)}
+                leases = {bytes(k).decode(errors="replace"): bytes(v).decode(errors="replace")
+                          for k, v in txn.cursor(db=self._leases_db)}
                 keys = [k for k, who in leases.items() if not self._siblings.alive(who)]
                 for key in keys:
                     raw = txn.get(key.encode(), db=self._streams_db)
                     meta = StreamMeta.from_bytes(raw) if raw is not None else None
                     if meta is not None and meta.open:
                         out.append(meta)
+                    else:
+                        stale.append((key, leases[key]))
                 if not self._looked_unleased:  # open streams from before the log was shared
                     for _k, v in txn.cursor(db=self._streams_db):
                         meta = StreamMeta.from_bytes(v)
@@ -283,7 +290,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         finally:
             self._rw.release_read()
         self._looked_unleased = True
-        return out
+        return out, stale
 
     def on_lost(self, callback: Callable[[str, LeaseLoss], None]) -> None:
         self._lost_callbacks.append(callback)
@@ -319,8 +326,15 @@ class SharedLmdbEventLog(LmdbEventLog):
 
         def held_elsewhere(key: str) -> bool:
             who = owner(key)
-            return who is not None and who != me and self._siblings.alive(who.decode())
+            return who is not None and who != me and self._siblings.alive(who.decode(errors="replace"))
 
+        def still_open(key: str) -> bool:
+            if key in opens:
+                return opens[key]
+            raw = _bytes(txn.get(key.encode(), db=self._streams_db))
+            return raw is not None and StreamMeta.from_bytes(raw).open
+
+        opens: dict[str, bool] = {}  # what earlier batches of this group leave a stream as
         for i, b in enumerate(batches):
             if b.op == "claim":
                 key = b.result
@@ -329,12 +343,18 @@ class SharedLmdbEventLog(LmdbEventLog):
                     txn.put(key.encode(), me, db=self._leases_db)
                     owners[key] = me
                 continue
+            if b.op == "clear":
+                for key, who in b.result:
+                    if owner(key) == who.encode() and not still_open(key):
+                        txn.delete(key.encode(), db=self._leases_db)
+                        owners[key] = None
+                b.result = None
+                continue
             if b.op == "release":
                 key = b.result
                 b.result = None
                 if owner(key) == me:
-                    raw = _bytes(txn.get(key.encode(), db=self._streams_db))
-                    if raw is not None and StreamMeta.from_bytes(raw).open:
+                    if still_open(key):
                         txn.put(key.encode(), FREE.encode(), db=self._leases_db)  # open: anyone takes it over
                         owners[key] = FREE.encode()
                     else:
@@ -360,6 +380,7 @@ class SharedLmdbEventLog(LmdbEventLog):
             staged = b.metas.get(key)
             if staged is not None:
                 heads[key] = staged.head
+                opens[key] = staged.open
 
     def _may_drop(self, txn: lmdb.Transaction, prefix: bytes) -> bool:
         raw = _bytes(txn.get(prefix[:-1], db=self._streams_db))
