@@ -30,7 +30,7 @@ from gateway.config import Streams
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
 from gateway.eventlog.base import ClaimLost, stop_tasks
-from gateway.legs import IdleWatch, Legs
+from gateway.legs import IdleWatch, InlineBodies, Legs, pause_leg
 from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
@@ -107,6 +107,7 @@ class Captures:
         self.legs = legs
         self.metrics = metrics
         self.live: dict[str, Ingest] = {}
+        self.bodies = InlineBodies()
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         # Storage is back under a capture whose clients were cut: the policy for who follows it
         # (a run nobody follows any more may be cancelled) hears of it here.
@@ -372,24 +373,29 @@ class Captures:
         committed = partial(self._committed, ing)
         idle = IdleWatch(resp)
         seen = idle.seen
+
+        def chunk(data: bytes) -> None:  # as the bytes arrive: no task step per chunk
+            nonlocal last
+            seen()
+            events = parser.feed(data)
+            if parser.comments:
+                parser.comments = 0
+                if not events:
+                    self.log.beat(key)
+            if seam is not None and events:
+                events = seam.filter(events)
+            if events:
+                if ing.failed is not None:
+                    raise StorageError(str(ing.failed))
+                last = self.log.submit(key, events)
+                ing.inflight += 1
+                last.add_done_callback(committed)
+                if ing.inflight >= MAX_INFLIGHT_COMMITS:  # the log is behind: stop reading until it catches up
+                    last.add_done_callback(pause_leg(resp))
+
         try:
-            async for chunk in resp.content.iter_any():
-                seen()
-                events = parser.feed(chunk)
-                if parser.comments:
-                    parser.comments = 0
-                    if not events:
-                        self.log.beat(key)
-                if seam is not None and events:
-                    events = seam.filter(events)
-                if events:
-                    if ing.failed is not None:
-                        raise StorageError(str(ing.failed))
-                    last = self.log.submit(key, events)
-                    ing.inflight += 1
-                    last.add_done_callback(committed)
-                    if ing.inflight >= MAX_INFLIGHT_COMMITS:
-                        await last
+            with self.bodies.attach(resp, chunk) as body:
+                await self.bodies.until_end(body)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -10,9 +10,11 @@ credentials of the client that started the capture).
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping
+import contextlib
+from typing import Any, Callable, Iterator, Mapping
 
 import aiohttp
+from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
 from gateway.agentapi import THREAD_CAPTURE_QUERY
@@ -98,3 +100,90 @@ class IdleWatch:
         self._handle = None
         self._resp.content.set_exception(
             aiohttp.SocketTimeoutError(f"the upstream sent nothing for {self._timeout:g} s"))
+
+
+class InlineBodies:
+    """Legs whose body is handed to a callback as it arrives, in aiohttp's ``data_received``.
+
+    A capture reading ``resp.content`` chunk by chunk wakes its task for every chunk: a future,
+    a loop callback, a task step and the reader's bookkeeping, on a token stream once per event
+    (a sixth of the gateway's CPU per event). Attached here, a leg's reader passes each chunk
+    straight to the callback (which parses and submits it) and buffers nothing; the capture's
+    task only waits for the end of the body (``wait_eof``), and an error of the leg (a reset,
+    the idle timeout) still reaches it through the reader.
+
+    The reader's class is swapped for a subclass that adds no state (aiohttp's reader has
+    ``__slots__``): which callback a reader feeds is kept here, by the reader's id, for as long
+    as it is attached.
+    """
+
+    def __init__(self) -> None:
+        sinks: dict[int, Callable[[bytes], None]] = {}
+        self._sinks = sinks
+
+        class _Reader(StreamReader):
+            __slots__ = ()
+
+            def feed_data(self, data: bytes, size: int = 0) -> bool:
+                sink = sinks.get(id(self))
+                if sink is None:
+                    return StreamReader.feed_data(self, data, size)
+                if data:
+                    sink(data)
+                return False  # nothing left waiting in this reader
+
+        self._reader_class = _Reader
+
+    @contextlib.contextmanager
+    def attach(self, resp: aiohttp.ClientResponse, sink: Callable[[bytes], None]) -> Iterator[StreamReader]:
+        """Feed ``sink`` whatever ``resp`` had buffered, then every chunk as it arrives, until the
+        block ends. A ``sink`` that raises ends the leg with that error (``wait_eof`` raises it)."""
+        reader = resp.content
+
+        def guarded(data: bytes) -> None:
+            if reader.exception() is not None:
+                return  # the leg already failed: the rest is not read
+            try:
+                sink(data)
+            except Exception as exc:  # not into aiohttp's data_received: into the capture's task
+                reader.set_exception(exc)
+
+        # What came with the headers, and what the parser held back while the reader was full: each
+        # read lets aiohttp resume its parser, which refills the reader there and then.
+        buffered = []
+        while chunk := reader.read_nowait():
+            buffered.append(chunk)
+        if buffered:
+            guarded(b"".join(buffered))
+        reader.__class__ = self._reader_class
+        self._sinks[id(reader)] = guarded
+        try:
+            yield reader
+        finally:
+            del self._sinks[id(reader)]
+
+    @staticmethod
+    async def until_end(reader: StreamReader) -> None:
+        """Until the leg's body ended; raises what ended it otherwise (aiohttp's ``wait_eof`` alone
+        would wait for ever after an error set before it was called, and returns at an end that
+        came after an error)."""
+        if reader.exception() is None and not reader.is_eof():
+            await reader.wait_eof()
+        exc = reader.exception()
+        if exc is not None:
+            raise exc
+
+
+def pause_leg(resp: aiohttp.ClientResponse) -> Callable[[Any], None]:
+    """Stop reading a leg's socket; returns the callback that resumes it (a done callback)."""
+    proto = resp.connection.protocol if resp.connection is not None else None
+    if proto is None:
+        return lambda _fut: None
+    proto.pause_reading()
+
+    def resume(_fut: Any) -> None:
+        if not proto.transport or proto.transport.is_closing():
+            return
+        proto.resume_reading()
+
+    return resume
