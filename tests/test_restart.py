@@ -118,21 +118,10 @@ async def test_restart_while_upstream_is_down_ends_live_runs_with_explicit_error
     assert replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted"
 
 
-def test_second_gateway_on_the_same_data_directory_is_refused(gateway_process: Any, tmp_path: Path) -> None:
-    first = gateway_process("--upstream", "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data")).start()
-    second = gateway_process("--upstream", "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data"))
-    try:
-        second.start(timeout=10)
-        raise AssertionError("the second gateway started on a data directory in use")
-    except RuntimeError as exc:
-        assert "in use by another gateway process" in str(exc)
-    assert second.proc is not None and second.proc.returncode == 1
-    assert first.proc is not None and first.proc.poll() is None
-
-
-@pytest.mark.parametrize("first_shares", [False, True], ids=["alone-first", "shared-first"])
-def test_a_gateway_alone_on_a_data_directory_and_gateways_sharing_it_never_meet(
-        gateway_process: Any, tmp_path: Path, first_shares: bool) -> None:
+@pytest.mark.parametrize("first_shares, second_shares", [(False, False), (False, True), (True, False)],
+                         ids=["two-alone", "alone-then-shared", "shared-then-alone"])
+def test_a_data_directory_is_used_by_one_gateway_alone_or_only_by_gateways_sharing_it(
+        gateway_process: Any, tmp_path: Path, first_shares: bool, second_shares: bool) -> None:
     def config(shared: bool) -> str:
         path = tmp_path / f"{'shared' if shared else 'alone'}.yaml"
         path.write_text("upstreams:\n  default:\n    urls: [http://127.0.0.1:9]\n"
@@ -142,10 +131,10 @@ def test_a_gateway_alone_on_a_data_directory_and_gateways_sharing_it_never_meet(
     first = gateway_process("--config", config(first_shares)).start()
     if first_shares:  # a second sharing process is welcome
         gateway_process("--config", config(True)).start()
-    second = gateway_process("--config", config(not first_shares))
+    second = gateway_process("--config", config(second_shares))
     try:
         second.start(timeout=10)
-        raise AssertionError("a gateway started on a data directory used the other way")
+        raise AssertionError("a second gateway started on a data directory in use")
     except RuntimeError as exc:
         assert "in use by" in str(exc)
     assert second.proc is not None and second.proc.returncode == 1

@@ -270,15 +270,19 @@ class LmdbEventLog(EventLog):
             with self._env.begin(write=True, db=self._meta_db) as wtxn:
                 wtxn.delete(SIZE_KEY)
 
+    # LMDB itself allows several processes; two gateways on one log that each think they own it
+    # would both hand out the same seqs and both re-attach the same streams: one owner per data
+    # directory (a shared log takes the lock shared, with its siblings, and never with an owner).
+    _DIR_LOCK = fcntl.LOCK_EX
+    _DIR_IN_USE = "in use by another gateway process"
+
     def _take_dir_lock(self, path: Path) -> None:
-        # LMDB itself allows several processes; two gateways on one log would both hand out
-        # the same seqs and both re-attach the same streams. One owner per data directory.
         fd = os.open(path / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, self._DIR_LOCK | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StorageError(f"data directory {path} is in use by another gateway process") from None
+            raise StorageError(f"data directory {path} is {self._DIR_IN_USE}") from None
         self._lock_fd = fd
 
     def _release_dir_lock(self) -> None:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import lmdb
@@ -116,16 +114,8 @@ class SharedLmdbEventLog(LmdbEventLog):
     def _map_size(self) -> int:
         return max(self._cfg.map_size, _MAP_HEADROOM * self._cfg.max_bytes)
 
-    def _take_dir_lock(self, path: Path) -> None:
-        # Shared with the other workers; never with a gateway that owns the directory alone.
-        fd = os.open(path / "gateway.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StorageError(f"data directory {path} is in use by a gateway process that does not share it "
-                               "(workers: 1)") from None
-        self._lock_fd = fd
+    _DIR_LOCK = fcntl.LOCK_SH  # with the other workers; never with a gateway that owns the directory alone
+    _DIR_IN_USE = "in use by a gateway process that does not share it (workers: 1)"
 
     def _opened_sync(self) -> None:
         assert self._env is not None
