@@ -97,10 +97,12 @@ class _Batch:
     nbytes: int = 0  # bytes of those events' bodies (what followers queue)
     revive: bool = False  # begin(): the stream may take writes again after a failure
     # A shared log (gateway.eventlog.lmdb_shared): bytes this batch adds to the log (negative:
-    # removes), the stream's head the begin() was staged on (-1: not a begin), and "release".
+    # removes), the stream's head the begin() was staged on (-1: not a begin), and a lease
+    # operation decided in the write transaction ("claim", "release", "clear") on ``subject``.
     size_delta: int = 0
     expect_head: int = -1
     op: str | None = None
+    subject: Any = None
     result: Any = None
     future: asyncio.Future[Any] | None = None
 

@@ -224,7 +224,7 @@ class SharedLmdbEventLog(LmdbEventLog):
             return False  # the common refusal, without a write
         # Taken in a write transaction: of two processes claiming at once, one gets it (and opens
         # the one upstream leg).
-        taken = bool(await self._submit(_Batch(op="claim", result=key)))
+        taken = bool(await self._submit(_Batch(op="claim", subject=key)))
         if taken:
             self._claimed.add(key)
             self._adopt(key)
@@ -241,7 +241,7 @@ class SharedLmdbEventLog(LmdbEventLog):
 
     async def release(self, key: str) -> None:
         self._claimed.discard(key)
-        await self._submit(_Batch(op="release", result=key))
+        await self._submit(_Batch(op="release", subject=key))
         if key not in self._claimed:  # not claimed again meanwhile: another process may write it now
             self._forget(key)
 
@@ -253,7 +253,7 @@ class SharedLmdbEventLog(LmdbEventLog):
     async def unowned(self) -> list[StreamMeta]:
         out, stale = await asyncio.get_running_loop().run_in_executor(None, self._unowned_sync)
         if stale:  # leases a dead process left on streams that ended: cleared, or the scan grows
-            await self._submit(_Batch(op="clear", result=stale))
+            await self._submit(_Batch(op="clear", subject=stale))
         return out
 
     def _unowned_sync(self) -> tuple[list[StreamMeta], list[tuple[str, str]]]:
@@ -327,22 +327,20 @@ class SharedLmdbEventLog(LmdbEventLog):
         opens: dict[str, bool] = {}  # what earlier batches of this group leave a stream as
         for i, b in enumerate(batches):
             if b.op == "claim":
-                key = b.result
+                key = b.subject
                 b.result = not held_elsewhere(key)
                 if b.result:
                     txn.put(key.encode(), me, db=self._leases_db)
                     owners[key] = me
                 continue
             if b.op == "clear":
-                for key, who in b.result:
+                for key, who in b.subject:
                     if owner(key) == who.encode() and not still_open(key):
                         txn.delete(key.encode(), db=self._leases_db)
                         owners[key] = None
-                b.result = None
                 continue
             if b.op == "release":
-                key = b.result
-                b.result = None
+                key = b.subject
                 if owner(key) == me:
                     if still_open(key):
                         txn.put(key.encode(), FREE.encode(), db=self._leases_db)  # open: anyone takes it over
