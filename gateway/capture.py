@@ -395,7 +395,7 @@ class Captures:
 
         try:
             with self.bodies.attach(resp, chunk) as body:
-                await self.bodies.until_end(body)
+                await body.end()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

@@ -103,87 +103,110 @@ class IdleWatch:
 
 
 class InlineBodies:
-    """Legs whose body is handed to a callback as it arrives, in aiohttp's ``data_received``.
+    """Legs whose body is handed to a callback as it arrives, without a task step per chunk.
 
     A capture reading ``resp.content`` chunk by chunk wakes its task for every chunk: a future,
-    a loop callback, a task step and the reader's bookkeeping, on a token stream once per event
-    (a sixth of the gateway's CPU per event). Attached here, a leg's reader passes each chunk
-    straight to the callback (which parses and submits it) and buffers nothing; the capture's
-    task only waits for the end of the body (``wait_eof``), and an error of the leg (a reset,
-    the idle timeout) still reaches it through the reader.
+    a loop callback, a task step and the reader's bookkeeping. Attached here, a leg's reader
+    keeps the chunks aiohttp's parser hands it and passes them, joined, to the callback (which
+    parses and submits them) once per turn of the loop: every chunk that arrived in one turn is
+    one submit, as a reader that fell behind would have read them. The capture's task only
+    waits for the end of the body (``InlineLeg.end``); an error of the leg (a reset, the idle
+    timeout) still reaches it through the reader.
 
     The reader's class is swapped for a subclass that adds no state (aiohttp's reader has
-    ``__slots__``): which callback a reader feeds is kept here, by the reader's id, for as long
-    as it is attached.
+    ``__slots__``): which leg a reader feeds is kept here, by the reader's id, while attached.
     """
 
     def __init__(self) -> None:
-        sinks: dict[int, Callable[[bytes], None]] = {}
-        self._sinks = sinks
+        legs: dict[int, InlineLeg] = {}
+        self._legs = legs
 
         class _Reader(StreamReader):
             __slots__ = ()
 
             def feed_data(self, data: bytes, size: int = 0) -> bool:
-                sink = sinks.get(id(self))
-                if sink is None:
+                leg = legs.get(id(self))
+                if leg is None:
                     return StreamReader.feed_data(self, data, size)
                 if data:
-                    sink(data)
+                    leg.gather(data)
                 return False  # nothing left waiting in this reader
 
         self._reader_class = _Reader
 
     @contextlib.contextmanager
-    def attach(self, resp: aiohttp.ClientResponse, sink: Callable[[bytes], None]) -> Iterator[StreamReader]:
-        """Feed ``sink`` whatever ``resp`` had buffered, then every chunk as it arrives, until the
-        block ends. A ``sink`` that raises ends the leg with that error (``wait_eof`` raises it)."""
+    def attach(self, resp: aiohttp.ClientResponse, sink: Callable[[bytes], None]) -> Iterator[InlineLeg]:
+        """Feed ``sink`` whatever ``resp`` had buffered, then what arrives, until the block ends.
+        A ``sink`` that raises ends the leg with that error (``InlineLeg.end`` raises it)."""
         reader = resp.content
-
-        def guarded(data: bytes) -> None:
-            if reader.exception() is not None:
-                return  # the leg already failed: the rest is not read
-            try:
-                sink(data)
-            except Exception as exc:  # not into aiohttp's data_received: into the capture's task
-                reader.set_exception(exc)
-
+        leg = InlineLeg(reader, sink)
         # What came with the headers, and what the parser held back while the reader was full: each
         # read lets aiohttp resume its parser, which refills the reader there and then.
-        buffered = []
         while chunk := reader.read_nowait():
-            buffered.append(chunk)
-        if buffered:
-            guarded(b"".join(buffered))
+            leg.gather(chunk)
         reader.__class__ = self._reader_class
-        self._sinks[id(reader)] = guarded
+        self._legs[id(reader)] = leg
         try:
-            yield reader
+            yield leg
         finally:
-            del self._sinks[id(reader)]
+            del self._legs[id(reader)]
 
-    @staticmethod
-    async def until_end(reader: StreamReader) -> None:
-        """Until the leg's body ended; raises what ended it otherwise (aiohttp's ``wait_eof`` alone
-        would wait for ever after an error set before it was called, and returns at an end that
-        came after an error)."""
+
+class InlineLeg:
+    __slots__ = ("_reader", "_sink", "_gathered", "_due", "_loop")
+
+    def __init__(self, reader: StreamReader, sink: Callable[[bytes], None]) -> None:
+        self._reader = reader
+        self._sink = sink
+        self._gathered: list[bytes] = []
+        self._due = False
+        self._loop = asyncio.get_running_loop()
+
+    def gather(self, data: bytes) -> None:
+        self._gathered.append(data)
+        if not self._due:
+            self._due = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._due = False
+        if not self._gathered:
+            return
+        data = self._gathered[0] if len(self._gathered) == 1 else b"".join(self._gathered)
+        self._gathered.clear()
+        if self._reader.exception() is not None:
+            return  # the leg already failed: the rest is not read
+        try:
+            self._sink(data)
+        except Exception as exc:  # into the capture's task, through the reader
+            self._reader.set_exception(exc)
+
+    async def end(self) -> None:
+        """Until the leg's body ended, everything gathered handed on; raises what ended it otherwise
+        (aiohttp's ``wait_eof`` alone would wait for ever after an error set before it was called,
+        and returns at an end that came after an error)."""
+        reader = self._reader
         if reader.exception() is None and not reader.is_eof():
             await reader.wait_eof()
+        self.flush()
         exc = reader.exception()
         if exc is not None:
             raise exc
 
 
 def pause_leg(resp: aiohttp.ClientResponse) -> Callable[[Any], None]:
-    """Stop reading a leg's socket; returns the callback that resumes it (a done callback)."""
-    proto = resp.connection.protocol if resp.connection is not None else None
-    if proto is None:
+    """Stop reading a leg's socket; returns the callback that resumes it (a done callback).
+
+    The transport only: pausing aiohttp's protocol would pause its parser too, and a parser
+    paused while it has nothing to parse stays paused for the next data, which then waits for a
+    resume nobody sends."""
+    transport = resp.connection.transport if resp.connection is not None else None
+    if transport is None or transport.is_closing():
         return lambda _fut: None
-    proto.pause_reading()
+    transport.pause_reading()
 
     def resume(_fut: Any) -> None:
-        if not proto.transport or proto.transport.is_closing():
-            return
-        proto.resume_reading()
+        if not transport.is_closing():
+            transport.resume_reading()
 
     return resume
