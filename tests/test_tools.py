@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +30,14 @@ from tests.support.runs import new_thread, stream_run
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
+
+
+def cli_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """``cli(*args)`` for each of ``commands``, several processes at a time; the results in their order.
+    Each is its own process on its own copy of the inputs, so running them side by side changes nothing
+    they see; most of each one's time is the interpreter starting and importing."""
+    with ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda args: cli(*args), commands))
 
 
 @pytest.fixture
@@ -349,12 +359,14 @@ def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
         stopped_log: tuple[Path, list[str]], tmp_path: Path) -> None:
     sound, runs = stopped_log
     expected = {}
-    for args in _commands(sound, runs):
-        result = cli(*args)
+    for args, result in zip(_commands(sound, runs), cli_all(_commands(sound, runs)), strict=True):
         assert result.returncode == 0 and result.stderr == "", (args, result.stderr)
         expected[tuple(args[:-1])] = result.stdout
     assert expected[("check", "--data-dir")].startswith(f"checked {len(runs)} streams, ")
     assert sum(1 for line in expected[("streams", "list", "--json", "--data-dir")].splitlines()) == len(runs)
+    # Every damaged copy first, then every command on every copy at once (each its own process on
+    # its own copy, read-only), then each answer checked in order.
+    copies: list[tuple[str, Path]] = []
     for name, pages in _damaged_pages(sound / "data.mdb"):
         copy = tmp_path / f"damaged-{name.replace(' ', '-')}"
         shutil.copytree(sound, copy)
@@ -363,17 +375,18 @@ def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
             for p in pages:
                 f.seek(p * PAGE)
                 f.write(rng.randbytes(PAGE))
-        for args in _commands(copy, runs):
-            result = cli(*args)
-            what = f"{name}: {' '.join(args[:-2])}"
-            assert "Traceback" not in result.stderr, f"{what}:\n{result.stderr}"
-            if result.returncode == 0:
-                sound_output = expected[tuple(args[:-1])].replace(str(sound), str(copy))
-                assert result.stdout == sound_output, f"{what}: exit 0 with other output than the sound log's"
-            else:
-                assert result.returncode == 1, f"{what}: exit {result.returncode}\n{result.stderr}"
-                lines = result.stderr.splitlines()
-                assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"
+        copies.append((name, copy))
+    tried = [(name, copy, args) for name, copy in copies for args in _commands(copy, runs)]
+    for (name, copy, args), result in zip(tried, cli_all([args for _, _, args in tried]), strict=True):
+        what = f"{name}: {' '.join(args[:-2])}"
+        assert "Traceback" not in result.stderr, f"{what}:\n{result.stderr}"
+        if result.returncode == 0:
+            sound_output = expected[tuple(args[:-1])].replace(str(sound), str(copy))
+            assert result.stdout == sound_output, f"{what}: exit 0 with other output than the sound log's"
+        else:
+            assert result.returncode == 1, f"{what}: exit {result.returncode}\n{result.stderr}"
+            lines = result.stderr.splitlines()
+            assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"
 
 
 # --- the command line, discoverable and complete -------------------------------------------------------
@@ -452,6 +465,7 @@ def test_a_stream_list_lmdb_reads_short_is_an_error_not_a_short_listing(
     raw = (sound / "data.mdb").read_bytes()
     leaves = sorted({i // PAGE for i in range(len(raw)) if raw.startswith(b'{"key":', i)} - {0, 1})
     refused = 0
+    copies = []
     for p in leaves:
         flags, lower = struct.unpack_from("<HH", raw, p * PAGE + 10)  # LMDB's page header: flags, then lower
         if flags != 0x02 or lower < 16 + 2 * 2:  # a leaf with two entries at least
@@ -461,7 +475,9 @@ def test_a_stream_list_lmdb_reads_short_is_an_error_not_a_short_listing(
         with open(copy / "data.mdb", "r+b") as f:
             f.seek(p * PAGE + 12)
             f.write(struct.pack("<H", lower - 2 * 2))  # two entries fewer
-        listed = cli("streams", "list", "--json", "--data-dir", str(copy))
+        copies.append(copy)
+    listings = cli_all([["streams", "list", "--json", "--data-dir", str(copy)] for copy in copies])
+    for copy, listed in zip(copies, listings, strict=True):
         if listed.returncode == 0:  # a stale copy of the page, not the one the tree uses
             assert len(listed.stdout.splitlines()) == len(runs), "a short listing, exit 0"
         else:
