@@ -111,6 +111,8 @@ class FakeAgentServer:
         self.ws_closed: list[int | None] = []  # close codes of /ws/echo sockets, as the server saw them
         self.ws_headers: list[dict[str, str]] = []
         self.heartbeat = 5.0
+        # The handler task of every thread stream being served: its queue, and whether it waits for a frame.
+        self._thread_streams: dict[asyncio.Task[Any], tuple[asyncio.Queue[bytes | None], bool]] = {}
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.name = "fake"
@@ -152,9 +154,20 @@ class FakeAgentServer:
         return self
 
     async def stop(self) -> None:
-        for run in self.runs.values():
-            if run.task is not None:
-                run.task.cancel()
+        tasks = [run.task for run in self.runs.values() if run.task is not None]
+        for task in tasks:
+            task.cancel()
+        # Every run's last frames are queued to its listeners (and the threads' listeners) ...
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # ... and a thread stream never ends by itself: the runner's shutdown would wait its whole
+        # grace for it, then cancel it. Cancel it as soon as it has written what was queued to it
+        # (it then waits for its next frame), so the client sees the same cut, without the wait.
+        deadline = asyncio.get_running_loop().time() + 0.5
+        while asyncio.get_running_loop().time() < deadline and any(
+                not idle or not q.empty() for q, idle in self._thread_streams.values()):
+            await asyncio.sleep(0.001)
+        for task in list(self._thread_streams):
+            task.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
@@ -427,21 +440,32 @@ class FakeAgentServer:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         _cors(request, resp.headers)
         await resp.prepare(request)
+        me = asyncio.current_task()
+        assert me is not None
         try:
-            async for frame in self._frames(q, resp):
+            async for frame in self._frames(q, resp, me):
                 await resp.write(frame)
         finally:
             listeners.remove(q)
+            self._thread_streams.pop(me, None)
         return resp
 
-    async def _frames(self, q: asyncio.Queue[bytes | None], resp: web.StreamResponse) -> AsyncIterator[bytes]:
+    async def _frames(self, q: asyncio.Queue[bytes | None], resp: web.StreamResponse,
+                      thread_stream: asyncio.Task[Any] | None = None) -> AsyncIterator[bytes]:
         """Frames from a listener queue until None, with heartbeat comments while idle (as langgraph-api)."""
         while True:
+            if thread_stream is not None:
+                self._thread_streams[thread_stream] = (q, True)
             try:
                 frame = await asyncio.wait_for(q.get(), self.heartbeat)
             except asyncio.TimeoutError:
-                await resp.write(b": heartbeat\r\n\r\n")
+                frame = b": heartbeat\r\n\r\n"
+                if thread_stream is not None:
+                    self._thread_streams[thread_stream] = (q, False)
+                await resp.write(frame)
                 continue
+            if thread_stream is not None:
+                self._thread_streams[thread_stream] = (q, False)
             if frame is None:
                 return
             yield frame
