@@ -292,39 +292,62 @@ def _sse_ids(text: str) -> list[str]:
 
 
 def build_pool(base: str, tag: str) -> Pool:
-    """One side's objects: threads with finished runs of each kind, a stateless run, assistants, ids."""
+    """One side's objects: threads with finished runs of each kind, a stateless run, assistants, ids.
+
+    Each thread's runs are made one after another, as before; the threads (and the stateless run
+    and the assistants) are independent of each other, so they are made side by side: most of the
+    time is the server's queue picking each run up."""
     pool = Pool(base)
+    with ThreadPoolExecutor(N_THREADS + 1, thread_name_prefix="fuzz-pool") as ex:
+        parts = [ex.submit(_pool_thread, base, tag, i) for i in range(N_THREADS)] + [ex.submit(_pool_rest, base, tag)]
+        for part in parts:
+            pool.ids.update(part.result())
+    return pool
+
+
+def _pool_thread(base: str, tag: str, i: int) -> dict[str, str]:
+    """Thread `i` of one side's pool with its runs (and, for thread 0, the event ids), by token."""
+    ids: dict[str, str] = {}
     with requests.Session() as s:
         def post(path: str, body: Any, **kw: Any) -> requests.Response:
             return s.post(base + path, json=body, timeout=30, **kw)
 
-        for i in range(N_THREADS):
-            tid = _json(post("/threads", {"metadata": {"fuzz": tag, "slot": i}}))["thread_id"]
-            pool.ids[thread_tok(i)] = tid
-            with post(f"/threads/{tid}/runs/stream", {
-                "assistant_id": "ticker", "input": {"n": 3, "delay": 0.01}, "stream_mode": ["custom", "values"],
-                "stream_resumable": True}, stream=False) as r:
-                r.raise_for_status()
-                pool.ids[run_tok(i, 0)] = _run_id_of(r)
-                if i == 0:
-                    ids = _sse_ids(r.text)
-                    assert len(ids) >= 3, f"no event ids on {base}: {r.text[:300]!r}"
-                    for k, eid in enumerate((ids[0], ids[len(ids) // 2], ids[-1])):
-                        pool.ids[event_tok(k)] = eid
-            with post(f"/threads/{tid}/runs/wait", {"assistant_id": "fail", "input": {}}) as r:
-                r.raise_for_status()
-                pool.ids[run_tok(i, 1)] = _run_id_of(r)
-            bg = _json(post(f"/threads/{tid}/runs", {"assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}}))
-            pool.ids[run_tok(i, 2)] = bg["run_id"]
-            with s.get(f"{base}/threads/{tid}/runs/{bg['run_id']}/join", timeout=30) as r:
-                r.raise_for_status()
+        tid = _json(post("/threads", {"metadata": {"fuzz": tag, "slot": i}}))["thread_id"]
+        ids[thread_tok(i)] = tid
+        with post(f"/threads/{tid}/runs/stream", {
+            "assistant_id": "ticker", "input": {"n": 3, "delay": 0.01}, "stream_mode": ["custom", "values"],
+            "stream_resumable": True}, stream=False) as r:
+            r.raise_for_status()
+            ids[run_tok(i, 0)] = _run_id_of(r)
+            if i == 0:
+                eids = _sse_ids(r.text)
+                assert len(eids) >= 3, f"no event ids on {base}: {r.text[:300]!r}"
+                for k, eid in enumerate((eids[0], eids[len(eids) // 2], eids[-1])):
+                    ids[event_tok(k)] = eid
+        with post(f"/threads/{tid}/runs/wait", {"assistant_id": "fail", "input": {}}) as r:
+            r.raise_for_status()
+            ids[run_tok(i, 1)] = _run_id_of(r)
+        bg = _json(post(f"/threads/{tid}/runs", {"assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}}))
+        ids[run_tok(i, 2)] = bg["run_id"]
+        with s.get(f"{base}/threads/{tid}/runs/{bg['run_id']}/join", timeout=30) as r:
+            r.raise_for_status()
+    return ids
+
+
+def _pool_rest(base: str, tag: str) -> dict[str, str]:
+    """The stateless run and the assistants of one side's pool, by token."""
+    ids: dict[str, str] = {}
+    with requests.Session() as s:
+        def post(path: str, body: Any, **kw: Any) -> requests.Response:
+            return s.post(base + path, json=body, timeout=30, **kw)
+
         with post("/runs/stream", {"assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}}) as r:
             r.raise_for_status()
-            pool.ids[stateless_tok(0)] = _run_id_of(r)
+            ids[stateless_tok(0)] = _run_id_of(r)
         for i in range(N_ASSISTANTS):
-            pool.ids[assistant_tok(i)] = _json(post("/assistants", {
+            ids[assistant_tok(i)] = _json(post("/assistants", {
                 "graph_id": "ticker", "name": f"fuzz-{tag}-{i}", "metadata": {"fuzz": tag}}))["assistant_id"]
-    return pool
+    return ids
 
 
 def delete_crons(base: str) -> int:
