@@ -102,10 +102,12 @@ async def test_redis_connections_dropped_at_random_lose_and_repeat_nothing(
     every replay, is each event exactly once or marked."""
     relay = await TcpRelay("127.0.0.1", own_redis.port, rng=random.Random(7), lose_replies_to=b"EVALSHA",
                            lose_share=0.1).start()
+    gateways: list[RunningGateway] = []
     try:
         url = f"redis://127.0.0.1:{relay.port}/0"
         a = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "a")
         b = await _gateway_on(make_gateway, fake_upstream, tmp_path, url, "chaos", "b")
+        gateways += [a, b]
         relay.chaos(random.Random(8), (0.01, 0.1))
         starts = [await start_run(http, a, 100, delay=0.02) for _ in range(4)]
         locs = [r.headers["Location"] for r in starts]
@@ -120,6 +122,12 @@ async def test_redis_connections_dropped_at_random_lose_and_repeat_nothing(
             assert [e for e in replay if e in view] == view, "what a client got is in the log, in order"
             assert_exactly_once(replay, 100)
     finally:
+        # The gateways stop (release their leases, close their connections) while the relay still
+        # carries them: stopped behind a closed relay, each retried into it for seconds.
+        # (make_gateway's own stop at teardown then finds them stopped.)
+        await relay.calm()
+        for gw in gateways:
+            await gw.server.stop()
         await relay.stop()
 
 
