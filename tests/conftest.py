@@ -57,6 +57,16 @@ class RunningGateway:
         self.admin_url = "http://%s:%d" % server.addresses["admin"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def freeze_what_the_imports_made() -> Any:
+    """What the imports allocated (aiohttp, the SDKs, hypothesis: most of the heap) is never garbage:
+    frozen, a collection after each test looks only at what tests made (0.09 s a test less)."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 @pytest.fixture(autouse=True)
 def collect_garbage_after_each_test() -> Any:
     """Collect after every test, so a leaked connection or task warns in the test that leaked it."""
