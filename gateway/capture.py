@@ -374,7 +374,7 @@ class Captures:
         idle = IdleWatch(resp)
         seen = idle.seen
 
-        def chunk(data: bytes) -> None:  # as the bytes arrive: no task step per chunk
+        def chunk(data: bytes) -> None:  # what arrived in one turn of the loop: no task step per chunk
             nonlocal last
             seen()
             events = parser.feed(data)

@@ -150,6 +150,7 @@ class InlineBodies:
             yield leg
         finally:
             del self._legs[id(reader)]
+            leg.close()
 
 
 class InlineLeg:
@@ -167,6 +168,12 @@ class InlineLeg:
         if not self._due:
             self._due = True
             self._loop.call_soon(self.flush)
+
+    def close(self) -> None:
+        """The capture left (cancelled, or the leg failed): what is gathered is never handed on, not
+        even by a flush already scheduled."""
+        self._gathered.clear()
+        self._sink = _discard
 
     def flush(self) -> None:
         self._due = False
@@ -192,6 +199,10 @@ class InlineLeg:
         exc = reader.exception()
         if exc is not None:
             raise exc
+
+
+def _discard(_data: bytes) -> None:
+    pass
 
 
 def pause_leg(resp: aiohttp.ClientResponse) -> Callable[[Any], None]:
