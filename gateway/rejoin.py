@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Iterable, Literal
 
-import orjson
 
 from gateway.eventlog import StreamKind, StreamMeta
 from gateway.marks import gap_event

@@ -33,12 +33,11 @@ from gateway.config import Storage
 from gateway.eventlog.base import (
     LIST_SCAN,
     Batch,
-    ClaimLost,
     CommitObserver,
-    StorageDamaged,
     StorageError,
     StreamMeta,
     accepting,
+    stop_tasks,
     to_evict,
 )
 from gateway.eventlog.lmdb import _SEQ_KEY, SIZE_KEY, LmdbEventLog, _Batch, _prefix
@@ -73,6 +72,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         self._followers_due: dict[str, int] = {}
         self._followers_elsewhere: dict[str, dict[str, int]] = {}  # sibling -> key -> followers
         self._ready = asyncio.Event()
+        self._ready_timer: asyncio.TimerHandle | None = None
         self._awaiting: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._looked_unleased = False
@@ -96,18 +96,17 @@ class SharedLmdbEventLog(LmdbEventLog):
         self._awaiting = set(self._siblings.peers)
         for who in self._awaiting:
             self._siblings.send(who, ["hello", self.worker])
-        if self._awaiting:
-            loop.call_later(1.0, self._ready.set)  # a sibling that never answers is not waited for
+        if self._awaiting:  # a sibling that never answers is not waited for
+            self._ready_timer = loop.call_later(1.0, self._ready.set)
         else:
             self._ready.set()
         self._spawn(self._beat_loop(), "siblings-beat")
         log.info("event log shared by gateway processes on this host; this one is %s", self.worker)
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+        await stop_tasks(self._tasks, "shared log")
         await super().close()
         self._siblings.stop()
 
@@ -163,31 +162,25 @@ class SharedLmdbEventLog(LmdbEventLog):
             raise StorageError("event log is closed")
         return self._env.begin(db=db)
 
-    def _read_meta(self, key: str) -> StreamMeta | None:
+    def _get(self, db: Any, key: bytes) -> bytes | None:
+        """One value as the file holds it now (a read transaction of its own, on the loop: a few µs)."""
         self._rw.acquire_read()
         try:
-            with self._txn(self._streams_db) as txn:
-                raw = txn.get(key.encode())
+            with self._txn(db) as txn:
+                return _bytes(txn.get(key))
         finally:
             self._rw.release_read()
+
+    def _read_meta(self, key: str) -> StreamMeta | None:
+        raw = self._get(self._streams_db, key.encode())
         return StreamMeta.from_bytes(raw) if raw is not None else None
 
     def _lease_of(self, key: str) -> str | None:
-        self._rw.acquire_read()
-        try:
-            with self._txn(self._leases_db) as txn:
-                raw = txn.get(key.encode())
-        finally:
-            self._rw.release_read()
-        return bytes(raw).decode() if raw is not None else None
+        raw = self._get(self._leases_db, key.encode())
+        return raw.decode(errors="replace") if raw is not None else None
 
     def _stored_seq(self) -> int:
-        self._rw.acquire_read()
-        try:
-            with self._txn(self._meta_db) as txn:
-                raw = txn.get(_SEQ_KEY)
-        finally:
-            self._rw.release_read()
+        raw = self._get(self._meta_db, _SEQ_KEY)
         return int(raw) if raw is not None and raw.isdigit() else 0
 
     def get(self, key: str) -> StreamMeta | None:
@@ -498,13 +491,18 @@ class SharedLmdbEventLog(LmdbEventLog):
 
     def _evict_to_budget(self, *, exclude: str | None = None) -> None:
         batch = _Batch()
-        metas = self._file_metas()
-        doomed = to_evict(metas, self._size, self._cfg.max_bytes, float("-inf"), exclude)
+        self._evict_from(batch, self._file_metas(), float("-inf"), exclude)
+        if batch.drop_prefixes:
+            self._submit(batch)
+
+    def _evict_from(self, batch: _Batch, metas: list[StreamMeta], cutoff: float, exclude: str | None = None) -> int:
+        """Retention's choice (``to_evict``) among the file's streams, dropped in ``batch``; notes
+        whether anything finished is left to evict."""
+        doomed = to_evict(metas, self._size, self._cfg.max_bytes, cutoff, exclude)
         for m in doomed:
             self._drop_shared(batch, m)
         self._evictable = len(doomed) < sum(1 for m in metas if not m.open)
-        if batch.drop_prefixes:
-            self._submit(batch)
+        return len(doomed)
 
     def _file_metas(self) -> list[StreamMeta]:
         self._rw.acquire_read()
@@ -525,10 +523,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         cutoff = now - self._cfg.retention
         metas = await asyncio.get_running_loop().run_in_executor(None, self._file_metas)
         batch = _Batch()
-        doomed = to_evict(metas, self._size, self._cfg.max_bytes, cutoff)
-        for m in doomed:
-            self._drop_shared(batch, m)
-        self._evictable = len(doomed) < sum(1 for m in metas if not m.open)
+        doomed = self._evict_from(batch, metas, cutoff)
         for key in list(self._claimed):
             mine = self._metas.get(key)
             if mine is not None and mine.open and mine.endless:
@@ -536,8 +531,8 @@ class SharedLmdbEventLog(LmdbEventLog):
         if batch.metas or batch.drop_prefixes or batch.drop_keys:
             await self._submit(batch)
         if doomed:
-            log.info("retention removed up to %d streams; %d bytes held", len(doomed), self._size)
-        return len(doomed)
+            log.info("retention removed up to %d streams; %d bytes held", doomed, self._size)
+        return doomed
 
 
 __all__ = ["SharedLmdbEventLog"]
