@@ -439,11 +439,7 @@ class LmdbEventLog(EventLog):
             return meta, []
         first = self._seq + 1
         now = time.time()
-        enc = encode(events, int(now * 1000))
-        if len(events) == 1:  # one token per chunk is the common case
-            entries: list[Entry] = [(first, events[0][0])]
-        else:
-            entries = [(first + i, body) for i, (body, _uid) in enumerate(events)]
+        enc = encode(events, int(now * 1000), first)
         key = _prefix(meta.key) + first.to_bytes(8, "big")
         batch.events.append((key, enc.record))
         batch.count += enc.count
@@ -452,7 +448,7 @@ class LmdbEventLog(EventLog):
         batch.size_delta += len(key) + len(enc.record)
         staged = meta.advanced(batch.seq, meta.count + enc.count, meta.size + len(key) + len(enc.record),
                                enc.last_upstream_id or meta.last_upstream_id, enc.last_event, now)
-        return staged, entries
+        return staged, enc.entries
 
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
         return self._stage_and_submit(key, events, end=False, end_reason=None)

@@ -13,7 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
-from gateway.eventlog.base import StorageDamaged
+from gateway import native
+from gateway.eventlog.base import Entry, StorageDamaged
 from gateway.sse import Event, event_name
 
 _EVENT_HEAD = struct.Struct(">IH")  # body length, upstream id length
@@ -29,19 +30,32 @@ class Encoded:
     nbytes: int  # bodies only: what followers queue
     last_upstream_id: str | None  # the newest id in the batch (None: none had one)
     last_event: str  # the SSE name of the batch's last event
+    # The events with their seqs, numbered from encode's ``first`` (LMDB numbers them itself;
+    # Redis learns them from the server and ignores these).
+    entries: list[Entry]
 
 
 _ONE_EVENT = struct.Struct(">QIH")  # RECORD_TIME then _EVENT_HEAD: a record of one event in one pack
 
 
-def encode(events: Sequence[Event], now_ms: int) -> Encoded:
+def encode(events: Sequence[Event], now_ms: int, first: int = 0) -> Encoded:
+    """The record of ``events``, the first of them numbered ``first`` in ``Encoded.entries``."""
+    if native.ON:
+        record, entries, nbytes, last_uid, name = native.encode_events(events, now_ms, first)
+        return Encoded(record, len(events), nbytes, last_uid, name, entries)
+    return encode_py(events, now_ms, first)
+
+
+def encode_py(events: Sequence[Event], now_ms: int, first: int = 0) -> Encoded:
+    """``encode`` in Python (the C twin must give the same record)."""
     if len(events) == 1:  # one token per chunk: the common case, in one pack and one concatenation
         body, uid = events[0]
         name = event_name(body).decode("utf-8", "replace")
         if uid is None:
-            return Encoded(_ONE_EVENT.pack(now_ms, len(body), 0) + body, 1, len(body), None, name)
+            return Encoded(_ONE_EVENT.pack(now_ms, len(body), 0) + body, 1, len(body), None, name, [(first, body)])
         ub = uid.encode()
-        return Encoded(_ONE_EVENT.pack(now_ms, len(body), len(ub)) + ub + body, 1, len(body), uid, name)
+        return Encoded(_ONE_EVENT.pack(now_ms, len(body), len(ub)) + ub + body, 1, len(body), uid, name,
+                       [(first, body)])
     parts: list[bytes] = [RECORD_TIME.pack(now_ms)]
     pack = _EVENT_HEAD.pack
     last_uid: str | None = None
@@ -55,11 +69,21 @@ def encode(events: Sequence[Event], now_ms: int) -> Encoded:
             last_uid = uid
         nbytes += len(body)
     return Encoded(b"".join(parts), len(events), nbytes, last_uid,
-                   event_name(events[-1][0]).decode("utf-8", "replace") if events else "")
+                   event_name(events[-1][0]).decode("utf-8", "replace") if events else "",
+                   [(first + i, body) for i, (body, _uid) in enumerate(events)])
 
 
 def decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
     """The events of one record: (seq, upstream id, body); StorageDamaged if it is not one."""
+    if native.ON:
+        out = native.decode_record(first, value)
+        if out is not None:
+            return out
+    return decode_py(first, value)  # also what says how a damaged record is damaged
+
+
+def decode_py(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
+    """``decode`` in Python (the C twin must give the same events)."""
     out: list[tuple[int, str | None, bytes]] = []
     unpack = _EVENT_HEAD.unpack_from
     n = len(value)

@@ -1,0 +1,361 @@
+/* The gateway's per-event loops in C: the SSE fast path, the stored record, the wire framing.
+ *
+ * Each function does exactly what its Python twin does (gateway/sse.py, gateway/eventlog/records.py),
+ * and tests/test_native.py checks them against each other on generated input. Anything unusual
+ * (a CR line end, a block that is not a canonical event, a damaged record, an oversized event) is
+ * not handled here: the function returns None and the Python code takes the whole input, so every
+ * rule and every error message lives in one place, the Python one.
+ *
+ * Built by `pip install` (setup.py, optional: without a compiler the Python twins run).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define MAX_ID_BYTES 4096 /* gateway.sse.MAX_ID_BYTES */
+
+static int
+starts(const char *p, Py_ssize_t n, const char *lit, Py_ssize_t k)
+{
+    return n >= k && memcmp(p, lit, (size_t)k) == 0;
+}
+
+/* bytes(p[:n]) + b"\n" */
+static PyObject *
+with_lf(const char *p, Py_ssize_t n)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n + 1);
+    if (out != NULL) {
+        char *d = PyBytes_AS_STRING(out);
+        memcpy(d, p, (size_t)n);
+        d[n] = '\n';
+    }
+    return out;
+}
+
+static int
+append_event(PyObject *events, PyObject *body, PyObject *uid)
+{
+    if (body == NULL || uid == NULL) {
+        Py_XDECREF(body);
+        Py_XDECREF(uid);
+        return -1;
+    }
+    PyObject *ev = PyTuple_New(2);
+    if (ev == NULL) {
+        Py_DECREF(body);
+        Py_DECREF(uid);
+        return -1;
+    }
+    PyTuple_SET_ITEM(ev, 0, body);
+    PyTuple_SET_ITEM(ev, 1, uid);
+    int rc = PyList_Append(events, ev);
+    Py_DECREF(ev);
+    return rc;
+}
+
+/* One block between blank lines. 1: handled; 0: not canonical (the Python path takes the buffer);
+ * -1: error set. */
+static int
+take_block(const char *b, Py_ssize_t n, PyObject *events, long *comments)
+{
+    while (n > 0 && b[0] == '\n') { /* extra blank lines between events */
+        b++;
+        n--;
+    }
+    if (n == 0)
+        return 1;
+    Py_ssize_t nl = 0, first = -1, last = -1;
+    for (const char *p = memchr(b, '\n', (size_t)n); p != NULL;
+         p = memchr(p + 1, '\n', (size_t)(n - (p + 1 - b)))) {
+        Py_ssize_t at = p - b;
+        if (first < 0)
+            first = at;
+        last = at;
+        if (++nl > 2)
+            return 0;
+    }
+    if (nl == 0) {
+        if (starts(b, n, "data: ", 6))
+            return append_event(events, with_lf(b, n), Py_NewRef(Py_None)) < 0 ? -1 : 1;
+        if (b[0] == ':') {
+            (*comments)++;
+            return 1;
+        }
+        return 0;
+    }
+    if (!starts(b, n, "event: ", 7) || !starts(b + first + 1, n - first - 1, "data: ", 6))
+        return 0;
+    if (nl == 1)
+        return append_event(events, with_lf(b, n), Py_NewRef(Py_None)) < 0 ? -1 : 1;
+    /* event, data, id */
+    if (!starts(b + last + 1, n - last - 1, "id: ", 4) || memchr(b + last, '\0', (size_t)(n - last)) != NULL)
+        return 0;
+    Py_ssize_t idlen = n - last - 5;
+    if (idlen > MAX_ID_BYTES)
+        return 0; /* the Python path raises the error */
+    PyObject *uid = PyUnicode_DecodeUTF8(b + last + 5, idlen, "replace");
+    PyObject *body = uid == NULL ? NULL : PyBytes_FromStringAndSize(b, last + 1);
+    return append_event(events, body, uid) < 0 ? -1 : 1;
+}
+
+/* split_events(buf, max_event) -> (events, tail_start, comments) | None */
+static PyObject *
+split_events(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    Py_ssize_t max_event;
+    if (!PyArg_ParseTuple(args, "O!n:split_events", &PyBytes_Type, &obj, &max_event))
+        return NULL;
+    const char *buf = PyBytes_AS_STRING(obj);
+    Py_ssize_t n = PyBytes_GET_SIZE(obj);
+    if (memchr(buf, '\r', (size_t)n) != NULL)
+        Py_RETURN_NONE;
+    Py_ssize_t end = -1;
+    for (Py_ssize_t k = n - 2; k >= 0; k--) {
+        if (buf[k] == '\n' && buf[k + 1] == '\n') {
+            end = k;
+            break;
+        }
+    }
+    PyObject *events = PyList_New(0);
+    if (events == NULL)
+        return NULL;
+    long comments = 0;
+    if (end < 0)
+        return Py_BuildValue("(Nnl)", events, (Py_ssize_t)0, comments);
+    Py_ssize_t p = 0;
+    for (;;) {
+        const char *q = memmem(buf + p, (size_t)(end - p), "\n\n", 2);
+        Py_ssize_t stop = q != NULL ? q - buf : end;
+        if (stop - p > max_event) { /* the Python path raises the error */
+            Py_DECREF(events);
+            Py_RETURN_NONE;
+        }
+        int rc = take_block(buf + p, stop - p, events, &comments);
+        if (rc <= 0) {
+            Py_DECREF(events);
+            if (rc < 0)
+                return NULL;
+            Py_RETURN_NONE;
+        }
+        if (q == NULL)
+            break;
+        p = stop + 2;
+    }
+    return Py_BuildValue("(Nnl)", events, end + 2, comments);
+}
+
+static void
+put_be(char *d, uint64_t v, int width)
+{
+    for (int i = width - 1; i >= 0; i--) {
+        d[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+/* encode_events(events, now_ms, first) -> (record, entries, nbytes, last_uid, last_name) */
+static PyObject *
+encode_events(PyObject *self, PyObject *args)
+{
+    PyObject *arg;
+    unsigned long long now_ms;
+    long long first;
+    if (!PyArg_ParseTuple(args, "OKL:encode_events", &arg, &now_ms, &first))
+        return NULL;
+    PyObject *seq = PySequence_Fast(arg, "events must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *record = NULL, *entries = NULL, *name = NULL, *result = NULL;
+    PyObject *last_uid = Py_None;
+    Py_ssize_t total = 8, nbytes = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *ev = items[i];
+        if (!PyTuple_Check(ev) || PyTuple_GET_SIZE(ev) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(ev, 0))) {
+            PyErr_SetString(PyExc_TypeError, "an event is a (bytes, str | None) tuple");
+            goto done;
+        }
+        PyObject *uid = PyTuple_GET_ITEM(ev, 1);
+        Py_ssize_t ulen = 0, blen = PyBytes_GET_SIZE(PyTuple_GET_ITEM(ev, 0));
+        if (uid != Py_None) {
+            if (!PyUnicode_Check(uid)) {
+                PyErr_SetString(PyExc_TypeError, "an event's id is a str or None");
+                goto done;
+            }
+            if (PyUnicode_AsUTF8AndSize(uid, &ulen) == NULL)
+                goto done;
+            last_uid = uid;
+        }
+        if (ulen > 0xffff || (uint64_t)blen > 0xffffffffu) {
+            PyErr_SetString(PyExc_ValueError, "an event or its id is too long for a record");
+            goto done;
+        }
+        total += 6 + ulen + blen;
+        nbytes += blen;
+    }
+    record = PyBytes_FromStringAndSize(NULL, total);
+    entries = PyList_New(count);
+    if (record == NULL || entries == NULL)
+        goto done;
+    char *d = PyBytes_AS_STRING(record);
+    put_be(d, now_ms, 8);
+    d += 8;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *body = PyTuple_GET_ITEM(items[i], 0), *uid = PyTuple_GET_ITEM(items[i], 1);
+        Py_ssize_t ulen = 0, blen = PyBytes_GET_SIZE(body);
+        const char *u = uid == Py_None ? "" : PyUnicode_AsUTF8AndSize(uid, &ulen);
+        put_be(d, (uint64_t)blen, 4);
+        put_be(d + 4, (uint64_t)ulen, 2);
+        memcpy(d + 6, u, (size_t)ulen);
+        memcpy(d + 6 + ulen, PyBytes_AS_STRING(body), (size_t)blen);
+        d += 6 + ulen + blen;
+        PyObject *entry = Py_BuildValue("(LO)", first + (long long)i, body);
+        if (entry == NULL)
+            goto done;
+        PyList_SET_ITEM(entries, i, entry);
+    }
+    if (count == 0) {
+        name = PyUnicode_FromString("");
+    } else {
+        PyObject *body = PyTuple_GET_ITEM(items[count - 1], 0);
+        const char *b = PyBytes_AS_STRING(body);
+        Py_ssize_t blen = PyBytes_GET_SIZE(body);
+        if (starts(b, blen, "event: ", 7)) {
+            const char *nl = memchr(b + 7, '\n', (size_t)(blen - 7));
+            if (nl == NULL) {
+                PyErr_SetString(PyExc_ValueError, "subsection not found"); /* what bytes.index says */
+                goto done;
+            }
+            name = PyUnicode_DecodeUTF8(b + 7, nl - b - 7, "replace");
+        } else {
+            name = PyUnicode_FromString("message");
+        }
+    }
+    if (name != NULL)
+        result = Py_BuildValue("(OOnOO)", record, entries, nbytes, last_uid, name);
+done:
+    Py_XDECREF(name);
+    Py_XDECREF(entries);
+    Py_XDECREF(record);
+    Py_DECREF(seq);
+    return result;
+}
+
+/* frame_entries(entries) -> b"".join(body + b"id: %d\n\n" % seq for seq, body in entries) */
+static PyObject *
+frame_entries(PyObject *self, PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "entries must be a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t room = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *e = items[i];
+        if (!PyTuple_Check(e) || PyTuple_GET_SIZE(e) != 2 || !PyLong_Check(PyTuple_GET_ITEM(e, 0))
+                || !PyBytes_Check(PyTuple_GET_ITEM(e, 1))) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError, "an entry is an (int, bytes) tuple");
+            return NULL;
+        }
+        room += PyBytes_GET_SIZE(PyTuple_GET_ITEM(e, 1)) + 4 + 21 + 2; /* body, "id: ", digits, "\n\n" */
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, room);
+    if (out == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    char *d = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *body = PyTuple_GET_ITEM(items[i], 1);
+        long long s = PyLong_AsLongLong(PyTuple_GET_ITEM(items[i], 0));
+        if (s == -1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Py_ssize_t blen = PyBytes_GET_SIZE(body);
+        memcpy(d, PyBytes_AS_STRING(body), (size_t)blen);
+        d += blen;
+        d += sprintf(d, "id: %lld\n\n", s);
+    }
+    Py_DECREF(seq);
+    if (_PyBytes_Resize(&out, d - PyBytes_AS_STRING(out)) < 0)
+        return NULL;
+    return out;
+}
+
+static uint64_t
+get_be(const unsigned char *p, int width)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < width; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* decode_record(first, value) -> [(seq, uid, body), ...] | None (damaged: the Python path says how) */
+static PyObject *
+decode_record(PyObject *self, PyObject *args)
+{
+    long long first;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!:decode_record", &first, &PyBytes_Type, &obj))
+        return NULL;
+    const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
+    Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
+    if (n < 8 + 6)
+        Py_RETURN_NONE;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (long long s = first; i < n; s++) {
+        if (i + 6 > n)
+            goto damaged;
+        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
+        i += 6;
+        if (i + ulen + blen > n)
+            goto damaged;
+        PyObject *uid = ulen ? PyUnicode_DecodeUTF8((const char *)v + i, ulen, "replace") : Py_NewRef(Py_None);
+        PyObject *body = uid == NULL ? NULL : PyBytes_FromStringAndSize((const char *)v + i + ulen, blen);
+        PyObject *item = body == NULL ? NULL : Py_BuildValue("(LNN)", s, uid, body);
+        if (item == NULL) {
+            if (body == NULL)
+                Py_XDECREF(uid);
+            Py_DECREF(out);
+            return NULL;
+        }
+        int rc = PyList_Append(out, item);
+        Py_DECREF(item);
+        if (rc < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        i += ulen + blen;
+    }
+    return out;
+damaged:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
+    {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
+    {"frame_entries", frame_entries, METH_O, "Wire bytes for stored events with their gateway ids."},
+    {"decode_record", decode_record, METH_VARARGS, "The events of a record, or None when it is damaged."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "gateway._native", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC
+PyInit__native(void)
+{
+    return PyModule_Create(&module);
+}

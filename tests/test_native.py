@@ -1,0 +1,137 @@
+"""The C extension (gateway/_native.c) gives exactly what its Python twins give.
+
+Every stream a capture parses, every record it stores and every byte a client gets goes through
+these functions, so each is checked against the Python code on generated input: canonical
+token streams (what the C path takes) mixed with everything it must hand back to Python (CR line
+ends, multi-line data, odd fields, comments, oversized events, damaged records).
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway import native
+from gateway.eventlog.base import StorageDamaged
+from gateway.eventlog.records import decode, decode_py, encode, encode_py
+from gateway.sse import Event, Parser, SSEProtocolError, frame, frame_py
+
+needs_c = pytest.mark.skipif(not native.ON, reason="the C extension is not built here (or GATEWAY_PURE_PYTHON)")
+
+_text = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\r\n"), max_size=12)
+_word = st.text("abcxyz_0", min_size=1, max_size=8)
+
+# One block of an event stream, as upstreams send them: mostly canonical, sometimes not.
+_block = st.one_of(
+    st.builds(lambda n, d: f"event: {n}\ndata: {d}\n\n", _word, _text),
+    st.builds(lambda n, d, i: f"event: {n}\ndata: {d}\nid: {i}\n\n", _word, _text, _text),
+    st.builds(lambda d: f"data: {d}\n\n", _text),
+    st.just(": heartbeat\n\n"),
+    st.just("\n"),  # an extra blank line between events
+    st.builds(lambda d, e: f"data: {d}\ndata: {e}\n\n", _text, _text),
+    st.builds(lambda d: f"retry: 10\ndata: {d}\n\n", _text),
+    st.builds(lambda n, d: f"event: {n}\r\ndata: {d}\r\n\r\n", _word, _text),
+    st.builds(lambda d: f"data:{d}\rid: x\r\r", _text),
+    st.builds(lambda n, d: f"event: {n}\ndata: {d}\nid: a\x00b\n\n", _word, _text),
+    st.builds(lambda d: f"id: 7\ndata: {d}\n\n", _text),
+    st.builds(lambda d: f"event: big\ndata: {d * 40}\n\n", _text),
+)
+
+
+def _parse(chunks: list[bytes], max_event: int) -> tuple[list[Event], int, bool, str | None]:
+    parser = Parser(max_event)
+    events: list[Event] = []
+    try:
+        for chunk in chunks:
+            events += parser.feed(chunk)
+    except SSEProtocolError as exc:
+        return events, parser.comments, parser.pending(), str(exc)
+    return events, parser.comments, parser.pending(), None
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(blocks=st.lists(_block, max_size=30), cuts=st.lists(st.integers(0, 4000), max_size=6),
+       raw=st.binary(max_size=8), max_event=st.sampled_from([64, 1 << 20]))
+def test_the_parser_gives_the_same_events_in_c_and_in_python(
+        blocks: list[str], cuts: list[int], raw: bytes, max_event: int) -> None:
+    data = "".join(blocks).encode() + raw  # raw: a tail that may be any bytes, even invalid UTF-8
+    edges = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in zip(edges, edges[1:])]
+    in_c = _parse(chunks, max_event)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "ON", False)
+        in_python = _parse(chunks, max_event)
+    assert in_c == in_python
+
+
+@needs_c
+def test_the_fast_path_takes_canonical_blocks_and_hands_back_anything_else() -> None:
+    took = native.split_events(b"event: a\ndata: 1\nid: 9\n\n: hb\n\ndata: 2\n\nevent: b\nda", 1 << 20)
+    assert took == ([(b"event: a\ndata: 1\n", "9"), (b"data: 2\n", None)], 39, 1)
+    assert native.split_events(b"data: 1\ndata: 2\n\n", 1 << 20) is None
+    assert native.split_events(b"data: 1\r\n\r\n", 1 << 20) is None
+    assert native.split_events(b"data: " + b"x" * 100 + b"\n\n", 64) is None  # Python raises it
+
+
+_event = st.tuples(st.one_of(st.builds(lambda n, d: f"event: {n}\ndata: {d}\n".encode(), _text, _text),
+                             st.binary(max_size=40).map(lambda b: b"data: " + b + b"\n")),
+                   st.one_of(st.none(), _text))
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(_event, max_size=12), now=st.integers(0, 2**63), first=st.integers(0, 2**62))
+def test_records_are_the_same_bytes_and_read_back_the_same(
+        events: list[Event], now: int, first: int) -> None:
+    in_c = encode(events, now, first)
+    assert in_c == encode_py(events, now, first)
+    if events:  # a record holds at least one event
+        assert decode(first, in_c.record) == decode_py(first, in_c.record) == [
+            (first + i, uid or None, body) for i, (body, uid) in enumerate(events)]  # an empty id is none
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(record=st.binary(max_size=60), first=st.integers(0, 2**40))
+def test_a_damaged_record_is_told_the_same_way(record: bytes, first: int) -> None:
+    try:
+        expected: object = decode_py(first, record)
+    except StorageDamaged as exc:
+        expected = str(exc)
+    try:
+        got: object = decode(first, record)
+    except StorageDamaged as exc:
+        got = str(exc)
+    assert got == expected
+
+
+@needs_c
+def test_a_truncated_record_is_damaged_in_c_too() -> None:
+    good = encode([(b"data: x\n", "7"), (b"data: y\n", None)], 5, 1).record
+    whole = {8 + 6 + 1 + 8, len(good)}  # where a record of one or two events ends
+    for cut in range(len(good)):
+        assert (native.decode_record(1, good[:cut]) is None) == (cut not in whole)
+    head = struct.pack(">QIH", 0, 99, 0) + b"short"
+    with pytest.raises(StorageDamaged, match="ends inside an event"):
+        decode(1, head)
+
+
+@needs_c
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=30)), max_size=20))
+def test_the_wire_framing_is_the_same(entries: list[tuple[int, bytes]]) -> None:
+    assert frame(entries) == frame_py(entries)
+
+
+def test_the_extension_is_built_where_a_compiler_is() -> None:
+    """Guards the build: `pip install` must not have fallen back to Python silently here."""
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine")
+    from gateway import _native
+
+    assert _native.__file__ is not None and _native.__file__.endswith(".so")
