@@ -344,7 +344,47 @@ damaged:
     Py_RETURN_NONE;
 }
 
+/* record_entries(first, value, after, upto) -> [(seq, body) for after < seq <= upto] | None (damaged) */
+static PyObject *
+record_entries(PyObject *self, PyObject *args)
+{
+    long long first, after, upto;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!LL:record_entries", &first, &PyBytes_Type, &obj, &after, &upto))
+        return NULL;
+    const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
+    Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
+    if (n < 8 + 6)
+        Py_RETURN_NONE;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (long long s = first; i < n; s++) {
+        if (i + 6 > n)
+            goto damaged;
+        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
+        i += 6;
+        if (i + ulen + blen > n)
+            goto damaged;
+        if (after < s && s <= upto) {
+            PyObject *item = Py_BuildValue("(Ly#)", s, (const char *)v + i + ulen, blen);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        i += ulen + blen;
+    }
+    return out;
+damaged:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
     {"frame_entries", frame_entries, METH_O, "Wire bytes for stored events with their gateway ids."},

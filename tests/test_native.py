@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import struct
+from typing import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from gateway import native
 from gateway.eventlog.base import StorageDamaged
-from gateway.eventlog.records import decode, decode_py, encode, encode_py
+from gateway.eventlog.records import decode, decode_py, encode, encode_py, entries_in, entries_in_py
 from gateway.sse import Event, Parser, SSEProtocolError, frame, frame_py
 
 needs_c = pytest.mark.skipif(not native.ON, reason="the C extension is not built here (or GATEWAY_PURE_PYTHON)")
@@ -97,17 +98,28 @@ def test_records_are_the_same_bytes_and_read_back_the_same(
 
 @needs_c
 @settings(max_examples=300, deadline=None)
+@given(events=st.lists(_event, min_size=1, max_size=12), first=st.integers(0, 2**40),
+       after=st.integers(-2, 16), upto=st.integers(-2, 16))
+def test_a_range_of_a_record_is_the_same(events: list[Event], first: int, after: int, upto: int) -> None:
+    record = encode(events, 0, first).record
+    assert entries_in(first, record, first + after, first + upto) == entries_in_py(
+        first, record, first + after, first + upto)
+    assert entries_in(first, record) == [(first + i, body) for i, (body, _uid) in enumerate(events)]
+
+
+def _told(read: Callable[[int, bytes], object], first: int, record: bytes) -> object:
+    try:
+        return read(first, record)
+    except StorageDamaged as exc:
+        return str(exc)
+
+
+@needs_c
+@settings(max_examples=300, deadline=None)
 @given(record=st.binary(max_size=60), first=st.integers(0, 2**40))
 def test_a_damaged_record_is_told_the_same_way(record: bytes, first: int) -> None:
-    try:
-        expected: object = decode_py(first, record)
-    except StorageDamaged as exc:
-        expected = str(exc)
-    try:
-        got: object = decode(first, record)
-    except StorageDamaged as exc:
-        got = str(exc)
-    assert got == expected
+    assert _told(decode, first, record) == _told(decode_py, first, record)
+    assert _told(entries_in, first, record) == _told(entries_in_py, first, record)
 
 
 @needs_c

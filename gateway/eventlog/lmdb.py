@@ -62,7 +62,7 @@ from gateway.eventlog.base import (
     seq_floor,
     to_evict,
 )
-from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
 from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
@@ -796,9 +796,7 @@ class LmdbEventLog(EventLog):
                     first = int.from_bytes(k[plen:], "big")
                     if first > upto:
                         break
-                    for seq, _uid, body in decode(first, v):
-                        if after < seq <= upto:
-                            out.append((seq, body))
+                    out += entries_in(first, v, after, upto)
                     budget -= len(v)
                     if len(out) >= limit:
                         del out[limit:]

@@ -105,5 +105,23 @@ def decode_py(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
     return out
 
 
+_LAST_SEQ = 2**63 - 1
+
+
+def entries_in(first: int, value: bytes, after: int = -1, upto: int = _LAST_SEQ) -> list[Entry]:
+    """The (seq, body) of a record's events with ``after < seq <= upto`` (by default all of them);
+    StorageDamaged if it is not one."""
+    if native.ON:
+        out = native.record_entries(first, value, after, upto)
+        if out is not None:
+            return out
+    return entries_in_py(first, value, after, upto)
+
+
+def entries_in_py(first: int, value: bytes, after: int = -1, upto: int = _LAST_SEQ) -> list[Entry]:
+    """``entries_in`` in Python (the C twin must give the same entries)."""
+    return [(seq, body) for seq, _uid, body in decode_py(first, value) if after < seq <= upto]
+
+
 def record_time_ms(value: bytes) -> int:
     return int(RECORD_TIME.unpack_from(value)[0])

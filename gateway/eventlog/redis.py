@@ -70,7 +70,7 @@ from gateway.eventlog.base import (
     stop_tasks,
     to_evict,
 )
-from gateway.eventlog.records import decode, encode, record_time_ms
+from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
 from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
@@ -683,7 +683,7 @@ class RedisEventLog(EventLog):
         if writer == self.replica.encode():
             return  # committed here: delivered when the commit was acknowledged
         prev = int(head or 0)
-        entries = [(seq, body) for seq, _uid, body in decode(int(first), record)] if record else []
+        entries = entries_in(int(first), record) if record else []
         if entries:
             self._feeds.deliver(key, Batch("events", entries, prev, sum(len(b) for _, b in entries)))
         if kind == b"e":  # an end may carry the stream's last events (an error event): they go first
@@ -875,9 +875,7 @@ class RedisEventLog(EventLog):
                 if not rows:
                     break
                 for first, record in rows:
-                    for seq, _uid, body in decode(first, record):
-                        if after < seq <= upto:
-                            out.append((seq, body))
+                    out += entries_in(first, record, after, upto)
                 if len(rows) < _READ_PAGE_ENTRIES:
                     break
                 start = f"({rows[-1][0]}-0"
