@@ -20,7 +20,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable
+from typing import Callable
 
 import aiohttp
 from multidict import CIMultiDict
@@ -89,6 +89,8 @@ class Ingest:
     # Kept in memory only: secrets never go to disk.
     auth: dict[str, str] = field(default_factory=dict)
     inflight: int = 0  # commits submitted, not yet published
+    idle: asyncio.Future[None] | None = None  # someone waits for inflight to reach 0 (settle)
+    resume: Callable[[], None] | None = None  # the leg is paused until the log catches up
     failed: BaseException | None = None  # a commit that failed: the pump stops
     recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
     cancelling: bool = False  # its last follower left and asked for a cancel: done once
@@ -369,13 +371,13 @@ class Captures:
         """
         parser = Parser(self.cfg.max_event_bytes)
         key = ing.key
-        last: asyncio.Future[list[Entry]] | None = None
+        submitted = False
         committed = partial(self._committed, ing)
         idle = IdleWatch(resp)
         seen = idle.seen
 
         def chunk(data: bytes) -> None:  # what arrived in one turn of the loop: no task step per chunk
-            nonlocal last
+            nonlocal submitted
             seen()
             events = parser.feed(data)
             if parser.comments:
@@ -387,11 +389,11 @@ class Captures:
             if events:
                 if ing.failed is not None:
                     raise StorageError(str(ing.failed))
-                last = self.log.submit(key, events)
+                self.log.submit_then(key, events, committed)
+                submitted = True
                 ing.inflight += 1
-                last.add_done_callback(committed)
-                if ing.inflight >= MAX_INFLIGHT_COMMITS:  # the log is behind: stop reading until it catches up
-                    last.add_done_callback(pause_leg(resp))
+                if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
+                    ing.resume = pause_leg(resp)  # the log is behind: stop reading until it catches up
 
         try:
             with self.bodies.attach(resp, chunk) as body:
@@ -401,32 +403,38 @@ class Captures:
         except BaseException as exc:
             # Whatever broke the leg, what it delivered is settled first, so the next leg
             # starts from what is really committed.
-            await _settle(last)
+            await _settle(ing)
             if ing.failed is not None:
                 raise StorageError(str(ing.failed)) from exc
-            if last is not None and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+            if submitted and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
                 raise _Progress(exc) from exc
             raise
         finally:
             idle.close()
+            ing.resume = None  # the leg is released: nothing to resume
             resp.release()
-        await _settle(last)  # everything of this leg is committed before the stream may end
+        await _settle(ing)  # everything of this leg is committed before the stream may end
         if ing.failed is not None:
             raise StorageError(str(ing.failed))
         if parser.pending():
-            raise _Progress("upstream stream ended mid-event") if last is not None else UpstreamBroke(
+            raise _Progress("upstream stream ended mid-event") if submitted else UpstreamBroke(
                 "upstream stream ended mid-event")
 
-    def _committed(self, ing: Ingest, fut: asyncio.Future[list[Entry]]) -> None:
+    def _committed(self, ing: Ingest, outcome: list[Entry] | BaseException) -> None:
+        """A chunk's commit settled (called from the log's commit, in submission order)."""
         ing.inflight -= 1
-        if fut.cancelled() or ing.failed is not None:
+        resume = ing.resume
+        if resume is not None and ing.inflight < MAX_INFLIGHT_COMMITS:
+            ing.resume = None
+            resume()
+        if ing.inflight == 0 and ing.idle is not None and not ing.idle.done():
+            ing.idle.set_result(None)
+        if ing.failed is not None:
             return  # after a failed commit the pump stops: the stream never has a hole
-        if fut.exception() is not None:
-            ing.failed = fut.exception()
-            return
-        entries = fut.result()
-        if entries:
-            self.metrics.appended(len(entries))
+        if isinstance(outcome, BaseException):
+            ing.failed = outcome
+        elif outcome:
+            self.metrics.appended(len(outcome))
 
     # --- ending -------------------------------------------------------------------------------
 
@@ -453,10 +461,13 @@ def _can_rejoin(meta: StreamMeta) -> bool:
     return meta.endless or meta.thread_id is not None
 
 
-async def _settle(fut: asyncio.Future[Any] | None) -> None:
-    """Wait for a commit without raising: its outcome reaches the ingest through its callback."""
-    if fut is not None and not fut.done():
-        await asyncio.wait([fut])
+async def _settle(ing: Ingest) -> None:
+    """Wait until every commit the capture submitted has settled, without raising: their outcomes
+    reach the ingest through ``Captures._committed``."""
+    if ing.inflight > 0:
+        if ing.idle is None or ing.idle.done():
+            ing.idle = asyncio.get_running_loop().create_future()
+        await asyncio.wait([ing.idle])
 
 
 def _leg_failure(exc: object) -> str:

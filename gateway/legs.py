@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import aiohttp
 from aiohttp.streams import StreamReader
@@ -205,18 +205,18 @@ def _discard(_data: bytes) -> None:
     pass
 
 
-def pause_leg(resp: aiohttp.ClientResponse) -> Callable[[Any], None]:
-    """Stop reading a leg's socket; returns the callback that resumes it (a done callback).
+def pause_leg(resp: aiohttp.ClientResponse) -> Callable[[], None]:
+    """Stop reading a leg's socket; returns the call that resumes it.
 
     The transport only: pausing aiohttp's protocol would pause its parser too, and a parser
     paused while it has nothing to parse stays paused for the next data, which then waits for a
     resume nobody sends."""
     transport = resp.connection.transport if resp.connection is not None else None
     if transport is None or transport.is_closing():
-        return lambda _fut: None
+        return lambda: None
     transport.pause_reading()
 
-    def resume(_fut: Any) -> None:
+    def resume() -> None:
         if not transport.is_closing():
             transport.resume_reading()
 

@@ -16,7 +16,7 @@ import pytest
 
 from gateway.config import Storage
 from gateway import eventlog
-from gateway.eventlog import EventLog, LmdbEventLog, StorageFull, StreamMeta
+from gateway.eventlog import EventLog, LmdbEventLog, StorageError, StorageFull, StreamMeta
 from gateway.eventlog.base import Batch, ClaimLost, stop_tasks
 from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
@@ -113,6 +113,29 @@ async def test_append_then_read_in_order(open_log: Opener) -> None:
     assert await log.read("a", seqs[0], seqs[-1], 100) == first[1:] + second
     assert await log.read("a", seqs[0], seqs[1], 100) == first[1:]
     assert await log.read("a", 0, seqs[-1], 2) == first
+
+
+async def test_submitted_batches_are_told_in_order_and_a_stream_not_held_is_refused(open_log: Opener) -> None:
+    """``submit_then`` (what a capture uses, once per chunk): each batch is told its entries in
+    submission order, as ``submit``'s futures are, whatever the backend does underneath."""
+    log = await open_log()
+    await begun(log, meta("a"))
+    told: list[list[tuple[int, bytes]] | BaseException] = []
+    for i in range(20):
+        log.submit_then("a", evs(str(i)), told.append)
+    await log.append("a", evs("last"))  # settles after every batch before it
+    assert all(isinstance(t, list) for t in told) and len(told) == 20
+    seqs = [seq for t in told if isinstance(t, list) for seq, _ in t]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 20
+    assert [body for _, body in await log.read("a", 0, 10**18, 100)][:20] == [
+        body for t in told if isinstance(t, list) for _, body in t]
+    refused: list[list[tuple[int, bytes]] | BaseException] = []
+    try:  # refused at once (LMDB), or told so (Redis)
+        log.submit_then("never begun", evs("x"), refused.append)
+        await log.append("a", evs("after"))
+    except (StorageError, ClaimLost) as exc:
+        refused.append(exc)
+    assert len(refused) == 1 and isinstance(refused[0], (StorageError, ClaimLost))
 
 
 async def test_streams_do_not_mix_and_ids_are_global(open_log: Opener) -> None:

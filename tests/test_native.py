@@ -8,8 +8,12 @@ ends, multi-line data, odd fields, comments, oversized events, damaged records).
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -147,3 +151,12 @@ def test_the_extension_is_built_where_a_compiler_is() -> None:
     from gateway import _native
 
     assert _native.__file__ is not None and _native.__file__.endswith(".so")
+
+
+def test_the_python_twins_can_be_forced() -> None:
+    """``GATEWAY_PURE_PYTHON=1`` runs the Python code even where the extension is built (to compare)."""
+    probe = "from gateway import native; print(native.ON)"
+    env = dict(os.environ, GATEWAY_PURE_PYTHON="1")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -38,6 +38,8 @@ LIST_SCAN = 10_000
 
 # Called after each commit group: (events, seconds, ok). The metrics hook.
 CommitObserver = Callable[[int, float, bool], None]
+# Told how a submitted batch settled: its entries once committed, or why it was not.
+Settled = Callable[[list[Entry] | BaseException], None]
 
 # A run's stream ends with the run; a thread stream (runs of a thread, one after another) and a
 # session stream (the v3 thread session's events) never end: released when nobody follows them,
@@ -518,6 +520,19 @@ class EventLog(abc.ABC):
         every later submit for the stream fails too until it is begun again:
         a stream never has a hole.
         """
+
+    def submit_then(self, key: str, events: Sequence[Event], settled: Settled) -> None:
+        """``submit``, with ``settled`` told the outcome instead of a future being returned.
+
+        Same order and guarantees as ``submit``'s futures. A capture submits once per chunk (once
+        per token): a backend may tell ``settled`` straight from its commit, without a future and
+        a loop callback each. ``settled`` must not raise.
+        """
+        def tell(fut: asyncio.Future[list[Entry]]) -> None:
+            # Cancelled only when the log is torn down under it: nothing to tell but that it settled.
+            settled([] if fut.cancelled() else fut.exception() or fut.result())
+
+        self.submit(key, events).add_done_callback(tell)
 
     async def append(self, key: str, events: Sequence[Event]) -> list[Entry]:
         """Append events in order; returns them with their seqs once committed."""

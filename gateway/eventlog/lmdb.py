@@ -54,6 +54,7 @@ from gateway.eventlog.base import (
     Health,
     LocalFeeds,
     Record,
+    Settled,
     StorageDamaged,
     StorageError,
     StorageFull,
@@ -105,6 +106,7 @@ class _Batch:
     subject: Any = None
     result: Any = None
     future: asyncio.Future[Any] | None = None
+    settled: Settled | None = None  # told instead of ``future`` (submit_then): no future per chunk
 
 
 class _RWLock:
@@ -451,13 +453,18 @@ class LmdbEventLog(EventLog):
         return staged, enc.entries
 
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
-        return self._stage_and_submit(key, events, end=False, end_reason=None)
+        return self._submit(self._staged_batch(key, events, end=False, end_reason=None))
+
+    def submit_then(self, key: str, events: Sequence[Event], settled: Settled) -> None:
+        batch = self._staged_batch(key, events, end=False, end_reason=None)
+        batch.settled = settled
+        self._enqueue(batch)
 
     async def finish(self, key: str, end: EndReason | None, events: Sequence[Event] = ()) -> list[Entry]:
-        return await self._stage_and_submit(key, events, end=True, end_reason=end)
+        entries: list[Entry] = await self._submit(self._staged_batch(key, events, end=True, end_reason=end))
+        return entries
 
-    def _stage_and_submit(self, key: str, events: Sequence[Event], *, end: bool,
-                          end_reason: EndReason | None) -> asyncio.Future[list[Entry]]:
+    def _staged_batch(self, key: str, events: Sequence[Event], *, end: bool, end_reason: EndReason | None) -> _Batch:
         meta = self._staged.get(key)
         if meta is None:
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
@@ -469,17 +476,21 @@ class LmdbEventLog(EventLog):
             staged = replace(staged, open=False, end=end_reason, updated_at=time.time())
         self._staged[key] = batch.metas[key] = staged
         batch.result = entries
-        return self._submit(batch)
+        return batch
 
     def _submit(self, batch: _Batch) -> asyncio.Future[Any]:
+        self._enqueue(batch)  # the writer sees the batch only after this turn of the loop
+        assert self._loop is not None
+        batch.future = fut = self._loop.create_future()
+        return fut
+
+    def _enqueue(self, batch: _Batch) -> None:
         if self._writer is None or self._loop is None:
             raise StorageError("event log is closed")
-        batch.future = self._loop.create_future()
         self._outbox.append(batch)
         if not self._committing and not self._handover_due:
             self._handover_due = True
             self._loop.call_soon(self._hand_over)  # after this turn of the loop: its batches in one group
-        return batch.future
 
     def _hand_over(self) -> None:
         self._handover_due = False
@@ -710,20 +721,27 @@ class LmdbEventLog(EventLog):
                 self._fail_batch(b, error)
             else:
                 self._apply_committed(b)
-            fut = b.future
             if i in fenced and b.key is not None:
                 self._fenced(b.key)
-            if fut is None or fut.done():
-                continue
-            if i in fenced:
-                fut.set_exception(ClaimLost(f"stream {b.key} is captured by another gateway process now"))
-            elif failed:
-                fut.set_exception(StorageError(f"commit failed: {self.failure or 'the stream stopped at a failed commit'}"))
-            else:
-                fut.set_result(b.result)
+            fut, settled = b.future, b.settled
+            if settled is not None:
+                _tell(settled, self._outcome(b, i in fenced, failed))
+            elif fut is not None and not fut.done():
+                outcome = self._outcome(b, i in fenced, failed)
+                if isinstance(outcome, BaseException):
+                    fut.set_exception(outcome)
+                else:
+                    fut.set_result(outcome)
         if group:
             self._committed(group)
             self._hand_over()  # what came while this group committed: the next group, at once
+
+    def _outcome(self, b: _Batch, fenced: bool, failed: bool) -> Any:
+        if fenced:
+            return ClaimLost(f"stream {b.key} is captured by another gateway process now")
+        if failed:
+            return StorageError(f"commit failed: {self.failure or 'the stream stopped at a failed commit'}")
+        return b.result
 
     def _fenced(self, key: str) -> None:
         """Another process captures ``key`` now (a shared log only)."""
@@ -916,6 +934,13 @@ class LmdbEventLog(EventLog):
         self._size -= meta.size
         batch.drop_prefixes.append(_prefix(meta.key))
         batch.metas[meta.key] = None
+
+
+def _tell(settled: Settled, outcome: list[Entry] | BaseException) -> None:
+    try:
+        settled(outcome)
+    except Exception:  # a caller's bug: the rest of the group is still told
+        log.exception("a commit's settled callback raised")
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:
