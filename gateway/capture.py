@@ -433,8 +433,6 @@ class Captures:
             return  # after a failed commit the pump stops: the stream never has a hole
         if isinstance(outcome, BaseException):
             ing.failed = outcome
-        elif outcome:
-            self.metrics.appended(len(outcome))
 
     # --- ending -------------------------------------------------------------------------------
 

@@ -41,7 +41,6 @@ def exposed_samples() -> set[str]:
     m.replica_health("default", "http://127.0.0.1:2024", True)
     m.committed(5, 0.002, True)
     m.committed(1, 0.5, False)
-    m.appended(5)
     m.overflowed(1)
     m.rejoined(True)
     m.rejoined(False)

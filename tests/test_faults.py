@@ -262,3 +262,15 @@ async def test_join_of_an_unknown_run_is_not_captured(gateway: RunningGateway, f
     got = await join(http, f"{gateway.url}/threads/t/runs/{rid}/stream", "-1")
     assert got[0].event == "error" and "404" in got[0].data  # the upstream's own answer
     assert await gateway.gw.log.lookup(f"default/run/{rid}") is None
+
+
+async def test_every_committed_event_is_counted_the_gateways_own_included(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """``gateway_log_events_appended_total`` counts what the log holds, not only what captures
+    appended: a stateless run cut upstream cannot be re-joined and ends with the gateway's own
+    ``CaptureInterrupted`` error event, which is counted too."""
+    fake_upstream.faults.cut_after = 4
+    async with http.post(f"{gateway.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 20, "delay": 0.02}}) as r:
+        got = await read_events(r)
+    assert len(got) > 4 and got[-1].event == "error" and "CaptureInterrupted" in got[-1].data
+    assert gateway.gw.metrics.events_appended._value.get() == len(got)

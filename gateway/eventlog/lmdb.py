@@ -707,8 +707,8 @@ class LmdbEventLog(EventLog):
     def _resolve(self, group: list[_Batch], refused: set[int], fenced: set[int], error: BaseException | None,
                  seconds: float, recovered: bool) -> None:
         # In submission order: a stream's commits resolve (and publish) in the order they were made.
-        if group and self._on_commit is not None:
-            self._on_commit(sum(b.count for b in group), seconds, error is None)
+        if group and self._on_commit is not None:  # the events committed: refused batches are not
+            self._on_commit(sum(b.count for i, b in enumerate(group) if i not in refused), seconds, error is None)
         if group:
             self._committing = False
         if error is not None:
