@@ -243,7 +243,7 @@ def _follow(view: LogView, key: str, pos: int, fmt: str, out: TextIO) -> None:
     leaves the log)."""
     while (meta := view.meta(key)) is not None:
         if meta.head > pos:
-            rows = [(seq, body, rec.time_ms) for rec in view.records(key, upto=meta.head)
+            rows = [(seq, body, rec.time_ms) for rec in view.records(key, upto=meta.head, after=pos)
                     for seq, _uid, body in rec.events if seq > pos]
             _write(rows, fmt, out)
             pos = rows[-1][0] if rows else pos

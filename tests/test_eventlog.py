@@ -341,6 +341,30 @@ async def test_read_never_returns_more_than_limit_even_mid_batch(open_log: Opene
     assert await log.read("a", batch[2][0], batch[-1][0], 3) == batch[3:6]
 
 
+async def test_a_view_reads_a_stream_from_the_record_holding_a_position(open_log: Opener) -> None:
+    """What ``streams tail -f`` reads on each poll: only the records from the one holding the
+    next seq, whatever record boundary the position falls on, never the stream from its start."""
+    log = await open_log()
+    await begun(log, meta("a"))
+    await begun(log, meta("ab"))  # a stream whose key extends this one's: never read as its records
+    batches = [await log.append("a", evs(*[f"{i}.{j}" for j in range(3)])) for i in range(4)]
+    await log.append("ab", evs("other"))
+    cfg = log._cfg  # type: ignore[attr-defined]
+    await log.close()  # LMDB: one environment per file in a process; the tools read from another
+    seqs = [seq for b in batches for seq, _ in b]
+
+    def firsts(upto: int | None, after: int) -> list[int]:
+        view = eventlog.open_view(cfg)
+        try:
+            return [r.first for r in view.records("a", upto=upto, after=after)]
+        finally:
+            view.close()
+
+    for after in [0, *seqs]:  # in a thread: the view is synchronous, and the chaos relay runs on this loop
+        assert await asyncio.to_thread(firsts, None, after) == [b[0][0] for b in batches if b[-1][0] > after], after
+    assert await asyncio.to_thread(firsts, batches[1][0][0], seqs[1]) == [batches[0][0][0], batches[1][0][0]]
+
+
 @pytest.mark.parametrize("backend", ["lmdb"])
 async def test_map_grows_instead_of_failing(tmp_path: Path, backend: str) -> None:
     log = LmdbEventLog(Storage(path=tmp_path / "log", map_size=64 * 1024))

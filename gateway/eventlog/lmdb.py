@@ -801,12 +801,7 @@ class LmdbEventLog(EventLog):
                 raise StorageError("event log is closed")
             with env.begin(db=self._events_db, buffers=False) as txn:
                 cur = txn.cursor()
-                # The batch holding seq after+1 may start before it: step back one record.
-                found = cur.set_range(start)
-                if not (found and cur.key() == start):
-                    found = cur.prev() if found else cur.last()
-                    if not (found and cur.key().startswith(prefix)):
-                        found = cur.set_range(start)
+                found = _seek_holding(cur, prefix, start)
                 while found:
                     k, v = cur.item()
                     if not k.startswith(prefix):
@@ -936,6 +931,18 @@ class LmdbEventLog(EventLog):
         batch.metas[meta.key] = None
 
 
+def _seek_holding(cur: lmdb.Cursor, prefix: bytes, start: bytes) -> bool:
+    """Put ``cur`` on the record of the stream ``prefix`` that holds the seq ``start`` names (a
+    record's key is its first seq, so it may start before it), or on the first one after it."""
+    found = cur.set_range(start)
+    if found and cur.key() == start:
+        return True
+    found = cur.prev() if found else cur.last()
+    if found and bytes(cur.key()).startswith(prefix):
+        return True
+    return bool(cur.set_range(start))
+
+
 def _tell(settled: Settled, outcome: list[Entry] | BaseException) -> None:
     try:
         settled(outcome)
@@ -996,11 +1003,12 @@ class LmdbView:
             raw = txn.get(key.encode())
             return StreamMeta.from_bytes(raw) if raw is not None else None
 
-    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
+    def records(self, key: str, upto: int | None = None, after: int = 0) -> Iterator[Record]:
         prefix = key.encode() + b"\x00"
+        start = prefix + (after + 1).to_bytes(8, "big") if after > 0 else prefix
         with self._reading(f"the events of {key}"), self._env.begin(db=self._events, buffers=False) as txn:
             cur = txn.cursor()
-            found = cur.set_range(prefix)
+            found = _seek_holding(cur, prefix, start) if after > 0 else cur.set_range(start)
             while found:
                 k, v = cur.item()
                 if not k.startswith(prefix):
@@ -1008,7 +1016,9 @@ class LmdbView:
                 first = int.from_bytes(k[len(prefix):], "big")
                 if upto is not None and first > upto:
                     break
-                yield Record(first, record_time_ms(v), decode(first, v), len(k) + len(v))
+                events = decode(first, v)
+                if events[-1][0] > after:  # the seek may land on the record before: it holds none of these
+                    yield Record(first, record_time_ms(v), events, len(k) + len(v))
                 found = cur.next()
 
     def counter(self) -> int:

@@ -992,14 +992,19 @@ class RedisView:
             meta: StreamMeta | None = _meta_from_hash(self._r.hgetall(self._p + "m:" + key))
         return meta
 
-    def records(self, key: str, upto: int | None = None) -> Iterator[Record]:
+    def records(self, key: str, upto: int | None = None, after: int = 0) -> Iterator[Record]:
         start = "-"
         top = "+" if upto is None else f"{upto}-0"
         with self._reading(f"the events of {key}"):
+            if after > 0:  # from the record holding after+1, which may start before it
+                before = _rows(self._r.xrevrange(self._p + "s:" + key, max=f"{after + 1}-0", min="-", count=1))
+                start = f"{before[0][0]}-0" if before else "-"
             while True:
                 rows = _rows(self._r.xrange(self._p + "s:" + key, min=start, max=top, count=500))
                 for first, record in rows:
-                    yield Record(first, record_time_ms(record), decode(first, record), len(record) + 24)
+                    events = decode(first, record)
+                    if events[-1][0] > after:  # the record before the one holding after+1: none of these
+                        yield Record(first, record_time_ms(record), events, len(record) + 24)
                 if len(rows) < 500:
                     return
                 start = f"({rows[-1][0]}-0"
