@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
+import lmdb
 import pytest
 
 from gateway.config import Storage
@@ -164,6 +165,43 @@ async def test_reopen_keeps_events_metadata_and_never_reuses_ids(open_log: Opene
     await begun(log, meta("b"))
     after = await log.append("b", evs("x"))
     assert after[0][0] > m.head
+
+
+async def test_an_open_streams_metadata_is_what_its_records_say_after_a_stop(open_log: Opener, tmp_path: Path) -> None:
+    """The embedded log writes an open stream's counters every thousand events, not every commit:
+    whatever lags in the file when the process stops is rebuilt from the records when the log is
+    opened again (and by the operator commands' view meanwhile), on every backend the same."""
+    log = await open_log()
+    await begun(log, meta("a"))
+    await begun(log, meta("ab"))
+    await log.append("a", evs("1", uid="7-0"))
+    await log.append("ab", evs("other"))
+    await log.append("a", evs("2", "3"))
+    await log.append("a", [event(b"event: values\ndata: {}\n", None)])
+    live = await log.lookup("a")
+    assert live is not None and live.count == 4 and live.last_event == "values" and live.last_upstream_id == "7-0"
+    if isinstance(log, LmdbEventLog) and not log._cfg.shared:  # the file lags: the lever is on
+        cfg = log._cfg
+        await log.close()
+        env = lmdb.open(str(cfg.path), max_dbs=4, readonly=True, lock=False)
+        with env.begin(db=env.open_db(b"streams", create=False)) as txn:
+            raw = txn.get(b"a")
+        env.close()
+        assert raw is not None and StreamMeta.from_bytes(raw).head < live.head
+        view = eventlog.open_view(cfg)
+        try:
+            seen = view.meta("a")
+        finally:
+            view.close()
+        assert seen is not None and abs(seen.updated_at - live.updated_at) < 1  # the record's time, in ms
+        assert replace(seen, updated_at=live.updated_at) == live
+    log = await open_log()
+    again = await log.lookup("a")
+    assert again is not None and again.open
+    for name in ("head", "count", "size", "last_upstream_id", "last_event"):
+        assert getattr(again, name) == getattr(live, name), name
+    assert abs(again.updated_at - live.updated_at) < 1
+    assert (await log.lookup("ab")) is not None
 
 
 async def test_a_new_log_starts_its_ids_above_every_old_one(open_log: Opener) -> None:

@@ -6,7 +6,11 @@ Layout (named databases in one environment):
   each event ``<u32 body length><u16 id length><upstream id><body>``; seqs in a
   batch are consecutive, so one LMDB put carries a whole chunk. The time lets
   retention trim the old part of a thread stream that never closes.
-- ``streams``: ``<stream key>`` -> StreamMeta as JSON
+- ``streams``: ``<stream key>`` -> StreamMeta as JSON. An open stream's counters (head, count,
+  size, last id and event, time) may lag its records: a group that only appends events writes
+  them every ``_META_EVERY`` events of the stream, not every commit (each write dirtied a page
+  per stream per commit). Whoever reads the file brings them up to the records first
+  (``caught_up``); opening the log writes them back.
 - ``meta``: ``seq`` -> the last seq handed out (so seqs are never reused)
 
 Seqs are assigned on the event loop, in call order, against a *staged* view of
@@ -65,11 +69,14 @@ from gateway.eventlog.base import (
 )
 from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
 from gateway.metrics import LeaseLoss
-from gateway.sse import Event
+from gateway.sse import Event, event_name
 
 log = logging.getLogger("gateway.eventlog")
 
 _SEQ_KEY = b"seq"
+# An open stream's metadata is written at least once per this many of its events (it is always
+# written when anything but its counters changes): bounds what a start-up reads to catch it up.
+_META_EVERY = 1000
 SIZE_KEY = b"size"  # bytes held, kept by a shared log (one process counts in memory)
 _PROBE_KEY = b"probe"
 _READ_PAGE_BYTES = 4 << 20
@@ -107,6 +114,7 @@ class _Batch:
     result: Any = None
     future: asyncio.Future[Any] | None = None
     settled: Settled | None = None  # told instead of ``future`` (submit_then): no future per chunk
+    hot: bool = False  # events only: the stream's metadata changes only in its counters
 
 
 class _RWLock:
@@ -198,6 +206,7 @@ class LmdbEventLog(EventLog):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
         self._on_commit = on_commit
+        self._meta_written: dict[str, int] = {}  # the writer thread's: a stream's count when its metadata was last written
         self._lock_fd: int | None = None
         self.health = Health()
         self._feeds = LocalFeeds()
@@ -228,6 +237,7 @@ class LmdbEventLog(EventLog):
             self._events_db = self._env.open_db(b"events")
             self._streams_db = self._env.open_db(b"streams")
             self._meta_db = self._env.open_db(b"meta")
+            self._catch_up_sync()
             with self._env.begin() as txn:
                 raw = txn.get(_SEQ_KEY, db=self._meta_db)
                 for k, v in txn.cursor(db=self._streams_db):
@@ -260,6 +270,25 @@ class LmdbEventLog(EventLog):
         self._staged = dict(self._metas)
         log.info("event log open at %s: %d streams, %d bytes, next seq %d",
                  path, len(self._metas), self._size, self._seq + 1)
+
+    def _catch_up_sync(self) -> None:
+        """Bring every open stream's metadata up to its records, in the file (one write
+        transaction: a process sharing the directory sees it whole or not at all)."""
+        assert self._env is not None
+        with self._env.begin(write=True) as txn:
+            behind: list[StreamMeta] = []
+            for _k, v in txn.cursor(db=self._streams_db):
+                try:
+                    meta = StreamMeta.from_bytes(v)
+                except StorageDamaged:
+                    continue  # said when the streams are loaded, with where to look
+                now = caught_up(txn, self._events_db, meta)
+                if now is not meta:
+                    behind.append(now)
+            for meta in behind:
+                txn.put(meta.key.encode(), meta.to_bytes(), db=self._streams_db)
+        if behind:
+            log.info("event log: %d open streams' metadata caught up with their records", len(behind))
 
     def _map_size(self) -> int:
         return self._cfg.map_size
@@ -344,7 +373,7 @@ class LmdbEventLog(EventLog):
                 cur = txn.cursor()
                 found = cur.set_range(after.encode() + b"\x00") if after else cur.first()
                 while found and scan > 0:
-                    meta = StreamMeta.from_bytes(cur.value())
+                    meta = caught_up(txn, self._events_db, StreamMeta.from_bytes(cur.value()))
                     last, scan = meta.key, scan - 1
                     if keep(meta):
                         out.append(meta)
@@ -470,7 +499,7 @@ class LmdbEventLog(EventLog):
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
         if key in self._broken:
             raise StorageError(f"stream {key} stopped at a failed commit: {self.failure or 'storage error'}")
-        batch = _Batch(key=key)
+        batch = _Batch(key=key, hot=not end)
         staged, entries = self._stage_events(batch, meta, events)
         if end:
             staged = replace(staged, open=False, end=end_reason, updated_at=time.time())
@@ -612,6 +641,7 @@ class LmdbEventLog(EventLog):
         revived: set[str] = set()
         metas: dict[str, StreamMeta | None] = {}
         spared: set[str] = set()  # chosen by retention, but opened again by another process since
+        cold: set[str] = set()  # streams whose metadata changed beyond its counters: written now
         puts: list[tuple[bytes, bytes]] = []
         for i, b in enumerate(batches):
             if i in refused:
@@ -636,6 +666,8 @@ class LmdbEventLog(EventLog):
                             break
             puts += b.events
             metas.update(b.metas)
+            if not b.hot:
+                cold.update(b.metas)
             top = max(top, b.seq)
         self._put_events(txn, puts)  # one call for the group's records: a call per chunk cost more than the copy
         # A stream's metadata is written once per group, as its last batch left it: with many
@@ -645,8 +677,10 @@ class LmdbEventLog(EventLog):
             if meta is None:
                 if key not in spared:
                     txn.delete(key.encode(), db=self._streams_db)
-            else:
+                self._meta_written.pop(key, None)
+            elif key in cold or self._meta_due(key, meta):
                 txn.put(key.encode(), meta.to_bytes(), db=self._streams_db)
+                self._meta_written[key] = meta.count
         if top:
             self._store_seq(txn, top)
         self._applied(txn, batches, refused)
@@ -654,6 +688,11 @@ class LmdbEventLog(EventLog):
     def _may_drop(self, txn: lmdb.Transaction, prefix: bytes) -> bool:
         """Whether a stream retention chose may still go (a shared log: nobody re-opened it since)."""
         return True
+
+    def _meta_due(self, key: str, meta: StreamMeta) -> bool:
+        """Whether a group that only appended to ``key`` writes its metadata (the writer thread's
+        own count of what it last wrote; a shared log writes it every time, see there)."""
+        return meta.count - self._meta_written.get(key, -_META_EVERY) >= _META_EVERY
 
     def _store_seq(self, txn: lmdb.Transaction, top: int) -> None:
         txn.put(_SEQ_KEY, str(top).encode(), db=self._meta_db)
@@ -931,6 +970,33 @@ class LmdbEventLog(EventLog):
         batch.metas[meta.key] = None
 
 
+def caught_up(txn: lmdb.Transaction, events_db: Any, meta: StreamMeta) -> StreamMeta:
+    """``meta`` as the stream's last commit left it: the counters of the records past its head
+    added (an open stream's metadata lags them, see the module's doc); ``meta`` itself when none."""
+    if not meta.open:
+        return meta
+    prefix = _prefix(meta.key)
+    cur = txn.cursor(db=events_db)
+    if not cur.set_range(prefix + (meta.head + 1).to_bytes(8, "big")):
+        return meta
+    head, count, size, uid, at = meta.head, meta.count, meta.size, meta.last_upstream_id, 0.0
+    name = meta.last_event or ""
+    for k, v in cur.iternext():
+        k, v = bytes(k), bytes(v)
+        if not k.startswith(prefix):
+            break
+        try:
+            events = decode(int.from_bytes(k[len(prefix):], "big"), v)
+        except StorageDamaged:  # as far as the records can be read: reading the stream says the rest
+            break
+        head, count, size = events[-1][0], count + len(events), size + len(k) + len(v)
+        uid = next((u for _s, u, _b in reversed(events) if u), None) or uid
+        name, at = event_name(events[-1][2]).decode("utf-8", "replace"), record_time_ms(v) / 1000
+    if not at:
+        return meta
+    return meta.advanced(head, count, size, uid, name, at)
+
+
 def _seek_holding(cur: lmdb.Cursor, prefix: bytes, start: bytes) -> bool:
     """Put ``cur`` on the record of the stream ``prefix`` that holds the seq ``start`` names (a
     record's key is its first seq, so it may start before it), or on the first one after it."""
@@ -990,9 +1056,10 @@ class LmdbView:
         with self._reading("the stream list"), self._env.begin(db=self._streams) as txn:
             for k, v in txn.cursor():
                 try:
-                    out.append(StreamMeta.from_bytes(v))
+                    meta = StreamMeta.from_bytes(v)
                 except StorageDamaged as exc:
                     raise StorageDamaged(f"stream record {bytes(k)[:80]!r}: {exc}") from None
+                out.append(caught_up(txn, self._events, meta))  # a running gateway's may lag its records
             held = txn.stat(self._streams)["entries"]
             if len(out) != held:  # a damaged page can end a cursor early without an error
                 raise StorageDamaged(f"{held} streams recorded, {len(out)} readable")
@@ -1001,7 +1068,7 @@ class LmdbView:
     def meta(self, key: str) -> StreamMeta | None:
         with self._reading(f"stream {key}"), self._env.begin(db=self._streams) as txn:
             raw = txn.get(key.encode())
-            return StreamMeta.from_bytes(raw) if raw is not None else None
+            return caught_up(txn, self._events, StreamMeta.from_bytes(raw)) if raw is not None else None
 
     def records(self, key: str, upto: int | None = None, after: int = 0) -> Iterator[Record]:
         prefix = key.encode() + b"\x00"

@@ -116,6 +116,9 @@ class SharedLmdbEventLog(LmdbEventLog):
     _DIR_LOCK = fcntl.LOCK_SH  # with the other workers; never with a gateway that owns the directory alone
     _DIR_IN_USE = "in use by a gateway process that does not share it (workers: 1)"
 
+    def _meta_due(self, key: str, meta: StreamMeta) -> bool:
+        return True  # the other processes read heads from the file (fencing, takeover, followers)
+
     def _opened_sync(self) -> None:
         assert self._env is not None
         self._leases_db = self._env.open_db(b"leases")
