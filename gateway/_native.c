@@ -10,6 +10,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -299,59 +300,11 @@ get_be(const unsigned char *p, int width)
     return v;
 }
 
-/* decode_record(first, value) -> [(seq, uid, body), ...] | None (damaged: the Python path says how) */
+/* The events of a record with after < seq <= upto: (seq, uid, body) with ids, else (seq, body);
+ * None when the record is damaged (the Python path says how). */
 static PyObject *
-decode_record(PyObject *self, PyObject *args)
+read_record(long long first, PyObject *obj, long long after, long long upto, int with_ids)
 {
-    long long first;
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "LO!:decode_record", &first, &PyBytes_Type, &obj))
-        return NULL;
-    const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
-    Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
-    if (n < 8 + 6)
-        Py_RETURN_NONE;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
-    for (long long s = first; i < n; s++) {
-        if (i + 6 > n)
-            goto damaged;
-        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
-        i += 6;
-        if (i + ulen + blen > n)
-            goto damaged;
-        PyObject *uid = ulen ? PyUnicode_DecodeUTF8((const char *)v + i, ulen, "replace") : Py_NewRef(Py_None);
-        PyObject *body = uid == NULL ? NULL : PyBytes_FromStringAndSize((const char *)v + i + ulen, blen);
-        PyObject *item = body == NULL ? NULL : Py_BuildValue("(LNN)", s, uid, body);
-        if (item == NULL) {
-            if (body == NULL)
-                Py_XDECREF(uid);
-            Py_DECREF(out);
-            return NULL;
-        }
-        int rc = PyList_Append(out, item);
-        Py_DECREF(item);
-        if (rc < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        i += ulen + blen;
-    }
-    return out;
-damaged:
-    Py_DECREF(out);
-    Py_RETURN_NONE;
-}
-
-/* record_entries(first, value, after, upto) -> [(seq, body) for after < seq <= upto] | None (damaged) */
-static PyObject *
-record_entries(PyObject *self, PyObject *args)
-{
-    long long first, after, upto;
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "LO!LL:record_entries", &first, &PyBytes_Type, &obj, &after, &upto))
-        return NULL;
     const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
     Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
     if (n < 8 + 6)
@@ -367,7 +320,14 @@ record_entries(PyObject *self, PyObject *args)
         if (i + ulen + blen > n)
             goto damaged;
         if (after < s && s <= upto) {
-            PyObject *item = Py_BuildValue("(Ly#)", s, (const char *)v + i + ulen, blen);
+            const char *u = (const char *)v + i, *b = u + ulen;
+            PyObject *item;
+            if (with_ids) {
+                PyObject *uid = ulen ? PyUnicode_DecodeUTF8(u, ulen, "replace") : Py_NewRef(Py_None);
+                item = uid == NULL ? NULL : Py_BuildValue("(LNy#)", s, uid, b, blen);
+            } else {
+                item = Py_BuildValue("(Ly#)", s, b, blen);
+            }
             if (item == NULL || PyList_Append(out, item) < 0) {
                 Py_XDECREF(item);
                 Py_DECREF(out);
@@ -381,6 +341,28 @@ record_entries(PyObject *self, PyObject *args)
 damaged:
     Py_DECREF(out);
     Py_RETURN_NONE;
+}
+
+/* decode_record(first, value) -> [(seq, uid, body), ...] | None (damaged) */
+static PyObject *
+decode_record(PyObject *self, PyObject *args)
+{
+    long long first;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!:decode_record", &first, &PyBytes_Type, &obj))
+        return NULL;
+    return read_record(first, obj, LLONG_MIN, LLONG_MAX, 1);
+}
+
+/* record_entries(first, value, after, upto) -> [(seq, body) for after < seq <= upto] | None (damaged) */
+static PyObject *
+record_entries(PyObject *self, PyObject *args)
+{
+    long long first, after, upto;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!LL:record_entries", &first, &PyBytes_Type, &obj, &after, &upto))
+        return NULL;
+    return read_record(first, obj, after, upto, 0);
 }
 
 static PyMethodDef methods[] = {
