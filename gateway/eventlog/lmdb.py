@@ -981,17 +981,17 @@ def caught_up(txn: lmdb.Transaction, events_db: Any, meta: StreamMeta) -> Stream
         return meta
     head, count, size, uid, at = meta.head, meta.count, meta.size, meta.last_upstream_id, 0.0
     name = meta.last_event or ""
-    for k, v in cur.iternext():
-        k, v = bytes(k), bytes(v)
-        if not k.startswith(prefix):
-            break
-        try:
+    try:
+        for k, v in cur.iternext():
+            k, v = bytes(k), bytes(v)
+            if not k.startswith(prefix):
+                break
             events = decode(int.from_bytes(k[len(prefix):], "big"), v)
-        except StorageDamaged:  # as far as the records can be read: reading the stream says the rest
-            break
-        head, count, size = events[-1][0], count + len(events), size + len(k) + len(v)
-        uid = next((u for _s, u, _b in reversed(events) if u), None) or uid
-        name, at = event_name(events[-1][2]).decode("utf-8", "replace"), record_time_ms(v) / 1000
+            head, count, size = events[-1][0], count + len(events), size + len(k) + len(v)
+            uid = next((u for _s, u, _b in reversed(events) if u), None) or uid
+            name, at = event_name(events[-1][2]).decode("utf-8", "replace"), record_time_ms(v) / 1000
+    except (StorageDamaged, *_DAMAGE):  # as far as the records can be read: reading the stream says the rest
+        pass
     if not at:
         return meta
     return meta.advanced(head, count, size, uid, name, at)
