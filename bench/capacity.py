@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.ports import wait_port  # noqa: E402
-from bench.shared import PORT, REDIS, SHARED, config  # noqa: E402
+from bench.shared import PORT, SHARED, config, start_redis, stop  # noqa: E402
 
 NGINX_PORT = 18001
 LADDER = [100, 200, 300, 400, 500, 600, 800, 1000, 1250, 1500, 2000]
@@ -61,28 +61,13 @@ def start_target(name: str, tmp: Path) -> tuple[list[subprocess.Popen[bytes]], i
     backend = kind.split("-")[1]  # gw-lmdb, gw-redis
     procs: list[subprocess.Popen[bytes]] = []
     if backend == "redis":
-        (tmp / "redis").mkdir(exist_ok=True)
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(REDIS), "--bind", "127.0.0.1", "--dir", str(tmp / "redis"),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL))
-        wait_port(REDIS)
+        procs.append(start_redis(tmp / "redis", fsync=True))
     args = argparse.Namespace(backend=backend, durability="fsync", workers=workers)
     procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "--config", str(config(tmp, args))], cwd=REPO,
                                   stdout=open(tmp / "gateway.log", "wb"), stderr=subprocess.STDOUT))
     wait_port(PORT)
     time.sleep(1.0 if workers > 1 else 0.3)  # every worker listening
     return procs, PORT
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in reversed(procs):
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def run(binaries: Path, port: int, c: int, events: int, ramp: int) -> dict[str, Any]:

@@ -147,6 +147,28 @@ def commit_summary(workers: int) -> None:
             show(f" (worker {i})", sums)
 
 
+def start_redis(where: Path, *, fsync: bool) -> subprocess.Popen[bytes]:
+    """redis-server on REDIS with its AOF in ``where`` (fsync on every write, as the gateway's log asks)."""
+    where.mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(REDIS), "--bind", "127.0.0.1", "--dir", str(where),
+         "--appendonly", "yes", "--appendfsync", "always" if fsync else "everysec",
+         "--save", "", "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL)
+    wait_port(REDIS)
+    return proc
+
+
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 30) -> None:
+    """Stop what a benchmark started, newest first: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label", required=True)
@@ -166,12 +188,7 @@ def main() -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if args.backend == "redis":
-            (work / "redis").mkdir()
-            procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(REDIS), "--bind", "127.0.0.1", "--dir", str(work / "redis"),
-                 "--appendonly", "yes", "--appendfsync", "always" if args.durability == "fsync" else "everysec",
-                 "--save", "", "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL))
-            wait_port(REDIS)
+            procs.append(start_redis(work / "redis", fsync=args.durability == "fsync"))
         entry = ["-c", UVLOOP_MAIN] if args.uvloop else ["-m", "gateway"]
         gw = subprocess.Popen([sys.executable, *entry, "--config", str(config(work, args))], cwd=REPO,
                               stdout=open(work / "gateway.log", "wb"), stderr=subprocess.STDOUT)
@@ -193,13 +210,7 @@ def main() -> int:
         commit_summary(args.workers)
         return code
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
