@@ -18,7 +18,7 @@ import pytest
 from gateway.config import Storage
 from gateway import eventlog
 from gateway.eventlog import EventLog, LmdbEventLog, StorageError, StorageFull, StreamMeta
-from gateway.eventlog.base import Batch, ClaimLost, stop_tasks
+from gateway.eventlog.base import Batch, ClaimLost, Feed, stop_tasks
 from gateway.eventlog.redis import RedisEventLog
 from gateway.sse import Event, event
 from tests.support.tcp_relay import TcpRelay
@@ -489,6 +489,44 @@ async def test_feeds_of_one_process_see_another_processes_commits(two_processes:
     assert end is not None and end.kind == "end" and end.prev == sent[-1][0]
     feed.close()
 
+
+
+async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_subscribed(
+        two_processes: tuple[EventLog, EventLog], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The last follower of a stream leaves; the feed connection unsubscribes its channel; a new
+    follower of the same stream arrives during that round trip. Its wake-up must not be lost: a lost
+    one left the channel unsubscribed for good, so every later follower of the stream waited 2 s
+    for a subscription that never came and saw other replicas' events only at heartbeat catch-up."""
+    import redis.asyncio.client
+
+    a, b = two_processes
+    assert isinstance(b, RedisEventLog)
+    await begun(a, meta("s"))
+    first = b.subscribe("s", 100, 1 << 20)
+    await b.ready(first)
+    real_unsubscribe = redis.asyncio.client.PubSub.unsubscribe
+    arrived: list[Feed] = []
+
+    async def unsubscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not arrived:  # the interleaving, made certain: a follower arrives mid-unsubscribe
+            arrived.append(b.subscribe("s", 100, 1 << 20))
+        return await real_unsubscribe(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "unsubscribe", unsubscribe)
+    first.close()
+    async with asyncio.timeout(5):
+        while not arrived:
+            await asyncio.sleep(0.01)
+    second = arrived[0]
+    caplog.set_level("WARNING", logger="gateway")
+    await b.ready(second)
+    assert "not confirmed" not in caplog.text, "the new follower's channel was never subscribed"
+    sent = await a.append("s", evs("x"))
+    assert await second.wait(1)
+    got = second.take()
+    assert got is not None and got.entries == sent
+    second.close()
 
 # --- ownership ----------------------------------------------------------------------------------------
 

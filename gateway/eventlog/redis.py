@@ -644,6 +644,10 @@ class RedisEventLog(EventLog):
                 self._pubsub = self._r.pubsub(ignore_subscribe_messages=True)
                 current = set()
                 while True:
+                    # Cleared before the channels are read, never after: a follower that subscribes
+                    # while a (un)subscribe below is in flight sets it again, so the wait further
+                    # down returns and its channel is taken up on the next turn.
+                    self._pubsub_wake.clear()
                     wanted = {c for c, k in self._channels.items() if self._feeds.following(k)}
                     for c in list(self._channels):
                         if c not in wanted:
@@ -656,7 +660,6 @@ class RedisEventLog(EventLog):
                     self._live_channels = current
                     self._subscribed.set()
                     if not current:
-                        self._pubsub_wake.clear()
                         await self._pubsub_wake.wait()
                         continue
                     msg = await self._pubsub.get_message(timeout=0.05)
