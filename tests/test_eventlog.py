@@ -528,6 +528,42 @@ async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_su
     assert got is not None and got.entries == sent
     second.close()
 
+
+async def test_a_commit_published_while_the_feed_connection_resubscribes_is_not_lost(
+        two_processes: tuple[EventLog, EventLog], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feed connection breaks; its followers catch up from the log at once; the stream ends
+    before the new connection's subscription is in place, so Redis drops that message. The end
+    must still reach the follower (a catch-up once the channel is live again), not wait for the
+    follower's idle heartbeat, seconds later, to look at the log (what a random-drops test showed:
+    followers on the other replica finished 13 s after their runs)."""
+    import redis.asyncio.client
+
+    a, b = two_processes
+    assert isinstance(a, RedisEventLog)
+    await begun(a, meta("s"))
+    feed = b.subscribe("s", 100, 1 << 20)
+    await b.ready(feed)
+    real_subscribe = redis.asyncio.client.PubSub.subscribe
+    ended: list[bool] = []
+
+    async def subscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not ended:  # the stream ends in the window: before the new connection subscribes
+            ended.append(True)
+            if feed.overflowed:
+                feed.restart()  # told of the break already: the follower caught up, found nothing new
+            await a.finish("s", "done")
+        return await real_subscribe(self, *args, **kwargs)
+
+    # (Re-subscribing is redis-py's own when it reconnects under a read, or this log's after a break
+    # it saw: both go through PubSub.subscribe.)
+    monkeypatch.setattr(redis.asyncio.client.PubSub, "subscribe", subscribe)
+    assert await a._r.client_kill_filter(_type="pubsub") == 1, "b's feed connection, the only one subscribed"
+    assert await feed.wait(5), "the end committed while the feed reconnected was never told"
+    assert ended
+    end = feed.take()
+    assert feed.overflowed or (end is not None and end.kind == "end")
+    feed.close()
+
 # --- ownership ----------------------------------------------------------------------------------------
 
 async def test_one_claim_per_stream_and_a_stale_owner_is_fenced(two_processes: tuple[EventLog, EventLog]) -> None:

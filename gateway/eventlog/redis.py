@@ -322,7 +322,8 @@ class RedisEventLog(EventLog):
         self._pubsub: Any = None
         self._channels: dict[bytes, str] = {}  # subscribed channel -> stream key
         self._subscribed = asyncio.Event()
-        self._live_channels: set[bytes] = set()
+        self._live_channels: set[bytes] = set()  # subscriptions Redis has confirmed
+        self._rejoin: set[bytes] = set()  # channels whose next confirmation follows a possible loss
         self._size = 0
         self.takeover_interval = cfg.lease_ttl / 2
         self._append: Any = None
@@ -635,13 +636,21 @@ class RedisEventLog(EventLog):
 
     async def _pubsub_loop(self) -> None:
         """One pub/sub connection: (un)subscribes to the channels of streams followed here, and
-        hands other replicas' batches to this process's feeds. When the connection breaks, every
-        follower here catches up from the log (a message may have been lost)."""
+        hands other replicas' batches to this process's feeds.
+
+        A channel is live once Redis has confirmed its subscription, not when the command was sent
+        (register-then-replay needs the subscription in place before the head is read). Messages
+        published while a channel was not subscribed are gone, so whenever one may have been lost
+        (this loop saw the connection break, or redis-py reconnected and re-subscribed under it,
+        which it does silently) the followers of that channel catch up from the log once it is
+        confirmed again: catching up only at the break would miss what was published between the
+        break and the new subscription, an end among it, and the follower would hear of it only at
+        its idle heartbeat."""
         self._pubsub_wake = asyncio.Event()
         current: set[bytes] = set()
         while True:
             try:
-                self._pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+                self._pubsub = self._r.pubsub(ignore_subscribe_messages=False)
                 current = set()
                 while True:
                     # Cleared before the channels are read, never after: a follower that subscribes
@@ -656,18 +665,23 @@ class RedisEventLog(EventLog):
                         await self._pubsub.subscribe(*(wanted - current))
                     if current - wanted:
                         await self._pubsub.unsubscribe(*(current - wanted))
+                        self._live_channels -= current - wanted
+                        self._rejoin -= current - wanted
                     current = wanted
-                    self._live_channels = current
-                    self._subscribed.set()
                     if not current:
                         await self._pubsub_wake.wait()
                         continue
                     msg = await self._pubsub.get_message(timeout=0.05)
-                    if msg is not None and msg.get("type") == "message":
+                    if msg is None:
+                        continue
+                    if msg.get("type") == "message":
                         self._on_message(msg["channel"], msg["data"])
+                    elif msg.get("type") == "subscribe" and msg["channel"] in current:
+                        self._confirmed(msg["channel"])
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                self._rejoin |= self._live_channels | current
                 self._live_channels = set()
                 log.warning("redis feed connection lost (%s); followers here catch up from the log", exc)
                 for key in set(self._channels.values()):
@@ -677,6 +691,17 @@ class RedisEventLog(EventLog):
                 except Exception:  # noqa: BLE001 - it is broken already
                     pass
                 await asyncio.sleep(0.2)
+
+    def _confirmed(self, channel: bytes) -> None:
+        """Redis confirmed a subscription: the channel is live. A second confirmation of a live
+        channel is redis-py re-subscribing after a reconnect it did not tell about."""
+        if channel in self._live_channels or channel in self._rejoin:
+            self._rejoin.discard(channel)
+            key = self._channels.get(channel)
+            if key is not None:
+                self._feeds.resync(key)
+        self._live_channels.add(channel)
+        self._subscribed.set()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         key = self._channels.get(channel)
