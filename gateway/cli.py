@@ -10,7 +10,6 @@ from dataclasses import replace
 
 from gateway.config import DEFAULT_UPSTREAM_URL, Config, ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
-from gateway.logs import setup as setup_logging
 
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -92,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"agent-gateway: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    # Imported here, not at the top: gateway.logs brings aiohttp (0.2 s), which the tools above
+    # (check, streams, ...) never need; each of them starts as its own short process.
+    from gateway.logs import setup as setup_logging
+
     setup_logging(cfg.log_level, cfg.log_format)
     if cfg.workers > 1 and args.worker_index is None:
         from gateway.workers import supervise
