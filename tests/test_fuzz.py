@@ -251,9 +251,9 @@ def _verdict(report: Report, problems: list[str], *, min_captures: int) -> None:
 
 # --- the tests ------------------------------------------------------------------------------------
 
-# About 350 exchanges: 4 per operation, 10 per capture endpoint and run-creating operation, 40 raw
+# About 400 exchanges: 4 per operation, 14 per capture endpoint and run-creating operation, 40 raw
 # (the long fuzz, GATEWAY_FUZZ_LONG=1, is the deep one; this one keeps every operation in reach).
-CI_BUDGET = Budget(examples=4, capture_examples=10, raw_examples=40, wall=240.0, limits=Limits(read=1.5))
+CI_BUDGET = Budget(examples=4, capture_examples=14, raw_examples=40, wall=240.0, limits=Limits(read=1.5))
 
 
 @pytest.fixture(autouse=True)
