@@ -507,10 +507,13 @@ async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_su
     await b.ready(first)
     real_unsubscribe = redis.asyncio.client.PubSub.unsubscribe
     arrived: list[Feed] = []
+    live_meanwhile: list[bool] = []
 
     async def unsubscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not arrived:  # the interleaving, made certain: a follower arrives mid-unsubscribe
             arrived.append(b.subscribe("s", 100, 1 << 20))
+            # What its ready() would find: the subscription about to be dropped must not count.
+            live_meanwhile.append(b._k("c", "s").encode() in b._live_channels)
         return await real_unsubscribe(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.asyncio.client.PubSub, "unsubscribe", unsubscribe)
@@ -519,6 +522,7 @@ async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_su
         while not arrived:
             await asyncio.sleep(0.01)
     second = arrived[0]
+    assert live_meanwhile == [False], "a follower arriving then would have read the head unsubscribed"
     caplog.set_level("WARNING", logger="gateway")
     await b.ready(second)
     assert "not confirmed" not in caplog.text, "the new follower's channel was never subscribed"
@@ -529,8 +533,9 @@ async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_su
     second.close()
 
 
+@pytest.mark.parametrize("break_seen_by", ["redis-py", "the loop"])
 async def test_a_commit_published_while_the_feed_connection_resubscribes_is_not_lost(
-        two_processes: tuple[EventLog, EventLog], monkeypatch: pytest.MonkeyPatch) -> None:
+        two_processes: tuple[EventLog, EventLog], monkeypatch: pytest.MonkeyPatch, break_seen_by: str) -> None:
     """The feed connection breaks; its followers catch up from the log at once; the stream ends
     before the new connection's subscription is in place, so Redis drops that message. The end
     must still reach the follower (a catch-up once the channel is live again), not wait for the
@@ -557,9 +562,23 @@ async def test_a_commit_published_while_the_feed_connection_resubscribes_is_not_
     # (Re-subscribing is redis-py's own when it reconnects under a read, or this log's after a break
     # it saw: both go through PubSub.subscribe.)
     monkeypatch.setattr(redis.asyncio.client.PubSub, "subscribe", subscribe)
-    assert await a._r.client_kill_filter(_type="pubsub") == 1, "b's feed connection, the only one subscribed"
-    assert await feed.wait(5), "the end committed while the feed reconnected was never told"
-    assert ended
+    if break_seen_by == "redis-py":  # it reconnects under the loop's read and re-subscribes, silently
+        assert await a._r.client_kill_filter(_type="pubsub") == 1, "b's feed connection, the only one subscribed"
+    else:  # the read fails: the loop opens a new connection and subscribes again itself
+        real_get_message = redis.asyncio.client.PubSub.get_message
+        broke: list[bool] = []
+
+        async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not broke:
+                broke.append(True)
+                raise redis.exceptions.ConnectionError("the feed connection broke")
+            return await real_get_message(self, *args, **kwargs)
+
+        monkeypatch.setattr(redis.asyncio.client.PubSub, "get_message", get_message)
+    async with asyncio.timeout(5):
+        while not ended:  # re-subscribing began, the end was committed just before
+            await asyncio.sleep(0.01)
+    assert await feed.wait(2.0), "the end committed while the feed reconnected was never told"
     end = feed.take()
     assert feed.overflowed or (end is not None and end.kind == "end")
     feed.close()

@@ -661,12 +661,15 @@ class RedisEventLog(EventLog):
                     for c in list(self._channels):
                         if c not in wanted:
                             del self._channels[c]
+                    self._rejoin &= wanted
                     if wanted - current:
                         await self._pubsub.subscribe(*(wanted - current))
-                    if current - wanted:
-                        await self._pubsub.unsubscribe(*(current - wanted))
-                        self._live_channels -= current - wanted
-                        self._rejoin -= current - wanted
+                    gone = current - wanted
+                    if gone:
+                        # Not live from here on, before the await: a follower arriving meanwhile must
+                        # wait for the new subscription, not trust the one being dropped.
+                        self._live_channels -= gone
+                        await self._pubsub.unsubscribe(*gone)
                     current = wanted
                     if not current:
                         await self._pubsub_wake.wait()
@@ -681,7 +684,7 @@ class RedisEventLog(EventLog):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._rejoin |= self._live_channels | current
+                self._rejoin |= set(self._channels)  # confirmed or not: all were cut off
                 self._live_channels = set()
                 log.warning("redis feed connection lost (%s); followers here catch up from the log", exc)
                 for key in set(self._channels.values()):
@@ -726,6 +729,8 @@ class RedisEventLog(EventLog):
                     self._subscribed.clear()
                     await self._subscribed.wait()
         except TimeoutError:
+            # The follower goes on without it; when the confirmation does come, it catches up then.
+            self._rejoin.add(self._k("c", feed.key).encode())
             log.warning("feed subscription for %s not confirmed; relying on catch-up from the log", feed.key)
 
     # --- writes ----------------------------------------------------------------------------------
