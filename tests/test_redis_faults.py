@@ -96,12 +96,12 @@ async def test_a_redis_outage_in_front_of_the_real_server_leaves_no_silent_hole(
 async def test_redis_connections_dropped_at_random_lose_and_repeat_nothing(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
         http: aiohttp.ClientSession) -> None:
-    """Two replicas whose every Redis connection is reset every 10-100 ms, and one script call in ten
+    """Two replicas whose every Redis connection is reset every 10-100 ms, and one script call in five
     runs but loses its reply:
     four runs through one replica, each followed from the other; what every client got, and
     every replay, is each event exactly once or marked."""
     relay = await TcpRelay("127.0.0.1", own_redis.port, rng=random.Random(7), lose_replies_to=b"EVALSHA",
-                           lose_share=0.1).start()
+                           lose_share=0.2).start()
     gateways: list[RunningGateway] = []
     try:
         url = f"redis://127.0.0.1:{relay.port}/0"
