@@ -491,36 +491,53 @@ async def test_feeds_of_one_process_see_another_processes_commits(two_processes:
 
 
 
+def _before_first_call(monkeypatch: pytest.MonkeyPatch, method: str, first: Callable[[], Awaitable[None]]) -> list[bool]:
+    """Patch redis-py's ``PubSub.<method>`` so that its first call, and only that one, runs ``first``
+    before the real method: an interleaving made certain. The list returned holds True once it has."""
+    import redis.asyncio.client
+
+    real = getattr(redis.asyncio.client.PubSub, method)
+    happened: list[bool] = []
+
+    async def patched(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not happened:
+            happened.append(True)
+            await first()
+        return await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.asyncio.client.PubSub, method, patched)
+    return happened
+
+
+async def _until(done: list[bool]) -> None:
+    async with asyncio.timeout(5):
+        while not done:
+            await asyncio.sleep(0.01)
+
+
 async def test_a_follower_arriving_while_its_channel_is_dropped_still_gets_it_subscribed(
         two_processes: tuple[EventLog, EventLog], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """The last follower of a stream leaves; the feed connection unsubscribes its channel; a new
     follower of the same stream arrives during that round trip. Its wake-up must not be lost: a lost
     one left the channel unsubscribed for good, so every later follower of the stream waited 2 s
-    for a subscription that never came and saw other replicas' events only at heartbeat catch-up."""
-    import redis.asyncio.client
-
+    for a subscription that never came and saw other replicas' events only at heartbeat catch-up.
+    Nor may the subscription being dropped count as live for it meanwhile."""
     a, b = two_processes
     assert isinstance(b, RedisEventLog)
     await begun(a, meta("s"))
     first = b.subscribe("s", 100, 1 << 20)
     await b.ready(first)
-    real_unsubscribe = redis.asyncio.client.PubSub.unsubscribe
     arrived: list[Feed] = []
     live_meanwhile: list[bool] = []
 
-    async def unsubscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not arrived:  # the interleaving, made certain: a follower arrives mid-unsubscribe
-            arrived.append(b.subscribe("s", 100, 1 << 20))
-            # What its ready() would find: the subscription about to be dropped must not count.
-            live_meanwhile.append(b._k("c", "s").encode() in b._live_channels)
-        return await real_unsubscribe(self, *args, **kwargs)
+    async def a_follower_arrives() -> None:
+        arrived.append(b.subscribe("s", 100, 1 << 20))
+        live_meanwhile.append(b._k("c", "s").encode() in b._live_channels)  # what its ready() would find
 
-    monkeypatch.setattr(redis.asyncio.client.PubSub, "unsubscribe", unsubscribe)
+    unsubscribing = _before_first_call(monkeypatch, "unsubscribe", a_follower_arrives)
     first.close()
-    async with asyncio.timeout(5):
-        while not arrived:
-            await asyncio.sleep(0.01)
+    await _until(unsubscribing)
     second = arrived[0]
     assert live_meanwhile == [False], "a follower arriving then would have read the head unsubscribed"
     caplog.set_level("WARNING", logger="gateway")
@@ -541,47 +558,35 @@ async def test_a_commit_published_while_the_feed_connection_resubscribes_is_not_
     must still reach the follower (a catch-up once the channel is live again), not wait for the
     follower's idle heartbeat, seconds later, to look at the log (what a random-drops test showed:
     followers on the other replica finished 13 s after their runs)."""
-    import redis.asyncio.client
+    import redis.exceptions
 
     a, b = two_processes
     assert isinstance(a, RedisEventLog)
     await begun(a, meta("s"))
     feed = b.subscribe("s", 100, 1 << 20)
     await b.ready(feed)
-    real_subscribe = redis.asyncio.client.PubSub.subscribe
-    ended: list[bool] = []
 
-    async def subscribe(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not ended:  # the stream ends in the window: before the new connection subscribes
-            ended.append(True)
-            if feed.overflowed:
-                feed.restart()  # told of the break already: the follower caught up, found nothing new
-            await a.finish("s", "done")
-        return await real_subscribe(self, *args, **kwargs)
+    async def the_stream_ends() -> None:
+        if feed.overflowed:
+            feed.restart()  # told of the break already: the follower caught up, found nothing new
+        await a.finish("s", "done")
 
-    # (Re-subscribing is redis-py's own when it reconnects under a read, or this log's after a break
-    # it saw: both go through PubSub.subscribe.)
-    monkeypatch.setattr(redis.asyncio.client.PubSub, "subscribe", subscribe)
+    # Re-subscribing is redis-py's own when it reconnects under a read, or this log's after a break it
+    # saw: both go through PubSub.subscribe, and the stream ends just before it.
+    ended = _before_first_call(monkeypatch, "subscribe", the_stream_ends)
     if break_seen_by == "redis-py":  # it reconnects under the loop's read and re-subscribes, silently
         assert await a._r.client_kill_filter(_type="pubsub") == 1, "b's feed connection, the only one subscribed"
     else:  # the read fails: the loop opens a new connection and subscribes again itself
-        real_get_message = redis.asyncio.client.PubSub.get_message
-        broke: list[bool] = []
+        async def the_read_fails() -> None:
+            raise redis.exceptions.ConnectionError("the feed connection broke")
 
-        async def get_message(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if not broke:
-                broke.append(True)
-                raise redis.exceptions.ConnectionError("the feed connection broke")
-            return await real_get_message(self, *args, **kwargs)
-
-        monkeypatch.setattr(redis.asyncio.client.PubSub, "get_message", get_message)
-    async with asyncio.timeout(5):
-        while not ended:  # re-subscribing began, the end was committed just before
-            await asyncio.sleep(0.01)
+        _before_first_call(monkeypatch, "get_message", the_read_fails)
+    await _until(ended)
     assert await feed.wait(2.0), "the end committed while the feed reconnected was never told"
     end = feed.take()
     assert feed.overflowed or (end is not None and end.kind == "end")
     feed.close()
+
 
 # --- ownership ----------------------------------------------------------------------------------------
 
