@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import gc
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,13 +41,10 @@ from typing import Awaitable, Callable
 import aiohttp
 import orjson
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.ports import free_port, wait_port  # noqa: E402
+
 BATCH = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def body(n: int, delay_ms: int) -> bytes:
@@ -228,12 +224,7 @@ async def run_with_upstream(args: argparse.Namespace, main: Callable[[int], Awai
     port = free_port()
     proc = subprocess.Popen([str(binary), "-p", str(port), "-T", "600"], stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+        wait_port(port, proc)
         return await main(port)
     finally:
         proc.terminate()

@@ -21,7 +21,7 @@ from tests.support.invariants import assert_exactly_once, assert_whole_or_marked
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.tcp_relay import TcpRelay
-from tests.support.runs import join, new_thread, start_run
+from tests.support.runs import join, new_thread, start_run, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -99,8 +99,7 @@ async def _start_through_chaos(http: aiohttp.ClientSession, gw: RunningGateway) 
     cancelled upstream), and the client starts again, as a client would."""
     for _ in range(5):
         tid = await new_thread(http, gw)
-        resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
-                               json={"assistant_id": "a", "input": {"n": 100, "delay": 0.02}})
+        resp = await stream_run(http, gw, tid, assistant="a", n=100, delay=0.02)
         if resp.status == 200:
             return resp
         detail = (await resp.json())["detail"]
