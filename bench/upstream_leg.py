@@ -1,26 +1,26 @@
 #!/usr/bin/env python3
-"""What one upstream leg costs on aiohttp's client against a bare asyncio protocol: the size of the
-"upstream protocol of our own" lever before anyone builds it.
+"""What one upstream leg costs on aiohttp's client, on the gateway's own streaming client
+(``gateway.streamclient``), and on a bare asyncio protocol that does nothing else (the floor).
 
     .venv/bin/python bench/upstream_leg.py                       # 3 interleaved rounds, 2,000 legs, 1,000 idle
     .venv/bin/python bench/upstream_leg.py --legs 5000 --idle 2000 --rounds 5
 
 Against the shared bench's C upstream (``$BENCH_WORK/bin/upstream``, built by ``bench/shared.py`` or
-``../shared/bench/run.sh``), started here on a free loopback port and stopped here. Both clients run
+``../shared/bench/run.sh``), started here on a free loopback port and stopped here. The clients run
 in this one process, alternately, with the same concurrency:
 
 - CPU per leg: ``--legs`` legs of one event each (``POST /threads/{tid}/runs/stream``, 200 bytes),
   200 at a time, each read to its end; process CPU time over the legs. aiohttp is used as the
   gateway uses it (one session, no connection limit, no cookie jar, no decompression, the same
-  skipped automatic headers, a body read with ``iter_any``); the bare client is an
-  ``asyncio.Protocol`` that writes the request, parses the status line and headers, and de-chunks
-  the body in ``data_received``, reusing kept-alive connections as aiohttp's pool does.
+  skipped automatic headers, a body read with ``iter_any``); the gateway's client as a capture
+  uses it (the body handed to a sink as it arrives); the bare client is an ``asyncio.Protocol``
+  that writes the request, parses the status line and headers, and de-chunks the body in
+  ``data_received``, reusing kept-alive connections as aiohttp's pool does.
 - Memory per open leg: ``--idle`` legs whose upstream sends the first event and then nothing for a
   minute, held open; tracemalloc's difference per leg after a collection.
 
 The bare client is only what this measurement needs (HTTP/1.1, chunked, no TLS, no proxy, no
-timeouts, no error handling): the gap it shows is an upper bound of what replacing aiohttp's client
-for streaming legs could save, not a design.
+timeouts, no error handling): the floor a client of streaming legs could reach, not a design.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ from typing import Awaitable, Callable
 
 import aiohttp
 import orjson
+from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.ports import free_port, wait_port  # noqa: E402
+from gateway.streamclient import LegResponse, StreamClient  # noqa: E402
 
 BATCH = 200
 
@@ -172,7 +174,40 @@ class BareLegs:
                 leg.transport.close()
 
 
-async def cpu_per_leg(legs: AiohttpLegs | BareLegs, n: int) -> float:
+class GatewayLegs:
+    """The gateway's own client of streaming legs (``gateway.streamclient``), as a capture uses it."""
+
+    name = "gateway"
+
+    def __init__(self, base: str) -> None:
+        self.base = URL(base)
+        self.client = StreamClient()
+
+    async def _open(self, n: int, delay_ms: int) -> LegResponse:
+        return await self.client.request(
+            "POST", self.base.with_path(f"/threads/{uuid.uuid4()}/runs/stream"),
+            {"Content-Type": "application/json", "Accept": "text/event-stream"}, body(n, delay_ms),
+            connect_timeout=5.0, read_timeout=600.0, on_release=lambda: None)
+
+    async def whole(self) -> None:
+        resp = await self._open(1, 0)
+        with resp.attach(lambda data: None):
+            await resp.end()
+        resp.release()
+
+    async def held(self) -> Callable[[], None]:
+        resp = await self._open(2, 60_000)
+        await resp.content.readany()  # the first event; then the leg idles
+        return resp.close
+
+    async def close(self) -> None:
+        self.client.close()
+
+
+Legs = AiohttpLegs | BareLegs | GatewayLegs
+
+
+async def cpu_per_leg(legs: Legs, n: int) -> float:
     for _ in range(BATCH):  # warm: connections in the pool, first-use allocations done
         await legs.whole()
     start = time.process_time()
@@ -181,7 +216,7 @@ async def cpu_per_leg(legs: AiohttpLegs | BareLegs, n: int) -> float:
     return (time.process_time() - start) / n
 
 
-async def memory_per_idle_leg(legs: AiohttpLegs | BareLegs, n: int) -> float:
+async def memory_per_idle_leg(legs: Legs, n: int) -> float:
     closers: list[Callable[[], None]] = []
     gc.collect()
     before = tracemalloc.take_snapshot()
@@ -198,9 +233,10 @@ async def memory_per_idle_leg(legs: AiohttpLegs | BareLegs, n: int) -> float:
 
 
 async def measure(args: argparse.Namespace, port: int) -> dict[str, dict[str, list[float]]]:
-    results: dict[str, dict[str, list[float]]] = {"aiohttp": {"cpu": [], "mem": []}, "bare": {"cpu": [], "mem": []}}
-    makers: list[Callable[[], AiohttpLegs | BareLegs]] = [
-        lambda: AiohttpLegs(f"http://127.0.0.1:{port}"), lambda: BareLegs("127.0.0.1", port)]
+    results: dict[str, dict[str, list[float]]] = {n: {"cpu": [], "mem": []} for n in ("aiohttp", "bare", "gateway")}
+    makers: list[Callable[[], Legs]] = [
+        lambda: AiohttpLegs(f"http://127.0.0.1:{port}"), lambda: BareLegs("127.0.0.1", port),
+        lambda: GatewayLegs(f"http://127.0.0.1:{port}")]
     for r in range(args.rounds):
         for make in makers if r % 2 == 0 else makers[::-1]:  # interleaved, the order alternating
             legs = make()
@@ -239,10 +275,11 @@ def main() -> None:
     args = p.parse_args()
     results = asyncio.run(run_with_upstream(args, lambda port: measure(args, port)))
     print("\nmedians of the rounds:")
-    a, b = results["aiohttp"], results["bare"]
+    a, b, g = results["aiohttp"], results["bare"], results["gateway"]
     for what, unit, scale in (("cpu", "us CPU per leg", 1e6), ("mem", "KiB per idle leg", 1 / 1024)):
-        ma, mb = statistics.median(a[what]) * scale, statistics.median(b[what]) * scale
-        print(f"  {unit:18}: aiohttp {ma:8.2f}   bare {mb:8.2f}   bare/aiohttp {mb / ma:.2f}")
+        ma, mb, mg = (statistics.median(r[what]) * scale for r in (a, b, g))
+        print(f"  {unit:18}: aiohttp {ma:8.2f}   bare {mb:8.2f}   gateway {mg:8.2f}   "
+              f"bare/aiohttp {mb / ma:.2f}   gateway/aiohttp {mg / ma:.2f}")
 
 
 if __name__ == "__main__":

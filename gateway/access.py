@@ -35,7 +35,7 @@ import aiohttp
 from gateway import agentapi
 from gateway.errors import GatewayError
 from gateway.eventlog import StreamMeta
-from gateway.upstream import Pool, Upstreams, UpstreamError, classify
+from gateway.upstream import Answer, Pool, Upstreams, UpstreamError, classify
 
 log = logging.getLogger("gateway.access")
 
@@ -147,7 +147,7 @@ class AccessCheck:
 class Refused(Exception):
     """The upstream refused this client the stream (401, 403, 404): its answer is relayed as is."""
 
-    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+    def __init__(self, resp: Answer) -> None:
         super().__init__(resp.status)
         self.resp = resp
 

@@ -30,7 +30,7 @@ from gateway.config import Streams
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
 from gateway.eventlog.base import ClaimLost, stop_tasks
-from gateway.legs import IdleWatch, InlineBodies, Legs, pause_leg
+from gateway.legs import Legs
 from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
@@ -38,7 +38,8 @@ from gateway.sessions import SessionSeam, latest_run
 from gateway.sessions import interrupted_event as session_interrupted_event
 from gateway.sessions import event_id as session_event_id
 from gateway.sse import Event, Parser, SSEProtocolError
-from gateway.upstream import UpstreamRefused, classify
+from gateway.streamclient import LegResponse
+from gateway.upstream import Answer, UpstreamRefused, classify
 
 logger = logging.getLogger("gateway.capture")
 
@@ -62,9 +63,7 @@ class CapturedElsewhere(Exception):
     """Another gateway process captures this stream: follow it instead."""
 
 
-def is_event_stream(resp: aiohttp.ClientResponse) -> bool:
-    # Not resp.content_type: it parses every header into a dict kept for the response's life
-    # (1.6 KiB per idle stream).
+def is_event_stream(resp: Answer) -> bool:
     media = resp.headers.get("Content-Type", "").partition(";")[0]
     return resp.status == 200 and media.strip().lower() == "text/event-stream"
 
@@ -109,7 +108,6 @@ class Captures:
         self.legs = legs
         self.metrics = metrics
         self.live: dict[str, Ingest] = {}
-        self.bodies = InlineBodies()
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         # Storage is back under a capture whose clients were cut: the policy for who follows it
         # (a run nobody follows any more may be cancelled) hears of it here.
@@ -118,7 +116,7 @@ class Captures:
 
     # --- starting ---------------------------------------------------------------------------
 
-    async def begin(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *,
+    async def begin(self, meta: StreamMeta, resp: LegResponse | None, *,
                     auth: dict[str, str], cancel_on_orphan: bool = False) -> Ingest:
         """Capture a stream whose first leg ``resp`` a client's own request opened (a new run);
         with ``resp`` None the capture opens it (a background run nobody streams yet).
@@ -147,7 +145,7 @@ class Captures:
 
     async def open(self, meta: StreamMeta, cursor: Cursor, client_headers: CIMultiDict[str], query: str, *,
                    auth: dict[str, str],
-                   cancel_on_orphan: bool = False) -> tuple[Ingest, aiohttp.ClientResponse] | aiohttp.ClientResponse:
+                   cancel_on_orphan: bool = False) -> tuple[Ingest, LegResponse] | LegResponse:
         """Open a leg for a client and capture it: a run or thread not captured right now.
 
         Returns the capture and the leg (for its headers), or the upstream's answer
@@ -183,7 +181,7 @@ class Captures:
         finally:
             self._opening.discard(key)
 
-    def start(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, seam: Seam | SessionSeam | None, *,
+    def start(self, meta: StreamMeta, resp: LegResponse | None, seam: Seam | SessionSeam | None, *,
               auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
         """Run the ingest task of a stream this process has claimed (and begun)."""
         ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
@@ -259,7 +257,7 @@ class Captures:
 
     # --- the ingest task ----------------------------------------------------------------------
 
-    async def _run(self, ing: Ingest, resp: aiohttp.ClientResponse | None, seam: Seam | SessionSeam | None) -> None:
+    async def _run(self, ing: Ingest, resp: LegResponse | None, seam: Seam | SessionSeam | None) -> None:
         kind = ing.meta.kind
         failures = 0
         try:
@@ -318,7 +316,7 @@ class Captures:
         held = await self.log.lookup(key)
         return held is not None and held.kind == "run" and held.last_event == ERROR_EVENT.decode()
 
-    async def _rejoin(self, ing: Ingest) -> tuple[aiohttp.ClientResponse, Seam | SessionSeam | None]:
+    async def _rejoin(self, ing: Ingest) -> tuple[LegResponse, Seam | SessionSeam | None]:
         held = await self.log.lookup(ing.key)
         last = leg_last_event_id(ing.meta.kind, held)
         try:
@@ -362,7 +360,7 @@ class Captures:
         logger.info("stream %s: storage is back; re-joining the upstream", ing.key)
         self.on_recovered(ing)
 
-    async def _pump(self, ing: Ingest, resp: aiohttp.ClientResponse, seam: Seam | SessionSeam | None) -> None:
+    async def _pump(self, ing: Ingest, resp: LegResponse, seam: Seam | SessionSeam | None) -> None:
         """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg.
 
         Commits are pipelined: each chunk's events are submitted and published by
@@ -373,12 +371,9 @@ class Captures:
         key = ing.key
         submitted = False
         committed = partial(self._committed, ing)
-        idle = IdleWatch(resp)
-        seen = idle.seen
 
-        def chunk(data: bytes) -> None:  # what arrived in one turn of the loop: no task step per chunk
+        def chunk(data: bytes) -> None:  # what one read of the socket brought: no task step per chunk
             nonlocal submitted
-            seen()
             events = parser.feed(data)
             if parser.comments:
                 parser.comments = 0
@@ -393,11 +388,11 @@ class Captures:
                 submitted = True
                 ing.inflight += 1
                 if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
-                    ing.resume = pause_leg(resp)  # the log is behind: stop reading until it catches up
+                    ing.resume = resp.pause()  # the log is behind: stop reading until it catches up
 
         try:
-            with self.bodies.attach(resp, chunk) as body:
-                await body.end()
+            with resp.attach(chunk):
+                await resp.end()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -410,7 +405,6 @@ class Captures:
                 raise _Progress(exc) from exc
             raise
         finally:
-            idle.close()
             ing.resume = None  # the leg is released: nothing to resume
             resp.release()
         await _settle(ing)  # everything of this leg is committed before the stream may end

@@ -16,7 +16,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-import aiohttp
 from multidict import CIMultiDict
 
 from gateway.agentapi import Cursor
@@ -29,7 +28,9 @@ from gateway.legs import Legs
 from gateway.metrics import Metrics, NoMetrics
 from gateway.presence import Presence, UpstreamCanceller
 from gateway.replay import Page, ReplayPages
+from gateway.streamclient import LegResponse
 from gateway.takeover import TakeOver
+from gateway.upstream import Answer
 
 logger = logging.getLogger("gateway.hub")
 
@@ -59,7 +60,7 @@ class Join:
 Resume = Callable[[StreamMeta], Awaitable[int | None]]
 # Before a leg is opened for a client: the upstream's answer to give it instead (a run it does
 # not know), or None; raises when the log cannot take a new capture.
-Prepare = Callable[[], Awaitable[aiohttp.ClientResponse | None]]
+Prepare = Callable[[], Awaitable[Answer | None]]
 
 
 @dataclass(slots=True)
@@ -68,8 +69,8 @@ class Attachment:
 
     follower: Follower | None = None  # follow this; None: see ``answer``, or nothing is held
     held: StreamMeta | None = None  # the stream was held when the client came
-    leg: aiohttp.ClientResponse | None = None  # a leg opened for this client (its headers are the client's)
-    answer: aiohttp.ClientResponse | None = None  # the upstream's own answer, to relay as is
+    leg: LegResponse | None = None  # a leg opened for this client (its headers are the client's)
+    answer: Answer | None = None  # the upstream's own answer, to relay as is
 
 
 class Hub:
@@ -148,7 +149,7 @@ class Hub:
 
     # --- clients: a new run, or a join ----------------------------------------------------------------
 
-    async def capture(self, meta: StreamMeta, resp: aiohttp.ClientResponse | None, *,
+    async def capture(self, meta: StreamMeta, resp: LegResponse | None, *,
                       auth: dict[str, str], cancel_on_orphan: bool = False) -> None:
         """Capture a run just created upstream: its first leg ``resp`` (the client's own request), or
         None to open one (a background run). Another process capturing it already is fine: its
@@ -191,7 +192,7 @@ class Hub:
             except CapturedElsewhere:  # a client of another replica asked for it at the same moment
                 await self._begun_elsewhere(key, join.wait)
                 return Attachment(self.follow(key, after), held=held)
-            if isinstance(opened, aiohttp.ClientResponse):
+            if isinstance(opened, LegResponse):
                 return Attachment(held=held, answer=opened)
             return Attachment(self.follow(key, after), held=held, leg=opened[1])
 

@@ -21,7 +21,9 @@ from yarl import URL
 from gateway.config import Clients
 from gateway.errors import PayloadTooLarge, RequestTimeout
 from gateway.responses import cut, error_response, send_body, start_response
-from gateway.upstream import BadUpstreamResponse, Kind, Target, Upstreams, UpstreamUnreachable, as_upstream_error
+from gateway.streamclient import LegResponse
+from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, Upstreams, UpstreamUnreachable,
+                              as_upstream_error)
 
 log = logging.getLogger("gateway.proxy")
 
@@ -49,7 +51,7 @@ def rewrite_location(value: str, target: Target) -> str:
     return value
 
 
-def client_headers(resp: aiohttp.ClientResponse, target: Target, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+def client_headers(resp: Answer, target: Target, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """The upstream's response headers as the client should get them."""
     skip = _hop_by_hop(resp.headers) | {d.lower() for d in drop}
     out: CIMultiDict[str] = CIMultiDict()
@@ -173,7 +175,15 @@ class Forwarder:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
         return body
 
-    async def relay(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def open_stream(self, request: web.Request, target: Target, data: bytes,
+                          headers: CIMultiDict[str]) -> LegResponse:
+        """POST a request whose answer may be a stream to capture (a run created streaming), on the
+        streaming client; returns the answer with its head read."""
+        qs = request.rel_url.raw_query_string
+        return await self.upstreams.send_stream(target.pool, "POST", target.path + (f"?{qs}" if qs else ""),
+                                                headers, data)
+
+    async def relay(self, request: web.Request, target: Target, resp: Answer) -> web.StreamResponse:
         """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
         try:
             out = RelayedResponse(status=resp.status, reason=resp.reason, headers=client_headers(resp, target))
@@ -183,7 +193,7 @@ class Forwarder:
         finally:
             resp.release()
 
-    async def _pipe_body(self, request: web.Request, resp: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+    async def _pipe_body(self, request: web.Request, resp: Answer, out: web.StreamResponse) -> None:
         """Copy the upstream body to the client chunk by chunk; a broken side cuts the other."""
         try:
             async for chunk in resp.content.iter_any():
@@ -230,7 +240,7 @@ class Forwarder:
                                   f"upstream '{target.pool.name}' refused the WebSocket upgrade: "
                                   f"HTTP {exc.status} {exc.message}")
 
-    async def read_json_response(self, resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    async def read_json_response(self, resp: Answer, limit: int) -> bytes:
         """Read a small upstream body whole (run JSON), mapping failures to 502/504."""
         try:
             body = await read_limited(resp.content, limit)
@@ -329,7 +339,7 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+async def read_limited(stream: AnswerBody, limit: int) -> bytes | None:
     """The whole body, or None once it passes ``limit`` bytes (read() alone may return a part)."""
     parts: list[bytes] = []
     size = 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Awaitable, Callable, Iterable
+from typing import Awaitable, Callable, Iterable, TypeVar
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -41,7 +41,10 @@ from gateway.stream_params import (
     thread_mode_filter,
     truthy,
 )
-from gateway.upstream import Kind, Target, UpstreamError
+from gateway.streamclient import LegResponse
+from gateway.upstream import Answer, Target, UpstreamError
+
+A = TypeVar("A", bound=Answer)
 
 logger = logging.getLogger("gateway.streams")
 
@@ -83,7 +86,8 @@ class StreamHandlers:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self.check_capacity()
-        resp = await self._create_run(request, target, run, "stream")
+        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
+        resp = await self._create_run(run, lambda body: self.forwarder.open_stream(request, target, body, headers))
         if not is_event_stream(resp):
             return await self.forwarder.relay(request, target, resp)
         tid, rid = agentapi.run_ids(resp.headers)
@@ -99,17 +103,17 @@ class StreamHandlers:
         return await self.send(request, self.hub.follow(meta.key, 0),
                                 client_headers(resp, target, drop=("Content-Length",)), None)
 
-    async def _create_run(self, request: web.Request, target: Target, run: RunRequest, kind: Kind) -> aiohttp.ClientResponse:
-        """Send a run-creating request; if the upstream refuses the body as the gateway changed it,
-        send the client's own, so the answer (and its validation error) is about what the client sent."""
-        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
-        resp = await self.forwarder.open(request, target, data=run.body, headers=headers, kind=kind)
+    async def _create_run(self, run: RunRequest, send: Callable[[bytes], Awaitable[A]]) -> A:
+        """Send a run-creating request with ``send``; if the upstream refuses the body as the gateway
+        changed it, send the client's own, so the answer (and its validation error) is about what
+        the client sent."""
+        resp = await send(run.body)
         if run.resend_as_sent(resp.status):
             resp.release()
-            resp = await self.forwarder.open(request, target, data=run.original, headers=headers, kind=kind)
+            resp = await send(run.original)
         return resp
 
-    async def _capture(self, request: web.Request, meta: StreamMeta, resp: aiohttp.ClientResponse | None,
+    async def _capture(self, request: web.Request, meta: StreamMeta, resp: LegResponse | None,
                        cancel_on_orphan: bool = False) -> None:
         """Capture a run just created upstream; if the log cannot take it, cancel it there and say so (503)."""
         try:
@@ -133,7 +137,8 @@ class StreamHandlers:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
         self.check_capacity()
-        resp = await self._create_run(request, target, run, "forward")
+        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
+        resp = await self._create_run(run, lambda body: self.forwarder.open(request, target, data=body, headers=headers))
         # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
         return await asyncio.shield(self.hub.run_owned(self._answer_background(request, target, resp, run)))
 
@@ -170,7 +175,7 @@ class StreamHandlers:
         query = _drop_params(request.rel_url.raw_query_string, _JOIN_PARAMS)
         leg = Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",)), query) if tid is not None else None
 
-        async def prepare() -> aiohttp.ClientResponse | None:
+        async def prepare() -> Answer | None:
             self.check_capacity(meta.key)
             if not await self._run_exists(request, target, meta):
                 return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
@@ -198,7 +203,7 @@ class StreamHandlers:
         meta = agentapi.thread_meta(target.pool.name, tid)
         request[STREAM_KEY] = meta.key
 
-        async def prepare() -> aiohttp.ClientResponse | None:
+        async def prepare() -> Answer | None:
             self.check_capacity(meta.key)
             return None
 

@@ -20,16 +20,17 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal, Protocol
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import config
 from gateway.cors import CorsMemory
 from gateway.errors import GatewayError
 from gateway.sse import SSEProtocolError
+from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
 
 log = logging.getLogger("gateway.upstream")
 
@@ -63,6 +64,33 @@ class PoolFull(UpstreamError):
 
 class UpstreamTimeout(UpstreamError, TimeoutError):
     status = 504
+
+
+class AnswerBody(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class Answer(Protocol):
+    """An upstream's answer, its head read: from aiohttp's client (forwards, checks) or from a
+    streaming leg (``gateway.streamclient``). What relaying it to a client needs."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> AnswerBody: ...
+
+    def release(self) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 class UpstreamRefused(Exception):
@@ -241,6 +269,7 @@ class Upstreams:
     _routes: list[tuple[str, Pool]] = field(init=False)
     _session: aiohttp.ClientSession | None = field(init=False, default=None)
     _health_session: aiohttp.ClientSession | None = field(init=False, default=None)
+    _streams: StreamClient = field(init=False, default_factory=StreamClient)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -269,6 +298,7 @@ class Upstreams:
             if session is not None:
                 await session.close()
         self._session = self._health_session = None
+        self._streams.close()
 
     @property
     def ready(self) -> bool:
@@ -325,6 +355,43 @@ class Upstreams:
             except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
                 raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})",
                                         timeout.sock_read or timeout.total) from None
+            pool.mark_up(replica, "it answered a request")
+            return resp
+        if not pool.replicas:
+            raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")
+        raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
+
+    async def send_stream(self, pool: Pool, method: Literal["GET", "POST"], path_qs: str,
+                          headers: CIMultiDict[str], data: bytes | None = None) -> LegResponse:
+        """Open a streaming leg (a body the gateway captures) on its own client; head read.
+
+        The same rules as ``send``: the pool's budget for streams, the next replica when one
+        refuses the connection, the pool's connect and read timeouts, the same errors."""
+        budget = pool.budgets["stream"]
+        await budget.acquire()
+        try:
+            resp = await self._send_stream(pool, method, path_qs, headers, data, budget.release)
+        except BaseException:
+            budget.release()
+            raise
+        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
+        return resp
+
+    async def _send_stream(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
+                           data: bytes | None, on_release: Callable[[], None]) -> LegResponse:
+        refused: list[str] = []
+        cfg = pool.cfg
+        for replica in pool.candidates():
+            try:
+                resp = await self._streams.request(
+                    method, URL(replica.base + path_qs, encoded=True), headers, data,
+                    connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, on_release=on_release)
+            except ConnectFailed as exc:  # never reached the replica: safe to try the next one
+                pool.mark_down(replica, exc)
+                refused.append(f"{replica.label}: {exc}")
+                continue
+            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})", cfg.read_timeout) from None
             pool.mark_up(replica, "it answered a request")
             return resp
         if not pool.replicas:

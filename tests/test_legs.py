@@ -1,68 +1,354 @@
-"""How a capture reads its upstream leg (``gateway.legs.InlineBodies``): every byte handed on, in
-order, what came before it attached included; nothing handed on after it left."""
+"""The streaming legs' own HTTP/1.1 client (``gateway.streamclient``), against a raw socket server
+that writes exactly the bytes each test scripts: every byte of a body handed on in order however
+the reads split it, what came with the head included; a broken, malformed or silent body never
+taken for a clean end; kept-alive connections reused only when whole."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+import random
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from aiohttp import web
+from yarl import URL
 
-from gateway.legs import InlineBodies
+from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
+
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawServer:
+    """A loopback server whose connections run ``script``; it keeps what each request's head was."""
+
+    script: Script | None = None
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    url: URL = URL()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            assert self.script is not None
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
 
 
 @pytest.fixture
-async def chunked() -> AsyncIterator[tuple[str, asyncio.Event]]:
-    """A server writing chunks 0-4 at once, then 5-9 once the test says go."""
+async def raw() -> AsyncIterator[RawServer]:
+    srv = RawServer()
+    server = await asyncio.start_server(srv.handle, "127.0.0.1", 0)
+    srv.url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    yield srv
+    server.close()
+
+
+async def read_head(srv: RawServer, reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    srv.heads.append(head)
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + (await reader.readexactly(length) if length else b"")
+
+
+def chunked(parts: list[bytes], *, ext: bool = False, trailers: bytes = b"") -> bytes:
+    out = b"".join(b"%x%s\r\n%s\r\n" % (len(p), b";x=y" if ext else b"", p) for p in parts)
+    return out + b"0\r\n" + trailers + b"\r\n"
+
+
+HEAD_CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+EVENTS = [b"event: values\ndata: {\"n\": %d}\n\n" % i for i in range(20)]
+
+
+async def open_leg(client: StreamClient, srv: RawServer, *, path: str = "/s", method: str = "GET",
+                   body: bytes | None = None, read_timeout: float = 5.0) -> LegResponse:
+    return await client.request(method, srv.url.with_path(path), {"Accept": "text/event-stream"}, body,
+                                connect_timeout=2.0, read_timeout=read_timeout, on_release=lambda: None)
+
+
+async def capture(resp: LegResponse) -> list[bytes]:
+    got: list[bytes] = []
+    with resp.attach(got.append):
+        await resp.end()
+    return got
+
+
+@pytest.mark.parametrize("split", ["whole", "byte by byte", "random"])
+async def test_every_byte_of_a_chunked_body_is_handed_on_in_order_however_the_reads_split_it(
+        raw: RawServer, split: str) -> None:
+    # The first ten as chunks with extensions, then the rest; the terminator once, with a trailer.
+    wire = HEAD_CHUNKED + chunked(EVENTS[:10], ext=True)[:-5] + chunked(EVENTS[10:], trailers=b"X-T: 1\r\n")
+    rng = random.Random(7)
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        if split == "whole":
+            writer.write(wire)
+        else:
+            pos = 0
+            while pos < len(wire):
+                step = 1 if split == "byte by byte" else rng.randint(1, 40)
+                writer.write(wire[pos:pos + step])
+                await writer.drain()
+                await asyncio.sleep(0)
+                pos += step
+        await writer.drain()
+        await reader.read()  # kept alive until the client lets go
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+    await asyncio.sleep(0.05)  # some of the body waits for the capture to attach
+    assert b"".join(await capture(resp)) == b"".join(EVENTS)
+    resp.release()
+    client.close()
+
+
+async def test_a_sized_and_a_close_delimited_body_are_read_whole(raw: RawServer) -> None:
+    body = b'{"detail": "not an event stream"}'
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await read_head(raw, reader)
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n" + body[:10])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        writer.write(body[10:])
+        await writer.drain()
+        writer.close()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    assert (resp.status, resp.reason) == (404, "Not Found")
+    assert await resp.content.read(5) == body[:5]
+    assert await resp.content.read() == body[5:]
+    resp.release()  # read whole and kept alive: the next request goes on the same connection
+    resp = await open_leg(client, raw)
+    assert b"".join([c async for c in resp.content.iter_any()]) == body
+    resp.release()
+    assert raw.connections == 1
+    client.close()
+
+
+@pytest.mark.parametrize("cut_at", [0, 1, 3, 5, 40])
+async def test_a_body_cut_mid_chunk_ends_in_an_error_never_a_clean_end(raw: RawServer, cut_at: int) -> None:
+    wire = chunked(EVENTS[:3])
+    cut = len(chunked(EVENTS[:2])) - 5 + cut_at  # inside the third chunk's size line, body or CRLF
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + wire[:cut])
+        await writer.drain()
+        writer.transport.abort()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    got: list[bytes] = []
+    with pytest.raises(aiohttp.ClientPayloadError), resp.attach(got.append):
+        await resp.end()
+    assert b"".join(EVENTS[:2]) == b"".join(got)[:len(b"".join(EVENTS[:2]))], "what came before the cut is handed on"
+    resp.release()
+    client.close()
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\n", b"5\r\nabcdeXY", b"-1\r\n", b"1" * 2000])
+async def test_a_malformed_chunked_body_is_an_error(raw: RawServer, bad: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5] + bad)
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    with pytest.raises(aiohttp.ClientPayloadError, match="malformed chunked body"):
+        await capture(resp)
+    resp.release()
+    client.close()
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 2000 OK\r\n\r\n", b"SPDY 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n",
+                                  b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000])
+async def test_a_malformed_or_oversized_head_is_an_error(raw: RawServer, head: bytes) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(head)
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await open_leg(client, raw)
+    client.close()
+
+
+async def test_informational_answers_before_the_real_one_are_skipped(raw: RawServer) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n"
+                     + HEAD_CHUNKED + chunked(EVENTS[:2]))
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    assert resp.status == 200 and "Link" not in resp.headers
+    assert b"".join(await capture(resp)) == b"".join(EVENTS[:2])
+    resp.release()
+    client.close()
+
+
+async def test_a_silent_upstream_times_out_but_a_leg_the_gateway_paused_does_not(raw: RawServer) -> None:
     go = asyncio.Event()
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse()
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        for i in range(5):
-            await resp.write(f"chunk {i};".encode())
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5])
         await go.wait()
-        for i in range(5, 10):
-            await resp.write(f"chunk {i};".encode())
+        writer.write(chunked(EVENTS[1:2]))
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    # Paused by the capture (its log is behind) for three read timeouts: not the upstream's silence.
+    resp = await open_leg(client, raw, read_timeout=0.2)
+    got: list[bytes] = []
+    with resp.attach(got.append):
+        resume = resp.pause()
+        await asyncio.sleep(0.6)
+        go.set()
+        resume()
+        await resp.end()
+    assert b"".join(got) == b"".join(EVENTS[:2])
+    resp.release()
+    client.close()
+    # Not paused, and nothing comes after the first event: the leg ends with a read timeout.
+    go.clear()
+    client = StreamClient()
+    resp = await open_leg(client, raw, read_timeout=0.2)
+    with pytest.raises(aiohttp.SocketTimeoutError, match="sent nothing for 0.2 s"):
+        await capture(resp)
+    resp.release()
+    client.close()
+
+
+async def test_a_sink_that_fails_ends_the_leg_with_its_error_and_gets_nothing_more(raw: RawServer) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED)
+        for e in EVENTS:
+            writer.write(chunked([e])[:-5])
+            await writer.drain()
             await asyncio.sleep(0.005)
-        await resp.write_eof()
-        return resp
+        await reader.read()
 
-    app = web.Application()
-    app.router.add_get("/", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/", go
-    go.set()  # a handler still waiting ends, rather than holding the shutdown for its grace
-    await runner.cleanup()
-
-
-async def test_every_byte_is_handed_on_in_order_including_what_came_before(
-        chunked: tuple[str, asyncio.Event]) -> None:
-    url, go = chunked
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
     got: list[bytes] = []
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        await asyncio.sleep(0.1)  # the first chunks wait in aiohttp's reader
-        with InlineBodies().attach(resp, got.append) as leg:
-            go.set()
-            await leg.end()
-    assert b"".join(got) == b"".join(f"chunk {i};".encode() for i in range(10))
-    assert len(got) < 10, "what arrived in one turn of the loop is handed on at once"
+
+    def sink(data: bytes) -> None:
+        got.append(data)
+        if len(got) == 3:
+            raise RuntimeError("storage failed")
+
+    with pytest.raises(RuntimeError, match="storage failed"), resp.attach(sink):
+        await resp.end()
+    await asyncio.sleep(0.05)
+    assert len(got) == 3
+    resp.release()
+    client.close()
 
 
-async def test_nothing_is_handed_on_once_the_capture_left(chunked: tuple[str, asyncio.Event]) -> None:
-    url, _go = chunked
-    got: list[bytes] = []
-    async with aiohttp.ClientSession() as http, http.get(url) as resp:
-        with InlineBodies().attach(resp, got.append) as leg:
-            await asyncio.sleep(0.1)
-            handed = list(got)
-            leg.gather(b"arrived just before the capture was cancelled")  # its flush is scheduled
-        await asyncio.sleep(0.05)
-    assert got == handed, "a flush scheduled before the capture left hands nothing on"
+async def test_kept_alive_connections_are_reused_only_when_whole(raw: RawServer) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await read_head(raw, reader)
+            if b"/close" in head:
+                writer.write(HEAD_CHUNKED + chunked(EVENTS[:1]))
+                await writer.drain()
+                return  # the connection closes once the answer is out
+            if b"/part" in head:
+                writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5])
+                continue  # the rest never comes
+            writer.write(HEAD_CHUNKED + chunked(EVENTS[:2]))
+            await writer.drain()
+
+    raw.script = script
+    client = StreamClient()
+    for _ in range(3):
+        resp = await open_leg(client, raw)
+        await capture(resp)
+        resp.release()
+    assert raw.connections == 1
+    resp = await open_leg(client, raw, path="/part")
+    resp.release()  # let go before its body ended: that connection is closed, not reused
+    resp = await open_leg(client, raw)
+    await capture(resp)
+    resp.release()
+    assert raw.connections == 2
+    resp = await open_leg(client, raw, path="/close")
+    await capture(resp)
+    resp.release()
+    await asyncio.sleep(0.05)  # the upstream's close reaches the idle connection
+    resp = await open_leg(client, raw)  # a new connection, not the closed one
+    await capture(resp)
+    resp.release()
+    assert raw.connections == 3
+    client.close()
+
+
+async def test_the_request_carries_host_length_and_the_urls_credentials(raw: RawServer) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + chunked([]))
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    url = raw.url.with_user("svc").with_password("pw").with_path("/threads/t/runs/stream").with_query("a=1")
+    resp = await client.request("POST", url, {"Authorization": "Bearer client", "X-Api-Key": "k"}, b'{"x": 1}',
+                                connect_timeout=2.0, read_timeout=5.0, on_release=lambda: None)
+    await capture(resp)
+    resp.release()
+    head = raw.heads[0].decode()
+    assert head.startswith("POST /threads/t/runs/stream?a=1 HTTP/1.1\r\n")
+    assert f"Host: 127.0.0.1:{raw.url.port}\r\n" in head and "Content-Length: 8\r\n" in head
+    assert "Authorization: Basic c3ZjOnB3\r\n" in head and "Bearer" not in head
+    with pytest.raises(ValueError, match="line break"):
+        await client.request("GET", raw.url, {"X-Bad": "a\r\nInjected: 1"}, None,
+                             connect_timeout=2.0, read_timeout=5.0, on_release=lambda: None)
+    client.close()
+
+
+async def test_no_connection_is_a_connect_failure_safe_to_try_elsewhere() -> None:
+    client = StreamClient()
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(ConnectFailed):
+        await client.request("GET", URL(f"http://127.0.0.1:{port}/"), {}, None,
+                             connect_timeout=2.0, read_timeout=5.0, on_release=lambda: None)
+    client.close()
+
+
+async def test_a_disconnect_before_the_answer_is_a_server_disconnect(raw: RawServer) -> None:
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+
+    raw.script = script
+    client = StreamClient()
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await open_leg(client, raw, method="POST", body=b"{}")
+    assert raw.connections == 1, "a POST is never sent twice"
+    client.close()
