@@ -167,6 +167,10 @@ class Budget:
         self._sem = asyncio.Semaphore(limit)
 
     async def acquire(self) -> None:
+        if not self._sem.locked():  # free: taken at once, without arming a timer for a wait that never comes
+            await self._sem.acquire()
+            self.in_use += 1
+            return
         try:
             async with asyncio.timeout(self.wait):
                 await self._sem.acquire()

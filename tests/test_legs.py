@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import ssl
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -352,3 +356,49 @@ async def test_a_disconnect_before_the_answer_is_a_server_disconnect(raw: RawSer
         await open_leg(client, raw, method="POST", body=b"{}")
     assert raw.connections == 1, "a POST is never sent twice"
     client.close()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl's command line: Python cannot make one)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+async def test_an_https_upstream_is_verified_and_an_untrusted_one_refused(
+        certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(HEAD_CHUNKED + chunked(EVENTS[:2]))
+            await writer.drain()
+            await reader.read()
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    url = URL(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}/s")
+    try:
+        with pytest.raises(ConnectFailed, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await StreamClient().request("GET", url, {}, None, connect_timeout=5.0, read_timeout=5.0,
+                                         on_release=lambda: None)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the operator trusts it: OpenSSL's own variable
+        client = StreamClient()
+        resp = await client.request("GET", url, {}, None, connect_timeout=5.0, read_timeout=5.0,
+                                    on_release=lambda: None)
+        assert b"".join(await capture(resp)) == b"".join(EVENTS[:2])
+        resp.release()
+        client.close()
+    finally:
+        server.close()
