@@ -338,6 +338,13 @@ class LegConnection(asyncio.Protocol):
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def unpause(self) -> None:
+        """Read again, whoever paused (the connection goes back to the pool)."""
+        if self._paused_by:
+            self._paused_by = 0
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
     def take(self) -> bytes:
         """Everything queued for a reader, at once (b"" when nothing is)."""
         if not self._queued:
@@ -468,6 +475,7 @@ class LegResponse:
         if not (conn.complete and conn.reusable) or conn.lost:
             conn.close()
         else:
+            conn.unpause()  # a leg can end in the read that paused it: the next request must be read
             conn._client.keep(conn)
         self._on_release()
 

@@ -402,3 +402,31 @@ async def test_an_https_upstream_is_verified_and_an_untrusted_one_refused(
         client.close()
     finally:
         server.close()
+
+
+async def test_a_leg_that_ends_while_the_capture_paused_it_leaves_a_connection_that_reads(raw: RawServer) -> None:
+    """The capture pauses a leg whose log is behind; a leg can end in the very read that paused it.
+    Its connection goes back to the pool, and the next request on it must not wait for ever."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(raw, reader)
+            writer.write(HEAD_CHUNKED + chunked(EVENTS[:3]))  # the whole answer in one read
+            await writer.drain()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw, read_timeout=1.0)
+    got: list[bytes] = []
+
+    def sink(data: bytes) -> None:
+        got.append(data)
+        resp.pause()  # the log is behind; the leg is released before anyone resumes it
+
+    with resp.attach(sink):
+        await resp.end()
+    resp.release()
+    resp = await open_leg(client, raw, read_timeout=1.0)  # the same connection, reading again
+    assert b"".join(await capture(resp)) == b"".join(EVENTS[:3])
+    resp.release()
+    assert raw.connections == 1
+    client.close()
