@@ -43,4 +43,5 @@ fi
 # The package and its tests are typed (mypy strict, see pyproject.toml); a type error fails the run like a failing test.
 .venv/bin/python -m mypy gateway tests
 
-exec .venv/bin/python -m pytest "$@"
+# Two workers; --dist loadfile keeps a file's tests (and its module fixtures) on one of them.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile "$@"
