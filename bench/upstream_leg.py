@@ -53,6 +53,11 @@ def body(n: int, delay_ms: int) -> bytes:
     return orjson.dumps({"assistant_id": "a", "input": {"n": n, "size": 200, "delay_ms": delay_ms}})
 
 
+async def _first_event_then_idle(resp: aiohttp.ClientResponse | LegResponse) -> Callable[[], None]:
+    await resp.content.readany()  # the first event; then the leg idles
+    return resp.close
+
+
 class AiohttpLegs:
     name = "aiohttp"
 
@@ -75,9 +80,7 @@ class AiohttpLegs:
         resp.release()
 
     async def held(self) -> Callable[[], None]:
-        resp = await self._open(2, 60_000)
-        await resp.content.readany()  # the first event; then the leg idles
-        return resp.close
+        return await _first_event_then_idle(await self._open(2, 60_000))
 
     async def close(self) -> None:
         await self.session.close()
@@ -196,9 +199,7 @@ class GatewayLegs:
         resp.release()
 
     async def held(self) -> Callable[[], None]:
-        resp = await self._open(2, 60_000)
-        await resp.content.readany()  # the first event; then the leg idles
-        return resp.close
+        return await _first_event_then_idle(await self._open(2, 60_000))
 
     async def close(self) -> None:
         self.client.close()
