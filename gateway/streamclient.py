@@ -480,6 +480,10 @@ class LegResponse:
         self._on_release()
 
     def close(self) -> None:
+        """Done with the answer, its connection closed; once released, the connection is not this
+        answer's any more (it may carry another request) and is left alone."""
+        if self._released:
+            return
         self._conn.close()
         self.release()
 

@@ -430,3 +430,28 @@ async def test_a_leg_that_ends_while_the_capture_paused_it_leaves_a_connection_t
     resp.release()
     assert raw.connections == 1
     client.close()
+
+
+async def test_closing_an_answer_already_released_leaves_its_connection_to_the_next_request(raw: RawServer) -> None:
+    """A capture cancelled after its leg ended (while its commits settle) closes that leg again; by
+    then the connection may carry another stream's request, which must not be cut."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(raw, reader)
+            writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5])
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(chunked(EVENTS[1:3]))
+            await writer.drain()
+
+    raw.script = script
+    client = StreamClient()
+    first = await open_leg(client, raw)
+    await capture(first)
+    first.release()
+    second = await open_leg(client, raw)  # on the connection the first one gave back
+    first.close()
+    assert b"".join(await capture(second)) == b"".join(EVENTS[:3])
+    second.release()
+    assert raw.connections == 1
+    client.close()
