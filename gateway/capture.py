@@ -125,6 +125,8 @@ class Captures:
         closed then.
         """
         if meta.key in self.live:
+            if resp is not None:
+                resp.close()
             raise RuntimeError(f"stream {meta.key} is already being captured")
         self._opening.add(meta.key)
         try:
@@ -165,7 +167,11 @@ class Captures:
                 await self.log.release(key)
                 raise
             if not is_event_stream(resp):
-                await self.log.release(key)
+                try:
+                    await self.log.release(key)
+                except BaseException:
+                    resp.close()
+                    raise
                 return resp
             try:
                 seam = await self._seam(meta, held, last)
@@ -327,8 +333,10 @@ class Captures:
         ok = is_event_stream(resp)
         self.metrics.rejoined(ok)
         if not ok:
-            body = (await resp.content.read(512)).decode("utf-8", "replace")
-            resp.release()
+            try:
+                body = (await resp.content.read(512)).decode("utf-8", "replace")
+            finally:
+                resp.release()
             detail = f"re-join answered HTTP {resp.status}: {body.strip()[:200]}"
             if classify(resp.status) != "retry":
                 raise UpstreamRefused(detail)

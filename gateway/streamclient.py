@@ -338,6 +338,10 @@ class LegConnection(asyncio.Protocol):
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
+    def park(self) -> None:
+        """Idle in the pool: any byte that arrives now is not an answer to anything (see data_received)."""
+        self._phase = "idle"
+
     def unpause(self) -> None:
         """Read again, whoever paused (the connection goes back to the pool)."""
         if self._paused_by:
@@ -479,6 +483,15 @@ class LegResponse:
             conn._client.keep(conn)
         self._on_release()
 
+    def __del__(self) -> None:
+        # Dropped without a release (a path that forgot it): its connection and its slot in the
+        # upstream's stream budget come back, as aiohttp's responses do.
+        if not getattr(self, "_released", True):
+            self._released = True
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._on_release()
+
     def close(self) -> None:
         """Done with the answer, its connection closed; once released, the connection is not this
         answer's any more (it may carry another request) and is left alone."""
@@ -557,17 +570,22 @@ class StreamClient:
             timer = self._timers.pop(conn, None)
             if timer is not None:
                 timer.cancel()
-            if not conn.lost and conn.transport is not None and not conn.transport.is_closing():
+            if conn.reusable and not conn.lost and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+            conn.close()
         return None
 
     def keep(self, conn: LegConnection) -> None:
         idle = self._idle.setdefault(conn.origin, [])
-        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+        # Idle since the upstream's last byte (not since the release, which a slow client can delay).
+        due = conn.last + KEEPALIVE_SECONDS
+        loop = asyncio.get_running_loop()
+        if len(idle) >= MAX_IDLE_PER_ORIGIN or due <= loop.time():
             conn.close()
             return
+        conn.park()
         idle.append(conn)
-        self._timers[conn] = asyncio.get_running_loop().call_later(KEEPALIVE_SECONDS, self._expire, conn)
+        self._timers[conn] = loop.call_at(due, self._expire, conn)
 
     def _expire(self, conn: LegConnection) -> None:
         self._timers.pop(conn, None)
@@ -600,7 +618,7 @@ def _request_bytes(method: str, url: URL, headers: Mapping[str, str], body: byte
         host = f"{host}:{url.port}"
     lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {host}"]
     auth = None
-    if url.raw_user or url.raw_password:  # credentials in the upstream's URL win, as with aiohttp
+    if url.raw_user or url.raw_password:  # the caller keeps them only when the request has no Authorization
         auth = "Basic " + base64.b64encode(f"{url.user or ''}:{url.password or ''}".encode("latin-1")).decode()
     for name, value in headers.items():
         low = name.lower()

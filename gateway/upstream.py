@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal, Protocol
+from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -250,6 +250,16 @@ class Pool:
         return any(r.healthy and r.checked for r in self.replicas)
 
 
+def request_url(replica: Replica, path_qs: str, headers: Mapping[str, str]) -> URL:
+    """Where a request to ``replica`` goes. Credentials in a replica's URL authenticate the gateway's
+    own requests; a request that carries its own Authorization (a client's token) keeps it, and the
+    URL's credentials are left off (aiohttp refuses the two together)."""
+    url = URL(replica.base + path_qs, encoded=True)
+    if (url.raw_user or url.raw_password) and any(k.lower() == "authorization" for k in headers):
+        url = url.with_user(None)
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where a client path goes: the pool, the route prefix it came in under, the upstream path."""
@@ -345,7 +355,7 @@ class Upstreams:
         assert self._session is not None
         refused: list[str] = []
         for replica in pool.candidates():
-            url = URL(replica.base + path_qs, encoded=True)
+            url = request_url(replica, path_qs, headers)
             try:
                 resp = await self._session.request(
                     method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout,
@@ -388,7 +398,7 @@ class Upstreams:
         for replica in pool.candidates():
             try:
                 resp = await self._streams.request(
-                    method, URL(replica.base + path_qs, encoded=True), headers, data,
+                    method, request_url(replica, path_qs, headers), headers, data,
                     connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, on_release=on_release)
             except ConnectFailed as exc:  # never reached the replica: safe to try the next one
                 pool.mark_down(replica, exc)
@@ -427,7 +437,7 @@ class Upstreams:
         for replica in pool.candidates():
             try:
                 ws = await self._session.ws_connect(
-                    URL(replica.base + path_qs, encoded=True), headers=headers, protocols=protocols,
+                    request_url(replica, path_qs, headers), headers=headers, protocols=protocols,
                     timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=0)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
                 pool.mark_down(replica, exc)

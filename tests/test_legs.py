@@ -6,6 +6,7 @@ taken for a clean end; kept-alive connections reused only when whole."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import shutil
 import ssl
@@ -16,9 +17,11 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
+from gateway.upstream import Replica, request_url
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -455,3 +458,56 @@ async def test_closing_an_answer_already_released_leaves_its_connection_to_the_n
     second.release()
     assert raw.connections == 1
     client.close()
+
+
+async def test_bytes_on_an_idle_pooled_connection_keep_it_from_being_reused(raw: RawServer) -> None:
+    """An upstream that writes to a connection nobody asked anything on (a stray answer) must not
+    have those bytes, or what follows them, taken for the next request's answer."""
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + chunked(EVENTS[:1]))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n\r\n")  # while the connection idles
+        while True:
+            await read_head(raw, reader)
+            writer.write(b"HTTP/1.1 500 Stray\r\nContent-Length: 0\r\n\r\n")
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw)
+    await capture(resp)
+    resp.release()
+    await asyncio.sleep(0.2)
+    raw.script = _answer_once  # a new connection gets the good answer
+    resp = await open_leg(client, raw)
+    assert resp.status == 200 and b"".join(await capture(resp)) == b"".join(EVENTS[:2])
+    resp.release()
+    assert raw.connections == 2
+    client.close()
+
+
+async def _answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(HEAD_CHUNKED + chunked(EVENTS[:2]))
+    await writer.drain()
+    await reader.read()
+
+
+async def test_an_answer_dropped_without_a_release_gives_back_its_budget_slot(raw: RawServer) -> None:
+    raw.script = _answer_once
+    client = StreamClient()
+    released: list[int] = []
+    resp = await client.request("GET", raw.url, {}, None, connect_timeout=2.0, read_timeout=5.0,
+                                on_release=lambda: released.append(1))
+    del resp  # a path that forgot to release it
+    gc.collect()
+    assert released == [1]
+    client.close()
+
+
+def test_a_clients_authorization_is_kept_over_the_credentials_in_a_replicas_url() -> None:
+    replica = Replica(URL("http://svc:pw@127.0.0.1:9/api"))
+    assert request_url(replica, "/threads", {"X-Api-Key": "k"}).user == "svc"  # the gateway's own requests
+    url = request_url(replica, "/threads?a=1", CIMultiDict({"authorization": "Bearer client"}))
+    assert (url.user, url.password, url.raw_path_qs) == (None, None, "/api/threads?a=1")
