@@ -126,8 +126,7 @@ class Forwarder:
                    headers: CIMultiDict[str] | None = None, query: str | None = None,
                    kind: Kind = "forward") -> aiohttp.ClientResponse:
         """Send the request upstream; returns the response with headers read."""
-        qs = request.rel_url.raw_query_string if query is None else query
-        pq = target.path + (f"?{qs}" if qs else "")
+        pq = _upstream_path(request, target, query)
         streamed: _StreamedBody | None = None
         if data is None and request.body_exists:
             head, ended = await self._read_head(request)
@@ -179,9 +178,7 @@ class Forwarder:
                           headers: CIMultiDict[str]) -> LegResponse:
         """POST a request whose answer may be a stream to capture (a run created streaming), on the
         streaming client; returns the answer with its head read."""
-        qs = request.rel_url.raw_query_string
-        return await self.upstreams.send_stream(target.pool, "POST", target.path + (f"?{qs}" if qs else ""),
-                                                headers, data)
+        return await self.upstreams.send_stream(target.pool, "POST", _upstream_path(request, target), headers, data)
 
     async def relay(self, request: web.Request, target: Target, resp: Answer) -> web.StreamResponse:
         """Stream an upstream response to the client unchanged (but for hop-by-hop headers)."""
@@ -223,11 +220,10 @@ class Forwarder:
         """Proxy a WebSocket upgrade: the upstream's answer to the handshake decides, then messages go
         both ways as they come (each side's reader waits for the other's writer: backpressure), and a
         close on either side closes the other with the same code."""
-        qs = request.rel_url.raw_query_string
         headers = self.upstream_headers(request, drop=_WS_HANDSHAKE)
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
-            async with self.upstreams.websocket(target.pool, target.path + (f"?{qs}" if qs else ""), headers,
+            async with self.upstreams.websocket(target.pool, _upstream_path(request, target), headers,
                                                 protocols) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
                 client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
@@ -333,6 +329,12 @@ async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: 
             return
         elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
             return
+
+
+def _upstream_path(request: web.Request, target: Target, query: str | None = None) -> str:
+    """The upstream path and query of a client's request (``query`` instead of the client's, if given)."""
+    qs = request.rel_url.raw_query_string if query is None else query
+    return target.path + (f"?{qs}" if qs else "")
 
 
 def _client_gone(request: web.Request) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import ssl
 from typing import AsyncIterator, Callable, Iterator, Literal, Mapping
 
@@ -188,9 +189,10 @@ class LegConnection(asyncio.Protocol):
 
     def _body(self, data: bytes) -> None:
         framing = self._framing
+        ended = False
         if framing == "chunked":
             try:
-                payload = self._dechunk(data)
+                payload, ended = self._dechunk(data)
             except ValueError as exc:
                 self._fail(_failure(f"malformed chunked body from the upstream ({exc})"))
                 self.close()
@@ -198,17 +200,19 @@ class LegConnection(asyncio.Protocol):
         elif framing == "length":
             payload = data[:self._left]
             self._left -= len(payload)
+            ended = self._left == 0
             if len(payload) < len(data):
                 self.reusable = False
         else:
             payload = data
         if payload:
             self._deliver(payload)
-        if framing == "length" and self._left == 0 and self._phase == "body":
+        if ended and self._phase == "body":
             self._finish()
 
-    def _dechunk(self, data: bytes) -> bytes:
-        """The payload of the chunks in ``data`` (with what an earlier read left unparsed)."""
+    def _dechunk(self, data: bytes) -> tuple[bytes, bool]:
+        """The payload of the chunks in ``data`` (with what an earlier read left unparsed), and
+        whether the body ended in it."""
         buf = self._buf + data if self._buf else data
         pos, end = 0, len(buf)
         out: list[bytes] = []
@@ -240,9 +244,7 @@ class LegConnection(asyncio.Protocol):
                     self._buf = b""
                     if pos < end:
                         self.reusable = False
-                    self._emit(out)
-                    self._finish()
-                    return b""
+                    return _joined(out), True
                 continue
             size = line.split(b";", 1)[0].strip()
             if not size or size.translate(None, b"0123456789abcdefABCDEF"):
@@ -251,11 +253,7 @@ class LegConnection(asyncio.Protocol):
             if not self._left:
                 self._trailers = True
         self._buf = buf[pos:] if pos < end else b""
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _emit(self, out: list[bytes]) -> None:
-        if out:
-            self._deliver(out[0] if len(out) == 1 else b"".join(out))
+        return _joined(out), False
 
     def _deliver(self, payload: bytes) -> None:
         if self.exc is not None:
@@ -353,12 +351,17 @@ class LegConnection(asyncio.Protocol):
         """Everything queued for a reader, at once (b"" when nothing is)."""
         if not self._queued:
             return b""
-        data = self._queued[0] if len(self._queued) == 1 else b"".join(self._queued)
+        data = _joined(self._queued)
         self._queued.clear()
         self._queued_bytes = 0
         if self._paused_by & PAUSED_BY["reader"]:
             self.resume("reader")
         return data
+
+    def unread(self, data: bytes) -> None:
+        """Put back what a reader took beyond what it wanted: it comes first next time."""
+        self._queued.insert(0, data)
+        self._queued_bytes += len(data)
 
     async def wait(self) -> None:
         """Until something is queued, the body ended, or it failed."""
@@ -372,6 +375,10 @@ class LegConnection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _parse(head: bytes) -> tuple[int, str, CIMultiDict[str], bool]:
@@ -416,8 +423,7 @@ class LegBody:
             return b"".join([data async for data in self.iter_any()])
         data = await self.readany()
         if len(data) > n:
-            self._conn._queued.insert(0, data[n:])
-            self._conn._queued_bytes += len(data) - n
+            self._conn.unread(data[n:])
             data = data[:n]
         return data
 
@@ -467,7 +473,7 @@ class LegResponse:
     def pause(self) -> Callable[[], None]:
         """Stop reading the leg's socket; returns the call that resumes it."""
         self._conn.pause("capture")
-        return partial_resume(self._conn)
+        return functools.partial(self._conn.resume, "capture")
 
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool if the body was read whole."""
@@ -499,12 +505,6 @@ class LegResponse:
             return
         self._conn.close()
         self.release()
-
-
-def partial_resume(conn: LegConnection) -> Callable[[], None]:
-    def resume() -> None:
-        conn.resume("capture")
-    return resume
 
 
 class StreamClient:

@@ -20,7 +20,7 @@ import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal, Mapping, Protocol
+from typing import Any, AsyncIterator, Awaitable, Callable, Literal, Mapping, Protocol, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -104,6 +104,10 @@ def as_upstream_error(exc: BaseException, who: str, timeout: float | None = None
         return UpstreamTimeout(f"{who} did not answer" + (f" within {timeout:g}s" if timeout else " in time"))
     return UpstreamUnreachable(f"{who} failed: {exc or exc.__class__.__name__}")
 
+
+# A request that failed with one of these never reached the replica: trying the next one is safe.
+_NOT_REACHED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectFailed)
+R = TypeVar("R")
 
 Verdict = Literal["retry", "permanent", "refused"]
 
@@ -352,25 +356,35 @@ class Upstreams:
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
                     data: Any, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        assert self._session is not None
+        session = self._session
+        assert session is not None
+        return await self._first_reached(pool, lambda replica: session.request(
+            method, request_url(replica, path_qs, headers), headers=headers, data=data, allow_redirects=False,
+            timeout=timeout, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        ), timeout.sock_read or timeout.total)
+
+    async def _first_reached(self, pool: Pool, attempt: Callable[[Replica], Awaitable[R]],
+                             timeout: float | None = None) -> R:
+        """``attempt`` on the pool's replicas in turn until one is reached: the one failover rule.
+
+        A replica never reached (a refused connection, a connect timeout) is marked down and the
+        next one tried; once one is reached, what it answers, or how it failed (502/504), is the
+        answer: a request that reached a replica is never sent again."""
         refused: list[str] = []
         for replica in pool.candidates():
-            url = request_url(replica, path_qs, headers)
             try:
-                resp = await self._session.request(
-                    method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout,
-                    skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                # Never reached the replica: safe to try the next one.
+                result = await attempt(replica)
+            except _NOT_REACHED as exc:
                 pool.mark_down(replica, exc)
-                refused.append(f"{replica.label}: {exc.__class__.__name__}")
+                refused.append(f"{replica.label}: {exc if isinstance(exc, ConnectFailed) else exc.__class__.__name__}")
                 continue
+            except aiohttp.WSServerHandshakeError:  # reached, and it answered: the caller relays its status
+                pool.mark_up(replica, "it answered a request")
+                raise
             except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})",
-                                        timeout.sock_read or timeout.total) from None
+                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})", timeout) from None
             pool.mark_up(replica, "it answered a request")
-            return resp
+            return result
         if not pool.replicas:
             raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")
         raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
@@ -393,24 +407,11 @@ class Upstreams:
 
     async def _send_stream(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
                            data: bytes | None, on_release: Callable[[], None]) -> LegResponse:
-        refused: list[str] = []
         cfg = pool.cfg
-        for replica in pool.candidates():
-            try:
-                resp = await self._streams.request(
-                    method, request_url(replica, path_qs, headers), headers, data,
-                    connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, on_release=on_release)
-            except ConnectFailed as exc:  # never reached the replica: safe to try the next one
-                pool.mark_down(replica, exc)
-                refused.append(f"{replica.label}: {exc}")
-                continue
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})", cfg.read_timeout) from None
-            pool.mark_up(replica, "it answered a request")
-            return resp
-        if not pool.replicas:
-            raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")
-        raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
+        return await self._first_reached(pool, lambda replica: self._streams.request(
+            method, request_url(replica, path_qs, headers), headers, data,
+            connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, on_release=on_release,
+        ), cfg.read_timeout)
 
     @contextlib.asynccontextmanager
     async def websocket(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
@@ -432,25 +433,11 @@ class Upstreams:
 
     async def _ws_connect(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
                           protocols: list[str]) -> aiohttp.ClientWebSocketResponse:
-        assert self._session is not None
-        refused: list[str] = []
-        for replica in pool.candidates():
-            try:
-                ws = await self._session.ws_connect(
-                    request_url(replica, path_qs, headers), headers=headers, protocols=protocols,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=0)
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-                pool.mark_down(replica, exc)
-                refused.append(f"{replica.label}: {exc.__class__.__name__}")
-                continue
-            except aiohttp.WSServerHandshakeError:
-                pool.mark_up(replica, "it answered a request")
-                raise
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-                raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})") from None
-            pool.mark_up(replica, "it answered a request")
-            return ws
-        raise UpstreamUnreachable(f"upstream '{pool.name}' unreachable: {'; '.join(refused)}")
+        session = self._session
+        assert session is not None
+        return await self._first_reached(pool, lambda replica: session.ws_connect(
+            request_url(replica, path_qs, headers), headers=headers, protocols=protocols,
+            timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=0))
 
     async def _health_loop(self, pool: Pool) -> None:
         h = pool.cfg.health
