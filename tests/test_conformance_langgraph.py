@@ -10,6 +10,7 @@ events as the Python one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -92,6 +93,19 @@ async def _http_status(coro: Any) -> int:
     return 200
 
 
+async def _until_it_ticks(c: Any, tid: str, run_id: str) -> None:
+    """Return once the run's graph has written its first tick.
+
+    The server fills a run's stored kwargs (config, metadata) when a worker takes the run up. A
+    fixed sleep before cancelling raced that under load: one side's run was cancelled still queued
+    and listed bare kwargs, the other's enriched ones."""
+    async with contextlib.aclosing(c.runs.join_stream(tid, run_id)) as parts:
+        async for part in parts:
+            if part.event == "custom":
+                return
+    raise AssertionError("the run ended before its first tick")
+
+
 # --- the shared scenario --------------------------------------------------------------------------
 
 async def scenario(url: str) -> dict[str, Any]:
@@ -121,7 +135,7 @@ async def scenario(url: str) -> dict[str, Any]:
 
     # A long run cancelled while it runs.
     r_long = await c.runs.create(tid, "ticker", input={"n": 200, "delay": 0.05}, stream_mode=TICKER_MODES)
-    await asyncio.sleep(0.8)
+    await _until_it_ticks(c, tid, r_long["run_id"])
     await c.runs.cancel(tid, r_long["run_id"], wait=True)
     out["runs.cancel -> get"] = (await c.runs.get(tid, r_long["run_id"]))["status"]
 
