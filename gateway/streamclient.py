@@ -22,7 +22,7 @@ import base64
 import contextlib
 import functools
 import ssl
-from typing import AsyncIterator, Callable, Iterator, Literal, Mapping
+from typing import AsyncIterator, Callable, Iterator, Literal, Mapping, cast
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -94,8 +94,9 @@ class LegConnection(asyncio.Protocol):
     # --- asyncio.Protocol --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's TCP transport has a Transport's methods but is
+        # not a subclass of asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
