@@ -53,6 +53,12 @@ def type_histogram() -> tuple[Counter[str], Counter[str]]:
             sizes[name] += sys.getsizeof(o)
         except TypeError:
             pass
+        if t.__dictoffset__ and isinstance(t.__module__, str) and t.__module__.startswith(("gateway", "aiohttp", "asyncio")):
+            # An instance __dict__ is a dict of its own: name its owner (a class without __slots__).
+            d = getattr(o, "__dict__", None)
+            if type(d) is dict:
+                counts[f"builtins.dict (the __dict__ of a {name})"] += 1
+                sizes[f"builtins.dict (the __dict__ of a {name})"] += sys.getsizeof(d)
     return counts, sizes
 
 
@@ -145,8 +151,9 @@ def analyse(label: str, n: int, before: Any, after: Any, top: int) -> list[str]:
     rows = sorted(((c1[k] - c0[k], z1[k] - z0[k], k) for k in names), key=lambda r: -r[1])
     for dc, dz, k in rows[:top]:
         out.append(f"| {dc / n:.2f} | {dz / n:,.0f} | {k} |")
-    total_c = sum(c1.values()) - sum(c0.values())
-    total_z = sum(z1.values()) - sum(z0.values())
+    own = [k for k in names if "(the __dict__ of" not in k]  # those dicts are in builtins.dict already
+    total_c = sum(c1[k] - c0[k] for k in own)
+    total_z = sum(z1[k] - z0[k] for k in own)
     out += ["", f"gc-tracked objects: {total_c / n:+.1f} per stream, {total_z / n / 1024:+.1f} KiB "
             "(getsizeof, shallow; bytes, str and untracked tuples not included)", ""]
     return out
