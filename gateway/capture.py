@@ -76,7 +76,7 @@ def rejoin_delay(exc: BaseException, failures: int, cfg: Streams, can_rejoin: bo
     return float(cfg.reattach_backoff * 2 ** (failures - 1))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)  # one per live stream: no instance dict
 class Ingest:
     """The live capture of one upstream stream."""
 

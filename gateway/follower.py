@@ -64,6 +64,9 @@ class Follower:
     on the way, a capture begun again), is queued and handled by the task exactly as before.
     """
 
+    # One per client of a stream, idle ones for hours: no instance dict.
+    __slots__ = ("source", "key", "pos", "_stopped", "_finished", "_express", "feed")
+
     def __init__(self, source: Source, key: str, after: int | None) -> None:
         self.source = source
         self.key = key
@@ -118,8 +121,17 @@ class Follower:
                 yield page
             if meta.finished or (not meta.open and meta.endless):
                 return
-            async for batch in self._live():
-                yield batch
+            # The live tail, in this generator rather than one more around _follow: an idle
+            # client waits here for hours, and each async generator costs it ~0.4 KiB.
+            feed = self.feed
+            assert feed is not None
+            if self._express is not None:
+                feed.express = self._take  # the feed offers a batch only while this task waits on it
+            try:
+                async for batch in self._follow(feed):
+                    yield batch
+            finally:
+                feed.express = None
         finally:
             self.close()
 
@@ -159,17 +171,6 @@ class Follower:
         async for page in self._replay(meta.head):
             yield page
         self._finished = meta.finished
-
-    async def _live(self) -> AsyncIterator[Page]:
-        feed = self.feed
-        assert feed is not None and self.pos is not None
-        if self._express is not None:
-            feed.express = self._take  # the feed offers a batch only while this task waits on it
-        try:
-            async for page in self._follow(feed):
-                yield page
-        finally:
-            feed.express = None
 
     async def _follow(self, feed: Feed) -> AsyncIterator[Page]:
         assert self.pos is not None
