@@ -22,8 +22,11 @@ import lmdb
 import pytest
 from prometheus_client import CollectorRegistry
 
+from gateway import eventlog
 from gateway.app import Gateway, Server
-from gateway.config import build_config
+from gateway.config import Storage, build_config
+from gateway.eventlog import lmdb as lmdb_log
+from gateway.eventlog.base import StorageError, StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.sse import read_events, read_until_cut
@@ -93,6 +96,54 @@ async def test_full_disk_cuts_clients_says_so_and_recovers_when_space_returns(
     assert customs(seen + rest) == list(range(n)), "the re-joined upstream filled in what could not be stored"
     assert_ids_increase(seen + rest)
     assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+
+
+async def test_a_full_disk_is_not_taken_for_recovered_while_the_write_that_failed_would_fail_again(
+        small_fs: Path) -> None:
+    # A failed commit leaves the file's pages it wrote before the disk filled; a small probe
+    # written over them succeeded on a disk still full, so the gateway said it had recovered
+    # (readiness back to 200, captures resumed) and failed again at the next commit, once a second.
+    log = eventlog.open_log(Storage(path=small_fs / "data", map_size=64 << 20))
+    await log.open()
+    try:
+        key = "default/run/r1"
+        await log.begin(StreamMeta(key=key, kind="run", upstream="default", path="/threads/t/runs/r1"))
+        filler = fill(small_fs, leave=2 << 20)
+        body = b"event: custom\ndata: " + b"x" * (256 << 10) + b"\n\n"
+        with pytest.raises(StorageError):
+            await log.submit(key, [(body, None)] * 16)  # 4 MiB: twice what is free
+        assert log.failure is not None
+        await asyncio.sleep(lmdb_log.PROBE_INTERVAL * 3.5)  # three probes, on a disk as full as it was
+        assert log.failure is not None, "the disk is as full as when the write failed"
+        filler.unlink()
+        async with asyncio.timeout(10):
+            await log.wait_healthy()
+        await log.begin(StreamMeta(key=key, kind="run", upstream="default", path="/threads/t/runs/r1"))
+        assert len(await log.submit(key, [(body, None)] * 16)) == 16  # the write that failed fits now
+    finally:
+        await log.close()
+
+
+async def test_a_commit_that_wrote_nothing_is_not_taken_for_storage_recovered(small_fs: Path) -> None:
+    # The chunks a capture had in flight behind a failed commit are refused (their stream stopped
+    # at the failure) and their group commits nothing. That empty commit was taken for storage
+    # back: readiness went to 200 and captures resumed on a disk still full.
+    log = eventlog.open_log(Storage(path=small_fs / "data", map_size=64 << 20))
+    await log.open()
+    try:
+        key = "default/run/r1"
+        await log.begin(StreamMeta(key=key, kind="run", upstream="default", path="/threads/t/runs/r1"))
+        fill(small_fs, leave=2 << 20)
+        body = b"event: custom\ndata: " + b"x" * (256 << 10) + b"\n\n"
+        first = log.submit(key, [(body, None)] * 16)  # 4 MiB: twice what is free
+        await asyncio.sleep(0)  # handed over: the next chunk waits for the next group
+        second = log.submit(key, [(b"event: custom\ndata: {}\n\n", None)])
+        for fut in (first, second):
+            with pytest.raises(StorageError):
+                await fut
+        assert log.failure is not None, "nothing was written since the failure"
+    finally:
+        await log.close()
 
 
 # --- a damaged record met during a replay -------------------------------------------------------------

@@ -84,6 +84,16 @@ _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events
 # While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
 PROBE_INTERVAL = 1.0
 _PROBE_BYTES = 1 << 20
+_PROBE_MAX_BYTES = 64 << 20
+
+
+def _probe_size(group: list[_Batch]) -> int:
+    """How much the storage probe writes after ``group`` failed to commit: at least what the group
+    tried to write (bounded). A failed commit leaves the pages it wrote before the disk filled
+    allocated in the file; a smaller probe fits in them on a disk still full, and the log would
+    say it recovered only to fail again at its next commit."""
+    tried = sum(len(k) + len(v) for b in group for k, v in b.events)
+    return max(_PROBE_BYTES, min(2 * tried, _PROBE_MAX_BYTES))
 # The writer holds the loop still while it puts a group (LmdbEventLog._loop_held): it waits this
 # long for the loop to get to it, and the loop waits at most this long for the puts.
 _LOOP_PARK_WAIT = 0.25
@@ -535,12 +545,13 @@ class LmdbEventLog(EventLog):
         q = self._queue
         broken: set[str] = set()  # writer side: batches of these streams are refused until revived
         failing = False
+        probe_bytes = _PROBE_BYTES
         stopping = False
         while not stopping:
             try:
                 item = q.get(timeout=PROBE_INTERVAL) if failing else q.get()
             except queue.Empty:
-                failing = not self._probe()
+                failing = not self._probe(probe_bytes)
                 continue
             group: list[_Batch] = []
             if item is None:
@@ -567,9 +578,15 @@ class LmdbEventLog(EventLog):
             except BaseException as exc:  # reported to every waiter; the thread lives on
                 if not failing:
                     log.error("event log commit failed: %s", exc)
+                    probe_bytes = _probe_size(group)
                 error = exc
                 broken.update(b.key for b in group if b.key is not None)
-            failing = error is not None
+            if error is not None:
+                failing = True
+            elif len(refused) < len(group):
+                failing = False  # something was written: storage takes writes again
+            # else: every batch was refused (streams stopped at a failure), nothing was written, and
+            # an empty commit says nothing about the disk: failing stays as it was.
             self._report(group, refused, fenced, error, time.perf_counter() - started, recovered=not failing)
 
     def _report(self, group: list[_Batch], refused: set[int], fenced: set[int], error: BaseException | None,
@@ -710,12 +727,12 @@ class LmdbEventLog(EventLog):
             txn.cursor(db=self._events_db).putmulti(puts, dupdata=False, overwrite=True)
             puts.clear()
 
-    def _probe(self) -> bool:
-        """A real write of some size, undone at once: True when storage takes writes again."""
+    def _probe(self, nbytes: int) -> bool:
+        """A real write of ``nbytes``, undone at once: True when storage takes writes again."""
         assert self._env is not None
         try:
             with self._env.begin(write=True) as txn:
-                txn.put(_PROBE_KEY, b"\0" * _PROBE_BYTES, db=self._meta_db)
+                txn.put(_PROBE_KEY, b"\0" * nbytes, db=self._meta_db)
             with self._env.begin(write=True) as txn:
                 txn.delete(_PROBE_KEY, db=self._meta_db)
         except lmdb.MapFullError:
