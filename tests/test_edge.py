@@ -296,3 +296,16 @@ async def test_a_request_line_without_a_version_gets_an_http_1_1_400(gateway: Ru
     raw = await raw_request(gateway.url, b"GET /ok\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 400 "), raw[:60]
     assert orjson.loads(status_and_body(raw)[1])["detail"].startswith("malformed HTTP request")
+
+
+async def test_pipelined_requests_on_one_connection_are_answered_in_order(gateway: RunningGateway) -> None:
+    # HTTP/1.1 pipelining: several requests in one write, one answer each, in the order sent. (The
+    # connection keeps its parsed requests in a list of its own rather than aiohttp's deque.)
+    one = b"GET /threads/%s HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    raw = await raw_request(gateway.url, one % b"t-1" + one % b"t-2" + one % b"t-3" + last)
+    answers = raw.split(b"HTTP/1.1 ")[1:]
+    assert len(answers) == 4, raw[:400]
+    for n, answer in zip((b"t-1", b"t-2", b"t-3"), answers):
+        assert n in answer, answer[:300]  # the upstream names the thread it did not find
+    assert answers[3].startswith(b"200 "), answers[3][:100]

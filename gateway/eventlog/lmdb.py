@@ -86,14 +86,6 @@ PROBE_INTERVAL = 1.0
 _PROBE_BYTES = 1 << 20
 _PROBE_MAX_BYTES = 64 << 20
 
-
-def _probe_size(group: list[_Batch]) -> int:
-    """How much the storage probe writes after ``group`` failed to commit: at least what the group
-    tried to write (bounded). A failed commit leaves the pages it wrote before the disk filled
-    allocated in the file; a smaller probe fits in them on a disk still full, and the log would
-    say it recovered only to fail again at its next commit."""
-    tried = sum(len(k) + len(v) for b in group for k, v in b.events)
-    return max(_PROBE_BYTES, min(2 * tried, _PROBE_MAX_BYTES))
 # The writer holds the loop still while it puts a group (LmdbEventLog._loop_held): it waits this
 # long for the loop to get to it, and the loop waits at most this long for the puts.
 _LOOP_PARK_WAIT = 0.25
@@ -125,6 +117,15 @@ class _Batch:
     future: asyncio.Future[Any] | None = None
     settled: Settled | None = None  # told instead of ``future`` (submit_then): no future per chunk
     hot: bool = False  # events only: the stream's metadata changes only in its counters
+
+
+def _probe_size(group: list[_Batch]) -> int:
+    """How much the storage probe writes after ``group`` failed to commit: at least what the group
+    tried to write (bounded). A failed commit leaves the pages it wrote before the disk filled
+    allocated in the file; a smaller probe fits in them on a disk still full, and the log would
+    say it recovered only to fail again at its next commit."""
+    tried = sum(len(k) + len(v) for b in group for k, v in b.events)
+    return max(_PROBE_BYTES, min(2 * tried, _PROBE_MAX_BYTES))
 
 
 class _RWLock:
