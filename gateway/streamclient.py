@@ -34,8 +34,9 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_CHUNK_LINE = 1024
 # Bytes a reader (not a capture) may have waiting before the socket is paused.
 READ_HIGH_WATER = 256 * 1024
-# An idle kept-alive connection is closed after this long: under uvicorn's 5 s, so a request is not
-# sent on a connection the upstream is closing at that moment (a POST is never sent twice).
+# An idle kept-alive upstream connection is closed after this long, on this client and on the
+# forwarding one (gateway.upstream): under uvicorn's 5 s, so a request is not sent on a connection
+# the upstream is closing at that moment (a POST is never sent twice: it would meet a reset, a 502).
 KEEPALIVE_SECONDS = 4.0
 # Idle connections kept per origin; more are closed when released.
 MAX_IDLE_PER_ORIGIN = 1024

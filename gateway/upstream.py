@@ -30,7 +30,7 @@ from gateway import config
 from gateway.cors import CorsMemory
 from gateway.errors import GatewayError
 from gateway.sse import SSEProtocolError
-from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
+from gateway.streamclient import KEEPALIVE_SECONDS, ConnectFailed, LegResponse, StreamClient
 
 log = logging.getLogger("gateway.upstream")
 
@@ -295,14 +295,17 @@ class Upstreams:
         self._routes = [("" if r.prefix == "/" else r.prefix, self.pools[r.upstream]) for r in self.cfg.routes]
 
     async def start(self) -> None:
-        # No connector limit: the budgets above are the limits, with bounded waits.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True)
+        # No connector limit: the budgets above are the limits, with bounded waits. Idle connections
+        # go before the upstream's own keep-alive closes them (aiohttp keeps them 15 s by default).
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,
+                                         keepalive_timeout=KEEPALIVE_SECONDS)
         # auto_decompress off: bodies pass through byte-for-byte, Content-Encoding and all.
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                               cookie_jar=aiohttp.DummyCookieJar())
         replicas = sum(len(p.replicas) for p in self.pools.values())
         self._health_session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=2 * replicas, enable_cleanup_closed=True),
+            connector=aiohttp.TCPConnector(limit=2 * replicas, enable_cleanup_closed=True,
+                                           keepalive_timeout=KEEPALIVE_SECONDS),
             cookie_jar=aiohttp.DummyCookieJar())
         for pool in self.pools.values():
             self._tasks.append(asyncio.create_task(self._health_loop(pool), name=f"health:{pool.name}"))
