@@ -264,8 +264,8 @@ async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_re
         make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     # uvicorn (LangGraph's server) closes a connection idle for 5 s. A request sent on it as the
     # server's timer fires meets a reset and no answer: a 502 for a request the upstream never
-    # handled (the fuzz met it: POST /store/namespaces). The server here resets a connection idle for over 4.5 s when the next request
-    # comes on it, which makes that moment certain.
+    # handled (the fuzz met it: POST /store/namespaces). The server here resets a connection idle
+    # for over 4.5 s when the next request comes on it, which makes that moment certain.
     loop = asyncio.get_running_loop()
     answered: list[bytes] = []
 
