@@ -98,6 +98,41 @@ async def test_full_disk_cuts_clients_says_so_and_recovers_when_space_returns(
     assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
 
 
+async def test_full_disk_under_a_real_langgraph_run_cuts_says_so_and_the_rejoin_fills_in(
+        make_gateway: MakeGateway, langgraph_server: Any, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    # The same fault in front of the real server: what the log could not take while the disk was
+    # full comes back through the re-join to LangGraph (its replay buffer, stream_resumable).
+    raw = gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                         storage={"path": str(small_fs / "data"), "map_size": "16MiB"},
+                         streams={"reattach_backoff": "50ms"})
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    n = 400
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream", json={
+        "assistant_id": "ticker", "input": {"n": n, "delay": 0.01}, "stream_mode": ["custom"]})
+    assert resp.status == 200
+    loc = gw.url + resp.headers["Location"]
+    seen = await read_events(resp, limit=5)
+    filler = fill(small_fs, leave=0)
+    more, was_cut = await read_until_cut(resp)
+    seen += more
+    assert was_cut, "a stream whose events cannot be stored must not end cleanly"
+    async with http.get(gw.admin_url + "/readyz") as r:
+        assert r.status == 503
+    filler.unlink()
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert r.status == 200
+    rest = await join(http, loc, seen[-1].id)
+    assert customs(seen + rest) == list(range(n)), "the re-join to LangGraph filled in what could not be stored"
+    assert_ids_increase(seen + rest)
+    assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+
+
 async def test_a_full_disk_is_not_taken_for_recovered_while_the_write_that_failed_would_fail_again(
         small_fs: Path) -> None:
     # A failed commit leaves the file's pages it wrote before the disk filled; a small probe
