@@ -147,15 +147,13 @@ class LegConnection(asyncio.Protocol):
             end = self._buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(self._buf) > MAX_HEAD_BYTES:
-                    self._fail(_failure(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes"))
-                    self.close()
+                    self._abort(_failure(f"the upstream's response head is over {MAX_HEAD_BYTES} bytes"))
                 return
             head, self._buf = self._buf[:end], self._buf[end + 4:]
             try:
                 status, reason, headers, version11 = _parse(head)
             except ValueError as exc:
-                self._fail(_failure(f"malformed response head from the upstream ({exc})"))
-                self.close()
+                self._abort(_failure(f"malformed response head from the upstream ({exc})"))
                 return
             if 100 <= status < 200 and status != 101:
                 continue  # informational (100 Continue, 103 Early Hints): the answer follows
@@ -196,8 +194,7 @@ class LegConnection(asyncio.Protocol):
             try:
                 payload, ended = self._dechunk(data)
             except ValueError as exc:
-                self._fail(_failure(f"malformed chunked body from the upstream ({exc})"))
-                self.close()
+                self._abort(_failure(f"malformed chunked body from the upstream ({exc})"))
                 return
         elif framing == "length":
             payload = data[:self._left]
@@ -265,8 +262,7 @@ class LegConnection(asyncio.Protocol):
             try:
                 sink(payload)
             except Exception as exc:  # the capture refused it (storage failed): the leg ends with that
-                self._fail(exc)
-                self.close()
+                self._abort(exc)
             return
         self._queued.append(payload)
         self._queued_bytes += len(payload)
@@ -280,6 +276,11 @@ class LegConnection(asyncio.Protocol):
         self._wake()
         if self.ended is not None and not self.ended.done():
             self.ended.set_result(None)
+
+    def _abort(self, exc: BaseException) -> None:
+        """The answer failed with ``exc`` and the connection cannot carry anything more."""
+        self._fail(exc)
+        self.close()
 
     def _fail(self, exc: BaseException) -> None:
         if self.exc is not None or self._phase == "done":
@@ -318,8 +319,7 @@ class LegConnection(asyncio.Protocol):
         if now < due:
             self._timer = self._loop.call_at(due, self._check_idle)
             return
-        self._fail(aiohttp.SocketTimeoutError(f"the upstream sent nothing for {self._timeout:g} s"))
-        self.close()
+        self._abort(aiohttp.SocketTimeoutError(f"the upstream sent nothing for {self._timeout:g} s"))
 
     def _stop_timer(self) -> None:
         if self._timer is not None:

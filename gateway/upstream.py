@@ -109,6 +109,14 @@ def as_upstream_error(exc: BaseException, who: str, timeout: float | None = None
 _NOT_REACHED = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, ConnectFailed)
 R = TypeVar("R")
 
+
+class _Headed(Protocol):
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+
+H = TypeVar("H", bound=_Headed)
+
 Verdict = Literal["retry", "permanent", "refused"]
 
 
@@ -343,18 +351,26 @@ class Upstreams:
         """
         assert self._session is not None, "upstreams not started"
         budget = pool.budgets[kind]
-        await budget.acquire()
-        try:
-            resp = await self._send(pool, method, path_qs, headers, data, timeout or pool.timeout)
-        except BaseException:
-            budget.release()
-            raise
-        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
+        resp = await self._budgeted(pool, budget, headers, lambda: self._send(
+            pool, method, path_qs, headers, data, timeout or pool.timeout))
         conn = resp.connection
         if conn is None:  # nothing left to read: the connection is back in the pool already
             budget.release()
         else:
             conn.add_callback(budget.release)  # called once, when the response lets go of it
+        return resp
+
+    async def _budgeted(self, pool: Pool, budget: Budget, headers: Mapping[str, str],
+                        send: Callable[[], Awaitable[H]]) -> H:
+        """``send`` within a slot of ``budget`` (given back if it fails; the caller ties it to the
+        answer otherwise), and the upstream's CORS headers learnt from what it answered."""
+        await budget.acquire()
+        try:
+            resp = await send()
+        except BaseException:
+            budget.release()
+            raise
+        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
         return resp
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
@@ -399,14 +415,8 @@ class Upstreams:
         The same rules as ``send``: the pool's budget for streams, the next replica when one
         refuses the connection, the pool's connect and read timeouts, the same errors."""
         budget = pool.budgets["stream"]
-        await budget.acquire()
-        try:
-            resp = await self._send_stream(pool, method, path_qs, headers, data, budget.release)
-        except BaseException:
-            budget.release()
-            raise
-        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
-        return resp
+        return await self._budgeted(pool, budget, headers, lambda: self._send_stream(
+            pool, method, path_qs, headers, data, budget.release))
 
     async def _send_stream(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
                            data: bytes | None, on_release: Callable[[], None]) -> LegResponse:
