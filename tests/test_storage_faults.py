@@ -29,7 +29,7 @@ from gateway.eventlog import lmdb as lmdb_log
 from gateway.eventlog.base import StorageError, StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
-from tests.support.sse import read_events, read_until_cut
+from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
@@ -64,6 +64,22 @@ def fill(fs: Path, leave: int) -> Path:
     return filler
 
 
+async def _recovers_and_fills_in(http: aiohttp.ClientSession, gw: RunningGateway, loc: str, seen: list[Ev],
+                                 n: int) -> None:
+    """Space is back: readiness returns by itself, and a resume after what the cut client saw gets
+    the rest of the run's ``n`` events (the re-joined upstream filled in what could not be stored)."""
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert r.status == 200
+    rest = await join(http, loc, seen[-1].id)
+    assert customs(seen + rest) == list(range(n)), "the re-joined upstream filled in what could not be stored"
+    assert_ids_increase(seen + rest)
+    assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+
+
 async def test_full_disk_cuts_clients_says_so_and_recovers_when_space_returns(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
@@ -86,16 +102,7 @@ async def test_full_disk_cuts_clients_says_so_and_recovers_when_space_returns(
         assert r.status == 503 and r.content_type == "application/json"
         assert "storage" in (await r.json())["detail"]
     filler.unlink()  # space comes back: the gateway recovers by itself
-    for _ in range(100):
-        async with http.get(gw.admin_url + "/readyz") as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.1)
-    assert r.status == 200
-    rest = await join(http, loc, seen[-1].id)
-    assert customs(seen + rest) == list(range(n)), "the re-joined upstream filled in what could not be stored"
-    assert_ids_increase(seen + rest)
-    assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+    await _recovers_and_fills_in(http, gw, loc, seen, n)
 
 
 async def test_full_disk_under_a_real_langgraph_run_cuts_says_so_and_the_rejoin_fills_in(
@@ -121,16 +128,7 @@ async def test_full_disk_under_a_real_langgraph_run_cuts_says_so_and_the_rejoin_
     async with http.get(gw.admin_url + "/readyz") as r:
         assert r.status == 503
     filler.unlink()
-    for _ in range(100):
-        async with http.get(gw.admin_url + "/readyz") as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.1)
-    assert r.status == 200
-    rest = await join(http, loc, seen[-1].id)
-    assert customs(seen + rest) == list(range(n)), "the re-join to LangGraph filled in what could not be stored"
-    assert_ids_increase(seen + rest)
-    assert await join(http, loc, "-1") == seen + rest, "the log holds exactly what clients were sent"
+    await _recovers_and_fills_in(http, gw, loc, seen, n)
 
 
 async def test_a_full_disk_is_not_taken_for_recovered_while_the_write_that_failed_would_fail_again(
