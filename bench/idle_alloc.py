@@ -30,6 +30,7 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
 from collections import Counter, defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -48,6 +49,9 @@ def type_histogram() -> tuple[Counter[str], Counter[str]]:
     for o in gc.get_objects():
         t = type(o)
         name = f"{t.__module__}.{t.__qualname__}"
+        detail = _whose(o)
+        if detail:  # a frame, closure or task held per stream: say whose, it is what to cut
+            name = f"{name} ({detail})"
         counts[name] += 1
         try:
             sizes[name] += sys.getsizeof(o)
@@ -60,6 +64,17 @@ def type_histogram() -> tuple[Counter[str], Counter[str]]:
                 counts[f"builtins.dict (the __dict__ of a {name})"] += 1
                 sizes[f"builtins.dict (the __dict__ of a {name})"] += sys.getsizeof(d)
     return counts, sizes
+
+
+def _whose(o: Any) -> str:
+    """The code a coroutine, generator, function, bound method or task belongs to."""
+    if isinstance(o, (types.CoroutineType, types.AsyncGeneratorType, types.GeneratorType, types.FunctionType)):
+        return str(o.__qualname__)
+    if isinstance(o, types.MethodType):
+        return str(getattr(o.__func__, "__qualname__", ""))
+    if isinstance(o, asyncio.Task):
+        return str(getattr(o.get_coro(), "__qualname__", ""))
+    return ""
 
 
 def short(filename: str) -> str:

@@ -23,12 +23,12 @@ from gateway.agentapi import Endpoint
 from gateway.config import Config
 from gateway.cors import exposing_location
 from gateway.errors import NotFound, Unprocessable
-from gateway.responses import error_middleware
+from gateway.responses import error_middleware, failed
 from gateway.eventlog import EventLog, StreamMeta, open_log
 from gateway.hub import Hub
 from gateway.legs import Legs
-from gateway.listener import GatewayRunner, guard
-from gateway.logs import AccessLogger, access_middleware
+from gateway.listener import GatewayRunner, refusal
+from gateway.logs import CLIENT_CLOSED, AccessLogger, answered, client_left, client_reset
 from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
@@ -118,33 +118,53 @@ class Gateway:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+    async def serve(self, request: web.Request) -> web.StreamResponse:
+        """Every request of the client listener, start to end, in this one coroutine.
+
+        In order: the refusals (``gateway.listener``), the route, errors as answers
+        (``gateway.responses``), how the request ended for the access log (``gateway.logs``), and
+        the request metric. One coroutine, not three aiohttp middlewares around a handler: an idle
+        stream keeps its whole chain of waiting coroutines for hours, ~0.3 KiB each.
+        """
+        refused = refusal(request)
+        if refused is not None:
+            return answered(request, refused)
+        began = asyncio.get_running_loop().time()
         target = self.upstreams.route(request.rel_url.raw_path)
         status = 500
         try:
-            captured = agentapi.route(request.method, target.path)
-            if captured is None and _is_websocket(request):
-                resp = await self.forwarder.websocket(request, target)
-            elif captured is not None:
-                endpoint, ids = captured
-                resp = await STREAM_HANDLERS[endpoint](self, request, target, ids)
-            else:
-                resp = await self.forwarder.forward(request, target)
-            status = resp.status
-            return resp
+            try:
+                resp = await self._handler(request, target)
+                status = resp.status
+            except (asyncio.CancelledError, ConnectionResetError):
+                raise
+            except Exception as exc:
+                status = getattr(exc, "status", 500)
+                resp = failed(request, exc)
         except asyncio.CancelledError:
-            status = 499  # the client went away (nginx's "client closed request")
+            status = CLIENT_CLOSED
+            client_left(request, began)
             raise
-        except Exception as exc:
-            status = getattr(exc, "status", 500)
-            raise
+        except ConnectionResetError:  # the client left; nothing to answer
+            return client_reset(request)
         finally:
             self.metrics.request_done(target.pool.name, request.method, status)
+        return answered(request, resp)
+
+    def _handler(self, request: web.Request, target: Target) -> Awaitable[web.StreamResponse]:
+        """Which handler answers a request: a captured stream's, a WebSocket's, or the forwarder.
+        It returns the handler's coroutine rather than awaiting it: one coroutine fewer per stream."""
+        captured = agentapi.route(request.method, target.path)
+        if captured is None and _is_websocket(request):
+            return self.forwarder.websocket(request, target)
+        if captured is not None:
+            endpoint, ids = captured
+            return STREAM_HANDLERS[endpoint](self, request, target, ids)
+        return self.forwarder.forward(request, target)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[access_middleware, guard, error_middleware],
-                              client_max_size=self.cfg.streams.max_request_body)
-        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        app = web.Application(client_max_size=self.cfg.streams.max_request_body)  # no middlewares: see serve
+        app.router.add_route("*", "/{tail:.*}", self.serve)
         app.on_shutdown.append(self._end_client_streams)
         app.on_response_prepare.append(self._cors)
         return app

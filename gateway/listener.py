@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
 from gateway.errors import TooManyConnections
-from gateway.responses import Handler, error_response
+from gateway.responses import error_response
 
 log = logging.getLogger("gateway.listener")
 
@@ -169,9 +169,8 @@ _NO_VERSION_RESPONSE = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/
                         + b"\r\nConnection: close\r\n\r\n" + _NO_VERSION)
 
 
-@web.middleware
-async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Requests refused before anything else looks at them.
+def refusal(request: web.Request) -> web.StreamResponse | None:
+    """The answer to a request refused before anything else looks at it; None: not refused.
 
     A connection beyond ``clients.max_connections`` gets a 503 saying so, and is closed.
     A request line without an HTTP version (HTTP/0.9 to aiohttp, which would answer with an
@@ -189,5 +188,5 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
                               "(clients.max_connections); try again later", {"Retry-After": "1"})
         resp.force_close()
         return resp
-    return await handler(request)
+    return None
 

@@ -5,7 +5,7 @@ by ``{id}``: no run or thread id, no query string, so nothing a client put in a
 URL ends up in the log), status, bytes, duration, how the request ended, and for
 streams the stream key and the resume outcome. Header values are never logged.
 aiohttp writes no line for a request whose client hung up (its handler is
-cancelled): ``access_middleware`` writes that one.
+cancelled): ``client_left`` writes that one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 import orjson
 from aiohttp import WSCloseCode, web
@@ -110,35 +110,33 @@ class AccessLogger(AbstractAccessLogger):
 
 
 _ACCESS = logging.getLogger("gateway.access")
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
     """A WebSocket session ended by a close frame (from either side), not by a dropped connection."""
     return ws.close_code not in (None, WSCloseCode.ABNORMAL_CLOSURE)
 
 
-@web.middleware
-async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: marks the requests whose client left, and writes the line aiohttp does not
-    write for a handler cancelled because its client hung up."""
-    began = asyncio.get_running_loop().time()
-    try:
-        resp = await handler(request)
-    except asyncio.CancelledError:
-        started = request.get(STARTED)
-        if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
-            request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
-        request[END] = request.get(END, "client_gone")
-        if _ACCESS.isEnabledFor(logging.INFO):
-            _access(_ACCESS, request, started.status if started else CLIENT_CLOSED,  # bytes: as aiohttp counts
-                    request.writer.output_size if started else 0, asyncio.get_running_loop().time() - began,
-                    _end(request))
-        raise
-    except ConnectionResetError:
-        request[END] = "client_gone"
-        sent = request.get(STARTED)
-        return web.Response(status=CLIENT_CLOSED) if sent is None else sent  # aiohttp logs it
+def client_left(request: web.BaseRequest, began: float) -> None:
+    """A request whose handler was cancelled because its client hung up: aiohttp writes no access
+    line for it, so this does (``began``: the loop's time when the request came in)."""
+    started = request.get(STARTED)
+    if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
+        request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
+    request[END] = request.get(END, "client_gone")
+    if _ACCESS.isEnabledFor(logging.INFO):
+        _access(_ACCESS, request, started.status if started else CLIENT_CLOSED,  # bytes: as aiohttp counts
+                request.writer.output_size if started else 0, asyncio.get_running_loop().time() - began,
+                _end(request))
+
+
+def client_reset(request: web.BaseRequest) -> web.StreamResponse:
+    """What aiohttp logs for a request whose client reset the connection under its handler."""
+    request[END] = "client_gone"
+    sent = request.get(STARTED)
+    return web.Response(status=CLIENT_CLOSED) if sent is None else sent
+
+
+def answered(request: web.BaseRequest, resp: web.StreamResponse) -> web.StreamResponse:
+    """Marks how a request its handler answered ended, for aiohttp's access line; returns ``resp``."""
     if isinstance(resp, web.WebSocketResponse):  # closed either way once it returns: the close says how
         if not _closed_cleanly(resp):
             request[END] = request.get(END, "client_gone")

@@ -131,13 +131,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ConnectionResetError:
         raise  # the client left; nothing to answer
     except Exception as exc:
-        started: web.StreamResponse | None = request.get(STARTED)
-        if started is not None and started.prepared:
-            log.error("%s %s failed after its response started; connection cut: %s",
-                      request.method, request.path, describe(exc), exc_info=not isinstance(exc, GatewayError))
-            cut(request, "error")
-            return started  # already sent: aiohttp's end-of-response on a cut transport is a no-op
-        return _as_response(request, exc)
+        return failed(request, exc)
+
+
+def failed(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The answer to a request whose handler raised ``exc``: an error in the API's shape, or, once
+    the response has started, the started response on a connection cut here."""
+    started: web.StreamResponse | None = request.get(STARTED)
+    if started is not None and started.prepared:
+        log.error("%s %s failed after its response started; connection cut: %s",
+                  request.method, request.path, describe(exc), exc_info=not isinstance(exc, GatewayError))
+        cut(request, "error")
+        return started  # already sent: aiohttp's end-of-response on a cut transport is a no-op
+    return _as_response(request, exc)
 
 
 def _as_response(request: web.Request, exc: Exception) -> web.StreamResponse:
