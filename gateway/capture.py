@@ -29,7 +29,7 @@ from gateway.agentapi import Cursor
 from gateway.config import Streams
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
-from gateway.eventlog.base import ClaimLost, stop_tasks
+from gateway.eventlog.base import ClaimLost, Settled, stop_tasks
 from gateway.legs import Legs
 from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
@@ -97,6 +97,38 @@ class Ingest:
     @property
     def key(self) -> str:
         return self.meta.key
+
+
+class _Copy:
+    """What one leg's reads go to: each read's events, parsed, filtered by the seam, submitted to
+    the log, without a task step per read. An object with slots, not a closure: a leg keeps it for
+    hours on an idle stream, and a closure holds a cell per variable it uses."""
+
+    __slots__ = ("log", "ing", "parser", "seam", "resp", "committed", "submitted")
+
+    def __init__(self, log: EventLog, ing: Ingest, parser: Parser, seam: Seam | SessionSeam | None,
+                 resp: LegResponse, committed: Settled) -> None:
+        self.log, self.ing, self.parser, self.seam, self.resp = log, ing, parser, seam, resp
+        self.committed = committed
+        self.submitted = False  # some of the leg's events went to the log
+
+    def __call__(self, data: bytes) -> None:
+        parser, ing = self.parser, self.ing
+        events = parser.feed(data)
+        if parser.comments:
+            parser.comments = 0
+            if not events:
+                self.log.beat(ing.key)
+        if self.seam is not None and events:
+            events = self.seam.filter(events)
+        if events:
+            if ing.failed is not None:
+                raise StorageError(str(ing.failed))
+            self.log.submit_then(ing.key, events, self.committed)
+            self.submitted = True
+            ing.inflight += 1
+            if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
+                ing.resume = self.resp.pause()  # the log is behind: stop reading until it catches up
 
 
 class Captures:
@@ -375,31 +407,9 @@ class Captures:
         the commit callback (in order), while the next chunk is already parsed.
         Every commit of the leg is settled before this returns or raises.
         """
-        parser = Parser(self.cfg.max_event_bytes)
-        key = ing.key
-        submitted = False
-        committed = partial(self._committed, ing)
-
-        def chunk(data: bytes) -> None:  # what one read of the socket brought: no task step per chunk
-            nonlocal submitted
-            events = parser.feed(data)
-            if parser.comments:
-                parser.comments = 0
-                if not events:
-                    self.log.beat(key)
-            if seam is not None and events:
-                events = seam.filter(events)
-            if events:
-                if ing.failed is not None:
-                    raise StorageError(str(ing.failed))
-                self.log.submit_then(key, events, committed)
-                submitted = True
-                ing.inflight += 1
-                if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
-                    ing.resume = resp.pause()  # the log is behind: stop reading until it catches up
-
+        copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing))
         try:
-            with resp.attach(chunk):
+            with resp.attach(copy):
                 await resp.end()
         except asyncio.CancelledError:
             raise
@@ -409,7 +419,7 @@ class Captures:
             await _settle(ing)
             if ing.failed is not None:
                 raise StorageError(str(ing.failed)) from exc
-            if submitted and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
+            if copy.submitted and isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError)):
                 raise _Progress(exc) from exc
             raise
         finally:
@@ -418,8 +428,8 @@ class Captures:
         await _settle(ing)  # everything of this leg is committed before the stream may end
         if ing.failed is not None:
             raise StorageError(str(ing.failed))
-        if parser.pending():
-            raise _Progress("upstream stream ended mid-event") if submitted else UpstreamBroke(
+        if copy.parser.pending():
+            raise _Progress("upstream stream ended mid-event") if copy.submitted else UpstreamBroke(
                 "upstream stream ended mid-event")
 
     def _committed(self, ing: Ingest, outcome: list[Entry] | BaseException) -> None:

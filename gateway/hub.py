@@ -14,6 +14,7 @@ import asyncio
 import logging
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 from multidict import CIMultiDict
@@ -89,6 +90,7 @@ class Hub:
         self.takeover = TakeOver(log, self.captures, self.presence, self.metrics)
         self.replay = ReplayPages(log.read, cfg.replay_cache_bytes, self.metrics.replayed)
         self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._overflowed = partial(self.metrics.overflowed, 1)  # one for every feed, not one each
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -248,8 +250,7 @@ class Hub:
         return await self.replay.page(key, after, upto, limit)
 
     def subscribe(self, key: str) -> Feed:
-        return self.log.subscribe(key, self.cfg.subscriber_buffer, self.cfg.subscriber_buffer_bytes,
-                                  lambda: self.metrics.overflowed(1))
+        return self.log.subscribe(key, self.cfg.subscriber_buffer, self.cfg.subscriber_buffer_bytes, self._overflowed)
 
     def joined(self, follower: Follower) -> None:
         self.presence.joined(follower)

@@ -93,21 +93,32 @@ def express_writer(request: web.Request, framer: Callable[[list[Entry]], bytes])
     writer, transport = request.writer, request.transport
     if transport is None or not isinstance(writer, StreamWriter):
         return None
-    chunked = writer.chunked
+    return _ExpressWriter(transport, writer, framer)
 
-    def write(entries: list[Entry]) -> bool:
+
+class _ExpressWriter:
+    """``express_writer``'s writer: an object with slots, not a closure (a function and a cell per
+    variable it holds), as a stream keeps it for hours."""
+
+    __slots__ = ("transport", "writer", "framer", "chunked")
+
+    def __init__(self, transport: asyncio.Transport, writer: StreamWriter,
+                 framer: Callable[[list[Entry]], bytes]) -> None:
+        self.transport, self.writer, self.framer, self.chunked = transport, writer, framer, writer.chunked
+
+    def __call__(self, entries: list[Entry]) -> bool:
+        transport = self.transport
         if transport.is_closing() or transport.get_write_buffer_size() >= _UNBLOCKING_WRITE:
             return False  # refused before framing: the task frames what it is handed anyway
-        data = framer(entries)
+        data = self.framer(entries)
         # What send_body writes without a deadline, and nothing else: a bigger batch goes in slices
         # that end on event boundaries. An empty chunk would end the body.
         if not data or transport.get_write_buffer_size() + len(data) > _UNBLOCKING_WRITE:
             return False
-        wire = b"%x\r\n%s\r\n" % (len(data), data) if chunked else data
+        wire = b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
         transport.write(wire)
-        writer.output_size += len(wire)
+        self.writer.output_size += len(wire)
         return True
-    return write
 
 
 def _slice_end(data: bytes, start: int, boundary: bytes | None) -> int:

@@ -22,7 +22,7 @@ import base64
 import contextlib
 import functools
 import ssl
-from typing import AsyncIterator, Callable, Iterator, Literal, Mapping, cast
+from typing import AsyncIterator, Callable, Literal, Mapping, cast
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -46,6 +46,7 @@ Pauser = Literal["capture", "reader"]  # the capture (its log is behind), or a r
 PAUSED_BY: dict[Pauser, int] = {"capture": 1, "reader": 2}
 Sink = Callable[[bytes], None]
 Origin = tuple[str, int, bool]  # host, port, TLS
+Head = tuple[int, str, CIMultiDict[str], bytes]  # status, reason, headers, and the head as received
 
 
 class ConnectFailed(Exception):
@@ -75,7 +76,7 @@ class LegConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self._buf = b""
         self._phase: Literal["idle", "head", "body", "done"] = "idle"
-        self._head: asyncio.Future[tuple[int, str, CIMultiDict[str], bool]] | None = None
+        self._head: asyncio.Future[Head] | None = None
         self._framing: Framing = "none"
         self._left = 0  # bytes left of the current chunk, or of a sized body
         self._crlf = False  # a chunk's closing CRLF is due
@@ -128,7 +129,7 @@ class LegConnection(asyncio.Protocol):
 
     # --- the request --------------------------------------------------------------------------
 
-    def send(self, request: bytes, timeout: float) -> asyncio.Future[tuple[int, str, CIMultiDict[str], bool]]:
+    def send(self, request: bytes, timeout: float) -> asyncio.Future[Head]:
         assert self.transport is not None
         self._reset()
         self._phase = "head"
@@ -160,7 +161,7 @@ class LegConnection(asyncio.Protocol):
             self._start_body(status, headers, version11)
             assert self._head is not None
             if not self._head.done():
-                self._head.set_result((status, reason, headers, version11))
+                self._head.set_result((status, reason, headers, bytes(head)))
             rest, self._buf = self._buf, b""
             if rest:
                 self.data_received(rest)  # the body's first bytes (or bytes past an empty answer)
@@ -437,31 +438,49 @@ class LegBody:
 class LegResponse:
     """An upstream's answer on a streaming leg, its head read."""
 
-    __slots__ = ("status", "reason", "headers", "content", "_conn", "_on_release", "_released")
+    __slots__ = ("status", "reason", "_headers", "_head", "content", "_conn", "_on_release", "_released")
 
-    def __init__(self, conn: LegConnection, status: int, reason: str, headers: CIMultiDict[str],
+    def __init__(self, conn: LegConnection, status: int, reason: str, headers: CIMultiDict[str], head: bytes,
                  on_release: Callable[[], None]) -> None:
         self.status = status
         self.reason = reason
-        self.headers = CIMultiDictProxy(headers)
+        self._headers: CIMultiDictProxy[str] | None = CIMultiDictProxy(headers)
+        self._head = head  # the head as received: the headers again for a late reader
         self.content = LegBody(conn)
         self._conn = conn
         self._on_release = on_release
         self._released = False
 
-    @contextlib.contextmanager
-    def attach(self, sink: Sink) -> Iterator[None]:
-        """Hand ``sink`` what was queued, then each read's payload as it arrives, until the block
-        ends. A sink that raises ends the leg with that error (``end`` raises it)."""
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The answer's headers. Parsed they take ~1.5 KiB, the head as received a fifth of that: a
+        leg keeps only the latter once its body is being read (``attach``), for hours on an idle
+        stream, and a reader after that (rare) parses it again."""
+        if self._headers is None:
+            return CIMultiDictProxy(_parse(self._head)[2])
+        return self._headers
+
+    def attach(self, sink: Sink) -> LegResponse:
+        """Hand ``sink`` what was queued, then each read's payload as it arrives, until the ``with``
+        block around this ends. A sink that raises ends the leg with that error (``end`` raises it).
+        The response is its own context manager: a generator's would live as long as the leg."""
+        self._headers = None  # see headers
         conn = self._conn
         queued = conn.take()
         conn.sink = sink
         try:
             if queued:
                 conn._deliver(queued)
-            yield
-        finally:
+        except BaseException:
             conn.sink = None
+            raise
+        return self
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        self._conn.sink = None
 
     async def end(self) -> None:
         """Until the body ended; raises what ended it otherwise."""
@@ -531,7 +550,8 @@ class StreamClient:
         while True:
             conn = reused or await self._connect(origin, connect_timeout)
             try:
-                status, reason, parsed, _v11 = await conn.send(data, read_timeout or 0.0)
+                status, reason, parsed, head = await conn.send(data, read_timeout or 0.0)
+                conn._head = None  # its result holds the parsed headers: not for the leg's whole life
             except aiohttp.ServerDisconnectedError:
                 conn.close()
                 # A kept-alive connection the upstream closed as this request went out: a GET is
@@ -543,7 +563,7 @@ class StreamClient:
             except BaseException:
                 conn.close()
                 raise
-            return LegResponse(conn, status, reason, parsed, on_release)
+            return LegResponse(conn, status, reason, parsed, head, on_release)
 
     async def _connect(self, origin: Origin, timeout: float | None) -> LegConnection:
         host, port, tls = origin
