@@ -318,6 +318,7 @@ class StreamHandlers:
         sent_at = 0.0  # when a filtered stream last wrote: it owes its client a heartbeat too
         try:
             await start_response(request, out)
+            out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
             sent_at = loop.time()
             if keep is None and framer is frame and (write := express_writer(request, frame)) is not None:
                 follower.express(write)  # a filtered stream owes heartbeats by time: it stays on the task
