@@ -15,7 +15,7 @@ hub offers, so it depends on nothing else of the hub.
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Callable, Literal, Protocol
 
 from gateway.eventlog import Entry, StreamMeta
 from gateway.eventlog.base import Batch, Feed
@@ -49,6 +49,11 @@ class Source(Protocol):
     def left(self, follower: Follower) -> None: ...
 
 
+# What a follower does once a replay is done: go live (the first catch-up), owe a heartbeat (an idle
+# look at the head), go on with the live tail (after an overflow), end, or send the batch that came
+# after a gap.
+Then = Literal["caught_up", "beat", "live", "end", "batch"]
+
 # Writes committed events to the client at once, without waiting; False when it cannot (the
 # client's buffer is not nearly empty, the connection is closing): the events then go the usual way.
 ExpressWriter = Callable[[list[Entry]], bool]
@@ -59,13 +64,14 @@ class Follower:
 
     With an ``ExpressWriter`` (``express``), a follower caught up with the live tail has each new
     batch written from the commit's own callback instead of queued for its task: on token streams
-    that was a task wake-up, a future and a pass through the async generators per event. Whatever
+    that was a task wake-up, a future and a step of the follower per event. Whatever
     the writer refuses, or whatever does not follow on from the follower's position (a batch lost
     on the way, a capture begun again), is queued and handled by the task exactly as before.
     """
 
     # One per client of a stream, idle ones for hours: no instance dict.
-    __slots__ = ("source", "key", "pos", "_stopped", "_finished", "_express", "feed")
+    __slots__ = ("source", "key", "pos", "_stopped", "_finished", "_express", "feed", "_begun", "_upto", "_then",
+                 "_prev", "_entries")
 
     def __init__(self, source: Source, key: str, after: int | None) -> None:
         self.source = source
@@ -75,6 +81,13 @@ class Follower:
         self._finished = False  # the last look at the durable head found the stream ended
         self._express: ExpressWriter | None = None
         self.feed: Feed | None = source.subscribe(key)  # register before anything is read
+        self._begun = False
+        # A replay under way: up to ``_upto``, and then what (see _after). A batch that came after a
+        # gap waits in ``_prev``/``_entries`` for the replay of the gap.
+        self._upto: int | None = None
+        self._then: Then = "end"
+        self._prev = 0
+        self._entries: list[Entry] = []
         source.joined(self)
 
     def express(self, write: ExpressWriter) -> None:
@@ -98,42 +111,153 @@ class Follower:
 
     def close(self) -> None:
         if self.feed is not None:
+            self.feed.express = None
             self.feed.close()
             self.feed = None
             self.source.left(self)
 
-    async def pages(self) -> AsyncIterator[Page]:
+    # --- pages ------------------------------------------------------------------------------
+    #
+    # The follower is its own async iterator, a step at a time, rather than an async generator:
+    # an idle client waits in it for hours, and a pair of async generators (with their place in
+    # the loop's registry of them) cost it ~1 KiB more than one coroutine per step.
+
+    def pages(self) -> AsyncIterator[Page]:
         """Pages of committed events; an empty page means "send a heartbeat".
 
         Ends when the stream ends; raises StreamCut when the client must see a cut
         connection instead, StreamGone when the stream left the log meanwhile.
         """
+        return self
+
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> Page:
         try:
-            assert self.feed is not None
-            await self.source.ready(self.feed)  # subscribed before the head is read
-            meta = await self.source.lookup(self.key)
-            if meta is None:
-                raise StreamGone(f"stream {self.key} is not in the log")
-            self._check_held(meta)
-            if self.pos is None:
-                self.pos = meta.head
-            async for page in self._replay(meta.head):
-                yield page
-            if meta.finished or (not meta.open and meta.endless):
-                return
-            # The live tail, in this generator rather than one more around _follow: an idle
-            # client waits here for hours, and each async generator costs it ~0.4 KiB.
-            feed = self.feed
-            assert feed is not None
-            if self._express is not None:
-                feed.express = self._take  # the feed offers a batch only while this task waits on it
-            try:
-                async for batch in self._follow(feed):
-                    yield batch
-            finally:
-                feed.express = None
-        finally:
+            page = await self._next()
+        except BaseException:
             self.close()
+            raise
+        if page is None:
+            self.close()
+            raise StopAsyncIteration
+        return page
+
+    async def _next(self) -> Page | None:
+        """The next page, or None at the end."""
+        if not self._begun:
+            await self._begin()
+        while True:
+            page, more = await (self._live() if self._upto is None else self._replayed())
+            if page is not None or not more:
+                return page
+
+    async def _begin(self) -> None:
+        self._begun = True
+        assert self.feed is not None
+        await self.source.ready(self.feed)  # subscribed before the head is read
+        meta = await self.source.lookup(self.key)
+        if meta is None:
+            raise StreamGone(f"stream {self.key} is not in the log")
+        self._check_held(meta)
+        if self.pos is None:
+            self.pos = meta.head
+        self._finished = meta.finished or (not meta.open and meta.endless)
+        self._replay_to(meta.head, "caught_up")
+
+    def _replay_to(self, upto: int, then: Then) -> None:
+        self._upto, self._then = upto, then
+
+    async def _replayed(self) -> tuple[Page | None, bool]:
+        """A step of the replay under way: (a page or None, whether the stream goes on)."""
+        assert self.pos is not None and self._upto is not None
+        if self.pos < self._upto:
+            if self._stopped:
+                raise StreamCut("the gateway is shutting down")
+            page = await self.source.page(self.key, self.pos, self._upto, REPLAY_PAGE)
+            if not page:
+                # Evicted underneath us: a clean end would look complete.
+                raise StreamGone(f"stream {self.key} was removed from the log during replay")
+            self.pos = page.last
+            return page, True
+        self.pos = max(self.pos, self._upto)
+        self._upto = None
+        return self._after(self._then)
+
+    def _after(self, then: Then) -> tuple[Page | None, bool]:
+        """What follows a replay: the end, a heartbeat, the batch that came after the gap, or the
+        live tail."""
+        if then == "end" or (then != "batch" and self._finished):
+            return None, False
+        if then == "caught_up" and self._express is not None:
+            assert self.feed is not None
+            self.feed.express = self._take  # the feed offers a batch only while this task waits on it
+        if then == "beat":
+            return EMPTY, True
+        if then == "batch":
+            entries, self._entries = self._entries, []
+            return self._own(self._prev, entries), True
+        return None, True
+
+    async def _live(self) -> tuple[Page | None, bool]:
+        """One wait on the live feed: (a page or None, whether the stream goes on)."""
+        assert self.pos is not None and self.feed is not None
+        feed = self.feed
+        if self._stopped:
+            raise StreamCut("the gateway is shutting down")
+        if not await feed.wait(self.source.heartbeat):
+            # Idle: look at the durable head too, so an end or a batch whose notice got lost on
+            # the way (a shared log's channel dropped it) shows within a heartbeat.
+            await self._to_head("beat")
+            return None, True
+        if self._stopped:
+            raise StreamCut("the gateway is shutting down")
+        if feed.overflowed:  # too far behind: catch up from the log, then queue again
+            feed.restart()
+            await self._to_head("live")
+            return None, True
+        batch = feed.take()
+        if batch is None:
+            return None, True
+        if batch.kind == "beat":
+            return EMPTY, True
+        if batch.kind == "cut":
+            raise StreamCut(f"the capture of {self.key} stopped here before the stream's end")
+        if batch.kind == "end":
+            if batch.prev < self.pos:
+                raise StreamCut(self._restarted)
+            self._replay_to(batch.prev, "end")  # the end may come with events this follower has not seen
+            return None, True
+        if batch.prev > self.pos:  # a batch went missing on the way: read it from the log first
+            self._prev, self._entries = batch.prev, batch.entries
+            self._replay_to(batch.prev, "batch")
+            return None, True
+        return self._own(batch.prev, batch.entries), True
+
+    def _own(self, prev: int, entries: list[Entry]) -> Page | None:
+        """The entries of a batch this follower has not sent yet, as a page (None: none)."""
+        assert self.pos is not None
+        if entries and prev < self.pos < entries[-1][0]:
+            # Batches start where the one before ended, and this client's position is
+            # always at a batch's end: a batch across it belongs to another capture.
+            raise StreamCut(self._restarted)
+        if entries and entries[0][0] <= self.pos:
+            entries = [e for e in entries if e[0] > self.pos]
+        if not entries:
+            return None
+        self.pos = entries[-1][0]
+        return Page(entries)
+
+    async def _to_head(self, then: Then) -> None:
+        """Replay up to the durable head as it is now, then ``then``; ``_finished`` says whether the
+        stream ended."""
+        meta = await self.source.lookup(self.key)
+        if meta is None:
+            raise StreamGone(f"stream {self.key} was removed from the log")
+        self._check_held(meta)
+        self._finished = meta.finished
+        self._replay_to(meta.head, then)
 
     @property
     def _restarted(self) -> str:
@@ -148,78 +272,3 @@ class Follower:
         """
         if self.pos and self.pos <= meta.base:
             raise StreamCut(self._restarted)
-
-    async def _replay(self, upto: int) -> AsyncIterator[Page]:
-        assert self.pos is not None
-        while self.pos < upto:
-            if self._stopped:
-                raise StreamCut("the gateway is shutting down")
-            page = await self.source.page(self.key, self.pos, upto, REPLAY_PAGE)
-            if not page:
-                # Evicted underneath us: a clean end would look complete.
-                raise StreamGone(f"stream {self.key} was removed from the log during replay")
-            self.pos = page.last
-            yield page
-        self.pos = max(self.pos, upto)
-
-    async def _to_head(self) -> AsyncIterator[Page]:
-        """Replay up to the durable head as it is now; ``_finished`` then says whether the stream ended."""
-        meta = await self.source.lookup(self.key)
-        if meta is None:
-            raise StreamGone(f"stream {self.key} was removed from the log")
-        self._check_held(meta)
-        async for page in self._replay(meta.head):
-            yield page
-        self._finished = meta.finished
-
-    async def _follow(self, feed: Feed) -> AsyncIterator[Page]:
-        assert self.pos is not None
-        while True:
-            if self._stopped:
-                raise StreamCut("the gateway is shutting down")
-            if not await feed.wait(self.source.heartbeat):
-                # Idle: look at the durable head too, so an end or a batch whose notice got lost on
-                # the way (a shared log's channel dropped it) shows within a heartbeat.
-                async for page in self._to_head():
-                    yield page
-                if self._finished:
-                    return
-                yield EMPTY
-                continue
-            if self._stopped:
-                raise StreamCut("the gateway is shutting down")
-            if feed.overflowed:  # too far behind: catch up from the log, then queue again
-                feed.restart()
-                async for page in self._to_head():
-                    yield page
-                if self._finished:
-                    return
-                continue
-            batch = feed.take()
-            if batch is None:
-                continue
-            if batch.kind == "beat":
-                yield EMPTY
-            elif batch.kind == "cut":
-                raise StreamCut(f"the capture of {self.key} stopped here before the stream's end")
-            elif batch.kind == "end":
-                if batch.prev < self.pos:
-                    raise StreamCut(self._restarted)
-                if batch.prev > self.pos:  # the end came with events this follower has not seen
-                    async for page in self._replay(batch.prev):
-                        yield page
-                return
-            else:
-                if batch.prev > self.pos:  # a batch went missing on the way: read it from the log
-                    async for page in self._replay(batch.prev):
-                        yield page
-                entries = batch.entries
-                if entries and batch.prev < self.pos < entries[-1][0]:
-                    # Batches start where the one before ended, and this client's position is
-                    # always at a batch's end: a batch across it belongs to another capture.
-                    raise StreamCut(self._restarted)
-                if entries and entries[0][0] <= self.pos:
-                    entries = [e for e in entries if e[0] > self.pos]
-                if entries:
-                    self.pos = entries[-1][0]
-                    yield Page(entries)
