@@ -294,7 +294,8 @@ class LegConnection(asyncio.Protocol):
             self._head.exception()  # retrieved: a caller gone meanwhile leaves no warning behind
         self._wake()
         if self.ended is not None and not self.ended.done():
-            self.ended.set_result(None)  # end() raises what is in self.exc
+            self.ended.set_exception(exc)
+            self.ended.exception()  # retrieved: a caller gone meanwhile leaves no warning behind
 
     def _wake(self) -> None:
         w = self._waiter
@@ -482,14 +483,18 @@ class LegResponse:
     def __exit__(self, *_exc: object) -> None:
         self._conn.sink = None
 
-    async def end(self) -> None:
-        """Until the body ended; raises what ended it otherwise."""
+    def end(self) -> asyncio.Future[None]:
+        """Done when the body ended; it raises what ended it otherwise. A future, not a coroutine:
+        a capture waits on it for hours."""
         conn = self._conn
-        if not conn.complete and conn.exc is None:
-            conn.ended = asyncio.get_running_loop().create_future()
-            await conn.ended
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if conn.exc is not None:
-            raise conn.exc
+            fut.set_exception(conn.exc)
+        elif conn.complete:
+            fut.set_result(None)
+        else:
+            conn.ended = fut
+        return fut
 
     def pause(self) -> Callable[[], None]:
         """Stop reading the leg's socket; returns the call that resumes it."""
