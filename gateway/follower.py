@@ -134,24 +134,41 @@ class Follower:
         return self
 
     async def __anext__(self) -> Page:
+        # The waits of the live tail are here, not in a helper: each coroutine on the stack of an
+        # idle client is one more it keeps for hours. The rest (a replay's page, a look at the head)
+        # are helpers that return at once.
         try:
-            page = await self._next()
+            if not self._begun:
+                await self._begin()
+            while True:
+                if self._upto is not None:
+                    page, more = await self._replayed()
+                else:
+                    feed = self.feed
+                    assert feed is not None
+                    if self._stopped:
+                        raise StreamCut("the gateway is shutting down")
+                    if not await feed.wait(self.source.heartbeat):
+                        # Idle: look at the durable head too, so an end or a batch whose notice got
+                        # lost on the way (a shared log's channel dropped it) shows within a heartbeat.
+                        await self._to_head("beat")
+                        continue
+                    if self._stopped:
+                        raise StreamCut("the gateway is shutting down")
+                    if feed.overflowed:  # too far behind: catch up from the log, then queue again
+                        feed.restart()
+                        await self._to_head("live")
+                        continue
+                    page, more = self._taken(feed.take())
+                if page is not None:
+                    return page
+                if not more:
+                    break
         except BaseException:
             self.close()
             raise
-        if page is None:
-            self.close()
-            raise StopAsyncIteration
-        return page
-
-    async def _next(self) -> Page | None:
-        """The next page, or None at the end."""
-        if not self._begun:
-            await self._begin()
-        while True:
-            page, more = await (self._live() if self._upto is None else self._replayed())
-            if page is not None or not more:
-                return page
+        self.close()
+        raise StopAsyncIteration
 
     async def _begin(self) -> None:
         self._begun = True
@@ -200,24 +217,9 @@ class Follower:
             return self._own(self._prev, entries), True
         return None, True
 
-    async def _live(self) -> tuple[Page | None, bool]:
-        """One wait on the live feed: (a page or None, whether the stream goes on)."""
-        assert self.pos is not None and self.feed is not None
-        feed = self.feed
-        if self._stopped:
-            raise StreamCut("the gateway is shutting down")
-        if not await feed.wait(self.source.heartbeat):
-            # Idle: look at the durable head too, so an end or a batch whose notice got lost on
-            # the way (a shared log's channel dropped it) shows within a heartbeat.
-            await self._to_head("beat")
-            return None, True
-        if self._stopped:
-            raise StreamCut("the gateway is shutting down")
-        if feed.overflowed:  # too far behind: catch up from the log, then queue again
-            feed.restart()
-            await self._to_head("live")
-            return None, True
-        batch = feed.take()
+    def _taken(self, batch: Batch | None) -> tuple[Page | None, bool]:
+        """What a batch taken from the live feed gives: (a page or None, whether the stream goes on)."""
+        assert self.pos is not None
         if batch is None:
             return None, True
         if batch.kind == "beat":
