@@ -33,7 +33,7 @@ from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.session_streams import SessionHandlers
-from gateway.streams import StreamHandlers
+from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target, Upstreams
 
 log = logging.getLogger("gateway.app")
@@ -42,7 +42,7 @@ log = logging.getLogger("gateway.app")
 LIST_LIMIT, LIST_MAX = 100, 1000
 
 # Which handler serves each captured endpoint (gateway.agentapi names them and their paths).
-StreamRoute = Callable[["Gateway", web.Request, Target, tuple[str, ...]], Awaitable[web.StreamResponse]]
+StreamRoute = Callable[["Gateway", web.Request, Target, tuple[str, ...]], Awaitable[Reply]]
 STREAM_HANDLERS: dict[Endpoint, StreamRoute] = {
     "create_run_stream": lambda g, r, t, ids: g.streams.create_run_stream(r, t, stateless=False),
     "create_stateless_run_stream": lambda g, r, t, ids: g.streams.create_run_stream(r, t, stateless=True),
@@ -134,7 +134,10 @@ class Gateway:
         status = 500
         try:
             try:
-                resp = await self._handler(request, target)
+                reply = await self._handler(request, target)
+                # A streaming handler hands back the coroutine that streams its response rather than
+                # await it (gateway.streams.Reply): awaited here, with its frame gone.
+                resp = reply if isinstance(reply, web.StreamResponse) else await reply
                 status = resp.status
             except (asyncio.CancelledError, ConnectionResetError):
                 raise
@@ -151,7 +154,7 @@ class Gateway:
             self.metrics.request_done(target.pool.name, request.method, status)
         return answered(request, resp)
 
-    def _handler(self, request: web.Request, target: Target) -> Awaitable[web.StreamResponse]:
+    def _handler(self, request: web.Request, target: Target) -> Awaitable[Reply]:
         """Which handler answers a request: a captured stream's, a WebSocket's, or the forwarder.
         It returns the handler's coroutine rather than awaiting it: one coroutine fewer per stream."""
         captured = agentapi.route(request.method, target.path)

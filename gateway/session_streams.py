@@ -29,7 +29,7 @@ from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Leg
 from gateway.logs import STREAM_KEY
 from gateway.responses import error_response, start_response
-from gateway.streams import RESUME_HEADER, StreamHandlers
+from gateway.streams import RESUME_HEADER, Reply, StreamHandlers
 from gateway.upstream import Target
 
 logger = logging.getLogger("gateway.session_streams")
@@ -45,7 +45,7 @@ class SessionHandlers:
         self.hub = streams.hub
         self.forwarder = streams.forwarder
 
-    async def events(self, request: web.Request, target: Target, raw_tid: str) -> web.StreamResponse:
+    async def events(self, request: web.Request, target: Target, raw_tid: str) -> Reply:
         tid = canonical_id(raw_tid)
         if not capturable(tid):
             return await self.forwarder.forward(request, target)
@@ -76,7 +76,7 @@ class SessionHandlers:
             headers.extend(agentapi.stream_headers())
         else:
             headers.update(agentapi.stream_headers())
-        return await self.streams.send(request, att.follower, headers, flt.keep, sessions.frame, endless=True)
+        return self.streams.send(request, att.follower, headers, flt.keep, sessions.frame, endless=True)  # a Reply
 
     async def _attach(self, request: web.Request, target: Target, tid: str, since: int | None,
                       ) -> tuple[Attachment, Any]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import uuid
 from functools import partial
-from typing import Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, TypeVar
 from urllib.parse import unquote_plus
 
 import aiohttp
@@ -46,6 +46,11 @@ from gateway.streamclient import LegResponse
 from gateway.upstream import Answer, Target, UpstreamError
 
 A = TypeVar("A", bound=Answer)
+
+# What a streaming handler returns: its response, or the coroutine that streams it (``send``), handed
+# back unawaited so the handler's own frame, and all it held, is gone while the stream lasts; the
+# one place that awaits it is ``Gateway.serve``.
+Reply = web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]
 
 logger = logging.getLogger("gateway.streams")
 
@@ -83,7 +88,7 @@ class StreamHandlers:
 
     # --- POST .../runs/stream ------------------------------------------------------------------
 
-    async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> web.StreamResponse:
+    async def create_run_stream(self, request: web.Request, target: Target, *, stateless: bool) -> Reply:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self.check_capacity()
@@ -102,8 +107,8 @@ class StreamHandlers:
         cancel_on_orphan = run.cancel_on_disconnect
         del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
         await self._capture(request, meta, resp, cancel_on_orphan)
-        return await self.send(request, self.hub.follow(meta.key, 0),
-                                client_headers(resp, target, drop=("Content-Length",)), None)
+        return self.send(request, self.hub.follow(meta.key, 0), client_headers(resp, target, drop=("Content-Length",)),
+                         None)  # a Reply: awaited by the caller
 
     async def _create_run(self, run: RunRequest, send: Callable[[bytes], Awaitable[A]]) -> A:
         """Send a run-creating request with ``send``; if the upstream refuses the body as the gateway
@@ -165,8 +170,7 @@ class StreamHandlers:
 
     # --- GET .../runs/{rid}/stream and GET /threads/{tid}/stream ------------------------------------
 
-    async def join_run(self, request: web.Request, target: Target, raw_tid: str | None,
-                       raw_rid: str) -> web.StreamResponse:
+    async def join_run(self, request: web.Request, target: Target, raw_tid: str | None, raw_rid: str) -> Reply:
         cursor = parse_cursor(request)
         keep = run_mode_filter(request)
         tid, rid = (canonical_id(raw_tid) if raw_tid is not None else None), canonical_id(raw_rid)
@@ -196,7 +200,7 @@ class StreamHandlers:
             return await self.forwarder.forward(request, target)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq"))
 
-    async def join_thread(self, request: web.Request, target: Target, raw_tid: str) -> web.StreamResponse:
+    async def join_thread(self, request: web.Request, target: Target, raw_tid: str) -> Reply:
         cursor = parse_cursor(request)
         keep = thread_mode_filter(request)
         tid = canonical_id(raw_tid)
@@ -237,7 +241,7 @@ class StreamHandlers:
 
     async def _answer(self, request: web.Request, target: Target, att: Attachment, headers: CIMultiDict[str],
                       cursor: Cursor, keep: Callable[[bytes], bool] | None,
-                      not_held: tuple[str, ...]) -> web.StreamResponse:
+                      not_held: tuple[str, ...]) -> Reply:
         if att.answer is not None:
             return await self.forwarder.relay(request, target, att.answer)
         assert att.follower is not None
@@ -251,7 +255,7 @@ class StreamHandlers:
             if att.held is not None and att.held.kind == "run":
                 headers["Location"] = target.client_path(att.held.path)
                 headers["Content-Location"] = target.client_path(agentapi.resource_path(att.held))
-        return await self.send(request, att.follower, headers, keep)
+        return self.send(request, att.follower, headers, keep)  # a Reply: awaited by the caller
 
     async def _run_exists(self, request: web.Request, target: Target, meta: StreamMeta) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
