@@ -81,7 +81,8 @@ class Ingest:
     """The live capture of one upstream stream."""
 
     meta: StreamMeta  # what the stream is (key, kind, upstream path), as begun
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # the ingest task; a finished one while parked
+    parked: Parked | None = None  # a leg being copied with no task waiting on it (Captures._park)
     cancel_on_orphan: bool = False
     orphan_timer: asyncio.TimerHandle | None = None
     # Credentials of the client that started the capture, for re-joins and cancels.
@@ -97,6 +98,19 @@ class Ingest:
     @property
     def key(self) -> str:
         return self.meta.key
+
+
+@dataclass(eq=False, slots=True)
+class Parked:
+    """A capture between the start of a leg's copy and its end, with no task: an idle stream's
+    capture waits like this for hours, and a task with its coroutines costs it ~1 KiB. The leg's
+    end starts the task again (``Captures._unpark``)."""
+
+    resp: LegResponse
+    seam: Seam | SessionSeam | None
+    copy: _Copy
+    end: asyncio.Future[None]
+    failures: int  # the re-join budget spent so far
 
 
 class _Copy:
@@ -256,20 +270,25 @@ class Captures:
 
     async def stop(self, ing: Ingest) -> bool:
         """Take a live ingest out of the live set, then cancel it; False if it was not live."""
-        if ing.task is None or self.live.get(ing.key) is not ing:
+        if (ing.task is None and ing.parked is None) or self.live.get(ing.key) is not ing:
             return False
         del self.live[ing.key]  # from now on a new client starts a new capture
-        ing.task.cancel()
-        await asyncio.gather(ing.task, return_exceptions=True)
+        if ing.parked is not None:
+            self._let_go(ing)
+        elif ing.task is not None:
+            ing.task.cancel()
+            await asyncio.gather(ing.task, return_exceptions=True)
         return True
 
     async def stop_all(self) -> None:
         """Stop ingest; open streams stay open in the log and are taken over (by another replica
         now, or by this gateway at its next start): their claims are released at once."""
-        for ing in self.live.values():
+        live = list(self.live.values())
+        for ing in live:
             if ing.orphan_timer is not None:
                 ing.orphan_timer.cancel()
-        await stop_tasks([i.task for i in self.live.values() if i.task is not None], "captures")
+            self._let_go(ing)  # a parked one; the others have a task
+        await stop_tasks([i.task for i in live if i.task is not None], "captures")
         for key in list(self.live):
             try:
                 await self.log.release(key)
@@ -280,10 +299,13 @@ class Captures:
     def _claim_lost(self, key: str, how: LeaseLoss) -> None:
         self.metrics.lease_lost(how)
         ing = self.live.get(key)
-        if ing is not None and ing.task is not None:
+        if ing is not None and (ing.task is not None or ing.parked is not None):
             logger.warning("stream %s is captured by another gateway process now; this one stops writing it", key)
             del self.live[key]
-            ing.task.cancel()
+            if ing.parked is not None:
+                self._let_go(ing)
+            elif ing.task is not None:
+                ing.task.cancel()
 
     async def _release(self, key: str) -> None:
         if key in self.live or key in self._opening:
@@ -295,18 +317,32 @@ class Captures:
 
     # --- the ingest task ----------------------------------------------------------------------
 
-    async def _run(self, ing: Ingest, resp: LegResponse | None, seam: Seam | SessionSeam | None) -> None:
+    async def _run(self, ing: Ingest, resp: LegResponse | None, seam: Seam | SessionSeam | None,
+                   landing: Parked | None = None) -> None:
+        """Copy legs into the log, re-joining a lost one, until the stream ends. While a leg is
+        copied the task ends and the capture is parked; the leg's end runs this again with
+        ``landing``, the parked state."""
         kind = ing.meta.kind
-        failures = 0
+        failures = landing.failures if landing is not None else 0
+        parked = False
         try:
             while True:
                 try:
-                    if resp is None:
-                        if await self._ended(ing.key):
-                            await self._finish(ing, "done")
+                    if landing is not None:
+                        copy, end, resp, landing = landing.copy, landing.end, landing.resp, None
+                    else:
+                        if resp is None:
+                            if await self._ended(ing.key):
+                                await self._finish(ing, "done")
+                                return
+                            resp, seam = await self._rejoin(ing)
+                        copy = self._attach(ing, resp, seam)
+                        end = resp.end()
+                        if not end.done():
+                            self._park(ing, Parked(resp, seam, copy, end, failures))
+                            parked, resp = True, None
                             return
-                        resp, seam = await self._rejoin(ing)
-                    await self._pump(ing, resp, seam)
+                    await self._landed(ing, resp, copy, end)
                     resp = None
                     if kind == "run":
                         await self._finish(ing, "done", seam.close() if seam is not None else [])
@@ -341,13 +377,41 @@ class Captures:
             logger.exception("ingest of %s crashed", ing.key)
             await self.interrupt(ing.meta, f"the gateway failed capturing it ({exc.__class__.__name__})")
         finally:
-            if resp is not None:
-                resp.close()
-            if self.live.get(ing.key) is ing:
-                del self.live[ing.key]
-            if ing.orphan_timer is not None:
-                ing.orphan_timer.cancel()
+            if not parked:  # a parked capture goes on: its leg is open and it is live
+                if resp is not None:
+                    resp.close()
+                if self.live.get(ing.key) is ing:
+                    del self.live[ing.key]
+                if ing.orphan_timer is not None:
+                    ing.orphan_timer.cancel()
         await self._release(ing.key)
+
+    def _park(self, ing: Ingest, parked: Parked) -> None:
+        ing.parked = parked
+        parked.end.add_done_callback(partial(self._unpark, ing))
+
+    def _unpark(self, ing: Ingest, end: asyncio.Future[None]) -> None:
+        """A parked capture's leg ended: its task takes over again."""
+        parked = ing.parked
+        if parked is None or parked.end is not end:
+            return  # stopped meanwhile (_let_go)
+        ing.parked = None
+        ing.task = asyncio.create_task(self._run(ing, parked.resp, parked.seam, parked), name=f"ingest:{ing.key}")
+
+    def _let_go(self, ing: Ingest) -> None:
+        """Stop a parked capture: what its task did when cancelled in the wait for the leg's end."""
+        parked, ing.parked = ing.parked, None
+        if parked is None:
+            return
+        resp = parked.resp
+        resp.detach()
+        ing.resume = None
+        resp.release()
+        resp.close()
+        if self.live.get(ing.key) is ing:
+            del self.live[ing.key]
+        if ing.orphan_timer is not None:
+            ing.orphan_timer.cancel()
 
     async def _ended(self, key: str) -> bool:
         """A run whose last event is its error event is over: there is nothing to re-join for."""
@@ -400,17 +464,22 @@ class Captures:
         logger.info("stream %s: storage is back; re-joining the upstream", ing.key)
         self.on_recovered(ing)
 
-    async def _pump(self, ing: Ingest, resp: LegResponse, seam: Seam | SessionSeam | None) -> None:
-        """Copy one upstream leg into the log until it ends cleanly; raises on a broken leg.
-
-        Commits are pipelined: each chunk's events are submitted and published by
-        the commit callback (in order), while the next chunk is already parsed.
-        Every commit of the leg is settled before this returns or raises.
-        """
+    def _attach(self, ing: Ingest, resp: LegResponse, seam: Seam | SessionSeam | None) -> _Copy:
+        """Start copying one upstream leg into the log: from here each read is parsed and submitted
+        as it arrives (``_Copy``), and commits are pipelined, each chunk's events published by the
+        commit callback (in order) while the next chunk is already parsed."""
         copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing))
+        resp.attach(copy)
+        return copy
+
+    async def _landed(self, ing: Ingest, resp: LegResponse, copy: _Copy, end: asyncio.Future[None]) -> None:
+        """The end of a leg being copied (``end``): returns once it ended cleanly and every commit
+        of it settled; raises what broke it otherwise, after settling what it delivered."""
         try:
-            with resp.attach(copy):
-                await resp.end()
+            try:
+                await end
+            finally:
+                resp.detach()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:

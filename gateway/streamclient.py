@@ -477,11 +477,15 @@ class LegResponse:
             raise
         return self
 
+    def detach(self) -> None:
+        """No more reads to the sink given to ``attach``."""
+        self._conn.sink = None
+
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *_exc: object) -> None:
-        self._conn.sink = None
+        self.detach()
 
     def end(self) -> asyncio.Future[None]:
         """Done when the body ended; it raises what ended it otherwise. A future, not a coroutine:
