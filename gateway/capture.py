@@ -81,7 +81,7 @@ class Ingest:
     """The live capture of one upstream stream."""
 
     meta: StreamMeta  # what the stream is (key, kind, upstream path), as begun
-    task: asyncio.Task[None] | None = None  # the ingest task; a finished one while parked
+    task: asyncio.Task[None] | None = None  # the ingest task; None while parked
     parked: Parked | None = None  # a leg being copied with no task waiting on it (Captures._park)
     cancel_on_orphan: bool = False
     orphan_timer: asyncio.TimerHandle | None = None
@@ -388,6 +388,7 @@ class Captures:
 
     def _park(self, ing: Ingest, parked: Parked) -> None:
         ing.parked = parked
+        ing.task = None  # ending now: a finished task would keep its coroutine as long as it is held
         parked.end.add_done_callback(partial(self._unpark, ing))
 
     def _unpark(self, ing: Ingest, end: asyncio.Future[None]) -> None:

@@ -148,11 +148,15 @@ class Follower:
                     assert feed is not None
                     if self._stopped:
                         raise StreamCut("the gateway is shutting down")
-                    if not await feed.wait(self.source.heartbeat):
-                        # Idle: look at the durable head too, so an end or a batch whose notice got
-                        # lost on the way (a shared log's channel dropped it) shows within a heartbeat.
-                        await self._to_head("beat")
-                        continue
+                    waiter = feed.waiting(self.source.heartbeat)  # a future, not feed.wait's coroutine
+                    if waiter is not None:
+                        await waiter
+                        if not feed.woke():
+                            # Idle: look at the durable head too, so an end or a batch whose notice
+                            # got lost on the way (a shared log's channel dropped it) shows within a
+                            # heartbeat.
+                            await self._to_head("beat")
+                            continue
                     if self._stopped:
                         raise StreamCut("the gateway is shutting down")
                     if feed.overflowed:  # too far behind: catch up from the log, then queue again

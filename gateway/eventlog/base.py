@@ -278,15 +278,25 @@ class Feed:
         between half of ``idle`` and ``idle`` seconds (``LocalFeeds`` ticks every half ``idle``,
         and a wait is idle from the second tick on), never later: ``idle`` is the longest a
         client may go without a byte (set below a load balancer's idle timeout)."""
-        if self.queue or self.overflowed:
+        waiter = self.waiting(idle)
+        if waiter is None:
             return True
+        await waiter
+        return self.woke()
+
+    def waiting(self, idle: float) -> asyncio.Future[None] | None:
+        """``wait`` in two steps, for a caller that waits for hours and keeps no coroutine for it:
+        the future to wait on (None: something can be taken now), then ``woke``."""
+        if self.queue or self.overflowed:
+            return None
         self._owner.tick_every(idle)
         self._active = True  # the first tick of a wait only starts its idle time
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await self._waiter
-        finally:
-            self._waiter = None
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def woke(self) -> bool:
+        """After the future of ``waiting`` is done: False when the wait ended idle."""
+        self._waiter = None
         if self._idle and not self.queue and not self.overflowed:
             self._idle = False
             return False
