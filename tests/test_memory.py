@@ -79,3 +79,31 @@ async def test_a_stream_and_its_replay_leave_no_reference_cycles_behind(
     # connections leave a few objects in cycles, asyncio's own); the gateway adds nothing to it.
     assert through <= direct + 0.5, f"{through:.1f} objects in cycles per request through the gateway, " \
                                   f"{direct:.1f} direct; most common: {kinds}"
+
+
+async def test_an_idle_capture_waits_without_a_task_and_the_leg_s_end_takes_it_up_again(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Between a leg's reads its capture is parked (``Captures._park``): no task, no coroutine,
+    for the hours an idle stream lasts. The leg's events still reach the log as they come, and
+    its end starts the task again, which finishes the stream."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    captures = gw.gw.hub.captures
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 3, "delay": 0.6}}) as resp:
+        seen = b""
+        while b"event: custom" not in seen:  # the first of three events, 0.6 s apart
+            seen += await resp.content.readany()
+        (ing,) = captures.live.values()
+        assert ing.parked is not None and ing.task is None
+        assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("ingest:")]
+        seen += await resp.content.read()  # to the end: the leg's end took the capture up again
+    assert seen.count(b"event: custom") == 3 and resp.status == 200
+    for _ in range(50):  # the capture lets go once the stream's end is committed
+        if not captures.live:
+            break
+        await asyncio.sleep(0.02)
+    assert not captures.live
+    meta = await gw.gw.log.lookup(ing.key)
+    assert meta is not None and meta.finished
