@@ -110,6 +110,8 @@ class AccessLogger(AbstractAccessLogger):
 
 
 _ACCESS = logging.getLogger("gateway.access")
+
+
 def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
     """A WebSocket session ended by a close frame (from either side), not by a dropped connection."""
     return ws.close_code not in (None, WSCloseCode.ABNORMAL_CLOSURE)
