@@ -1,9 +1,11 @@
-"""Captures: one ingest task per upstream stream, copying it into the log until it ends.
+"""Captures: one ingest per upstream stream, copying it into the log until it ends.
 
 Ingest reads the upstream in whole chunks and appends each chunk's events to the
 log in one call; the log hands them to followers through its live feed only after
-the commit. The task belongs to the process, not to a request: it keeps capturing
-after every client has left, until the upstream stream ends.
+the commit. The ingest belongs to the process, not to a request: it keeps capturing
+after every client has left, until the upstream stream ends. Its task runs between
+legs (opening one, re-joining, finishing); while a leg is open the reads are copied
+as they arrive and the capture is parked, with no task (``Parked``).
 
 When a leg breaks the capture opens another (``gateway.legs``, with the Last-Event-ID
 ``gateway.rejoin`` decides) and passes it through a ``Seam``: re-sent events are
@@ -91,7 +93,7 @@ class Ingest:
     inflight: int = 0  # commits submitted, not yet published
     idle: asyncio.Future[None] | None = None  # someone waits for inflight to reach 0 (settle)
     resume: Callable[[], None] | None = None  # the leg is paused until the log catches up
-    failed: BaseException | None = None  # a commit that failed: the pump stops
+    failed: BaseException | None = None  # a commit that failed: the copy stops
     recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
     cancelling: bool = False  # its last follower left and asked for a cancel: done once
 
@@ -146,7 +148,7 @@ class _Copy:
 
 
 class Captures:
-    """The streams this process captures, and the task that copies each into the log."""
+    """The streams this process captures, and how each is copied into the log."""
 
     def __init__(self, log: EventLog, cfg: Streams, legs: Legs, metrics: Metrics) -> None:
         self.log = log
@@ -273,11 +275,10 @@ class Captures:
         if (ing.task is None and ing.parked is None) or self.live.get(ing.key) is not ing:
             return False
         del self.live[ing.key]  # from now on a new client starts a new capture
-        if ing.parked is not None:
-            self._let_go(ing)
-        elif ing.task is not None:
-            ing.task.cancel()
-            await asyncio.gather(ing.task, return_exceptions=True)
+        task = self._halt(ing)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+            self._let_go(ing)  # a cancel swallowed underneath the task may have let it park
         return True
 
     async def stop_all(self) -> None:
@@ -289,6 +290,8 @@ class Captures:
                 ing.orphan_timer.cancel()
             self._let_go(ing)  # a parked one; the others have a task
         await stop_tasks([i.task for i in live if i.task is not None], "captures")
+        for ing in live:
+            self._let_go(ing)  # a cancel swallowed underneath a task may have let it park
         for key in list(self.live):
             try:
                 await self.log.release(key)
@@ -302,10 +305,7 @@ class Captures:
         if ing is not None and (ing.task is not None or ing.parked is not None):
             logger.warning("stream %s is captured by another gateway process now; this one stops writing it", key)
             del self.live[key]
-            if ing.parked is not None:
-                self._let_go(ing)
-            elif ing.task is not None:
-                ing.task.cancel()
+            self._halt(ing)
 
     async def _release(self, key: str) -> None:
         if key in self.live or key in self._opening:
@@ -326,6 +326,8 @@ class Captures:
         failures = landing.failures if landing is not None else 0
         parked = False
         try:
+            if landing is not None:
+                ing.parked = None  # taken up: from here a cancel of this task cleans up, as below
             while True:
                 try:
                     if landing is not None:
@@ -392,15 +394,25 @@ class Captures:
         parked.end.add_done_callback(partial(self._unpark, ing))
 
     def _unpark(self, ing: Ingest, end: asyncio.Future[None]) -> None:
-        """A parked capture's leg ended: its task takes over again."""
+        """A parked capture's leg ended: its task takes over again. The capture stays parked until
+        the task has begun (``_run`` takes it): a stop before that lets go of the leg itself."""
         parked = ing.parked
         if parked is None or parked.end is not end:
             return  # stopped meanwhile (_let_go)
-        ing.parked = None
         ing.task = asyncio.create_task(self._run(ing, parked.resp, parked.seam, parked), name=f"ingest:{ing.key}")
 
+    def _halt(self, ing: Ingest) -> asyncio.Task[None] | None:
+        """Stop a capture, whatever it is doing: lets go of a parked leg, cancels the task (whose
+        own clean-up runs as it ends); returns the task to wait for."""
+        self._let_go(ing)
+        task = ing.task
+        if task is not None:
+            task.cancel()
+        return task
+
     def _let_go(self, ing: Ingest) -> None:
-        """Stop a parked capture: what its task did when cancelled in the wait for the leg's end."""
+        """Let go of a parked capture: what its task did when cancelled in the wait for the leg's
+        end (the leg released and closed, the ingest no longer live)."""
         parked, ing.parked = ing.parked, None
         if parked is None:
             return
@@ -512,7 +524,7 @@ class Captures:
         if ing.inflight == 0 and ing.idle is not None and not ing.idle.done():
             ing.idle.set_result(None)
         if ing.failed is not None:
-            return  # after a failed commit the pump stops: the stream never has a hole
+            return  # after a failed commit the copy stops: the stream never has a hole
         if isinstance(outcome, BaseException):
             ing.failed = outcome
 

@@ -87,7 +87,7 @@ class Follower:
         self._upto: int | None = None
         self._then: Then = "end"
         self._prev = 0
-        self._entries: list[Entry] = []
+        self._entries: list[Entry] | None = None
         source.joined(self)
 
     def express(self, write: ExpressWriter) -> None:
@@ -217,8 +217,8 @@ class Follower:
         if then == "beat":
             return EMPTY, True
         if then == "batch":
-            entries, self._entries = self._entries, []
-            return self._own(self._prev, entries), True
+            entries, self._entries = self._entries, None
+            return self._own(self._prev, entries or []), True
         return None, True
 
     def _taken(self, batch: Batch | None) -> tuple[Page | None, bool]:

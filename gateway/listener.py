@@ -60,7 +60,7 @@ class ClientConnection(RequestHandler):
         self._clients = clients
         self._count = count
         self._counted = False
-        self.over_cap = False  # read by refuse_over_cap: this connection is answered with a 503
+        self.over_cap = False  # read by refusal: this connection is answered with a 503
         self._header_deadline: asyncio.TimerHandle | None = None
         self._between_requests = True
 

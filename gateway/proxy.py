@@ -53,9 +53,10 @@ def rewrite_location(value: str, target: Target) -> str:
 
 def client_headers(resp: Answer, target: Target, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """The upstream's response headers as the client should get them."""
-    skip = _hop_by_hop(resp.headers) | {d.lower() for d in drop}
+    headers = resp.headers  # once: a leg's may be parsed anew on each read (LegResponse.headers)
+    skip = _hop_by_hop(headers) | {d.lower() for d in drop}
     out: CIMultiDict[str] = CIMultiDict()
-    for k, v in resp.headers.items():
+    for k, v in headers.items():
         lk = k.lower()
         if lk in skip:
             continue

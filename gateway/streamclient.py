@@ -159,9 +159,10 @@ class LegConnection(asyncio.Protocol):
             if 100 <= status < 200 and status != 101:
                 continue  # informational (100 Continue, 103 Early Hints): the answer follows
             self._start_body(status, headers, version11)
-            assert self._head is not None
-            if not self._head.done():
-                self._head.set_result((status, reason, headers, bytes(head)))
+            answered, self._head = self._head, None  # its result holds the parsed headers: not kept here
+            assert answered is not None
+            if not answered.done():
+                answered.set_result((status, reason, headers, head))
             rest, self._buf = self._buf, b""
             if rest:
                 self.data_received(rest)  # the body's first bytes (or bytes past an empty answer)
@@ -462,9 +463,9 @@ class LegResponse:
         return self._headers
 
     def attach(self, sink: Sink) -> LegResponse:
-        """Hand ``sink`` what was queued, then each read's payload as it arrives, until the ``with``
-        block around this ends. A sink that raises ends the leg with that error (``end`` raises it).
-        The response is its own context manager: a generator's would live as long as the leg."""
+        """Hand ``sink`` what was queued, then each read's payload as it arrives, until ``detach``
+        (or the end of a ``with`` block around this call: the response is its own context manager).
+        A sink that raises ends the leg with that error (``end`` raises it)."""
         self._headers = None  # see headers
         conn = self._conn
         queued = conn.take()
@@ -560,7 +561,6 @@ class StreamClient:
             conn = reused or await self._connect(origin, connect_timeout)
             try:
                 status, reason, parsed, head = await conn.send(data, read_timeout or 0.0)
-                conn._head = None  # its result holds the parsed headers: not for the leg's whole life
             except aiohttp.ServerDisconnectedError:
                 conn.close()
                 # A kept-alive connection the upstream closed as this request went out: a GET is

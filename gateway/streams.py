@@ -92,7 +92,6 @@ class StreamHandlers:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self.check_capacity()
-        # The upstream request's headers in the callable only: once sent, not kept for the stream's life.
         resp = await self._create_run(run, partial(self.forwarder.open_stream, request, target,
                                                    headers=self.forwarder.upstream_headers(request, drop=("Content-Length",))))
         if not is_event_stream(resp):
@@ -317,7 +316,7 @@ class StreamHandlers:
         headers.setdefault("Cache-Control", "no-store")
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
-        headers.clear()  # out has its own copy; this one would live in the callers' frames for hours
+        headers.clear()  # out has its own copy; this parameter would live as long as the stream
         loop = asyncio.get_running_loop()
         sent_at = 0.0  # when a filtered stream last wrote: it owes its client a heartbeat too
         try:

@@ -83,7 +83,7 @@ async def test_a_stream_and_its_replay_leave_no_reference_cycles_behind(
 
 async def test_an_idle_capture_waits_without_a_task_and_the_leg_s_end_takes_it_up_again(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    """Between a leg's reads its capture is parked (``Captures._park``): no task, no coroutine,
+    """While a leg is open its capture is parked (``Captures._park``): no task, no coroutine,
     for the hours an idle stream lasts. The leg's events still reach the log as they come, and
     its end starts the task again, which finishes the stream."""
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
@@ -107,3 +107,27 @@ async def test_an_idle_capture_waits_without_a_task_and_the_leg_s_end_takes_it_u
     assert not captures.live
     meta = await gw.gw.log.lookup(ing.key)
     assert meta is not None and meta.finished
+
+
+async def test_a_capture_stopped_as_its_leg_ends_lets_the_leg_go_even_before_its_task_began(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The leg's end starts the capture's task again; a stop that comes before that task's first
+    step (an orphaned run, a lost claim) cancels a task that never runs its clean-up, so the
+    capture must let go of the leg itself: its upstream connection slot is given back."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    async with http.post(f"{gw.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    captures = gw.gw.hub.captures
+    budget = gw.gw.upstreams.pools["default"].budgets["stream"]
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 2, "delay": 2}}) as resp:
+        seen = b""
+        while b"event: custom" not in seen:
+            seen += await resp.content.readany()
+        (ing,) = captures.live.values()
+        assert ing.parked is not None and budget.in_use == 1
+        ing.parked.end.set_result(None)  # the leg's end, as the connection reports it
+        await asyncio.sleep(0)  # the end's callback ran: the task is created, its first step not run
+        assert ing.task is not None and not ing.task.done()
+        assert await captures.stop(ing)
+        assert budget.in_use == 0 and ing.parked is None and not captures.live

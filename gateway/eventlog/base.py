@@ -281,7 +281,11 @@ class Feed:
         waiter = self.waiting(idle)
         if waiter is None:
             return True
-        await waiter
+        try:
+            await waiter
+        except BaseException:
+            self._waiter = None  # cancelled: nobody waits on this feed now
+            raise
         return self.woke()
 
     def waiting(self, idle: float) -> asyncio.Future[None] | None:
@@ -317,6 +321,7 @@ class Feed:
         self.overflowed = False
 
     def close(self) -> None:
+        self._waiter = None  # a wait of ``waiting`` cut short: the feed is done with either way
         self._owner.unlink(self)
 
 
