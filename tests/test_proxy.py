@@ -14,7 +14,7 @@ import aiohttp
 from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
-from tests.support.procs import free_port
+from tests.support.procs import free_port, refusing_port
 from tests.fake_upstream import FakeAgentServer
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
@@ -145,7 +145,8 @@ async def test_requests_spread_over_replicas(make_gateway: MakeGateway, tmp_path
 async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
         make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     good = await FakeAgentServer().start()
-    dead_port = free_port()
+    dead = refusing_port()  # held, not merely free: another test's server cannot take it meanwhile
+    dead_port = int(dead.getsockname()[1])
     try:
         gw = await make_gateway(gateway_config(tmp_path, {"default": {
             "urls": [f"http://127.0.0.1:{dead_port}", good.url],
@@ -156,9 +157,10 @@ async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
         pool = gw.gw.upstreams.pools["default"]
         assert [r.healthy for r in pool.replicas] == [False, True]
         # Bring a server up on the dead port: the health check puts it back.
+        dead.close()
         revived = await FakeAgentServer().start(port=dead_port)
         try:
-            for _ in range(50):
+            for _ in range(200):  # checks every 100 ms: a loaded machine may take a few
                 if pool.replicas[0].healthy:
                     break
                 await asyncio.sleep(0.05)
@@ -169,6 +171,7 @@ async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
         finally:
             await revived.stop()
     finally:
+        dead.close()
         await good.stop()
 
 

@@ -23,6 +23,14 @@ def die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
+def refusing_port() -> socket.socket:
+    """A loopback socket bound and not listening: connections to its port are refused, and no other
+    process can take the port while it is open (close it to start a server there)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now."""
     with socket.socket() as s:
