@@ -338,8 +338,12 @@ class LegConnection(asyncio.Protocol):
 
     def resume(self, who: Pauser) -> None:
         self._paused_by &= ~PAUSED_BY[who]
-        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if not self._paused_by:
+            # The upstream's silence counts from here: the pause was the gateway's, and the idle
+            # check that comes next would otherwise count it from the last byte before it.
+            self.last = self._loop.time()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
 
     def park(self) -> None:
         """Idle in the pool: any byte that arrives now is not an answer to anything (see data_received)."""

@@ -214,6 +214,30 @@ async def test_informational_answers_before_the_real_one_are_skipped(raw: RawSer
     client.close()
 
 
+async def test_the_idle_check_right_after_a_resume_does_not_count_the_pause(raw: RawServer) -> None:
+    """Paused by the gateway for longer than a read timeout, then resumed: the upstream's silence
+    counts from the resume. The leg's idle check can come right after it (CI met that race in
+    the test below); it must not see the pause as silence."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(raw, reader)
+        writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5])
+        await reader.read()
+
+    raw.script = script
+    client = StreamClient()
+    resp = await open_leg(client, raw, read_timeout=0.2)
+    with resp.attach(lambda _data: None):
+        resume = resp.pause()
+        await asyncio.sleep(0.5)
+        resume()
+        conn = resp._conn
+        conn._check_idle()  # the check that comes next, at once
+        assert conn.exc is None
+    resp.close()
+    client.close()
+
+
 async def test_a_silent_upstream_times_out_but_a_leg_the_gateway_paused_does_not(raw: RawServer) -> None:
     go = asyncio.Event()
 
