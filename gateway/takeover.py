@@ -54,11 +54,16 @@ class TakeOver:
                 continue
             if meta.endless:
                 if await self.presence.everywhere(meta.key) == 0:
-                    if await self.log.claim(meta.key):  # nobody watches it: released, re-opened when asked
+                    if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # (see below)
+                        # nobody watches it: released, re-opened when asked
                         await self.log.finish(meta.key, None)
                         await self.log.release(meta.key)
                     continue
-            if await self.log.claim(meta.key):  # else another replica was faster
+            # Claimed, and still nobody's capture here: a client's join (Hub._join) may have taken it
+            # over in this process while the claim was being written, and on a shared log a claim
+            # this process already holds is granted again. Two captures of one stream would each
+            # re-join the upstream and append every event twice.
+            if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # else another was faster
                 await self.adopt(meta)
 
     async def adopt(self, meta: StreamMeta) -> None:
