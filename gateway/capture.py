@@ -108,9 +108,7 @@ class Parked:
     capture waits like this for hours, and a task with its coroutines costs it ~1 KiB. The leg's
     end starts the task again (``Captures._unpark``)."""
 
-    resp: LegResponse
-    seam: Seam | SessionSeam | None
-    copy: _Copy
+    copy: _Copy  # the leg's copy into the log: it holds the leg (resp) and its seam
     end: asyncio.Future[None]
     failures: int  # the re-join budget spent so far
 
@@ -331,7 +329,7 @@ class Captures:
             while True:
                 try:
                     if landing is not None:
-                        copy, end, resp, landing = landing.copy, landing.end, landing.resp, None
+                        copy, end, resp, landing = landing.copy, landing.end, landing.copy.resp, None
                     else:
                         if resp is None:
                             if await self._ended(ing.key):
@@ -341,7 +339,7 @@ class Captures:
                         copy = self._attach(ing, resp, seam)
                         end = resp.end()
                         if not end.done():
-                            self._park(ing, Parked(resp, seam, copy, end, failures))
+                            self._park(ing, Parked(copy, end, failures))
                             parked, resp = True, None
                             return
                     await self._landed(ing, resp, copy, end)
@@ -399,7 +397,7 @@ class Captures:
         parked = ing.parked
         if parked is None or parked.end is not end:
             return  # stopped meanwhile (_let_go)
-        ing.task = asyncio.create_task(self._run(ing, parked.resp, parked.seam, parked), name=f"ingest:{ing.key}")
+        ing.task = asyncio.create_task(self._run(ing, parked.copy.resp, parked.copy.seam, parked), name=f"ingest:{ing.key}")
 
     def _halt(self, ing: Ingest) -> asyncio.Task[None] | None:
         """Stop a capture, whatever it is doing: lets go of a parked leg, cancels the task (whose
@@ -416,7 +414,7 @@ class Captures:
         parked, ing.parked = ing.parked, None
         if parked is None:
             return
-        resp = parked.resp
+        resp = parked.copy.resp
         resp.detach()
         ing.resume = None
         resp.release()
