@@ -365,12 +365,138 @@ record_entries(PyObject *self, PyObject *args)
     return read_record(first, obj, after, upto, 0);
 }
 
+
+/* The payload of a chunked body's next bytes, as gateway.streamclient.LegConnection._dechunk_py
+ * reads them. dechunk(buf, left, crlf, trailers, max_line) ->
+ *   (payload, consumed, left, crlf, trailers, ended), or None for anything the Python twin must
+ * say (a malformed chunk, a size too big for 60 bits). The state goes in and comes out whole, so
+ * on None the Python code starts from the same state. */
+static int
+hex_value(unsigned char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+static int
+is_space(unsigned char c) /* what bytes.strip() strips */
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\x0b' || c == '\x0c';
+}
+
+#define MAX_SPANS 64
+
+static PyObject *
+dechunk(PyObject *self, PyObject *args)
+{
+    PyObject *obj;
+    long long left_in;
+    int crlf, trailers;
+    Py_ssize_t max_line;
+    if (!PyArg_ParseTuple(args, "O!Lppn:dechunk", &PyBytes_Type, &obj, &left_in, &crlf, &trailers, &max_line))
+        return NULL;
+    const char *b = PyBytes_AS_STRING(obj);
+    Py_ssize_t end = PyBytes_GET_SIZE(obj), pos = 0, total = 0;
+    uint64_t left = (uint64_t)(left_in < 0 ? 0 : left_in);
+    Py_ssize_t starts_[MAX_SPANS], lens[MAX_SPANS];
+    int spans = 0, ended = 0;
+    while (pos < end) {
+        if (left) {
+            Py_ssize_t take = (uint64_t)(end - pos) < left ? end - pos : (Py_ssize_t)left;
+            if (spans == MAX_SPANS)
+                Py_RETURN_NONE; /* a read of many tiny chunks: the Python twin joins them */
+            starts_[spans] = pos;
+            lens[spans++] = take;
+            total += take;
+            pos += take;
+            left -= (uint64_t)take;
+            if (left)
+                break;
+            crlf = 1;
+        }
+        if (crlf) {
+            if (end - pos < 2)
+                break;
+            if (b[pos] != '\r' || b[pos + 1] != '\n')
+                Py_RETURN_NONE;
+            pos += 2;
+            crlf = 0;
+        }
+        const char *eolp = NULL;
+        for (Py_ssize_t i = pos; i + 1 < end; i++) {
+            if (b[i] == '\r' && b[i + 1] == '\n') {
+                eolp = b + i;
+                break;
+            }
+        }
+        if (eolp == NULL) {
+            if (end - pos > max_line)
+                Py_RETURN_NONE;
+            break;
+        }
+        Py_ssize_t ls = pos, le = eolp - b;
+        pos = le + 2;
+        if (trailers) {
+            if (le == ls) {
+                ended = 1;
+                break;
+            }
+            continue;
+        }
+        for (Py_ssize_t i = ls; i < le; i++) {
+            if (b[i] == ';') {
+                le = i;
+                break;
+            }
+        }
+        while (ls < le && is_space((unsigned char)b[ls]))
+            ls++;
+        while (le > ls && is_space((unsigned char)b[le - 1]))
+            le--;
+        if (le == ls || le - ls > 15)
+            Py_RETURN_NONE;
+        uint64_t size = 0;
+        for (Py_ssize_t i = ls; i < le; i++) {
+            int h = hex_value((unsigned char)b[i]);
+            if (h < 0)
+                Py_RETURN_NONE;
+            size = (size << 4) | (uint64_t)h;
+        }
+        left = size;
+        if (!left)
+            trailers = 1;
+    }
+    PyObject *payload;
+    if (spans == 1) {
+        payload = PyBytes_FromStringAndSize(b + starts_[0], lens[0]);
+    } else {
+        payload = PyBytes_FromStringAndSize(NULL, total);
+        if (payload != NULL) {
+            char *d = PyBytes_AS_STRING(payload);
+            for (int i = 0; i < spans; i++) {
+                memcpy(d, b + starts_[i], (size_t)lens[i]);
+                d += lens[i];
+            }
+        }
+    }
+    if (payload == NULL)
+        return NULL;
+    return Py_BuildValue("(NnKOOO)", payload, pos, (unsigned long long)left, crlf ? Py_True : Py_False,
+                         trailers ? Py_True : Py_False, ended ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
     {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
     {"frame_entries", frame_entries, METH_O, "Wire bytes for stored events with their gateway ids."},
     {"decode_record", decode_record, METH_VARARGS, "The events of a record, or None when it is damaged."},
+    {"dechunk", dechunk, METH_VARARGS, "The payload of a chunked body's next bytes and the state after, or None."},
     {NULL, NULL, 0, NULL},
 };
 

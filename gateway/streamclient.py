@@ -28,6 +28,8 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway import native
+
 # A response head larger than this is refused (aiohttp's own limit is 8 KiB a line).
 MAX_HEAD_BYTES = 64 * 1024
 # A chunk-size line longer than this is not a chunk-size line.
@@ -215,6 +217,20 @@ class LegConnection(asyncio.Protocol):
         """The payload of the chunks in ``data`` (with what an earlier read left unparsed), and
         whether the body ended in it."""
         buf = self._buf + data if self._buf else data
+        # The same state machine in C (a token's chunk: 14% of the loop's Python time), which
+        # counts a chunk's size in 60 bits and hands anything bigger to Python.
+        if native.ON and self._left < 1 << 60:
+            got = native.dechunk(buf, self._left, self._crlf, self._trailers, MAX_CHUNK_LINE)
+            if got is not None:
+                payload, pos, self._left, self._crlf, self._trailers, ended = got
+                if ended and pos < len(buf):
+                    self.reusable = False  # bytes after the body: the connection is not clean
+                self._buf = buf[pos:] if pos < len(buf) and not ended else b""
+                return payload, ended
+        return self._dechunk_py(buf)
+
+    def _dechunk_py(self, buf: bytes) -> tuple[bytes, bool]:
+        """``_dechunk`` in Python: also what says how a malformed body is malformed."""
         pos, end = 0, len(buf)
         out: list[bytes] = []
         while pos < end:

@@ -24,6 +24,7 @@ from gateway import native
 from gateway.eventlog.base import StorageDamaged
 from gateway.eventlog.records import decode, decode_py, encode, encode_py, entries_in, entries_in_py
 from gateway.sse import Event, Parser, SSEProtocolError, frame, frame_py
+from gateway.streamclient import LegConnection
 
 needs_c = pytest.mark.skipif(not native.ON, reason="the C extension is not built here (or GATEWAY_PURE_PYTHON)")
 
@@ -142,6 +143,59 @@ def test_a_truncated_record_is_damaged_in_c_too() -> None:
 @given(entries=st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=30)), max_size=20))
 def test_the_wire_framing_is_the_same(entries: list[tuple[int, bytes]]) -> None:
     assert frame(entries) == frame_py(entries)
+
+
+# One chunk of a chunked body as upstreams (and broken upstreams) write them.
+_chunk = st.one_of(
+    st.builds(lambda p: b"%x\r\n%s\r\n" % (len(p), p), st.binary(min_size=1, max_size=40)),
+    st.builds(lambda p: b"%X;ext=1 \r\n%s\r\n" % (len(p), p), st.binary(min_size=1, max_size=40)),
+    st.builds(lambda p: b"  000%x \r\n%s\r\n" % (len(p), p), st.binary(min_size=1, max_size=40)),
+    st.just(b"1\r\nab\r\n"),  # longer than announced: no CRLF where due
+    st.just(b"zz\r\n"),  # not a size
+    st.just(b"\r\n"),  # an empty size line
+    st.just(b"1_0\r\n"),  # int() would take it, HTTP does not
+    st.just(b"10000000000000000\r\n"),  # more hex digits than C takes: Python says it
+    st.just(b"5" * 1100),  # a size line without an end
+)
+_last = st.sampled_from([b"", b"0\r\n\r\n", b"0\r\nX-Trailer: 1\r\n\r\n", b"0\r\n\r\nextra"])
+
+
+def _dechunked(reads: list[bytes]) -> tuple[list[tuple[bytes, bool]], str | None, tuple[object, ...]]:
+    conn = LegConnection.__new__(LegConnection)
+    conn._reset()
+    out: list[tuple[bytes, bool]] = []
+    error = None
+    for data in reads:
+        try:
+            payload, ended = conn._dechunk(data)
+        except ValueError as exc:
+            error = str(exc)
+            break
+        out.append((payload, ended))
+        if ended:
+            break
+    return out, error, (conn._buf, conn._left, conn._crlf, conn._trailers, conn.reusable)
+
+
+@needs_c
+@settings(max_examples=400, deadline=None)
+@given(chunks=st.lists(_chunk, max_size=12), last=_last, cuts=st.lists(st.integers(0, 2000), max_size=8))
+def test_a_chunked_body_reads_the_same_in_c_and_in_python(chunks: list[bytes], last: bytes, cuts: list[int]) -> None:
+    data = b"".join(chunks) + last
+    edges = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    reads = [data[a:b] for a, b in zip(edges, edges[1:])]
+    in_c = _dechunked(reads)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(native, "ON", False)
+        in_python = _dechunked(reads)
+    assert in_c == in_python
+
+
+@needs_c
+def test_a_token_s_chunk_is_read_in_c() -> None:
+    """Guards the speed-up itself: a canonical chunk never falls back to the Python twin."""
+    assert native.dechunk(b"5\r\nhello\r\n3\r\nabc", 0, False, False, 1024) == (b"helloabc", 16, 0, True, False, False)
+    assert native.dechunk(b"\r\n0\r\n\r\n", 0, True, False, 1024) == (b"", 7, 0, False, True, True)
 
 
 def test_the_extension_is_built_where_a_compiler_is() -> None:
