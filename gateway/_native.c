@@ -490,12 +490,41 @@ dechunk(PyObject *self, PyObject *args)
                          trailers ? Py_True : Py_False, ended ? Py_True : Py_False);
 }
 
+
+/* clone(obj) -> a shallow copy of an instance of a Python class derived straight from object with
+ * only slots (no __dict__, no __weakref__), or None for any other object. The slots follow the object
+ * header, a PyObject* each (an unset one is NULL and stays unset). A stream's metadata is copied
+ * this way on every chunk (gateway.eventlog.base.StreamMeta.advanced). */
+static PyObject *
+clone_slots(PyObject *self, PyObject *obj)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    /* A class written in Python straight on object: nothing but its slots after the header. */
+    if (!(tp->tp_flags & Py_TPFLAGS_HEAPTYPE) || tp->tp_base != &PyBaseObject_Type ||
+        tp->tp_dictoffset != 0 || tp->tp_weaklistoffset != 0 || tp->tp_itemsize != 0 ||
+        tp->tp_alloc == NULL || tp->tp_basicsize < (Py_ssize_t)sizeof(PyObject) ||
+        (tp->tp_basicsize - (Py_ssize_t)sizeof(PyObject)) % (Py_ssize_t)sizeof(PyObject *) != 0)
+        Py_RETURN_NONE;
+    Py_ssize_t n = (tp->tp_basicsize - (Py_ssize_t)sizeof(PyObject)) / (Py_ssize_t)sizeof(PyObject *);
+    PyObject *new = tp->tp_alloc(tp, 0);
+    if (new == NULL)
+        return NULL;
+    PyObject **src = (PyObject **)((char *)obj + sizeof(PyObject));
+    PyObject **dst = (PyObject **)((char *)new + sizeof(PyObject));
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_XINCREF(src[i]);
+        dst[i] = src[i];
+    }
+    return new;
+}
+
 static PyMethodDef methods[] = {
     {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
     {"frame_entries", frame_entries, METH_O, "Wire bytes for stored events with their gateway ids."},
     {"decode_record", decode_record, METH_VARARGS, "The events of a record, or None when it is damaged."},
+    {"clone", clone_slots, METH_O, "A shallow copy of an instance with only slots, or None."},
     {"dechunk", dechunk, METH_VARARGS, "The payload of a chunked body's next bytes and the state after, or None."},
     {NULL, NULL, 0, NULL},
 };

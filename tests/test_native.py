@@ -198,6 +198,29 @@ def test_a_token_s_chunk_is_read_in_c() -> None:
     assert native.dechunk(b"\r\n0\r\n\r\n", 0, True, False, 1024) == (b"", 7, 0, False, True, True)
 
 
+@needs_c
+def test_a_slotted_object_is_cloned_whole_and_anything_else_is_refused() -> None:
+    class Slotted:
+        __slots__ = ("a", "b", "unset")
+
+    class Plain:
+        pass
+
+    held = object()
+    obj = Slotted()
+    obj.a, obj.b = held, "b"
+    before = sys.getrefcount(held)
+    copy = native.clone(obj)
+    assert sys.getrefcount(held) == before + 1  # the copy holds its own reference
+    assert isinstance(copy, Slotted) and copy is not obj
+    assert copy.a is held and copy.b == "b" and not hasattr(copy, "unset")
+    class Derived(Slotted):
+        __slots__ = ("c",)
+
+    assert native.clone(Plain()) is None and native.clone(Derived()) is None
+    assert native.clone([1]) is None and native.clone("s") is None and native.clone(1.5) is None
+
+
 def test_the_extension_is_built_where_a_compiler_is() -> None:
     """Guards the build: `pip install` must not have fallen back to Python silently here."""
     if shutil.which("cc") is None and shutil.which("gcc") is None:

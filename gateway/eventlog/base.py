@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequenc
 
 import orjson
 
+from gateway import native
 from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
@@ -156,12 +157,18 @@ def _unrolled_advanced() -> Callable[..., StreamMeta]:
     """``StreamMeta.advanced`` as straight-line code: one slot store per field, no loop, no
     getattr by name. It runs once per chunk of every captured stream (once per token): 1.0 us
     against 3.7 for a loop over the fields with getattr and object.__setattr__ (21 fields). It is
-    built from the dataclass's own fields, so a new field is copied without anyone remembering to."""
+    built from the dataclass's own fields, so a new field is copied without anyone remembering to
+    (with the C extension, ``native.clone`` copies them all)."""
     moved = {"head": "head", "count": "count", "size": "size", "last_upstream_id": "last_upstream_id",
              "last_event": "last_event", "updated_at": "now"}
-    env: dict[str, Any] = {"_new": object.__new__, "_cls": StreamMeta}
-    lines = ["def advanced(self, head, count, size, last_upstream_id, last_event, now):", "    new = _new(_cls)"]
+    env: dict[str, Any] = {"_new": object.__new__, "_cls": StreamMeta, "_clone": native.clone}
+    lines = ["def advanced(self, head, count, size, last_upstream_id, last_event, now):"]
+    # In C, the copy of every slot is one call and only the six that move are set here: ~3x cheaper.
+    copied = native.ON and native.clone(StreamMeta("k", "run", "u", "/")) is not None
+    lines.append("    new = _clone(self)" if copied else "    new = _new(_cls)")
     for name in _SLOTS:
+        if copied and name not in moved:
+            continue
         env[f"_set_{name}"] = getattr(StreamMeta, name).__set__  # the slot's own descriptor
         lines.append(f"    _set_{name}(new, {moved.get(name, 'self.' + name)})")
     lines.append("    return new")
