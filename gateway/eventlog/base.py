@@ -184,7 +184,10 @@ setattr(StreamMeta, "advanced", _unrolled_advanced())
 FeedKind = Literal["events", "end", "beat", "cut"]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: made once per committed chunk, and a frozen dataclass's __init__ (a call of
+# object.__setattr__ per field) cost several times a plain one. Every follower of the stream shares
+# the one Batch: nothing changes it once made.
+@dataclass(slots=True, eq=False)
 class Batch:
     """What a stream's live feed carries: committed events, or a notice about the stream.
 
@@ -378,7 +381,11 @@ class LocalFeeds:
         feeds = self._feeds.get(key)
         if not feeds:
             return 0
-        return sum(1 for f in feeds if not f.push(batch))
+        overflowed = 0
+        for feed in feeds:  # a loop, not sum() over a generator: this runs per committed chunk
+            if not feed.push(batch):
+                overflowed += 1
+        return overflowed
 
     def following(self, key: str) -> bool:
         return key in self._feeds
