@@ -246,10 +246,17 @@ done:
     return result;
 }
 
-/* frame_entries(entries) -> b"".join(body + b"id: %d\n\n" % seq for seq, body in entries) */
+/* frame_entries(entries, chunked=False) -> b"".join(body + b"id: %d\n\n" % seq for seq, body in entries),
+ * with chunked: those bytes as one chunk of a chunked body (b"%x\r\n%s\r\n"; b"" for no entries, as an
+ * empty chunk would end the body). */
+#define CHUNK_HEAD 18 /* room for up to 16 hex digits and CRLF */
 static PyObject *
-frame_entries(PyObject *self, PyObject *arg)
+frame_entries(PyObject *self, PyObject *args)
 {
+    PyObject *arg;
+    int chunked = 0;
+    if (!PyArg_ParseTuple(args, "O|p:frame_entries", &arg, &chunked))
+        return NULL;
     PyObject *seq = PySequence_Fast(arg, "entries must be a sequence");
     if (seq == NULL)
         return NULL;
@@ -266,12 +273,17 @@ frame_entries(PyObject *self, PyObject *arg)
         }
         room += PyBytes_GET_SIZE(PyTuple_GET_ITEM(e, 1)) + 4 + 21 + 2; /* body, "id: ", digits, "\n\n" */
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, room);
+    if (chunked && count == 0) {
+        Py_DECREF(seq);
+        return PyBytes_FromStringAndSize(NULL, 0);
+    }
+    Py_ssize_t head = chunked ? CHUNK_HEAD : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, head + room + (chunked ? 2 : 0));
     if (out == NULL) {
         Py_DECREF(seq);
         return NULL;
     }
-    char *d = PyBytes_AS_STRING(out);
+    char *start = PyBytes_AS_STRING(out), *d = start + head;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *body = PyTuple_GET_ITEM(items[i], 1);
         long long s = PyLong_AsLongLong(PyTuple_GET_ITEM(items[i], 0));
@@ -286,7 +298,17 @@ frame_entries(PyObject *self, PyObject *arg)
         d += sprintf(d, "id: %lld\n\n", s);
     }
     Py_DECREF(seq);
-    if (_PyBytes_Resize(&out, d - PyBytes_AS_STRING(out)) < 0)
+    if (chunked) {
+        /* The chunk's size line goes right before the data, which moves left to meet it. */
+        char line[CHUNK_HEAD + 1];
+        int n = snprintf(line, sizeof line, "%zx\r\n", (size_t)(d - start - head));
+        memmove(start + n, start + head, (size_t)(d - start - head));
+        memcpy(start, line, (size_t)n);
+        d -= head - n;
+        *d++ = '\r';
+        *d++ = '\n';
+    }
+    if (_PyBytes_Resize(&out, d - start) < 0)
         return NULL;
     return out;
 }
@@ -522,7 +544,7 @@ static PyMethodDef methods[] = {
     {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
-    {"frame_entries", frame_entries, METH_O, "Wire bytes for stored events with their gateway ids."},
+    {"frame_entries", frame_entries, METH_VARARGS, "Wire bytes for stored events with their gateway ids."},
     {"decode_record", decode_record, METH_VARARGS, "The events of a record, or None when it is damaged."},
     {"clone", clone_slots, METH_O, "A shallow copy of an instance with only slots, or None."},
     {"dechunk", dechunk, METH_VARARGS, "The payload of a chunked body's next bytes and the state after, or None."},

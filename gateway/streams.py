@@ -323,7 +323,7 @@ class StreamHandlers:
             await start_response(request, out)
             out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
             sent_at = loop.time()
-            if keep is None and framer is frame and (write := express_writer(request, frame)) is not None:
+            if keep is None and framer is frame and (write := express_writer(request)) is not None:
                 follower.express(write)  # a filtered stream owes heartbeats by time: it stays on the task
             async for page in follower.pages():
                 if not page:

@@ -140,9 +140,11 @@ def test_a_truncated_record_is_damaged_in_c_too() -> None:
 
 @needs_c
 @settings(max_examples=200, deadline=None)
-@given(entries=st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=30)), max_size=20))
+@given(entries=st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=300)), max_size=20))
 def test_the_wire_framing_is_the_same(entries: list[tuple[int, bytes]]) -> None:
     assert frame(entries) == frame_py(entries)
+    data = frame_py(entries)
+    assert native.frame_entries(entries, True) == (b"%x\r\n%s\r\n" % (len(data), data) if entries else b"")
 
 
 # One chunk of a chunked body as upstreams (and broken upstreams) write them.
