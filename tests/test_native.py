@@ -204,6 +204,8 @@ def test_a_token_s_chunk_is_read_in_c() -> None:
 def test_a_slotted_object_is_cloned_whole_and_anything_else_is_refused() -> None:
     class Slotted:
         __slots__ = ("a", "b", "unset")
+        a: object
+        b: str
 
     class Plain:
         pass
@@ -216,6 +218,7 @@ def test_a_slotted_object_is_cloned_whole_and_anything_else_is_refused() -> None
     assert sys.getrefcount(held) == before + 1  # the copy holds its own reference
     assert isinstance(copy, Slotted) and copy is not obj
     assert copy.a is held and copy.b == "b" and not hasattr(copy, "unset")
+
     class Derived(Slotted):
         __slots__ = ("c",)
 
