@@ -56,27 +56,15 @@ append_event(PyObject *events, PyObject *body, PyObject *uid)
     return rc;
 }
 
-/* One block between blank lines. 1: handled; 0: not canonical (the Python path takes the buffer);
- * -1: error set. */
+/* One block between blank lines, its leading blank line already skipped: n bytes with nl line ends
+ * (at most 2), the first and last of them at first and last. 1: handled; 0: not canonical (the
+ * Python path takes the buffer); -1: error set. */
 static int
-take_block(const char *b, Py_ssize_t n, PyObject *events, long *comments)
+take_block(const char *b, Py_ssize_t n, int nl, Py_ssize_t first, Py_ssize_t last, PyObject *events,
+           long *comments)
 {
-    while (n > 0 && b[0] == '\n') { /* extra blank lines between events */
-        b++;
-        n--;
-    }
     if (n == 0)
         return 1;
-    Py_ssize_t nl = 0, first = -1, last = -1;
-    for (const char *p = memchr(b, '\n', (size_t)n); p != NULL;
-         p = memchr(p + 1, '\n', (size_t)(n - (p + 1 - b)))) {
-        Py_ssize_t at = p - b;
-        if (first < 0)
-            first = at;
-        last = at;
-        if (++nl > 2)
-            return 0;
-    }
     if (nl == 0) {
         if (starts(b, n, "data: ", 6))
             return append_event(events, with_lf(b, n), Py_NewRef(Py_None)) < 0 ? -1 : 1;
@@ -101,7 +89,11 @@ take_block(const char *b, Py_ssize_t n, PyObject *events, long *comments)
     return append_event(events, body, uid) < 0 ? -1 : 1;
 }
 
-/* split_events(buf, max_event) -> (events, tail_start, comments) | None */
+/* split_events(buf, max_event) -> (events, tail_start, comments) | None
+ *
+ * Blocks are what lies between the "\n\n"s of buf[:end] (end: the last "\n\n"), found left to right
+ * as bytes.find would. One pass of memchr over the line ends finds both a block's end and its
+ * lines: a token's event is read once, not once for its end and again for its lines. */
 static PyObject *
 split_events(PyObject *self, PyObject *args)
 {
@@ -128,20 +120,41 @@ split_events(PyObject *self, PyObject *args)
         return Py_BuildValue("(Nnl)", events, (Py_ssize_t)0, comments);
     Py_ssize_t p = 0;
     for (;;) {
-        const char *q = memmem(buf + p, (size_t)(end - p), "\n\n", 2);
-        Py_ssize_t stop = q != NULL ? q - buf : end;
+        if (p + 1 < end && buf[p] == '\n' && buf[p + 1] == '\n') { /* an empty block */
+            p += 2;
+            continue;
+        }
+        /* A block begins with at most one blank line (two would have ended the block before). */
+        Py_ssize_t start = p < end && buf[p] == '\n' ? p + 1 : p, stop = end, first = -1, last = -1;
+        int nl = 0, found = 0;
+        for (const char *c = start < end ? memchr(buf + start, '\n', (size_t)(end - start)) : NULL; c != NULL;
+             c = memchr(c + 1, '\n', (size_t)(end - (c + 1 - buf)))) {
+            Py_ssize_t at = c - buf;
+            if (at + 1 < end && buf[at + 1] == '\n') {
+                stop = at;
+                found = 1;
+                break;
+            }
+            if (++nl > 2) { /* not a canonical event: the Python path takes the buffer */
+                Py_DECREF(events);
+                Py_RETURN_NONE;
+            }
+            if (first < 0)
+                first = at - start;
+            last = at - start;
+        }
         if (stop - p > max_event) { /* the Python path raises the error */
             Py_DECREF(events);
             Py_RETURN_NONE;
         }
-        int rc = take_block(buf + p, stop - p, events, &comments);
+        int rc = take_block(buf + start, stop - start, nl, first, last, events, &comments);
         if (rc <= 0) {
             Py_DECREF(events);
             if (rc < 0)
                 return NULL;
             Py_RETURN_NONE;
         }
-        if (q == NULL)
+        if (!found)
             break;
         p = stop + 2;
     }
@@ -246,6 +259,29 @@ done:
     return result;
 }
 
+/* b"id: %d\n\n" % s at d; returns the end. A digit loop, not sprintf: this runs once per event per
+ * client, and sprintf's format parsing cost more than the copy of the event itself. */
+static char *
+put_id(char *d, long long s)
+{
+    char digits[24];
+    int n = 0;
+    unsigned long long v = s < 0 ? 0ULL - (unsigned long long)s : (unsigned long long)s;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    memcpy(d, "id: ", 4);
+    d += 4;
+    if (s < 0)
+        *d++ = '-';
+    while (n)
+        *d++ = digits[--n];
+    *d++ = '\n';
+    *d++ = '\n';
+    return d;
+}
+
 /* frame_entries(entries, chunked=False) -> b"".join(body + b"id: %d\n\n" % seq for seq, body in entries),
  * with chunked: those bytes as one chunk of a chunked body (b"%x\r\n%s\r\n"; b"" for no entries, as an
  * empty chunk would end the body). */
@@ -295,7 +331,7 @@ frame_entries(PyObject *self, PyObject *args)
         Py_ssize_t blen = PyBytes_GET_SIZE(body);
         memcpy(d, PyBytes_AS_STRING(body), (size_t)blen);
         d += blen;
-        d += sprintf(d, "id: %lld\n\n", s);
+        d = put_id(d, s);
     }
     Py_DECREF(seq);
     if (chunked) {
