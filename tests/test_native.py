@@ -140,7 +140,7 @@ def test_a_truncated_record_is_damaged_in_c_too() -> None:
 
 @needs_c
 @settings(max_examples=200, deadline=None)
-@given(entries=st.lists(st.tuples(st.integers(0, 2**63 - 1), st.binary(max_size=300)), max_size=20))
+@given(entries=st.lists(st.tuples(st.integers(-2**63, 2**63 - 1), st.binary(max_size=300)), max_size=20))
 def test_the_wire_framing_is_the_same(entries: list[tuple[int, bytes]]) -> None:
     assert frame(entries) == frame_py(entries)
     data = frame_py(entries)
