@@ -476,22 +476,6 @@ class LmdbEventLog(EventLog):
 
     # --- writes ------------------------------------------------------------------------------
 
-    def _stage_events(self, batch: _Batch, meta: StreamMeta, events: Sequence[Event]) -> tuple[StreamMeta, list[Entry]]:
-        if not events:
-            return meta, []
-        first = self._seq + 1
-        now = time.time()
-        enc = encode(events, int(now * 1000), first)
-        key = _prefix(meta.key) + first.to_bytes(8, "big")
-        batch.events.append((key, enc.record))
-        batch.count += enc.count
-        batch.nbytes += enc.nbytes
-        self._seq = batch.seq = first + enc.count - 1
-        batch.size_delta += len(key) + len(enc.record)
-        staged = meta.advanced(batch.seq, meta.count + enc.count, meta.size + len(key) + len(enc.record),
-                               enc.last_upstream_id or meta.last_upstream_id, enc.last_event, now)
-        return staged, enc.entries
-
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:
         return self._submit(self._staged_batch(key, events, end=False, end_reason=None))
 
@@ -505,17 +489,30 @@ class LmdbEventLog(EventLog):
         return entries
 
     def _staged_batch(self, key: str, events: Sequence[Event], *, end: bool, end_reason: EndReason | None) -> _Batch:
+        """A batch appending ``events`` to ``key`` (and ending it, with ``end``), staged: its seqs
+        assigned, the stream's metadata as it will be once it commits. Once per chunk, i.e. per
+        token: one function, each part built once and handed to the batch whole."""
         meta = self._staged.get(key)
         if meta is None:
             raise StorageError(f"stream {key} is not held (evicted or never begun)")
         if key in self._broken:
             raise StorageError(f"stream {key} stopped at a failed commit: {self.failure or 'storage error'}")
-        batch = _Batch(key=key, hot=not end)
-        staged, entries = self._stage_events(batch, meta, events)
+        if events:
+            first = self._seq + 1
+            now = time.time()
+            enc = encode(events, int(now * 1000), first)
+            record_key = _prefix(key) + first.to_bytes(8, "big")
+            self._seq = seq = first + enc.count - 1
+            size = len(record_key) + len(enc.record)
+            meta = meta.advanced(seq, meta.count + enc.count, meta.size + size,
+                                 enc.last_upstream_id or meta.last_upstream_id, enc.last_event, now)
+            batch = _Batch(key=key, events=[(record_key, enc.record)], seq=seq, count=enc.count, nbytes=enc.nbytes,
+                           size_delta=size, result=enc.entries, hot=not end)
+        else:
+            batch = _Batch(key=key, result=[], hot=not end)
         if end:
-            staged = replace(staged, open=False, end=end_reason, updated_at=time.time())
-        self._staged[key] = batch.metas[key] = staged
-        batch.result = entries
+            meta = replace(meta, open=False, end=end_reason, updated_at=time.time())
+        self._staged[key] = batch.metas[key] = meta
         return batch
 
     def _submit(self, batch: _Batch) -> asyncio.Future[Any]:
