@@ -342,6 +342,73 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
     assert sup.terminate() == 0
 
 
+
+def _children(pid: int) -> list[int]:
+    out = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in out.read_text().split()] if out.exists() else []
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no such process, or a zombie no one has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def workers_config(tmp_path: Path, upstream: str) -> Path:
+    return replica_config(tmp_path, "w", upstream, {"backend": "lmdb", "shared": "true",
+                                                     "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"})
+
+
+async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one_too(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """SIGTERM in the second between a worker's death and its restart: the worker started then
+    is stopped too, and the supervisor exits, instead of waiting forever on a worker it never told."""
+    import os
+    import signal
+
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    assert sup.proc is not None
+    for _ in range(100):
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    victim = _children(sup.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(200):  # reaped, not yet started again: the supervisor waits out its restart delay
+        if len(now := _children(sup.proc.pid)) == 1 and victim not in now:
+            break
+        await asyncio.sleep(0.01)
+    assert len(_children(sup.proc.pid)) == 1, "caught in the restart delay"
+    assert sup.terminate() == 0, sup.log_text()[-3000:]
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A supervisor SIGKILLed (OOM killer, kill -9) leaves no worker holding the port behind it."""
+    import os
+    import signal
+
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    assert sup.proc is not None
+    for _ in range(100):
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    workers = _children(sup.proc.pid)
+    assert len(workers) == 2
+    sup.kill()
+    for _ in range(300):
+        if all(_gone(w) for w in workers):
+            break
+        await asyncio.sleep(0.05)
+    left = [w for w in workers if not _gone(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)  # no stray process outlives the test, whatever it asserts
+    assert not left, "workers outlived their supervisor"
+
+
 async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the_run(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
         http: aiohttp.ClientSession) -> None:
