@@ -409,6 +409,55 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     assert not left, "workers outlived their supervisor"
 
 
+
+async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_would_stop(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """The port is taken: one process exits 1 at once; the supervisor too, instead of starting
+    workers that fail the same way every second forever (a service that looks up and serves nothing)."""
+    import socket
+
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", sup.port))
+        taken.listen()
+        sup.start()  # returns at once: the taken socket answers
+        assert sup.proc is not None
+        assert sup.proc.wait(20) == 1
+    text = sup.log_text()
+    assert "cannot listen" in text and "could not start" in text, text[-2000:]
+    assert "starting it again" not in text, text[-2000:]
+
+
+async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A crash loop (killed by the OOM killer as soon as it starts, say) backs off: the delay before
+    each restart doubles while the worker dies young, instead of a restart every second forever."""
+    import os
+    import signal
+
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    assert sup.proc is not None
+    for _ in range(100):
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    def first_worker() -> int | None:
+        return next((p for p in _children(sup.proc.pid)
+                     if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x000\x00")), None)
+
+    for _ in range(3):  # the same worker, each time it is started again
+        victim = first_worker()
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(400):
+            if first_worker() not in (None, victim):
+                break
+            await asyncio.sleep(0.05)
+    delays = [line.rsplit(" in ", 1)[1] for line in sup.log_text().splitlines() if "starting it again in" in line]
+    assert delays == ["1.0s", "2.0s", "4.0s"], sup.log_text()[-3000:]
+    assert sup.terminate() == 0
+
+
 async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the_run(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
         http: aiohttp.ClientSession) -> None:
