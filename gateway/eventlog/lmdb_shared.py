@@ -59,6 +59,8 @@ def _bytes(raw: Any) -> bytes | None:
 
 
 class SharedLmdbEventLog(LmdbEventLog):
+    _park_at_hand_over = False  # its writer waits for the other processes' commits: see there
+
     def __init__(self, cfg: Storage, *, on_commit: CommitObserver | None = None) -> None:
         super().__init__(cfg, on_commit=on_commit)
         self.takeover_interval = cfg.lease_ttl / 2
