@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.workers > 1 and args.worker_index is None:
         from gateway.workers import supervise
 
-        return supervise(list(sys.argv[1:] if argv is None else argv), cfg.workers)
+        return supervise(list(sys.argv[1:] if argv is None else argv), cfg.workers, cfg.shutdown_grace)
     if args.worker_index is not None:
         cfg = replace(cfg, worker_index=args.worker_index)
     from gateway.app import serve  # heavy imports only once the config is good

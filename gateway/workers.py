@@ -8,47 +8,36 @@ worker i has the admin listener on ``admin.port + i``. The supervisor only
 starts them, passes SIGTERM/SIGINT on, and starts a worker again when it dies
 (its streams are taken over by the others meanwhile, as for any replica): a second later the
 first time, later and later while it keeps dying young (``restart_delay``). A worker that cannot
-start (``cannot_start``) stops the supervisor, as one gateway process would have exited.
+start (``cannot_start``) stops the supervisor, as one gateway process would have exited. A worker
+still running ``STOP_MARGIN`` after its own shutdown grace is killed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger("gateway.workers")
 
 RESTART_DELAY = 1.0  # after a worker died, before it is started again; doubled while it keeps dying young
 RESTART_DELAY_MAX = 30.0
 UP_AFTER = 10.0  # a worker that lived this long was up: its death is not a crash loop
+STOP_MARGIN = 5.0  # past a worker's shutdown grace, before SIGKILL
 _TICK = 0.2
 _PR_SET_PDEATHSIG = 1
 # The exit statuses of gateway.cli: a config error, and a gateway that could not run (its storage
 # could not be opened, its port not bound).
 _EXIT_CONFIG = 2
 _EXIT_RUNTIME = 1
-
-
-def _stop_with_supervisor() -> None:
-    """``preexec_fn``: the kernel sends the worker SIGTERM when its supervisor dies, however it dies
-    (SIGKILL, the OOM killer), so no orphan keeps serving the port with no one to restart or stop it."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-@dataclass
-class _Worker:
-    index: int
-    proc: subprocess.Popen[bytes]
-    started: float
-    first: bool = True  # started with the supervisor, not started again after a death
-    young_deaths: int = 0  # deaths in a row, each within UP_AFTER of its start
-    restart_at: float | None = None  # dead: started again at this time
+_CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def restart_delay(young_deaths: int) -> float:
@@ -63,62 +52,139 @@ def cannot_start(exit_status: int, first: bool, lived: float) -> bool:
     return exit_status == _EXIT_CONFIG or (exit_status == _EXIT_RUNTIME and first and lived < UP_AFTER)
 
 
-def supervise(argv: list[str], workers: int) -> int:
-    """Run ``workers`` copies of the command line; returns the exit status for the supervisor."""
-    stopping: int | None = None  # the signal to pass on, once one came
-    told: set[int] = set()  # pids it was passed to
-    failed = False  # stopping because a worker cannot start
+class _StopWithParent:
+    """``preexec_fn``: the kernel sends the worker SIGTERM when its supervisor dies, however it dies
+    (SIGKILL, the OOM killer), so no orphan keeps serving the port with no one to restart or stop it.
+    A supervisor that died between the fork and the prctl is seen by the parent pid having changed."""
 
-    def pass_on() -> None:
-        # Also called from the loop: a signal that came while a worker was being started
-        # (inside Popen, or in the restart delay) reaches that worker once it is in ``crew``.
-        assert stopping is not None
-        for w in crew:
-            if w.restart_at is None and w.proc.poll() is None and w.proc.pid not in told:
-                told.add(w.proc.pid)
-                w.proc.send_signal(stopping)
+    def __init__(self) -> None:
+        self.parent = os.getpid()
+        self.prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = signum
-        pass_on()
+    def __call__(self) -> None:
+        if self.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != self.parent:
+            os._exit(_EXIT_RUNTIME)
 
-    def spawn(i: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-m", "gateway", *argv, "--worker-index", str(i)],
-                                preexec_fn=_stop_with_supervisor)
 
-    crew = [_Worker(i, spawn(i), time.monotonic()) for i in range(workers)]
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    log.info("supervising %d workers: %s", workers, ", ".join(str(w.proc.pid) for w in crew))
-    while True:
-        time.sleep(_TICK)
-        if stopping is not None:
-            pass_on()
-            if all(w.restart_at is not None or w.proc.poll() is not None for w in crew):
-                # A worker dead before the signal (and already logged) does not make the stop unclean.
-                clean = all(w.proc.returncode in (0, -signal.SIGTERM, -signal.SIGINT) for w in crew
-                            if w.proc.pid in told)
-                return 0 if clean and not failed else 1
-            continue
+@dataclass
+class _Worker:
+    index: int
+    proc: subprocess.Popen[bytes] | None  # None: not running (never started, or dead and waiting)
+    started: float = 0.0
+    first: bool = True  # not yet started again after a death
+    young_deaths: int = 0  # deaths in a row, each within UP_AFTER of its start
+    restart_at: float | None = None  # dead: started again at this time
+
+
+class Supervisor:
+    """Starts the workers, passes a stop on, starts dead ones again; ``run`` returns its exit status."""
+
+    def __init__(self, argv: list[str], workers: int, grace: float) -> None:
+        self.argv = argv
+        self.crew = [_Worker(i, None) for i in range(workers)]
+        self.grace = grace
+        self.stopping: int | None = None  # the signal to pass on, once one came
+        self.stop_deadline = 0.0
+        self.failed = False  # stopping because a worker cannot start, or did not stop
+        self.told: set[int] = set()  # pids the stop was passed to
+        self.preexec = _StopWithParent()
+
+    def _signalled(self, signum: int, _frame: FrameType | None) -> None:
+        # Only noted: the loop passes it on. Calling Popen.poll here could race the loop's own
+        # poll (the handler runs between its bytecodes) and signal a pid already reaped.
+        if self.stopping is None:
+            self.stopping = signum
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._signalled)
+        signal.signal(signal.SIGINT, self._signalled)
+        for w in self.crew:
+            if self.stopping is not None or not self._start(w):
+                break
+        log.info("supervising %d workers: %s", len(self.crew),
+                 ", ".join(str(w.proc.pid) for w in self.crew if w.proc is not None))
+        while True:
+            if self.stopping is not None:
+                status = self._stop_step()
+                if status is not None:
+                    return status
+            else:
+                self._watch()
+            time.sleep(_TICK)
+
+    def _start(self, w: _Worker) -> bool:
+        try:
+            w.proc = subprocess.Popen([sys.executable, "-m", "gateway", *self.argv, "--worker-index", str(w.index)],
+                                      preexec_fn=self.preexec)
+        except OSError as exc:  # fork failed (memory, process limit)
+            w.proc = None
+            if w.first:
+                log.error("worker %d could not be started (%s); stopping the others", w.index, exc)
+                self._fail()
+                return False
+            w.young_deaths += 1
+            w.restart_at = time.monotonic() + restart_delay(w.young_deaths)
+            log.error("worker %d could not be started (%s); trying again in %.1fs", w.index, exc,
+                      w.restart_at - time.monotonic())
+            return False
+        w.started, w.restart_at = time.monotonic(), None
+        return True
+
+    def _fail(self) -> None:
+        self.failed = True
+        if self.stopping is None:
+            self.stopping = signal.SIGTERM
+
+    def _watch(self) -> None:
         now = time.monotonic()
-        for w in crew:
-            if w.restart_at is not None:
-                if now >= w.restart_at:
-                    w.proc, w.started, w.restart_at, w.first = spawn(w.index), time.monotonic(), None, False
+        for w in self.crew:
+            if self.stopping is not None:
+                return  # a signal came meanwhile: nothing more is started
+            if w.proc is None:
+                if w.restart_at is not None and now >= w.restart_at:
+                    w.first = False
+                    self._start(w)
                 continue
             status = w.proc.poll()
             if status is None:
                 continue
             lived = now - w.started
+            w.proc = None
             if cannot_start(status, w.first, lived):
-                log.error("worker %d (pid %d) could not start (exit status %d); stopping the others",
-                          w.index, w.proc.pid, status)
-                failed = True
-                stop(signal.SIGTERM, None)
-                break
+                log.error("worker %d could not start (exit status %d); stopping the others", w.index, status)
+                self._fail()
+                return
             w.young_deaths = w.young_deaths + 1 if lived < UP_AFTER else 0
-            delay = restart_delay(w.young_deaths)
-            log.error("worker %d (pid %d) exited with %s after %.1fs; starting it again in %.1fs",
-                      w.index, w.proc.pid, status, lived, delay)
-            w.restart_at = now + delay
+            w.restart_at = now + restart_delay(w.young_deaths)
+            log.error("worker %d exited with %s after %.1fs; starting it again in %.1fs",
+                      w.index, status, lived, w.restart_at - now)
+
+    def _stop_step(self) -> int | None:
+        """Pass the stop on to every running worker not yet told; the exit status once all are gone."""
+        assert self.stopping is not None
+        now = time.monotonic()
+        if not self.told:
+            self.stop_deadline = now + self.grace + STOP_MARGIN
+        running = [w.proc for w in self.crew if w.proc is not None and w.proc.poll() is None]
+        for p in running:
+            if p.pid not in self.told:
+                self.told.add(p.pid)
+                p.send_signal(self.stopping)
+        if not running:
+            # A worker dead before the stop (and already logged) does not make it unclean.
+            told = [w.proc for w in self.crew if w.proc is not None and w.proc.pid in self.told]
+            clean = all(p.returncode in _CLEAN for p in told)
+            return 0 if clean and not self.failed else 1
+        if now >= self.stop_deadline:
+            for p in running:
+                log.error("worker pid %d still running %.0fs after it was told to stop; killing it",
+                          p.pid, self.grace + STOP_MARGIN)
+                p.kill()
+            self.failed = True
+            self.stop_deadline = float("inf")
+        return None
+
+
+def supervise(argv: list[str], workers: int, grace: float) -> int:
+    """Run ``workers`` copies of the command line; returns the exit status for the supervisor."""
+    return Supervisor(argv, workers, grace).run()

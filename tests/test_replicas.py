@@ -304,7 +304,8 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
     import signal
 
     cfg = replica_config(tmp_path, "w", fake_upstream.url, shared_storage)
-    sup = gateway_process("--config", str(cfg), "--workers", "2").start()
+    # Admin ports 0: worker 1 would take admin.port + 1, which a client connection may hold.
+    sup = gateway_process("--config", str(cfg), "--workers", "2", "--admin-port", "0").start()
     assert sup.proc is not None
 
     def children() -> list[int]:
@@ -356,9 +357,13 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def workers_config(tmp_path: Path, upstream: str) -> Path:
-    return replica_config(tmp_path, "w", upstream, {"backend": "lmdb", "shared": "true",
-                                                     "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"})
+def workers_config(tmp_path: Path, upstream: str, extra: str = "") -> Path:
+    """The config of ``--workers 2`` tests (run them with ``--admin-port 0``: worker 1 would take
+    admin.port + 1, an even port, which the kernel hands to outgoing connections)."""
+    cfg = replica_config(tmp_path, "w", upstream, {"backend": "lmdb", "shared": "true",
+                                                    "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"})
+    cfg.write_text(cfg.read_text() + extra)
+    return cfg
 
 
 async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one_too(
@@ -368,7 +373,8 @@ async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", "0").start()
     assert sup.proc is not None
     for _ in range(100):
         if len(_children(sup.proc.pid)) == 2:
@@ -390,7 +396,8 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", "0").start()
     assert sup.proc is not None
     for _ in range(100):
         if len(_children(sup.proc.pid)) == 2:
@@ -416,7 +423,8 @@ async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_woul
     workers that fail the same way every second forever (a service that looks up and serves nothing)."""
     import socket
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2")
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", "0")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", sup.port))
         taken.listen()
@@ -435,15 +443,21 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2").start()
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", "0").start()
     assert sup.proc is not None
     for _ in range(100):
         if len(_children(sup.proc.pid)) == 2:
             break
         await asyncio.sleep(0.05)
     def first_worker() -> int | None:
-        return next((p for p in _children(sup.proc.pid)
-                     if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x000\x00")), None)
+        for p in _children(sup.proc.pid):
+            try:
+                if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x000\x00"):
+                    return p
+            except FileNotFoundError:  # reaped since it was listed
+                pass
+        return None
 
     for _ in range(3):  # the same worker, each time it is started again
         victim = first_worker()
@@ -456,6 +470,28 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
     delays = [line.rsplit(" in ", 1)[1] for line in sup.log_text().splitlines() if "starting it again in" in line]
     assert delays == ["1.0s", "2.0s", "4.0s"], sup.log_text()[-3000:]
     assert sup.terminate() == 0
+
+
+
+async def test_a_worker_that_does_not_stop_is_killed_after_its_grace(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A worker that hangs at shutdown (here: frozen) is killed once its shutdown grace and
+    STOP_MARGIN are over, and the supervisor says so (exit 1) instead of waiting forever."""
+    import os
+    import signal
+
+    cfg = workers_config(tmp_path, fake_upstream.url, "shutdown_grace: 200ms\n")
+    sup = gateway_process("--config", str(cfg), "--workers", "2", "--admin-port", "0").start()
+    assert sup.proc is not None
+    for _ in range(100):
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    frozen, other = _children(sup.proc.pid)
+    os.kill(frozen, signal.SIGSTOP)
+    assert sup.terminate(timeout=30) == 1
+    assert _gone(frozen) and _gone(other)
+    assert "still running" in sup.log_text(), sup.log_text()[-2000:]
 
 
 async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the_run(
