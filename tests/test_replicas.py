@@ -303,25 +303,18 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
     import os
     import signal
 
-    cfg = replica_config(tmp_path, "w", fake_upstream.url, shared_storage)
-    # Admin ports 0: worker 1 would take admin.port + 1, which a client connection may hold.
-    sup = gateway_process("--config", str(cfg), "--workers", "2", "--admin-port", "0").start()
+    sup, workers = await two_workers(gateway_process, replica_config(tmp_path, "w", fake_upstream.url, shared_storage))
     assert sup.proc is not None
+    pid = sup.proc.pid
 
     def children() -> list[int]:
-        out = Path(f"/proc/{sup.proc.pid}/task/{sup.proc.pid}/children")
-        return [int(p) for p in out.read_text().split()] if out.exists() else []
+        return _children(pid)
 
-    for _ in range(100):
-        if len(children()) == 2:
-            break
-        await asyncio.sleep(0.05)
-    assert len(children()) == 2, "two workers behind one port"
     resp = await start_run(http, sup.url, 80)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=10)
     resp.close()
-    victim = children()[0]
+    victim = workers[0]
     os.kill(victim, signal.SIGKILL)  # its streams are taken over by the other, and it is started again
     got = list(seen)
     while len(got) < 81:
@@ -366,6 +359,19 @@ def workers_config(tmp_path: Path, upstream: str, extra: str = "") -> Path:
     return cfg
 
 
+async def two_workers(gateway_process: Any, cfg: Path) -> tuple[GatewayProcess, list[int]]:
+    """A supervisor of two workers on ``cfg`` (admin ports 0, see workers_config), once both run."""
+    sup: GatewayProcess = gateway_process("--config", str(cfg), "--workers", "2", "--admin-port", "0").start()
+    assert sup.proc is not None
+    for _ in range(100):
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    workers = _children(sup.proc.pid)
+    assert len(workers) == 2, "two workers behind one port"
+    return sup, workers
+
+
 async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one_too(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """SIGTERM in the second between a worker's death and its restart: the worker started then
@@ -373,14 +379,9 @@ async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
-                          "--admin-port", "0").start()
+    sup, workers = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
-    for _ in range(100):
-        if len(_children(sup.proc.pid)) == 2:
-            break
-        await asyncio.sleep(0.05)
-    victim = _children(sup.proc.pid)[0]
+    victim = workers[0]
     os.kill(victim, signal.SIGKILL)
     for _ in range(200):  # reaped, not yet started again: the supervisor waits out its restart delay
         if len(now := _children(sup.proc.pid)) == 1 and victim not in now:
@@ -396,15 +397,8 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
-                          "--admin-port", "0").start()
+    sup, workers = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
-    for _ in range(100):
-        if len(_children(sup.proc.pid)) == 2:
-            break
-        await asyncio.sleep(0.05)
-    workers = _children(sup.proc.pid)
-    assert len(workers) == 2
     sup.kill()
     for _ in range(300):
         if all(_gone(w) for w in workers):
@@ -443,15 +437,12 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
     import os
     import signal
 
-    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
-                          "--admin-port", "0").start()
+    sup, _ = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
-    for _ in range(100):
-        if len(_children(sup.proc.pid)) == 2:
-            break
-        await asyncio.sleep(0.05)
+    pid = sup.proc.pid
+
     def first_worker() -> int | None:
-        for p in _children(sup.proc.pid):
+        for p in _children(pid):
             try:
                 if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x000\x00"):
                     return p
@@ -481,13 +472,9 @@ async def test_a_worker_that_does_not_stop_is_killed_after_its_grace(
     import signal
 
     cfg = workers_config(tmp_path, fake_upstream.url, "shutdown_grace: 200ms\n")
-    sup = gateway_process("--config", str(cfg), "--workers", "2", "--admin-port", "0").start()
+    sup, workers = await two_workers(gateway_process, cfg)
     assert sup.proc is not None
-    for _ in range(100):
-        if len(_children(sup.proc.pid)) == 2:
-            break
-        await asyncio.sleep(0.05)
-    frozen, other = _children(sup.proc.pid)
+    frozen, other = workers
     os.kill(frozen, signal.SIGSTOP)
     assert sup.terminate(timeout=30) == 1
     assert _gone(frozen) and _gone(other)
