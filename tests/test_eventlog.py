@@ -116,6 +116,23 @@ async def test_append_then_read_in_order(open_log: Opener) -> None:
     assert await log.read("a", 0, seqs[-1], 2) == first
 
 
+
+async def test_a_write_that_comes_while_the_log_closes_is_refused_not_left_waiting(open_log: Opener) -> None:
+    """A write that comes once close() has begun is committed or refused (StorageError); it never
+    waits for a commit that will not come."""
+    log = await open_log()
+    await begun(log, meta("a"))
+    closing = asyncio.ensure_future(log.close())
+    await asyncio.sleep(0)  # close() has begun
+    try:
+        entries = await asyncio.wait_for(log.submit("a", evs("late")), 5)
+    except StorageError:
+        pass
+    else:
+        assert len(entries) == 1
+    await closing
+
+
 async def test_submitted_batches_are_told_in_order_and_a_stream_not_held_is_refused(open_log: Opener) -> None:
     """``submit_then`` (what a capture uses, once per chunk): each batch is told its entries in
     submission order, as ``submit``'s futures are, whatever the backend does underneath."""

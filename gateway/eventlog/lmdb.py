@@ -219,6 +219,7 @@ class LmdbEventLog(EventLog):
         self._outbox: list[_Batch] = []
         self._committing = False
         self._handover_due = False
+        self._closing = False
         self._writer: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._rw = _RWLock()
@@ -236,6 +237,7 @@ class LmdbEventLog(EventLog):
     async def open(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._loop.run_in_executor(None, self._open_sync)
+        self._closing = False
         self._writer = threading.Thread(target=self._write_loop, name="eventlog-writer", daemon=True)
         self._writer.start()
 
@@ -346,6 +348,7 @@ class LmdbEventLog(EventLog):
     async def close(self) -> None:
         self._feeds.stop()
         if self._writer is not None:
+            self._closing = True  # what comes now would never be handed over: refused instead
             if self._outbox:
                 self._queue.put((self._outbox, None))
                 self._outbox = []
@@ -528,7 +531,7 @@ class LmdbEventLog(EventLog):
         return fut
 
     def _enqueue(self, batch: _Batch) -> None:
-        if self._writer is None or self._loop is None:
+        if self._writer is None or self._loop is None or self._closing:
             raise StorageError("event log is closed")
         self._outbox.append(batch)
         if not self._committing and not self._handover_due:
@@ -540,7 +543,8 @@ class LmdbEventLog(EventLog):
         if self._committing or not self._outbox or self._writer is None:
             return
         self._committing = True
-        if not self._park_at_hand_over:
+        if not self._park_at_hand_over or self.failure is not None or not self._writer.is_alive():
+            # Failing, the writer thread may be busy probing the disk: the loop would wait its limit.
             self._queue.put((self._outbox, None))
             self._outbox = []
             return
@@ -630,7 +634,7 @@ class LmdbEventLog(EventLog):
             fenced: set[int] = set()
             try:
                 with self._env.begin(write=True) as txn:
-                    self._screen(txn, batches, fenced)  # before the loop is held: it may read
+                    self._screen(txn, batches, fenced)  # before _loop_held holds the loop: it may read
                     refused |= fenced
                     try:
                         if holds:
@@ -769,7 +773,10 @@ class LmdbEventLog(EventLog):
             with self._env.begin(write=True) as txn:
                 txn.delete(_PROBE_KEY, db=self._meta_db)
         except lmdb.MapFullError:
-            self._grow_map()
+            try:
+                self._grow_map()
+            except lmdb.Error as exc:  # the writer thread must live on: it is what probes again
+                log.warning("event log map could not grow: %s", exc)
             return False
         except lmdb.Error as exc:
             log.debug("storage probe failed: %s", exc)
