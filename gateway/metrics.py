@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Literal, Protocol, get_args
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,6 +62,10 @@ class PrometheusMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # The process's own CPU, memory, file descriptors and start time (``process_*``): the CPU
+        # one process uses is what capacity is planned on (README), a proxy out of descriptors
+        # refuses connections, and a start time that keeps moving is a worker in a crash loop.
+        ProcessCollector(registry=registry)
         self.requests = Counter(
             "gateway_requests", "Requests answered, by upstream, method and status class",
             ["upstream", "method", "status"], registry=registry)

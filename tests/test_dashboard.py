@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import PrometheusMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[1] / "grafana" / "dashboard.json"
-METRIC = re.compile(r"gateway_[a-z_]+")
+METRIC = re.compile(r"(?:gateway|process)_[a-z_]+")  # the gateway's own, and its process's (ProcessCollector)
 
 
 def queries(dashboard: dict[str, Any]) -> Iterator[str]:

@@ -28,7 +28,8 @@ from prometheus_client.parser import text_string_to_metric_families
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALERT_NAMES = {"GatewayDown", "GatewayStorageFailing", "GatewayStorageCommitsFailed", "GatewayStorageNearBudget", "GatewayCapturesInterrupted",
                "GatewayGapMarkers", "GatewayUpstreamDown", "GatewayUpstreamPoolSaturated", "GatewayUpstreamRequestsRefused",
-               "GatewaySubscribersOverflowing", "GatewayStreamsTakenOver", "GatewayLeasesLost"}
+               "GatewaySubscribersOverflowing", "GatewayStreamsTakenOver", "GatewayLeasesLost", "GatewayRestarting",
+               "GatewayFileDescriptorsNearLimit"}
 
 
 def _need(binary: str) -> None:
