@@ -167,7 +167,9 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.cfg.streams.max_request_body)  # no middlewares: see serve
-        app.router.add_route("*", "/{tail:.*}", self.serve)
+        # (?s): a decoded path may hold a line break (%0A); "." alone would leave it to aiohttp's
+        # text/plain 404 instead of the upstream.
+        app.router.add_route("*", "/{tail:(?s:.*)}", self.serve)
         app.on_shutdown.append(self._end_client_streams)
         app.on_response_prepare.append(self._cors)
         return app
@@ -195,7 +197,7 @@ class Gateway:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", make_aiohttp_handler(self.registry))
         app.router.add_get("/streams", self._list_streams)
-        app.router.add_get("/streams/{key:.+}", self._show_stream)
+        app.router.add_get("/streams/{key:(?s:.+)}", self._show_stream)
         return app
 
     async def _list_streams(self, request: web.Request) -> web.Response:

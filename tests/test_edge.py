@@ -16,6 +16,7 @@ from typing import Awaitable, Callable
 import aiohttp
 import orjson
 import pytest
+from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -309,3 +310,19 @@ async def test_pipelined_requests_on_one_connection_are_answered_in_order(gatewa
     for n, answer in zip((b"t-1", b"t-2", b"t-3"), answers):
         assert n in answer, answer[:300]  # the upstream names the thread it did not find
     assert answers[3].startswith(b"200 "), answers[3][:100]
+
+
+@pytest.mark.parametrize("raw", ["%0A", "a%0Db", "x%0A%0Dy", "%0A%F2%9C%AB%9B%C3%81"])
+async def test_a_path_with_an_encoded_line_break_is_forwarded_like_any_other(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, raw: str) -> None:
+    """A decoded path may hold CR or LF (%0A, %0D): the gateway's routes match it and forward it, so
+    the upstream answers as it does directly, never aiohttp's own text/plain 404 made by the gateway
+    (found by the long fuzz run against a real agent server)."""
+    path = f"/assistants/{raw}?delete_threads=true"
+    async with http.delete(URL(fake_upstream.url + path, encoded=True)) as r:
+        direct = (r.status, r.headers.get("Content-Type"), await r.read())
+    sent = fake_upstream.requests[-1]
+    async with http.delete(URL(gateway.url + path, encoded=True)) as r:
+        assert (r.status, r.headers.get("Content-Type"), await r.read()) == direct
+    assert len(fake_upstream.requests) >= 2 and fake_upstream.requests[-1] == sent, "forwarded upstream"
+
