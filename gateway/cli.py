@@ -10,9 +10,7 @@ from dataclasses import replace
 
 from gateway.config import DEFAULT_UPSTREAM_URL, Config, ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
-
-EXIT_CONFIG = 2
-EXIT_RUNTIME = 1
+from gateway.workers import EXIT_CONFIG, EXIT_RUNTIME, supervise  # stdlib only: nothing heavy
 
 
 class _ArgError(Exception):
@@ -97,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(cfg.log_level, cfg.log_format)
     if cfg.workers > 1 and args.worker_index is None:
-        from gateway.workers import supervise
-
         return supervise(list(sys.argv[1:] if argv is None else argv), cfg.workers, cfg.shutdown_grace)
     if args.worker_index is not None:
         cfg = replace(cfg, worker_index=args.worker_index)

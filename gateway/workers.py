@@ -33,10 +33,10 @@ UP_AFTER = 10.0  # a worker that lived this long was up: its death is not a cras
 STOP_MARGIN = 5.0  # past a worker's shutdown grace, before SIGKILL
 _TICK = 0.2
 _PR_SET_PDEATHSIG = 1
-# The exit statuses of gateway.cli: a config error, and a gateway that could not run (its storage
-# could not be opened, its port not bound).
-_EXIT_CONFIG = 2
-_EXIT_RUNTIME = 1
+# A gateway process's exit statuses (gateway.cli returns them; the supervisor reads its workers'):
+# a config error, and a gateway that could not run (its storage not opened, its port not bound).
+EXIT_CONFIG = 2
+EXIT_RUNTIME = 1
 _CLEAN = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
@@ -49,7 +49,7 @@ def restart_delay(young_deaths: int) -> float:
 def cannot_start(exit_status: int, first: bool, lived: float) -> bool:
     """A death that starting the worker again will not mend: a config error, or a gateway that could
     not run on its first start (the port taken, the log not opened), as one process would exit."""
-    return exit_status == _EXIT_CONFIG or (exit_status == _EXIT_RUNTIME and first and lived < UP_AFTER)
+    return exit_status == EXIT_CONFIG or (exit_status == EXIT_RUNTIME and first and lived < UP_AFTER)
 
 
 class _StopWithParent:
@@ -63,7 +63,7 @@ class _StopWithParent:
 
     def __call__(self) -> None:
         if self.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != self.parent:
-            os._exit(_EXIT_RUNTIME)
+            os._exit(EXIT_RUNTIME)
 
 
 @dataclass
@@ -123,9 +123,9 @@ class Supervisor:
                 self._fail()
                 return False
             w.young_deaths += 1
-            w.restart_at = time.monotonic() + restart_delay(w.young_deaths)
-            log.error("worker %d could not be started (%s); trying again in %.1fs", w.index, exc,
-                      w.restart_at - time.monotonic())
+            delay = restart_delay(w.young_deaths)
+            w.restart_at = time.monotonic() + delay
+            log.error("worker %d could not be started (%s); trying again in %.1fs", w.index, exc, delay)
             return False
         w.started, w.restart_at = time.monotonic(), None
         return True
@@ -155,9 +155,10 @@ class Supervisor:
                 self._fail()
                 return
             w.young_deaths = w.young_deaths + 1 if lived < UP_AFTER else 0
-            w.restart_at = now + restart_delay(w.young_deaths)
+            delay = restart_delay(w.young_deaths)
+            w.restart_at = now + delay
             log.error("worker %d exited with %s after %.1fs; starting it again in %.1fs",
-                      w.index, status, lived, w.restart_at - now)
+                      w.index, status, lived, delay)
 
     def _stop_step(self) -> int | None:
         """Pass the stop on to every running worker not yet told; the exit status once all are gone."""

@@ -325,4 +325,3 @@ async def test_a_path_with_an_encoded_line_break_is_forwarded_like_any_other(
     async with http.delete(URL(gateway.url + path, encoded=True)) as r:
         assert (r.status, r.headers.get("Content-Type"), await r.read()) == direct
     assert len(fake_upstream.requests) >= 2 and fake_upstream.requests[-1] == sent, "forwarded upstream"
-

@@ -116,7 +116,6 @@ async def test_append_then_read_in_order(open_log: Opener) -> None:
     assert await log.read("a", 0, seqs[-1], 2) == first
 
 
-
 async def test_a_write_that_comes_while_the_log_closes_is_refused_not_left_waiting(open_log: Opener) -> None:
     """A write that comes once close() has begun is committed or refused (StorageError); it never
     waits for a commit that will not come."""
@@ -505,7 +504,6 @@ async def test_feeds_of_one_process_see_another_processes_commits(two_processes:
     end = feed.take()
     assert end is not None and end.kind == "end" and end.prev == sent[-1][0]
     feed.close()
-
 
 
 def _before_first_call(monkeypatch: pytest.MonkeyPatch, method: str, first: Callable[[], Awaitable[None]]) -> list[bool]:

@@ -10,7 +10,10 @@ side: every event exactly once, ids strictly increasing, the stream ends.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import socket
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -300,16 +303,9 @@ async def test_cancel_on_disconnect_waits_for_the_last_follower_on_any_replica(
 async def test_workers_share_one_port_and_a_dead_one_is_replaced(
         gateway_process: Any, fake_upstream: FakeAgentServer, shared_storage: dict[str, Any], tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
-    import os
-    import signal
-
     sup, workers = await two_workers(gateway_process, replica_config(tmp_path, "w", fake_upstream.url, shared_storage))
     assert sup.proc is not None
     pid = sup.proc.pid
-
-    def children() -> list[int]:
-        return _children(pid)
-
     resp = await start_run(http, sup.url, 80)
     loc = resp.headers["Location"]
     seen = await read_events(resp, limit=10)
@@ -329,12 +325,11 @@ async def test_workers_share_one_port_and_a_dead_one_is_replaced(
             await asyncio.sleep(0.1)
     assert_exactly_once(got, 80)
     for _ in range(100):
-        if len(children()) == 2 and victim not in children():
+        if len(_children(pid)) == 2 and victim not in _children(pid):
             break
         await asyncio.sleep(0.05)
-    assert len(children()) == 2 and victim not in children(), "the dead worker was replaced"
+    assert len(_children(pid)) == 2 and victim not in _children(pid), "the dead worker was replaced"
     assert sup.terminate() == 0
-
 
 
 def _children(pid: int) -> list[int]:
@@ -376,9 +371,6 @@ async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """SIGTERM in the second between a worker's death and its restart: the worker started then
     is stopped too, and the supervisor exits, instead of waiting forever on a worker it never told."""
-    import os
-    import signal
-
     sup, workers = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
     victim = workers[0]
@@ -394,9 +386,6 @@ async def test_a_supervisor_stopped_while_it_restarts_a_worker_stops_the_new_one
 async def test_workers_stop_when_their_supervisor_is_killed(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """A supervisor SIGKILLed (OOM killer, kill -9) leaves no worker holding the port behind it."""
-    import os
-    import signal
-
     sup, workers = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
     sup.kill()
@@ -410,13 +399,10 @@ async def test_workers_stop_when_their_supervisor_is_killed(
     assert not left, "workers outlived their supervisor"
 
 
-
 async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_would_stop(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """The port is taken: one process exits 1 at once; the supervisor too, instead of starting
     workers that fail the same way every second forever (a service that looks up and serves nothing)."""
-    import socket
-
     sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
                           "--admin-port", "0")
     with socket.socket() as taken:
@@ -434,9 +420,6 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """A crash loop (killed by the OOM killer as soon as it starts, say) backs off: the delay before
     each restart doubles while the worker dies young, instead of a restart every second forever."""
-    import os
-    import signal
-
     sup, _ = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
     assert sup.proc is not None
     pid = sup.proc.pid
@@ -463,14 +446,10 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
     assert sup.terminate() == 0
 
 
-
 async def test_a_worker_that_does_not_stop_is_killed_after_its_grace(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     """A worker that hangs at shutdown (here: frozen) is killed once its shutdown grace and
     STOP_MARGIN are over, and the supervisor says so (exit 1) instead of waiting forever."""
-    import os
-    import signal
-
     cfg = workers_config(tmp_path, fake_upstream.url, "shutdown_grace: 200ms\n")
     sup, workers = await two_workers(gateway_process, cfg)
     assert sup.proc is not None

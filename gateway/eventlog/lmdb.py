@@ -572,25 +572,21 @@ class LmdbEventLog(EventLog):
             except queue.Empty:
                 failing = not self._probe(probe_bytes)
                 continue
-            group: list[_Batch] = []
-            holds: list[threading.Lock] = []
-            if item is None:
-                stopping = True
-            else:
-                group += item[0]
-                if item[1] is not None:
-                    holds.append(item[1])
+            items = [item]
             while True:  # drain: everything queued now shares one commit (at close, the last groups)
                 try:
-                    item = q.get_nowait()
+                    items.append(q.get_nowait())
                 except queue.Empty:
                     break
-                if item is None:
+            group: list[_Batch] = []
+            holds: list[threading.Lock] = []
+            for it in items:
+                if it is None:
                     stopping = True
-                else:
-                    group += item[0]
-                    if item[1] is not None:
-                        holds.append(item[1])
+                    continue
+                group += it[0]
+                if it[1] is not None:
+                    holds.append(it[1])
             if not group:
                 continue
             started = time.perf_counter()
