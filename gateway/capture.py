@@ -178,7 +178,7 @@ class Captures:
         try:
             if not await self.log.claim(meta.key):
                 raise CapturedElsewhere(meta.key)
-            meta = await self.log.begin(meta)
+            return await self._begin_and_start(meta, resp, None, auth=auth, cancel_on_orphan=cancel_on_orphan)
         except ClaimLost:
             if resp is not None:
                 resp.close()
@@ -189,7 +189,6 @@ class Captures:
             raise
         finally:
             self._opening.discard(meta.key)
-        return self.start(meta, resp, None, auth=auth, cancel_on_orphan=cancel_on_orphan)
 
     async def open(self, meta: StreamMeta, cursor: Cursor, client_headers: CIMultiDict[str], query: str, *,
                    auth: dict[str, str],
@@ -221,7 +220,7 @@ class Captures:
                 return resp
             try:
                 seam = await self._seam(meta, held, last)
-                meta = await self.log.begin(meta)
+                ing = await self._begin_and_start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
             except ClaimLost:
                 resp.close()
                 raise CapturedElsewhere(key) from None
@@ -229,16 +228,48 @@ class Captures:
                 resp.close()
                 await self.log.release(key)
                 raise
-            return self.start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan), resp
+            return ing, resp
         finally:
             self._opening.discard(key)
+
+    async def _begin_and_start(self, meta: StreamMeta, resp: LegResponse | None, seam: Seam | SessionSeam | None, *,
+                               auth: dict[str, str], cancel_on_orphan: bool) -> Ingest:
+        """Begin a claimed stream in the log and start its capture. Where the log stages a begin,
+        the leg is copied before the begin commits, so its first events commit with it: a commit,
+        and the loop turns around it, sooner to every new stream's first event. A begin that fails
+        stops the capture it started (its leg closed) and raises, as an awaited begin does."""
+        # Without a leg in hand, the task opens one from what the log holds: after the begin.
+        staged = self.log.begin_staged(meta) if resp is not None else None
+        if staged is None:
+            return self.start(await self.log.begin(meta), resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
+        begun, committed = staged
+        ing = self.start(begun, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
+        try:
+            await committed
+        except BaseException:
+            self._halt(ing)
+            raise
+        return ing
 
     def start(self, meta: StreamMeta, resp: LegResponse | None, seam: Seam | SessionSeam | None, *,
               auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
         """Run the ingest task of a stream this process has claimed (and begun)."""
         ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
         self.live[meta.key] = ing
-        ing.task = asyncio.create_task(self._run(ing, resp, seam), name=f"ingest:{meta.key}")
+        landing: Parked | None = None
+        if resp is not None:
+            # A leg in hand is copied from this turn on, as ``_run`` would copy it in its first step:
+            # its first events, often read with its head, go to the log a loop turn sooner (at
+            # saturation a turn is tens of ms of every new stream's first event), and a stream
+            # that stays open needs no task until its leg ends.
+            copy = self._attach(ing, resp, seam)
+            end = resp.end()
+            landing = Parked(copy, end, 0)
+            if not end.done():
+                self._park(ing, landing)
+                return ing
+            ing.parked = landing  # ended already: as _unpark, parked until the task takes it up
+        ing.task = asyncio.create_task(self._run(ing, resp, seam, landing), name=f"ingest:{meta.key}")
         return ing
 
     async def _seam(self, meta: StreamMeta, held: StreamMeta | None, last: str | None) -> Seam | SessionSeam | None:
@@ -319,7 +350,7 @@ class Captures:
                    landing: Parked | None = None) -> None:
         """Copy legs into the log, re-joining a lost one, until the stream ends. While a leg is
         copied the task ends and the capture is parked; the leg's end runs this again with
-        ``landing``, the parked state."""
+        ``landing``, the parked state (``start`` copies a first leg in hand the same way)."""
         kind = ing.meta.kind
         failures = landing.failures if landing is not None else 0
         parked = False

@@ -131,6 +131,36 @@ async def test_full_disk_under_a_real_langgraph_run_cuts_says_so_and_the_rejoin_
     await _recovers_and_fills_in(http, gw, loc, seen, n)
 
 
+async def test_a_run_whose_capture_cannot_begin_on_a_full_disk_is_cancelled_upstream_and_said(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    # The disk fills while nothing is written, so the gateway does not know yet: the run is created
+    # upstream, then its capture's first commit fails. The leg's first events were already queued
+    # behind that commit (Captures._begin_and_start): they must fail with it, the leg be let go, the
+    # run be cancelled upstream and the client told so, before any header of a stream is sent.
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                         storage={"path": str(small_fs / "data"), "map_size": "64MiB"})
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    filler = fill(small_fs, leave=0)
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 50, "delay": 0.05, "pad": 20_000}}) as r:
+        assert r.status == 503 and r.content_type == "application/json"
+        detail = (await r.json())["detail"]
+    assert "could not capture" in detail and "cancelled upstream" in detail, detail
+    (run_id,) = fake_upstream.runs
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
+    assert not gw.gw.hub.captures.live, "the capture that could not begin is gone, its leg let go"
+    filler.unlink()
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    resp = await stream_run(http, gw, tid, n=5)
+    assert customs(await read_events(resp)) == list(range(5)), "a run after the disk is back streams whole"
+
+
 async def test_a_full_disk_is_not_taken_for_recovered_while_the_write_that_failed_would_fail_again(
         small_fs: Path) -> None:
     # A failed commit leaves the file's pages it wrote before the disk filled; a small probe

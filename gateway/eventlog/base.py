@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Literal, Protocol, Sequence
 
 import orjson
 
@@ -538,6 +538,16 @@ class EventLog(abc.ABC):
         Restarting keeps the events already held, and clears a stream a failed
         commit had stopped, so its capture can go on once storage is healthy.
         """
+
+    def begin_staged(self, meta: StreamMeta) -> tuple[StreamMeta, Awaitable[object]] | None:
+        """``begin`` in two steps, where a backend can: the stream as it will be once begun, at
+        once, and the begin's commit to await. The stream's events may be submitted meanwhile:
+        they commit with the begin or after it, and fail with it. None: await ``begin`` instead.
+
+        A capture starts copying its first leg before the begin commits, so the leg's first
+        events share its commit: every new stream's first event reaches its client a commit
+        sooner (``Captures.begin``)."""
+        return None
 
     @abc.abstractmethod
     def submit(self, key: str, events: Sequence[Event]) -> asyncio.Future[list[Entry]]:

@@ -460,6 +460,11 @@ class LmdbEventLog(EventLog):
                          any(not m.open and m.key != key for m in self._metas.values()))
 
     async def begin(self, meta: StreamMeta) -> StreamMeta:
+        _staged, committed = self.begin_staged(meta)
+        await committed
+        return self._metas[meta.key]
+
+    def begin_staged(self, meta: StreamMeta) -> tuple[StreamMeta, asyncio.Future[Any]]:
         if self.failure is not None:
             raise StorageError(f"storage is failing: {self.failure}")
         if self._size >= self._cfg.max_bytes:

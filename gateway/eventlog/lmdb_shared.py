@@ -484,15 +484,18 @@ class SharedLmdbEventLog(LmdbEventLog):
 
     # --- begin, retention ------------------------------------------------------------------------------
 
-    async def begin(self, meta: StreamMeta) -> StreamMeta:
+    def begin_staged(self, meta: StreamMeta) -> tuple[StreamMeta, asyncio.Future[Any]]:
         key = meta.key
         self._adopt(key)
         self._claimed.add(key)
         self._beginning.add(key)
         try:
-            return await super().begin(meta)
-        finally:
+            staged, committed = super().begin_staged(meta)
+        except BaseException:
             self._beginning.discard(key)
+            raise
+        committed.add_done_callback(lambda _f: self._beginning.discard(key))
+        return staged, committed
 
     def _evict_to_budget(self, *, exclude: str | None = None) -> None:
         batch = _Batch()
