@@ -80,6 +80,11 @@ _META_EVERY = 1000
 SIZE_KEY = b"size"  # bytes held, kept by a shared log (one process counts in memory)
 _PROBE_KEY = b"probe"
 _READ_PAGE_BYTES = 4 << 20
+# A read of at most this many of a live stream's last events, written this recently, is done on the
+# loop (``read``): pages written seconds ago are in the page cache, and a few small records cost
+# less to copy than the executor's hand-off.
+_HOT_EVENTS = 32
+_HOT_SECONDS = 10.0
 _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
 # While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
 PROBE_INTERVAL = 1.0
@@ -484,9 +489,8 @@ class LmdbEventLog(EventLog):
             staged = replace(meta, base=self._seq, created_at=now, updated_at=now)
         self._staged[meta.key] = staged
         self._broken.discard(meta.key)
-        await self._submit(_Batch(key=meta.key, metas={meta.key: staged}, revive=True,
-                                  expect_head=existing.head if existing is not None else 0))
-        return self._metas[meta.key]
+        return staged, self._submit(_Batch(key=meta.key, metas={meta.key: staged}, revive=True,
+                                           expect_head=existing.head if existing is not None else 0))
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -887,8 +891,22 @@ class LmdbEventLog(EventLog):
     async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
         if after >= upto or not self._holds(key):
             return []
+        if self._hot(key, after):
+            # What a live stream just committed (a new stream's first client reads its first
+            # events so; a client back after a short drop, the few it missed) is in the page
+            # cache: read here, not on the executor, whose round trip is two loop turns, tens of
+            # ms each at saturation, on every new stream's first event.
+            return self._read_sync(key, after, upto, limit)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._read_sync, key, after, upto, limit)
+
+    def _hot(self, key: str, after: int) -> bool:
+        """Whether the records after ``after`` are among the last a live stream wrote lately."""
+        meta = self._metas.get(key)
+        # Seqs are the log's, shared by every stream: the events after ``after`` are at most as
+        # many as the seqs after it, and at most as many as the stream holds.
+        return (meta is not None and meta.open and min(meta.count, meta.head - after) <= _HOT_EVENTS
+                and time.time() - meta.updated_at < _HOT_SECONDS)
 
     def _read_sync(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
         prefix = _prefix(key)
