@@ -38,20 +38,20 @@ def parse_cursor(request: web.Request) -> Cursor:
         "or -1, - or 0 to start from the beginning")
 
 
-def _run_mode_of(name: bytes) -> str:
-    base = name.split(b"|", 1)[0].decode("utf-8", "replace")
-    if base == "messages":
-        return "messages-tuple"
-    if base.startswith("messages/"):
-        return "messages"
-    return base
+def _run_mode_matches(name: str, modes: set[str]) -> bool:
+    """The Agent Server's own rule (``_run_stream_mode_matches``): the event's name, or its mode before
+    a subgraph's ``|``; either messages mode selects every ``messages`` event (the tuple's ``messages``
+    and the ``messages/...`` ones alike)."""
+    if name in modes or name.split("|", 1)[0] in modes:
+        return True
+    return not modes.isdisjoint(("messages", "messages-tuple")) and name.startswith("messages")
 
 
 def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
-    """Join Run Stream's ``stream_mode``: one value or a JSON array; the last one given counts."""
-    # Empty values are "no filter" (the Python SDK sends `stream_mode=` when none is given).
-    values = [v for v in request.query.getall("stream_mode", []) if v]
-    if not values:
+    """Join Run Stream's ``stream_mode``: one value or a JSON array; the last one given counts, and
+    an empty one (the Python SDK sends `stream_mode=` when none is given) or ``[]`` is no filter."""
+    values = request.query.getall("stream_mode", [])
+    if not values or not values[-1]:
         return None
     raw = values[-1]
     modes = {raw}  # as the Agent Server: a value that is no mode matches nothing (an empty stream)
@@ -61,11 +61,13 @@ def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
         except orjson.JSONDecodeError:
             parsed = None
         if isinstance(parsed, list):
+            if not parsed:
+                return None
             modes = {m for m in parsed if isinstance(m, str)}
 
     def keep(body: bytes) -> bool:
         name = event_name(body)
-        return name in ALWAYS_SENT or _run_mode_of(name) in modes
+        return name in ALWAYS_SENT or _run_mode_matches(name.decode("utf-8", "replace"), modes)
 
     return keep
 

@@ -304,6 +304,49 @@ async def test_replay_with_stream_mode_custom_gives_only_custom(lg_gateway: Any,
     assert [e.json["i"] for e in replay] == [0, 1, 2, 3]
 
 
+async def _joined_as(http: aiohttp.ClientSession, base: str, created: list[str], joins: list[str],
+                     last_event_id: str | None) -> list[list[str]]:
+    """A run of ``created`` modes, joined once per query string of ``joins``: the events each join got.
+    With ``last_event_id``, each join replays the finished run; without, each joins it live."""
+    tid = (await sdk(base).threads.create())["thread_id"]
+    body = {"assistant_id": "ticker", "input": {"n": 3, "delay": 0.3}, "stream_mode": created,
+            "stream_resumable": True}
+    async with http.post(f"{base}/threads/{tid}/runs", json=body) as r:
+        assert r.status == 200, await r.text()
+        loc = f"{base}/threads/{tid}/runs/{(await r.json())['run_id']}/stream"
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    if last_event_id:
+        await sdk(base).runs.join(tid, loc.split("/")[-2])
+
+    async def one(query: str) -> list[str]:
+        async with http.get(f"{loc}?{query}", headers=headers) as j:
+            assert j.status == 200, await j.text()
+            return [e.event for e in await read_events(j)]
+
+    return list(await asyncio.gather(*(one(q) for q in joins)))
+
+
+async def test_join_stream_mode_keeps_what_the_server_keeps(langgraph_server: Any, lg_gateway: Any,
+                                                          http: aiohttp.ClientSession) -> None:
+    # The server's rule: "messages" and "messages-tuple" each select every messages event (`messages`,
+    # `messages/metadata`, `messages/complete`); an empty list, or an empty last value, is no filter.
+    replayed = ["stream_mode=messages", "stream_mode=messages-tuple", "stream_mode=%5B%5D",
+                "stream_mode=custom&stream_mode=", "stream_mode=%5B%22custom%22%5D"]
+    # The server replays no `messages/...` event, so those are compared on live joins.
+    live = ["stream_mode=messages-tuple", "stream_mode=messages"]
+    async with asyncio.timeout(60):
+        direct, via = await asyncio.gather(
+            _joined_as(http, langgraph_server.url, ["messages-tuple", "custom"], replayed, "-1"),
+            _joined_as(http, lg_gateway.url, ["messages-tuple", "custom"], replayed, "-1"))
+        direct_live, via_live = await asyncio.gather(
+            _joined_as(http, langgraph_server.url, ["messages", "custom"], live, None),
+            _joined_as(http, lg_gateway.url, ["messages", "custom"], live, None))
+    assert dict(zip(replayed, via)) == dict(zip(replayed, direct))
+    assert direct[0] == ["messages"] and direct[2][:2] == ["metadata", "custom"], "the server's rule changed"
+    messages = [[e for e in got if e.startswith("messages")] for got in (*direct_live, *via_live)]
+    assert messages == [["messages/metadata", "messages/complete"]] * 4
+
+
 @pytest.mark.parametrize("bad", ["abc", "12abc", "1.5", "x-1"])
 async def test_malformed_last_event_id_is_422_json(lg_gateway: Any, http: aiohttp.ClientSession, bad: str) -> None:
     async with asyncio.timeout(30):
