@@ -73,11 +73,11 @@ def run_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
 
 
 def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
-    """Join Thread Stream's ``stream_modes``: comma-separated; the last parameter given counts."""
+    """Join Thread Stream's ``stream_modes``: comma-separated; the last parameter given counts, and
+    none (or an empty one) is ``run_modes``, as the Agent Server reads it: no ``state_update``."""
     values = request.query.getall("stream_modes", [])
-    if not values or not values[-1]:
-        return None
-    modes = set(values[-1].split(","))  # as the Agent Server reads them: no blank or padded entry
+    raw = values[-1] if values and values[-1] else "run_modes"
+    modes = set(raw.split(","))  # as the Agent Server reads them: no blank or padded entry
     for m in sorted(modes):
         if m not in THREAD_MODES:
             raise Unprocessable(f"Invalid stream mode: {m}")

@@ -218,6 +218,38 @@ async def test_thread_join_stream_basic(langgraph_server: Any, lg_gateway: Any) 
     assert [e for e, _ in direct].count("custom") == 3
 
 
+async def _thread_stream_as(http: aiohttp.ClientSession, base: str, stream_modes: str | None) -> list[str]:
+    """The events a thread stream opened with ``stream_modes`` (None: not given) gets while the
+    thread's state is updated and then a run goes, up to that run's `run_done`."""
+    async with http.post(f"{base}/threads", json={"metadata": {"graph_id": "ticker"}}) as t:
+        tid = (await t.json())["thread_id"]
+    params = {} if stream_modes is None else {"stream_modes": stream_modes}
+    async with http.get(f"{base}/threads/{tid}/stream", params=params) as ts:
+        assert ts.status == 200, await ts.text()
+        await asyncio.sleep(1.0)  # the thread stream is open before anything happens on the thread
+        async with http.post(f"{base}/threads/{tid}/state", json={"values": {"items": ["x"]}}) as s:
+            assert s.status == 200, await s.text()
+        async with http.post(f"{base}/threads/{tid}/runs/stream",
+                             json={"assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}}) as r:
+            await read_events(r)
+        got: list[Ev] = []
+        while not got or got[-1].event != "metadata" or got[-1].json.get("status") != "run_done":
+            got += await read_events(ts, limit=1)
+    return [e.event for e in got]
+
+
+@pytest.mark.parametrize("stream_modes", [None, "", "lifecycle,state_update"])
+async def test_thread_stream_modes_select_what_the_server_selects(langgraph_server: Any, lg_gateway: Any,
+                                                                  http: aiohttp.ClientSession,
+                                                                  stream_modes: str | None) -> None:
+    # Not given or empty is `run_modes`, which leaves out `state_update`.
+    async with asyncio.timeout(40):
+        direct, via = await asyncio.gather(_thread_stream_as(http, langgraph_server.url, stream_modes),
+                                           _thread_stream_as(http, lg_gateway.url, stream_modes))
+    assert via == direct
+    assert ("state_update" in direct) == (stream_modes == "lifecycle,state_update"), "the server's rule changed"
+
+
 # --- what the gateway adds ----------------------------------------------------------------------
 
 async def test_gateway_event_ids_are_integers_strictly_increasing(lg_gateway: Any) -> None:
