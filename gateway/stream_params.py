@@ -77,10 +77,13 @@ def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
     none (or an empty one) is ``run_modes``, as the Agent Server reads it: no ``state_update``."""
     values = request.query.getall("stream_modes", [])
     raw = values[-1] if values and values[-1] else "run_modes"
-    modes = set(raw.split(","))  # as the Agent Server reads them: no blank or padded entry
-    for m in sorted(modes):
+    # As the Agent Server reads them: a list's entries stripped, a single value as it is; the first
+    # entry that is no mode (a blank one too) is refused.
+    listed = [m.strip() for m in raw.split(",")] if "," in raw else [raw]
+    for m in listed:
         if m not in THREAD_MODES:
             raise Unprocessable(f"Invalid stream mode: {m}")
+    modes = set(listed)
     if modes >= {"run_modes", "state_update"}:
         return None
 
