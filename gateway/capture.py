@@ -276,8 +276,10 @@ class Captures:
         """How a new leg opened with ``last`` meets what is held: None when there is nothing to check."""
         if meta.kind == "session":  # the upstream replays the whole thread: everything held is known by event_id
             bodies = await self._held_bodies(meta.key, held)
+            required, ended = latest_run(bodies)
             return SessionSeam({eid for body in bodies if (eid := session_event_id(body)) is not None},
-                               latest_run(bodies), after=held.head if held is not None else 0, on_gap=self.metrics.gap)
+                               required, after=held.head if held is not None else 0, ended=ended,
+                               on_gap=self.metrics.gap)
         expect = expectation(meta.kind, held)
         if last is None and expect is None:
             return None  # a first leg, live tail only: nothing to match, nothing re-sent

@@ -186,20 +186,22 @@ class SessionSeam:
     the start on every connection: what is held (by ``event_id``) is dropped, and the rest appended.
 
     The leg continues the stream exactly when, before anything new, it re-sends every event held of
-    the thread's latest run (``required``): the upstream's replay then covers what happened while the
-    gateway was not connected. Otherwise a gap marker goes in first: the upstream restarted and lost
-    the thread, trimmed it, or the run published events it does not keep for replay (a graph's own
-    stream channels, ``custom:<name>``), and those produced meanwhile are gone.
+    the thread's latest run (``required``), and that run had ended (``ended``): the upstream's replay
+    then covers what happened while the gateway was not connected. Otherwise a gap marker goes in
+    first: the upstream restarted and lost the thread, trimmed it, or a run went on meanwhile and may
+    have published events the upstream does not keep for replay (``custom`` writes, a graph's own
+    stream channels): those produced meanwhile are gone, held one of them already or not.
     """
 
-    __slots__ = ("held", "pending", "after", "proven", "on_gap")
+    __slots__ = ("held", "pending", "after", "proven", "unproven", "on_gap")
 
-    def __init__(self, held: set[str], required: Iterable[str], *, after: int,
+    def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True,
                  on_gap: Callable[[GapReason], None] | None = None) -> None:
         self.held = held
         self.pending = set(required)
         self.after = after
-        self.proven = not self.pending
+        self.unproven = not ended  # a run was going on when the last leg broke
+        self.proven = not self.pending and not self.unproven
         self.on_gap = on_gap
 
     def filter(self, events: list[Event]) -> list[Event]:
@@ -213,7 +215,7 @@ class SessionSeam:
                 continue
             if not self.proven:
                 self.proven = True
-                if self.pending:
+                if self.pending or self.unproven:
                     out.append(gap_event(self.after, "replay_mismatch", _LOST))
                     if self.on_gap is not None:
                         self.on_gap("replay_mismatch")
@@ -225,10 +227,12 @@ class SessionSeam:
         return []
 
 
-def latest_run(bodies: Iterable[bytes]) -> list[str]:
-    """The event ids of the thread's latest run as held, oldest first: from its root ``running``
-    lifecycle on (everything, if none is held)."""
+def latest_run(bodies: Iterable[bytes]) -> tuple[list[str], bool]:
+    """The event ids of the thread's latest run as held, oldest first (from its root ``running``
+    lifecycle on; everything, if none is held), and whether it had ended (a root ``completed``,
+    ``failed`` or ``interrupted`` lifecycle after it; True when no run is held)."""
     out: list[str] = []
+    ended = True
     for body in bodies:
         try:
             doc = orjson.loads(body[body.index(b"data: ") + 6:])
@@ -238,13 +242,17 @@ def latest_run(bodies: Iterable[bytes]) -> list[str]:
             continue
         params = doc.get("params") if isinstance(doc.get("params"), dict) else {}
         data = params.get("data") if isinstance(params, dict) else None
-        if (doc.get("method") == "lifecycle" and isinstance(params, dict) and params.get("namespace") == []
-                and isinstance(data, dict) and data.get("event") == "running"):
-            out = []
+        if doc.get("method") == "lifecycle" and isinstance(params, dict) and params.get("namespace") == [] \
+                and isinstance(data, dict):
+            if data.get("event") == "running":
+                out, ended = [], False
+            elif data.get("event") in _RUN_ENDS:
+                ended = True
         out.append(doc["event_id"])
-    return out
+    return out, ended
 
 
+_RUN_ENDS = ("completed", "failed", "interrupted")
 _LOST = ("the upstream's replay of this thread does not hold every event the gateway captured of its latest run "
          "(the upstream restarted, trimmed it, or the run published events it does not keep for replay); events "
          "produced while the gateway was not connected may be missing")

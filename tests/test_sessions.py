@@ -21,6 +21,7 @@ from langgraph_sdk import get_client
 from gateway import sessions
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
 from tests.support.chaos_proxy import ChaosProxy
+from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
@@ -328,6 +329,37 @@ async def test_an_upstream_lost_for_good_is_said_in_the_protocols_shape_and_the_
         await asyncio.to_thread(upstream.stop)
 
 
+async def test_a_leg_cut_mid_run_before_any_live_only_event_is_marked(
+        make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    # The capture's leg is reset after the run began and before its first custom event (which the
+    # upstream publishes live only): those produced while the gateway re-joins are gone, and the
+    # upstream's replay, which re-sends everything held, cannot say so. The gateway must.
+    relay = await CutRelay(langgraph_server.url, b"/stream/events", before=b'"method":"custom"').start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [relay.url]}},
+                                               streams={"reattach_backoff": "500ms"}))
+        tid = await new_thread(http, gw.url)
+        reader = asyncio.create_task(read_session(http, gw.url, tid))
+        for _ in range(100):  # the capture is open on the idle thread before the run starts
+            if gw.gw.hub.live(f"default/session/{tid}") is not None:
+                break
+            await asyncio.sleep(0.02)
+        await run_start(http, gw.url, tid, n=30, delay=0.05)
+        got = await asyncio.wait_for(reader, 60)
+        assert relay.cuts == 1 and is_end(got[-1])
+        assert_seqs_grow(got)
+        extra = assert_every_stored_event_once(got, await read_session(http, langgraph_server.url, tid))
+        ticks = [e["params"]["data"]["i"] for e in extra if e.get("method") == "custom" and "i" in e["params"]["data"]]
+        assert ticks != list(range(30)), "some ticks were produced while the leg was down"
+        markers = [e for e in extra if e.get("type") == "error"]
+        assert [m["error"] for m in markers] == ["resume_gap"], "the loss is said, once"
+        assert got.index(markers[0]) < got.index(next(e for e in extra if e.get("method") == "custom")), \
+            "before what the re-join appends"
+    finally:
+        await relay.stop()
+
+
 async def test_the_gateway_killed_twice_mid_run_loses_and_repeats_nothing(
         gateway_process: Any, langgraph_server: LangGraphServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     args = ("--upstream", langgraph_server.url, "--data-dir", str(tmp_path / "data"))
@@ -454,7 +486,13 @@ def test_the_seam_drops_what_is_held_and_proves_or_marks_continuity() -> None:
     doc = orjson.loads(running[0].split(b"data: ", 1)[1])
     doc["params"] = {"namespace": [], "data": {"event": "running"}}
     bodies = [_event("old")[0], b"event: lifecycle\ndata: " + orjson.dumps(doc) + b"\n", _event("new")[0]]
-    assert sessions.latest_run(bodies) == ["r", "new"], "what a re-join must see again: the latest run"
+    assert sessions.latest_run(bodies) == (["r", "new"], False), "what a re-join must see again: the latest run"
+    doc["params"]["data"]["event"] = "completed"
+    assert sessions.latest_run([*bodies, b"event: lifecycle\ndata: " + orjson.dumps({**doc, "event_id": "end"}) + b"\n"]
+                               ) == (["r", "new", "end"], True)
+    going = sessions.SessionSeam({"a", "b"}, ["a", "b"], after=100, ended=False)  # a run went on meanwhile
+    out = going.filter(replay)
+    assert out[0][0].startswith(b"event: error\n") and [e[1] for e in out[1:]] == ["c", "d"]
     first = sessions.SessionSeam(set(), [], after=0)
     assert [e[1] for e in first.filter(replay)] == ["a", "b", "c", "d"], "a first capture takes everything"
     stored, eid = sessions.stored(replay[0][0]) or (b"", "")
