@@ -194,6 +194,9 @@ class Follower:
         """A step of the replay under way: (a page or None, whether the stream goes on)."""
         assert self.pos is not None and self._upto is not None
         if self.pos < self._upto:
+            if self._then == "caught_up" and self._fed():
+                self._upto = None  # what the replay would read comes from the feed, in order
+                return self._after("caught_up")
             if self._stopped:
                 raise StreamCut("the gateway is shutting down")
             page = await self.source.page(self.key, self.pos, self._upto, REPLAY_PAGE)
@@ -205,6 +208,16 @@ class Follower:
         self.pos = max(self.pos, self._upto)
         self._upto = None
         return self._after(self._then)
+
+    def _fed(self) -> bool:
+        """Whether the feed already holds the batch that follows this follower's position: it
+        subscribed before that batch was committed (the client of a new run does, before the
+        run's capture begins), so everything after the position comes from the feed and the log
+        need not be read. Not for a stream that ended: its end is read with the replay."""
+        feed = self.feed
+        queue = feed.queue if feed is not None and not feed.overflowed else None
+        return (not self._finished and queue is not None and queue[0].kind == "events"
+                and self.pos is not None and queue[0].prev <= self.pos)
 
     def _after(self, then: Then) -> tuple[Page | None, bool]:
         """What follows a replay: the end, a heartbeat, the batch that came after the gap, or the

@@ -105,8 +105,15 @@ class StreamHandlers:
         request[STREAM_KEY] = meta.key
         cancel_on_orphan = run.cancel_on_disconnect
         del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
-        await self._capture(request, meta, resp, cancel_on_orphan)
-        return self.send(request, self.hub.follow(meta.key, 0), client_headers(resp, target, drop=("Content-Length",)),
+        # Subscribed before the capture begins: the run's first events, which may commit with the
+        # begin, reach this client from the feed, not from a read of the log.
+        follower = self.hub.follow(meta.key, 0)
+        try:
+            await self._capture(request, meta, resp, cancel_on_orphan)
+        except BaseException:
+            follower.close()
+            raise
+        return self.send(request, follower, client_headers(resp, target, drop=("Content-Length",)),
                          None)  # a Reply: awaited by the caller
 
     async def _create_run(self, run: RunRequest, send: Callable[[bytes], Awaitable[A]]) -> A:

@@ -32,6 +32,7 @@ class FakeSource:
         self.meta = StreamMeta(key="s", kind="run", upstream="u", path="/p", base=100)
         self.entries: list[Entry] = []
         self.hook: Callable[[], object] = lambda: None
+        self.reads = 0  # pages read from the log
 
     def commit(self, n: int, *, publish: bool = True, end: bool = False) -> list[Entry]:
         prev = self.meta.head  # the head before: 0 for a stream begun anew
@@ -53,6 +54,7 @@ class FakeSource:
         return self.meta
 
     async def page(self, key: str, after: int, upto: int, limit: int) -> Page:
+        self.reads += 1
         return Page([e for e in self.entries if after < e[0] <= upto][:limit])
 
     def subscribe(self, key: str) -> Feed:
@@ -64,6 +66,37 @@ class FakeSource:
 
 async def collect(follower: Follower) -> list[int]:
     return [seq for page in [p async for p in follower.pages()] for seq, _ in page.entries]
+
+
+async def test_a_client_subscribed_before_the_first_commit_gets_it_from_the_feed_not_the_log() -> None:
+    # The client of a new run subscribes before the capture begins (StreamHandlers.create_run_stream),
+    # and the run's first events may commit with the begin: they are in its feed already.
+    src = FakeSource()
+    follower = Follower(src, "s", 0)
+    src.commit(3)
+    reader = asyncio.create_task(collect(follower))
+    await asyncio.sleep(0.01)
+    src.commit(2)
+    src.commit(1, end=True)
+    assert await asyncio.wait_for(reader, 5) == [e[0] for e in src.entries]
+    assert src.reads == 0, "nothing read from the log"
+
+
+@pytest.mark.parametrize("case", ["published before subscribing", "not published", "ended"])
+async def test_a_feed_that_does_not_follow_on_from_the_position_is_not_trusted_for_it(case: str) -> None:
+    src = FakeSource()
+    if case == "published before subscribing":
+        src.commit(2)
+    elif case == "not published":
+        src.commit(2, publish=False)  # a batch lost on the way: the feed's first starts after it
+    follower = Follower(src, "s", 0)
+    src.commit(3, end=case == "ended")
+    reader = asyncio.create_task(collect(follower))
+    if case != "ended":
+        await asyncio.sleep(0.01)
+        src.commit(1, end=True)
+    assert await asyncio.wait_for(reader, 5) == [e[0] for e in src.entries], "each event once, in order"
+    assert src.reads >= 1, "what the feed lacks is read from the log"
 
 
 async def test_a_commit_between_subscribing_and_reading_the_head_is_neither_lost_nor_repeated() -> None:
