@@ -111,6 +111,8 @@ def adhoc(bench_work: Path, gw_pid: int, spec: str, procs: list[subprocess.Popen
     result = json.loads(out or b"{}")
     events = result.get("events", 0) or 1
     print(err.decode().strip())
+    if ttfe := result.get("ttfe_ms"):  # the client's line gives its p50 only: new streams' tail here
+        print(f"time to first event p50/p90/p99/max {ttfe['p50']:.2f}/{ttfe['p90']:.2f}/{ttfe['p99']:.2f}/{ttfe['max']:.2f} ms")
     print(f"gateway: cpu {used:.2f} s = {used / events * 1e6:.1f} us/event over {events} events "
           f"(user {user / events * 1e6:.1f}, system {system / events * 1e6:.1f}), peak RSS {peak:.0f} MB, "
           f"client exit {client.returncode}")
