@@ -21,6 +21,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import logging
 import ssl
 from typing import AsyncIterator, Callable, Literal, Mapping, cast
 
@@ -29,6 +30,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway import native
+
+log = logging.getLogger("gateway.streamclient")
 
 # A response head larger than this is refused (aiohttp's own limit is 8 KiB a line).
 MAX_HEAD_BYTES = 64 * 1024
@@ -42,6 +45,12 @@ READ_HIGH_WATER = 256 * 1024
 KEEPALIVE_SECONDS = 4.0
 # Idle connections kept per origin; more are closed when released.
 MAX_IDLE_PER_ORIGIN = 1024
+# A new stream that finds no idle connection waits for its own connect: four loop turns, tens of ms
+# each on a busy gateway, in every new stream's time to first event. While streams come faster
+# than connects finish (one finds none while another connect is under way), the client connects
+# ahead, up to this many per origin, and replaces each one a stream takes. Unused, they close as
+# idle kept-alive connections do (after KEEPALIVE_SECONDS); a quiet gateway never opens one.
+MAX_SPARES = 16
 
 Framing = Literal["chunked", "length", "close", "none"]
 Pauser = Literal["capture", "reader"]  # the capture (its log is behind), or a reader's full queue
@@ -65,7 +74,7 @@ class LegConnection(asyncio.Protocol):
     # One per live stream: slots keep an idle leg small.
     __slots__ = ("_client", "origin", "_loop", "transport", "lost", "_buf", "_phase", "_head", "_framing", "_left",
                  "_crlf", "_trailers", "reusable", "sink", "_queued", "_queued_bytes", "_waiter", "exc",
-                 "_paused_by", "_timeout", "_timer", "last", "ended")
+                 "_paused_by", "_timeout", "_timer", "last", "ended", "spare")
 
     def __init__(self, client: StreamClient, origin: Origin) -> None:
         self._client = client
@@ -73,6 +82,7 @@ class LegConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.spare = False  # connected ahead, not used yet (StreamClient._connect_ahead)
         self._reset()
 
     def _reset(self) -> None:
@@ -561,11 +571,15 @@ class LegResponse:
 class StreamClient:
     """Kept-alive connections per origin, and the sending of one request on one of them."""
 
-    def __init__(self) -> None:
+    def __init__(self, keepalive: float = KEEPALIVE_SECONDS) -> None:
+        self.keepalive = keepalive  # an idle connection, kept-alive or spare, is closed after this long
         self._idle: dict[Origin, list[LegConnection]] = {}
         self._timers: dict[LegConnection, asyncio.TimerHandle] = {}
         self._open: set[LegConnection] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._connecting: dict[Origin, int] = {}  # connects under way, spares' included
+        self._ahead: dict[Origin, int] = {}  # spares' connects under way
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def request(self, method: str, url: URL, headers: Mapping[str, str], body: bytes | None, *,
                       connect_timeout: float | None, read_timeout: float | None,
@@ -577,6 +591,12 @@ class StreamClient:
         origin: Origin = (url.raw_host or "", url.port or 80, url.scheme == "https")
         data = _request_bytes(method, url, headers, body)
         reused = self._take_idle(origin)
+        if reused is None:
+            ahead = bool(self._connecting.get(origin))  # another's connect is under way: streams come faster
+        else:
+            ahead, reused.spare = reused.spare, False  # a spare taken is replaced
+        if ahead:
+            self._connect_ahead(origin, connect_timeout)
         while True:
             conn = reused or await self._connect(origin, connect_timeout)
             try:
@@ -594,7 +614,40 @@ class StreamClient:
                 raise
             return LegResponse(conn, status, reason, parsed, head, on_release)
 
+    def _connect_ahead(self, origin: Origin, timeout: float | None) -> None:
+        """Connect a spare for the next stream to ``origin``, unless enough are idle or on their way."""
+        if self._ahead.get(origin, 0) + len(self._idle.get(origin, ())) >= MAX_SPARES:
+            return
+        self._ahead[origin] = self._ahead.get(origin, 0) + 1
+        task = asyncio.create_task(self._spare(origin, timeout), name=f"spare-connect:{origin[0]}:{origin[1]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _spare(self, origin: Origin, timeout: float | None) -> None:
+        try:
+            conn = await self._connect(origin, timeout)
+        except ConnectFailed as exc:  # the stream that needs the upstream finds out for itself
+            log.debug("a spare connection to %s:%s failed: %s", origin[0], origin[1], exc)
+            return
+        except Exception:
+            log.exception("a spare connection to %s:%s crashed", origin[0], origin[1])
+            return
+        finally:
+            self._ahead[origin] -= 1
+        if conn.lost or conn.transport is None or conn.transport.is_closing():
+            return
+        conn.spare = conn.reusable = True
+        conn.last = asyncio.get_running_loop().time()  # its keep-alive counts from the connect
+        self.keep(conn)
+
     async def _connect(self, origin: Origin, timeout: float | None) -> LegConnection:
+        self._connecting[origin] = self._connecting.get(origin, 0) + 1
+        try:
+            return await self._open_connection(origin, timeout)
+        finally:
+            self._connecting[origin] -= 1
+
+    async def _open_connection(self, origin: Origin, timeout: float | None) -> LegConnection:
         host, port, tls = origin
         loop = asyncio.get_running_loop()
         context: ssl.SSLContext | None = None
@@ -629,7 +682,7 @@ class StreamClient:
     def keep(self, conn: LegConnection) -> None:
         idle = self._idle.setdefault(conn.origin, [])
         # Idle since the upstream's last byte (not since the release, which a slow client can delay).
-        due = conn.last + KEEPALIVE_SECONDS
+        due = conn.last + self.keepalive
         loop = asyncio.get_running_loop()
         if len(idle) >= MAX_IDLE_PER_ORIGIN or due <= loop.time():
             conn.close()
@@ -653,6 +706,8 @@ class StreamClient:
             idle.remove(conn)
 
     def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for conn in list(self._open):
             conn.close()
         for timer in self._timers.values():

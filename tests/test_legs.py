@@ -20,7 +20,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
+from gateway.streamclient import MAX_SPARES, ConnectFailed, LegResponse, StreamClient
 from gateway.upstream import Replica, request_url
 
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -335,6 +335,48 @@ async def test_kept_alive_connections_are_reused_only_when_whole(raw: RawServer)
     await capture(resp)
     resp.release()
     assert raw.connections == 3
+    client.close()
+
+
+async def test_streams_that_come_faster_than_connects_finish_find_a_connection_opened_ahead(raw: RawServer) -> None:
+    loop = asyncio.get_running_loop()
+    served_on: list[float] = []  # per request: when the server accepted the connection it came on
+    unused = 0  # connections closed without carrying a request
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal unused
+        accepted = loop.time()
+        try:
+            await read_head(raw, reader)
+        except asyncio.IncompleteReadError:
+            unused += 1
+            return
+        served_on.append(accepted)
+        writer.write(HEAD_CHUNKED + chunked(EVENTS[:1])[:-5])  # the body goes on
+        await writer.drain()
+        await reader.read()
+
+    async def until(done: Callable[[], bool]) -> None:
+        for _ in range(300):
+            if done():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not within 3 s")
+
+    raw.script = script
+    client = StreamClient(keepalive=0.5)
+    quiet = [await open_leg(client, raw), await open_leg(client, raw)]
+    await asyncio.sleep(0.1)
+    assert raw.connections == 2, "one stream at a time, each while no connect is under way: no spare"
+    burst = await asyncio.gather(*(open_leg(client, raw) for _ in range(8)))
+    await until(lambda: raw.connections > 10)  # spares, connected ahead while the burst connected
+    assert raw.connections <= 10 + MAX_SPARES
+    asked_at = loop.time()
+    late = await open_leg(client, raw)
+    assert served_on[-1] < asked_at, "the next stream went out on a connection made before it came"
+    await until(lambda: unused > 0)  # spares nobody takes close as idle connections do
+    for resp in (*quiet, *burst, late):
+        resp.close()
     client.close()
 
 
