@@ -188,3 +188,39 @@ async def test_a_follower_on_another_replica_gets_the_error_event_an_interrupted
     assert rest[-1].json["error"] == "CaptureInterrupted"
     replay = await join(http, b.url + loc, "-1")
     assert replay[-1] == rest[-1]
+
+
+async def test_redis_refusing_writes_at_maxmemory_is_a_storage_failure_readiness_and_metrics_say(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Redis reached maxmemory (noeviction): it answers every write with an OOM error, as a full disk
+    would refuse them. Readiness and the failing gauge say so, new runs are refused before they reach
+    the upstream, and once memory is free the live run goes on: every event exactly once."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "oom")
+    resp = await start_run(http, gw, 150, delay=0.02)
+    url = gw.url + resp.headers["Location"]
+    seen = await read_events(resp, limit=20)
+    own_redis.command("CONFIG", "SET", "maxmemory", "1000")  # far below what it holds: every write refused
+    reader = asyncio.create_task(follow_to_end(http, url, resp, seen))
+    ready = 200
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            ready, body = r.status, await r.json()
+        if ready == 503:
+            break
+        await asyncio.sleep(0.1)
+    async with http.get(gw.admin_url + "/metrics") as r:
+        failing = [line for line in (await r.text()).splitlines() if line.startswith("gateway_storage_failing ")]
+    tid = await new_thread(http, gw)
+    fake_upstream.requests.clear()
+    refused = await stream_run(http, gw, tid, assistant="a", n=3)
+    detail = (await refused.json())["detail"]
+    created = [p for m, p in fake_upstream.requests if m == "POST" and p.endswith("/runs/stream")]
+    own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    got = await reader
+    assert ready == 503 and "maxmemory" in body["storage"], "readiness says storage fails"
+    assert failing == ["gateway_storage_failing 1.0"]
+    assert refused.status == 503 and "storage is failing" in detail and created == [], \
+        f"a new run is refused before it reaches the upstream: {refused.status} {detail}, upstream saw {created}"
+    assert_exactly_once(got, 150)
+    assert await join(http, url, "-1") == got

@@ -757,6 +757,8 @@ class RedisEventLog(EventLog):
             if "FENCED" in str(exc):
                 self._lost(meta.key, "fenced")
                 raise ClaimLost(meta.key) from None
+            if _refusal(exc):
+                self._fail(f"{exc.__class__.__name__}: {exc}")
             raise StorageError(f"redis: {exc}") from exc
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
@@ -801,9 +803,10 @@ class RedisEventLog(EventLog):
             group, self._queue = self._queue, []
             started = time.perf_counter()
             results = await self._commit(group)
-            ok = not isinstance(results, BaseException)
+            refused = results if isinstance(results, BaseException) else next(
+                (res for res in results if _refusal(res)), None)
             if self._on_commit is not None:
-                self._on_commit(sum(p.n for p in group), time.perf_counter() - started, ok)
+                self._on_commit(sum(p.n for p in group), time.perf_counter() - started, refused is None)
             if isinstance(results, BaseException):
                 self._fail(f"{results.__class__.__name__}: {results}")
                 for p in group:
@@ -811,6 +814,8 @@ class RedisEventLog(EventLog):
                 continue
             for p, res in zip(group, results):
                 self._resolve(p, res)
+            if refused is not None:
+                self._fail(f"{refused.__class__.__name__}: {refused}")
 
     async def _commit(self, group: list[_Pending]) -> list[Any] | BaseException:
         """One pipeline for the whole group; once more after a broken connection (batch numbers
@@ -982,6 +987,13 @@ class RedisEventLog(EventLog):
         size = sum(len(d) + 24 for _, d in old)
         await self._trim_script(keys=[self._k("s", m.key), self._k("m", m.key), self._k("size")],
                                 args=[f"{next_seq}-0", next_seq, size])
+
+
+def _refusal(res: Any) -> bool:
+    """An error reply that is Redis refusing writes (maxmemory reached, a read-only replica, a disk
+    it cannot persist to), not the log's own answer about one stream (FENCED, GAP, GONE): storage
+    fails, as when Redis is unreachable (readiness, the failing gauge, new captures refused)."""
+    return isinstance(res, ResponseError) and not any(word in str(res) for word in ("FENCED", "GAP", "GONE"))
 
 
 def _rows(raw: Any) -> list[tuple[int, bytes]]:
