@@ -71,7 +71,7 @@ class Follower:
 
     # One per client of a stream, idle ones for hours: no instance dict.
     __slots__ = ("source", "key", "pos", "_stopped", "_finished", "_express", "feed", "_begun", "_upto", "_then",
-                 "_prev", "_entries")
+                 "_prev", "_entries", "_trims", "_floor")
 
     def __init__(self, source: Source, key: str, after: int | None) -> None:
         self.source = source
@@ -88,6 +88,10 @@ class Follower:
         self._then: Then = "end"
         self._prev = 0
         self._entries: list[Entry] | None = None
+        # Retention trims the start of an endless stream while it is followed: what was trimmed
+        # when this follower began (``_floor``, its client told so) is not a loss it has to say.
+        self._trims = False
+        self._floor = 0
         source.joined(self)
 
     def express(self, write: ExpressWriter) -> None:
@@ -182,6 +186,7 @@ class Follower:
         if meta is None:
             raise StreamGone(f"stream {self.key} is not in the log")
         self._check_held(meta)
+        self._trims, self._floor = meta.endless, meta.first_seq
         if self.pos is None:
             self.pos = meta.head
         self._finished = meta.finished or (not meta.open and meta.endless)
@@ -203,6 +208,8 @@ class Follower:
             if not page:
                 # Evicted underneath us: a clean end would look complete.
                 raise StreamGone(f"stream {self.key} was removed from the log during replay")
+            if self._trims:
+                await self._check_untrimmed(page)
             self.pos = page.last
             return page, True
         self.pos = max(self.pos, self._upto)
@@ -267,6 +274,16 @@ class Follower:
             return None
         self.pos = entries[-1][0]
         return Page(entries)
+
+    async def _check_untrimmed(self, page: Page) -> None:
+        """The page follows on from this follower's position, or the client is cut: retention
+        trimmed the events after it (past where it began) before they were read, and the page
+        starts after them. A cut says the stream is not whole here; the client's reconnect gets
+        what is left with ``X-Gateway-Resume: truncated``."""
+        assert self.pos is not None
+        meta = await self.source.lookup(self.key)
+        if meta is not None and page.entries[0][0] >= meta.first_seq > max(self.pos + 1, self._floor):
+            raise StreamCut(f"retention trimmed {self.key} past this client's position before it was sent")
 
     async def _to_head(self, then: Then) -> None:
         """Replay up to the durable head as it is now, then ``then``; ``_finished`` says whether the

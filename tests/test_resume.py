@@ -377,6 +377,51 @@ async def test_resume_into_a_trimmed_thread_stream_says_so(gateway: RunningGatew
         assert int(got[0].id or 0) > int(first[-1].id or 0)
 
 
+async def test_retention_trimming_a_thread_stream_under_a_replaying_client_cuts_it_instead_of_skipping(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """A client replaying a thread stream page by page while retention trims the part it has not
+    read yet: the events it would have got next are gone. It is cut (its reconnect is answered
+    with what is left and ``X-Gateway-Resume: truncated``), never handed the rest as if whole."""
+    import time as _time
+
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url) as ts:  # the thread stream is captured (and trimmed, not removed)
+        await asyncio.sleep(0.1)
+        await read_events(await stream_run(http, gateway, tid, n=20, delay=0.01))
+        between = _time.time()
+        await asyncio.sleep(0.05)
+        second = (await read_events(await stream_run(http, gateway, tid, n=20, delay=0.01)))[0].json["run_id"]
+        await read_events(ts, limit=44)
+        hub = gateway.gw.hub
+        page = hub.page
+        calls = 0
+
+        async def small_pages(key: str, after: int, upto: int, limit: int) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # between two pages of the replay: the first run's batches are trimmed
+                await gateway.gw.log.sweep(now=between + gateway.gw.cfg.storage.retention)
+            return await page(key, after, upto, 5)
+
+        hub.page = small_pages  # type: ignore[method-assign]
+        got: list[Ev] = []
+        cut = False
+        async with http.get(url, headers={"Last-Event-ID": "-1"}) as r:
+            # To the second run's end (the last event held), or a cut.
+            while not got or got[-1].json.get("status") != "run_done" or got[-1].json["run_id"] != second:
+                try:
+                    more = await asyncio.wait_for(read_events(r, limit=1), 10)
+                except aiohttp.ClientPayloadError:
+                    cut = True
+                    break
+                got += more
+        hub.page = page  # type: ignore[method-assign]
+    assert [e.json["i"] for e in got[:5] if e.event == "custom"] == [0, 1, 2, 3], "the first page came whole"
+    assert cut and len(got) == 5, \
+        f"cut where retention took what the client had not read, not fed on: {customs(got)}"
+
+
 async def test_large_events_are_captured_and_replayed_intact(gateway: RunningGateway,
                                                              http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, gateway)
