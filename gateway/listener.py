@@ -149,8 +149,12 @@ class GatewayRunner(web.AppRunner):
     """An app runner whose server makes ``ClientConnection``s."""
 
     def __init__(self, app: web.Application, *, clients: Clients, **kwargs: Any) -> None:
+        # auto_decompress off: a request body goes upstream as the client sent it, Content-Encoding
+        # and all (the upstream decides what a gzip body means). Decoded here, it went with the
+        # client's Content-Length and Content-Encoding, which no longer described it (a 504 after
+        # read_timeout), and a body that did not decode was a 500 or a 400 the upstream never gives.
         kwargs.update(max_line_size=clients.max_header_bytes, max_field_size=clients.max_header_bytes,
-                      max_headers=clients.max_headers)
+                      max_headers=clients.max_headers, auto_decompress=False)
         super().__init__(app, **kwargs)
         self.count = ConnectionCount(clients.max_connections)
         self._clients = clients

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ import httpx
 import pytest
 from langgraph_sdk import get_client
 
+from tests.conftest import gateway_config
 from tests.support.sse import Ev, read_events
 
 pytestmark = pytest.mark.timeout(90)
@@ -429,6 +431,37 @@ async def test_unknown_path_404_same_as_direct(langgraph_server: Any, lg_gateway
             results.append((r.status, r.content_type, await r.json()))
     assert results[1] == results[0]
     assert results[0][0] == 404
+
+
+# Content-Encoding of a request body is the upstream's to judge: this one reads no gzip (422 for a
+# gzip body, and a plain body labelled gzip is read as it is).
+_ENCODED_BODIES = {
+    "gzip body, Content-Length": (gzip.compress(b'{"limit": 1}'), "gzip", False),
+    "gzip body, chunked": (gzip.compress(b'{"limit": 1}'), "gzip", True),
+    "plain body labelled gzip": (b'{"limit": 1}', "gzip", False),
+    "plain body labelled deflate": (b'{"limit": 1}', "deflate", False),
+}
+
+
+@pytest.mark.parametrize("case", list(_ENCODED_BODIES))
+async def test_a_content_encoded_request_body_gets_the_servers_own_answer(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession, case: str) -> None:
+    """The gateway decoded gzip request bodies itself and forwarded the result under the client's
+    Content-Length and Content-Encoding: a gzip body hung until read_timeout (504), a chunked one got
+    an answer the server never gives (200), a body that did not decode a 500 or a text-free 400."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url],
+                                                                  "read_timeout": "10s"}}))
+    body, encoding, chunked = _ENCODED_BODIES[case]
+
+    async def chunks() -> Any:
+        yield body
+
+    results = []
+    for base in (langgraph_server.url, gw.url):
+        async with http.post(base + "/assistants/search", data=chunks() if chunked else body,
+                             headers={"Content-Type": "application/json", "Content-Encoding": encoding}) as r:
+            results.append((r.status, r.content_type, await r.read()))
+    assert results[1] == results[0]
 
 
 # --- the JS SDK -------------------------------------------------------------------------------------
