@@ -26,9 +26,13 @@ class CorsMemory:
     def __init__(self) -> None:
         self._seen: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
 
-    def learn(self, upstream: str, origin: str | None, headers: Mapping[str, str]) -> None:
-        """Remember what the upstream answered ``origin`` (nothing when it sent no CORS headers)."""
-        if not origin or "Access-Control-Allow-Origin" not in headers:
+    def learn(self, upstream: str, request: Mapping[str, str], headers: Mapping[str, str]) -> None:
+        """Remember what the upstream answered the origin of a request (``request``: its headers);
+        nothing when it sent no CORS headers, or when the request was a preflight: that answer says
+        what may be sent, not what a response exposes (it has no Expose-Headers), and learnt it hid
+        Location and Content-Location on the answers the gateway makes for that origin."""
+        origin = request.get("Origin")
+        if not origin or "Access-Control-Allow-Origin" not in headers or "Access-Control-Request-Method" in request:
             return
         key = (upstream, origin)
         self._seen[key] = {h: headers[h] for h in _LEARNED if h in headers}

@@ -370,7 +370,7 @@ class Upstreams:
         except BaseException:
             budget.release()
             raise
-        self.cors.learn(pool.name, headers.get("Origin"), resp.headers)
+        self.cors.learn(pool.name, headers, resp.headers)
         return resp
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],

@@ -270,6 +270,30 @@ async def test_a_stream_served_from_the_log_carries_the_upstreams_cors_headers(
             assert customs(await read_events(r)) == [0, 1, 2]
 
 
+async def test_a_preflight_does_not_hide_the_exposed_headers_of_a_stream_served_from_the_log(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """A browser preflights its re-join (Last-Event-ID is no simple header). The upstream's answer to a
+    preflight has no Expose-Headers; the gateway learnt it as the origin's CORS, so the replay that
+    followed (access cached, nothing asked upstream) let the page read no Location, Content-Location
+    or X-Gateway-Resume, where the server's own join exposes Content-Location."""
+    origin = {"Origin": "http://127.0.0.1:9999"}
+    async with http.post(f"{lg_gateway.url}/threads", json={}, headers=origin) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{lg_gateway.url}/threads/{tid}/runs/stream", headers=origin,
+                         json={"assistant_id": "ticker", "input": {"n": 2, "delay": 0}, "stream_mode": ["custom"]}) as r:
+        loc = lg_gateway.url + r.headers["Location"]
+        await read_events(r)
+    for _ in range(2):  # the first asks the upstream whether this client may read the run, the second not
+        async with http.options(loc, headers={**origin, "Access-Control-Request-Method": "GET",
+                                              "Access-Control-Request-Headers": "last-event-id"}) as r:
+            assert r.status == 200 and "Access-Control-Expose-Headers" not in r.headers
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **origin}) as r:
+            assert r.status == 200
+            exposed = {h.strip().lower() for h in r.headers.get("Access-Control-Expose-Headers", "").split(",")}
+            assert {"content-location", "location", "x-gateway-resume"} <= exposed, r.headers
+            await read_events(r)
+
+
 # --- found by the OpenAPI fuzz (tests/test_fuzz.py): differences from the Agent Server --------------------
 
 async def test_a_stream_mode_that_is_no_json_array_filters_everything_out_like_upstream(
