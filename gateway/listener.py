@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
 from gateway.errors import TooManyConnections
-from gateway.responses import error_response
+from gateway.responses import error_response, failed
 
 log = logging.getLogger("gateway.listener")
 
@@ -89,6 +89,10 @@ class ClientConnection(RequestHandler):
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
+        if isinstance(resp, web.HTTPException) and resp.status >= 400:
+            # aiohttp's router answers a request target that is no path (``OPTIONS *``, CONNECT's
+            # host:port, ``http://host`` without one) itself, before the gateway's route: in the API's shape.
+            resp = failed(request, resp)
         out = await super().finish_response(request, resp, start_time)
         self._between_requests = True
         return out

@@ -20,6 +20,7 @@ from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.langgraph_server import LangGraphServer
 from tests.support.sse import read_events
 from tests.support.runs import customs, new_thread, stream_run
 
@@ -141,6 +142,21 @@ async def test_a_malformed_request_gets_a_json_400_that_echoes_nothing(
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not errors, [r.getMessage() for r in errors]
     assert all("secret-token-123" not in r.getMessage() and r.exc_info is None for r in caplog.records)
+
+
+@pytest.mark.parametrize("request_line", [b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1",
+                                          b"GET http://example.com HTTP/1.1"])
+async def test_a_request_target_that_is_no_path_gets_a_json_404(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, request_line: bytes) -> None:
+    """aiohttp's router answered these itself, before the gateway's route: a text/plain '404: Not Found'.
+    The Agent Server answers ``OPTIONS *`` with its JSON 404."""
+    raw = await raw_request(lg_gateway.url, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status, body = status_and_body(raw)
+    assert (status, b"application/json" in raw.split(b"\r\n\r\n")[0].lower()) == (404, True), raw[:300]
+    assert orjson.loads(body) == {"detail": "Not Found"}
+    if request_line.startswith(b"OPTIONS"):
+        direct = await raw_request(langgraph_server.url, request_line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status_and_body(direct) == (status, body)
 
 
 async def test_long_header_lines_pass_as_they_do_upstream_and_oversized_ones_leak_nothing(
