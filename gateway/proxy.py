@@ -81,7 +81,8 @@ class RelayedResponse(_UpstreamHeaders):
 
 
 class RelayedBody(_UpstreamHeaders, web.Response):
-    """An upstream response the gateway read whole before answering (a background run's JSON)."""
+    """An upstream response the gateway read whole before answering (a background run's JSON that names
+    no run in its Content-Location)."""
 
 
 class Forwarder:

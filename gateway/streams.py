@@ -153,26 +153,41 @@ class StreamHandlers:
         headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
         resp = await self._create_run(run, lambda body: self.forwarder.open(request, target, data=body, headers=headers))
         # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
-        return await asyncio.shield(self.hub.run_owned(self._answer_background(request, target, resp, run)))
-
-    async def _answer_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
-                                 run: RunRequest) -> web.StreamResponse:
+        owned = self.hub.run_owned(self._capture_background(request, target, resp, run))
         try:
-            body = await self.forwarder.read_json_response(resp, self.cfg.max_request_body)
-            headers = client_headers(resp, target, drop=("Content-Length",))
-            status, reason = resp.status, resp.reason
-        finally:
-            resp.release()
-        if status == 200:
+            answer: web.StreamResponse | None = await asyncio.shield(owned)
+        except BaseException:
+            owned.add_done_callback(lambda _: resp.release())
+            raise
+        if answer is not None:
+            return answer
+        return await self.forwarder.relay(request, target, resp)
+
+    async def _capture_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
+                                  run: RunRequest) -> web.StreamResponse | None:
+        """Capture the run a background request created; None: the upstream's answer is to be relayed
+        as it comes. The run's ids come from the answer's Content-Location, as for a run created
+        streaming: its JSON echoes what the client sent (input, metadata twice), so it may be bigger
+        than any limit on requests. Only an answer that names no run there is read whole for them."""
+        if resp.status != 200:
+            return None  # no run was created
+        answer: web.StreamResponse | None = None
+        tid, rid = agentapi.run_ids(resp.headers)
+        if tid is None or rid is None or not (capturable(tid) and capturable(rid)):
+            try:
+                body = await self.forwarder.read_json_response(resp, self.cfg.max_request_body)
+                answer = RelayedBody(status=200, reason=resp.reason, body=body,
+                                     headers=client_headers(resp, target, drop=("Content-Length",)))
+            finally:
+                resp.release()
             try:
                 doc = orjson.loads(body)
                 tid, rid = canonical_id(str(doc["thread_id"])), canonical_id(str(doc["run_id"]))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 logger.warning("background run response had no run_id/thread_id; not captured")
-            else:
-                await self._capture(request, agentapi.run_meta(target.pool.name, tid, rid, resumable=run.resumable),
-                                    None)
-        return RelayedBody(status=status, reason=reason, body=body, headers=headers)
+                return answer
+        await self._capture(request, agentapi.run_meta(target.pool.name, tid, rid, resumable=run.resumable), None)
+        return answer
 
     # --- GET .../runs/{rid}/stream and GET /threads/{tid}/stream ------------------------------------
 

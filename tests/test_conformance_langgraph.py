@@ -301,6 +301,33 @@ async def test_location_is_relative_and_joinable(lg_gateway: Any, http: aiohttp.
     assert replay == live
 
 
+async def test_a_background_run_whose_json_outgrows_the_body_limit_is_answered_and_captured(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The run's JSON echoes its metadata twice over: a request within streams.max_request_body got
+    502 'upstream response body exceeds the limit' while the server had created the run, which
+    the gateway then never captured (a client retrying it ran it twice)."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                                           streams={"max_request_body": "64KiB"}))
+    pad = "x" * 40_000
+    body = {"assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}, "stream_mode": ["custom"],
+            "metadata": {"pad": pad}}
+    async with asyncio.timeout(30):
+        answers = []
+        for base in (langgraph_server.url, gw.url):
+            async with http.post(f"{base}/threads", json={}) as r:
+                tid = (await r.json())["thread_id"]
+            async with http.post(f"{base}/threads/{tid}/runs", json=body) as r:
+                answers.append((r.status, r.content_type, await r.read()))
+        assert answers[1][:2] == answers[0][:2] == (200, "application/json"), answers[1][2][:200]
+        run = json.loads(answers[1][2])
+        assert run["metadata"]["pad"] == pad
+        async with http.get(f"{gw.url}/threads/{run['thread_id']}/runs/{run['run_id']}/stream",
+                            headers={"Last-Event-ID": "-1"}) as r:
+            assert r.status == 200 and "X-Gateway-Resume" not in r.headers, "the run is held from its start"
+            assert [e.json for e in await read_events(r) if e.event == "custom"] == [{"i": 0, "of": 2},
+                                                                                   {"i": 1, "of": 2}]
+
+
 async def test_replay_of_failed_run_keeps_terminal_error(langgraph_server: Any, lg_gateway: Any,
                                                          http: aiohttp.ClientSession) -> None:
     body = {"assistant_id": "fail", "input": {}, "stream_mode": TICKER_MODES, "stream_resumable": True}
