@@ -18,6 +18,12 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
 
+class BadRequest(GatewayError):
+    """A request the gateway cannot pass on: its body broke off malformed (a bad chunk)."""
+
+    status = 400
+
+
 class NotFound(GatewayError):
     status = 404
 

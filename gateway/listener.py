@@ -20,10 +20,12 @@ import orjson
 from aiohttp import HttpVersion10, web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
-from gateway.errors import TooManyConnections
+from gateway.errors import BadRequest, TooManyConnections
 from gateway.responses import error_response, failed
 
 log = logging.getLogger("gateway.listener")
@@ -52,7 +54,7 @@ class ClientConnection(RequestHandler):
     """One client connection (aiohttp's protocol, with the gateway's limits)."""
 
     # Slots: an idle stream keeps its connection for hours; no instance dict beside aiohttp's slots.
-    __slots__ = ("_clients", "_count", "_counted", "over_cap", "_header_deadline", "_between_requests")
+    __slots__ = ("_clients", "_count", "_counted", "over_cap", "_header_deadline", "_between_requests", "_body")
 
     def __init__(self, manager: Any, *, clients: Clients, count: ConnectionCount, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -63,6 +65,7 @@ class ClientConnection(RequestHandler):
         self.over_cap = False  # read by refusal: this connection is answered with a 503
         self._header_deadline: asyncio.TimerHandle | None = None
         self._between_requests = True
+        self._body: StreamReader | None = None  # the body of the last request parsed
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -79,13 +82,29 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        before = self._request_count
+        before, queued = self._request_count, len(self._messages)
         if self._between_requests:
             self._arm()  # the first bytes of a request: its headers must be in within header_timeout
         super().data_received(data)
         if self._request_count != before:  # a request's headers are complete
             self._between_requests = False
             self._disarm()
+            self._fail_broken_body(cast(list[Any], self._messages)[queued:])
+
+    def _fail_broken_body(self, parsed: list[Any]) -> None:
+        """A body that breaks off malformed (a bad chunk) while its handler reads it: aiohttp's parser
+        queues a 400 for after that request and leaves the body open, so the handler waited out
+        body_timeout and answered 408. Its read fails now instead: a 400, and the connection closes
+        (the parser cannot go on)."""
+        for message, payload in parsed:
+            if isinstance(message, RawRequestMessage):
+                self._body = payload
+            elif (self._body is not None and not self._body.is_eof() and self._current_request is not None
+                  and self._current_request.content is self._body):
+                log.info("refused a request whose body broke off malformed")
+                self._body.set_exception(BadRequest("malformed HTTP request body", headers={"Connection": "close"}))
+                self._body.feed_eof()
+                self.close()
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:

@@ -19,10 +19,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.config import Clients
-from gateway.errors import PayloadTooLarge, RequestTimeout
+from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from gateway.responses import cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
-from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, Upstreams, UpstreamUnreachable,
+from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, UpstreamError, Upstreams,
                               as_upstream_error)
 
 log = logging.getLogger("gateway.proxy")
@@ -137,9 +137,9 @@ class Forwarder:
             return await self.upstreams.send(target.pool, request.method, pq,
                                              headers if headers is not None else self.upstream_headers(request),
                                              data, kind=kind)
-        except UpstreamUnreachable:
-            if streamed is not None and streamed.timed_out:  # the client stalled, not the upstream
-                raise streamed.timeout() from None
+        except UpstreamError:
+            if streamed is not None and streamed.failure is not None:  # the client's body failed, not the upstream
+                raise streamed.failure from None
             raise
 
     async def _read_head(self, request: web.Request) -> tuple[bytes, bool]:
@@ -251,16 +251,14 @@ class Forwarder:
 
 class _StreamedBody:
     """A request body too big to read first, streamed upstream as it comes: each read within
-    ``timeout`` of the last, or the request fails (and says the client was too slow)."""
+    ``timeout`` of the last, or the request fails (and says the client was too slow). ``failure``:
+    what the client is told when its body failed (too slow, or broken off malformed), not the upstream."""
 
     def __init__(self, content: aiohttp.StreamReader, head: bytes, timeout: float) -> None:
         self._content = content
         self._head = head
         self._timeout = timeout
-        self.timed_out = False
-
-    def timeout(self) -> RequestTimeout:
-        return _body_timeout(self._timeout)
+        self.failure: GatewayError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._head:
@@ -270,8 +268,11 @@ class _StreamedBody:
                 async with asyncio.timeout(self._timeout):
                     chunk = await self._content.readany()
             except TimeoutError:
-                self.timed_out = True
-                raise self.timeout() from None
+                self.failure = _body_timeout(self._timeout)
+                raise self.failure from None
+            except GatewayError as exc:  # a malformed end (gateway.listener)
+                self.failure = exc
+                raise
             if not chunk:
                 return
             yield chunk

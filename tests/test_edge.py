@@ -144,6 +144,36 @@ async def test_a_malformed_request_gets_a_json_400_that_echoes_nothing(
     assert all("secret-token-123" not in r.getMessage() and r.exc_info is None for r in caplog.records)
 
 
+@pytest.mark.parametrize("path,size", [("/echo", 100), ("/echo", 5000), ("/threads/t1/runs", 100)],
+                         ids=["forwarded, read first", "forwarded, streamed", "background run"])
+async def test_a_chunked_body_that_breaks_off_malformed_gets_a_json_400_at_once(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, path: str, size: int) -> None:
+    """A bad chunk after the request was handed on: aiohttp's parser leaves that body open and queues
+    its 400 for later, so the gateway waited out clients.body_timeout and answered 408 (or, with the
+    body streaming upstream, 502 blaming the upstream)."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"body_timeout": "60s", "body_buffer_bytes": "1KiB"}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    first = b'{"metadata": {"pad": "' + b"x" * size
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (len(first), first))
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the request is being handled: what follows arrives on its own
+    writer.write(b"ZZ\r\n")
+    raw = b""
+    try:
+        async with asyncio.timeout(20):  # well within body_timeout
+            while chunk := await reader.read(65536):
+                raw += chunk
+    except TimeoutError:
+        pass
+    writer.close()
+    status, body = status_and_body(raw) if raw else (0, b"")
+    assert (status, orjson.loads(body) if body else None) == (400, {"detail": "malformed HTTP request body"}), raw[:300]
+    assert raw.count(b"HTTP/1.") == 1, "one answer, and the connection closed"
+
+
 @pytest.mark.parametrize("request_line", [b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1",
                                           b"GET http://example.com HTTP/1.1"])
 async def test_a_request_target_that_is_no_path_gets_a_json_404(
