@@ -79,6 +79,7 @@ class ClientConnection(RequestHandler):
             self._count.open -= 1
             self._counted = False
         self._disarm()
+        self._body = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -114,6 +115,7 @@ class ClientConnection(RequestHandler):
             resp = failed(request, resp)
         out = await super().finish_response(request, resp, start_time)
         self._between_requests = True
+        self._body = None  # it holds this connection: kept, it would make a reference cycle per request
         return out
 
     def _arm(self) -> None:
