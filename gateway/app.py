@@ -190,6 +190,7 @@ class Gateway:
 
     async def _end_client_streams(self, _app: web.Application) -> None:
         self.hub.end_clients()
+        await self.forwarder.going_away(self.cfg.shutdown_grace)
 
     def admin_app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware])

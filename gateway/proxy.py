@@ -20,6 +20,7 @@ from yarl import URL
 
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.logs import END
 from gateway.responses import cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
 from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, UpstreamError, Upstreams,
@@ -91,6 +92,22 @@ class Forwarder:
     def __init__(self, upstreams: Upstreams, clients: Clients) -> None:
         self.upstreams = upstreams
         self.clients = clients
+        # The proxied WebSocket sessions: for each, a future done when the gateway stops, and one
+        # done once the session closed (``going_away``).
+        self._sessions: dict[asyncio.Future[None], asyncio.Future[None]] = {}
+        self._going_away = False
+
+    async def going_away(self, timeout: float) -> None:
+        """The gateway stops: close every proxied WebSocket session on both sides with 1001 (going
+        away), and wait (at most ``timeout``) until they are closed. Before aiohttp's own shutdown,
+        which stops reading the clients' sockets: a close frame sent then never hears its answer,
+        and a session left to it is held for the grace and then dropped without a close frame."""
+        self._going_away = True
+        for stop in self._sessions:
+            if not stop.done():
+                stop.set_result(None)
+        if self._sessions:
+            await asyncio.wait(list(self._sessions.values()), timeout=timeout)
 
     def upstream_headers(self, request: web.Request, *, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
         """The client's headers as the upstream should get them.
@@ -231,7 +248,19 @@ class Forwarder:
                 client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
                                                max_msg_size=0, autoclose=False)
                 await start_response(request, client)
-                await _splice(client, upstream)
+                loop = asyncio.get_running_loop()
+                stop: asyncio.Future[None] = loop.create_future()
+                closed: asyncio.Future[None] = loop.create_future()
+                if self._going_away:
+                    stop.set_result(None)
+                self._sessions[stop] = closed
+                try:
+                    await _splice(client, upstream, stop)
+                finally:
+                    del self._sessions[stop]
+                    closed.set_result(None)
+                    if stop.done():  # closed by the gateway with a close frame: whole, even if the
+                        request[END] = request.get(END, "completed")  # client hung up as it answered
                 return client
         except aiohttp.WSServerHandshakeError as exc:  # before anything was sent to the client
             return error_response(exc.status if exc.status >= 400 else 502,
@@ -288,8 +317,10 @@ _WS_HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Ex
                  "Sec-WebSocket-Protocol", "Sec-WebSocket-Accept")
 
 
-async def _splice(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    """Copy messages both ways until one side closes, then close the other with its code and reason.
+async def _splice(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
+                  stop: asyncio.Future[None]) -> None:
+    """Copy messages both ways until one side closes, then close the other with its code and reason;
+    or, once ``stop`` is done (the gateway stops), close both with 1001 (going away).
 
     The closes are shielded: a client that sends its close frame and hangs up at once cancels this
     handler, and the upstream must still hear that client's code, not a default.
@@ -298,7 +329,9 @@ async def _splice(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSock
     down = asyncio.create_task(_copy(upstream, client, closed, "upstream"))
     up = asyncio.create_task(_copy(client, upstream, closed, "client"))
     try:
-        await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({down, up, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.done() and not closed:
+            closed["gateway"] = (aiohttp.WSCloseCode.GOING_AWAY, b"gateway shutting down")
     finally:
         for t in (down, up):
             t.cancel()
@@ -313,6 +346,10 @@ async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWeb
         await upstream.close(code=code, message=reason)
     elif "upstream" in closed:
         code, reason = closed["upstream"]
+        await client.close(code=code, message=reason)
+    elif "gateway" in closed:  # the upstream first: the client may hang up once it has its close frame
+        code, reason = closed["gateway"]
+        await upstream.close(code=code, message=reason)
         await client.close(code=code, message=reason)
     # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going away").
     await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY)

@@ -4,8 +4,9 @@ both directions, close codes, subprotocols, refusals and connection budgets kept
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -81,3 +82,26 @@ async def test_upgrades_count_against_the_upstreams_stream_budget(
     async with http.ws_connect(gw.url + "/ws/echo") as again:  # the slot is free once the first closed
         await again.send_str("x")
         assert (await again.receive()).data == "x"
+
+
+async def test_sigterm_closes_an_open_websocket_with_going_away_and_exits_0(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A proxied WebSocket open at SIGTERM is closed on both sides with 1001 (going away), as a
+    server that stops says it, and logged as a whole session; not held for the grace (twice over)
+    and then dropped without a close frame, which clients take for a network failure and the
+    access log took for a client that left."""
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nshutdown_grace: 1s\nlog_format: json\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    async with http.ws_connect(gw.url + "/ws/echo") as ws:
+        await ws.send_str("hello")
+        assert (await ws.receive()).data == "hello"
+        stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+        msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == aiohttp.WSCloseCode.GOING_AWAY, msg
+    assert await stop == 0
+    assert fake_upstream.ws_closed[-1] == aiohttp.WSCloseCode.GOING_AWAY, "the upstream hears why too"
+    access = [d for d in (json.loads(x) for x in gw.log_text().splitlines() if x.startswith("{"))
+              if d["logger"] == "gateway.access" and d["path"] == "/ws/echo"]
+    assert [(d["status"], d["end"]) for d in access] == [(101, "completed")], access
