@@ -35,6 +35,7 @@ STREAM_KEY = web.RequestKey("gateway.stream", str)
 RESUME_OUTCOME = web.RequestKey("gateway.resume", str)
 END = web.RequestKey("gateway.end", str)  # an AccessEnd, when not "completed"
 STARTED = web.RequestKey("gateway.started", web.StreamResponse)  # the response whose headers went out
+CUT_AT = web.RequestKey("gateway.cut_at", int)  # bytes sent when the gateway cut the connection
 # nginx's status for "client closed request": a client gone before any response started.
 CLIENT_CLOSED = 499
 
@@ -93,6 +94,16 @@ def _access(logger: logging.Logger, request: web.BaseRequest, status: int, nbyte
     logger.info("%(method)s %(path)s %(status)s %(bytes)s bytes %(duration_ms)sms end=%(end)s", fields, extra=fields)
 
 
+def _sent(request: web.BaseRequest, response: web.StreamResponse) -> int:
+    """The bytes that went on the wire. aiohttp sets ``body_length`` only at a clean end
+    (``write_eof``); a response cut before it counts what its writer had sent at the cut (aiohttp
+    then still tries the end of the body on the closed connection, and counts that too)."""
+    cut_at: int | None = request.get(CUT_AT)
+    if cut_at is not None:
+        return cut_at
+    return max(response.body_length, request.writer.output_size)
+
+
 def _end(request: web.BaseRequest) -> AccessEnd:
     end = request.get(END)
     return end if end == "client_gone" or end == "cut" or end == "error" else "completed"
@@ -102,7 +113,7 @@ class AccessLogger(AbstractAccessLogger):
     """aiohttp's access log hook, writing the gateway's own fields to ``gateway.access``."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, duration: float) -> None:
-        _access(self.logger, request, response.status, response.body_length, duration, _end(request))
+        _access(self.logger, request, response.status, _sent(request, response), duration, _end(request))
 
     @property
     def enabled(self) -> bool:

@@ -23,7 +23,7 @@ from gateway import native
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import Entry, StorageError, StorageFull
 from gateway.follower import ExpressWriter
-from gateway.logs import END, STARTED, AccessEnd
+from gateway.logs import CUT_AT, END, STARTED, AccessEnd
 from gateway.sse import frame
 
 log = logging.getLogger("gateway.responses")
@@ -48,6 +48,7 @@ def cut(request: web.Request, end: AccessEnd = "cut") -> None:
     """End a response whose headers are sent by dropping the connection: a clean end would look
     complete. ``end``: what the access log says (``error`` for a failure, ``cut`` on purpose)."""
     request[END] = end
+    request[CUT_AT] = request.writer.output_size
     if request.transport is not None:
         request.transport.close()
 

@@ -543,3 +543,30 @@ async def test_the_access_log_counts_every_byte_a_live_stream_sent(
         await asyncio.sleep(0.1)
     assert lines and lines[0]["end"] == "completed"
     assert lines[0]["bytes"] == len(received), "every byte sent, headers and chunk framing included"
+
+
+async def test_the_access_log_counts_every_byte_of_a_stream_the_gateway_cut(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A stream cut at shutdown (as one cut for a slow reader, or for an error) says what went on the
+    wire before the cut, not 0: aiohttp counts a response's bytes only at its clean end."""
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
+                         "--log-format", "json").start()
+    tid = await new_thread(http, gw)
+    body = b'{"assistant_id":"a","input":{"n":400,"delay":0.02}}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /threads/%s/runs/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (tid.encode(), len(body), body))
+    received = b""
+    while received.count(b"event: custom") < 3:
+        chunk = await asyncio.wait_for(reader.read(65536), 30)
+        assert chunk, received
+        received += chunk
+    stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+    while chunk := await asyncio.wait_for(reader.read(65536), 30):
+        received += chunk
+    writer.close()
+    assert await stop == 0
+    assert not received.endswith(b"0\r\n\r\n"), "a cut, not a clean end"
+    lines = [x for x in _access_lines(gw.log_text(), "json") if x["path"] == "/threads/{id}/runs/stream"]
+    assert [x["end"] for x in lines] == ["cut"], lines
+    assert lines[0]["bytes"] == len(received), "every byte sent before the cut, headers included"
