@@ -72,6 +72,7 @@ class Gateway:
                                  self._pool_use, cfg.storage.max_bytes)
         self._sweeper: asyncio.Task[None] | None = None
         self._storage_open = False
+        self.stopping = False  # from the shutdown's first step on: /readyz says not ready
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -251,8 +252,9 @@ class Gateway:
                  for name, p in self.upstreams.pools.items()}
         failure = self.log.failure
         storage = "closed" if not self._storage_open else "open" if failure is None else f"storage failing: {failure}"
-        ready = self._storage_open and failure is None and self.upstreams.ready
-        body = {"status": "ready" if ready else "not ready", "storage": storage, "healthy_replicas": pools}
+        ready = self._storage_open and failure is None and self.upstreams.ready and not self.stopping
+        status = "shutting down" if self.stopping else "ready" if ready else "not ready"
+        body = {"status": status, "storage": storage, "healthy_replicas": pools}
         return web.json_response(body, status=200 if ready else 503)
 
 
@@ -294,7 +296,9 @@ class Server:
 
     async def stop(self) -> None:
         # Stop accepting, end client streams at an event boundary, give plain requests
-        # the grace period, then stop ingest and close storage.
+        # the grace period, then stop ingest and close storage. Not ready from the first step on:
+        # the public listener no longer accepts while the admin one still answers.
+        self.gateway.stopping = True
         await self.main.cleanup()
         await self.admin.cleanup()
         await self.gateway.stop()

@@ -211,3 +211,35 @@ async def test_restarts_mid_run_in_front_of_the_real_server_lose_and_repeat_noth
         assert customs(got) == list(range(n)), "every event exactly once"
         ids = [int(e.id) for e in got]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_readyz_answers_503_from_sigterm_on_while_requests_drain(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Once the public listener stops accepting, readiness says so: a load balancer that polls
+    /readyz must not keep sending clients to a gateway that refuses them during the grace."""
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")).start()
+    admin = f"http://127.0.0.1:{gw.admin_port}"
+    for _ in range(200):  # until the first health check of the upstream passed (bounded)
+        async with http.get(admin + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    assert r.status == 200
+    fake_upstream.faults.slow_body = 0.2  # the echo body takes seconds: the grace is in use meanwhile
+    async with http.get(f"{gw.url}/echo/slow") as slow:
+        assert slow.status == 200
+        stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+        for _ in range(200):  # until the public listener refuses (bounded)
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", gw.port)
+                w.close()
+                await asyncio.sleep(0.02)
+            except OSError:
+                break
+        else:
+            raise AssertionError("the public listener still accepts after SIGTERM")
+        async with http.get(admin + "/readyz") as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["status"] == "shutting down"
+        await slow.read()  # the in-flight request still finishes
+    assert await stop == 0
