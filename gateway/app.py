@@ -28,7 +28,7 @@ from gateway.eventlog import EventLog, StreamMeta, open_log
 from gateway.hub import Hub
 from gateway.legs import Legs
 from gateway.listener import GatewayRunner, refusal
-from gateway.logs import CLIENT_CLOSED, AccessLogger, answered, client_left, client_reset
+from gateway.logs import AccessLogger, answered, client_left, client_reset
 from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
@@ -146,11 +146,12 @@ class Gateway:
                 status = getattr(exc, "status", 500)
                 resp = failed(request, exc)
         except asyncio.CancelledError:
-            status = CLIENT_CLOSED
-            client_left(request, began)
+            status = client_left(request, began)
             raise
         except ConnectionResetError:  # the client left; nothing to answer
-            return client_reset(request)
+            resp = client_reset(request)
+            status = resp.status
+            return resp
         finally:
             self.metrics.request_done(target.pool.name, request.method, status)
         return answered(request, resp)

@@ -128,17 +128,19 @@ def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
     return ws.close_code not in (None, WSCloseCode.ABNORMAL_CLOSURE)
 
 
-def client_left(request: web.BaseRequest, began: float) -> None:
+def client_left(request: web.BaseRequest, began: float) -> int:
     """A request whose handler was cancelled because its client hung up: aiohttp writes no access
-    line for it, so this does (``began``: the loop's time when the request came in)."""
+    line for it, so this does (``began``: the loop's time when the request came in). Returns its
+    status, as the line says it: the response's if it started, else 499."""
     started = request.get(STARTED)
+    status: int = started.status if started else CLIENT_CLOSED
     if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
         request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
     request[END] = request.get(END, "client_gone")
     if _ACCESS.isEnabledFor(logging.INFO):
-        _access(_ACCESS, request, started.status if started else CLIENT_CLOSED,  # bytes: as aiohttp counts
-                request.writer.output_size if started else 0, asyncio.get_running_loop().time() - began,
-                _end(request))
+        _access(_ACCESS, request, status, request.writer.output_size if started else 0,  # bytes: as aiohttp counts
+                asyncio.get_running_loop().time() - began, _end(request))
+    return status
 
 
 def client_reset(request: web.BaseRequest) -> web.StreamResponse:

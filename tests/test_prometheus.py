@@ -193,3 +193,28 @@ def test_alert_rules_pass_their_unit_tests() -> None:
     proc = subprocess.run(["promtool", "test", "rules", "alerts.test.yaml"], cwd=REPO / "prometheus",
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+async def test_a_stream_its_client_dropped_counts_under_the_status_it_was_sent(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """gateway_requests_total{status} says what the access log says: a 200 stream whose client hung
+    up mid-run was a 2xx (its line reads 200, end=client_gone), not a 4xx; 499 is only for a client
+    gone before any response started."""
+    tid = await new_thread(http, gateway)
+    live = await stream_run(http, gateway, tid, assistant="a", n=400, delay=0.02)
+    assert live.status == 200
+    await read_events(live, limit=3)
+    live.close()
+
+    async def posts() -> dict[str, float]:
+        async with http.get(gateway.admin_url + "/metrics") as r:
+            text = await r.text()
+        return {s.labels["status"]: s.value for family in text_string_to_metric_families(text)
+                for s in family.samples if s.name == "gateway_requests_total" and s.labels["method"] == "POST"}
+
+    for _ in range(100):  # until the gateway has seen the client go (bounded)
+        counted = await posts()
+        if sum(counted.values()) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert counted == {"2xx": 2.0}, counted
