@@ -530,13 +530,35 @@ def _log_format(v: Any) -> Literal["text", "json"]:
     raise ConfigError("log_format", v, "text or json")
 
 
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type hints here
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (YAML forbids it;
+    PyYAML keeps the last, so the first section would vanish without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may be followed by keys that override the merged ones
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the constructor below says so
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {first + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep)
+        return mapping
+
+
 def parse_config(text: str, env: Mapping[str, str] | None = None, source: str = "<yaml>") -> dict[str, Any]:
     """Parse YAML text and expand ${VAR}; returns the raw tree for build_config.
 
     A syntax error names the file, line and column, never the line's text (it may hold a secret).
     """
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else source

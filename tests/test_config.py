@@ -183,6 +183,20 @@ def test_error_message_names_field_and_value(tmp_path: Path) -> None:
     assert str(err) == "storage.durability: 'fsync' or 'none' (got 'sometimes')"
 
 
+def test_a_key_given_twice_is_refused_naming_the_line(tmp_path: Path) -> None:
+    # YAML allows no duplicate key; PyYAML keeps the last one, so the first section vanished unsaid.
+    err = config_error(tmp_path, "storage: {path: /data}\nlisten: {port: 1}\nstorage: {durability: none}\n")
+    assert err.field.endswith("gateway.yaml, line 3, column 1"), err.field
+    assert "storage" in err.expected and "twice" in err.expected
+
+
+def test_a_nested_key_given_twice_is_refused(tmp_path: Path) -> None:
+    err = config_error(tmp_path, "listen:\n  port: 1\n  port: 2\n")
+    assert err.field.endswith("line 3, column 3"), err.field
+    err = config_error(tmp_path, "listen: {port: 1, port: 2}\n")
+    assert err.field.endswith("line 1, column 19"), err.field
+
+
 # --- defaults -------------------------------------------------------------------------------------
 
 def test_defaults_without_a_file() -> None:
