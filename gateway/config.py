@@ -587,9 +587,12 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
     raw: dict[str, Any] = {}
     if path is not None:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--config", path, f"a readable YAML file ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(path, None, f"not UTF-8 text (byte {exc.start + 1} is 0x{exc.object[exc.start]:02x})",
+                              show_value=False) from None
         raw = parse_config(text, env, source=path)
     if overrides.host is not None or overrides.port is not None:
         listen = dict(_mapping("listen", raw.get("listen")))

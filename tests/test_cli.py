@@ -88,6 +88,14 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert_one_line(proc.stderr, "--config", "nope.yaml")
 
 
+def test_config_file_that_is_not_utf8_exits_2_with_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_bytes(b"listen:\n  host: caf\xe9\n")  # Latin-1, as an editor may save it
+    proc = run_cli("--config", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_line(proc.stderr, "config error", str(cfg), "UTF-8")
+
+
 def test_help_exits_0(tmp_path: Path) -> None:
     proc = run_cli("--help", cwd=tmp_path)
     assert proc.returncode == 0
