@@ -7,6 +7,7 @@ receives the typed, frozen sections below.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -174,6 +175,7 @@ _SIZE_UNITS = {
     None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
     "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40,
 }
+_SIZE_MAX = (1 << 63) - 1  # what a C size (and LMDB's map) can hold
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -224,8 +226,8 @@ def parse_duration(name: str, v: Any, *, allow_zero: bool = False) -> float:
         secs = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     else:
         raise ConfigError(name, v, "a duration such as 5, 500ms, 30s, 10m or 24h")
-    if secs < 0 or (secs == 0 and not allow_zero):
-        raise ConfigError(name, v, "a positive duration")
+    if not math.isfinite(secs) or secs < 0 or (secs == 0 and not allow_zero):
+        raise ConfigError(name, v, "a positive duration" if math.isfinite(secs) else "a finite duration")
     return secs
 
 
@@ -235,9 +237,12 @@ def _size(name: str, v: Any, *, allow_zero: bool = False) -> int:
     if isinstance(v, int):
         n = v
     elif isinstance(v, str) and (m := _SIZE.match(v)):
-        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+        scaled = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+        n = int(scaled) if scaled <= _SIZE_MAX else _SIZE_MAX + 1  # a long digit string is inf
     else:
         raise ConfigError(name, v, "a size such as 1048576, 512MiB or 10GiB")
+    if n > _SIZE_MAX:
+        raise ConfigError(name, v, "a size up to 8EiB")
     if n < 0 or (n == 0 and not allow_zero):
         raise ConfigError(name, v, "a positive size" if not allow_zero else "a size (0 turns it off)")
     return n

@@ -197,6 +197,19 @@ def test_a_nested_key_given_twice_is_refused(tmp_path: Path) -> None:
     assert err.field.endswith("line 1, column 19"), err.field
 
 
+@pytest.mark.parametrize("value", [".nan", ".inf", "'" + "9" * 400 + "s'"])
+def test_a_duration_that_is_not_a_finite_number_is_refused(tmp_path: Path, value: str) -> None:
+    # NaN compares false with everything: a NaN timeout fires at once (every upstream read a 504).
+    err = config_error(tmp_path, f"upstreams: {{default: {{urls: [http://a:1], read_timeout: {value}}}}}\n")
+    assert err.field == "upstreams.default.read_timeout"
+
+
+@pytest.mark.parametrize("value", ["'" + "9" * 400 + "'", "'9999999999TiB'", str(1 << 64)])
+def test_a_size_beyond_any_storage_is_refused(tmp_path: Path, value: str) -> None:
+    err = config_error(tmp_path, f"storage: {{map_size: {value}}}\n")
+    assert err.field == "storage.map_size"
+
+
 # --- defaults -------------------------------------------------------------------------------------
 
 def test_defaults_without_a_file() -> None:
