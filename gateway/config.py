@@ -419,7 +419,7 @@ def _storage(raw: Any) -> Storage:
         redis_url=redis_url,
         redis_prefix=prefix,
         lease_ttl=parse_duration("storage.lease_ttl", raw.get("lease_ttl", d.lease_ttl)),
-        path=Path(_str("storage.path", str(raw.get("path", d.path)))),
+        path=Path(_str("storage.path", raw.get("path", str(d.path)))),
         durability=durability,
         map_size=_size("storage.map_size", raw.get("map_size", d.map_size)),
         max_bytes=_size("storage.max_bytes", raw.get("max_bytes", d.max_bytes)),

@@ -210,6 +210,13 @@ def test_a_size_beyond_any_storage_is_refused(tmp_path: Path, value: str) -> Non
     assert err.field == "storage.map_size"
 
 
+@pytest.mark.parametrize("value", ["", "~", "null", "[a]"])
+def test_a_storage_path_that_is_not_a_path_is_refused(tmp_path: Path, value: str) -> None:
+    # `path:` left empty was the directory "None".
+    err = config_error(tmp_path, f"storage:\n  path: {value}\n")
+    assert err.field == "storage.path"
+
+
 # --- defaults -------------------------------------------------------------------------------------
 
 def test_defaults_without_a_file() -> None:
