@@ -389,6 +389,16 @@ def test_every_command_on_a_damaged_log_is_right_or_one_line_naming_the_file(
             assert len(lines) == 1 and str(copy / "data.mdb") in lines[0], f"{what}: {result.stderr!r}"
 
 
+@pytest.mark.parametrize("command", [["check"], ["streams", "list"], ["streams", "show", "x"]])
+def test_a_data_dir_that_is_not_a_directory_is_one_line_naming_it(tmp_path: Path, command: list[str]) -> None:
+    not_a_dir = tmp_path / "data"
+    not_a_dir.write_text("a file where the data directory should be\n")
+    result = cli(*command, "--data-dir", str(not_a_dir))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and str(not_a_dir) in lines[0] and "Not a directory" in lines[0], result.stderr
+
+
 # --- the command line, discoverable and complete -------------------------------------------------------
 
 def _log_args(gw: RunningGateway, tmp_path: Path) -> list[str]:

@@ -1111,10 +1111,13 @@ class LmdbView:
     """
 
     def __init__(self, path: Path) -> None:
-        verify_file(path)
         self.where = str(path / "data.mdb")
-        if not (path / "data.mdb").exists():
-            raise StorageError(f"{path}: no event log here (no data.mdb)")
+        try:
+            verify_file(path)
+            if not (path / "data.mdb").exists():
+                raise StorageError(f"{path}: no event log here (no data.mdb)")
+        except OSError as exc:  # not a directory, not readable: one line, as every other failure
+            raise StorageError(f"{path}: cannot read the event log here ({exc.strerror})") from None
         with self._reading("the databases"):
             self._env = lmdb.open(str(path), readonly=True, max_dbs=4, lock=True, readahead=False)
             self._events = self._env.open_db(b"events", create=False)
