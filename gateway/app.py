@@ -192,7 +192,7 @@ class Gateway:
 
     async def _end_client_streams(self, _app: web.Application) -> None:
         self.hub.end_clients()
-        await self.forwarder.going_away(self.cfg.shutdown_grace)
+        await asyncio.gather(self.forwarder.going_away(self.cfg.shutdown_grace), self.sessions.going_away())
 
     def admin_app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware])

@@ -44,6 +44,16 @@ class SessionHandlers:
         self.streams = streams
         self.hub = streams.hub
         self.forwarder = streams.forwarder
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def going_away(self) -> None:
+        """The gateway stops: close every session socket with 1011, as one whose stream cannot go
+        on here, so the SDK reconnects (to another replica, or here once back) where 1000 or 1001
+        would end its session. A socket with a subscription gets it from its cut follower; one
+        without was left to aiohttp's shutdown, held for the grace twice and dropped with no close
+        frame."""
+        await asyncio.gather(*(ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"the gateway is shutting down")
+                               for ws in list(self._sockets)), return_exceptions=True)
 
     async def events(self, request: web.Request, target: Target, raw_tid: str) -> Reply:
         tid = canonical_id(raw_tid)
@@ -110,9 +120,11 @@ class SessionHandlers:
         ws = web.WebSocketResponse(max_msg_size=0, heartbeat=self.hub.heartbeat)
         await start_response(request, ws)
         socket = _Socket(self, request, target, tid, ws)
+        self._sockets.add(ws)
         try:
             await socket.serve()
         finally:
+            self._sockets.discard(ws)
             await socket.close()
         return ws
 

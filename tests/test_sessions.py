@@ -383,6 +383,23 @@ async def test_the_gateway_killed_twice_mid_run_loses_and_repeats_nothing(
     assert len(markers) == 2 and all(m["error"] == "resume_gap" for m in markers)
 
 
+async def test_sigterm_closes_a_session_socket_with_no_subscription_so_the_sdk_reconnects(
+        gateway_process: Any, langgraph_server: LangGraphServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # A socket with a subscription is closed by its cut follower; one with none (opened, commands
+    # only, or between subscriptions) was left to aiohttp's shutdown: held for the grace twice, then
+    # dropped without a close frame, and the gateway was slow to stop.
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{langgraph_server.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nshutdown_grace: 1s\n")
+    gw: GatewayProcess = gateway_process("--config", str(cfg)).start()
+    tid = await new_thread(http, gw.url)
+    async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:
+        stop = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+        msg = await ws.receive()
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR, msg
+    assert await stop == 0
+
+
 async def test_the_session_moves_to_another_replica_on_redis(
         make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
         redis_storage: dict[str, Any], http: aiohttp.ClientSession) -> None:
