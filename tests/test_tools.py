@@ -530,17 +530,24 @@ async def test_every_command_on_a_damaged_redis_log_is_one_line_naming_it(
         assert len(lines) == 1 and f"127.0.0.1:{redis_server.port}" in lines[0], (args, result.stderr)
 
 
+async def _raw_run_stream(http: aiohttp.ClientSession, gw: Any, *, n: int,
+                          delay: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A run streamed on a raw connection (its bytes counted as they come, framing and all)."""
+    tid = await new_thread(http, gw)
+    body = b'{"assistant_id":"a","input":{"n":%d,"delay":%g}}' % (n, delay)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"POST /threads/%s/runs/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (tid.encode(), len(body), body))
+    return reader, writer
+
+
 async def test_the_access_log_counts_every_byte_a_live_stream_sent(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """Live events reach a caught-up client straight from the commit, written past aiohttp's
     writer: they are counted where aiohttp counts, so the line says what went on the wire."""
     gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
                          "--log-format", "json").start()
-    tid = await new_thread(http, gw)
-    body = b'{"assistant_id":"a","input":{"n":60,"delay":0.01}}'
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"POST /threads/%s/runs/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (tid.encode(), len(body), body))
+    reader, writer = await _raw_run_stream(http, gw, n=60, delay=0.01)
     received = b""
     while chunk := await asyncio.wait_for(reader.read(65536), 30):
         received += chunk
@@ -561,11 +568,7 @@ async def test_the_access_log_counts_every_byte_of_a_stream_the_gateway_cut(
     wire before the cut, not 0: aiohttp counts a response's bytes only at its clean end."""
     gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"),
                          "--log-format", "json").start()
-    tid = await new_thread(http, gw)
-    body = b'{"assistant_id":"a","input":{"n":400,"delay":0.02}}'
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
-    writer.write(b"POST /threads/%s/runs/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (tid.encode(), len(body), body))
+    reader, writer = await _raw_run_stream(http, gw, n=400, delay=0.02)
     received = b""
     while received.count(b"event: custom") < 3:
         chunk = await asyncio.wait_for(reader.read(65536), 30)
