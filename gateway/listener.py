@@ -82,6 +82,19 @@ class ClientConnection(RequestHandler):
         self._body = None
         super().connection_lost(exc)
 
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """The request in flight gets ``timeout`` (shutdown_grace) in all, then its handler is cancelled.
+        aiohttp waits ``timeout``, then only fails the request's body and waits ``timeout`` again
+        before it cancels: a handler waiting on a silent upstream held the process twice its grace
+        (a worker past the supervisor's margin was SIGKILLed)."""
+        task = self._task_handler
+        late = None if timeout is None or task is None else asyncio.get_running_loop().call_later(timeout, task.cancel)
+        try:
+            await super().shutdown(timeout)
+        finally:
+            if late is not None:
+                late.cancel()
+
     def data_received(self, data: bytes) -> None:
         before, queued = self._request_count, len(self._messages)
         if self._between_requests:

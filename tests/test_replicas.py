@@ -460,6 +460,29 @@ async def test_a_worker_that_does_not_stop_is_killed_after_its_grace(
     assert "still running" in sup.log_text(), sup.log_text()[-2000:]
 
 
+async def test_a_request_waiting_on_a_silent_upstream_holds_a_worker_no_longer_than_its_grace(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: in-flight requests get shutdown_grace to finish. A handler waiting on an upstream that
+    never answers was given the grace, then aiohttp's second wait of the same length before it was
+    cancelled: the worker ran twice its grace, past the supervisor's margin, and was SIGKILLed
+    (the supervisor exits 1). With a 6 s grace the margin (5 s) tells the two apart, no clock needed."""
+    cfg = workers_config(tmp_path, fake_upstream.url, "shutdown_grace: 6s\n")
+    sup, _workers = await two_workers(gateway_process, cfg)
+    fake_upstream.faults.hang = 60  # every API request: accepted, then silence (health checks still pass)
+    waiting = asyncio.ensure_future(http.get(f"{sup.url}/assistants/a"))
+    for _ in range(200):  # until the request reached the upstream (bounded)
+        if ("GET", "/assistants/a") in fake_upstream.requests:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the request never reached the upstream")
+    assert await asyncio.get_running_loop().run_in_executor(None, sup.terminate, 30) == 0, sup.log_text()[-3000:]
+    assert "still running" not in sup.log_text()
+    assert "Traceback" not in sup.log_text() and "Task was destroyed" not in sup.log_text(), sup.log_text()[-3000:]
+    with pytest.raises(aiohttp.ClientError):  # cut without an answer: the client retries elsewhere
+        (await waiting).release()
+
+
 async def test_cancel_on_disconnect_asked_on_a_replica_that_does_not_capture_the_run(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, redis_storage: dict[str, Any],
         http: aiohttp.ClientSession) -> None:
