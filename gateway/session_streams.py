@@ -103,12 +103,18 @@ class SessionHandlers:
         async def position(request: web.Request, cursor: Cursor, held: StreamMeta, headers: Any) -> int:
             # As the upstream reads since: events after it, or everything. A since at or below the
             # capture's base is no id of this capture's (an upstream seq, or an earlier capture's).
+            # A since is a resume, counted as a run's Last-Event-ID is (a subscription without one
+            # is a new session, not a resume).
             if cursor.kind != "seq" or cursor.seq <= held.base:
                 if cursor.kind == "seq":
                     headers[RESUME_HEADER] = "not-held"
+                    self.streams.count_resume(request, cursor, "not_held")
                 return 0
             if held.first_seq and cursor.seq < held.first_seq - 1:
                 headers[RESUME_HEADER] = "truncated"
+                self.streams.count_resume(request, cursor, "truncated")
+            else:
+                self.streams.count_resume(request, cursor, "hit")
             return cursor.seq
 
         leg = Leg(self.forwarder.upstream_headers(request, drop=_LEG_DROP))

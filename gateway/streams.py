@@ -217,7 +217,7 @@ class StreamHandlers:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
                 raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
-            self._count_resume(request, cursor, "not_held")
+            self.count_resume(request, cursor, "not_held")
             return await self.forwarder.forward(request, target)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq"))
 
@@ -267,7 +267,7 @@ class StreamHandlers:
             return await self.forwarder.relay(request, target, att.answer)
         assert att.follower is not None
         if att.held is None and cursor.kind in not_held:
-            self._count_resume(request, cursor, "not_held")
+            self.count_resume(request, cursor, "not_held")
             headers[RESUME_HEADER] = "not-held"
         if att.leg is not None:
             headers.extend(client_headers(att.leg, target, drop=("Content-Length",)))
@@ -314,16 +314,16 @@ class StreamHandlers:
             # An id from an earlier capture of this run or thread (before retention removed it, or
             # from a log moved aside): none of the events held follow it. Everything, and say so.
             headers[RESUME_HEADER] = "not-held"
-            self._count_resume(request, cursor, "not_held")
+            self.count_resume(request, cursor, "not_held")
             return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
             headers[RESUME_HEADER] = "truncated"
-            self._count_resume(request, cursor, "truncated")
+            self.count_resume(request, cursor, "truncated")
         else:
-            self._count_resume(request, cursor, "hit")
+            self.count_resume(request, cursor, "hit")
         return cursor.after()
 
-    def _count_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome) -> None:
+    def count_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome) -> None:
         if cursor.kind != "none":
             self.on_resume(outcome)
             request[RESUME_OUTCOME] = outcome

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 import pytest
 from langgraph_sdk import get_client
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sessions
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
@@ -358,6 +359,28 @@ async def test_a_leg_cut_mid_run_before_any_live_only_event_is_marked(
             "before what the re-join appends"
     finally:
         await relay.stop()
+
+
+async def test_a_session_resumed_with_since_is_counted_as_a_resume(lg_gateway: RunningGateway,
+                                                                   http: aiohttp.ClientSession) -> None:
+    # gateway_resumes_total counted run and thread resumes only: a session's since (the SDK's
+    # reconnect) said not-held or truncated to the client but moved no metric and no access field.
+    tid = await new_thread(http, lg_gateway.url)
+    await run_start(http, lg_gateway.url, tid, n=3, delay=0.01)
+    got = await read_session(http, lg_gateway.url, tid)
+    before = await _resumes(http, lg_gateway)
+    await read_session(http, lg_gateway.url, tid, since=got[1]["seq"])
+    await read_session(http, lg_gateway.url, tid, since=1)  # no id of this capture's
+    await read_session(http, lg_gateway.url, tid)  # no since: a new session, not a resume
+    after = await _resumes(http, lg_gateway)
+    assert {k: after[k] - before[k] for k in after} == {"hit": 1.0, "not_held": 1.0, "truncated": 0.0}
+
+
+async def _resumes(http: aiohttp.ClientSession, gw: RunningGateway) -> dict[str, float]:
+    async with http.get(gw.admin_url + "/metrics") as r:
+        text = await r.text()
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "gateway_resumes_total"}
 
 
 async def test_the_gateway_killed_twice_mid_run_loses_and_repeats_nothing(
