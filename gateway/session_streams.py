@@ -29,7 +29,7 @@ from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Leg
 from gateway.logs import STREAM_KEY
 from gateway.responses import error_response, start_response
-from gateway.streams import RESUME_HEADER, Reply, StreamHandlers
+from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target
 
 logger = logging.getLogger("gateway.session_streams")
@@ -107,14 +107,10 @@ class SessionHandlers:
             # is a new session, not a resume).
             if cursor.kind != "seq" or cursor.seq <= held.base:
                 if cursor.kind == "seq":
-                    headers[RESUME_HEADER] = "not-held"
-                    self.streams.count_resume(request, cursor, "not_held")
+                    self.streams.tell_resume(request, cursor, "not_held", headers)
                 return 0
-            if held.first_seq and cursor.seq < held.first_seq - 1:
-                headers[RESUME_HEADER] = "truncated"
-                self.streams.count_resume(request, cursor, "truncated")
-            else:
-                self.streams.count_resume(request, cursor, "hit")
+            truncated = bool(held.first_seq) and cursor.seq < held.first_seq - 1
+            self.streams.tell_resume(request, cursor, "truncated" if truncated else "hit", headers)
             return cursor.seq
 
         leg = Leg(self.forwarder.upstream_headers(request, drop=_LEG_DROP))

@@ -217,7 +217,7 @@ class StreamHandlers:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
                 raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
-            self.count_resume(request, cursor, "not_held")
+            self.tell_resume(request, cursor, "not_held")
             return await self.forwarder.forward(request, target)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq"))
 
@@ -267,8 +267,7 @@ class StreamHandlers:
             return await self.forwarder.relay(request, target, att.answer)
         assert att.follower is not None
         if att.held is None and cursor.kind in not_held:
-            self.count_resume(request, cursor, "not_held")
-            headers[RESUME_HEADER] = "not-held"
+            self.tell_resume(request, cursor, "not_held", headers)
         if att.leg is not None:
             headers.extend(client_headers(att.leg, target, drop=("Content-Length",)))
         else:
@@ -313,17 +312,20 @@ class StreamHandlers:
         if cursor.kind == "seq" and cursor.seq <= meta.base:
             # An id from an earlier capture of this run or thread (before retention removed it, or
             # from a log moved aside): none of the events held follow it. Everything, and say so.
-            headers[RESUME_HEADER] = "not-held"
-            self.count_resume(request, cursor, "not_held")
+            self.tell_resume(request, cursor, "not_held", headers)
             return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
-            headers[RESUME_HEADER] = "truncated"
-            self.count_resume(request, cursor, "truncated")
+            self.tell_resume(request, cursor, "truncated", headers)
         else:
-            self.count_resume(request, cursor, "hit")
+            self.tell_resume(request, cursor, "hit", headers)
         return cursor.after()
 
-    def count_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome) -> None:
+    def tell_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome,
+                    headers: CIMultiDict[str] | None = None) -> None:
+        """A resume's outcome, in one place: said in ``X-Gateway-Resume`` (``headers``: the response's)
+        unless it is a hit, and counted (the metric, the access log's field) when a resume was asked."""
+        if headers is not None and outcome != "hit":
+            headers[RESUME_HEADER] = outcome.replace("_", "-")
         if cursor.kind != "none":
             self.on_resume(outcome)
             request[RESUME_OUTCOME] = outcome
