@@ -249,9 +249,9 @@ class StreamHandlers:
         async def resume(held: StreamMeta) -> int | None:
             if thread is not None and held.thread_id not in (None, thread):
                 raise _NotOurs()
-            after = await (position or self._resume_from)(request, cursor, held, headers)
+            # Access first: a resume the upstream refuses serves nothing, so it is not counted.
             await self._check_access(request, target, held)
-            return after
+            return await (position or self._resume_from)(request, cursor, held, headers)
 
         join = Join(with_captor(meta, self.forwarder.check_headers(request)), cursor, self._auth(request), leg,
                     cancel_on_orphan=cancel, wait=target.pool.cfg.pool_timeout)

@@ -21,6 +21,7 @@ from yarl import URL
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
+from tests.support.metrics import by_label
 from tests.support.sse import read_events
 from tests.support.runs import customs, new_thread, stream_run
 
@@ -112,6 +113,29 @@ async def test_a_cached_yes_is_not_reused_for_a_caller_the_upstream_tells_apart_
     for other in ({"X-User": "bob"}, {}):
         async with http.get(loc, headers={"Last-Event-ID": "-1", **other}) as r:
             assert r.status == 403, f"{other or 'anonymous'} read Alice's run from the cache"
+
+
+async def test_a_resume_the_upstream_refuses_is_not_counted_as_served(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    # The outcome was counted before the access check asked the upstream: a 403 became a "hit".
+    alice = {"X-User": "alice"}
+    fake_upstream.faults.require_header = ("X-User", "alice")
+    async with http.post(f"{gateway.url}/threads", json={}, headers=alice) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", headers=alice,
+                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        loc = gateway.url + r.headers["Location"]
+        ids = [e.id for e in await read_events(r)]
+    before = await by_label(http, gateway.admin_url, "gateway_resumes_total", "outcome")
+    for last in (ids[0], "-1", "1"):  # a hit, from the start, and an id of no capture of this run's
+        async with http.get(loc, headers={"Last-Event-ID": str(last), "X-User": "bob"}) as r:
+            assert r.status == 403
+    after = await by_label(http, gateway.admin_url, "gateway_resumes_total", "outcome")
+    assert after == before, "a refused resume served nothing"
+    async with http.get(loc, headers={"Last-Event-ID": str(ids[0]), **alice}) as r:
+        assert r.status == 200 and len(await read_events(r)) == len(ids) - 1
+    after = await by_label(http, gateway.admin_url, "gateway_resumes_total", "outcome")
+    assert after["hit"] == before["hit"] + 1
 
 
 async def test_a_stateless_run_is_only_replayed_to_the_caller_that_started_it(

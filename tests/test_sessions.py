@@ -17,13 +17,13 @@ import aiohttp
 import orjson
 import pytest
 from langgraph_sdk import get_client
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import sessions
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
+from tests.support.metrics import by_label
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALL = list(sessions.CHANNELS)
@@ -368,19 +368,12 @@ async def test_a_session_resumed_with_since_is_counted_as_a_resume(lg_gateway: R
     tid = await new_thread(http, lg_gateway.url)
     await run_start(http, lg_gateway.url, tid, n=3, delay=0.01)
     got = await read_session(http, lg_gateway.url, tid)
-    before = await _resumes(http, lg_gateway)
+    before = await by_label(http, lg_gateway.admin_url, "gateway_resumes_total", "outcome")
     await read_session(http, lg_gateway.url, tid, since=got[1]["seq"])
     await read_session(http, lg_gateway.url, tid, since=1)  # no id of this capture's
     await read_session(http, lg_gateway.url, tid)  # no since: a new session, not a resume
-    after = await _resumes(http, lg_gateway)
+    after = await by_label(http, lg_gateway.admin_url, "gateway_resumes_total", "outcome")
     assert {k: after[k] - before[k] for k in after} == {"hit": 1.0, "not_held": 1.0, "truncated": 0.0}
-
-
-async def _resumes(http: aiohttp.ClientSession, gw: RunningGateway) -> dict[str, float]:
-    async with http.get(gw.admin_url + "/metrics") as r:
-        text = await r.text()
-    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == "gateway_resumes_total"}
 
 
 async def test_the_gateway_killed_twice_mid_run_loses_and_repeats_nothing(
