@@ -150,18 +150,27 @@ class StreamHandlers:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=False, streaming=False)
         self.check_capacity()
-        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
-        resp = await self._create_run(run, lambda body: self.forwarder.open(request, target, data=body, headers=headers))
-        # Shielded: once the upstream has created the run, capture starts even if the client hangs up.
-        owned = self.hub.run_owned(self._capture_background(request, target, resp, run))
+        # Shielded from the request on: the upstream creates the run even if the client hangs up
+        # before its answer (uvicorn finishes a plain request), and a run created is captured.
+        owned = self.hub.run_owned(self._create_background(request, target, run))
         try:
-            answer: web.StreamResponse | None = await asyncio.shield(owned)
+            resp, answer = await asyncio.shield(owned)
         except BaseException:
-            owned.add_done_callback(lambda _: resp.release())
+            owned.add_done_callback(_release_unrelayed)
             raise
         if answer is not None:
             return answer
         return await self.forwarder.relay(request, target, resp)
+
+    async def _create_background(self, request: web.Request, target: Target,
+                                 run: RunRequest) -> tuple[aiohttp.ClientResponse, web.StreamResponse | None]:
+        headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
+        resp = await self._create_run(run, lambda body: self.forwarder.open(request, target, data=body, headers=headers))
+        try:
+            return resp, await self._capture_background(request, target, resp, run)
+        except BaseException:
+            resp.release()
+            raise
 
     async def _capture_background(self, request: web.Request, target: Target, resp: aiohttp.ClientResponse,
                                   run: RunRequest) -> web.StreamResponse | None:
@@ -380,6 +389,12 @@ class StreamHandlers:
             return out
         finally:
             follower.close()
+
+
+def _release_unrelayed(owned: asyncio.Future[tuple[aiohttp.ClientResponse, web.StreamResponse | None]]) -> None:
+    """The answer of a background run whose client hung up: nobody relays it."""
+    if not owned.cancelled() and owned.exception() is None:
+        owned.result()[0].release()
 
 
 def _drop_params(raw_qs: str, names: tuple[str, ...]) -> str:

@@ -174,6 +174,15 @@ class FakeAgentServer:
 
     @web.middleware
     async def _faults_mw(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method == "POST" and request.path.endswith("/runs"):
+            # uvicorn runs a plain request to its end when its client hangs up: the real server
+            # creates a background run all the same (read off langgraph dev). aiohttp would cancel it,
+            # and fail a body read after the hang-up: uvicorn has the body queued by then.
+            await request.read()
+            return await asyncio.shield(self._answer(request, handler))
+        return await self._answer(request, handler)
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/ok":
             self.requests.append((request.method, request.path_qs))
             if self.faults.hang:
