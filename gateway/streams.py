@@ -51,6 +51,8 @@ A = TypeVar("A", bound=Answer)
 # back unawaited so the handler's own frame, and all it held, is gone while the stream lasts; the
 # one place that awaits it is ``Gateway.serve``.
 Reply = web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]
+# A background run's upstream answer, and the gateway's own answer when it read that one whole.
+Created = tuple[aiohttp.ClientResponse, web.StreamResponse | None]
 
 logger = logging.getLogger("gateway.streams")
 
@@ -152,7 +154,7 @@ class StreamHandlers:
         self.check_capacity()
         # Shielded from the request on: the upstream creates the run even if the client hangs up
         # before its answer (uvicorn finishes a plain request), and a run created is captured.
-        owned = self.hub.run_owned(self._create_background(request, target, run))
+        owned: asyncio.Future[Created] = self.hub.run_owned(self._create_background(request, target, run))
         try:
             resp, answer = await asyncio.shield(owned)
         except BaseException:
@@ -163,7 +165,7 @@ class StreamHandlers:
         return await self.forwarder.relay(request, target, resp)
 
     async def _create_background(self, request: web.Request, target: Target,
-                                 run: RunRequest) -> tuple[aiohttp.ClientResponse, web.StreamResponse | None]:
+                                 run: RunRequest) -> Created:
         headers = self.forwarder.upstream_headers(request, drop=("Content-Length",))
         resp = await self._create_run(run, lambda body: self.forwarder.open(request, target, data=body, headers=headers))
         try:
@@ -391,7 +393,7 @@ class StreamHandlers:
             follower.close()
 
 
-def _release_unrelayed(owned: asyncio.Future[tuple[aiohttp.ClientResponse, web.StreamResponse | None]]) -> None:
+def _release_unrelayed(owned: asyncio.Future[Created]) -> None:
     """The answer of a background run whose client hung up: nobody relays it."""
     if not owned.cancelled() and owned.exception() is None:
         owned.result()[0].release()
