@@ -625,6 +625,9 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
         raw["upstreams"] = ups
     if overrides.data_dir is not None:
         storage = dict(_mapping("storage", raw.get("storage")))
+        if storage.get("backend", Storage().backend) != "lmdb":  # else it would be dropped without a word
+            raise ConfigError("--data-dir", overrides.data_dir,
+                              f"an LMDB data directory, but storage.backend is {storage.get('backend')!r}")
         storage["path"] = overrides.data_dir
         raw["storage"] = storage
     if overrides.log_level is not None:

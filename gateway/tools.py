@@ -67,6 +67,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"a whole number, 0 or more (got {text!r})")
+    return n
+
+
 def _parser() -> _Parser:
     # Which log: accepted before the command or after it (agent-gateway streams list --config F).
     common = _Parser(add_help=False)
@@ -99,7 +109,7 @@ def _parser() -> _Parser:
         q.add_argument("stream", metavar="KEY-or-RUN-ID")
         q.add_argument("--format", choices=["sse", "jsonl"], default="sse")
         if name == "tail":
-            q.add_argument("-n", type=int, default=20, metavar="N", help="how many (default 20)")
+            q.add_argument("-n", type=_count, default=20, metavar="N", help="how many (default 20)")
             q.add_argument("-f", "--follow", action="store_true",
                            help="then print new events as they are committed, until the stream ends")
     sub.add_parser("check", help=COMMANDS["check"], parents=[common])

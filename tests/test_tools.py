@@ -399,6 +399,30 @@ def test_a_data_dir_that_is_not_a_directory_is_one_line_naming_it(tmp_path: Path
     assert len(lines) == 1 and str(not_a_dir) in lines[0] and "Not a directory" in lines[0], result.stderr
 
 
+def test_a_negative_tail_count_is_a_usage_error_not_an_empty_answer(tmp_path: Path) -> None:
+    # `streams tail -n -3` printed nothing and exited 0, as if the stream were empty.
+    result = cli("streams", "tail", "x", "-n", "-3", "--data-dir", str(tmp_path))
+    assert result.returncode == 2 and "-n" in result.stderr and len(result.stderr.splitlines()) == 1, result
+
+
+@pytest.mark.parametrize("command", [["check"], ["streams", "list"]])
+def test_a_data_dir_beside_a_redis_config_is_refused_not_ignored(tmp_path: Path, command: list[str]) -> None:
+    # --data-dir names an LMDB directory; with a config whose log is Redis it was dropped without a
+    # word, and the command read (or the gateway served) another log than the one asked for.
+    cfg = tmp_path / "redis.yaml"
+    cfg.write_text("storage:\n  backend: redis\n  redis_url: redis://127.0.0.1:1/0\n")
+    tool = cli(*command, "--config", str(cfg), "--data-dir", str(tmp_path))
+    try:  # the gateway itself: refused at start-up (it waited for Redis before)
+        server = subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg), "--data-dir", str(tmp_path),
+                                 "--port", "0", "--admin-port", "0"], cwd=REPO, capture_output=True, text=True,
+                                timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the gateway started with --data-dir ignored")
+    for result in (tool, server):
+        assert result.returncode == 2, result
+        assert len(result.stderr.splitlines()) == 1 and "--data-dir" in result.stderr, result.stderr
+
+
 # --- the command line, discoverable and complete -------------------------------------------------------
 
 def _log_args(gw: RunningGateway, tmp_path: Path) -> list[str]:
