@@ -109,16 +109,20 @@ class ClientConnection(RequestHandler):
         """A body that breaks off malformed (a bad chunk) while its handler reads it: aiohttp's parser
         queues a 400 for after that request and leaves the body open, so the handler waited out
         body_timeout and answered 408. Its read fails now instead: a 400, and the connection closes
-        (the parser cannot go on)."""
-        for message, payload in parsed:
+        (the parser cannot go on). A request queued behind another (pipelined) gets the same 400 when
+        its turn comes; the one being answered is not cut for it."""
+        for entry in parsed:
+            message, payload = entry
             if isinstance(message, RawRequestMessage):
                 self._body = payload
-            elif (self._body is not None and not self._body.is_eof() and self._current_request is not None
-                  and self._current_request.content is self._body):
+            elif self._body is not None and not self._body.is_eof():
                 log.info("refused a request whose body broke off malformed")
                 self._body.set_exception(BadRequest("malformed HTTP request body", headers={"Connection": "close"}))
                 self._body.feed_eof()
-                self.close()
+                if self._current_request is not None and self._current_request.content is self._body:
+                    self.close()
+                elif entry in self._messages:  # its handler answers it, once: not the parser's 400 too
+                    self._messages.remove(entry)
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,
                               start_time: float | None) -> tuple[web.StreamResponse, bool]:
@@ -126,6 +130,8 @@ class ClientConnection(RequestHandler):
             # aiohttp's router answers a request target that is no path (``OPTIONS *``, CONNECT's
             # host:port, ``http://host`` without one) itself, before the gateway's route: in the API's shape.
             resp = failed(request, resp)
+        if resp.headers.get("Connection", "").lower() == "close":
+            self.close()  # said, so done: aiohttp would read the next request on it otherwise
         out = await super().finish_response(request, resp, start_time)
         self._between_requests = True
         self._body = None  # it holds this connection: kept, it would make a reference cycle per request

@@ -198,6 +198,41 @@ async def test_a_chunked_body_that_breaks_off_malformed_gets_a_json_400_at_once(
     assert raw.count(b"HTTP/1.") == 1, "one answer, and the connection closed"
 
 
+async def test_a_pipelined_body_that_breaks_off_malformed_gets_a_json_400_once_its_turn_comes(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """The same break in the body of a request queued behind another (pipelined): its handler had not
+    started when the bad chunk came, so its body was left open and it waited out body_timeout."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"body_timeout": "60s"}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    fake_upstream.faults.hang = 1.0  # the first request is answered late: the second waits its turn
+    first = b'{"metadata": {"pad": "xx'
+    writer.write(b"GET /threads/t1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                 b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(first), first))
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.write(b"ZZ\r\n")
+    await asyncio.sleep(0.2)
+    fake_upstream.faults.hang = 0
+    raw, closed = b"", False
+    try:
+        async with asyncio.timeout(20):  # well within body_timeout
+            while chunk := await reader.read(65536):
+                raw += chunk
+            closed = True
+    except TimeoutError:
+        pass
+    writer.close()
+    assert closed, "the connection is closed after the 400 (its parser cannot go on)"
+    answers = raw.split(b"HTTP/")[1:]
+    assert len(answers) == 2, raw[:800]
+    assert b"t1" in answers[0], "the first request is answered as it would be alone"
+    status, body = status_and_body(b"HTTP/" + answers[1])
+    assert (status, orjson.loads(body)) == (400, {"detail": "malformed HTTP request body"}), answers[1][:300]
+
+
 @pytest.mark.parametrize("request_line", [b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1",
                                           b"GET http://example.com HTTP/1.1"])
 async def test_a_request_target_that_is_no_path_gets_a_json_404(
