@@ -21,6 +21,8 @@ from gateway.eventlog import StreamMeta
 # What the gateway asks a thread stream for: everything, filtered per client.
 THREAD_MODES = ("run_modes", "lifecycle", "state_update")
 THREAD_CAPTURE_QUERY = "stream_modes=" + ",".join(THREAD_MODES)
+# The event every run stream starts with (its run id and attempt): a run held from it is held whole.
+RUN_START_EVENT = b"metadata"
 
 # --- the captured endpoints ----------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from gateway.eventlog import StreamKind, StreamMeta
 from gateway.marks import gap_event
 from gateway.metrics import GapReason
 from gateway.sse import Event, event_name
-from gateway.agentapi import Cursor
+from gateway.agentapi import RUN_START_EVENT, Cursor
 
 # Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
 DEDUPE_WINDOW = 4096
@@ -127,7 +127,7 @@ class Seam:
             proven = uid is not None and hash((uid, body)) in self.known
             reason: GapReason = "no_upstream_ids" if uid is None or not self.any_ids else "replay_mismatch"
         else:
-            proven = event_name(body) == b"metadata"
+            proven = event_name(body) == RUN_START_EVENT
             reason = "replay_mismatch"
         self.expect = None
         if not proven:

@@ -254,6 +254,35 @@ async def test_unknown_run_is_forwarded_and_captured_from_then_on(
     assert customs(joined + rest) == list(range(customs(joined)[0], 20))
 
 
+async def test_a_run_first_joined_mid_stream_tells_a_client_from_the_start_that_its_start_is_missing(
+        gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
+    # A run the gateway never saw, first joined with no Last-Event-ID: captured from then on. A later
+    # client asking for the whole run gets what is held, and is told it lacks the run's start.
+    async with aiohttp.ClientSession() as direct:
+        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                 json={"assistant_id": "a", "input": {"n": 8, "delay": 0.02}})
+        loc = resp.headers["Location"]
+        await read_events(resp, limit=3)
+        async with http.get(gateway.url + loc) as r:
+            live = await read_events(r)
+        resp.close()
+    assert live[0].event == "custom"
+    for last in ("-1", "0"):
+        async with http.get(gateway.url + loc, headers={"Last-Event-ID": last}) as r:
+            assert r.headers.get("X-Gateway-Resume") == "truncated"
+            assert await read_events(r) == live
+    async with http.get(gateway.url + loc, headers={"Last-Event-ID": live[1].id or ""}) as r:
+        assert "X-Gateway-Resume" not in r.headers  # an id it was sent: exactly what followed it
+        assert await read_events(r) == live[2:]
+    # A run captured from its first event is whole: a resume from the start is a plain hit.
+    tid = await new_thread(http, gateway)
+    whole = await stream_run(http, gateway, tid, n=2)
+    await read_events(whole)
+    async with http.get(gateway.url + whole.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
+        assert "X-Gateway-Resume" not in r.headers
+        assert (await read_events(r))[0].event == "metadata"
+
+
 async def test_resume_of_a_run_no_longer_held_falls_through_with_a_header(
         gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
     async with aiohttp.ClientSession() as direct:
