@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
 
@@ -207,6 +207,8 @@ class Captures:
             try:
                 held = await self.log.lookup(key)
                 last = leg_last_event_id(meta.kind, held, cursor)
+                if held is None and last is None and meta.kind != "session":
+                    meta = replace(meta, joined_live=True)
                 resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
             except BaseException:
                 await self.log.release(key)

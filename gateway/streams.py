@@ -329,17 +329,21 @@ class StreamHandlers:
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
             self.tell_resume(request, cursor, "truncated", headers)
         elif cursor.kind == "start" and not await self._start_held(meta):
-            # A run first joined mid-stream (the gateway never saw it begin) is held from then on:
-            # a client asking for all of it gets what is held, and is told its start is not.
+            # A run first joined mid-stream (the gateway never saw it begin), or a thread stream first
+            # captured at its live tail, is held from then on: a client asking for all of it gets
+            # what is held, and is told its start is not.
             self.tell_resume(request, cursor, "truncated", headers)
         else:
             self.tell_resume(request, cursor, "hit", headers)
         return cursor.after()
 
     async def _start_held(self, meta: StreamMeta) -> bool:
-        """Whether the log holds a run from its start: its first event held is the run's first
-        (or a gap marker, which says in-band what is missing). Other streams have no first event."""
-        if meta.kind != "run" or not meta.head:
+        """Whether the log holds a stream from its start: a run's first event held is the run's first
+        (or a gap marker, which says in-band what is missing); a thread stream's capture did not begin
+        at the upstream's live tail (the upstream replays the thread's earlier runs from its start)."""
+        if meta.kind != "run":
+            return not (meta.kind == "thread" and meta.joined_live)
+        if not meta.head:
             return True
         first = await self.log.read(meta.key, 0, meta.head, 1)
         return not first or event_name(first[0][1]) in (RUN_START_EVENT, GAP_EVENT)

@@ -339,6 +339,33 @@ async def test_thread_stream_captured_and_resumable(gateway: RunningGateway, htt
         assert bad.status == 422
 
 
+async def test_a_thread_stream_first_captured_at_its_live_tail_says_so_to_a_client_from_the_start(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    # The upstream replays a thread's earlier runs to a client from the start ("-"); a capture begun
+    # for a client with no id holds only what came after. A later client from the start is told.
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url) as ts:
+        await asyncio.sleep(0.1)
+        run = await stream_run(http, gateway, tid, n=2)
+        await read_events(run)
+        live = await read_events(ts, limit=4)
+        for last in ("-", "0"):
+            async with http.get(url, headers={"Last-Event-ID": last}) as again:
+                assert again.headers.get("X-Gateway-Resume") == "truncated"
+                assert await read_events(again, limit=4) == live
+        async with http.get(url, headers={"Last-Event-ID": live[0].id or ""}) as after:
+            assert "X-Gateway-Resume" not in after.headers  # an id it was sent: exactly what followed
+            assert await read_events(after, limit=3) == live[1:]
+    # Captured for a client from the start, the log holds what the upstream replayed: a plain hit.
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url, headers={"Last-Event-ID": "-"}) as ts:
+        await asyncio.sleep(0.1)
+        async with http.get(url, headers={"Last-Event-ID": "-"}) as again:
+            assert "X-Gateway-Resume" not in again.headers
+
+
 async def test_a_held_run_is_not_served_under_another_thread(gateway: RunningGateway, http: aiohttp.ClientSession,
                                                              fake_upstream: FakeAgentServer) -> None:
     tid = await new_thread(http, gateway)
