@@ -35,7 +35,7 @@ from gateway.eventlog.base import ClaimLost, Settled, stop_tasks
 from gateway.legs import Legs
 from gateway.metrics import LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
-from gateway.rejoin import DEDUPE_WINDOW, Seam, expectation, leg_last_event_id
+from gateway.rejoin import DEDUPE_WINDOW, Seam, begins_partway, expectation, leg_last_event_id
 from gateway.sessions import SessionSeam, latest_run
 from gateway.sessions import interrupted_event as session_interrupted_event
 from gateway.sessions import event_id as session_event_id
@@ -207,8 +207,8 @@ class Captures:
             try:
                 held = await self.log.lookup(key)
                 last = leg_last_event_id(meta.kind, held, cursor)
-                if held is None and last is None and meta.kind != "session":
-                    meta = replace(meta, joined_live=True)
+                if begins_partway(meta.kind, held, last):
+                    meta = replace(meta, begun_partway=True)
                 resp = await self.legs.open(meta, last, client_headers=client_headers, query=query)
             except BaseException:
                 await self.log.release(key)

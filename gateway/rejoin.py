@@ -60,6 +60,13 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
     return "-1" if kind == "run" else "-"  # the thread stream answers "-1" with 422
 
 
+def begins_partway(kind: StreamKind, held: StreamMeta | None, last: str | None) -> bool:
+    """Whether a thread stream's first leg, opened with upstream Last-Event-ID ``last``, leaves out
+    what the upstream would replay from the thread's start (its earlier resumable runs). A run's
+    start shows in what is held (its first event), a session's upstream replays it on every leg."""
+    return kind == "thread" and held is None and last != "-"
+
+
 def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:
     """What a re-joined leg of ``held`` must start with for the gateway to call it exact."""
     if held is None:

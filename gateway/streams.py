@@ -342,7 +342,7 @@ class StreamHandlers:
         (or a gap marker, which says in-band what is missing); a thread stream's capture did not begin
         at the upstream's live tail (the upstream replays the thread's earlier runs from its start)."""
         if meta.kind != "run":
-            return not (meta.kind == "thread" and meta.joined_live)
+            return not (meta.kind == "thread" and meta.begun_partway)
         if not meta.head:
             return True
         first = await self.log.read(meta.key, 0, meta.head, 1)

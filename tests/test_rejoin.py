@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 
 from gateway.eventlog import StreamMeta
-from gateway.rejoin import Seam, leg_last_event_id, resume_point
+from gateway.rejoin import Seam, begins_partway, leg_last_event_id, resume_point
 from gateway.sse import Event, event
 from gateway.agentapi import Cursor
 
@@ -32,6 +32,15 @@ def test_one_rule_for_the_upstream_last_event_id() -> None:
     assert leg_last_event_id("thread", None, Cursor("start", 0, "-1")) == "-"
     assert leg_last_event_id("run", None, Cursor("upstream", 0, "5-0")) == "5-0"
     assert leg_last_event_id("run", None, Cursor("none")) is None
+
+
+def test_a_thread_stream_first_captured_from_anywhere_but_its_start_begins_partway() -> None:
+    held = StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream")
+    for cursor in (Cursor("none"), Cursor("upstream", 0, "1795-0")):
+        assert begins_partway("thread", None, leg_last_event_id("thread", None, cursor))
+    assert not begins_partway("thread", None, leg_last_event_id("thread", None, Cursor("start", 0, "-1")))
+    assert not begins_partway("thread", held, None)  # a later leg: the first one said
+    assert not begins_partway("run", None, None)  # a run's first event held says it
 
 
 def test_events_already_held_are_dropped() -> None:

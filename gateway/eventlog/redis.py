@@ -240,7 +240,7 @@ return #keys
 
 _INT_FIELDS = {"head", "count", "size", "first_seq", "base"}
 _FLOAT_FIELDS = {"created_at", "updated_at"}
-_BOOL_FIELDS = {"resumable", "open", "cancel_on_orphan", "joined_live"}
+_BOOL_FIELDS = {"resumable", "open", "cancel_on_orphan", "begun_partway"}
 _META_FIELDS = {f.name for f in fields(StreamMeta)}
 
 
