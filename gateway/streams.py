@@ -220,9 +220,11 @@ class StreamHandlers:
                 return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
             return None
 
+        # A stateless run has no cancel endpoint upstream: only one created with on_disconnect=cancel
+        # is cancelled (its leg closed); one created to continue goes on, and so does its capture.
+        cancel = tid is not None and truthy(request.query.get("cancel_on_disconnect"))
         try:
-            att, headers = await self.attach(request, target, meta, cursor, leg, prepare,
-                                              cancel=truthy(request.query.get("cancel_on_disconnect")), thread=tid)
+            att, headers = await self.attach(request, target, meta, cursor, leg, prepare, cancel=cancel, thread=tid)
         except _NotOurs:  # held, but under another thread: not ours to serve
             return await self.forwarder.forward(request, target)
         if att.held is None and att.answer is None and att.follower is None:

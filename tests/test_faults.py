@@ -168,6 +168,22 @@ async def test_join_with_cancel_on_disconnect_cancels_when_last_client_leaves(
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
 
 
+async def test_a_stateless_run_going_on_upstream_is_captured_to_its_end_whatever_a_join_asked(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    # A stateless run has no cancel endpoint upstream; created without on_disconnect=cancel, closing
+    # the gateway's leg does not stop it either. A join asking cancel_on_disconnect cannot cancel it,
+    # so the capture must not stop (and end the stream cleanly) while the run goes on.
+    resp = await http.post(f"{gateway.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 30, "delay": 0.02}})
+    loc = gateway.url + resp.headers["Location"]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
+    joiner = await http.get(loc, params={"cancel_on_disconnect": "true"}, headers={"Last-Event-ID": "-1"})
+    await read_events(joiner, limit=2)
+    resp.close()
+    joiner.close()
+    assert await fake_upstream.wait_status(run_id, "success") == "success"
+    assert customs(await join(http, loc, "-1")) == list(range(30))
+
+
 async def test_thread_stream_upstream_leg_released_after_linger(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
