@@ -71,7 +71,7 @@ class Follower:
 
     # One per client of a stream, idle ones for hours: no instance dict.
     __slots__ = ("source", "key", "pos", "_stopped", "_finished", "_express", "feed", "_begun", "_upto", "_then",
-                 "_prev", "_entries", "_trims", "_floor")
+                 "_prev", "_entries", "_trims", "_floor", "_skip")
 
     def __init__(self, source: Source, key: str, after: int | None) -> None:
         self.source = source
@@ -92,6 +92,10 @@ class Follower:
         # when this follower began (``_floor``, its client told so) is not a loss it has to say.
         self._trims = False
         self._floor = 0
+        # The client's id when it is beyond the stream's head (an id another stream was sent: ids
+        # come from one counter): the follower goes on from the stream's own head, and sends only
+        # what comes after this id.
+        self._skip = 0
         source.joined(self)
 
     def express(self, write: ExpressWriter) -> None:
@@ -100,7 +104,7 @@ class Follower:
 
     def _take(self, batch: Batch) -> bool:
         entries = batch.entries
-        if self._stopped or not entries or batch.prev != self.pos or self._express is None:
+        if self._stopped or not entries or batch.prev != self.pos or self._express is None or self._skip > self.pos:
             return False
         if not self._express(entries):
             return False
@@ -189,6 +193,11 @@ class Follower:
         self._trims, self._floor = meta.endless, meta.first_seq
         if self.pos is None:
             self.pos = meta.head
+        elif self.pos > meta.head:
+            # Batches follow on from the stream's own positions: a position between them would
+            # look like a capture begun anew under the client (a cut). What the client's id says
+            # is kept as the point to send from.
+            self._skip, self.pos = self.pos, meta.head
         self._finished = meta.finished or (not meta.open and meta.endless)
         self._replay_to(meta.head, "caught_up")
 
@@ -211,6 +220,9 @@ class Follower:
             if self._trims:
                 await self._check_untrimmed(page)
             self.pos = page.last
+            if self._skip and page.entries[0][0] <= self._skip:
+                kept = [e for e in page.entries if e[0] > self._skip]
+                return (Page(kept) if kept else None), True
             return page, True
         self.pos = max(self.pos, self._upto)
         self._upto = None
@@ -268,10 +280,14 @@ class Follower:
             # Batches start where the one before ended, and this client's position is
             # always at a batch's end: a batch across it belongs to another capture.
             raise StreamCut(self._restarted)
-        if entries and entries[0][0] <= self.pos:
-            entries = [e for e in entries if e[0] > self.pos]
         if not entries:
             return None
+        after = max(self.pos, self._skip)
+        if entries[0][0] <= after:
+            self.pos = max(self.pos, entries[-1][0])
+            entries = [e for e in entries if e[0] > after]
+            if not entries:
+                return None
         self.pos = entries[-1][0]
         return Page(entries)
 

@@ -21,7 +21,7 @@ from gateway.follower import REPLAY_PAGE
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
-from tests.support.sse import Ev, dechunk, parse_all, read_events
+from tests.support.sse import Ev, dechunk, parse_all, read_events, read_until_cut
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -281,6 +281,24 @@ async def test_a_run_first_joined_mid_stream_tells_a_client_from_the_start_that_
     async with http.get(gateway.url + whole.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
         assert "X-Gateway-Resume" not in r.headers
         assert (await read_events(r))[0].event == "metadata"
+
+
+async def test_an_id_of_another_stream_beyond_this_ones_head_gets_what_follows_it_without_a_cut(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    # Ids come from one counter: an id another stream was sent after this one's last event is
+    # answered as the upstream answers an id: the events after it, then the live tail, ended cleanly.
+    a = await stream_run(http, gateway, await new_thread(http, gateway), assistant="a", n=5, delay=0.25)
+    first = await read_events(a, limit=2)
+    b = await stream_run(http, gateway, await new_thread(http, gateway), assistant="a", n=2)
+    other = (await read_events(b))[-1].id or ""
+    assert int(other) > int(first[-1].id or 0)
+    async with http.get(gateway.url + a.headers["Location"], headers={"Last-Event-ID": other}) as r:
+        assert r.status == 200 and "X-Gateway-Resume" not in r.headers
+        got, was_cut = await read_until_cut(r)
+    rest = await read_events(a)
+    assert not was_cut
+    assert got == [e for e in first + rest if int(e.id or 0) > int(other)]
+    assert customs(got)[-1] == 4
 
 
 async def test_resume_of_a_run_no_longer_held_falls_through_with_a_header(
