@@ -255,6 +255,51 @@ async def test_thread_stream_modes_select_what_the_server_selects(langgraph_serv
         "the server's rule changed"
 
 
+async def _events_for(http: aiohttp.ClientSession, url: str, last: str | None,
+                      seconds: float) -> tuple[list[Ev], str | None]:
+    """What a stream gives within ``seconds`` (a thread stream never ends), and its X-Gateway-Resume."""
+    async with http.get(url, headers={"Last-Event-ID": last} if last is not None else {}) as r:
+        assert r.status == 200, await r.text()
+        got: list[Ev] = []
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    more = await read_events(r, limit=1)
+                    if not more:
+                        break
+                    got += more
+        return got, r.headers.get("X-Gateway-Resume")
+
+
+async def test_what_the_server_replays_from_before_a_capture_began_is_said_missing(
+        langgraph_server: Any, lg_gateway: Any, http: aiohttp.ClientSession) -> None:
+    # The server replays a thread's earlier resumable runs to a thread stream from the start ("-"),
+    # and a resumable run from its start ("-1"). Streams the gateway first captured for a client with
+    # no id (the live tail) lack that: a later client from the start is told (X-Gateway-Resume).
+    direct, via = langgraph_server.url, lg_gateway.url
+    async with http.post(f"{direct}/threads", json={}) as t:
+        tid = (await t.json())["thread_id"]
+    body = {"assistant_id": "ticker", "stream_resumable": True, "stream_mode": ["custom"]}
+    async with http.post(f"{direct}/threads/{tid}/runs/stream", json={**body, "input": {"n": 2, "delay": 0.01}}) as r:
+        await read_events(r)  # an earlier run, behind the gateway's back
+    async with http.post(f"{direct}/threads/{tid}/runs", json={**body, "input": {"n": 8, "delay": 0.15}}) as r:
+        rid = (await r.json())["run_id"]
+    thread, run = f"/threads/{tid}/stream", f"/threads/{tid}/runs/{rid}/stream"
+    async with asyncio.timeout(40):
+        await asyncio.sleep(1.5)  # the run is under way
+        live_thread, live_run = await asyncio.gather(_events_for(http, via + thread, None, 1.0),
+                                                     _events_for(http, via + run, None, 10))
+        assert live_run[0][0].event == "custom" and live_run[1] is None  # the live tail, as asked
+        (d_thread, _), (d_run, _) = await asyncio.gather(_events_for(http, direct + thread, "-", 1.0),
+                                                         _events_for(http, direct + run, "-1", 10))
+        (g_thread, g_thread_said), (g_run, g_run_said) = await asyncio.gather(
+            _events_for(http, via + thread, "-", 1.0), _events_for(http, via + run, "-1", 10))
+    assert d_run[0].event == "metadata" and [e.json["i"] for e in d_run if e.event == "custom"] == list(range(8))
+    assert [e.event for e in d_thread].count("metadata") >= 3, "the earlier run, and this one's start"
+    assert g_run_said == "truncated" and g_run == live_run[0]
+    assert g_thread_said == "truncated"
+
+
 # --- what the gateway adds ----------------------------------------------------------------------
 
 async def test_gateway_event_ids_are_integers_strictly_increasing(lg_gateway: Any) -> None:
