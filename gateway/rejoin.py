@@ -61,10 +61,13 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
 
 
 def begins_partway(kind: StreamKind, held: StreamMeta | None, last: str | None) -> bool:
-    """Whether a thread stream's first leg, opened with upstream Last-Event-ID ``last``, leaves out
-    what the upstream would replay from the thread's start (its earlier resumable runs). A run's
-    start shows in what is held (its first event), a session's upstream replays it on every leg."""
-    return kind == "thread" and held is None and last != "-"
+    """Whether a stream's first leg, opened with upstream Last-Event-ID ``last``, leaves out what the
+    upstream would replay from the stream's start (a run's first events, a thread's earlier resumable
+    runs): it joined at the live tail (a client with no id) or after an upstream id. A session's
+    upstream replays the whole thread on every leg."""
+    if held is not None or kind == "session":
+        return False
+    return last != ("-1" if kind == "run" else "-")
 
 
 def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:

@@ -340,11 +340,13 @@ class StreamHandlers:
         return cursor.after()
 
     async def _start_held(self, meta: StreamMeta) -> bool:
-        """Whether the log holds a stream from its start: a run's first event held is the run's first
-        (or a gap marker, which says in-band what is missing); a thread stream's capture did not begin
-        at the upstream's live tail (the upstream replays the thread's earlier runs from its start)."""
+        """Whether the log holds a stream from its start: its capture did not begin partway (see
+        ``begins_partway``), or, for a run, it did but began with the run's first event anyway (the
+        run had not started) or with a gap marker (which says in-band what is missing)."""
+        if not meta.begun_partway:
+            return True
         if meta.kind != "run":
-            return not (meta.kind == "thread" and meta.begun_partway)
+            return False
         if not meta.head:
             return True
         first = await self.log.read(meta.key, 0, meta.head, 1)

@@ -41,6 +41,8 @@ class Behaviour:
     resend_last_on_join: bool = True
     # A join of a run it does not know: the in-memory server says 200 and an error event; others 404.
     join_unknown_status: int = 200
+    # Custom servers: a run's stream does not begin with LangGraph's ``metadata`` event.
+    no_run_metadata: bool = False
 
 
 @dataclass
@@ -310,7 +312,8 @@ class FakeAgentServer:
 
     async def _execute(self, run: Run) -> None:
         run.status = "running"
-        self._emit(run, "metadata", {"run_id": run.run_id, "attempt": 1})
+        if not self.behaviour.no_run_metadata:
+            self._emit(run, "metadata", {"run_id": run.run_id, "attempt": 1})
         try:
             for i in range(run.n):
                 if run.delay:

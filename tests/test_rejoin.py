@@ -34,13 +34,15 @@ def test_one_rule_for_the_upstream_last_event_id() -> None:
     assert leg_last_event_id("run", None, Cursor("none")) is None
 
 
-def test_a_thread_stream_first_captured_from_anywhere_but_its_start_begins_partway() -> None:
-    held = StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream")
-    for cursor in (Cursor("none"), Cursor("upstream", 0, "1795-0")):
-        assert begins_partway("thread", None, leg_last_event_id("thread", None, cursor))
-    assert not begins_partway("thread", None, leg_last_event_id("thread", None, Cursor("start", 0, "-1")))
-    assert not begins_partway("thread", held, None)  # a later leg: the first one said
-    assert not begins_partway("run", None, None)  # a run's first event held says it
+def test_a_stream_first_captured_from_anywhere_but_its_start_begins_partway() -> None:
+    for kind in ("run", "thread"):
+        held = StreamMeta(key="t", kind=kind, upstream="u", path="/p")
+        for cursor in (Cursor("none"), Cursor("upstream", 0, "1795-0")):
+            assert begins_partway(kind, None, leg_last_event_id(kind, None, cursor))
+        for cursor in (Cursor("start", 0, "-1"), Cursor("seq", 7, "7")):
+            assert not begins_partway(kind, None, leg_last_event_id(kind, None, cursor))
+        assert not begins_partway(kind, held, None)  # a later leg: the first one said
+    assert not begins_partway("session", None, None)  # its upstream replays the thread on every leg
 
 
 def test_events_already_held_are_dropped() -> None:

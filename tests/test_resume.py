@@ -274,13 +274,16 @@ async def test_a_run_first_joined_mid_stream_tells_a_client_from_the_start_that_
     async with http.get(gateway.url + loc, headers={"Last-Event-ID": live[1].id or ""}) as r:
         assert "X-Gateway-Resume" not in r.headers  # an id it was sent: exactly what followed it
         assert await read_events(r) == live[2:]
-    # A run captured from its first event is whole: a resume from the start is a plain hit.
-    tid = await new_thread(http, gateway)
-    whole = await stream_run(http, gateway, tid, n=2)
-    await read_events(whole)
-    async with http.get(gateway.url + whole.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
-        assert "X-Gateway-Resume" not in r.headers
-        assert (await read_events(r))[0].event == "metadata"
+    # A run captured from its creation is whole: a resume from the start is a plain hit, also on a
+    # server whose runs do not begin with LangGraph's `metadata`.
+    for metadata in (True, False):
+        fake_upstream.behaviour.no_run_metadata = not metadata
+        whole = await stream_run(http, gateway, await new_thread(http, gateway), n=2)
+        sent = await read_events(whole)
+        async with http.get(gateway.url + whole.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
+            assert "X-Gateway-Resume" not in r.headers
+            assert await read_events(r) == sent
+        assert (sent[0].event == "metadata") == metadata
 
 
 async def test_an_id_of_another_stream_beyond_this_ones_head_gets_what_follows_it_without_a_cut(
