@@ -414,12 +414,13 @@ async def test_replay_with_stream_mode_custom_gives_only_custom(lg_gateway: Any,
 
 
 async def _joined_as(http: aiohttp.ClientSession, base: str, created: list[str], joins: list[str],
-                     last_event_id: str | None) -> list[list[str]]:
-    """A run of ``created`` modes, joined once per query string of ``joins``: the events each join got.
-    With ``last_event_id``, each join replays the finished run; without, each joins it live."""
+                     last_event_id: str | None, **extra: Any) -> list[list[str]]:
+    """A run of ``created`` modes (``extra``: more of its body), joined once per query string of
+    ``joins``: the events each join got. With ``last_event_id``, each join replays the finished run;
+    without, each joins it live."""
     tid = (await sdk(base).threads.create())["thread_id"]
     body = {"assistant_id": "ticker", "input": {"n": 3, "delay": 0.3}, "stream_mode": created,
-            "stream_resumable": True}
+            "stream_resumable": True, **extra}
     async with http.post(f"{base}/threads/{tid}/runs", json=body) as r:
         assert r.status == 200, await r.text()
         loc = f"{base}/threads/{tid}/runs/{(await r.json())['run_id']}/stream"
@@ -454,6 +455,26 @@ async def test_join_stream_mode_keeps_what_the_server_keeps(langgraph_server: An
     assert direct[0] == ["messages"] and direct[2][:2] == ["metadata", "custom"], "the server's rule changed"
     messages = [[e for e in got if e.startswith("messages")] for got in (*direct_live, *via_live)]
     assert messages == [["messages/metadata", "messages/complete"]] * 4
+
+
+async def test_subgraph_events_pass_the_join_filters_the_server_applies(langgraph_server: Any, lg_gateway: Any,
+                                                                      http: aiohttp.ClientSession) -> None:
+    # With stream_subgraphs, a subgraph's events are named `<mode>|<namespace>`: a join's stream_mode
+    # selects them by the mode before the `|`, live and replayed alike.
+    joins = ["", "stream_mode=custom", "stream_mode=updates", "stream_mode=messages-tuple",
+             "stream_mode=%5B%22custom%22%2C%22metadata%22%5D"]
+    created = ["custom", "updates", "messages-tuple"]
+
+    def masked(got: list[list[str]]) -> list[list[str]]:
+        return [[e.split("|")[0] + ("|<ns>" if "|" in e else "") for e in one] for one in got]
+
+    async with asyncio.timeout(60):
+        for last in ("-1", None):
+            direct, via = await asyncio.gather(
+                *(_joined_as(http, base, created, joins, last, assistant_id="nested", stream_subgraphs=True)
+                  for base in (langgraph_server.url, lg_gateway.url)))
+            assert masked(via) == masked(direct)
+            assert masked(direct)[1] == ["custom|<ns>"] * 3, "the server's rule changed"
 
 
 @pytest.mark.parametrize("bad", ["abc", "12abc", "1.5", "x-1"])

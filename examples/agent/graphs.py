@@ -72,6 +72,13 @@ _interrupt.add_edge("ask", END)
 # The server supplies the checkpointer that interrupt() needs.
 interrupt_graph = _interrupt.compile()
 
+# The ticker as a subgraph: with `stream_subgraphs`, its events are named `<mode>|<namespace>`.
+_nested = StateGraph(State)
+_nested.add_node("child", ticker)
+_nested.add_edge(START, "child")
+_nested.add_edge("child", END)
+nested = _nested.compile()
+
 
 # --- the v3 thread session (client.threads.stream): which channels the graphs publish ------------
 # langgraph's v3 stream carries values, messages, lifecycle and subgraphs by default; a graph
