@@ -42,7 +42,9 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
     """The upstream Last-Event-ID for a new leg of a stream: the one rule for it.
 
     A stream the gateway holds (or is capturing) continues just before its last upstream
-    id; a run with no upstream id yet asks for everything. A stream it does not hold
+    id; a run with no upstream id yet asks for everything, and so does a thread stream held
+    from the thread's start with nothing in it yet (everything the upstream replays is what the
+    log lacks); one begun at its live tail asks for the live tail again. A stream it does not hold
     asks for what the client asked: a client's gateway ids mean nothing upstream, so
     "from the start" then; an upstream id is passed through.
     """
@@ -52,7 +54,9 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
         point = resume_point(held.last_upstream_id)
         if point is not None:
             return point
-        return "-1" if kind == "run" else None
+        if kind == "run":
+            return "-1"
+        return "-" if not held.head and not held.begun_partway else None
     if cursor is None or cursor.kind == "none":
         return None
     if cursor.kind == "upstream":

@@ -10,6 +10,8 @@ By default it has **no** resume support: a join gets only what comes after it.
 A run created with ``"stream_resumable": true`` gets ids (``<n>-0``) and a
 replay buffer, for the re-attach tests. Like the real server, a join that
 replays re-sends the last replayed event, same id, as its first live event.
+The thread stream numbers every event; with Last-Event-ID (``-``, ``0`` or an id) it first replays
+the thread's stored events of resumable runs after it, as the real server does.
 
 ``FakeAgentServer.behaviour`` makes it act like the other servers users run
 (one that ignores ``stream_resumable``, one whose replay buffer has expired);
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -96,6 +99,10 @@ def _cors(request: web.Request, headers: Any) -> None:
         headers["Vary"] = "Origin"
 
 
+# The Last-Event-ID the real server's thread stream takes (anything else is 422).
+_STREAM_ID = re.compile(r"^(?:[0-9]+(?:-(?:[0-9]+|\*))?|-)$")
+
+
 def _frame(event: str, data: object, uid: str | None) -> bytes:
     out = b"event: " + event.encode() + b"\r\ndata: " + orjson.dumps(data) + b"\r\n"
     if uid is not None:
@@ -109,6 +116,9 @@ class FakeAgentServer:
         self.behaviour = Behaviour()
         self.runs: dict[str, Run] = {}
         self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
+        # A thread's events of resumable runs, as its stream replays them: (id, frame).
+        self.thread_events: dict[str, list[tuple[str, bytes]]] = {}
+        self._thread_seq = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
         self.ws_closed: list[int | None] = []  # close codes of /ws/echo sockets, as the server saw them
         self.ws_headers: list[dict[str, str]] = []
@@ -342,13 +352,20 @@ class FakeAgentServer:
             run.events.append((uid, frame))
         for q in run.listeners:
             q.put_nowait(frame)
-        self._thread_emit(run, event, data)
+        self._thread_emit(run, event, data, store)
 
-    def _thread_emit(self, run: Run, event: str, data: object) -> None:
+    def _thread_emit(self, run: Run, event: str, data: object, store: bool = True) -> None:
         if run.thread_id is None:
             return
+        # Every thread stream event has an id (one sequence for the server, as a timestamp is);
+        # only those of resumable runs are kept for replay, and never a run's final error.
+        self._thread_seq += 1
+        uid = f"{2_000_000_000 + self._thread_seq}-0"
+        frame = _frame(event, data, uid)
+        if run.resumable and store:
+            self.thread_events.setdefault(run.thread_id, []).append((uid, frame))
         for q in self.thread_listeners.get(run.thread_id, []):
-            q.put_nowait(_frame(event, data, f"{len(self.requests)}-{id(q) % 1000}"))
+            q.put_nowait(frame)
 
     # --- streaming endpoints -----------------------------------------------------------------
 
@@ -446,15 +463,23 @@ class FakeAgentServer:
         return web.Response(status=202)
 
     async def thread_stream(self, request: web.Request) -> web.StreamResponse:
+        tid = request.match_info["tid"]
+        last = request.headers.get("Last-Event-ID") or None
+        if last is not None and not _STREAM_ID.match(last):
+            return web.json_response({"detail": "Invalid last-event-id: must be a valid Redis stream ID"}, status=422)
         q: asyncio.Queue[bytes | None] = asyncio.Queue()
-        listeners = self.thread_listeners.setdefault(request.match_info["tid"], [])
+        listeners = self.thread_listeners.setdefault(tid, [])
         listeners.append(q)
+        # What is stored after the id, compared as strings as the real server does.
+        replay = [] if last is None else [f for uid, f in self.thread_events.get(tid, []) if uid > last]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         _cors(request, resp.headers)
         await resp.prepare(request)
         me = asyncio.current_task()
         assert me is not None
         try:
+            for frame in replay:
+                await resp.write(frame)
             async for frame in self._frames(q, resp, me):
                 await resp.write(frame)
         finally:

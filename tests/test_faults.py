@@ -210,6 +210,30 @@ async def test_thread_stream_upstream_leg_released_after_linger(
     assert [e.event for e in got] == ["metadata", "custom", "custom", "metadata"]
 
 
+async def test_a_thread_stream_released_with_nothing_held_recovers_what_came_meanwhile(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"thread_linger": "200ms"}))
+    tid = await new_thread(http, gw)
+    url = f"{gw.url}/threads/{tid}/stream"
+    async with http.get(url, headers={"Last-Event-ID": "-"}):  # captured from the thread's start: nothing yet
+        await asyncio.sleep(0.1)
+    for _ in range(40):
+        if not fake_upstream.thread_listeners[tid]:
+            break
+        await asyncio.sleep(0.05)
+    assert fake_upstream.thread_listeners[tid] == [], "released"
+    run = await stream_run(http, gw, tid, n=2)  # while nobody follows the thread
+    await read_events(run)
+    # The log holds nothing of the thread, and no upstream id to re-join after: the next leg asks
+    # for the thread from its start, which is exactly what the log lacks.
+    async with http.get(url, headers={"Last-Event-ID": "-"}) as again:
+        assert "X-Gateway-Resume" not in again.headers
+        async with asyncio.timeout(5):
+            got = await read_events(again, limit=4)
+    assert [e.event for e in got] == ["metadata", "custom", "custom", "metadata"]
+
+
 async def test_run_body_arriving_in_pieces_is_forwarded_whole(gateway: RunningGateway, fake_upstream: FakeAgentServer,
                                                               http: aiohttp.ClientSession) -> None:
     import orjson

@@ -27,7 +27,12 @@ def test_one_rule_for_the_upstream_last_event_id() -> None:
     held = StreamMeta(key="k", kind="run", upstream="u", path="/p", head=5, last_upstream_id="1000-0")
     assert leg_last_event_id("run", held) == "0999-0"
     assert leg_last_event_id("run", StreamMeta(key="k", kind="run", upstream="u", path="/p")) == "-1"
-    assert leg_last_event_id("thread", StreamMeta(key="k", kind="thread", upstream="u", path="/p")) is None
+    # A thread stream held from its start with nothing in it: all the upstream replays is new; one
+    # begun at its live tail, or holding events without upstream ids, goes on from the live tail.
+    assert leg_last_event_id("thread", StreamMeta(key="k", kind="thread", upstream="u", path="/p")) == "-"
+    assert leg_last_event_id("thread", StreamMeta(key="k", kind="thread", upstream="u", path="/p",
+                                                  begun_partway=True)) is None
+    assert leg_last_event_id("thread", StreamMeta(key="k", kind="thread", upstream="u", path="/p", head=3)) is None
     assert leg_last_event_id("run", None, Cursor("seq", 7, "7")) == "-1"
     assert leg_last_event_id("thread", None, Cursor("start", 0, "-1")) == "-"
     assert leg_last_event_id("run", None, Cursor("upstream", 0, "5-0")) == "5-0"

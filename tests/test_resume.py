@@ -366,6 +366,7 @@ async def test_a_thread_stream_first_captured_at_its_live_tail_says_so_to_a_clie
     # for a client with no id holds only what came after. A later client from the start is told.
     tid = await new_thread(http, gateway)
     url = f"{gateway.url}/threads/{tid}/stream"
+    await read_events(await stream_run(http, gateway, tid, n=1))  # an earlier run, before any thread stream
     async with http.get(url) as ts:
         await asyncio.sleep(0.1)
         run = await stream_run(http, gateway, tid, n=2)
@@ -381,10 +382,13 @@ async def test_a_thread_stream_first_captured_at_its_live_tail_says_so_to_a_clie
     # Captured for a client from the start, the log holds what the upstream replayed: a plain hit.
     tid = await new_thread(http, gateway)
     url = f"{gateway.url}/threads/{tid}/stream"
+    await read_events(await stream_run(http, gateway, tid, n=1))
     async with http.get(url, headers={"Last-Event-ID": "-"}) as ts:
-        await asyncio.sleep(0.1)
+        earlier = await read_events(ts, limit=3)
+        assert [e.event for e in earlier] == ["metadata", "custom", "metadata"]
         async with http.get(url, headers={"Last-Event-ID": "-"}) as again:
             assert "X-Gateway-Resume" not in again.headers
+            assert await read_events(again, limit=3) == earlier
 
 
 async def test_a_held_run_is_not_served_under_another_thread(gateway: RunningGateway, http: aiohttp.ClientSession,
