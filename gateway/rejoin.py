@@ -65,13 +65,14 @@ def leg_last_event_id(kind: StreamKind, held: StreamMeta | None, cursor: Cursor 
 
 
 def begins_partway(kind: StreamKind, held: StreamMeta | None, last: str | None) -> bool:
-    """Whether a stream's first leg, opened with upstream Last-Event-ID ``last``, leaves out what the
-    upstream would replay from the stream's start (a run's first events, a thread's earlier resumable
-    runs): it joined at the live tail (a client with no id) or after an upstream id. A session's
-    upstream replays the whole thread on every leg."""
+    """Whether a stream's first leg, opened for a client's join with upstream Last-Event-ID ``last``,
+    may leave out the stream's start. A thread stream's does (its earlier resumable runs) unless it
+    asked from the start; a run's may even then (an upstream that cannot replay it gives the live
+    tail): what is held shows it, whether it begins with the run's first event. A session's upstream
+    replays the whole thread on every leg."""
     if held is not None or kind == "session":
         return False
-    return last != ("-1" if kind == "run" else "-")
+    return kind == "run" or last != "-"
 
 
 def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:

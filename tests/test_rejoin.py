@@ -44,8 +44,8 @@ def test_a_stream_first_captured_from_anywhere_but_its_start_begins_partway() ->
         held = StreamMeta(key="t", kind=kind, upstream="u", path="/p")
         for cursor in (Cursor("none"), Cursor("upstream", 0, "1795-0")):
             assert begins_partway(kind, None, leg_last_event_id(kind, None, cursor))
-        for cursor in (Cursor("start", 0, "-1"), Cursor("seq", 7, "7")):
-            assert not begins_partway(kind, None, leg_last_event_id(kind, None, cursor))
+        for cursor in (Cursor("start", 0, "-1"), Cursor("seq", 7, "7")):  # a run's first event held says it
+            assert begins_partway(kind, None, leg_last_event_id(kind, None, cursor)) == (kind == "run")
         assert not begins_partway(kind, held, None)  # a later leg: the first one said
     assert not begins_partway("session", None, None)  # its upstream replays the thread on every leg
 

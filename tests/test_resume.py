@@ -274,6 +274,21 @@ async def test_a_run_first_joined_mid_stream_tells_a_client_from_the_start_that_
     async with http.get(gateway.url + loc, headers={"Last-Event-ID": live[1].id or ""}) as r:
         assert "X-Gateway-Resume" not in r.headers  # an id it was sent: exactly what followed it
         assert await read_events(r) == live[2:]
+    # First joined from the start, but the upstream cannot replay it (it was not created resumable):
+    # what is held begins mid-run all the same.
+    async with aiohttp.ClientSession() as direct:
+        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                 json={"assistant_id": "a", "input": {"n": 8, "delay": 0.02}})
+        loc = resp.headers["Location"]
+        await read_events(resp, limit=3)
+        async with http.get(gateway.url + loc, headers={"Last-Event-ID": "-1"}) as r:
+            assert r.headers.get("X-Gateway-Resume") == "not-held"
+            live = await read_events(r)
+        resp.close()
+    assert live[0].event == "custom"
+    async with http.get(gateway.url + loc, headers={"Last-Event-ID": "-1"}) as r:
+        assert r.headers.get("X-Gateway-Resume") == "truncated"
+        assert await read_events(r) == live
     # A run captured from its creation is whole: a resume from the start is a plain hit, also on a
     # server whose runs do not begin with LangGraph's `metadata`.
     for metadata in (True, False):

@@ -106,9 +106,8 @@ class StreamMeta:
     # A client asked for the run to be cancelled once nobody follows it (cancel_on_disconnect),
     # wherever it joined: the capturing process reads it here.
     cancel_on_orphan: bool = False
-    # The first leg of this capture did not ask the upstream for the stream from its start (a client
-    # with no id: the live tail; or an upstream id): what the upstream replays from before that point
-    # (a run's first events, a thread's earlier runs) may not be held.
+    # The capture began with a client's join, not from the stream's start (gateway.rejoin's
+    # begins_partway): what came before (a run's first events, a thread's earlier runs) may not be held.
     begun_partway: bool = False
     # Salted hash of the credentials that started the capture (gateway.access); never the secret.
     auth_salt: str | None = None
