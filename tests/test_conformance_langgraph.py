@@ -300,6 +300,29 @@ async def test_what_the_server_replays_from_before_a_capture_began_is_said_missi
     assert g_thread_said == "truncated"
 
 
+async def test_a_thread_stream_released_before_anything_happened_gets_what_came_meanwhile(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # Captured from the thread's start while nothing had happened, then released (nobody followed
+    # it for thread_linger): a run meanwhile is replayed by the server to the next leg from the start.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                                           streams={"thread_linger": "200ms"}))
+    async with http.post(f"{gw.url}/threads", json={}) as t:
+        tid = (await t.json())["thread_id"]
+    url = f"{gw.url}/threads/{tid}/stream"
+    async with asyncio.timeout(30):
+        async with http.get(url, headers={"Last-Event-ID": "-"}) as ts:
+            assert ts.status == 200
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(1.0)  # released
+        async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={
+                "assistant_id": "ticker", "input": {"n": 2, "delay": 0.01}, "stream_mode": ["custom"]}) as r:
+            ran = await read_events(r)
+        got, said = await _events_for(http, url, "-", 2.0)
+    assert said is None
+    assert [(e.event, e.data) for e in got] == [(e.event, e.data) for e in ran] + [
+        ("metadata", json.dumps({"status": "run_done", "run_id": ran[0].json["run_id"]}, separators=(",", ":")))]
+
+
 # --- what the gateway adds ----------------------------------------------------------------------
 
 async def test_gateway_event_ids_are_integers_strictly_increasing(lg_gateway: Any) -> None:
