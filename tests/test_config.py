@@ -351,3 +351,17 @@ def test_workers_on_the_embedded_log_share_its_data_directory(tmp_path: Path, wo
     cfg = load_text(tmp_path, "upstreams:\n  default:\n    urls: [http://127.0.0.1:2024]\n"
                     f"listen: {{port: 8080}}\nworkers: {workers}\nstorage: {{backend: {backend}}}\n")
     assert cfg.workers == workers and cfg.storage.shared is shared
+
+
+def test_the_defaults_the_readme_states() -> None:
+    """The numbers README.md gives as defaults, checked against the values themselves (the test above
+    compares with the dataclasses, which would drift along with the code)."""
+    cfg = load_config(None, env={})
+    assert (cfg.listen.host, cfg.listen.port, cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 8080, "127.0.0.1", 8081)
+    assert cfg.storage.backend == "lmdb" and cfg.storage.path == Path("./data") and cfg.storage.durability == "fsync"
+    assert cfg.storage.retention == 24 * 3600 and cfg.storage.lease_ttl == 6.0
+    assert cfg.streams.heartbeat == 15.0 and cfg.streams.request_resumable is True
+    assert cfg.streams.subscriber_buffer_bytes == 256 * 1024 and cfg.streams.replay_cache_bytes == 64 * 1024 * 1024
+    assert cfg.clients.body_buffer_bytes == 1024 * 1024 and cfg.clients.body_timeout == 60.0
+    assert cfg.clients.max_header_bytes == 1024 * 1024 and cfg.clients.max_headers == 1000
+    assert cfg.workers == 1

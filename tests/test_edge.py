@@ -264,6 +264,18 @@ async def test_long_header_lines_pass_as_they_do_upstream_and_oversized_ones_lea
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+async def test_the_header_limits_are_the_readmes_and_beyond_them_the_answer_is_a_json_431(
+        gateway: RunningGateway) -> None:
+    """README: header lines up to clients.max_header_bytes (1 MiB), up to clients.max_headers (1,000)
+    of them; oversized headers get 431 in JSON. (The test above accepts any refusal, or none.)"""
+    line = b"GET /echo/x HTTP/1.1\r\nHost: x\r\nX-Long: %s\r\nConnection: close\r\n\r\n"
+    assert status_and_body(await raw_request(gateway.url, line % (b"a" * ((1 << 20) - 100))))[0] == 200
+    many = b"GET /echo/x HTTP/1.1\r\nHost: x\r\n%sConnection: close\r\n\r\n"
+    for refused in (line % (b"a" * ((1 << 20) + 100)), many % b"".join(b"X-H%d: v\r\n" % i for i in range(1000))):
+        status, body = status_and_body(await raw_request(gateway.url, refused))
+        assert status == 431 and "detail" in orjson.loads(body)
+
+
 async def test_connections_that_never_finish_their_headers_are_closed(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},

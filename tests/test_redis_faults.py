@@ -7,14 +7,17 @@ each event exactly once, or a gap marker where events are missing, never a silen
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterator, Literal
 
 import aiohttp
 import pytest
 
-from tests.conftest import RunningGateway, gateway_config
+from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.invariants import assert_exactly_once, assert_whole_or_marked, follow_to_end
@@ -224,3 +227,39 @@ async def test_redis_refusing_writes_at_maxmemory_is_a_storage_failure_readiness
         f"a new run is refused before it reaches the upstream: {refused.status} {detail}, upstream saw {created}"
     assert_exactly_once(got, 150)
     assert await join(http, url, "-1") == got
+
+
+async def test_redis_settings_that_break_the_logs_promises_are_refused_at_start_and_unreadable_ones_warned(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """README: with durability fsync Redis must run appendonly yes and appendfsync always, with
+    none appendfsync everysec is accepted, maxmemory-policy must be noeviction; the gateway checks
+    at start and refuses otherwise, and where CONFIG GET is forbidden it warns and goes on."""
+    cfg = tmp_path / "gw.yaml"
+
+    def start(durability: str, url: str = own_redis.url) -> subprocess.CompletedProcess[str]:
+        cfg.write_text(f"upstreams: {{default: {{urls: ['{fake_upstream.url}']}}}}\n"
+                       f"listen: {{port: 0}}\nadmin: {{port: 0}}\n"
+                       f"storage: {{backend: redis, redis_url: '{url}', durability: {durability}}}\n")
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg)], cwd=REPO,
+                              capture_output=True, text=True, timeout=30)
+
+    own_redis.command("CONFIG", "SET", "appendfsync", "everysec")
+    refused = await asyncio.to_thread(start, "fsync")
+    assert refused.returncode == 1 and "appendfsync" in refused.stderr, refused.stderr[-2000:]
+    raw = gateway_config(tmp_path / "none", {"default": {"urls": [fake_upstream.url]}})
+    raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "none", "durability": "none"}
+    await make_gateway(raw)  # durability none accepts everysec
+    own_redis.command("CONFIG", "SET", "appendfsync", "always")
+    own_redis.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    evicting = await asyncio.to_thread(start, "fsync")
+    assert evicting.returncode == 1 and "noeviction" in evicting.stderr, evicting.stderr[-2000:]
+    # A managed service that forbids CONFIG: a warning naming what could not be verified, and it starts.
+    own_redis.command("ACL", "SETUSER", "gw", "on", ">pw", "~*", "&*", "+@all", "-config")
+    raw = gateway_config(tmp_path / "acl", {"default": {"urls": [fake_upstream.url]}})
+    raw["storage"] = {"backend": "redis", "redis_url": f"redis://gw:pw@127.0.0.1:{own_redis.port}/0",
+                      "redis_prefix": "acl"}
+    with caplog.at_level(logging.WARNING, logger="gateway"):
+        await make_gateway(raw)
+    warned = [r.getMessage() for r in caplog.records if "cannot verify" in r.getMessage()]
+    assert warned and all(w in warned[0] for w in ("appendfsync", "noeviction")), caplog.text[-2000:]

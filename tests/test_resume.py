@@ -66,9 +66,32 @@ async def test_query_parameter_form(gateway: RunningGateway, http: aiohttp.Clien
     rest = await join(http, location, last_event_id=first[-1].id or "")
     assert customs(first + rest) == list(range(10))
     assert customs(await join(http, location, "0")) == list(range(10))  # 0, like -1, is the beginning
-    # The header wins over the query parameter.
-    both = await join(http, location, first[0].id, last_event_id="999999")
-    assert customs(both) == list(range(10))
+    # The header wins over the query parameter, both ways round (an id the two cannot tell apart,
+    # such as one from before the run, would let a test pass whichever won).
+    assert customs(await join(http, location, first[3].id, last_event_id="-1")) == list(range(3, 10))
+    assert customs(await join(http, location, "-1", last_event_id=first[3].id or "")) == list(range(10))
+
+
+async def test_the_thread_stream_resumes_by_query_from_any_start_spelling_and_refuses_unsent_ids(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """README's resume semantics hold on both join endpoints: the thread stream too takes
+    ``last_event_id``, starts over on ``-1``, ``-`` or ``0``, prefers the header, and answers an id
+    the gateway has not sent yet with 422."""
+    tid = await new_thread(http, gateway)
+    url = f"{gateway.url}/threads/{tid}/stream"
+    async with http.get(url) as ts:
+        await asyncio.sleep(0.1)
+        await read_events(await stream_run(http, gateway, tid, n=5))
+        first = await read_events(ts, limit=3)
+    async with http.get(url, params={"last_event_id": first[0].id or ""}) as r:
+        assert await read_events(r, limit=2) == first[1:]
+    for start in ("-1", "-", "0"):
+        async with http.get(url, headers={"Last-Event-ID": start}) as r:
+            assert await read_events(r, limit=3) == first, start
+    async with http.get(url, headers={"Last-Event-ID": first[1].id or ""}, params={"last_event_id": "-1"}) as r:
+        assert await read_events(r, limit=1) == first[2:3], "the header wins"
+    async with http.get(url, headers={"Last-Event-ID": "999999999999999999"}) as r:
+        assert r.status == 422 and "not sent that id" in (await r.json())["detail"]
 
 
 async def test_no_header_is_live_tail_only_like_upstream(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
@@ -129,6 +152,29 @@ async def test_a_reconnect_storm_reads_each_page_from_the_log_once(gateway: Runn
     assert await join(http, loc, original[100].id) == original[101:]
     only_custom = await join(http, loc, "-1", stream_mode="custom")
     assert customs(only_custom) == list(range(n)) and {e.event for e in only_custom} == {"custom"}
+
+
+@pytest.mark.parametrize("cache", ["0", None])
+async def test_replay_cache_bytes_zero_turns_keeping_pages_off(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        cache: str | None) -> None:
+    """README: pages stay shared for a while after a replay (streams.replay_cache_bytes); 0 turns it off."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"replay_cache_bytes": cache} if cache is not None else {}))
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=50)
+    original = await read_events(resp)
+    loc = gw.url + resp.headers["Location"]
+    pages = gw.gw.metrics.replayed_pages
+    log_before, shared_before = pages.labels("log")._value.get(), pages.labels("shared")._value.get()
+    for _ in range(4):  # one after another: nothing is shared at once
+        assert await join(http, loc, "-1") == original
+    from_log = pages.labels("log")._value.get() - log_before
+    shared = pages.labels("shared")._value.get() - shared_before
+    if cache == "0":
+        assert (from_log, shared) == (4, 0), "every replay reads the log"
+    else:
+        assert shared >= 2 and from_log <= 2, "a page asked for twice is kept for the replays after"
 
 
 async def test_stream_mode_filter_on_replay_and_live(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:

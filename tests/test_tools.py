@@ -607,3 +607,33 @@ async def test_the_access_log_counts_every_byte_of_a_stream_the_gateway_cut(
     lines = [x for x in _access_lines(gw.log_text(), "json") if x["path"] == "/threads/{id}/runs/stream"]
     assert [x["end"] for x in lines] == ["cut"], lines
     assert lines[0]["bytes"] == len(received), "every byte sent before the cut, headers included"
+
+
+async def test_streams_list_filters_by_age_and_the_admin_listener_finds_a_stream_by_its_thread_id(
+        gateway: RunningGateway, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """README: ``streams list --older-than/--newer-than`` (the last update's age), and
+    ``GET /streams/{key, run id or thread id}`` on the admin listener."""
+    log = gateway.gw.log
+    old = await hold_runs(log, ["age-old-1", "age-old-2"], finished=lambda i: True)
+    await asyncio.sleep(1.3)
+    new = await hold_runs(log, ["age-new"], finished=lambda i: True)
+    where = _log_args(gateway, tmp_path)
+
+    async def listed(*args: str) -> list[str]:
+        result = await asyncio.to_thread(cli, "streams", "list", "--json", *args, *where)
+        assert result.returncode == 0, result.stderr
+        return [json.loads(line)["key"] for line in result.stdout.splitlines()]
+
+    assert await listed("--older-than", "1s") == old
+    assert await listed("--newer-than", "1s") == new
+    assert await listed("--older-than", "1h") == []
+    tid = await new_thread(http, gateway)
+    async with http.get(f"{gateway.url}/threads/{tid}/stream") as ts:
+        await asyncio.sleep(0.1)
+        run = await read_events(await stream_run(http, gateway, tid, n=2))
+        rid = run[0].json["run_id"]
+        for ident, key in ((tid, f"default/thread/{tid}"), (rid, f"default/run/{rid}"),
+                           (f"default/run/{rid}", f"default/run/{rid}")):
+            async with http.get(gateway.admin_url + f"/streams/{ident}") as r:
+                assert r.status == 200 and (await r.json())["key"] == key, ident
+        ts.close()
