@@ -340,7 +340,8 @@ class Captures:
             del self.live[key]
             self._halt(ing)
 
-    async def _release(self, key: str) -> None:
+    async def release(self, key: str) -> None:
+        """Give up the claim on a stream whose capture here ended (unless a new one began)."""
         if key in self.live or key in self._opening:
             return  # a new capture of the stream holds the claim now
         try:
@@ -358,6 +359,7 @@ class Captures:
         kind = ing.meta.kind
         failures = landing.failures if landing is not None else 0
         parked = False
+        ended = False  # the stream ended here (finished, interrupted, crashed): its claim is given up
         try:
             if landing is not None:
                 ing.parked = None  # taken up: from here a cancel of this task cleans up, as below
@@ -369,6 +371,7 @@ class Captures:
                         if resp is None:
                             if await self._ended(ing.key):
                                 await self._finish(ing, "done")
+                                ended = True
                                 return
                             resp, seam = await self._rejoin(ing)
                         copy = self._attach(ing, resp, seam)
@@ -381,6 +384,7 @@ class Captures:
                     resp = None
                     if kind == "run":
                         await self._finish(ing, "done", seam.close() if seam is not None else [])
+                        ended = True
                         return
                     raise UpstreamBroke("the upstream closed the thread stream")
                 except (UpstreamBroke, UpstreamRefused, aiohttp.ClientError, asyncio.TimeoutError,
@@ -393,6 +397,7 @@ class Captures:
                     if delay is None:
                         logger.warning("stream %s interrupted: %s", ing.key, reason)
                         await self.interrupt(ing.meta, reason)
+                        ended = True
                         return
                     logger.info("stream %s upstream leg lost (%s); re-joining (try %d)", ing.key, reason, failures)
                     await asyncio.sleep(delay)
@@ -411,6 +416,7 @@ class Captures:
             # rather than leave it open, or every join would re-attach it and crash again.
             logger.exception("ingest of %s crashed", ing.key)
             await self.interrupt(ing.meta, f"the gateway failed capturing it ({exc.__class__.__name__})")
+            ended = True
         finally:
             if not parked:  # a parked capture goes on: its leg is open and it is live
                 if resp is not None:
@@ -419,7 +425,14 @@ class Captures:
                     del self.live[ing.key]
                 if ing.orphan_timer is not None:
                     ing.orphan_timer.cancel()
-        await self._release(ing.key)
+            # The claim goes with the end, on every way the stream ended here (the returns above
+            # included), so another process may capture it again (a thread stream's next client
+            # there), and this one renews no lease on it for the rest of its life. A capture
+            # stopped from outside (a thread released, a stateless run cancelled) is released by
+            # whoever stopped it, after it wrote the stream's end; one cancelled at shutdown, by
+            # ``stop_all``.
+            if ended:
+                await self.release(ing.key)
 
     def _park(self, ing: Ingest, parked: Parked) -> None:
         ing.parked = parked

@@ -135,6 +135,7 @@ class Presence:
             return
         if ing.key not in self.captures.live:  # not if a new capture began meanwhile: it owns the stream now
             await self.log.finish(ing.key, None)
+            await self.captures.release(ing.key)  # another process may capture the thread again now
         logger.debug("thread stream %s released after linger", ing.key)
 
     async def _cancel_run(self, ing: Ingest) -> None:
@@ -149,6 +150,7 @@ class Presence:
         # (it was created with on_disconnect=cancel).
         if await self.captures.stop(ing):
             await self.log.finish(ing.key, "done")
+            await self.captures.release(ing.key)
 
     async def _cancel_elsewhere(self, key: str, auth: dict[str, str]) -> None:
         """The last follower here of a run another process captures left, and asked for a cancel:
