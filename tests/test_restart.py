@@ -171,6 +171,27 @@ async def test_restart_reattaches_to_an_upstream_that_needs_auth_with_the_servic
     assert customs(seen + rest) == list(range(60)), "re-attached with the service key, not interrupted"
 
 
+async def test_restart_without_service_headers_ends_a_run_needing_auth_with_capture_interrupted(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README (Known limits): client credentials are kept in memory only; after a restart, an upstream
+    that requires auth refuses the re-join when no service headers are configured, and the stream ends
+    with CaptureInterrupted, said in-band, not left open or cut short without a word."""
+    fake_upstream.faults.api_key = "alice-key"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nstreams:\n  reattach_backoff: 50ms\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    key = {"X-Api-Key": "alice-key"}
+    loc, seen = await _kill_mid_stream(http, gw, 200, 4, key)
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
+    async with http.get(gw2.url + loc, headers={"Last-Event-ID": "-1", **key},
+                        timeout=aiohttp.ClientTimeout(total=20)) as r:
+        assert r.status == 200, await r.text()
+        replay = await read_events(r)
+    assert replay[: len(seen)] == seen, "nothing a client saw is lost"
+    assert replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted", replay[-3:]
+
+
 async def _start_lg_run(http: aiohttp.ClientSession, url: str, n: int, delay: float) -> aiohttp.ClientResponse:
     tid = await new_thread(http, url)
     resp = await http.post(f"{url}/threads/{tid}/runs/stream",
