@@ -557,3 +557,44 @@ async def test_a_replica_gives_up_its_lease_on_a_stream_when_the_stream_ends(
             break
         await asyncio.sleep(0.1)
     assert held == [], "leases of streams that ended"
+
+
+def _free_port_pair() -> int:
+    """A loopback port P with P + 1 free too (both bound and let go at once)."""
+    for _ in range(200):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port = int(first.getsockname()[1])
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no two free ports in a row")
+
+
+async def test_each_worker_has_its_admin_listener_on_admin_port_plus_its_index(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: worker i has its admin listener on admin.port + i."""
+    admin = _free_port_pair()
+    sup: GatewayProcess = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)),
+                                          "--workers", "2", "--admin-port", str(admin))
+    sup.admin_port = admin
+    sup.start()
+    assert sup.proc is not None
+    for port in (admin, admin + 1):  # the supervisor listens on neither: each is a worker's
+        for _ in range(100):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    assert r.status == 200, await r.text()
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no admin listener on {port}\n{sup.log_text()[-2000:]}")
+    workers = _children(sup.proc.pid)
+    assert len(workers) == 2
+    assert sup.terminate() == 0

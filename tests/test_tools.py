@@ -20,6 +20,7 @@ import lmdb
 import pytest
 
 from gateway.eventlog import EventLog, StreamMeta
+from gateway.eventlog.records import encode
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.redis_server import RedisServer
@@ -637,3 +638,34 @@ async def test_streams_list_filters_by_age_and_the_admin_listener_finds_a_stream
             async with http.get(gateway.admin_url + f"/streams/{ident}") as r:
                 assert r.status == 200 and (await r.json())["key"] == key, ident
         ts.close()
+
+
+def test_check_names_an_id_counter_below_a_head_and_seqs_that_go_back(stopped_log: tuple[Path, list[str]]) -> None:
+    """README: check names a head above the stored id counter (ids could be reused) and seqs that do
+    not increase within a stream, with exit status 1."""
+    data, runs = stopped_log
+    env = lmdb.open(str(data), max_dbs=4)
+    with env.begin(write=True) as txn:
+        streams, events, meta = (env.open_db(name, txn=txn) for name in (b"streams", b"events", b"meta"))
+        raw = txn.get(f"default/run/{runs[-1]}".encode(), db=streams)
+        assert raw is not None
+        doc = json.loads(raw)
+        txn.put(b"seq", str(doc["head"] - 1).encode(), db=meta)  # the counter fell below the newest head
+        key = f"default/run/{runs[0]}".encode()
+        cur = txn.cursor(db=events)
+        assert cur.set_range(key + b"\x00")
+        records = []
+        for k, v in cur:
+            if not k.startswith(key + b"\x00"):
+                break
+            records.append((k, v))
+        assert len(records) >= 3, "the run spans records"
+        # The second record holds three events now: its last ones overlap the third record's.
+        body = b"event: custom\ndata: {}"
+        txn.put(records[1][0], encode([(body, None)] * 3, 0).record, db=events)
+    env.close()
+    bad = cli("check", "--data-dir", str(data))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    problems = bad.stdout.splitlines()
+    assert any(runs[-1] in p and "ids could be reused" in p for p in problems), problems
+    assert any(runs[0] in p and "does not come after" in p for p in problems), problems
