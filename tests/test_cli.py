@@ -265,3 +265,43 @@ async def test_sigterm_when_idle_exits_0_quickly(spawn: Spawn, tmp_path: Path) -
     code = await asyncio.wait_for(gw.proc.wait(), 10)
     assert code == 0, gw.log.read_text()
     assert time.monotonic() - started < 10.0  # default shutdown_grace
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_ctrl_c_stops_the_gateway_and_its_workers_gracefully(
+        http: aiohttp.ClientSession, fake_upstream: FakeAgentServer, tmp_path: Path, workers: str) -> None:
+    """README: SIGTERM or SIGINT stops the gateway (and every worker) gracefully: client streams are
+    cut after their last whole event, and it exits 0. Ctrl-C in a terminal sends SIGINT to the whole
+    process group, the supervisor and its workers at once."""
+    port = free_port()
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--port", str(port), "--admin-port", "0", "--workers", workers,
+            "--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"), cwd=tmp_path, env=clean_env(),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                async with http.post(url + "/threads", json={}) as r:
+                    tid = (await r.json())["thread_id"]
+                    break
+            except aiohttp.ClientConnectionError:
+                assert time.monotonic() < deadline and proc.returncode is None, log.read_text()
+                await asyncio.sleep(0.05)
+        async with http.post(f"{url}/threads/{tid}/runs/stream",
+                             json={"assistant_id": "a", "input": {"n": 1000, "delay": 0.05}}) as resp:
+            assert resp.status == 200
+            await read_events(resp, limit=2)
+            os.killpg(proc.pid, signal.SIGINT)
+            _rest, was_cut = await asyncio.wait_for(read_until_cut(resp), 10)
+        code = await asyncio.wait_for(proc.wait(), 20)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert was_cut, "a cut, not a clean end: the client knows to resume"
+    assert code == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

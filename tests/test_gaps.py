@@ -44,10 +44,14 @@ def assert_gap_marked_at_every_seam(got: list[Ev], n: int, seams: int) -> None:
     for s in stretches:
         assert s == list(range(s[0], s[0] + len(s))) if s else True, "no loss inside a stretch"
     assert flat[-1] == n - 1, "the live tail reaches the end of the run"
-    for e in gaps(got):
+    for i, e in enumerate(got):
+        if e.event != "gap":
+            continue
         assert e.id is not None
         doc = e.json
-        assert isinstance(doc, dict) and doc["reason"] and doc["after"]
+        # README: after is the id of the last event before the gap (null at the very start), as a string.
+        assert isinstance(doc, dict) and doc["after"] == (got[i - 1].id if i else None), (doc, got[i - 1 : i + 1])
+        assert doc["reason"] in ("no_upstream_ids", "replay_mismatch", "empty_rejoin") and doc["message"]
 
 
 async def make_fake_gateway(make_gateway: MakeGateway, fake: FakeAgentServer, tmp_path: Path,
