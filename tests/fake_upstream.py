@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import re
+import ssl
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -128,10 +129,11 @@ class FakeAgentServer:
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.name = "fake"
+        self.scheme = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     # --- server lifecycle --------------------------------------------------------------------
 
@@ -155,12 +157,14 @@ class FakeAgentServer:
         r.add_get("/ws/echo", self.ws_echo)
         return app
 
-    async def start(self, port: int = 0) -> FakeAgentServer:
+    async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeAgentServer:
+        """Serve on 127.0.0.1 (``ssl_context``: over TLS, an https:// upstream)."""
         # Header limits as generous as uvicorn's (it took a 200 KB header line and 300 headers).
         self.runner = web.AppRunner(self.app(), handler_cancellation=True, shutdown_timeout=0.5,
                                     max_line_size=1 << 20, max_field_size=1 << 20, max_headers=1000)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True)
+        self.scheme = "https" if ssl_context is not None else "http"
+        site = web.TCPSite(self.runner, "127.0.0.1", port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         self.port = self.runner.addresses[0][1]
         return self

@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import pytest
 from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.support.procs import free_port, refusing_port
 from tests.fake_upstream import FakeAgentServer
+from tests.support.runs import customs, join, new_thread
+from tests.support.sse import read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -306,3 +312,86 @@ async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_re
         assert answered[-2:] == [b"GET /assistants/a HTTP/1.1", b"POST /store/namespaces HTTP/1.1"]
     finally:
         server.close()
+
+
+async def test_an_https_upstream_is_verified_and_an_untrusted_replica_is_one_that_refused(
+        make_gateway: MakeGateway, gateway_process: Any, tmp_path: Path, http: aiohttp.ClientSession,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: an https:// upstream's certificate is verified against the system's CA store
+    (SSL_CERT_FILE adds yours); a replica whose certificate does not verify is treated as one that
+    refused the connection. For plain forwards, health checks and captured runs alike."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    fake = await FakeAgentServer().start(ssl_context=context)
+    try:
+        health = {"interval": "100ms", "timeout": "500ms", "unhealthy_threshold": 1}
+        untrusted = await make_gateway(gateway_config(tmp_path / "u", {"default": {"urls": [fake.url], "health": health}}))
+        async with http.get(f"{untrusted.url}/echo/x") as r:
+            assert r.status == 502, await r.text()
+        async with http.post(f"{untrusted.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 2}}) as r:
+            assert r.status == 502, await r.text()
+        assert not fake.requests, "nothing reached the replica whose certificate did not verify"
+        async with http.get(untrusted.admin_url + "/readyz") as r:
+            assert r.status == 503, await r.text()
+        # The operator trusts it: OpenSSL's own variable, read as the process starts (aiohttp makes its
+        # context at import), so a gateway process of its own.
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        cfg = tmp_path / "trusted.yaml"
+        cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake.url}]\n"
+                       "    health: {interval: 100ms, timeout: 500ms, unhealthy_threshold: 1}\n"
+                       f"storage:\n  path: {tmp_path / 'trusted-data'}\n")
+        trusted = gateway_process("--config", str(cfg)).start()
+        async with http.get(f"{trusted.url}/echo/x") as r:
+            assert r.status == 200 and (await r.json())["path"] == "/echo/x"
+        tid = await new_thread(http, trusted)
+        async with http.post(f"{trusted.url}/threads/{tid}/runs/stream",
+                             json={"assistant_id": "a", "input": {"n": 3}}) as r:
+            assert r.status == 200
+            got = await read_events(r)
+        assert customs(await join(http, trusted.url + r.headers["Location"], "-1")) == customs(got) == [0, 1, 2]
+        await asyncio.sleep(0.3)  # a few health checks over TLS
+        async with http.get(f"http://127.0.0.1:{trusted.admin_port}/readyz") as r:
+            assert r.status == 200, await r.text()
+    finally:
+        await fake.stop()
+
+
+async def test_streams_captured_under_a_prefix_route_resume_at_the_rewritten_location(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: Location and Content-Location are rewritten back under the prefix; the captured runs
+    (streamed, stateless, background) are served from the log at those addresses."""
+    a, b = await FakeAgentServer().start(), await FakeAgentServer().start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [a.url]}, "b": {"urls": [b.url]}},
+                                               routes=[{"prefix": "/deployments/b", "upstream": "b"}]))
+        pre = f"{gw.url}/deployments/b"
+        tid = await new_thread(http, pre)
+        async with http.post(f"{pre}/threads/{tid}/runs/stream",
+                             json={"assistant_id": "a", "input": {"n": 10, "delay": 0.02}}) as r:
+            loc = r.headers["Location"]
+            assert loc.startswith(f"/deployments/b/threads/{tid}/runs/") and loc.endswith("/stream")
+            assert r.headers["Content-Location"] == loc.removesuffix("/stream")
+            first = await read_events(r, limit=4)
+        async with http.get(gw.url + loc, headers={"Last-Event-ID": first[-1].id or ""}) as r:
+            assert r.headers["Location"] == loc
+            assert customs(first + await read_events(r)) == list(range(10))
+        async with http.post(f"{pre}/runs/stream", json={"assistant_id": "a", "input": {"n": 3}}) as r:
+            stateless = r.headers["Location"]
+            assert stateless.startswith("/deployments/b/runs/")
+            await read_events(r)
+        assert customs(await join(http, gw.url + stateless, "-1")) == [0, 1, 2]
+        async with http.post(f"{pre}/threads/{tid}/runs", json={"assistant_id": "a", "input": {"n": 3}}) as r:
+            run_id = (await r.json())["run_id"]
+        assert customs(await join(http, f"{pre}/threads/{tid}/runs/{run_id}/stream", "-1")) == [0, 1, 2]
+        async with http.get(gw.admin_url + "/streams", params={"upstream": "b"}) as r:
+            assert len(await r.json()) == 3
+        assert not a.requests, "nothing went to the default upstream"
+    finally:
+        await a.stop()
+        await b.stop()
