@@ -218,3 +218,19 @@ async def test_a_stream_its_client_dropped_counts_under_the_status_it_was_sent(
             break
         await asyncio.sleep(0.05)
     assert counted == {"2xx": 2.0}, counted
+
+
+async def test_every_metric_the_readme_names_is_exposed(gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """README names metrics operators will query (gateway_gap_markers_total{reason}, ..._limit, ...):
+    each of them, with the labels it gives, is on a fresh gateway's /metrics."""
+    readme = (REPO / "README.md").read_text()
+    async with http.get(gateway.admin_url + "/metrics") as r:
+        families = {f.name: f for f in text_string_to_metric_families(await r.text())}
+    samples = {s.name: set(s.labels) for f in families.values() for s in f.samples}
+    named = set(re.findall(r"(gateway_[a-z_]+[a-z])(?:\{([a-z_,]+)\})?", readme))
+    assert len(named) > 5
+    for name, labels in named:
+        assert name in samples, f"README names {name}, /metrics has no such series"
+        assert set(filter(None, labels.split(","))) <= samples[name], (name, labels, samples[name])
+    if "`..._limit`" in readme:  # "gateway_upstream_connections{upstream,kind}, `..._limit`"
+        assert "gateway_upstream_connections_limit" in samples

@@ -42,9 +42,14 @@ async def _join_until_end(http: aiohttp.ClientSession, url: str, last: str) -> l
         return await read_events(r)
 
 
+@pytest.mark.parametrize("durability", ["fsync", "none"])
 async def test_sigkill_mid_stream_then_resume_after_restart(
-        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    args = ("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"))
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        durability: str) -> None:
+    # README: durability none skips the fsync, and still survives a gateway crash, even SIGKILL.
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"storage:\n  durability: {durability}\n")
+    args = ("--config", str(cfg), "--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"))
     gw = gateway_process(*args).start()
     loc, seen = await _kill_mid_stream(http, gw, 60, 12)
     run_id = seen[0].json["run_id"]
