@@ -387,6 +387,30 @@ async def test_a_stream_served_from_the_log_carries_the_upstreams_cors_headers(
             assert customs(await read_events(r)) == [0, 1, 2]
 
 
+async def test_the_503s_the_gateway_makes_itself_carry_the_upstreams_cors_headers(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: the answers the gateway makes itself (a stream served from its log, a 503) carry what the
+    upstream answered the same Origin last, so a browser page on another origin can read them."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "max_connections": 1,
+                                                                  "pool_timeout": "200ms"}},
+                                           storage={"max_bytes": 2000}))
+    origin = {"Origin": "http://127.0.0.1:9999"}
+    tid = await new_thread(http, gw, origin)  # the upstream's answer to this origin is learned
+    live = await stream_run(http, gw, tid, n=400, delay=0.01, pad=50)
+    await read_events(live, limit=60)  # over budget, and the only stream is live
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=origin,
+                         json={"assistant_id": "a", "input": {"n": 1}}) as r:
+        assert r.status == 503 and r.headers.get("Access-Control-Allow-Origin") == "*", dict(r.headers)
+    fake_upstream.faults.slow_body = 0.5  # holds the one forward connection for a while
+    slow = asyncio.create_task(http.get(f"{gw.url}/echo/slow"))
+    await asyncio.sleep(0.1)
+    async with http.get(f"{gw.url}/echo/x", headers=origin) as r:
+        assert r.status == 503 and "pool" in (await r.json())["detail"]
+        assert r.headers.get("Access-Control-Allow-Origin") == "*", dict(r.headers)
+    (await slow).close()
+    live.close()
+
+
 async def test_a_preflight_does_not_hide_the_exposed_headers_of_a_stream_served_from_the_log(
         lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
     """A browser preflights its re-join (Last-Event-ID is no simple header). The upstream's answer to a
