@@ -557,6 +557,15 @@ async def test_a_replica_gives_up_its_lease_on_a_stream_when_the_stream_ends(
             break
         await asyncio.sleep(0.1)
     assert held == [], "leases of streams that ended"
+    # README: a stream's keys expire a week after their last write; the id counter never does.
+    prefix = "{%s}" % redis_storage["redis_prefix"]
+    week_ms = 7 * 24 * 3600 * 1000
+    stream_keys = [k for kind in ("s", "m") for k in
+                   redis_server.command("--scan", "--pattern", f"{prefix}:{kind}:*").split()]
+    assert len(stream_keys) == 6
+    for k in stream_keys:
+        assert week_ms - 60_000 < int(redis_server.command("PTTL", k)) <= week_ms, k
+    assert redis_server.command("PTTL", f"{prefix}:seq") == "-1"
 
 
 def _free_port_pair() -> int:
