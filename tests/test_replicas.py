@@ -607,3 +607,35 @@ async def test_each_worker_has_its_admin_listener_on_admin_port_plus_its_index(
     workers = _children(sup.proc.pid)
     assert len(workers) == 2
     assert sup.terminate() == 0
+
+
+async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_capturing_replica_is_killed(
+        replicas: Callable[[int], list[GatewayProcess]], shared_storage: dict[str, Any],
+        http: aiohttp.ClientSession) -> None:
+    """README: on a shared LMDB directory another worker takes a SIGKILLed one's live streams over
+    within half a lease_ttl; on Redis they pause until the lease runs out (up to lease_ttl) plus the
+    next look for expired leases (up to half a lease_ttl). A client following the run on another
+    replica sees its events stop for no longer than that (and a re-join's worth)."""
+    ttl = 1.5  # shared_storage's lease_ttl
+    bound = 0.5 * ttl if shared_storage["backend"] == "lmdb" else 1.5 * ttl
+    a, b = replicas(2)
+    resp = await start_run(http, a.url, 400, delay=0.01)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=3)
+    async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
+        got = await read_events(r, limit=5)
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        a.kill()
+        resp.close()
+        longest = 0.0
+        while len(customs(got)) < 400:
+            more = await asyncio.wait_for(read_events(r, limit=1), 10)
+            if not more:
+                break
+            got += more
+            now = loop.time()
+            longest, last = max(longest, now - last), now
+    assert_exactly_once(seen + got, 400)
+    assert longest <= bound + 0.6, f"the follower waited {longest:.2f}s (README: {bound:g}s and a re-join)\n" \
+        + logs_of(a, b)
