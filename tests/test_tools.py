@@ -704,3 +704,19 @@ def test_check_names_an_id_counter_below_a_head_and_seqs_that_go_back(stopped_lo
     problems = bad.stdout.splitlines()
     assert any(runs[-1] in p and "ids could be reused" in p for p in problems), problems
     assert any(runs[0] in p and "does not come after" in p for p in problems), problems
+
+
+def test_without_config_or_data_dir_the_tools_read_the_log_in_dot_data(stopped_log: tuple[Path, list[str]]) -> None:
+    """README: without --config or --data-dir the commands read ./data, the default log of a gateway
+    started in the same directory."""
+    data, runs = stopped_log
+    env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_URL", "GATEWAY_DATA_DIR")}
+    env["PYTHONPATH"] = str(REPO)
+    for args in (["streams", "list", "--json"], ["streams", "show", runs[0]], ["check"]):
+        proc = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=data.parent, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert runs[0] in proc.stdout or "no problem found" in proc.stdout, (args, proc.stdout)
+    listed = subprocess.run([sys.executable, "-m", "gateway", "streams", "list", "--json"], cwd=data.parent, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert len(listed.stdout.splitlines()) == len(runs)
