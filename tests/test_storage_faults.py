@@ -285,9 +285,11 @@ async def written_log(fake_upstream: FakeAgentServer, tmp_path: Path) -> AsyncIt
 
 
 def _assert_refused(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode not in (0, -7), f"exit {result.returncode} (-7 is SIGBUS):\n{result.stderr}"
+    # README: refused at start with one line naming the file and what is wrong, and exit status 1.
+    assert result.returncode == 1, f"exit {result.returncode} (-7 is SIGBUS):\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("agent-gateway: storage error: ") and "move the data directory aside" in last, last
     for fragment in fragments:
         assert fragment in last, f"{fragment!r} not in {last!r}"
 
