@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -23,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.eventlog.base import Feed
-from tests.conftest import GatewayProcess, RunningGateway, gateway_config
+from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.nginx import Nginx
 from tests.support.redis_server import RedisServer
@@ -415,6 +416,28 @@ async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_woul
     text = sup.log_text()
     assert "cannot listen" in text and "could not start" in text, text[-2000:]
     assert "starting it again" not in text, text[-2000:]
+
+
+async def test_workers_whose_log_cannot_open_stop_the_supervisor_and_a_config_error_starts_none(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """README: a worker that cannot start (the log not opened) stops the supervisor with exit status
+    1; a config error is found before any worker starts, exit status 2, as for one process."""
+    not_a_dir = tmp_path / "shared-log"
+    not_a_dir.write_text("a file where the data directory should be\n")
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", "0")
+    with pytest.raises(RuntimeError, match="gateway exited 1"):
+        sup.start()
+    text = sup.log_text()
+    assert "storage error" in text and "could not start" in text and "starting it again" not in text, text[-2000:]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(workers_config(tmp_path, fake_upstream.url).read_text() + "bogus: 1\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "--config", str(bad), "--workers", "2", "--admin-port", "0",
+        stderr=asyncio.subprocess.PIPE, cwd=REPO)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and err.decode().splitlines() == [err.decode().strip()], err
+    assert "config error: bogus" in err.decode()
 
 
 async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
