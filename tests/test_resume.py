@@ -377,6 +377,31 @@ async def test_resume_of_a_run_no_longer_held_falls_through_with_a_header(
         resp.close()
 
 
+async def test_a_run_retention_removed_is_captured_again_and_old_ids_get_the_whole_stream_not_held(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: a join of a run removed by retention is forwarded and captured from then on, with
+    X-Gateway-Resume: not-held when the client sent an id; and an id from that earlier capture gets
+    the whole stream as held now, never a position in the new one."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    raw["storage"] = {**raw["storage"], "retention": "1s", "sweep_interval": "200ms"}
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=5)
+    original = await read_events(resp)
+    loc = gw.url + resp.headers["Location"]
+    for _ in range(50):
+        if not await gw.gw.log.streams():
+            break
+        await asyncio.sleep(0.1)
+    assert not await gw.gw.log.streams(), "retention removed the finished run"
+    for _ in range(2):  # captured anew by the first join, served from the log to the second
+        async with http.get(loc, headers={"Last-Event-ID": original[2].id or ""}) as r:
+            assert r.status == 200 and r.headers.get("X-Gateway-Resume") == "not-held"
+            again = await read_events(r)
+        assert customs(again) == list(range(5))
+        assert min(int(e.id or 0) for e in again) > max(int(e.id or 0) for e in original), "new ids, above the old"
+
+
 @pytest.mark.parametrize("bad", ["abc", "1.5", "-2", "12-", "x" * 200, "1;2", "\u0663"])
 async def test_malformed_event_id_is_422(gateway: RunningGateway, http: aiohttp.ClientSession, bad: str) -> None:
     tid = await new_thread(http, gateway)
