@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -27,6 +29,7 @@ from gateway.eventlog.base import Feed
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.nginx import Nginx
+from tests.support.procs import die_with_parent
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.invariants import assert_exactly_once
@@ -662,3 +665,36 @@ async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_cap
     assert_exactly_once(seen + got, 400)
     assert longest <= bound + 0.6, f"the follower waited {longest:.2f}s (README: {bound:g}s and a re-join)\n" \
         + logs_of(a, b)
+
+
+async def test_the_shared_log_works_over_a_unix_socket_url(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: storage.redis_url may be redis://, rediss:// or unix://. A gateway and the operator tools
+    on a Redis reached by its Unix socket."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--dir", str(tmp_path), "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                             "--maxmemory-policy", "noeviction"], stdout=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        url = f"unix://{sock}?db=0"
+        raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+        raw["storage"] = {"backend": "redis", "redis_url": url, "redis_prefix": "u"}
+        gw = await make_gateway(raw)
+        resp = await start_run(http, gw, 5, delay=0.01)
+        seen = await read_events(resp, limit=3)
+        rest = await join(http, gw.url + resp.headers["Location"], seen[-1].id)
+        assert_exactly_once(seen + rest, 5)
+        cfg = tmp_path / "tools.yaml"
+        cfg.write_text(f"storage:\n  backend: redis\n  redis_url: '{url}'\n  redis_prefix: u\n")
+        checked = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
+                                          cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0 and "checked 1 streams" in checked.stdout, checked.stdout + checked.stderr
+    finally:
+        proc.kill()
+        proc.wait()
