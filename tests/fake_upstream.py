@@ -104,6 +104,18 @@ def _cors(request: web.Request, headers: Any) -> None:
 _STREAM_ID = re.compile(r"^(?:[0-9]+(?:-(?:[0-9]+|\*))?|-)$")
 
 
+def _invalid(doc: dict[str, Any]) -> web.Response | None:
+    """A run request the server refuses, with jsonschema's message quoting the body it got, as
+    langgraph-api answers: no assistant_id, or an input that is no object."""
+    if "assistant_id" not in doc:
+        what = "'assistant_id' is a required property"
+    elif not isinstance(doc.get("input", {}), dict):
+        what = f"{orjson.dumps(doc['input']).decode()} is not of type 'object'"
+    else:
+        return None
+    return web.json_response({"detail": what + "\n\nOn instance:\n    " + orjson.dumps(doc).decode()}, status=422)
+
+
 def _frame(event: str, data: object, uid: str | None) -> bytes:
     out = b"event: " + event.encode() + b"\r\ndata: " + orjson.dumps(data) + b"\r\n"
     if uid is not None:
@@ -421,9 +433,8 @@ class FakeAgentServer:
 
     async def create_stream(self, request: web.Request) -> web.StreamResponse:
         doc = await request.json()
-        if "assistant_id" not in doc:  # jsonschema's message, quoting the body it got, as langgraph-api
-            return web.json_response({"detail": "'assistant_id' is a required property\n\nOn instance:\n    "
-                                      + orjson.dumps(doc).decode()}, status=422)
+        if (refused := _invalid(doc)) is not None:
+            return refused
         if doc.get("multitask_strategy") == "reject":
             return web.json_response({"detail": "Thread is already running a task."}, status=409)
         run = self._new_run(request.match_info.get("tid"), doc)
@@ -431,6 +442,8 @@ class FakeAgentServer:
 
     async def create_background(self, request: web.Request) -> web.Response:
         doc = await request.json()
+        if (refused := _invalid(doc)) is not None:
+            return refused
         run = self._new_run(request.match_info["tid"], doc)
         return web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": "pending",
                                   "kwargs": {"resumable": run.resumable}},

@@ -367,6 +367,23 @@ async def test_the_upstreams_validation_error_quotes_the_body_the_client_sent(
     assert "stream_resumable" not in detail and '"input"' in detail
 
 
+@pytest.mark.parametrize("path", ["/runs/stream", "/runs"])
+async def test_a_well_formed_run_request_the_upstream_refuses_is_sent_again_as_the_client_sent_it(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, path: str) -> None:
+    """README: the gateway adds stream_resumable to well-formed run requests, and if the upstream refuses
+    the body as the gateway changed it (422), it sends the client's own body instead, so the validation
+    error is about what the client sent. (The test above is a body the gateway does not change.)"""
+    tid = await new_thread(http, gateway)
+    sent = {"assistant_id": "a", "input": "not an object", "on_disconnect": "cancel"}
+    fake_upstream.requests.clear()
+    async with http.post(f"{gateway.url}/threads/{tid}{path}", json=sent) as r:
+        assert r.status == 422
+        detail = (await r.json())["detail"]
+    assert detail.endswith(orjson.dumps(sent).decode()), "the error quotes the client's own body"
+    creates = [p for m, p in fake_upstream.requests if m == "POST"]
+    assert creates == [f"/threads/{tid}{path}"] * 2, "asked once as changed, once as sent"
+
+
 # --- 9. CORS on the answers the gateway makes itself ----------------------------------------------------
 
 async def test_a_stream_served_from_the_log_carries_the_upstreams_cors_headers(
