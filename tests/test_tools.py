@@ -343,8 +343,10 @@ async def test_the_image_runs_as_the_readme_says(
     monkeypatch.setenv("UPSTREAM_URL", fake_upstream.url)
     monkeypatch.setenv("GATEWAY_DATA_DIR", str(tmp_path / "data"))  # /data in the image
     gw = gateway_process("--config", str(REPO / "config" / "gateway.yaml"), *cmd[2:]).start()
-    address = socket.gethostbyname(socket.gethostname())
-    if address.startswith("127."):
+    assert f"listening on http://0.0.0.0:{gw.port} (admin http://0.0.0.0:" in gw.log_text(), gw.log_text()[-2000:]
+    try:
+        address = socket.gethostbyname(socket.gethostname())  # not loopback where the host has a network
+    except OSError:
         address = "127.0.0.1"
     async with http.get(f"http://{address}:{gw.port}/echo/x") as r:  # reachable from outside the container
         assert r.status == 200 and fake_upstream.requests[-1] == ("GET", "/echo/x")
