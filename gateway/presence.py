@@ -134,8 +134,10 @@ class Presence:
         if await self.everywhere(ing.key) or not await self.captures.stop(ing):
             return
         if ing.key not in self.captures.live:  # not if a new capture began meanwhile: it owns the stream now
-            await self.log.finish(ing.key, None)
-            await self.captures.release(ing.key)  # another process may capture the thread again now
+            try:
+                await self.log.finish(ing.key, None)
+            finally:  # another process may capture the thread again now (or end it, if this could not)
+                await self.captures.release(ing.key)
         logger.debug("thread stream %s released after linger", ing.key)
 
     async def _cancel_run(self, ing: Ingest) -> None:
@@ -149,8 +151,10 @@ class Presence:
         # A stateless run has no cancel endpoint upstream: closing its leg is the cancel
         # (it was created with on_disconnect=cancel).
         if await self.captures.stop(ing):
-            await self.log.finish(ing.key, "done")
-            await self.captures.release(ing.key)
+            try:
+                await self.log.finish(ing.key, "done")
+            finally:
+                await self.captures.release(ing.key)
 
     async def _cancel_elsewhere(self, key: str, auth: dict[str, str]) -> None:
         """The last follower here of a run another process captures left, and asked for a cancel:
