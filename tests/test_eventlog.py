@@ -634,6 +634,29 @@ async def test_unowned_open_streams_are_offered_for_takeover(two_processes: tupl
     assert await b.claim("s") and not await a.claim("s")
 
 
+async def test_a_claim_made_while_this_process_releases_the_same_stream_is_granted(
+        two_processes: tuple[EventLog, EventLog]) -> None:
+    """A capture ends (its claim released) as a client here asks for the stream again (a thread
+    stream's next client): the new claim must not meet this process's own lease on its way out and be
+    refused, or the stream would be followed with nobody capturing it."""
+    a, b = two_processes
+    assert isinstance(a, RedisEventLog)
+    script = a._release_script
+
+    async def slow_release(**kw: Any) -> Any:  # the release waits for a connection, say
+        await asyncio.sleep(0.05)
+        return await script(**kw)
+
+    a._release_script = slow_release
+    for i in range(5):
+        key = f"s{i}"
+        await begun(a, meta(key))
+        released, claimed = await asyncio.gather(a.release(key), a.claim(key))
+        assert claimed, f"try {i}: refused its own stream"
+        assert not await b.claim(key), "and it holds the lease again"
+        await a.release(key)
+
+
 async def test_followers_are_counted_in_every_process(two_processes: tuple[EventLog, EventLog]) -> None:
     a, b = two_processes
     b.set_followers("s", 1)

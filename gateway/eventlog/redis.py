@@ -306,6 +306,9 @@ class RedisEventLog(EventLog):
         self._redis: aioredis.Redis | None = None
         self._feeds = LocalFeeds()
         self._claims: dict[str, _Claim] = {}
+        # Releases on their way to Redis: a claim of the same stream here waits for its release, or
+        # it would meet this process's own lease and be refused (the stream then captured by nobody).
+        self._releasing: dict[str, asyncio.Future[None]] = {}
         self._queue: list[_Pending] = []
         # Streams a failed commit stopped: their later batches are refused until begin() (as on
         # LMDB), so a batch queued behind a lost one never lands after the hole it leaves.
@@ -497,6 +500,11 @@ class RedisEventLog(EventLog):
     async def claim(self, key: str) -> bool:
         if key in self._claims:
             return True
+        releasing = self._releasing.get(key)
+        if releasing is not None:
+            await asyncio.shield(releasing)
+            if key in self._claims:  # claimed by another caller here meanwhile
+                return True
         nonce = uuid.uuid4().hex[:12]
         try:
             token = await self._claim_script(keys=[self._k("l", key), self._k("fence"), self._k("m", key)],
@@ -513,10 +521,15 @@ class RedisEventLog(EventLog):
         claim = self._claims.pop(key, None)
         if claim is None:
             return
+        done = self._releasing[key] = asyncio.get_running_loop().create_future()
         try:
             await self._release_script(keys=[self._k("l", key)], args=[claim.value])
         except RedisError as exc:
             log.warning("could not release %s (its lease runs out by itself): %s", key, exc)
+        finally:
+            if self._releasing.get(key) is done:
+                del self._releasing[key]
+            done.set_result(None)
 
     async def unowned(self) -> list[StreamMeta]:
         try:
