@@ -134,14 +134,14 @@ async def test_a_yes_is_reused_across_tracing_headers_and_asked_again_after_auth
     """README: a yes is cached for streams.authorize_ttl, keyed by every header but per-request tracing
     and caching ones such as traceparent or Cache-Control (else every traced client misses every time)."""
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
-                                           streams={"authorize_ttl": "500ms"}))
+                                           streams={"authorize_ttl": "1500ms"}))
     loc, original = await _run(http, gw)
     for i in range(3):
         async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY, "traceparent": f"00-{i + 1:032x}-{i + 1:016x}-01",
                                           "Cache-Control": "no-cache", "X-Request-Id": str(i)}) as r:
             assert r.status == 200 and await read_events(r) == original
     assert _run_checks(fake_upstream) == 1, "requests that differ only in tracing headers share one yes"
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(1.6)
     async with http.get(loc, headers={"Last-Event-ID": "-1", **KEY}) as r:
         assert r.status == 200 and await read_events(r) == original
     assert _run_checks(fake_upstream) == 2, "past authorize_ttl the upstream is asked again"

@@ -653,7 +653,7 @@ async def test_streams_list_filters_by_age_and_the_admin_listener_finds_a_stream
     ``GET /streams/{key, run id or thread id}`` on the admin listener."""
     log = gateway.gw.log
     old = await hold_runs(log, ["age-old-1", "age-old-2"], finished=lambda i: True)
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(2.5)
     new = await hold_runs(log, ["age-new"], finished=lambda i: True)
     where = _log_args(gateway, tmp_path)
 
@@ -662,8 +662,8 @@ async def test_streams_list_filters_by_age_and_the_admin_listener_finds_a_stream
         assert result.returncode == 0, result.stderr
         return [json.loads(line)["key"] for line in result.stdout.splitlines()]
 
-    assert await listed("--older-than", "1s") == old
-    assert await listed("--newer-than", "1s") == new
+    assert await listed("--older-than", "2s") == old
+    assert await listed("--newer-than", "2s") == new
     assert await listed("--older-than", "1h") == []
     tid = await new_thread(http, gateway)
     async with http.get(f"{gateway.url}/threads/{tid}/stream") as ts:
