@@ -635,15 +635,17 @@ async def test_each_worker_has_its_admin_listener_on_admin_port_plus_its_index(
     assert sup.terminate() == 0
 
 
-async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_capturing_replica_is_killed(
+@pytest.mark.parametrize("how", ["kill", "term"])
+async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_capturing_replica_goes(
         replicas: Callable[[int], list[GatewayProcess]], shared_storage: dict[str, Any],
-        http: aiohttp.ClientSession) -> None:
+        http: aiohttp.ClientSession, how: str) -> None:
     """README: on a shared LMDB directory another worker takes a SIGKILLed one's live streams over
     within half a lease_ttl; on Redis they pause until the lease runs out (up to lease_ttl) plus the
-    next look for expired leases (up to half a lease_ttl). A client following the run on another
-    replica sees its events stop for no longer than that (and a re-join's worth)."""
+    next look for expired leases (up to half a lease_ttl). At SIGTERM the leases are released, so
+    the next look (half a lease_ttl) finds them on either backend. A client following the run on
+    another replica sees its events stop for no longer than that (and a re-join's worth)."""
     ttl = 1.5  # shared_storage's lease_ttl
-    bound = 0.5 * ttl if shared_storage["backend"] == "lmdb" else 1.5 * ttl
+    bound = 0.5 * ttl if shared_storage["backend"] == "lmdb" or how == "term" else 1.5 * ttl
     a, b = replicas(2)
     resp = await start_run(http, a.url, 400, delay=0.01)
     loc = resp.headers["Location"]
@@ -652,7 +654,11 @@ async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_cap
         got = await read_events(r, limit=5)
         loop = asyncio.get_running_loop()
         last = loop.time()
-        a.kill()
+        if how == "kill":
+            a.kill()
+            stopped = None
+        else:
+            stopped = loop.run_in_executor(None, a.terminate)
         resp.close()
         longest = 0.0
         while len(customs(got)) < 400:
@@ -662,6 +668,8 @@ async def test_a_live_follower_waits_no_longer_than_the_readme_says_when_the_cap
             got += more
             now = loop.time()
             longest, last = max(longest, now - last), now
+    if stopped is not None:
+        assert await stopped == 0
     assert_exactly_once(seen + got, 400)
     assert longest <= bound + 0.6, f"the follower waited {longest:.2f}s (README: {bound:g}s and a re-join)\n" \
         + logs_of(a, b)
