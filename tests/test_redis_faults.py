@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator, Literal
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -263,3 +264,47 @@ async def test_redis_settings_that_break_the_logs_promises_are_refused_at_start_
         await make_gateway(raw)
     warned = [r.getMessage() for r in caplog.records if "cannot verify" in r.getMessage()]
     assert warned and all(w in warned[0] for w in ("appendfsync", "noeviction")), caplog.text[-2000:]
+
+
+async def _storage_says(http: aiohttp.ClientSession, gw: RunningGateway) -> tuple[int, float, float]:
+    """What an operator sees of storage: readiness, ``gateway_storage_failing`` and
+    ``gateway_log_commit_errors_total``."""
+    async with http.get(gw.admin_url + "/readyz") as r:
+        ready = r.status
+    async with http.get(gw.admin_url + "/metrics") as r:
+        samples = {s.name: s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples}
+    return ready, samples["gateway_storage_failing"], samples["gateway_log_commit_errors_total"]
+
+
+@pytest.mark.parametrize("fault", ["stopped", "maxmemory"])
+async def test_redis_refusing_a_new_run_while_no_stream_is_live_is_a_storage_failure_metrics_say(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession, fault: str) -> None:
+    """Redis is down (or at maxmemory) while nothing is being captured: the first thing to write is a
+    new run's claim and begin, and the run is refused with 503. That is storage failing as much as a
+    failed append: readiness, the failing gauge and the failed-commit count (what the alerts read)
+    say so, and clear once Redis takes writes again, with no stream live to notice it."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "idle")
+    tid = await new_thread(http, gw)
+    await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
+    assert await _storage_says(http, gw) == (200, 0.0, 0.0)
+    if fault == "stopped":
+        await asyncio.to_thread(own_redis.stop)
+    else:
+        own_redis.command("CONFIG", "SET", "maxmemory", "1000")
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        assert r.status == 503, await r.text()
+    ready, failing, errors = await _storage_says(http, gw)
+    assert (ready, failing) == (503, 1.0) and errors >= 1, (ready, failing, errors)
+    if fault == "stopped":
+        await asyncio.to_thread(own_redis.start)
+    else:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    for _ in range(50):  # the gateway probes Redis every second
+        ready, failing, _errors = await _storage_says(http, gw)
+        if ready == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert (ready, failing) == (200, 0.0)
+    assert [e.event for e in await read_events(await stream_run(http, gw, tid, assistant="a", n=2))][-2:] == [
+        "custom", "custom"]

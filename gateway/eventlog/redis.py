@@ -506,10 +506,12 @@ class RedisEventLog(EventLog):
             if key in self._claims:  # claimed by another caller here meanwhile
                 return True
         nonce = uuid.uuid4().hex[:12]
+        started = time.perf_counter()
         try:
             token = await self._claim_script(keys=[self._k("l", key), self._k("fence"), self._k("m", key)],
                                              args=[self.replica, int(self._cfg.lease_ttl * 1000), nonce])
         except RedisError as exc:
+            self._write_failed(exc, started)
             raise StorageError(f"redis: {exc}") from exc
         if token is None:
             return False
@@ -761,19 +763,17 @@ class RedisEventLog(EventLog):
         claim.bno = 0
         self._broken.discard(meta.key)
         now = repr(time.time())
+        started = time.perf_counter()
         try:
             raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
                                           self._k("open"), self._k("all")],
                                     args=[claim.value, claim.token, now, int(self._cfg.lease_ttl * 1000),
                                           *_meta_to_pairs(meta)])
-        except ResponseError as exc:
+        except RedisError as exc:
             if "FENCED" in str(exc):
                 self._lost(meta.key, "fenced")
                 raise ClaimLost(meta.key) from None
-            if _refusal(exc):
-                self._fail(f"{exc.__class__.__name__}: {exc}")
-            raise StorageError(f"redis: {exc}") from exc
-        except RedisError as exc:
+            self._write_failed(exc, started)
             raise StorageError(f"redis: {exc}") from exc
         begun = _meta_from_hash(dict(zip(raw[::2], raw[1::2])))
         assert begun is not None
@@ -890,6 +890,17 @@ class RedisEventLog(EventLog):
         if mine:
             self._queue = [p for p in self._queue if p.key != key]
         return mine
+
+    def _write_failed(self, exc: RedisError, started: float) -> None:
+        """A write outside the commit loop (a new stream's claim or begin) that Redis could not be
+        reached for, or refused (maxmemory): storage fails as when a commit group does, and is counted
+        as one. With no stream live it is the only write there is: without this, Redis down would
+        refuse every new run with 503 while readiness, the failing gauge and the alerts said nothing."""
+        if not (isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or _refusal(exc)):
+            return  # the log's own answer about one stream, or a bug: not storage failing
+        if self._on_commit is not None:
+            self._on_commit(0, time.perf_counter() - started, False)
+        self._fail(f"{exc.__class__.__name__}: {exc}")
 
     def _fail(self, reason: str) -> None:
         if self.health.fail(reason):
