@@ -33,7 +33,7 @@ from gateway.errors import GatewayError, describe
 from gateway.eventlog import EndReason, Entry, EventLog, StorageError, StreamMeta
 from gateway.eventlog.base import ClaimLost, Settled, stop_tasks
 from gateway.legs import Legs
-from gateway.metrics import LeaseLoss, Metrics
+from gateway.metrics import GapReason, LeaseLoss, Metrics
 from gateway.marks import ERROR_EVENT, interrupted_event
 from gateway.rejoin import DEDUPE_WINDOW, Seam, begins_partway, expectation, leg_last_event_id
 from gateway.sessions import SessionSeam, latest_run
@@ -118,13 +118,14 @@ class _Copy:
     the log, without a task step per read. An object with slots, not a closure: a leg keeps it for
     hours on an idle stream, and a closure holds a cell per variable it uses."""
 
-    __slots__ = ("log", "ing", "parser", "seam", "resp", "committed", "submitted")
+    __slots__ = ("log", "ing", "parser", "seam", "resp", "committed", "submitted", "on_gap")
 
     def __init__(self, log: EventLog, ing: Ingest, parser: Parser, seam: Seam | SessionSeam | None,
-                 resp: LegResponse, committed: Settled) -> None:
+                 resp: LegResponse, committed: Settled, on_gap: Callable[[GapReason], None]) -> None:
         self.log, self.ing, self.parser, self.seam, self.resp = log, ing, parser, seam, resp
         self.committed = committed
         self.submitted = False  # some of the leg's events went to the log
+        self.on_gap = on_gap  # a gap marker is counted once the batch carrying it is committed
 
     def __call__(self, data: bytes) -> None:
         parser, ing = self.parser, self.ing
@@ -133,12 +134,16 @@ class _Copy:
             parser.comments = 0
             if not events:
                 self.log.beat(ing.key)
-        if self.seam is not None and events:
-            events = self.seam.filter(events)
+        marked: GapReason | None = None
+        if (seam := self.seam) is not None and events:
+            unmarked = seam.gap is None
+            events = seam.filter(events)
+            marked = seam.gap if unmarked else None
         if events:
             if ing.failed is not None:
                 raise StorageError(str(ing.failed))
-            self.log.submit_then(ing.key, events, self.committed)
+            self.log.submit_then(ing.key, events, self.committed if marked is None else
+                                 partial(_count_marker, self.on_gap, marked, self.committed))
             self.submitted = True
             ing.inflight += 1
             if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
@@ -280,13 +285,12 @@ class Captures:
             bodies = await self._held_bodies(meta.key, held)
             required, ended = latest_run(bodies)
             return SessionSeam({eid for body in bodies if (eid := session_event_id(body)) is not None},
-                               required, after=held.head if held is not None else 0, ended=ended,
-                               on_gap=self.metrics.gap)
+                               required, after=held.head if held is not None else 0, ended=ended)
         expect = expectation(meta.kind, held)
         if last is None and expect is None:
             return None  # a first leg, live tail only: nothing to match, nothing re-sent
         recent = await self.log.tail(meta.key, DEDUPE_WINDOW) if held is not None and held.head else []
-        return Seam(recent, after=held.head if held is not None else 0, expect=expect, on_gap=self.metrics.gap)
+        return Seam(recent, after=held.head if held is not None else 0, expect=expect)
 
     async def _held_bodies(self, key: str, held: StreamMeta | None) -> list[bytes]:
         """Every event held of a stream, oldest first (a session's re-join matches the upstream's replay
@@ -383,7 +387,10 @@ class Captures:
                     await self._landed(ing, resp, copy, end)
                     resp = None
                     if kind == "run":
-                        await self._finish(ing, "done", seam.close() if seam is not None else [])
+                        tail = seam.close() if seam is not None else []
+                        await self._finish(ing, "done", tail)
+                        if tail and seam is not None and seam.gap is not None:
+                            self.metrics.gap(seam.gap)  # the marker closing the stream is in the log
                         ended = True
                         return
                     raise UpstreamBroke("the upstream closed the thread stream")
@@ -527,7 +534,8 @@ class Captures:
         """Start copying one upstream leg into the log: from here each read is parsed and submitted
         as it arrives (``_Copy``), and commits are pipelined, each chunk's events published by the
         commit callback (in order) while the next chunk is already parsed."""
-        copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing))
+        copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing),
+                     self.metrics.gap)
         resp.attach(copy)
         return copy
 
@@ -597,6 +605,14 @@ class Captures:
 def _can_rejoin(meta: StreamMeta) -> bool:
     # A stateless run has no join path upstream.
     return meta.endless or meta.thread_id is not None
+
+
+def _count_marker(on_gap: Callable[[GapReason], None], reason: GapReason, committed: Settled,
+                  outcome: list[Entry] | BaseException) -> None:
+    """A batch that carries a gap marker settled: the marker is counted if the log holds it now."""
+    if not isinstance(outcome, BaseException):
+        on_gap(reason)
+    committed(outcome)
 
 
 async def _settle(ing: Ingest) -> None:

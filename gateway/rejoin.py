@@ -22,7 +22,7 @@ comes back goes through a ``Seam``:
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable, Literal
+from typing import Iterable, Literal
 
 
 from gateway.eventlog import StreamKind, StreamMeta
@@ -87,10 +87,10 @@ def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:
 class Seam:
     """Where a new upstream leg meets what the log holds: drops re-sends, marks what it cannot prove."""
 
-    __slots__ = ("window", "known", "order", "top", "expect", "after", "any_ids", "on_gap", "gap")
+    __slots__ = ("window", "known", "order", "top", "expect", "after", "any_ids", "gap")
 
     def __init__(self, recent: Iterable[tuple[str | None, bytes]], *, after: int = 0, expect: Expect = None,
-                 on_gap: Callable[[GapReason], None] | None = None, window: int = DEDUPE_WINDOW) -> None:
+                 window: int = DEDUPE_WINDOW) -> None:
         self.window = window
         self.known: set[int] = set()
         self.order: deque[int] = deque()
@@ -103,7 +103,9 @@ class Seam:
                 self._raise_top(_uid_key(uid))
         self.expect = expect
         self.after = after
-        self.on_gap = on_gap
+        # The reason of the one marker this seam makes (at its first event, or at close), once made.
+        # The capture counts it when the batch carrying it commits: a marker in a batch the log
+        # refused is made again by the next leg's seam, and counted once, there.
         self.gap: GapReason | None = None
 
     def _remember(self, h: int) -> None:
@@ -159,8 +161,6 @@ class Seam:
     def _mark(self, reason: GapReason, out: list[Event]) -> None:
         self.gap = reason
         out.append(gap_event(self.after, reason))
-        if self.on_gap is not None:
-            self.on_gap(reason)
 
 
 def _uid_key(uid: str) -> tuple[int, int] | tuple[int, str]:

@@ -15,7 +15,7 @@ put back in front when it is sent (``wire``), so a page read once serves every c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import orjson
 
@@ -193,16 +193,15 @@ class SessionSeam:
     stream channels): those produced meanwhile are gone, held one of them already or not.
     """
 
-    __slots__ = ("held", "pending", "after", "proven", "unproven", "on_gap")
+    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap")
 
-    def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True,
-                 on_gap: Callable[[GapReason], None] | None = None) -> None:
+    def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True) -> None:
         self.held = held
         self.pending = set(required)
         self.after = after
         self.unproven = not ended  # a run was going on when the last leg broke
         self.proven = not self.pending and not self.unproven
-        self.on_gap = on_gap
+        self.gap: GapReason | None = None  # as Seam.gap: the one marker's reason, once made
 
     def filter(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
@@ -216,9 +215,8 @@ class SessionSeam:
             if not self.proven:
                 self.proven = True
                 if self.pending or self.unproven:
-                    out.append(gap_event(self.after, "replay_mismatch", _LOST))
-                    if self.on_gap is not None:
-                        self.on_gap("replay_mismatch")
+                    self.gap = "replay_mismatch"
+                    out.append(gap_event(self.after, self.gap, _LOST))
             self.held.add(event[1])
             out.append(event)
         return out

@@ -308,3 +308,29 @@ async def test_redis_refusing_a_new_run_while_no_stream_is_live_is_a_storage_fai
     assert (ready, failing) == (200, 0.0)
     assert [e.event for e in await read_events(await stream_run(http, gw, tid, assistant="a", n=2))][-2:] == [
         "custom", "custom"]
+
+
+async def test_a_redis_outage_past_the_lease_counts_each_gap_marker_the_log_holds_once(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Redis is killed for longer than the lease under a live run whose upstream cannot replay (no
+    ids): the capture re-joins after storage comes back, and again after it finds its lease gone
+    and takes its own stream over. ``gateway_gap_markers_total`` counts the markers clients were
+    sent and the log holds, not markers made for a re-join whose batch the log then refused."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "gaps")
+    fake_upstream.behaviour.ignore_resumable = True
+    resp = await start_run(http, gw, 140, delay=0.05)
+    url = gw.url + resp.headers["Location"]
+    reader = asyncio.create_task(follow_to_end(http, url, resp))
+    await asyncio.sleep(1.5)
+    await asyncio.to_thread(own_redis.kill)
+    await asyncio.sleep(2.0)
+    await asyncio.to_thread(own_redis.start)
+    live = await reader
+    replay = await join(http, url, "-1")
+    async with http.get(gw.admin_url + "/metrics") as r:
+        counted = {s.labels["reason"]: s.value for f in text_string_to_metric_families(await r.text())
+                   for s in f.samples if s.name == "gateway_gap_markers_total"}
+    held = [e.json["reason"] for e in replay if e.event == "gap"]
+    assert held and [e.json["reason"] for e in live if e.event == "gap"] == held
+    assert counted == {reason: float(held.count(reason)) for reason in counted}, (counted, held)
