@@ -19,6 +19,8 @@ import yaml
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
+from tests.support.procs import free_port
+from tests.support.redis_server import RedisServer
 from tests.support.sse import read_events
 from tests.test_dashboard import DASHBOARD, queries
 from tests.support.runs import join, new_thread, start_run, stream_run
@@ -234,3 +236,63 @@ async def test_every_metric_the_readme_names_is_exposed(gateway: RunningGateway,
         assert set(filter(None, labels.split(","))) <= samples[name], (name, labels, samples[name])
     if "`..._limit`" in readme:  # "gateway_upstream_connections{upstream,kind}, `..._limit`"
         assert "gateway_upstream_connections_limit" in samples
+
+
+async def test_each_alert_fires_in_a_real_prometheus_on_the_series_the_gateway_exports_under_its_fault(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, own_redis: RedisServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """The rule tests (alerts.test.yaml) feed promtool the series as they assume the gateway names
+    them. Here the gateway itself is driven into each fault (an upstream leg without ids re-joined, a
+    stateless run whose upstream breaks, Redis down under a new run, a stream pool kept full, an
+    upstream replica that never answers) and a real Prometheus evaluating the shipped rules raises
+    each alert with the labels the gateway really exports."""
+    _need("prometheus")
+    gw = await make_gateway(gateway_config(
+        tmp_path, {"default": {"urls": [fake_upstream.url], "max_streams": 2, "pool_timeout": "200ms"},
+                   "gone": {"urls": [f"http://127.0.0.1:{free_port()}"],
+                            "health": {"interval": "200ms", "timeout": "200ms", "unhealthy_threshold": 1}}},
+        streams={"reattach_backoff": "50ms"},
+        storage={"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "alerts", "lease_ttl": "1500ms"}))
+    prom = PrometheusServer(gw.admin_url.removeprefix("http://")).start()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)  # every counter scraped at 0 first
+        tid = await new_thread(http, gw)
+        fake_upstream.behaviour.ignore_resumable = True  # a leg re-joined without ids: a gap marker
+        fake_upstream.faults.cut_after = 3
+        assert [e.event for e in await read_events(await stream_run(http, gw, tid, assistant="a", n=20, delay=0.01))
+                ].count("gap") == 1
+        fake_upstream.behaviour.ignore_resumable = False
+        fake_upstream.faults.cut_after = 2  # a stateless run cannot be re-joined: interrupted
+        async with http.post(f"{gw.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01}}) as r:
+            assert (await read_events(r))[-1].event == "error"
+        held = [await stream_run(http, gw, tid, assistant="a", n=400, delay=0.02) for _ in range(2)]
+        async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+            assert r.status == 503  # the stream pool is full
+        for r in held:
+            r.close()
+        await asyncio.to_thread(own_redis.stop)
+        async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 1}}) as r:
+            assert r.status == 503  # storage is down
+        await asyncio.sleep(2.5)  # scraped failing
+        await asyncio.to_thread(own_redis.start)
+        want = {
+            ("GatewayGapMarkers", (("reason", "no_upstream_ids"),)),
+            ("GatewayCapturesInterrupted", ()),
+            ("GatewayStorageCommitsFailed", ()),
+            ("GatewayStorageFailing", ()),  # pending: it fires after a minute
+            ("GatewayUpstreamRequestsRefused", (("kind", "stream"), ("upstream", "default"))),
+            ("GatewayUpstreamDown", (("upstream", "gone"),)),  # pending too
+        }
+        seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+        for _ in range(60):
+            raised = await loop.run_in_executor(None, prom.api, "alerts")
+            seen = {(a["labels"]["alertname"], tuple(sorted((k, v) for k, v in a["labels"].items()
+                                                             if k in ("reason", "kind", "upstream"))))
+                    for a in raised["alerts"] if a["labels"]["instance"] == gw.admin_url.removeprefix("http://")}
+            if want <= seen:
+                break
+            await asyncio.sleep(0.5)
+        assert want <= seen, f"not raised: {sorted(want - seen)}; raised: {sorted(seen)}\n{prom.log_tail()}"
+    finally:
+        prom.stop()
