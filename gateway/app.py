@@ -145,6 +145,9 @@ class Gateway:
             except Exception as exc:
                 status = getattr(exc, "status", 500)
                 resp = failed(request, exc)
+                # What was sent, as the access line says it: a stream cut after it started (storage
+                # failed under it) was a 200, not the 5xx its exception would have answered before.
+                status = resp.status
         except asyncio.CancelledError:
             status = client_left(request, began)
             raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
-from tests.support.sse import read_events
+from tests.support.sse import read_events, read_until_cut
 from tests.test_dashboard import DASHBOARD, queries
 from tests.support.runs import join, new_thread, start_run, stream_run
 from tests.test_replicas import replica_config
@@ -296,3 +297,36 @@ async def test_each_alert_fires_in_a_real_prometheus_on_the_series_the_gateway_e
         assert want <= seen, f"not raised: {sorted(want - seen)}; raised: {sorted(seen)}\n{prom.log_tail()}"
     finally:
         prom.stop()
+
+
+async def test_a_stream_storage_cut_counts_under_the_status_it_was_sent_as_its_access_line_says(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, own_redis: RedisServer, tmp_path: Path,
+        http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture) -> None:
+    """A run streamed with 200 whose capture storage then fails (Redis killed) is cut; its access line
+    reads 200, end=error, and gateway_requests_total counts it as a 2xx too, not as a 5xx nobody was
+    sent (storage failing has its own series and alerts)."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    gw = await make_gateway(gateway_config(
+        tmp_path, {"default": {"urls": [fake_upstream.url]}},
+        storage={"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "cut", "lease_ttl": "1500ms"}))
+    tid = await new_thread(http, gw)
+    live = await stream_run(http, gw, tid, assistant="a", n=400, delay=0.02)
+    assert live.status == 200
+    await read_events(live, limit=3)
+    await asyncio.to_thread(own_redis.kill)
+    _seen, was_cut = await read_until_cut(live)
+    assert was_cut
+    await asyncio.to_thread(own_redis.start)
+    lines: list[tuple[int, str]] = []
+    for _ in range(100):  # until the gateway has logged the run's request (bounded)
+        lines = [(r.status, r.end) for r in caplog.records  # type: ignore[attr-defined]
+                 if r.name == "gateway.access" and getattr(r, "method", "") == "POST" and "/runs/stream" in r.path]  # type: ignore[attr-defined]
+        if lines:
+            break
+        await asyncio.sleep(0.05)
+    async with http.get(gw.admin_url + "/metrics") as r:
+        text = await r.text()
+    counted = {s.labels["status"]: s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "gateway_requests_total" and s.labels["method"] == "POST"}
+    assert lines == [(200, "error")]
+    assert counted == {"2xx": 2.0}, counted
