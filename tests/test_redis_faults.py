@@ -334,3 +334,35 @@ async def test_a_redis_outage_past_the_lease_counts_each_gap_marker_the_log_hold
     held = [e.json["reason"] for e in replay if e.event == "gap"]
     assert held and [e.json["reason"] for e in live if e.event == "gap"] == held
     assert counted == {reason: float(held.count(reason)) for reason in counted}, (counted, held)
+
+
+async def test_a_stateless_run_interrupted_while_redis_is_down_ends_with_its_error_event_once_redis_is_back(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """A stateless run's upstream stalls (read timeout) while Redis is down: the gateway cannot
+    re-join it, and cannot write its CaptureInterrupted end either (its last append failed), so it
+    stays open. Once Redis is back the stream is taken over and ended with that error event: not
+    left open with every reconnecting client cut, over and over."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "1s"}})
+    raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "stall", "lease_ttl": "1500ms"}
+    gw = await make_gateway(raw)
+    fake_upstream.faults.stall_after = 3
+    resp = await http.post(f"{gw.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01}})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=3)  # the three events before the stall, committed
+    await asyncio.to_thread(own_redis.kill)
+    await asyncio.sleep(4.0)  # the leg times out meanwhile: interrupted, with nowhere to write it
+    resp.close()
+    await asyncio.to_thread(own_redis.start)
+    replay: list[Ev] = []
+    for _ in range(50):  # until the stream is taken over and ended (lease 1.5 s)
+        try:
+            replay = await join(http, gw.url + loc, "-1")
+        except aiohttp.ClientPayloadError:  # cut: the capture stopped here before the end
+            replay = []
+        if replay and replay[-1].event == "error":
+            break
+        await asyncio.sleep(0.1)
+    ends = [e for e in replay if e.event == "error"]
+    assert len(ends) == 1 and ends[0].json["error"] == "CaptureInterrupted", [e.event for e in replay]

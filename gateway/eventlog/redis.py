@@ -517,6 +517,11 @@ class RedisEventLog(EventLog):
             return False
         tok = str(int(token))
         self._claims[key] = _Claim(f"{self.replica}:{nonce}:{tok}", tok)
+        # A new claim writes from what the log holds (its fence and batch numbers start anew): a
+        # failed append of an earlier claim of this process no longer stands between it and the
+        # log. Without this, a takeover that only ends the stream (a stateless run's interruption)
+        # was refused forever, the stream left open and every client of it cut again and again.
+        self._broken.discard(key)
         return True
 
     async def release(self, key: str) -> None:
