@@ -589,10 +589,12 @@ class Captures:
 
     async def interrupt(self, meta: StreamMeta, reason: str) -> None:
         """End a stream with CaptureInterrupted: its upstream is lost for good."""
-        self.metrics.interrupted()
         try:
             end = session_interrupted_event(reason) if meta.kind == "session" else interrupted_event(reason)
             await self.log.finish(meta.key, "interrupted", [end])
+            # Counted once the end is in the log: an end storage refused is tried again (by the next
+            # capture of the stream), and a stream another process ends is its to count.
+            self.metrics.interrupted()
         except StorageError as exc:
             logger.error("stream %s: could not record its interruption (%s); it stays open for the next start",
                          meta.key, exc)

@@ -342,7 +342,8 @@ async def test_a_stateless_run_interrupted_while_redis_is_down_ends_with_its_err
     """A stateless run's upstream stalls (read timeout) while Redis is down: the gateway cannot
     re-join it, and cannot write its CaptureInterrupted end either (its last append failed), so it
     stays open. Once Redis is back the stream is taken over and ended with that error event: not
-    left open with every reconnecting client cut, over and over."""
+    left open with every reconnecting client cut, over and over; and it is counted once, as the log
+    holds one end, not once per try to write it."""
     raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "1s"}})
     raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "stall", "lease_ttl": "1500ms"}
     gw = await make_gateway(raw)
@@ -366,3 +367,8 @@ async def test_a_stateless_run_interrupted_while_redis_is_down_ends_with_its_err
         await asyncio.sleep(0.1)
     ends = [e for e in replay if e.event == "error"]
     assert len(ends) == 1 and ends[0].json["error"] == "CaptureInterrupted", [e.event for e in replay]
+    await asyncio.sleep(1.0)  # another takeover sweep
+    async with http.get(gw.admin_url + "/metrics") as r:
+        counted = [s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                   if s.name == "gateway_streams_interrupted_total"]
+    assert counted == [1.0], "streams ended with CaptureInterrupted: one, not one per try to write its end"
