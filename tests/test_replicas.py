@@ -706,3 +706,27 @@ async def test_the_shared_log_works_over_a_unix_socket_url(
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_a_stream_that_ended_here_holds_no_lease(
+        make_gateway: Callable[..., Any], fake_upstream: FakeAgentServer, redis_server: RedisServer,
+        redis_storage: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Runs that ended (cleanly, or interrupted) and a thread stream released after its linger let go
+    of their leases: none is renewed once its capture is over. Kept, every stream a replica ever
+    captured was renewed every third of a lease for the life of the process, a renewal pipeline
+    growing without end, and a released thread stream could be captured by no other replica."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, storage=redis_storage,
+                                           streams={"thread_linger": "200ms"}))
+    tid = await new_thread(http, gw)
+    thread = await http.get(f"{gw.url}/threads/{tid}/stream")
+    await asyncio.sleep(0.2)
+    thread.close()  # its capture is released after the linger
+    for _ in range(2):
+        assert (await read_events(await stream_run(http, gw, tid, assistant="a", n=3)))[-1].event == "custom"
+    fake_upstream.faults.cut_after = 2  # a stateless run cannot be re-joined: interrupted
+    async with http.post(f"{gw.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01}}) as r:
+        assert (await read_events(r))[-1].event == "error"
+    await asyncio.sleep(2 * 1.5)  # two leases: one renewed would still be there
+    pattern = "{" + redis_storage["redis_prefix"] + "}:l:*"
+    held = redis_server.command("--scan", "--pattern", pattern)
+    assert held == "", f"leases still held on ended streams: {held.split()}"
