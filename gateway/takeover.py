@@ -70,6 +70,11 @@ class TakeOver:
         """Capture an open stream this process has just claimed, from where the log holds it."""
         self.metrics.took_over()  # whoever captured it stopped: an operator wants to know how often
         if meta.kind == "run" and meta.thread_id is None:
+            # Begun again first, as a capture does after a storage failure: a stream whose last
+            # commit failed (its end, when its upstream was lost while storage failed) takes writes
+            # again; and while storage still fails this raises, so a client re-attaching it is
+            # answered 503 rather than left waiting on a stream nobody will end.
+            await self.log.begin(meta)
             await self.captures.interrupt(meta, STATELESS_LOST)
             await self.log.release(meta.key)
             return

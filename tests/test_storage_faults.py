@@ -346,3 +346,43 @@ def test_moving_a_damaged_log_aside_starts_a_new_one_above_every_old_id(
         new_floor = int(seq)
     env.close()
     assert new_floor > old_top, "a new log never hands out an id an old one did"
+
+
+async def test_a_stateless_run_interrupted_on_a_full_disk_ends_with_its_error_event_once_space_returns(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A stateless run's upstream stalls (read timeout) while the disk is full: the gateway cannot
+    re-join it, nor write its CaptureInterrupted end, so the stream stays open. Once space returns,
+    a client joining it gets that end: the capture re-attached for it writes from what the log holds,
+    not refused forever by the failed commit of the capture before it (which left the client waiting
+    on a stream nobody would ever end). Counted once, as the log holds one end."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "read_timeout": "1s"}},
+                         storage={"path": str(small_fs / "data"), "map_size": "64MiB"})
+    gw = await make_gateway(raw)
+    fake_upstream.faults.stall_after = 3
+    resp = await http.post(f"{gw.url}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01, "pad": 200_000}})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=3)
+    filler = fill(small_fs, leave=0)
+    await asyncio.sleep(2.0)  # the leg times out meanwhile: interrupted, with no room to write it
+    resp.close()
+    filler.unlink()
+    for _ in range(50):  # storage is probed every second
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    replay: list[Ev] = []
+    for _ in range(30):  # until the stream is ended
+        try:
+            replay = await asyncio.wait_for(join(http, gw.url + loc, "-1"), 5)
+        except aiohttp.ClientPayloadError:  # cut: the capture stopped before the end
+            replay = []
+        if replay and replay[-1].event == "error":
+            break
+        await asyncio.sleep(0.2)
+    assert replay and replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted", \
+        [e.event for e in replay]
+    assert gw.gw.metrics.interruptions._value.get() == 1
