@@ -13,6 +13,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.support.procs import free_port
@@ -198,3 +199,38 @@ def assert_body_timeout(raw: bytes) -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), raw[:200]
     assert b"body_timeout" in body, "the answer says which setting, in the API's shape"
+
+
+async def test_the_replica_health_series_scraped_goes_to_zero_while_the_upstream_is_down_and_back(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """What GatewayUpstreamDown reads: gateway_upstream_replica_healthy{upstream,replica} is 1 from
+    start-up, 0 once the only replica is unreachable (its health checks fail), 1 once it answers again."""
+    port = free_port()
+    up = await FakeAgentServer().start(port=port)
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [up.url], "health": {"interval": "100ms", "timeout": "200ms", "unhealthy_threshold": 2}}}))
+
+    async def healthy() -> list[tuple[dict[str, str], float]]:
+        async with http.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+        return [(s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "gateway_upstream_replica_healthy"]
+
+    async def until(value: float) -> list[tuple[dict[str, str], float]]:
+        got = await healthy()
+        for _ in range(50):
+            if [v for _labels, v in got] == [value]:
+                break
+            await asyncio.sleep(0.05)
+            got = await healthy()
+        return got
+
+    labels = {"upstream": "default", "replica": up.url}
+    assert await healthy() == [(labels, 1.0)]
+    await up.stop()
+    assert await until(0.0) == [(labels, 0.0)]
+    up = await FakeAgentServer().start(port=port)
+    try:
+        assert await until(1.0) == [(labels, 1.0)]
+    finally:
+        await up.stop()

@@ -9,6 +9,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -314,3 +315,38 @@ async def test_every_committed_event_is_counted_the_gateways_own_included(
         got = await read_events(r)
     assert len(got) > 4 and got[-1].event == "error" and "CaptureInterrupted" in got[-1].data
     assert gateway.gw.metrics.events_appended._value.get() == len(got)
+
+
+async def test_upstream_legs_lost_mid_stream_move_the_rejoin_and_interruption_series_scraped(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """What /metrics says as upstream legs break: a leg re-joined counts ``outcome="ok"``; a re-join the
+    upstream refuses counts ``outcome="failed"`` and, as the run then ends with CaptureInterrupted, one
+    interrupted stream; a stateless run (no re-join path) counts an interruption and no re-join."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "50ms", "reattach_attempts": 1}))
+
+    async def scraped() -> tuple[float, float, float]:
+        async with http.get(gw.admin_url + "/metrics") as r:
+            text = await r.text()
+        s = {(x.name, x.labels.get("outcome", "")): x.value
+             for f in text_string_to_metric_families(text) for x in f.samples}
+        return (s[("gateway_upstream_rejoins_total", "ok")], s[("gateway_upstream_rejoins_total", "failed")],
+                s[("gateway_streams_interrupted_total", "")])
+
+    assert await scraped() == (0, 0, 0)
+    tid = await new_thread(http, gw)
+    fake_upstream.faults.cut_after = 4  # resumable: re-joined exactly
+    assert customs(await read_events(await stream_run(http, gw, tid, assistant="a", n=12, delay=0.01))) == list(range(12))
+    assert await scraped() == (1, 0, 0)
+    fake_upstream.faults.cut_after = 3
+    resp = await stream_run(http, gw, tid, assistant="a", n=100, delay=0.02)
+    got = await read_events(resp, limit=2)
+    fake_upstream.faults.status = 404  # the re-join is refused: the run ends interrupted
+    got += await read_events(resp)
+    fake_upstream.faults.status = 0
+    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"
+    assert await scraped() == (1, 1, 1)
+    fake_upstream.faults.cut_after = 2
+    async with http.post(f"{gw.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 10, "delay": 0.01}}) as r:
+        assert (await read_events(r))[-1].event == "error"
+    assert await scraped() == (1, 1, 2)

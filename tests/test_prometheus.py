@@ -330,3 +330,32 @@ async def test_a_stream_storage_cut_counts_under_the_status_it_was_sent_as_its_a
                for s in family.samples if s.name == "gateway_requests_total" and s.labels["method"] == "POST"}
     assert lines == [(200, "error")]
     assert counted == {"2xx": 2.0}, counted
+
+
+async def test_the_exposition_stays_valid_and_bounded_under_many_streams(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """Sixty runs on sixty threads at once, with joins and resumes: promtool still accepts /metrics,
+    and no series was added per run, thread or client (labels never name one): the series after
+    are the series a single run leaves."""
+    _need("promtool")
+
+    async def series() -> tuple[bytes, set[tuple[str, tuple[tuple[str, str], ...]]]]:
+        async with http.get(gateway.admin_url + "/metrics") as r:
+            raw = await r.read()
+        return raw, {(s.name, tuple(sorted(s.labels.items())))
+                     for f in text_string_to_metric_families(raw.decode()) for s in f.samples
+                     if s.name.startswith("gateway_")}
+
+    async def one() -> None:
+        tid = await new_thread(http, gateway)
+        resp = await stream_run(http, gateway, tid, assistant="a", n=20, delay=0.005)
+        events = await read_events(resp)
+        await join(http, gateway.url + resp.headers["Location"], events[3].id)
+
+    await one()
+    _raw, before = await series()
+    await asyncio.gather(*(one() for _ in range(60)))
+    raw, after = await series()
+    assert after == before, f"series added by more streams: {sorted(after - before)[:10]}"
+    proc = subprocess.run(["promtool", "check", "metrics"], input=raw, capture_output=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
