@@ -359,3 +359,22 @@ async def test_the_exposition_stays_valid_and_bounded_under_many_streams(
     assert after == before, f"series added by more streams: {sorted(after - before)[:10]}"
     proc = subprocess.run(["promtool", "check", "metrics"], input=raw, capture_output=True, timeout=30)
     assert proc.returncode == 0, proc.stdout.decode() + proc.stderr.decode()
+
+
+async def test_log_bytes_scraped_follows_what_the_log_holds_between_sweeps(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """gateway_log_bytes (the Log bytes panel, GatewayStorageNearBudget) grows as runs are stored, on
+    either backend, without waiting for a retention sweep (an hour away here): on Redis it stayed at
+    the last sweep's value, 0 on a fresh replica however much the log held."""
+    async def held() -> float:
+        async with http.get(gateway.admin_url + "/metrics") as r:
+            text = await r.text()
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "gateway_log_bytes")
+
+    tid = await new_thread(http, gateway)
+    await read_events(await stream_run(http, gateway, tid, assistant="a", n=20, pad=100))
+    first = await held()
+    await read_events(await stream_run(http, gateway, tid, assistant="a", n=20, pad=100))
+    second = await held()
+    assert 2000 < first < second, (first, second)

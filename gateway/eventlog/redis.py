@@ -87,6 +87,7 @@ _SAFETY_TTL_MS = 7 * 24 * 3600 * 1000
 
 # KEYS: seq, stream, meta, channel, size, open-set
 # ARGV: token, bno, n, record, last_uid ("" none), last_event, now, end ("" | "done" | "interrupted" | "-"), writer, key
+# Returns {first seq, the head before, bytes the log holds after (-1: nothing appended)}.
 _APPEND = """
 local fence = redis.call('HGET', KEYS[3], 'fence')
 if not fence then return redis.error_reply('GONE stream not in the log') end
@@ -110,6 +111,7 @@ if bno <= applied then
 end
 if bno ~= applied + 1 then return redis.error_reply('GAP batch ' .. bno .. ' follows ' .. applied) end
 local first = 0
+local total = -1
 if n > 0 then
   if redis.call('EXISTS', KEYS[1]) == 0 then
     local t = redis.call('TIME')
@@ -122,7 +124,7 @@ if n > 0 then
   redis.call('HSET', KEYS[3], 'head', string.format('%.0f', last), 'updated_at', ARGV[7], 'last_event', ARGV[6])
   redis.call('HINCRBY', KEYS[3], 'count', n)
   redis.call('HINCRBY', KEYS[3], 'size', added)
-  redis.call('INCRBY', KEYS[5], added)
+  total = redis.call('INCRBY', KEYS[5], added)
   if ARGV[5] ~= '' then redis.call('HSET', KEYS[3], 'last_upstream_id', ARGV[5]) end
 end
 redis.call('HSET', KEYS[3], 'bno', ARGV[2])
@@ -139,7 +141,7 @@ redis.call('PEXPIRE', KEYS[3], __TTL__)
 if n > 0 or kind == 'e' then
   redis.call('PUBLISH', KEYS[4], kind .. '|' .. ARGV[9] .. '|' .. head .. '|' .. string.format('%.0f', first) .. '|' .. (n > 0 and ARGV[4] or ''))
 end
-return {first, tonumber(head)}
+return {first, tonumber(head), total}
 """.replace("__TTL__", str(_SAFETY_TTL_MS))
 
 # KEYS: lease, fence counter, meta.  ARGV: replica, ttl ms, nonce.  Returns the token, or nil when
@@ -492,7 +494,8 @@ class RedisEventLog(EventLog):
         return self._size
 
     def accepting(self, key: str | None = None) -> bool:
-        # The budget is shared: this replica's view of it (bytes, closed streams) is refreshed by every sweep.
+        # The budget is shared: this replica's view of it is refreshed by every sweep (bytes and closed
+        # streams) and by every append of its own (bytes).
         return accepting(self.failure, self._size, self._cfg.max_bytes, self._closed > 0)
 
     # --- ownership ---------------------------------------------------------------------------
@@ -870,6 +873,10 @@ class RedisEventLog(EventLog):
                 p.future.set_exception(StorageError(f"commit failed: {text}"))
             return
         first, prev = int(res[0]), int(res[1])
+        if len(res) > 2 and int(res[2]) >= 0:
+            # The bytes the shared log holds as of this append: gateway_log_bytes and the budget
+            # follow every write, not only the last sweep (on a fresh replica, 0 until its first).
+            self._size = int(res[2])
         if self.failure is not None:
             self._recovered()
         if first == -1:  # applied by an earlier try: followers find it in the log (a gap, or when idle)
