@@ -378,3 +378,81 @@ async def test_log_bytes_scraped_follows_what_the_log_holds_between_sweeps(
     await read_events(await stream_run(http, gateway, tid, assistant="a", n=20, pad=100))
     second = await held()
     assert 2000 < first < second, (first, second)
+
+
+async def test_a_replica_frozen_past_its_lease_raises_leases_lost_with_the_how_it_exports(
+        gateway_process: Callable[..., GatewayProcess], fake_upstream: FakeAgentServer,
+        redis_storage: dict[str, Any], tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Two replicas on one Redis, both scraped: the owner of a live capture is frozen (SIGSTOP) past its
+    lease, the other takes the stream over, and the owner, thawed, learns it lost it. A real Prometheus
+    raises GatewayLeasesLost on the owner with the ``how`` label it exports, GatewayStreamsTakenOver on
+    the other; once the owner is killed, GatewayDown goes pending on it."""
+    _need("prometheus")
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, redis_storage))).start()
+            for name in ("a", "b"))
+    ia, ib = f"127.0.0.1:{a.admin_port}", f"127.0.0.1:{b.admin_port}"
+    prom = PrometheusServer(ia, ib).start()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)
+        resp = await start_run(http, a.url, 400)
+        await read_events(resp, limit=5)
+        resp.close()
+        a.freeze()
+        await asyncio.sleep(3.0)  # lease 1.5 s: b takes the stream over
+        a.thaw()
+        want = {("GatewayLeasesLost", ia), ("GatewayStreamsTakenOver", ib)}
+        seen: set[tuple[str, str]] = set()
+        hows: set[str] = set()
+        for _ in range(60):
+            raised = (await loop.run_in_executor(None, prom.api, "alerts"))["alerts"]
+            seen = {(x["labels"]["alertname"], x["labels"]["instance"]) for x in raised}
+            hows = {x["labels"].get("how", "") for x in raised if x["labels"]["alertname"] == "GatewayLeasesLost"}
+            if want <= seen:
+                break
+            await asyncio.sleep(0.5)
+        assert want <= seen, f"{sorted(seen)}\n{prom.log_tail()}"
+        assert hows and hows <= {"renewal", "fenced"}, hows
+        a.kill()
+        down: list[dict[str, Any]] = []
+        for _ in range(40):
+            down = [x for x in await loop.run_in_executor(None, prom.alerts, "GatewayDown")
+                    if x["labels"]["instance"] == ia]
+            if down:
+                break
+            await asyncio.sleep(0.5)
+        assert [x["state"] for x in down] == ["pending"], down
+    finally:
+        prom.stop()
+
+
+async def test_capacity_alerts_go_pending_on_what_the_gateway_exports_at_capacity(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A stream pool with every connection in use and a log over 90% of its budget: GatewayUpstreamPoolSaturated
+    (per upstream and kind) and GatewayStorageNearBudget go pending in a real Prometheus on the series the
+    gateway exports (they fire after their ``for``)."""
+    _need("prometheus")
+    gw = await make_gateway(gateway_config(
+        tmp_path, {"default": {"urls": [fake_upstream.url], "max_streams": 2}}, storage={"max_bytes": 6000}))
+    prom = PrometheusServer(gw.admin_url.removeprefix("http://")).start()
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)
+        tid = await new_thread(http, gw)
+        held = [await stream_run(http, gw, tid, assistant="a", n=400, delay=0.05, pad=400) for _ in range(2)]
+        for r in held:
+            await read_events(r, limit=12)  # over 5,400 bytes held between them
+        want = {("GatewayUpstreamPoolSaturated", "default", "stream"), ("GatewayStorageNearBudget", "", "")}
+        seen: set[tuple[str, str, str]] = set()
+        for _ in range(40):
+            raised = (await loop.run_in_executor(None, prom.api, "alerts"))["alerts"]
+            seen = {(x["labels"]["alertname"], x["labels"].get("upstream", ""), x["labels"].get("kind", ""))
+                    for x in raised if x["state"] == "pending"}
+            if want <= seen:
+                break
+            await asyncio.sleep(0.5)
+        assert want <= seen, f"{sorted(seen)}: log bytes {gw.gw.log.size}\n{prom.log_tail()}"
+        for r in held:
+            r.close()
+    finally:
+        prom.stop()
