@@ -335,9 +335,12 @@ async def test_upstream_legs_lost_mid_stream_move_the_rejoin_and_interruption_se
 
     assert await scraped() == (0, 0, 0)
     tid = await new_thread(http, gw)
-    fake_upstream.faults.cut_after = 4  # resumable: re-joined exactly
+    fake_upstream.faults.cut_after = 4  # resumable: re-joined exactly (the re-sent last event dropped)
     assert customs(await read_events(await stream_run(http, gw, tid, assistant="a", n=12, delay=0.01))) == list(range(12))
     assert await scraped() == (1, 0, 0)
+    async with http.get(gw.admin_url + "/metrics") as r:
+        assert {s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                if s.name == "gateway_gap_markers_total"} == {0.0}, "an exact re-join counts no gap marker"
     fake_upstream.faults.cut_after = 3
     resp = await stream_run(http, gw, tid, assistant="a", n=100, delay=0.02)
     got = await read_events(resp, limit=2)

@@ -456,3 +456,41 @@ async def test_capacity_alerts_go_pending_on_what_the_gateway_exports_at_capacit
             r.close()
     finally:
         prom.stop()
+
+
+async def test_a_gateway_started_again_and_again_raises_restarting(
+        gateway_process: Callable[..., GatewayProcess], fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A gateway process killed and started again three times on its admin port (a crash loop under a
+    service manager), each start scraped: a real Prometheus raises GatewayRestarting on the
+    ``process_start_time_seconds`` the process exports."""
+    _need("prometheus")
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")).start()
+    target = f"127.0.0.1:{gw.admin_port}"
+    prom = PrometheusServer(target).start()
+    loop = asyncio.get_running_loop()
+
+    async def scraped_start() -> float | None:
+        got = await loop.run_in_executor(None, prom.query, f'process_start_time_seconds{{instance="{target}"}}')
+        return float(got[0]["value"][1]) if got else None
+
+    try:
+        await loop.run_in_executor(None, prom.wait_for_target)
+        for _ in range(3):
+            before = await scraped_start()
+            gw.kill()
+            gw.start()
+            for _ in range(50):  # until this start is scraped
+                now = await scraped_start()
+                if now is not None and now != before:
+                    break
+                await asyncio.sleep(0.2)
+        firing: list[dict[str, Any]] = []
+        for _ in range(30):
+            firing = [x for x in await loop.run_in_executor(None, prom.alerts, "GatewayRestarting")
+                      if x["labels"]["instance"] == target]
+            if firing:
+                break
+            await asyncio.sleep(0.5)
+        assert [x["state"] for x in firing] == ["firing"], prom.log_tail()
+    finally:
+        prom.stop()
