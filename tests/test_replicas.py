@@ -154,6 +154,30 @@ async def test_a_frozen_owner_is_fenced_when_it_wakes(
     assert await counter(http, b, "gateway_streams_taken_over_total") == 1
 
 
+async def test_events_a_fenced_owner_appended_are_not_counted_as_appended(
+        replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
+    """The owner of a live run is frozen past its lease; b takes the run over. What a read meanwhile and
+    appends when it wakes is refused (fenced): gateway_log_events_appended_total on both replicas adds up
+    to the events the log holds, not more (on Redis the refused batch was counted as appended)."""
+    a, b = replicas(2)
+    resp = await start_run(http, a.url, 150, delay=0.02)
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=10)
+    resp.close()
+    a.freeze()
+    await asyncio.sleep(3.0)
+    a.thaw()
+    async with http.get(b.url + loc, headers={"Last-Event-ID": "-1"}) as r:
+        held = await asyncio.wait_for(read_events(r), 30)
+    assert_exactly_once(held, 150)
+    for _ in range(40):
+        if "captured by another gateway process now" in a.log_text():
+            break
+        await asyncio.sleep(0.1)
+    appended = [await counter(http, p, "gateway_log_events_appended_total") for p in (a, b)]
+    assert sum(appended) == len(held), (appended, len(held), logs_of(a, b))
+
+
 async def test_a_load_balancer_in_front_of_replicas(
         replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
     reps = replicas(3)

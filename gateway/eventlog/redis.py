@@ -827,7 +827,10 @@ class RedisEventLog(EventLog):
             refused = results if isinstance(results, BaseException) else next(
                 (res for res in results if _refusal(res)), None)
             if self._on_commit is not None:
-                self._on_commit(sum(p.n for p in group), time.perf_counter() - started, refused is None)
+                # The events the log took: not those of batches it refused (fenced, gone), as on LMDB.
+                taken = 0 if isinstance(results, BaseException) else sum(
+                    p.n for p, res in zip(group, results) if not isinstance(res, BaseException))
+                self._on_commit(taken, time.perf_counter() - started, refused is None)
             if isinstance(results, BaseException):
                 self._fail(f"{results.__class__.__name__}: {results}")
                 for p in group:
