@@ -21,6 +21,7 @@ import aiohttp
 import lmdb
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import eventlog
 from gateway.app import Gateway, Server
@@ -386,3 +387,41 @@ async def test_a_stateless_run_interrupted_on_a_full_disk_ends_with_its_error_ev
     assert replay and replay[-1].event == "error" and replay[-1].json["error"] == "CaptureInterrupted", \
         [e.event for e in replay]
     assert gw.gw.metrics.interruptions._value.get() == 1
+
+
+async def test_a_full_disk_under_a_run_that_cannot_be_replayed_is_counted_as_the_log_says(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """What an operator's alerts read of a full disk under a live run whose upstream sends no ids: the
+    failed commit is counted, the failing gauge is back to 0 once space returns, and the gap marker
+    the re-join writes (what could not be stored is lost) is counted once, under its reason."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                         storage={"path": str(small_fs / "data"), "map_size": "64MiB"},
+                         streams={"reattach_backoff": "50ms"})
+    gw = await make_gateway(raw)
+    fake_upstream.behaviour.ignore_resumable = True
+    tid = await new_thread(http, gw)
+    filler = fill(small_fs, leave=3 << 20)
+    resp = await stream_run(http, gw, tid, assistant="a", n=200, delay=0.01, pad=40_000)
+    loc = gw.url + resp.headers["Location"]
+    _seen, was_cut = await read_until_cut(resp)
+    assert was_cut
+    filler.unlink()
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    replay: list[Ev] = []
+    for _ in range(100):  # until the re-joined run has ended
+        replay = await join(http, loc, "-1")
+        if any(e.event == "gap" for e in replay):
+            break
+        await asyncio.sleep(0.1)
+    async with http.get(gw.admin_url + "/metrics") as r:
+        samples = {(s.name, tuple(s.labels.values())): s.value
+                   for f in text_string_to_metric_families(await r.text()) for s in f.samples}
+    assert [e.json["reason"] for e in replay if e.event == "gap"] == ["no_upstream_ids"]
+    assert samples[("gateway_gap_markers_total", ("no_upstream_ids",))] == 1
+    assert samples[("gateway_log_commit_errors_total", ())] >= 1
+    assert samples[("gateway_storage_failing", ())] == 0
