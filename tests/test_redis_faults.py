@@ -372,3 +372,26 @@ async def test_a_stateless_run_interrupted_while_redis_is_down_ends_with_its_err
         counted = [s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
                    if s.name == "gateway_streams_interrupted_total"]
     assert counted == [1.0], "streams ended with CaptureInterrupted: one, not one per try to write its end"
+
+
+async def test_a_redis_outage_past_the_lease_counts_a_lost_lease_per_live_capture_only(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Three runs ended, one live, then Redis is killed for longer than the lease: the one live capture
+    finds its lease gone, and gateway_leases_lost_total (GatewayLeasesLost) says one, not one for every
+    stream this process ever captured (their leases were kept and renewed after they ended)."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "lost")
+    tid = await new_thread(http, gw)
+    for _ in range(3):
+        await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
+    resp = await start_run(http, gw, 140, delay=0.05)
+    reader = asyncio.create_task(follow_to_end(http, gw.url + resp.headers["Location"], resp))
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(own_redis.kill)
+    await asyncio.sleep(2.5)
+    await asyncio.to_thread(own_redis.start)
+    assert_exactly_once(await reader, 140)
+    async with http.get(gw.admin_url + "/metrics") as r:
+        lost = sum(s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                   if s.name == "gateway_leases_lost_total")
+    assert lost == 1
