@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from gateway.capture import Captures
-from gateway.eventlog import EventLog, StreamMeta
+from gateway.eventlog import EventLog, StorageError, StorageFull, StreamMeta
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 
@@ -64,7 +64,10 @@ class TakeOver:
             # this process already holds is granted again. Two captures of one stream would each
             # re-join the upstream and append every event twice.
             if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # else another was faster
-                await self.adopt(meta)
+                try:
+                    await self.adopt(meta)
+                except StorageError as exc:  # storage fails now: the next sweep tries again
+                    logger.warning("could not take %s over (%s); will retry", meta.key, exc)
 
     async def adopt(self, meta: StreamMeta) -> None:
         """Capture an open stream this process has just claimed, from where the log holds it."""
@@ -73,8 +76,15 @@ class TakeOver:
             # Begun again first, as a capture does after a storage failure: a stream whose last
             # commit failed (its end, when its upstream was lost while storage failed) takes writes
             # again; and while storage still fails this raises, so a client re-attaching it is
-            # answered 503 rather than left waiting on a stream nobody will end.
-            await self.log.begin(meta)
+            # answered 503 rather than left waiting on a stream nobody will end. The budget bounds
+            # what captures add, not the end of one: over it, the end is written all the same.
+            try:
+                await self.log.begin(meta)
+            except StorageFull:
+                pass
+            except BaseException:
+                await self.log.release(meta.key)  # free for the next try (a sweep, a client's join)
+                raise
             await self.captures.interrupt(meta, STATELESS_LOST)
             await self.log.release(meta.key)
             return

@@ -269,3 +269,25 @@ async def test_readyz_answers_503_from_sigterm_on_while_requests_drain(
             assert (await r.json())["status"] == "shutting down"
         await slow.read()  # the in-flight request still finishes
     assert await stop == 0
+
+
+async def test_a_stateless_run_left_open_by_a_killed_gateway_over_its_budget_is_ended_at_the_next_start(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The gateway is SIGKILLed mid stateless run while the log is over its budget (everything held is
+    live). The next start takes the run over and, as it cannot re-join it, ends it with
+    CaptureInterrupted: the budget is for what captures add, not for the end of one, and a start
+    must not fail on it."""
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\n  max_bytes: 3000\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    resp = await http.post(f"{gw.url}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 400, "delay": 0.02, "pad": 200}})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=20)  # over 3,000 bytes held, all of it live
+    gw.kill()
+    resp.close()
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
+    got = await asyncio.wait_for(_join_until_end(http, gw2.url + loc, "-1"), 10)
+    assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"
