@@ -357,9 +357,7 @@ async def test_a_leg_cut_mid_run_before_any_live_only_event_is_marked(
         assert [m["error"] for m in markers] == ["resume_gap"], "the loss is said, once"
         assert got.index(markers[0]) < got.index(next(e for e in extra if e.get("method") == "custom")), \
             "before what the re-join appends"
-        async with http.get(gw.admin_url + "/metrics") as r:  # and counted, once, under its reason
-            counted = {s.labels["reason"]: s.value for f in text_string_to_metric_families(await r.text())
-                       for s in f.samples if s.name == "gateway_gap_markers_total"}
+        counted = await by_label(http, gw.admin_url, "gateway_gap_markers_total", "reason")  # counted once
         assert counted == {"no_upstream_ids": 0.0, "replay_mismatch": 1.0, "empty_rejoin": 0.0}
     finally:
         await relay.stop()
