@@ -754,3 +754,34 @@ async def test_a_stream_that_ended_here_holds_no_lease(
     pattern = "{" + redis_storage["redis_prefix"] + "}:l:*"
     held = redis_server.command("--scan", "--pattern", pattern)
     assert held == "", f"leases still held on ended streams: {held.split()}"
+
+
+async def test_a_follower_count_whose_message_was_dropped_still_holds_off_the_cancel(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory tell each other their follower counts by datagram. One sent while
+    the owner's queue was full (its loop busy: here frozen, shorter than its lease) was dropped, and
+    the catch-up that follows a drop made up for lost commits only: the owner never learnt that a
+    client on the other worker follows the run, and cancelled it upstream when its own client left."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "6s"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    resp = await start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
+    loc = resp.headers["Location"]
+    run_id = (await read_events(resp, limit=10))[0].json["run_id"]  # committed: any worker replays them
+    busy = await start_run(http, b.url, 3000, delay=0.001)  # b commits, and tells a, all the time
+    a.freeze()
+    try:
+        await asyncio.sleep(0.5)  # a's queue of datagrams fills up: b's messages to it are dropped
+        other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+        await read_events(other, limit=3)  # b's count of R's followers went out, and was dropped
+    finally:
+        a.thaw()
+    await asyncio.sleep(0.5)  # b's catch-up reaches a
+    resp.close()  # the client that asked for cancel leaves; one on the other worker stays
+    await asyncio.sleep(1.5)
+    try:
+        assert fake_upstream.runs[run_id].status == "running", "a follower on another worker is still there"
+    finally:
+        other.close()
+        busy.close()
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "the last follower left: cancelled"

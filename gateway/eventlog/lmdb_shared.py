@@ -16,7 +16,8 @@ memory is kept in the file instead, and decided inside the write transaction:
   file's streams and re-checks in the transaction that a stream it drops is still closed.
 - **The live feed**: after each group a process tells the others which streams moved (key, old
   and new head, ended); one that has followers of a stream reads the new events from the file and
-  hands them to them. Follower counts and cancel requests travel the same way.
+  hands them to them. Follower counts and cancel requests travel the same way; after a message to a
+  process was dropped, they are sent to it again whole (``_restate``), as the commits are read again.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ log = logging.getLogger("gateway.eventlog")
 
 # Stream changes per message: a datagram stays well under the kernel's limits.
 _ANNOUNCE_CHUNK = 200
+# Cancels this process's clients asked for on streams others capture, said again after a dropped
+# message (the newest; one said again after its stream ended is ignored by its captor).
+_CANCELS_KEPT = 1000
 # The map is reserved at this multiple of the disk budget up front: growing it under other
 # processes makes each of them re-map (MapResizedError) in the middle of their reads.
 _MAP_HEADROOM = 4
@@ -65,7 +69,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         super().__init__(cfg, on_commit=on_commit)
         self.takeover_interval = cfg.lease_ttl / 2
         self._announcing = True
-        self._siblings = Siblings(cfg.path, cfg.lease_ttl, self._on_message, self._on_gone)
+        self._siblings = Siblings(cfg.path, cfg.lease_ttl, self._on_message, self._on_gone, self._restate)
         self._me = self._siblings.me.encode()
         self._leases_db: Any = None
         self._lost_callbacks: list[Callable[[str, LeaseLoss], None]] = []
@@ -73,6 +77,8 @@ class SharedLmdbEventLog(LmdbEventLog):
         self._followers_here: dict[str, int] = {}
         self._followers_due: dict[str, int] = {}
         self._followers_elsewhere: dict[str, dict[str, int]] = {}  # sibling -> key -> followers
+        self._restating: dict[str, dict[str, int]] = {}  # a sibling's counts, said again whole, in parts
+        self._cancels_asked: dict[str, None] = {}  # oldest first, at most _CANCELS_KEPT
         self._ready = asyncio.Event()
         self._ready_timer: asyncio.TimerHandle | None = None
         self._awaiting: set[str] = set()
@@ -409,12 +415,19 @@ class SharedLmdbEventLog(LmdbEventLog):
         if kind == "commit":
             self._deliver(message[2])
         elif kind == "followers":
-            counts = self._followers_elsewhere.setdefault(sender, {})
-            for key, n in message[2].items():
-                if n:
-                    counts[key] = n
-                else:
-                    counts.pop(key, None)
+            for counts in (self._followers_elsewhere.setdefault(sender, {}), self._restating.get(sender)):
+                if counts is None:
+                    continue
+                for key, n in message[2].items():
+                    if n:
+                        counts[key] = n
+                    else:
+                        counts.pop(key, None)
+        elif kind == "restate":  # every count ``sender`` has, in parts: they replace what is known at the last
+            part = self._restating.setdefault(sender, {})
+            part.update(message[2])
+            if message[3]:
+                self._followers_elsewhere[sender] = self._restating.pop(sender)
         elif kind == "hello":
             self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
         elif kind == "welcome":
@@ -427,6 +440,7 @@ class SharedLmdbEventLog(LmdbEventLog):
             if key in self._claimed:
                 self._spawn(LmdbEventLog.request_cancel(self, key), "cancel-request")
         elif kind == "resync":  # a message from ``sender`` was dropped: catch up from the file
+            self._restating[sender] = {}  # and its counts come again whole (``restate``)
             self._feeds.resync_all()
 
     def _deliver(self, changes: list[list[Any]]) -> None:
@@ -447,8 +461,17 @@ class SharedLmdbEventLog(LmdbEventLog):
             if ended:
                 self._feeds.deliver(key, Batch("end", prev=head))
 
+    def _restate(self) -> list[Message]:
+        """What follows a resync to a sibling a message was dropped to: every follower count of this
+        process (in parts, the last one marked), and the cancels its clients asked for lately."""
+        items = list(self._followers_here.items())
+        parts = [items[i:i + _ANNOUNCE_CHUNK] for i in range(0, len(items), _ANNOUNCE_CHUNK)] or [[]]
+        out: list[Message] = [["restate", self.worker, dict(p), i == len(parts) - 1] for i, p in enumerate(parts)]
+        return out + [["cancel", self.worker, key] for key in self._cancels_asked]
+
     def _on_gone(self, who: str) -> None:
         self._followers_elsewhere.pop(who, None)
+        self._restating.pop(who, None)
         self._awaiting.discard(who)
         if not self._awaiting:
             self._ready.set()
@@ -480,6 +503,10 @@ class SharedLmdbEventLog(LmdbEventLog):
         if key in self._claimed:
             await super().request_cancel(key)
         else:
+            self._cancels_asked.pop(key, None)
+            self._cancels_asked[key] = None  # said again after a dropped message
+            while len(self._cancels_asked) > _CANCELS_KEPT:
+                del self._cancels_asked[next(iter(self._cancels_asked))]
             self._siblings.broadcast(["cancel", self.worker, key])  # the owner notes it on the stream
 
     # --- begin, retention ------------------------------------------------------------------------------

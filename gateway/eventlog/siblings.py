@@ -10,6 +10,8 @@ Messages go over Unix datagram sockets in the abstract namespace (nothing on dis
 no path-length limit), named after the data directory and the process. A send never waits: when a
 sibling's queue is full the message is dropped, and the sibling is owed a ``resync``: sent as soon
 as it fits, it makes every follower there catch up from the log, so nothing is lost, only late.
+What is not in the log (this process's follower counts, the cancels its clients asked for) follows
+the ``resync`` again whole (``restate``): a dropped message of those is made up for too.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ Message = list[Any]  # [kind, sender, ...]: orjson on the wire
 
 class Siblings:
     def __init__(self, path: Path, ttl: float, on_message: Callable[[str, Message], None],
-                 on_gone: Callable[[str], None]) -> None:
+                 on_gone: Callable[[str], None], restate: Callable[[], list[Message]] = list) -> None:
         self.dir = path / "workers"
         self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._ns = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
         self._ttl = ttl
         self._on_message = on_message
         self._on_gone = on_gone
+        self._restate = restate  # the messages that follow a resync: this process's state, whole
         self._lock_fd: int | None = None
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -142,10 +145,13 @@ class Siblings:
             self._send(who, data)
 
     def settle(self) -> None:
-        """Send the resyncs owed (called every beat, and when a send failed)."""
+        """Send the resyncs owed (called every beat, and when a send failed), each followed by what
+        this process states whole (``restate``): any message of it that was dropped is in there."""
         for who in list(self._owed):
             self._owed.discard(who)
-            self.send(who, ["resync", self.me])
+            for message in [["resync", self.me], *self._restate()]:
+                if not self.send(who, message):
+                    break  # owed again (or gone): the whole catch-up goes again
 
     def _send(self, who: str, data: bytes) -> bool:
         if self._sock is None:
