@@ -785,3 +785,32 @@ async def test_a_follower_count_whose_message_was_dropped_still_holds_off_the_ca
         other.close()
         busy.close()
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "the last follower left: cancelled"
+
+
+async def test_a_follower_gets_the_end_an_owner_committed_but_died_before_telling(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: the owner of a run committed its last events and its end, but
+    died (SIGKILL) before its datagram reached the worker a client follows the run on (that one's
+    queue was full, so the owner owed it a catch-up it never sent). Nothing is left to take over: the
+    run is closed. The follower must catch up once the owner is seen dead, not a heartbeat later."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "3s"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    resp = await start_run(http, a.url, 60, delay=0.01)
+    loc = resp.headers["Location"]
+    first = await read_events(resp, limit=3)
+    follower = await http.get(b.url + loc, headers={"Last-Event-ID": first[-1].id or ""})
+    seen = await read_events(follower, limit=1)
+    b.freeze()  # its queue of datagrams fills with a's commits; the rest, and the end, are dropped
+    try:
+        mine = first + await asyncio.wait_for(read_events(resp), 10)  # a committed the end
+        a.kill()  # before it could make up for what it dropped
+    finally:
+        b.thaw()
+    t0 = asyncio.get_running_loop().time()
+    rest = await asyncio.wait_for(read_events(follower), 20)
+    waited = asyncio.get_running_loop().time() - t0
+    follower.close()
+    assert_exactly_once(first + seen + rest, 60)
+    assert first + seen + rest == mine
+    assert waited < 5.0, f"the follower waited {waited:.1f}s for what was committed (a heartbeat, not the owner's death)"

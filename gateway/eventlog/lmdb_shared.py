@@ -472,6 +472,10 @@ class SharedLmdbEventLog(LmdbEventLog):
     def _on_gone(self, who: str) -> None:
         self._followers_elsewhere.pop(who, None)
         self._restating.pop(who, None)
+        # What it committed last may never have been told (it died between its commit and its
+        # datagram, or owed this process a resync): followers catch up from the file now. A stream
+        # it left open shows the gap when its new captor commits; one it ended has no captor any more.
+        self._feeds.resync_all()
         self._awaiting.discard(who)
         if not self._awaiting:
             self._ready.set()
