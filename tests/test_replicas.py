@@ -814,3 +814,32 @@ async def test_a_follower_gets_the_end_an_owner_committed_but_died_before_tellin
     assert_exactly_once(first + seen + rest, 60)
     assert first + seen + rest == mine
     assert waited < 5.0, f"the follower waited {waited:.1f}s for what was committed (a heartbeat, not the owner's death)"
+
+
+async def test_the_follower_counts_of_a_worker_that_stalled_past_its_lease_count_again_when_it_wakes(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: one frozen past lease_ttl (a long GC pause, a VM stopped) is taken
+    for dead by the others, who forget its follower counts. When it wakes its clients are still
+    there: the captor of a run one of them follows must count them again, not cancel the run when
+    its own client (who asked for cancel on disconnect) leaves."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    resp = await start_run(http, a.url, 400, delay=0.02, on_disconnect="cancel")
+    loc = resp.headers["Location"]
+    run_id = (await read_events(resp, limit=3))[0].json["run_id"]
+    other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    early = await read_events(other, limit=3)
+    await asyncio.sleep(0.5)  # a knows b follows it
+    b.freeze()
+    await asyncio.sleep(2.5)  # past b's lease: a takes b for dead
+    b.thaw()
+    await asyncio.sleep(1.0)
+    resp.close()  # the client that asked for cancel leaves; the one on b is still there
+    await asyncio.sleep(1.5)
+    try:
+        assert fake_upstream.runs[run_id].status == "running", "a follower on the worker that woke is still there"
+        rest = await asyncio.wait_for(read_events(other), 20)
+    finally:
+        other.close()
+    assert_exactly_once(early + rest, 400)

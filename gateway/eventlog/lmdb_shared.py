@@ -156,10 +156,16 @@ class SharedLmdbEventLog(LmdbEventLog):
         while True:
             await asyncio.sleep(ttl / 3)
             now = time.monotonic()
-            stalled, last = now - last > ttl, now
+            lag = now - last
+            stalled, last = lag > ttl, now
             self._siblings.beat()
             self._siblings.scan()
             self._siblings.settle()
+            if lag > ttl / 2:
+                # Others may have taken this process for dead meanwhile: they sent it no commits, and
+                # forgot its follower counts. Its followers catch up from the file; its counts go again.
+                self._feeds.resync_all()
+                self._siblings.reintroduce()
             if stalled:  # others may have taken this process's streams over meanwhile
                 for key in list(self._claimed):
                     if self._lease_of(key) not in (None, self.worker):
@@ -424,9 +430,11 @@ class SharedLmdbEventLog(LmdbEventLog):
                     else:
                         counts.pop(key, None)
         elif kind == "restate":  # every count ``sender`` has, in parts: they replace what is known at the last
+            if message[3]:
+                self._restating[sender] = {}
             part = self._restating.setdefault(sender, {})
             part.update(message[2])
-            if message[3]:
+            if message[4]:
                 self._followers_elsewhere[sender] = self._restating.pop(sender)
         elif kind == "hello":
             self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
@@ -440,8 +448,7 @@ class SharedLmdbEventLog(LmdbEventLog):
             if key in self._claimed:
                 self._spawn(LmdbEventLog.request_cancel(self, key), "cancel-request")
         elif kind == "resync":  # a message from ``sender`` was dropped: catch up from the file
-            self._restating[sender] = {}  # and its counts come again whole (``restate``)
-            self._feeds.resync_all()
+            self._feeds.resync_all()  # (its counts come again whole after this: ``restate``)
 
     def _deliver(self, changes: list[list[Any]]) -> None:
         """Another process committed: hand what it wrote to this process's followers of those streams."""
@@ -466,7 +473,8 @@ class SharedLmdbEventLog(LmdbEventLog):
         process (in parts, the last one marked), and the cancels its clients asked for lately."""
         items = list(self._followers_here.items())
         parts = [items[i:i + _ANNOUNCE_CHUNK] for i in range(0, len(items), _ANNOUNCE_CHUNK)] or [[]]
-        out: list[Message] = [["restate", self.worker, dict(p), i == len(parts) - 1] for i, p in enumerate(parts)]
+        out: list[Message] = [["restate", self.worker, dict(p), i == 0, i == len(parts) - 1]
+                              for i, p in enumerate(parts)]
         return out + [["cancel", self.worker, key] for key in self._cancels_asked]
 
     def _on_gone(self, who: str) -> None:

@@ -11,7 +11,9 @@ no path-length limit), named after the data directory and the process. A send ne
 sibling's queue is full the message is dropped, and the sibling is owed a ``resync``: sent as soon
 as it fits, it makes every follower there catch up from the log, so nothing is lost, only late.
 What is not in the log (this process's follower counts, the cancels its clients asked for) follows
-the ``resync`` again whole (``restate``): a dropped message of those is made up for too.
+the ``resync`` again whole (``restate``): a dropped message of those is made up for too. It is also
+sent whole to every sibling met (new, or back after it looked dead and was forgotten), and to all
+of them by a process whose loop stood still long enough to have been taken for dead (``reintroduce``).
 """
 
 from __future__ import annotations
@@ -131,7 +133,9 @@ class Siblings:
                         found.add(who)
         for gone in self.peers - found:
             self._gone(gone)
-        self.peers = found
+        met, self.peers = found - self.peers, found
+        for who in met:
+            self._state_to(who)
         return found
 
     def send(self, who: str, message: Message) -> bool:
@@ -149,9 +153,19 @@ class Siblings:
         this process states whole (``restate``): any message of it that was dropped is in there."""
         for who in list(self._owed):
             self._owed.discard(who)
-            for message in [["resync", self.me], *self._restate()]:
-                if not self.send(who, message):
-                    break  # owed again (or gone): the whole catch-up goes again
+            if self.send(who, ["resync", self.me]):
+                self._state_to(who)
+
+    def reintroduce(self) -> None:
+        """This process may have been taken for dead (its loop stood still): its state goes to every
+        sibling again, and one that forgot it meets it again."""
+        for who in list(self.peers):
+            self._state_to(who)
+
+    def _state_to(self, who: str) -> None:
+        for message in self._restate():
+            if not self.send(who, message):
+                return  # owed a resync now (or gone): the whole state goes again with it
 
     def _send(self, who: str, data: bytes) -> bool:
         if self._sock is None:
@@ -194,8 +208,9 @@ class Siblings:
             except (orjson.JSONDecodeError, IndexError, TypeError, KeyError):
                 log.warning("a malformed message from a sibling gateway process was ignored")
                 continue
-            if sender not in self.peers and sender != self.me:
+            if sender not in self.peers and sender != self.me:  # new, or back after it looked dead
                 self.peers.add(sender)
+                self._state_to(sender)
             try:
                 self._on_message(sender, message)
             except Exception:
