@@ -843,3 +843,39 @@ async def test_the_follower_counts_of_a_worker_that_stalled_past_its_lease_count
     finally:
         other.close()
     assert_exactly_once(early + rest, 400)
+
+
+@pytest.mark.parametrize("busy", [0.3, 1.5])  # answers the new worker's hello late, or after it stopped waiting
+async def test_a_worker_starting_does_not_end_a_thread_stream_another_worker_follows(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        busy: float) -> None:
+    """Workers on one LMDB directory: the captor of a thread stream dies and a worker starts (the
+    supervisor's restart) while the worker whose client follows the stream is slow to answer its
+    hello. The new worker's first look at open streams found nobody following the thread stream
+    (the counts had not come yet) and ended it: the client on the other worker got a clean end of a
+    stream that has none, and stopped. It must be taken over instead."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "20s"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    tid = await new_thread(http, a)
+    on_a = await http.get(f"{a.url}/threads/{tid}/stream")
+    on_b = await http.get(f"{b.url}/threads/{tid}/stream")
+    try:
+        await asyncio.sleep(0.5)  # a captures the thread stream; b's client follows it, and a knows
+        a.kill()
+        b.freeze()  # busy: the new worker's hello waits in its queue
+        try:
+            gateway_process("--config", str(replica_config(tmp_path, "c", fake_upstream.url, storage))).start()
+            await asyncio.sleep(busy)
+        finally:
+            b.thaw()
+        await asyncio.sleep(0.5)
+        async with http.post(f"{fake_upstream.url}/threads/{tid}/runs",  # straight to the upstream
+                             json={"assistant_id": "a", "input": {"n": 5, "delay": 0.01}}) as r:
+            assert r.status == 200
+        got = await asyncio.wait_for(read_events(on_b, limit=3), 10)
+        assert got, "the thread stream the client on b follows was ended, not taken over"
+        assert [e.event for e in got if e.event != "gap"][:2] == ["metadata", "custom"]
+    finally:
+        on_a.close()
+        on_b.close()

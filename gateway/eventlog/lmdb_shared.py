@@ -509,7 +509,12 @@ class SharedLmdbEventLog(LmdbEventLog):
             self._siblings.broadcast(["followers", self.worker, dict(items[i:i + _ANNOUNCE_CHUNK])])
 
     async def followers(self, key: str, here: int) -> int:
-        return here + sum(counts.get(key, 0) for counts in self._followers_elsewhere.values())
+        # The siblings' counts come with their answers to this process's hello: until then (at most
+        # a second), and from one that has not answered by then, any stream may be followed there.
+        # Said as one follower: "nobody" would end a thread stream someone follows, or cancel a run.
+        await self._ready.wait()
+        unknown = 1 if self._awaiting else 0
+        return here + unknown + sum(counts.get(key, 0) for counts in self._followers_elsewhere.values())
 
     async def request_cancel(self, key: str) -> None:
         if key in self._claimed:
