@@ -879,3 +879,34 @@ async def test_a_worker_starting_does_not_end_a_thread_stream_another_worker_fol
     finally:
         on_a.close()
         on_b.close()
+
+
+
+async def test_a_worker_idle_while_another_made_room_evicts_nothing_more(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory share one disk budget. A worker's last commit saw the log over
+    it; another worker has since made room (its eviction at a begin). The first one's retention
+    sweep went by what it saw last, still over the budget, and removed a finished run the log had
+    plenty of room for: a client resuming it found it gone."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "6s",
+               "max_bytes": "1MiB"}
+    a = gateway_process("--config", str(replica_config(tmp_path, "a", fake_upstream.url,
+                                                       {**storage, "sweep_interval": "3s"}))).start()
+    started = asyncio.get_running_loop().time()
+    b = gateway_process("--config", str(replica_config(tmp_path, "b", fake_upstream.url,
+                                                       {**storage, "sweep_interval": "1h"}))).start()
+    tid = await new_thread(http, a)
+    small = await start_run(http, a.url, 20, delay=0.03)  # a captures a small run that ends last ...
+    async with http.post(f"{b.url}/threads/{tid}/runs/stream",  # ... while b captures ~1.6 MB, finished first
+                         json={"assistant_id": "a", "input": {"n": 40, "pad": 40_000}}) as r:
+        assert len(await read_events(r)) == 41
+    mine = await read_events(small)  # a's last commits saw the log over its budget
+    small.close()
+    later = await start_run(http, b.url, 3)  # b's begin evicts the big run: the log is far under its budget
+    await read_events(later)
+    later.close()
+    await asyncio.sleep(max(0.0, started + 4.0 - asyncio.get_running_loop().time()))  # a's retention sweep ran
+    async with http.get(a.url + small.headers["Location"], headers={"Last-Event-ID": "-1"}) as r:
+        assert r.status == 200 and "X-Gateway-Resume" not in r.headers, "the finished run is still held"
+        assert await read_events(r) == mine
+

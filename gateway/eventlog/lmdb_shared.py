@@ -196,6 +196,16 @@ class SharedLmdbEventLog(LmdbEventLog):
         raw = self._get(self._leases_db, key.encode())
         return raw.decode(errors="replace") if raw is not None else None
 
+    def _stored_bytes(self) -> int:
+        """The size held as the file says now: what this process saw at its last commit may be long
+        gone (another process evicted since), and retention and the budget go by it."""
+        try:
+            raw = self._get(self._meta_db, SIZE_KEY)
+        except (StorageError, lmdb.Error):  # closed, or unreadable: what this process knows
+            return self._size
+        self._size = int(raw) if raw is not None and raw.isdigit() else self._size
+        return self._size
+
     def _stored_seq(self) -> int:
         raw = self._get(self._meta_db, _SEQ_KEY)
         return int(raw) if raw is not None and raw.isdigit() else 0
@@ -224,7 +234,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         return max(self._seq, self._stored_seq())
 
     def accepting(self, key: str | None = None) -> bool:
-        return accepting(self.failure, self._size, self._cfg.max_bytes, self._evictable)
+        return accepting(self.failure, self._stored_bytes(), self._cfg.max_bytes, self._evictable)
 
     # --- leases ------------------------------------------------------------------------------------
 
@@ -530,6 +540,7 @@ class SharedLmdbEventLog(LmdbEventLog):
 
     def begin_staged(self, meta: StreamMeta) -> tuple[StreamMeta, asyncio.Future[Any]]:
         key = meta.key
+        self._stored_bytes()  # the budget as it is now, not as this process's last commit left it
         self._adopt(key)
         self._claimed.add(key)
         self._beginning.add(key)
@@ -575,6 +586,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         cutoff = now - self._cfg.retention
         metas = await asyncio.get_running_loop().run_in_executor(None, self._file_metas)
         batch = _Batch()
+        self._stored_bytes()
         doomed = self._evict_from(batch, metas, cutoff)
         for key in list(self._claimed):
             mine = self._metas.get(key)
