@@ -910,3 +910,27 @@ async def test_a_worker_idle_while_another_made_room_evicts_nothing_more(
         assert r.status == 200 and "X-Gateway-Resume" not in r.headers, "the finished run is still held"
         assert await read_events(r) == mine
 
+
+
+async def test_a_worker_whose_hello_was_dropped_still_learns_its_siblings_counts(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: a worker starting asks its siblings for their follower counts
+    (hello) and counts one that has not answered as a possible follower of everything. Its hello to a
+    sibling whose queue was full is dropped; the sibling must still be heard from, or the new worker
+    never cancels a run whose cancel-on-disconnect client left, nor lets go of a thread stream."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "6s"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    busy = await start_run(http, a.url, 3000, delay=0.001)  # a commits, and tells b, all the time
+    b.freeze()
+    try:
+        await asyncio.sleep(0.5)  # b's queue of datagrams is full
+        c = gateway_process("--config", str(replica_config(tmp_path, "c", fake_upstream.url, storage))).start()
+        await asyncio.sleep(0.3)  # its hello to b was dropped
+    finally:
+        b.thaw()
+    busy.close()
+    resp = await start_run(http, c.url, 400, delay=0.02, on_disconnect="cancel")
+    run_id = (await read_events(resp, limit=3))[0].json["run_id"]
+    resp.close()  # nobody else follows it, anywhere
+    assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted"

@@ -161,6 +161,8 @@ class SharedLmdbEventLog(LmdbEventLog):
             self._siblings.beat()
             self._siblings.scan()
             self._siblings.settle()
+            for who in self._awaiting & self._siblings.peers:  # a hello that was dropped: asked again
+                self._siblings.send(who, ["hello", self.worker])
             if lag > ttl / 2:
                 # Others may have taken this process for dead meanwhile: they sent it no commits, and
                 # forgot its follower counts. Its followers catch up from the file; its counts go again.
@@ -446,13 +448,12 @@ class SharedLmdbEventLog(LmdbEventLog):
             part.update(message[2])
             if message[4]:
                 self._followers_elsewhere[sender] = self._restating.pop(sender)
+                self._heard(sender)  # as good as its welcome
         elif kind == "hello":
             self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
         elif kind == "welcome":
             self._followers_elsewhere[sender] = dict(message[2])
-            self._awaiting.discard(sender)
-            if not self._awaiting:
-                self._ready.set()
+            self._heard(sender)
         elif kind == "cancel":
             key = message[2]
             if key in self._claimed:
@@ -477,6 +478,12 @@ class SharedLmdbEventLog(LmdbEventLog):
                     self._feeds.deliver(key, Batch("events", entries, prev, nbytes))
             if ended:
                 self._feeds.deliver(key, Batch("end", prev=head))
+
+    def _heard(self, who: str) -> None:
+        """``who`` told this process its follower counts: it knows this process, and is not awaited."""
+        self._awaiting.discard(who)
+        if not self._awaiting:
+            self._ready.set()
 
     def _restate(self) -> list[Message]:
         """What follows a resync to a sibling a message was dropped to: every follower count of this
