@@ -934,3 +934,29 @@ async def test_a_worker_whose_hello_was_dropped_still_learns_its_siblings_counts
     run_id = (await read_events(resp, limit=3))[0].json["run_id"]
     resp.close()  # nobody else follows it, anywhere
     assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted"
+
+
+async def test_a_worker_that_only_reads_follows_on_after_another_grew_the_map(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: the captor of a run outgrew the map and grew it. LMDB then
+    refuses every transaction of the other processes (MDB_MAP_RESIZED) until they adopt the new
+    size, and a worker that only serves followers never writes, where that was done: its followers
+    were cut and every request that reads the log failed, for good."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "6s",
+               "map_size": "2MiB", "max_bytes": "512KiB"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    tid = await new_thread(http, a)
+    resp = await http.post(f"{a.url}/threads/{tid}/runs/stream",  # ~4 MB: the map grows twice
+                           json={"assistant_id": "a", "input": {"n": 100, "delay": 0.01, "pad": 40_000}})
+    loc = resp.headers["Location"]
+    follower = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    mine = await asyncio.wait_for(read_events(resp), 20)
+    resp.close()
+    assert customs(mine) == list(range(100))
+    try:
+        got, cut = await asyncio.wait_for(read_until_cut(follower), 20)
+    finally:
+        follower.close()
+    assert not cut and got == mine, "b's follower got the run whole"
+    assert await join(http, b.url + loc, "-1") == mine, "and b serves it whole after"

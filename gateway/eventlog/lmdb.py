@@ -350,6 +350,30 @@ class LmdbEventLog(EventLog):
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
 
+    @contextlib.contextmanager
+    def _snapshot(self, **kwargs: Any) -> Iterator[Any]:
+        """A read transaction, under the read lock (see ``_RWLock``). Where processes share the file,
+        one that grew the map makes LMDB refuse every transaction of the others (MDB_MAP_RESIZED)
+        until they adopt its size: this process adopts it then, and begins again."""
+        for attempt in range(3):
+            self._rw.acquire_read()
+            try:
+                if self._env is None:
+                    raise StorageError("event log is closed")
+                try:
+                    txn = self._env.begin(**kwargs)
+                except lmdb.MapResizedError:
+                    if attempt == 2:
+                        raise
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            finally:
+                self._rw.release_read()
+            self._adopt_map()  # outside the read lock: it waits until no transaction is open here
+
     async def close(self) -> None:
         self._feeds.stop()
         if self._writer is not None:
@@ -390,23 +414,17 @@ class LmdbEventLog(EventLog):
                    scan: int) -> tuple[list[StreamMeta], str | None]:
         out: list[StreamMeta] = []
         last = after
-        self._rw.acquire_read()
-        try:
-            if self._env is None:
-                raise StorageError("event log is closed")
-            with self._env.begin(db=self._streams_db) as txn:
-                cur = txn.cursor()
-                found = cur.set_range(after.encode() + b"\x00") if after else cur.first()
-                while found and scan > 0:
-                    meta = caught_up(txn, self._events_db, StreamMeta.from_bytes(cur.value()))
-                    last, scan = meta.key, scan - 1
-                    if keep(meta):
-                        out.append(meta)
-                        if len(out) == limit:
-                            return out, last
-                    found = cur.next()
-        finally:
-            self._rw.release_read()
+        with self._snapshot(db=self._streams_db) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(after.encode() + b"\x00") if after else cur.first()
+            while found and scan > 0:
+                meta = caught_up(txn, self._events_db, StreamMeta.from_bytes(cur.value()))
+                last, scan = meta.key, scan - 1
+                if keep(meta):
+                    out.append(meta)
+                    if len(out) == limit:
+                        return out, last
+                found = cur.next()
         return out, (last if found else None)
 
     @property
@@ -783,6 +801,9 @@ class LmdbEventLog(EventLog):
             except lmdb.Error as exc:  # the writer thread must live on: it is what probes again
                 log.warning("event log map could not grow: %s", exc)
             return False
+        except lmdb.MapResizedError:  # another process sharing the log grew the map: the next probe can tell
+            self._adopt_map()
+            return False
         except lmdb.Error as exc:
             log.debug("storage probe failed: %s", exc)
             return False
@@ -914,31 +935,24 @@ class LmdbEventLog(EventLog):
         out: list[Entry] = []
         budget = _READ_PAGE_BYTES
         start = prefix + (after + 1).to_bytes(8, "big")
-        self._rw.acquire_read()
-        try:
-            env = self._env
-            if env is None:
-                raise StorageError("event log is closed")
-            with env.begin(db=self._events_db, buffers=False) as txn:
-                cur = txn.cursor()
-                found = _seek_holding(cur, prefix, start)
-                while found:
-                    k, v = cur.item()
-                    if not k.startswith(prefix):
-                        break
-                    first = int.from_bytes(k[plen:], "big")
-                    if first > upto:
-                        break
-                    out += entries_in(first, v, after, upto)
-                    budget -= len(v)
-                    if len(out) >= limit:
-                        del out[limit:]
-                        break
-                    if budget <= 0:
-                        break
-                    found = cur.next()
-        finally:
-            self._rw.release_read()
+        with self._snapshot(db=self._events_db, buffers=False) as txn:
+            cur = txn.cursor()
+            found = _seek_holding(cur, prefix, start)
+            while found:
+                k, v = cur.item()
+                if not k.startswith(prefix):
+                    break
+                first = int.from_bytes(k[plen:], "big")
+                if first > upto:
+                    break
+                out += entries_in(first, v, after, upto)
+                budget -= len(v)
+                if len(out) >= limit:
+                    del out[limit:]
+                    break
+                if budget <= 0:
+                    break
+                found = cur.next()
         return out
 
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
@@ -951,24 +965,18 @@ class LmdbEventLog(EventLog):
         prefix = _prefix(key)
         out: list[tuple[str | None, bytes]] = []
         budget = _TAIL_BYTES
-        self._rw.acquire_read()
-        try:
-            if self._env is None:
-                raise StorageError("event log is closed")
-            with self._env.begin(db=self._events_db) as txn:
-                cur = txn.cursor()
-                # Position just past the stream's last record, then walk backwards.
-                ok = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
-                while ok and len(out) < limit and budget > 0:
-                    k, v = cur.item()
-                    if not k.startswith(prefix):
-                        break
-                    batch = [(uid, body) for _seq, uid, body in decode(0, v)]
-                    out.extend(reversed(batch))
-                    budget -= len(v)
-                    ok = cur.prev()
-        finally:
-            self._rw.release_read()
+        with self._snapshot(db=self._events_db) as txn:
+            cur = txn.cursor()
+            # Position just past the stream's last record, then walk backwards.
+            ok = cur.prev() if cur.set_range(prefix + b"\xff" * 8) else cur.last()
+            while ok and len(out) < limit and budget > 0:
+                k, v = cur.item()
+                if not k.startswith(prefix):
+                    break
+                batch = [(uid, body) for _seq, uid, body in decode(0, v)]
+                out.extend(reversed(batch))
+                budget -= len(v)
+                ok = cur.prev()
         out = out[:limit]
         out.reverse()
         return out
@@ -1019,23 +1027,19 @@ class LmdbEventLog(EventLog):
         keys: list[bytes] = []
         size = 0
         last: tuple[bytes, bytes] | None = None
-        self._rw.acquire_read()
-        try:
-            if self._env is None:
-                return [], 0, 0
-            with self._env.begin(db=self._events_db, buffers=False) as txn:
-                cur = txn.cursor()
-                found = cur.set_range(prefix)
-                while found:
-                    k, v = cur.item()
-                    if not k.startswith(prefix) or record_time_ms(v) >= limit_ms:
-                        break
-                    keys.append(k)
-                    size += len(k) + len(v)
-                    last = (k, v)
-                    found = cur.next()
-        finally:
-            self._rw.release_read()
+        if self._env is None:
+            return [], 0, 0
+        with self._snapshot(db=self._events_db, buffers=False) as txn:
+            cur = txn.cursor()
+            found = cur.set_range(prefix)
+            while found:
+                k, v = cur.item()
+                if not k.startswith(prefix) or record_time_ms(v) >= limit_ms:
+                    break
+                keys.append(k)
+                size += len(k) + len(v)
+                last = (k, v)
+                found = cur.next()
         if last is None:
             return [], 0, 0
         # Only the newest dropped record says where the stream now starts.

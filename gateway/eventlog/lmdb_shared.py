@@ -176,19 +176,10 @@ class SharedLmdbEventLog(LmdbEventLog):
 
     # --- reads from the file ---------------------------------------------------------------------
 
-    def _txn(self, db: Any) -> Any:
-        if self._env is None:
-            raise StorageError("event log is closed")
-        return self._env.begin(db=db)
-
     def _get(self, db: Any, key: bytes) -> bytes | None:
         """One value as the file holds it now (a read transaction of its own, on the loop: a few µs)."""
-        self._rw.acquire_read()
-        try:
-            with self._txn(db) as txn:
-                return _bytes(txn.get(key))
-        finally:
-            self._rw.release_read()
+        with self._snapshot(db=db) as txn:
+            return _bytes(txn.get(key))
 
     def _read_meta(self, key: str) -> StreamMeta | None:
         raw = self._get(self._streams_db, key.encode())
@@ -281,26 +272,22 @@ class SharedLmdbEventLog(LmdbEventLog):
     def _unowned_sync(self) -> tuple[list[StreamMeta], list[tuple[str, str]]]:
         out: list[StreamMeta] = []
         stale: list[tuple[str, str]] = []
-        self._rw.acquire_read()
-        try:
-            with self._txn(None) as txn:
-                leases = {bytes(k).decode(errors="replace"): bytes(v).decode(errors="replace")
-                          for k, v in txn.cursor(db=self._leases_db)}
-                keys = [k for k, who in leases.items() if not self._siblings.alive(who)]
-                for key in keys:
-                    raw = txn.get(key.encode(), db=self._streams_db)
-                    meta = StreamMeta.from_bytes(raw) if raw is not None else None
-                    if meta is not None and meta.open:
+        with self._snapshot() as txn:
+            leases = {bytes(k).decode(errors="replace"): bytes(v).decode(errors="replace")
+                      for k, v in txn.cursor(db=self._leases_db)}
+            keys = [k for k, who in leases.items() if not self._siblings.alive(who)]
+            for key in keys:
+                raw = txn.get(key.encode(), db=self._streams_db)
+                meta = StreamMeta.from_bytes(raw) if raw is not None else None
+                if meta is not None and meta.open:
+                    out.append(meta)
+                else:
+                    stale.append((key, leases[key]))
+            if not self._looked_unleased:  # open streams from before the log was shared
+                for _k, v in txn.cursor(db=self._streams_db):
+                    meta = StreamMeta.from_bytes(v)
+                    if meta.open and meta.key not in leases:
                         out.append(meta)
-                    else:
-                        stale.append((key, leases[key]))
-                if not self._looked_unleased:  # open streams from before the log was shared
-                    for _k, v in txn.cursor(db=self._streams_db):
-                        meta = StreamMeta.from_bytes(v)
-                        if meta.open and meta.key not in leases:
-                            out.append(meta)
-        finally:
-            self._rw.release_read()
         self._looked_unleased = True
         return out, stale
 
@@ -575,12 +562,8 @@ class SharedLmdbEventLog(LmdbEventLog):
         return len(doomed)
 
     def _file_metas(self) -> list[StreamMeta]:
-        self._rw.acquire_read()
-        try:
-            with self._txn(self._streams_db) as txn:
-                return [StreamMeta.from_bytes(v) for _k, v in txn.cursor()]
-        finally:
-            self._rw.release_read()
+        with self._snapshot(db=self._streams_db) as txn:
+            return [StreamMeta.from_bytes(v) for _k, v in txn.cursor()]
 
     def _drop_shared(self, batch: _Batch, meta: StreamMeta) -> None:
         batch.drop_prefixes.append(_prefix(meta.key))
