@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway import eventlog
+from gateway.config import Storage
 from gateway.eventlog.siblings import FREE, Siblings
 
 
@@ -68,3 +70,42 @@ async def test_a_sibling_is_alive_while_it_holds_its_lock_and_beats(tmp_path: Pa
     finally:
         a.stop()
         b.stop()
+
+
+async def test_a_sibling_owed_a_catch_up_gets_the_whole_state_even_with_many_cancels_asked(tmp_path: Path) -> None:
+    """What a shared log states again after a dropped message (its follower counts, the cancels its
+    clients asked for) goes out whole each time the sibling's queue has room. Sent as a message per
+    cancel, a state longer than the queue (11 datagrams) never got through: each try was cut at the
+    queue's end and started over from the first, so the last cancels were never said."""
+    loop = asyncio.get_running_loop()
+    got: list[Any] = []
+    peer = Siblings(tmp_path, 5.0, lambda who, m: got.append(m), lambda who: None)
+    peer.start(loop)
+    log = eventlog.open_log(Storage(path=tmp_path, shared=True, lease_ttl=5.0))
+    await log.open()
+    try:
+        assert peer._sock is not None
+        loop.remove_reader(peer._sock.fileno())  # the sibling's loop is busy: its queue fills up
+        asked = [f"default/run/r{i}" for i in range(15)]
+        for key in asked:  # runs the sibling captures, asked to be cancelled here
+            await log.request_cancel(key)
+        log.set_followers("default/run/r0", 2)
+        await asyncio.sleep(0.1)
+        got.clear()
+        loop.add_reader(peer._sock.fileno(), peer._readable)  # it reads again
+
+
+        def told() -> set[str]:  # as a message each, or with the state
+            return ({m[2] for m in got if m[0] == "cancel"}
+                    | {k for m in got if m[0] == "restate" and len(m) > 5 for k in m[5]})
+
+        for _ in range(50):
+            await asyncio.sleep(0.05)
+            if set(asked) <= told():
+                break
+        assert set(asked) <= told(), f"cancels never said: {sorted(set(asked) - told())}"
+        states = [m for m in got if m[0] == "restate" and m[4]]
+        assert states and states[-1][2] == {"default/run/r0": 2}, "and the follower counts, whole"
+    finally:
+        await log.close()
+        peer.stop()

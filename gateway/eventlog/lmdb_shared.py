@@ -49,6 +49,9 @@ log = logging.getLogger("gateway.eventlog")
 
 # Stream changes per message: a datagram stays well under the kernel's limits.
 _ANNOUNCE_CHUNK = 200
+# Follower counts per message of a process's whole state (``_restate``): few messages, so the state
+# fits a sibling's queue of datagrams at once (~120 KB each; the default limit is ~400 KB).
+_STATE_CHUNK = 2000
 # Cancels this process's clients asked for on streams others capture, said again after a dropped
 # message (the newest; one said again after its stream ended is ignored by its captor).
 _CANCELS_KEPT = 1000
@@ -436,15 +439,15 @@ class SharedLmdbEventLog(LmdbEventLog):
             if message[4]:
                 self._followers_elsewhere[sender] = self._restating.pop(sender)
                 self._heard(sender)  # as good as its welcome
+                for key in message[5]:  # the cancels asked there lately, each as a "cancel" says it
+                    self._cancel_asked(key)
         elif kind == "hello":
             self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
         elif kind == "welcome":
             self._followers_elsewhere[sender] = dict(message[2])
             self._heard(sender)
         elif kind == "cancel":
-            key = message[2]
-            if key in self._claimed:
-                self._spawn(LmdbEventLog.request_cancel(self, key), "cancel-request")
+            self._cancel_asked(message[2])
         elif kind == "resync":  # a message from ``sender`` was dropped: catch up from the file
             self._feeds.resync_all()  # (its counts come again whole after this: ``restate``)
 
@@ -466,6 +469,14 @@ class SharedLmdbEventLog(LmdbEventLog):
             if ended:
                 self._feeds.deliver(key, Batch("end", prev=head))
 
+    def _cancel_asked(self, key: str) -> None:
+        """A client of another process asked for ``key`` to be cancelled when nobody follows it: noted
+        on the stream if this process captures it (once: noting it again changes nothing)."""
+        if key in self._claimed:
+            staged = self._staged.get(key)
+            if staged is None or not staged.cancel_on_orphan:
+                self._spawn(LmdbEventLog.request_cancel(self, key), "cancel-request")
+
     def _heard(self, who: str) -> None:
         """``who`` told this process its follower counts: it knows this process, and is not awaited."""
         self._awaiting.discard(who)
@@ -473,13 +484,14 @@ class SharedLmdbEventLog(LmdbEventLog):
             self._ready.set()
 
     def _restate(self) -> list[Message]:
-        """What follows a resync to a sibling a message was dropped to: every follower count of this
-        process (in parts, the last one marked), and the cancels its clients asked for lately."""
+        """This process's whole state, for a sibling that may have missed some of it: every follower
+        count (in parts, the first and the last marked), and with the last, the cancels its clients
+        asked for lately. Few datagrams: a try that does not fit the sibling's queue starts over."""
         items = list(self._followers_here.items())
-        parts = [items[i:i + _ANNOUNCE_CHUNK] for i in range(0, len(items), _ANNOUNCE_CHUNK)] or [[]]
-        out: list[Message] = [["restate", self.worker, dict(p), i == 0, i == len(parts) - 1]
-                              for i, p in enumerate(parts)]
-        return out + [["cancel", self.worker, key] for key in self._cancels_asked]
+        parts = [items[i:i + _STATE_CHUNK] for i in range(0, len(items), _STATE_CHUNK)] or [[]]
+        last = len(parts) - 1
+        return [["restate", self.worker, dict(p), i == 0, i == last, list(self._cancels_asked) if i == last else []]
+                for i, p in enumerate(parts)]
 
     def _on_gone(self, who: str) -> None:
         self._followers_elsewhere.pop(who, None)
