@@ -20,6 +20,8 @@ from gateway import eventlog
 from gateway.eventlog import EventLog, LmdbEventLog, StorageError, StorageFull, StreamMeta
 from gateway.eventlog.base import Batch, ClaimLost, Feed, stop_tasks
 from gateway.eventlog.redis import RedisEventLog
+from gateway.eventlog.lmdb_shared import SharedLmdbEventLog
+from gateway.eventlog.siblings import Siblings
 from gateway.sse import Event, event
 from tests.support.tcp_relay import TcpRelay
 
@@ -711,3 +713,32 @@ async def test_a_background_task_that_swallows_its_cancellation_is_still_stopped
     await asyncio.sleep(0)
     await asyncio.wait_for(stop_tasks([task], "test"), 10)
     assert task.cancelled()
+
+
+async def test_a_shared_lmdb_sweep_does_not_write_a_stream_another_process_took_over(tmp_path: Path) -> None:
+    """One LMDB directory shared by processes (``workers: N``): retention trims the old part of the
+    thread streams a process captures, in a write of its own. That write was not fenced as appends
+    are: a process that had lost a stream (it stalled, another took it over and wrote on) put back
+    its own stale metadata of it, the head it had, over the new captor's."""
+    cfg = Storage(path=tmp_path / "log", shared=True, lease_ttl=5.0, retention=60.0)
+    log = eventlog.open_log(cfg)
+    await log.open()
+    other = Siblings(cfg.path, cfg.lease_ttl, lambda who, m: None, lambda who: None)  # another live process
+    other.start(asyncio.get_running_loop())
+    try:
+        assert isinstance(log, LmdbEventLog)
+        thread = StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream")
+        await begun(log, thread)
+        await log.append("t", evs("old", "older"))
+        # The other process takes the stream over and writes on (as its commit would leave the file).
+        taken = replace(await log.lookup("t") or thread, head=10**18, count=99)
+        assert isinstance(log, SharedLmdbEventLog) and log._env is not None
+        with log._env.begin(write=True) as txn:
+            txn.put(b"t", other.me.encode(), db=log._leases_db)
+            txn.put(b"t", taken.to_bytes(), db=log._streams_db)
+        await log.sweep(now=time.time() + 3600)  # the records are past retention: trimmed, by the old captor
+        held = log._read_meta("t")  # as the file says: what every other process reads
+        assert held is not None and held.head == 10**18, "the new captor's head stands"
+    finally:
+        other.stop()
+        await log.close()

@@ -34,6 +34,7 @@ from gateway.config import Storage
 from gateway.eventlog.base import (
     LIST_SCAN,
     Batch,
+    ClaimLost,
     CommitObserver,
     StorageError,
     StreamMeta,
@@ -590,12 +591,21 @@ class SharedLmdbEventLog(LmdbEventLog):
         batch = _Batch()
         self._stored_bytes()
         doomed = self._evict_from(batch, metas, cutoff)
+        trims: list[asyncio.Future[Any]] = []
         for key in list(self._claimed):
             mine = self._metas.get(key)
             if mine is not None and mine.open and mine.endless:
-                await self._trim(batch, key, cutoff)
+                # A write of the stream's own, fenced as its appends are: another process that took it
+                # over meanwhile (this one stalled) keeps its metadata, not this one's stale copy.
+                trim = _Batch(key=key)
+                await self._trim(trim, key, cutoff)
+                if trim.metas:
+                    trims.append(self._submit(trim))
         if batch.metas or batch.drop_prefixes or batch.drop_keys:
             await self._submit(batch)
+        for outcome in await asyncio.gather(*trims, return_exceptions=True):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, ClaimLost):  # lost: told on_lost
+                raise outcome
         if doomed:
             log.info("retention removed up to %d streams; %d bytes held", doomed, self._size)
         return doomed
