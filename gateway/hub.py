@@ -171,7 +171,8 @@ class Hub:
         thread stream held but not captured here, or a stream not held that the client may open
         (``join.leg``), is captured through a leg opened for it, after ``prepare``, under the
         stream's lock so two clients arriving together share one capture; one another process
-        claims meanwhile is followed once that process has begun it.
+        claims meanwhile is followed once that process has begun it, and asked for here again if
+        that process let it go unbegun (the upstream refused its leg).
         """
         key = join.meta.key
         held = await self.log.lookup(key)
@@ -188,12 +189,20 @@ class Hub:
                 return Attachment(held=held)
             if (answer := await prepare()) is not None:
                 return Attachment(held=held, answer=answer)
-            try:
-                opened = await self.captures.open(join.meta, join.cursor, join.leg.headers, join.leg.query,
-                                                  auth=join.auth, cancel_on_orphan=join.cancel_on_orphan)
-            except CapturedElsewhere:  # a client of another replica asked for it at the same moment
-                await self._begun_elsewhere(key, join.wait)
-                return Attachment(self.follow(key, after), held=held)
+            deadline = asyncio.get_running_loop().time() + join.wait
+            while True:
+                try:
+                    opened = await self.captures.open(join.meta, join.cursor, join.leg.headers, join.leg.query,
+                                                      auth=join.auth, cancel_on_orphan=join.cancel_on_orphan)
+                    break
+                except CapturedElsewhere:  # a client of another replica asked for it at the same moment
+                    if await self.log.lookup(key) is not None:  # begun there: follow what it commits
+                        return Attachment(self.follow(key, after), held=held)
+                    # Not begun yet, or never: the upstream refused that replica's leg (its answer went to
+                    # its client) and the claim was let go. Asked again, the upstream answers this one.
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.05)
             if isinstance(opened, LegResponse):
                 return Attachment(held=held, answer=opened)
             return Attachment(self.follow(key, after), held=held, leg=opened[1])
@@ -224,15 +233,6 @@ class Hub:
         if lock is None:
             lock = self._capture_locks[key] = asyncio.Lock()
         return lock
-
-    async def _begun_elsewhere(self, key: str, wait: float) -> None:
-        """Until a stream another gateway process has just claimed is in the log (CapturedElsewhere
-        if that takes longer than ``wait``)."""
-        deadline = asyncio.get_running_loop().time() + wait
-        while await self.log.lookup(key) is None:
-            if asyncio.get_running_loop().time() > deadline:
-                raise CapturedElsewhere(key)
-            await asyncio.sleep(0.05)
 
     # --- followers: the Source they read through ------------------------------------------------
 

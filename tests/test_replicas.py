@@ -960,3 +960,24 @@ async def test_a_worker_that_only_reads_follows_on_after_another_grew_the_map(
         follower.close()
     assert not cut and got == mine, "b's follower got the run whole"
     assert await join(http, b.url + loc, "-1") == mine, "and b serves it whole after"
+
+
+async def test_two_replicas_asked_at_once_for_a_stream_the_upstream_refuses_both_relay_its_answer(
+        replicas: Callable[[int], list[GatewayProcess]], fake_upstream: FakeAgentServer,
+        http: aiohttp.ClientSession) -> None:
+    """Two clients join the same thread stream at once on two replicas (workers), and the upstream
+    refuses it (404 here). One replica claims the stream and relays the refusal; the other, which
+    lost the claim, waited for a capture that never began, then answered 500 five seconds later."""
+    a, b = replicas(2)
+    for _ in range(3):
+        tid = await new_thread(http, a)
+        fake_upstream.faults.status = 404  # the upstream no longer knows the thread
+        started = asyncio.get_running_loop().time()
+
+        async def join_on(replica: GatewayProcess) -> int:
+            async with http.get(f"{replica.url}/threads/{tid}/stream") as r:
+                return r.status
+
+        assert list(await asyncio.gather(join_on(a), join_on(b))) == [404, 404], "the upstream's answer, on both"
+        assert asyncio.get_running_loop().time() - started < 2.0
+        fake_upstream.faults.status = 0
