@@ -981,3 +981,33 @@ async def test_two_replicas_asked_at_once_for_a_stream_the_upstream_refuses_both
         assert list(await asyncio.gather(join_on(a), join_on(b))) == [404, 404], "the upstream's answer, on both"
         assert asyncio.get_running_loop().time() - started < 2.0
         fake_upstream.faults.status = 0
+
+
+async def test_a_worker_killed_mid_read_does_not_pin_the_log_for_good(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: one SIGKILLed inside a read transaction leaves its slot in
+    LMDB's reader table, holding the snapshot it read. LMDB never reuses a page freed after it, and
+    clears such a slot only when a process asks it to (or when every process has closed the file):
+    the other workers never did, so the file grew by every commit's copied pages, for good."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"}
+    a = gateway_process("--config", str(replica_config(tmp_path, "a", fake_upstream.url, storage))).start()
+    reader = subprocess.Popen(  # a worker in the middle of a read when it is killed
+        [sys.executable, "-c", "import lmdb, sys, time\n"
+         f"txn = lmdb.open({str(tmp_path / 'shared-log')!r}, max_dbs=4).begin()\n"
+         "print('reading', flush=True)\ntime.sleep(60)\n"], stdout=subprocess.PIPE)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == b"reading\n"
+    finally:
+        reader.kill()
+        reader.wait()
+        if reader.stdout is not None:
+            reader.stdout.close()
+    await asyncio.sleep(1.0)  # a beat of the live worker
+    data = tmp_path / "shared-log" / "data.mdb"
+    before = data.stat().st_size
+    for _ in range(3):
+        resp = await start_run(http, a.url, 300, delay=0.002)  # a commit every few events: pages copied each time
+        assert customs(await read_events(resp)) == list(range(300))
+        resp.close()
+    grown = data.stat().st_size - before
+    assert grown < 2 << 20, f"the file grew by {grown} bytes for ~100 KB of events"

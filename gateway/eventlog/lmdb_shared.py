@@ -104,6 +104,7 @@ class SharedLmdbEventLog(LmdbEventLog):
     async def open(self) -> None:
         await super().open()
         loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._clear_dead_readers)
         self._siblings.start(loop)
         self._awaiting = set(self._siblings.peers)
         for who in self._awaiting:
@@ -165,6 +166,7 @@ class SharedLmdbEventLog(LmdbEventLog):
             self._siblings.beat()
             self._siblings.scan()
             self._siblings.settle()
+            await asyncio.get_running_loop().run_in_executor(None, self._clear_dead_readers)
             for who in self._awaiting & self._siblings.peers:  # a hello that was dropped: asked again
                 self._siblings.send(who, ["hello", self.worker])
             if lag > ttl / 2:
@@ -177,6 +179,23 @@ class SharedLmdbEventLog(LmdbEventLog):
                     if self._lease_of(key) not in (None, self.worker):
                         log.warning("lease on %s was lost (this process stalled past %gs?)", key, ttl)
                         self._lost(key, "renewal")
+
+    def _clear_dead_readers(self) -> None:
+        """Free the reader slots of processes that died in a read (SIGKILL): each holds the snapshot it
+        read, and LMDB reuses no page freed after the oldest one held, so the file would grow by every
+        commit for as long as any process has it open (LMDB clears them only when asked)."""
+        self._rw.acquire_read()  # not while the environment closes
+        try:
+            if self._env is None:
+                return
+            cleared = self._env.reader_check()
+        except lmdb.Error as exc:
+            log.warning("event log: looking for dead processes' reader slots failed: %s", exc)
+            return
+        finally:
+            self._rw.release_read()
+        if cleared:
+            log.info("event log: %d reader slots of processes that died were cleared", cleared)
 
     # --- reads from the file ---------------------------------------------------------------------
 
