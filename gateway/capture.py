@@ -158,6 +158,7 @@ class Captures:
         self.cfg = cfg
         self.legs = legs
         self.metrics = metrics
+        self._count_gap = metrics.gap  # bound once: each live stream's copy holds it (a bound method is 64 B)
         self.live: dict[str, Ingest] = {}
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         # Storage is back under a capture whose clients were cut: the policy for who follows it
@@ -535,7 +536,7 @@ class Captures:
         as it arrives (``_Copy``), and commits are pipelined, each chunk's events published by the
         commit callback (in order) while the next chunk is already parsed."""
         copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing),
-                     self.metrics.gap)
+                     self._count_gap)
         resp.attach(copy)
         return copy
 
