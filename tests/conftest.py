@@ -249,3 +249,15 @@ def redis_storage(redis_server: RedisServer) -> dict[str, Any]:
     """The storage section for a gateway on the shared Redis, under a prefix of this test's own."""
     return {"backend": "redis", "redis_url": redis_server.url, "redis_prefix": f"t{uuid.uuid4().hex[:10]}",
             "lease_ttl": "1500ms"}
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl's command line: Python cannot make one)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key

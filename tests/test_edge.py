@@ -22,7 +22,7 @@ from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.metrics import by_label
-from tests.support.sse import read_events
+from tests.support.sse import Ev, read_events
 from tests.support.runs import customs, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
@@ -98,16 +98,23 @@ async def test_a_run_created_upstream_is_never_left_uncaptured(
 
 # --- 4. a cached "yes" is only for the caller it was given to ------------------------------------------
 
+async def _alices_run(http: aiohttp.ClientSession, gw: RunningGateway, fake_upstream: FakeAgentServer
+                      ) -> tuple[str, list[Ev]]:
+    """A run Alice streamed whole, on an upstream that lets only her (X-User: alice) in: its join URL
+    and its events."""
+    alice = {"X-User": "alice"}
+    fake_upstream.faults.require_header = ("X-User", "alice")
+    async with http.post(f"{gw.url}/threads", json={}, headers=alice) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream", headers=alice,
+                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
+        return gw.url + r.headers["Location"], await read_events(r)
+
+
 async def test_a_cached_yes_is_not_reused_for_a_caller_the_upstream_tells_apart_by_its_own_header(
         gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
     alice = {"X-User": "alice"}
-    fake_upstream.faults.require_header = ("X-User", "alice")
-    async with http.post(f"{gateway.url}/threads", json={}, headers=alice) as r:
-        tid = (await r.json())["thread_id"]
-    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", headers=alice,
-                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
-        loc = gateway.url + r.headers["Location"]
-        original = await read_events(r)
+    loc, original = await _alices_run(http, gateway, fake_upstream)
     async with http.get(loc, headers={"Last-Event-ID": "-1", **alice}) as r:  # Alice: yes, and it is cached
         assert r.status == 200 and await read_events(r) == original
     for other in ({"X-User": "bob"}, {}):
@@ -119,13 +126,8 @@ async def test_a_resume_the_upstream_refuses_is_not_counted_as_served(
         gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
     # The outcome was counted before the access check asked the upstream: a 403 became a "hit".
     alice = {"X-User": "alice"}
-    fake_upstream.faults.require_header = ("X-User", "alice")
-    async with http.post(f"{gateway.url}/threads", json={}, headers=alice) as r:
-        tid = (await r.json())["thread_id"]
-    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream", headers=alice,
-                         json={"assistant_id": "a", "input": {"n": 3}}) as r:
-        loc = gateway.url + r.headers["Location"]
-        ids = [e.id for e in await read_events(r)]
+    loc, events = await _alices_run(http, gateway, fake_upstream)
+    ids = [e.id for e in events]
     before = await by_label(http, gateway.admin_url, "gateway_resumes_total", "outcome")
     for last in (ids[0], "-1", "1"):  # a hit, from the start, and an id of no capture of this run's
         async with http.get(loc, headers={"Last-Event-ID": str(last), "X-User": "bob"}) as r:

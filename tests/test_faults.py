@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -185,10 +185,23 @@ async def test_a_stateless_run_going_on_upstream_is_captured_to_its_end_whatever
     assert customs(await join(http, loc, "-1")) == list(range(30))
 
 
+def _lingering(tmp_path: Path, fake_upstream: FakeAgentServer) -> dict[str, Any]:
+    """A gateway config whose thread streams let their upstream leg go 200 ms after the last client."""
+    return gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"thread_linger": "200ms"})
+
+
+async def _released(fake_upstream: FakeAgentServer, tid: str) -> bool:
+    """Whether the thread's upstream stream has no listener left within 2 s (the gateway let it go)."""
+    for _ in range(40):
+        if not fake_upstream.thread_listeners[tid]:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_thread_stream_upstream_leg_released_after_linger(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
-                                           streams={"thread_linger": "200ms"}))
+    gw = await make_gateway(_lingering(tmp_path, fake_upstream))
     tid = await new_thread(http, gw)
     url = f"{gw.url}/threads/{tid}/stream"
     a = await http.get(url)
@@ -197,11 +210,7 @@ async def test_thread_stream_upstream_leg_released_after_linger(
     assert len(fake_upstream.thread_listeners[tid]) == 1, "two clients share one upstream leg"
     a.close()
     b.close()
-    for _ in range(40):
-        if not fake_upstream.thread_listeners[tid]:
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.thread_listeners[tid] == []
+    assert await _released(fake_upstream, tid)
     async with http.get(url) as c:  # a later client captures again
         await asyncio.sleep(0.1)
         assert len(fake_upstream.thread_listeners[tid]) == 1
@@ -213,17 +222,12 @@ async def test_thread_stream_upstream_leg_released_after_linger(
 
 async def test_a_thread_stream_released_with_nothing_held_recovers_what_came_meanwhile(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
-                                           streams={"thread_linger": "200ms"}))
+    gw = await make_gateway(_lingering(tmp_path, fake_upstream))
     tid = await new_thread(http, gw)
     url = f"{gw.url}/threads/{tid}/stream"
     async with http.get(url, headers={"Last-Event-ID": "-"}):  # captured from the thread's start: nothing yet
         await asyncio.sleep(0.1)
-    for _ in range(40):
-        if not fake_upstream.thread_listeners[tid]:
-            break
-        await asyncio.sleep(0.05)
-    assert fake_upstream.thread_listeners[tid] == [], "released"
+    assert await _released(fake_upstream, tid), "released"
     run = await stream_run(http, gw, tid, n=2)  # while nobody follows the thread
     await read_events(run)
     # The log holds nothing of the thread, and no upstream id to re-join after: the next leg asks

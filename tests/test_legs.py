@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-import shutil
 import ssl
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -425,18 +423,6 @@ async def test_a_disconnect_before_the_answer_is_a_server_disconnect(raw: RawSer
         await open_leg(client, raw, method="POST", body=b"{}")
     assert raw.connections == 1, "a POST is never sent twice"
     client.close()
-
-
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (openssl's command line: Python cannot make one)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 async def test_an_https_upstream_is_verified_and_an_untrusted_one_refused(

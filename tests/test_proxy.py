@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import itertools
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -316,16 +314,11 @@ async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_re
 
 async def test_an_https_upstream_is_verified_and_an_untrusted_replica_is_one_that_refused(
         make_gateway: MakeGateway, gateway_process: Any, tmp_path: Path, http: aiohttp.ClientSession,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """README: an https:// upstream's certificate is verified against the system's CA store
     (SSL_CERT_FILE adds yours); a replica whose certificate does not verify is treated as one that
     refused the connection. For plain forwards, health checks and captured runs alike."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
+    cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     fake = await FakeAgentServer().start(ssl_context=context)

@@ -283,17 +283,26 @@ async def test_stateless_runs_become_resumable(gateway: RunningGateway, http: ai
     assert await join(http, gateway.url + loc, original[2].id) == original[3:]
 
 
+async def _joined_behind_the_gateways_back(http: aiohttp.ClientSession, gw: RunningGateway,
+                                           fake_upstream: FakeAgentServer, n: int,
+                                           limit: int | None = None) -> tuple[str, list[Ev]]:
+    """A run of ``n`` events created directly upstream, joined through the gateway (no Last-Event-ID)
+    after its third event: its join path, and what the join got (its first ``limit`` events)."""
+    async with aiohttp.ClientSession() as direct:
+        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
+                                 json={"assistant_id": "a", "input": {"n": n, "delay": 0.02}})
+        loc = resp.headers["Location"]
+        await read_events(resp, limit=3)
+        async with http.get(gw.url + loc) as r:
+            joined = await read_events(r, limit=limit)
+        resp.close()
+    return loc, joined
+
+
 async def test_unknown_run_is_forwarded_and_captured_from_then_on(
         gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
     # A run created directly upstream, behind the gateway's back.
-    async with aiohttp.ClientSession() as direct:
-        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
-                                 json={"assistant_id": "a", "input": {"n": 20, "delay": 0.02}})
-        loc = resp.headers["Location"]
-        await read_events(resp, limit=3)
-        async with http.get(gateway.url + loc) as r:
-            joined = await read_events(r, limit=5)
-        resp.close()
+    loc, joined = await _joined_behind_the_gateways_back(http, gateway, fake_upstream, 20, limit=5)
     assert [e.event for e in joined] == ["custom"] * 5
     assert_ids_increase(joined)
     rest = await join(http, gateway.url + loc, joined[-1].id)
@@ -304,14 +313,7 @@ async def test_a_run_first_joined_mid_stream_tells_a_client_from_the_start_that_
         gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
     # A run the gateway never saw, first joined with no Last-Event-ID: captured from then on. A later
     # client asking for the whole run gets what is held, and is told it lacks the run's start.
-    async with aiohttp.ClientSession() as direct:
-        resp = await direct.post(f"{fake_upstream.url}/threads/t/runs/stream",
-                                 json={"assistant_id": "a", "input": {"n": 8, "delay": 0.02}})
-        loc = resp.headers["Location"]
-        await read_events(resp, limit=3)
-        async with http.get(gateway.url + loc) as r:
-            live = await read_events(r)
-        resp.close()
+    loc, live = await _joined_behind_the_gateways_back(http, gateway, fake_upstream, 8)
     assert live[0].event == "custom"
     for last in ("-1", "0"):
         async with http.get(gateway.url + loc, headers={"Last-Event-ID": last}) as r:

@@ -69,12 +69,7 @@ async def _recovers_and_fills_in(http: aiohttp.ClientSession, gw: RunningGateway
                                  n: int) -> None:
     """Space is back: readiness returns by itself, and a resume after what the cut client saw gets
     the rest of the run's ``n`` events (the re-joined upstream filled in what could not be stored)."""
-    for _ in range(100):
-        async with http.get(gw.admin_url + "/readyz") as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.1)
-    assert r.status == 200
+    assert await _until_ready(http, gw), "readiness returns by itself"
     rest = await join(http, loc, seen[-1].id)
     assert customs(seen + rest) == list(range(n)), "the re-joined upstream filled in what could not be stored"
     assert_ids_increase(seen + rest)
@@ -153,11 +148,7 @@ async def test_a_run_whose_capture_cannot_begin_on_a_full_disk_is_cancelled_upst
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
     assert not gw.gw.hub.captures.live, "the capture that could not begin is gone, its leg let go"
     filler.unlink()
-    for _ in range(100):
-        async with http.get(gw.admin_url + "/readyz") as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.1)
+    await _until_ready(http, gw)
     resp = await stream_run(http, gw, tid, n=5)
     assert customs(await read_events(resp)) == list(range(5)), "a run after the disk is back streams whole"
 
@@ -407,11 +398,7 @@ async def test_a_full_disk_under_a_run_that_cannot_be_replayed_is_counted_as_the
     _seen, was_cut = await read_until_cut(resp)
     assert was_cut
     filler.unlink()
-    for _ in range(100):
-        async with http.get(gw.admin_url + "/readyz") as r:
-            if r.status == 200:
-                break
-        await asyncio.sleep(0.1)
+    await _until_ready(http, gw)
     replay: list[Ev] = []
     for _ in range(100):  # until the re-joined run has ended
         replay = await join(http, loc, "-1")
@@ -425,3 +412,13 @@ async def test_a_full_disk_under_a_run_that_cannot_be_replayed_is_counted_as_the
     assert samples[("gateway_gap_markers_total", ("no_upstream_ids",))] == 1
     assert samples[("gateway_log_commit_errors_total", ())] >= 1
     assert samples[("gateway_storage_failing", ())] == 0
+
+
+async def _until_ready(http: aiohttp.ClientSession, gw: RunningGateway) -> bool:
+    """Whether /readyz says 200 (the storage probe saw the disk back) within 10 s."""
+    for _ in range(100):
+        async with http.get(gw.admin_url + "/readyz") as r:
+            if r.status == 200:
+                return True
+        await asyncio.sleep(0.1)
+    return False
