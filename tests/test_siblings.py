@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,40 @@ async def test_a_sibling_owed_a_catch_up_gets_the_whole_state_even_with_many_can
         assert set(asked) <= told(), f"cancels never said: {sorted(set(asked) - told())}"
         states = [m for m in got if m[0] == "restate" and m[4]]
         assert states and states[-1][2] == {"default/run/r0": 2}, "and the follower counts, whole"
+    finally:
+        await log.close()
+        peer.stop()
+
+
+async def test_a_state_of_many_long_keys_goes_whole_in_datagrams_that_fit(tmp_path: Path) -> None:
+    """Counted by entries (2,000 a part), a process following thousands of streams with long keys
+    stated itself in datagrams over a default host's limit (net.core.wmem_max 208 KiB): EMSGSIZE,
+    raised out of the heartbeat, which ended it and got the process taken for dead. Sized by bytes,
+    a state bigger than the socket's buffer then never fit at once; it goes as the sibling reads."""
+    loop = asyncio.get_running_loop()
+    got: list[Any] = []
+    peer = Siblings(tmp_path, 5.0, lambda who, m: got.append(m), lambda who: None)
+    peer.start(loop)
+    log = eventlog.open_log(Storage(path=tmp_path, shared=True, lease_ttl=5.0))
+    await log.open()
+    try:
+        counts = {f"an-upstream-with-a-long-name/run/{'t' * 60}/{i:0120d}": 1 for i in range(2500)}
+        for key, n in counts.items():
+            log.set_followers(key, n)
+        await asyncio.sleep(0.2)
+        got.clear()
+        siblings = log._siblings  # type: ignore[attr-defined]
+        siblings._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 212992 // 2)  # a default host's (doubled)
+        siblings.state_to(peer.me)  # what a resync or a hello gets
+        whole: dict[str, int] = {}
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            parts = [m for m in got if m[0] == "restate"]
+            if parts and parts[-1][4]:
+                for m in parts:
+                    whole.update(m[2])
+                break
+        assert whole == counts, f"{len(whole)} of {len(counts)} counts stated"
     finally:
         await log.close()
         peer.stop()

@@ -26,7 +26,7 @@ import asyncio
 import fcntl
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lmdb
 
@@ -50,9 +50,10 @@ log = logging.getLogger("gateway.eventlog")
 
 # Stream changes per message: a datagram stays well under the kernel's limits.
 _ANNOUNCE_CHUNK = 200
-# Follower counts per message of a process's whole state (``_restate``): few messages, so the state
-# fits a sibling's queue of datagrams at once (~120 KB each; the default limit is ~400 KB).
-_STATE_CHUNK = 2000
+# Bytes of follower counts and cancels per message of a process's whole state (``_restate``): well
+# under a datagram's limit (~200 KB by default, EMSGSIZE past it) whatever the keys' lengths, and few
+# messages, so the state fits a sibling's queue of datagrams at once.
+_STATE_BYTES = 48 * 1024
 # Cancels this process's clients asked for on streams others capture, said again after a dropped
 # message (the newest; one said again after its stream ended is ignored by its captor).
 _CANCELS_KEPT = 1000
@@ -166,7 +167,10 @@ class SharedLmdbEventLog(LmdbEventLog):
             self._siblings.beat()
             self._siblings.scan()
             self._siblings.settle()
-            await asyncio.get_running_loop().run_in_executor(None, self._clear_dead_readers)
+            # Off the beat: the executor serves the log's reads too, and a beat that waited behind
+            # them would make this process look stalled (or dead) to itself and to the others.
+            if not any(t.get_name() == "clear-dead-readers" for t in self._tasks):
+                self._spawn(asyncio.to_thread(self._clear_dead_readers), "clear-dead-readers")
             for who in self._awaiting & self._siblings.peers:  # a hello that was dropped: asked again
                 self._siblings.send(who, ["hello", self.worker])
             if lag > ttl / 2:
@@ -456,13 +460,13 @@ class SharedLmdbEventLog(LmdbEventLog):
                 self._restating[sender] = {}
             part = self._restating.setdefault(sender, {})
             part.update(message[2])
+            for key in message[5]:  # the cancels asked there lately, each as a "cancel" says it
+                self._cancel_asked(key)
             if message[4]:
                 self._followers_elsewhere[sender] = self._restating.pop(sender)
                 self._heard(sender)  # as good as its welcome
-                for key in message[5]:  # the cancels asked there lately, each as a "cancel" says it
-                    self._cancel_asked(key)
-        elif kind == "hello":
-            self._siblings.send(sender, ["welcome", self.worker, self._followers_here])
+        elif kind == "hello":  # answered with the whole state, in parts that fit a datagram
+            self._siblings.state_to(sender)
         elif kind == "welcome":
             self._followers_elsewhere[sender] = dict(message[2])
             self._heard(sender)
@@ -503,15 +507,29 @@ class SharedLmdbEventLog(LmdbEventLog):
         if not self._awaiting:
             self._ready.set()
 
-    def _restate(self) -> list[Message]:
+    def _restate(self) -> Iterator[Message]:
         """This process's whole state, for a sibling that may have missed some of it: every follower
-        count (in parts, the first and the last marked), and with the last, the cancels its clients
-        asked for lately. Few datagrams: a try that does not fit the sibling's queue starts over."""
-        items = list(self._followers_here.items())
-        parts = [items[i:i + _STATE_CHUNK] for i in range(0, len(items), _STATE_CHUNK)] or [[]]
+        count and the cancels its clients asked for lately, in parts of at most ``_STATE_BYTES`` (the
+        first and the last marked). Each part's counts are read as it is sent: a part sent after a
+        count changed (and was announced) says the new count, not the one of when the state began."""
+        parts: list[tuple[list[str], list[str]]] = [([], [])]
+        size = 0
+        for key in self._followers_here:
+            if size + len(key) + 24 > _STATE_BYTES:
+                parts.append(([], []))
+                size = 0
+            parts[-1][0].append(key)
+            size += len(key) + 24
+        for key in self._cancels_asked:
+            if size + len(key) + 8 > _STATE_BYTES:
+                parts.append(([], []))
+                size = 0
+            parts[-1][1].append(key)
+            size += len(key) + 8
         last = len(parts) - 1
-        return [["restate", self.worker, dict(p), i == 0, i == last, list(self._cancels_asked) if i == last else []]
-                for i, p in enumerate(parts)]
+        for i, (keys, cancels) in enumerate(parts):
+            here = self._followers_here
+            yield ["restate", self.worker, {k: here[k] for k in keys if k in here}, i == 0, i == last, cancels]
 
     def _on_gone(self, who: str) -> None:
         self._followers_elsewhere.pop(who, None)

@@ -29,7 +29,7 @@ import secrets
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import orjson
 
@@ -44,7 +44,7 @@ Message = list[Any]  # [kind, sender, ...]: orjson on the wire
 
 class Siblings:
     def __init__(self, path: Path, ttl: float, on_message: Callable[[str, Message], None],
-                 on_gone: Callable[[str], None], restate: Callable[[], list[Message]] = list) -> None:
+                 on_gone: Callable[[str], None], restate: Callable[[], Iterator[Message]] = lambda: iter(())) -> None:
         self.dir = path / "workers"
         self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._ns = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
@@ -57,6 +57,9 @@ class Siblings:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.peers: set[str] = set()
         self._owed: set[str] = set()  # a message to them was dropped: they get a resync
+        # A state going to a sibling a datagram at a time, as its queue takes them: the rest of it,
+        # and the datagram that found the queue full.
+        self._stating: dict[str, tuple[Iterator[Message], bytes | None]] = {}
 
     # --- this process ------------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class Siblings:
             self._gone(gone)
         met, self.peers = found - self.peers, found
         for who in met:
-            self._state_to(who)
+            self.state_to(who)
         return found
 
     def send(self, who: str, message: Message) -> bool:
@@ -154,18 +157,48 @@ class Siblings:
         for who in list(self._owed):
             self._owed.discard(who)
             if self.send(who, ["resync", self.me]):
-                self._state_to(who)
+                self.state_to(who)
 
     def reintroduce(self) -> None:
         """This process may have been taken for dead (its loop stood still): its state goes to every
         sibling again, and one that forgot it meets it again."""
         for who in list(self.peers):
-            self._state_to(who)
+            self.state_to(who)
 
-    def _state_to(self, who: str) -> None:
-        for message in self._restate():
-            if not self.send(who, message):
-                return  # owed a resync now (or gone): the whole state goes again with it
+    def state_to(self, who: str) -> None:
+        """This process's whole state (``restate``) to ``who``, in as many datagrams as it takes. A
+        state may be longer than the sibling's queue: what does not fit goes when it has room (each
+        part is made as it goes, so it says the counts of then), never dropped and started over."""
+        self._stating[who] = (self._restate(), None)
+        self._state_on(who)
+
+    def _state_on(self, who: str) -> None:
+        stating = self._stating.pop(who, None)
+        if stating is None or self._sock is None:
+            return
+        parts, held = stating
+        while True:
+            data = held
+            if data is None:
+                message = next(parts, None)
+                if message is None:
+                    return
+                data = orjson.dumps(message)
+            held = None
+            try:
+                self._sock.sendto(data, self._address(who))
+            except BlockingIOError:  # its queue is full: the rest when it has read some
+                self._stating[who] = (parts, data)
+                if self._loop is not None:
+                    self._loop.call_later(0.02, self._state_on, who)
+                return
+            except (ConnectionRefusedError, FileNotFoundError):
+                self._gone(who)
+                return
+            except OSError as exc:  # never out of the beat (EMSGSIZE included): a resync says it all again
+                log.warning("state to gateway process %s failed: %s", who, exc)
+                self._owed.add(who)
+                return
 
     def _send(self, who: str, data: bytes) -> bool:
         if self._sock is None:
@@ -182,12 +215,13 @@ class Siblings:
             self._gone(who)
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise
+                raise  # a message too big for one datagram is the sender's to split
             log.warning("message to gateway process %s failed: %s", who, exc)
             self._owed.add(who)
         return False
 
     def _gone(self, who: str) -> None:
+        self._stating.pop(who, None)
         self.peers.discard(who)
         self._owed.discard(who)
         self._on_gone(who)
@@ -210,7 +244,7 @@ class Siblings:
                 continue
             if sender not in self.peers and sender != self.me:  # new, or back after it looked dead
                 self.peers.add(sender)
-                self._state_to(sender)
+                self.state_to(sender)
             try:
                 self._on_message(sender, message)
             except Exception:
