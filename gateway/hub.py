@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 from gateway.agentapi import Cursor
 from gateway.capture import CapturedElsewhere, Captures, Ingest
 from gateway.config import Streams
+from gateway.errors import GatewayError
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.eventlog.base import Feed
 from gateway.follower import Follower
@@ -130,8 +131,12 @@ class Hub:
 
     def _side_done(self, task: asyncio.Future[Any]) -> None:
         self._side_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("hub background task failed", exc_info=task.exception())
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, GatewayError):  # an answer (a 502, a 503 ...): its client got it, or hung up
+            logger.info("hub background task ended with %d: %s", exc.status, exc)
+        else:
+            logger.error("hub background task failed", exc_info=exc)
 
     # --- what is captured here ---------------------------------------------------------------------
 

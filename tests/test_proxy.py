@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import base64
 import itertools
 import socket
@@ -144,6 +145,23 @@ async def test_requests_spread_over_replicas(make_gateway: MakeGateway, tmp_path
     finally:
         for r in reps:
             await r.stop()
+
+
+async def test_a_background_run_the_upstream_cannot_take_is_answered_and_not_logged_as_a_crash(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The background run's request runs in a task the hub owns (it must outlive a client that hangs
+    # up); that task's 502 was also logged as an ERROR with a traceback, "hub background task failed".
+    dead = refusing_port()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{dead.getsockname()[1]}"]}}))
+        with caplog.at_level(logging.INFO, logger="gateway"):
+            async with http.post(f"{gw.url}/threads/t1/runs", json={"assistant_id": "a", "input": {}}) as r:
+                assert r.status == 502 and "detail" in await r.json()
+        crashes = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+        assert not crashes, crashes
+    finally:
+        dead.close()
 
 
 async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
