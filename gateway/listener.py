@@ -130,9 +130,14 @@ class ClientConnection(RequestHandler):
             # aiohttp's router answers a request target that is no path (``OPTIONS *``, CONNECT's
             # host:port, ``http://host`` without one) itself, before the gateway's route: in the API's shape.
             resp = failed(request, resp)
-        if resp.headers.get("Connection", "").lower() == "close":
-            self.close()  # said, so done: aiohttp would read the next request on it otherwise
+        # A response that says Connection: close (an unread or broken body: the parser cannot go on),
+        # or the answer to a request whose body broke while it waited its turn (pipelined), ends the
+        # connection once written: aiohttp would read on, or linger 10 s over a body nobody reads.
+        closing = (resp.headers.get("Connection", "").lower() == "close"
+                   or isinstance(request.content.exception(), BadRequest))
         out = await super().finish_response(request, resp, start_time)
+        if closing:
+            self.force_close()
         self._between_requests = True
         self._body = None  # it holds this connection: kept, it would make a reference cycle per request
         return out

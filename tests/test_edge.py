@@ -235,6 +235,30 @@ async def test_a_pipelined_body_that_breaks_off_malformed_gets_a_json_400_once_i
     assert (status, orjson.loads(body)) == (400, {"detail": "malformed HTTP request body"}), answers[1][:300]
 
 
+async def test_a_body_that_stalls_gets_its_408_and_the_connection_ends_with_it(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """The 408 says Connection: close, and the gateway held the connection (a max_connections slot)
+    for aiohttp's 10 s of lingering over a body nobody would read, or kept reading requests on it."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"body_timeout": "500ms"}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"a\": ")  # and then nothing: the client stalls
+    await writer.drain()
+    raw, closed = b"", False
+    try:
+        async with asyncio.timeout(5):  # the body timeout and then some; lingering would be 10 s
+            while chunk := await reader.read(65536):
+                raw += chunk
+            closed = True
+    except TimeoutError:
+        pass
+    writer.close()
+    assert raw.startswith(b"HTTP/1.1 408 "), raw[:300]
+    assert closed, "the connection ends with the answer that says it does"
+
+
 @pytest.mark.parametrize("request_line", [b"OPTIONS * HTTP/1.1", b"CONNECT example.com:443 HTTP/1.1",
                                           b"GET http://example.com HTTP/1.1"])
 async def test_a_request_target_that_is_no_path_gets_a_json_404(
