@@ -10,6 +10,7 @@ import logging
 
 from gateway.capture import Captures
 from gateway.eventlog import EventLog, StorageError, StorageFull, StreamMeta
+from gateway.eventlog.base import ClaimLost
 from gateway.metrics import Metrics
 from gateway.presence import Presence
 
@@ -52,22 +53,26 @@ class TakeOver:
         for meta in await self.log.unowned():
             if self.presence.closing or meta.key in self.captures.live:
                 continue
-            if meta.endless:
-                if await self.presence.everywhere(meta.key) == 0:
-                    if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # (see below)
-                        # nobody watches it: released, re-opened when asked
+            try:  # one stream that cannot be taken now never stops the others (nor the start-up)
+                await self._take(meta)
+            except (StorageError, ClaimLost) as exc:  # storage fails, or another process was faster
+                logger.warning("could not take %s over (%s); will retry", meta.key, exc)
+
+    async def _take(self, meta: StreamMeta) -> None:
+        if meta.endless:
+            if await self.presence.everywhere(meta.key) == 0:
+                if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # (see below)
+                    try:  # nobody watches it: ended, re-opened when asked
                         await self.log.finish(meta.key, None)
-                        await self.log.release(meta.key)
-                    continue
-            # Claimed, and still nobody's capture here: a client's join (Hub._join) may have taken it
-            # over in this process while the claim was being written, and on a shared log a claim
-            # this process already holds is granted again. Two captures of one stream would each
-            # re-join the upstream and append every event twice.
-            if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # else another was faster
-                try:
-                    await self.adopt(meta)
-                except StorageError as exc:  # storage fails now: the next sweep tries again
-                    logger.warning("could not take %s over (%s); will retry", meta.key, exc)
+                    finally:  # its claim goes either way, as when a thread stream is released
+                        await self.captures.release(meta.key)
+                return
+        # Claimed, and still nobody's capture here: a client's join (Hub._join) may have taken it
+        # over in this process while the claim was being written, and on a shared log a claim
+        # this process already holds is granted again. Two captures of one stream would each
+        # re-join the upstream and append every event twice.
+        if await self.log.claim(meta.key) and meta.key not in self.captures.live:  # else another was faster
+            await self.adopt(meta)
 
     async def adopt(self, meta: StreamMeta) -> None:
         """Capture an open stream this process has just claimed, from where the log holds it."""
