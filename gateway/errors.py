@@ -56,6 +56,12 @@ class StorageUnavailable(GatewayError):
     status = 503
 
 
+class StreamBusy(GatewayError):
+    """Another gateway process holds the stream's claim and has not begun it within pool_timeout."""
+
+    status = 503
+
+
 def describe(exc: BaseException) -> str:
     """An exception as one line of a log or a detail: its type, and its text when it has one."""
     if isinstance(exc, TimeoutError) and not str(exc):

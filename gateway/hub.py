@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from gateway.agentapi import Cursor
 from gateway.capture import CapturedElsewhere, Captures, Ingest
 from gateway.config import Streams
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StreamBusy
 from gateway.eventlog import EventLog, StreamMeta
 from gateway.eventlog.base import Feed
 from gateway.follower import Follower
@@ -206,7 +206,8 @@ class Hub:
                     # Not begun yet, or never: the upstream refused that replica's leg (its answer went to
                     # its client) and the claim was let go. Asked again, the upstream answers this one.
                     if asyncio.get_running_loop().time() > deadline:
-                        raise
+                        raise StreamBusy(f"stream {key} is being opened by another gateway process; "
+                                         "try again") from None
                     await asyncio.sleep(0.05)
             if isinstance(opened, LegResponse):
                 return Attachment(held=held, answer=opened)
