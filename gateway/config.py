@@ -625,9 +625,6 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
         raw["upstreams"] = ups
     if overrides.data_dir is not None:
         storage = dict(_mapping("storage", raw.get("storage")))
-        if storage.get("backend", Storage().backend) != "lmdb":  # else it would be dropped without a word
-            raise ConfigError("--data-dir", overrides.data_dir,
-                              f"an LMDB data directory, but storage.backend is {storage.get('backend')!r}")
         storage["path"] = overrides.data_dir
         raw["storage"] = storage
     if overrides.log_level is not None:
@@ -636,4 +633,8 @@ def load_config(path: str | None, overrides: Overrides = Overrides(), env: Mappi
         raw["log_format"] = overrides.log_format
     if overrides.workers is not None:
         raw["workers"] = overrides.workers
-    return build_config(raw)
+    cfg = build_config(raw)
+    if overrides.data_dir is not None and cfg.storage.backend != "lmdb":  # else dropped without a word
+        raise ConfigError("--data-dir", overrides.data_dir,
+                          f"an LMDB data directory, but storage.backend is {cfg.storage.backend!r}")
+    return cfg
