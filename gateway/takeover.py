@@ -76,7 +76,6 @@ class TakeOver:
 
     async def adopt(self, meta: StreamMeta) -> None:
         """Capture an open stream this process has just claimed, from where the log holds it."""
-        self.metrics.took_over()  # whoever captured it stopped: an operator wants to know how often
         if meta.kind == "run" and meta.thread_id is None:
             # Begun again first, as a capture does after a storage failure: a stream whose last
             # commit failed (its end, when its upstream was lost while storage failed) takes writes
@@ -92,6 +91,10 @@ class TakeOver:
                 raise
             await self.captures.interrupt(meta, STATELESS_LOST)
             await self.log.release(meta.key)
+            # Counted once done (a try storage refused is tried again, and counted then): whoever
+            # captured the stream stopped, and an operator wants to know how often.
+            self.metrics.took_over()
             return
         logger.info("taking over %s from upstream id %s", meta.key, meta.last_upstream_id)
         self.captures.start(meta, None, None)
+        self.metrics.took_over()
