@@ -330,7 +330,7 @@ class Captures:
         await stop_tasks([i.task for i in live if i.task is not None], "captures")
         for ing in live:
             self._let_go(ing)  # a cancel swallowed underneath a task may have let it park
-        for key in list(self.live):
+        for key in [ing.key for ing in live]:  # (self.live is empty by now: _let_go took them out)
             try:
                 await self.log.release(key)
             except Exception as exc:  # the lease runs out by itself
