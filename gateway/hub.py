@@ -29,6 +29,7 @@ from gateway.follower import Follower
 from gateway.legs import Legs
 from gateway.metrics import Metrics, NoMetrics
 from gateway.presence import Presence, UpstreamCanceller
+from gateway.rejoin import held_from_start
 from gateway.replay import Page, ReplayPages
 from gateway.streamclient import LegResponse
 from gateway.takeover import TakeOver
@@ -212,6 +213,14 @@ class Hub:
             if isinstance(opened, LegResponse):
                 return Attachment(held=held, answer=opened)
             return Attachment(self.follow(key, after), held=held, leg=opened[1])
+
+    async def start_held(self, held: StreamMeta) -> bool:
+        """Whether the log holds ``held`` from its start (``rejoin.held_from_start``), reading its first
+        event only when that decides it."""
+        if not held.begun_partway or held.kind != "run" or not held.head:
+            return held_from_start(held, None)
+        first = await self.log.read(held.key, 0, held.head, 1)
+        return held_from_start(held, first[0][1] if first else None)
 
     def _followable(self, held: StreamMeta) -> bool:
         """A held stream a client follows as it is: a run (captured by whoever captures it, or taken

@@ -26,7 +26,7 @@ from typing import Iterable, Literal
 
 
 from gateway.eventlog import StreamKind, StreamMeta
-from gateway.marks import gap_event
+from gateway.marks import GAP_EVENT, gap_event
 from gateway.metrics import GapReason
 from gateway.sse import Event, event_name
 from gateway.agentapi import RUN_START_EVENT, Cursor
@@ -73,6 +73,18 @@ def begins_partway(kind: StreamKind, held: StreamMeta | None, last: str | None) 
     if held is not None or kind == "session":
         return False
     return kind == "run" or last != "-"
+
+
+def held_from_start(meta: StreamMeta, first: bytes | None) -> bool:
+    """Whether the log holds ``meta``'s stream from its start (``begins_partway``'s counterpart, for a
+    client that asks for all of it): its capture did not begin partway, or, for a run, what is held
+    (``first``: its first event, None when none is) begins with the run's first event anyway (the
+    run had not started) or with a gap marker (which says in-band what is missing)."""
+    if not meta.begun_partway:
+        return True
+    if meta.kind != "run":
+        return False
+    return first is None or event_name(first) in (RUN_START_EVENT, GAP_EVENT)
 
 
 def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:

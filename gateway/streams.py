@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 
 from gateway import agentapi
 from gateway.access import CHECK_TIMEOUT, AccessCheck, Refused, with_captor
-from gateway.agentapi import RUN_START_EVENT, Cursor, canonical_id, capturable, is_uuid
+from gateway.agentapi import Cursor, canonical_id, capturable, is_uuid
 from gateway.capture import is_event_stream
 from gateway.config import Streams
 from gateway.errors import InvalidEventId, StorageUnavailable, Unprocessable
@@ -33,8 +33,7 @@ from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.metrics import ResumeOutcome
 from gateway.proxy import Forwarder, RelayedBody, client_headers
 from gateway.responses import cut, express_writer, send_body, start_response
-from gateway.marks import GAP_EVENT
-from gateway.sse import EVENT_END, HEARTBEAT, event_name, frame
+from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     RunRequest,
     parse_cursor,
@@ -330,7 +329,7 @@ class StreamHandlers:
             return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:
             self.tell_resume(request, cursor, "truncated", headers)
-        elif cursor.kind == "start" and not await self._start_held(meta):
+        elif cursor.kind == "start" and not await self.hub.start_held(meta):
             # A run first joined mid-stream (the gateway never saw it begin), or a thread stream first
             # captured at its live tail, is held from then on: a client asking for all of it gets
             # what is held, and is told its start is not.
@@ -338,19 +337,6 @@ class StreamHandlers:
         else:
             self.tell_resume(request, cursor, "hit", headers)
         return cursor.after()
-
-    async def _start_held(self, meta: StreamMeta) -> bool:
-        """Whether the log holds a stream from its start: its capture did not begin partway (see
-        ``begins_partway``), or, for a run, it did but began with the run's first event anyway (the
-        run had not started) or with a gap marker (which says in-band what is missing)."""
-        if not meta.begun_partway:
-            return True
-        if meta.kind != "run":
-            return False
-        if not meta.head:
-            return True
-        first = await self.log.read(meta.key, 0, meta.head, 1)
-        return not first or event_name(first[0][1]) in (RUN_START_EVENT, GAP_EVENT)
 
     def tell_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome,
                     headers: CIMultiDict[str] | None = None) -> None:
