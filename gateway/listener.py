@@ -110,7 +110,7 @@ class ClientConnection(RequestHandler):
         queues a 400 for after that request and leaves the body open, so the handler waited out
         body_timeout and answered 408. Its read fails now instead: a 400, and the connection closes
         (the parser cannot go on). A request queued behind another (pipelined) gets the same 400 when
-        its turn comes; the one being answered is not cut for it."""
+        its turn comes; the one being answered before it is not cut for it."""
         for entry in parsed:
             message, payload = entry
             if isinstance(message, RawRequestMessage):
@@ -119,9 +119,9 @@ class ClientConnection(RequestHandler):
                 log.info("refused a request whose body broke off malformed")
                 self._body.set_exception(BadRequest("malformed HTTP request body", headers={"Connection": "close"}))
                 self._body.feed_eof()
-                if self._current_request is not None and self._current_request.content is self._body:
-                    self.close()
-                elif entry in self._messages:  # its handler answers it, once: not the parser's 400 too
+                # Its handler answers it, once (a 400 that ends the connection: finish_response),
+                # being answered now or queued (pipelined): not the parser's 400 too.
+                if entry in self._messages:
                     self._messages.remove(entry)
 
     async def finish_response(self, request: Any, resp: web.StreamResponse,

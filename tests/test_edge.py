@@ -170,6 +170,21 @@ async def test_a_malformed_request_gets_a_json_400_that_echoes_nothing(
     assert all("secret-token-123" not in r.getMessage() and r.exc_info is None for r in caplog.records)
 
 
+async def _read_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                             seconds: float) -> tuple[bytes, bool]:
+    """What the gateway sends on a raw connection within ``seconds``, and whether it closed it."""
+    raw, closed = b"", False
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                raw += chunk
+            closed = True
+    except TimeoutError:
+        pass
+    writer.close()
+    return raw, closed
+
+
 @pytest.mark.parametrize("path,size", [("/echo", 100), ("/echo", 5000), ("/threads/t1/runs", 100)],
                          ids=["forwarded, read first", "forwarded, streamed", "background run"])
 async def test_a_chunked_body_that_breaks_off_malformed_gets_a_json_400_at_once(
@@ -187,14 +202,7 @@ async def test_a_chunked_body_that_breaks_off_malformed_gets_a_json_400_at_once(
     await writer.drain()
     await asyncio.sleep(0.3)  # the request is being handled: what follows arrives on its own
     writer.write(b"ZZ\r\n")
-    raw = b""
-    try:
-        async with asyncio.timeout(20):  # well within body_timeout
-            while chunk := await reader.read(65536):
-                raw += chunk
-    except TimeoutError:
-        pass
-    writer.close()
+    raw, _closed = await _read_until_closed(reader, writer, 20)  # well within body_timeout
     status, body = status_and_body(raw) if raw else (0, b"")
     assert (status, orjson.loads(body) if body else None) == (400, {"detail": "malformed HTTP request body"}), raw[:300]
     assert raw.count(b"HTTP/1.") == 1, "one answer, and the connection closed"
@@ -218,15 +226,7 @@ async def test_a_pipelined_body_that_breaks_off_malformed_gets_a_json_400_once_i
     writer.write(b"ZZ\r\n")
     await asyncio.sleep(0.2)
     fake_upstream.faults.hang = 0
-    raw, closed = b"", False
-    try:
-        async with asyncio.timeout(20):  # well within body_timeout
-            while chunk := await reader.read(65536):
-                raw += chunk
-            closed = True
-    except TimeoutError:
-        pass
-    writer.close()
+    raw, closed = await _read_until_closed(reader, writer, 20)  # well within body_timeout
     assert closed, "the connection is closed after the 400 (its parser cannot go on)"
     answers = raw.split(b"HTTP/")[1:]
     assert len(answers) == 2, raw[:800]
@@ -246,15 +246,7 @@ async def test_a_body_that_stalls_gets_its_408_and_the_connection_ends_with_it(
     writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"a\": ")  # and then nothing: the client stalls
     await writer.drain()
-    raw, closed = b"", False
-    try:
-        async with asyncio.timeout(5):  # the body timeout and then some; lingering would be 10 s
-            while chunk := await reader.read(65536):
-                raw += chunk
-            closed = True
-    except TimeoutError:
-        pass
-    writer.close()
+    raw, closed = await _read_until_closed(reader, writer, 5)  # the body timeout and then some; lingering: 10 s
     assert raw.startswith(b"HTTP/1.1 408 "), raw[:300]
     assert closed, "the connection ends with the answer that says it does"
 

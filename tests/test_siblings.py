@@ -4,11 +4,12 @@ delivered is never a silent loss (the receiver is told to catch up from the log)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 from gateway import eventlog
 from gateway.config import Storage
@@ -73,6 +74,20 @@ async def test_a_sibling_is_alive_while_it_holds_its_lock_and_beats(tmp_path: Pa
         b.stop()
 
 
+@contextlib.asynccontextmanager
+async def _beside_a_peer(tmp_path: Path, got: list[Any]) -> AsyncIterator[tuple[eventlog.EventLog, Siblings]]:
+    """A shared log, and a bare sibling process beside it that keeps every message it gets in ``got``."""
+    peer = Siblings(tmp_path, 5.0, lambda who, m: got.append(m), lambda who: None)
+    peer.start(asyncio.get_running_loop())
+    log = eventlog.open_log(Storage(path=tmp_path, shared=True, lease_ttl=5.0))
+    await log.open()
+    try:
+        yield log, peer
+    finally:
+        await log.close()
+        peer.stop()
+
+
 async def test_a_sibling_owed_a_catch_up_gets_the_whole_state_even_with_many_cancels_asked(tmp_path: Path) -> None:
     """What a shared log states again after a dropped message (its follower counts, the cancels its
     clients asked for) goes out whole each time the sibling's queue has room. Sent as a message per
@@ -80,11 +95,7 @@ async def test_a_sibling_owed_a_catch_up_gets_the_whole_state_even_with_many_can
     queue's end and started over from the first, so the last cancels were never said."""
     loop = asyncio.get_running_loop()
     got: list[Any] = []
-    peer = Siblings(tmp_path, 5.0, lambda who, m: got.append(m), lambda who: None)
-    peer.start(loop)
-    log = eventlog.open_log(Storage(path=tmp_path, shared=True, lease_ttl=5.0))
-    await log.open()
-    try:
+    async with _beside_a_peer(tmp_path, got) as (log, peer):
         assert peer._sock is not None
         loop.remove_reader(peer._sock.fileno())  # the sibling's loop is busy: its queue fills up
         asked = [f"default/run/r{i}" for i in range(15)]
@@ -107,9 +118,6 @@ async def test_a_sibling_owed_a_catch_up_gets_the_whole_state_even_with_many_can
         assert set(asked) <= told(), f"cancels never said: {sorted(set(asked) - told())}"
         states = [m for m in got if m[0] == "restate" and m[4]]
         assert states and states[-1][2] == {"default/run/r0": 2}, "and the follower counts, whole"
-    finally:
-        await log.close()
-        peer.stop()
 
 
 async def test_a_state_of_many_long_keys_goes_whole_in_datagrams_that_fit(tmp_path: Path) -> None:
@@ -117,13 +125,8 @@ async def test_a_state_of_many_long_keys_goes_whole_in_datagrams_that_fit(tmp_pa
     stated itself in datagrams over a default host's limit (net.core.wmem_max 208 KiB): EMSGSIZE,
     raised out of the heartbeat, which ended it and got the process taken for dead. Sized by bytes,
     a state bigger than the socket's buffer then never fit at once; it goes as the sibling reads."""
-    loop = asyncio.get_running_loop()
     got: list[Any] = []
-    peer = Siblings(tmp_path, 5.0, lambda who, m: got.append(m), lambda who: None)
-    peer.start(loop)
-    log = eventlog.open_log(Storage(path=tmp_path, shared=True, lease_ttl=5.0))
-    await log.open()
-    try:
+    async with _beside_a_peer(tmp_path, got) as (log, peer):
         counts = {f"an-upstream-with-a-long-name/run/{'t' * 60}/{i:0120d}": 1 for i in range(2500)}
         for key, n in counts.items():
             log.set_followers(key, n)
@@ -141,6 +144,3 @@ async def test_a_state_of_many_long_keys_goes_whole_in_datagrams_that_fit(tmp_pa
                     whole.update(m[2])
                 break
         assert whole == counts, f"{len(whole)} of {len(counts)} counts stated"
-    finally:
-        await log.close()
-        peer.stop()

@@ -514,18 +514,14 @@ class SharedLmdbEventLog(LmdbEventLog):
         count changed (and was announced) says the new count, not the one of when the state began."""
         parts: list[tuple[list[str], list[str]]] = [([], [])]
         size = 0
-        for key in self._followers_here:
-            if size + len(key) + 24 > _STATE_BYTES:
+        # (which list of a part, key, its JSON's bytes beside the key: a count, or a bare string)
+        items = [(0, key, 24) for key in self._followers_here] + [(1, key, 8) for key in self._cancels_asked]
+        for which, key, extra in items:
+            if size + len(key) + extra > _STATE_BYTES:
                 parts.append(([], []))
                 size = 0
-            parts[-1][0].append(key)
-            size += len(key) + 24
-        for key in self._cancels_asked:
-            if size + len(key) + 8 > _STATE_BYTES:
-                parts.append(([], []))
-                size = 0
-            parts[-1][1].append(key)
-            size += len(key) + 8
+            parts[-1][which].append(key)
+            size += len(key) + extra
         last = len(parts) - 1
         for i, (keys, cancels) in enumerate(parts):
             here = self._followers_here
