@@ -57,6 +57,20 @@ class RunningGateway:
         self.admin_url = "http://%s:%d" % server.addresses["admin"]
 
 
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 24 MiB filesystem (tmpfs) for the test; skipped where mounting is not permitted."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root or CAP_SYS_ADMIN")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def freeze_what_the_imports_made() -> Any:
     """What the imports allocated (aiohttp, the SDKs, hypothesis: most of the heap) is never garbage:

@@ -30,39 +30,11 @@ from gateway.eventlog import lmdb as lmdb_log
 from gateway.eventlog.base import StorageError, StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.disk import fill
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
-
-
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 24 MiB filesystem (tmpfs) for the test; skipped where mounting is not permitted."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root or CAP_SYS_ADMIN")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def fill(fs: Path, leave: int) -> Path:
-    """A filler file that leaves about ``leave`` bytes free on ``fs``."""
-    st = os.statvfs(fs)
-    free = st.f_bavail * st.f_frsize
-    filler = fs / "filler"
-    with open(filler, "wb") as f:
-        f.truncate(0)
-        chunk = b"\0" * (1 << 20)
-        left = max(0, free - leave)
-        while left > 0:
-            n = f.write(chunk[: min(len(chunk), left)])
-            left -= n
-    return filler
 
 
 async def _recovers_and_fills_in(http: aiohttp.ClientSession, gw: RunningGateway, loc: str, seen: list[Ev],
