@@ -23,6 +23,7 @@ from gateway.eventlog.redis import RedisEventLog
 from gateway.eventlog.lmdb_shared import SharedLmdbEventLog
 from gateway.eventlog.siblings import Siblings
 from gateway.sse import Event, event
+from tests.support.disk import fill
 from tests.support.tcp_relay import TcpRelay
 
 Opener = Callable[..., Awaitable[EventLog]]
@@ -741,4 +742,35 @@ async def test_a_shared_lmdb_sweep_does_not_write_a_stream_another_process_took_
         assert held is not None and held.head == 10**18, "the new captor's head stands"
     finally:
         other.stop()
+        await log.close()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["lmdb", "lmdb-shared"])
+async def test_a_retention_trim_that_fails_to_commit_stops_nothing_and_counts_nothing_twice(
+        small_fs: Path, shared: bool) -> None:
+    """Retention trims the old part of an open thread stream in a write of its own. On a full disk
+    that write fails. It lost nothing of the stream, yet on a shared log it stopped the stream (its
+    next append refused, its clients cut), and on an embedded one the trim stayed in the stream's
+    metadata though not on disk: the next append stored a size without the records still there,
+    and the next sweep dropped their bytes a second time (a negative size, retention misled)."""
+    log = eventlog.open_log(Storage(path=small_fs / "log", shared=shared, lease_ttl=5.0, retention=60.0))
+    await log.open()
+    try:
+        await begun(log, StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))
+        for i in range(40):
+            await log.append("t", evs(*(f"{i} {'x' * 3000}" for _ in range(20))))
+        before = await log.lookup("t")
+        assert before is not None and before.size > 2_000_000
+        filler = fill(small_fs, leave=0)
+        with pytest.raises(StorageError):
+            await log.sweep(now=time.time() + 3600)  # every record is past retention; the commit fails
+        filler.unlink()
+        await log.append("t", evs("after"))  # the stream takes its next batch
+        held = await log.lookup("t")
+        assert held is not None and held.size > before.size, "the records the trim left are counted"
+        assert len(await log.read("t", 0, 10**18, 10_000)) == 801, "and read: nothing was dropped"
+        await log.sweep(now=time.time() + 3600)  # space is back: the trim goes through, once
+        trimmed = await log.lookup("t")
+        assert trimmed is not None and trimmed.size == 0 and trimmed.open
+    finally:
         await log.close()

@@ -122,6 +122,9 @@ class _Batch:
     future: asyncio.Future[Any] | None = None
     settled: Settled | None = None  # told instead of ``future`` (submit_then): no future per chunk
     hot: bool = False  # events only: the stream's metadata changes only in its counters
+    # Retention's trims of open streams: key -> (bytes dropped, first_seq before). Staged at once (later
+    # batches build on the trimmed metadata), so a trim that fails to commit is undone by these.
+    trimmed: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _probe_size(group: list[_Batch]) -> int:
@@ -627,7 +630,8 @@ class LmdbEventLog(EventLog):
                     log.error("event log commit failed: %s", exc)
                     probe_bytes = _probe_size(group)
                 error = exc
-                broken.update(b.key for b in group if b.key is not None)
+                # A trim lost nothing of its stream: only a stream whose events failed stops here.
+                broken.update(b.key for b in group if b.key is not None and not b.trimmed)
             for h in holds:  # failed before its puts: the loop is let go all the same
                 h.release()
             holds.clear()
@@ -897,8 +901,10 @@ class LmdbEventLog(EventLog):
         """A stream's commit, for the other processes sharing the log (a shared log only)."""
 
     def _fail_batch(self, b: _Batch, error: BaseException | None) -> None:
-        if b.key is None:
-            return
+        if b.trimmed:
+            self._undo_trims(b.trimmed)
+        if b.key is None or b.trimmed:
+            return  # retention's write: the stream lost nothing, and may take its next batches
         self._broken.add(b.key)
         # Nothing of this batch (or of later ones for the stream) is stored: back to what is.
         committed = self._metas.get(b.key)
@@ -906,6 +912,23 @@ class LmdbEventLog(EventLog):
             self._staged.pop(b.key, None)
         else:
             self._staged[b.key] = committed
+
+    def _undo_trims(self, trimmed: dict[str, tuple[int, int]]) -> None:
+        """A trim did not commit: the records it dropped are still there. The stream's staged metadata
+        and the batches waiting to commit after it (staged on the trimmed metadata) count them again,
+        or the next append would commit a size and first seq without them, and the next sweep would
+        drop their bytes from the size a second time."""
+        def undone(meta: StreamMeta, size: int, first: int) -> StreamMeta:
+            return replace(meta, size=meta.size + size, first_seq=min(meta.first_seq, first))
+
+        for key, (size, first) in trimmed.items():
+            staged = self._staged.get(key)
+            if staged is not None:
+                self._staged[key] = undone(staged, size, first)
+            for later in self._outbox:
+                meta = later.metas.get(key)
+                if meta is not None:
+                    later.metas[key] = undone(meta, size, first)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -1019,6 +1042,7 @@ class LmdbEventLog(EventLog):
             return
         batch.drop_keys.extend(keys)
         batch.size_delta -= size
+        batch.trimmed[key] = (size, staged.first_seq)
         self._staged[key] = batch.metas[key] = replace(staged, size=staged.size - size, first_seq=next_seq)
 
     def _old_records(self, key: str, cutoff: float) -> tuple[list[bytes], int, int]:
