@@ -774,3 +774,33 @@ async def test_a_retention_trim_that_fails_to_commit_stops_nothing_and_counts_no
         assert trimmed is not None and trimmed.size == 0 and trimmed.open
     finally:
         await log.close()
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["lmdb", "lmdb-shared"])
+async def test_a_retention_eviction_that_fails_to_commit_is_made_at_the_next_sweep(
+        small_fs: Path, shared: bool) -> None:
+    """The embedded log forgot the streams retention chose as soon as it chose them. When the write
+    that removes them failed (a full disk), they stayed on disk, out of the size the budget is
+    judged by and out of every later sweep's sight, until a restart."""
+    storage = Storage(path=small_fs / "log", shared=shared, lease_ttl=5.0, retention=60.0)
+    log = eventlog.open_log(storage)
+    await log.open()
+    try:
+        await begun(log, meta("old"))
+        for i in range(40):
+            await log.append("old", evs(*(f"{i} {'x' * 3000}" for _ in range(20))))
+        await log.finish("old", "done")
+        filler = fill(small_fs, leave=0)
+        with pytest.raises(StorageError):
+            await log.sweep(now=time.time() + 3600)
+        filler.unlink()
+        assert await log.sweep(now=time.time() + 3600) == 1, "tried again once space is back"
+        assert await log.lookup("old") is None
+    finally:
+        await log.close()
+    log = eventlog.open_log(storage)
+    await log.open()
+    try:
+        assert await log.lookup("old") is None, "gone from the disk, not only from the process"
+    finally:
+        await log.close()

@@ -125,6 +125,7 @@ class _Batch:
     # Retention's trims of open streams: key -> (bytes dropped, first_seq before). Staged at once (later
     # batches build on the trimmed metadata), so a trim that fails to commit is undone by these.
     trimmed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    dropped: list[StreamMeta] = field(default_factory=list)  # retention's evictions, put back if it fails
 
 
 def _probe_size(group: list[_Batch]) -> int:
@@ -903,6 +904,10 @@ class LmdbEventLog(EventLog):
     def _fail_batch(self, b: _Batch, error: BaseException | None) -> None:
         if b.trimmed:
             self._undo_trims(b.trimmed)
+        for meta in b.dropped:  # still on disk: held, counted and evicted again at the next sweep
+            if meta.key not in self._metas:
+                self._metas[meta.key] = meta
+                self._size += meta.size
         if b.key is None or b.trimmed:
             return  # retention's write: the stream lost nothing, and may take its next batches
         self._broken.add(b.key)
@@ -1077,6 +1082,7 @@ class LmdbEventLog(EventLog):
         self._size -= meta.size
         batch.drop_prefixes.append(_prefix(meta.key))
         batch.metas[meta.key] = None
+        batch.dropped.append(meta)
 
 
 def caught_up(txn: lmdb.Transaction, events_db: Any, meta: StreamMeta) -> StreamMeta:
