@@ -197,22 +197,51 @@ def shown_url(url: str) -> str:
     return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
+# A real config is a few hundred nodes; aliases of aliases can multiply past any real one.
+_MAX_NODES = 100_000
+
+
 def expand_env(value: Any, env: Mapping[str, str], path: str = "") -> Any:
-    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree."""
-    if isinstance(value, str):
-        def sub(m: re.Match[str]) -> str:
-            name, default = m.group(1), m.group(2)
-            if name in env and env[name] != "":
-                return env[name]
-            if default is not None:
-                return default
-            raise ConfigError(path or "<root>", m.group(0), f"environment variable {name} is not set")
-        return _VAR.sub(sub, value)
-    if isinstance(value, list):
-        return [expand_env(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        return {k: expand_env(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-    return value
+    """Expand ${VAR} and ${VAR:-default} in every string of a parsed YAML tree.
+
+    The tree is a graph when the file uses aliases: one that names a node it sits inside
+    (``a: &x [*x]``) never ends, and nested aliases can expand exponentially; both are errors
+    naming where, not a RecursionError or a hang."""
+    left = [_MAX_NODES]
+    inside: set[int] = set()  # the lists and mappings being expanded, outermost to here
+
+    def walk(v: Any, where: str) -> Any:
+        left[0] -= 1
+        if left[0] < 0:
+            raise ConfigError(where or "<root>", None, f"more than {_MAX_NODES} values: YAML aliases expanding "
+                              "into copies of copies; write the values out", show_value=False)
+        if isinstance(v, str):
+            return _expand_str(v, env, where)
+        if not isinstance(v, (list, dict)):
+            return v
+        if id(v) in inside:
+            raise ConfigError(where or "<root>", None, "a YAML alias inside the very node it names "
+                              "(it would expand forever)", show_value=False)
+        inside.add(id(v))
+        try:
+            if isinstance(v, list):
+                return [walk(x, f"{where}[{i}]") for i, x in enumerate(v)]
+            return {k: walk(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        finally:
+            inside.discard(id(v))
+
+    return walk(value, path)
+
+
+def _expand_str(value: str, env: Mapping[str, str], path: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(path or "<root>", m.group(0), f"environment variable {name} is not set")
+    return _VAR.sub(sub, value)
 
 
 # --- field converters: each raises ConfigError naming the field -------------------------------
@@ -273,6 +302,13 @@ def _str(name: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise ConfigError(name, v, "a non-empty string")
     return v
+
+
+def _path(name: str, v: Any) -> Path:
+    text = _str(name, v)
+    if "\0" in text:  # no file system takes one: os.makedirs would raise at start-up
+        raise ConfigError(name, v, "a path without a NUL character")
+    return Path(text)
 
 
 def _url(name: str, v: Any) -> URL:
@@ -419,7 +455,7 @@ def _storage(raw: Any) -> Storage:
         redis_url=redis_url,
         redis_prefix=prefix,
         lease_ttl=parse_duration("storage.lease_ttl", raw.get("lease_ttl", d.lease_ttl)),
-        path=Path(_str("storage.path", raw.get("path", str(d.path)))),
+        path=_path("storage.path", raw.get("path", str(d.path))),
         durability=durability,
         map_size=_size("storage.map_size", raw.get("map_size", d.map_size)),
         max_bytes=_size("storage.max_bytes", raw.get("max_bytes", d.max_bytes)),

@@ -210,11 +210,24 @@ def test_a_size_beyond_any_storage_is_refused(tmp_path: Path, value: str) -> Non
     assert err.field == "storage.map_size"
 
 
-@pytest.mark.parametrize("value", ["", "~", "null", "[a]"])
+@pytest.mark.parametrize("value", ["", "~", "null", "[a]", '"\\0data"'])
 def test_a_storage_path_that_is_not_a_path_is_refused(tmp_path: Path, value: str) -> None:
     # `path:` left empty was the directory "None".
     err = config_error(tmp_path, f"storage:\n  path: {value}\n")
     assert err.field == "storage.path"
+
+
+def test_an_alias_inside_the_node_it_names_is_a_config_error_not_a_recursion_error(tmp_path: Path) -> None:
+    err = config_error(tmp_path, "upstreams: &u {default: {urls: [http://a:1], loop: *u}}\n")
+    assert err.field.startswith("upstreams.default.loop") and "alias" in str(err)
+
+
+def test_aliases_of_aliases_that_multiply_past_any_real_config_are_refused(tmp_path: Path) -> None:
+    # Seven levels of ten: ten million values, seconds to expand. One level more took minutes.
+    levels = ["a: &l0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7)]
+    err = config_error(tmp_path, "\n".join(levels) + "\n")
+    assert "aliases" in str(err)
 
 
 # --- defaults -------------------------------------------------------------------------------------
