@@ -18,7 +18,7 @@ import pytest
 from gateway.config import Storage
 from gateway import eventlog
 from gateway.eventlog import EventLog, LmdbEventLog, StorageError, StorageFull, StreamMeta
-from gateway.eventlog.base import Batch, ClaimLost, Feed, stop_tasks
+from gateway.eventlog.base import EVICT_DOWN_TO, Batch, ClaimLost, Feed, stop_tasks
 from gateway.eventlog.redis import RedisEventLog
 from gateway.eventlog.lmdb_shared import SharedLmdbEventLog
 from gateway.eventlog.siblings import Siblings
@@ -291,6 +291,32 @@ async def test_size_budget_evicts_oldest_finished_first_never_live(open_log: Ope
     await log.sweep()
     assert await log.lookup("f1") is None, "oldest finished goes first"
     assert await log.lookup("live") is not None and await log.lookup("live2") is not None
+
+
+async def test_a_log_at_its_budget_evicts_down_to_a_margin_below_it_not_one_stream_at_a_time(
+        open_log: Opener) -> None:
+    """At the budget, evicting only to just under it left the log at its budget: every new capture
+    evicted one more stream, each time sorting every stream held, on the loop."""
+    budget = 20_000
+    log = await open_log(max_bytes=budget)
+    keys: list[str] = []
+
+    async def finished(body: str) -> None:
+        keys.append(f"f{len(keys):02d}")
+        await begun(log, meta(keys[-1]))
+        await log.append(keys[-1], evs(body))
+        await log.finish(keys[-1], "done")
+        await asyncio.sleep(0.002)  # distinct finish times
+
+    while log.size < budget * 0.9:  # ~350 B each: steps much finer than the margin
+        await finished("z" * 250)
+    await finished("z" * 3000)  # past the budget
+    await log.sweep()  # a shared log learns what everyone holds when it sweeps
+    assert log.size >= budget or await log.lookup("f00") is None, "at the budget (evicted at the sweep)"
+    await begun(log, meta("new"))  # at the budget: the embedded log evicts here, Redis at its sweep
+    await log.sweep()
+    assert 0 < log.size <= budget * EVICT_DOWN_TO, log.size
+    assert await log.lookup("f00") is None and await log.lookup(keys[-1]) is not None, "oldest first"
 
 
 async def test_full_budget_with_only_live_streams_refuses_new_captures(open_log: Opener) -> None:
