@@ -494,12 +494,10 @@ class LmdbEventLog(EventLog):
     def begin_staged(self, meta: StreamMeta) -> tuple[StreamMeta, asyncio.Future[Any]]:
         if self.failure is not None:
             raise StorageError(f"storage is failing: {self.failure}")
-        if self._size >= self._cfg.max_bytes:
-            self._evict_to_budget(exclude=meta.key)
-            if self._size >= self._cfg.max_bytes:
-                raise StorageFull(
-                    f"event log is at its budget ({self._size} of {self._cfg.max_bytes} bytes) "
-                    "and every stream held is still live")
+        if self._size >= self._cfg.max_bytes and not self._make_room(meta.key):
+            raise StorageFull(
+                f"event log is at its budget ({self._size} of {self._cfg.max_bytes} bytes) "
+                "and every stream held is still live")
         existing = self._staged.get(meta.key)
         now = time.time()
         if existing is not None:
@@ -1032,11 +1030,13 @@ class LmdbEventLog(EventLog):
             self._drop(batch, meta)
         return len(doomed)
 
-    def _evict_to_budget(self, *, exclude: str | None = None) -> None:
-        """Over budget at begin(): the oldest closed streams go now, whatever their age."""
+    def _make_room(self, key: str) -> bool:
+        """At the budget as ``key`` begins: the oldest closed streams go now, whatever their age;
+        whether ``key`` may begin."""
         batch = _Batch()
-        if self._evict(batch, float("-inf"), exclude):
+        if self._evict(batch, float("-inf"), key):
             self._submit(batch).add_done_callback(_log_failure)
+        return self._size < self._cfg.max_bytes
 
     async def _trim(self, batch: _Batch, key: str, cutoff: float) -> None:
         """Drop the batches of an open stream appended before ``cutoff`` (a thread stream never closes)."""
