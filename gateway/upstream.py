@@ -413,7 +413,13 @@ class Upstreams:
         """Open a streaming leg (a body the gateway captures) on its own client; head read.
 
         The same rules as ``send``: the pool's budget for streams, the next replica when one
-        refuses the connection, the pool's connect and read timeouts, the same errors."""
+        refuses the connection, the pool's connect and read timeouts, the same errors.
+
+        The gateway parses a leg's bytes as SSE and writes its own framing to clients, so a leg is
+        asked for unencoded bytes whatever the client accepts: a compressing proxy in front of the
+        upstream would otherwise gzip it, and the capture would read no events at all."""
+        headers = CIMultiDict(headers)
+        headers["Accept-Encoding"] = "identity"
         budget = pool.budgets["stream"]
         return await self._budgeted(pool, budget, headers, lambda: self._send_stream(
             pool, method, path_qs, headers, data, budget.release))

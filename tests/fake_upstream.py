@@ -47,6 +47,9 @@ class Behaviour:
     join_unknown_status: int = 200
     # Custom servers: a run's stream does not begin with LangGraph's ``metadata`` event.
     no_run_metadata: bool = False
+    # Behind a compressing proxy (nginx with ``gzip_types text/event-stream``): an event stream is
+    # gzip-encoded whenever the request accepts gzip (the real server itself never encodes).
+    gzip_streams: bool = False
 
 
 @dataclass
@@ -397,6 +400,7 @@ class FakeAgentServer:
             "X-Accel-Buffering": "no", "Location": base + "/stream", "Content-Location": base,
         })
         _cors(request, resp.headers)
+        self._maybe_compress(request, resp)
         await resp.prepare(request)
         sent = 0
         cut = self._next_cut()
@@ -424,6 +428,10 @@ class FakeAgentServer:
             if q in run.listeners:
                 run.listeners.remove(q)
         return resp
+
+    def _maybe_compress(self, request: web.Request, resp: web.StreamResponse) -> None:
+        if self.behaviour.gzip_streams and "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            resp.enable_compression(web.ContentCoding.gzip)
 
     def _next_cut(self) -> int:
         if self.faults.cuts:
@@ -491,6 +499,7 @@ class FakeAgentServer:
         replay = [] if last is None else [f for uid, f in self.thread_events.get(tid, []) if uid > last]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         _cors(request, resp.headers)
+        self._maybe_compress(request, resp)
         await resp.prepare(request)
         me = asyncio.current_task()
         assert me is not None
