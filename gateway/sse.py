@@ -22,6 +22,8 @@ DEFAULT_MAX_EVENT = 32 << 20
 MAX_ID_BYTES = 4096
 
 HEARTBEAT = b": heartbeat\n\n"
+# A UTF-8 byte order mark: one at the very start of a stream is not part of it (WHATWG).
+BOM = b"\xef\xbb\xbf"
 # Every framed event and comment ends with it, and nothing inside one does (lines end in a single LF).
 EVENT_END = b"\n\n"
 
@@ -69,7 +71,7 @@ def frame_py(entries: Iterable[tuple[int, bytes]]) -> bytes:
 class Parser:
     """Incremental SSE parser following the WHATWG event-stream rules."""
 
-    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_size", "_id", "_max", "comments")
+    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_size", "_id", "_max", "comments", "_head")
 
     def __init__(self, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._tail = b""
@@ -80,10 +82,21 @@ class Parser:
         self._id: str | None = None
         self._max = max_event
         self.comments = 0  # comment lines seen (heartbeats), reset by the caller
+        self._head: bytes | None = b""  # the stream's first bytes while they may be a BOM; None after
 
     def feed(self, chunk: bytes) -> list[Event]:
         if not chunk:
             return []
+        if self._head is not None:
+            chunk = self._head + chunk
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                self._head = chunk  # split across reads: wait for the rest
+                return []
+            self._head = None
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
+                if not chunk:
+                    return []
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -210,7 +223,7 @@ class Parser:
 
     def pending(self) -> bool:
         """True when an incomplete event is buffered (the stream was cut mid-event)."""
-        return bool(self._tail or self._data or self._event is not None)
+        return bool(self._tail or self._data or self._event is not None or self._head)
 
 
 def _event_id(raw: bytes) -> str:

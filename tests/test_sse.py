@@ -164,3 +164,19 @@ def test_an_event_id_longer_than_a_record_holds_is_a_protocol_error(frame: bytes
     assert Parser().feed(frame % (b"7" * MAX_ID_BYTES)) == [(b"event: custom\ndata: 1\n", "7" * MAX_ID_BYTES)]
     with pytest.raises(SSEProtocolError, match="id"):
         Parser().feed(frame % (b"7" * (MAX_ID_BYTES + 1)))
+
+
+def test_a_byte_order_mark_starting_the_stream_is_not_part_of_its_first_field() -> None:
+    # WHATWG (and the SDKs' decoders) drop one BOM at the start of a stream; kept, it made the first
+    # event's "event:" line an unknown field, and the event a "message" in the log.
+    bom = b"\xef\xbb\xbf"
+    for eol in (b"\r\n", b"\n", b"\r"):
+        data = bom + STREAM_CRLF.replace(b"\r\n", eol)
+        for cut in range(8):
+            events, p = feed_split(data, cut)
+            assert events == EXPECTED, (eol, cut)
+        events, _ = feed_split(data, *range(1, len(data)))
+        assert events == EXPECTED, (eol, "byte by byte")
+    # Only at the start: a later one is part of its line, as for any reader (here an unknown field).
+    events, _ = feed_split(STREAM_CRLF + bom + b"data: x\r\n\r\n")
+    assert events == EXPECTED
