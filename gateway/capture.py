@@ -129,7 +129,17 @@ class _Copy:
 
     def __call__(self, data: bytes) -> None:
         parser, ing = self.parser, self.ing
-        events = parser.feed(data)
+        try:
+            events = parser.feed(data)
+        except SSEProtocolError as exc:
+            # The events before the broken one came whole: they go to the log, then the leg ends
+            # with the error (and the stream with its error event, after them).
+            self.submit(exc.events)
+            raise
+        self.submit(events)
+
+    def submit(self, events: list[Event]) -> None:
+        parser, ing = self.parser, self.ing
         if parser.comments:
             parser.comments = 0
             if not events:

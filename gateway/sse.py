@@ -28,13 +28,17 @@ BOM = b"\xef\xbb\xbf"
 EVENT_END = b"\n\n"
 
 
-class SSEProtocolError(ValueError):
-    """The upstream sent something that cannot be an event stream."""
-
-
 # One parsed event: (body ready to frame, the upstream's id or None). A plain tuple on
 # purpose: the parser makes one per event, and a class instance costs several times more.
 Event = tuple[bytes, Optional[str]]
+
+
+class SSEProtocolError(ValueError):
+    """The upstream sent something that cannot be an event stream."""
+
+    # The whole events the read held before what broke the stream (``Parser.feed``): a reader of the
+    # upstream had them, so they are the stream's as much as the ones of earlier reads.
+    events: list[Event] = []
 
 
 def event(body: bytes, upstream_id: str | None = None) -> Event:
@@ -104,35 +108,41 @@ class Parser:
         buf = self._tail + chunk if self._tail else chunk
         if not buf:
             return []
-        if self._event is None and not self._data and self._id is None:
-            fast = self._feed_blocks(buf)
-            if fast is not None:
-                return fast
-        return self._feed_lines(buf)
+        events: list[Event] = []
+        try:
+            if self._event is None and not self._data and self._id is None:
+                if self._feed_blocks(buf, events):
+                    return events
+            self._feed_lines(buf, events)
+        except SSEProtocolError as exc:
+            exc.events = events  # what came whole before the broken part
+            raise
+        return events
 
-    def _feed_blocks(self, buf: bytes) -> list[Event] | None:
+    def _feed_blocks(self, buf: bytes, events: list[Event]) -> bool:
         """Fast path: whole events at a time when every line end is LF or CRLF.
 
         Canonical frames (``event:``/``data:``/``id:`` lines, one data line)
         become bodies with a few slices; any other block goes line by line.
-        Returns None when the buffer needs the general path (a lone CR).
+        Returns False when the buffer needs the general path (a lone CR), having
+        parsed nothing; else the events went to ``events`` as they were parsed.
         """
         if native.ON:  # C takes the buffer when all of it is canonical blocks; else None, and on here
             done = native.split_events(buf, self._max)
             if done is not None:
-                self._tail = self._bounded(buf[done[1]:])
                 self.comments += done[2]
-                return done[0]
+                events.extend(done[0])
+                self._tail = self._bounded(buf[done[1]:])
+                return True
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
             if b"\r" in buf:
-                return None
+                return False
         end = buf.rfind(b"\n\n")
         if end < 0:
             self._tail = self._bounded(buf)
-            return []
-        self._tail = self._bounded(buf[end + 2:])
-        events: list[Event] = []
+            return True
+        tail = buf[end + 2:]
         append = events.append
         max_event = self._max
         for block in buf[:end].split(b"\n\n"):
@@ -164,21 +174,20 @@ class Parser:
             for line in block.split(b"\n"):  # anything else: the general rules
                 self._line(line, events)
             self._dispatch(events)
-        return events
+        self._tail = self._bounded(tail)
+        return True
 
-    def _feed_lines(self, buf: bytes) -> list[Event]:
+    def _feed_lines(self, buf: bytes, events: list[Event]) -> None:
         lines = buf.splitlines(keepends=True)
         last = lines[-1]
+        tail = b""
         if last[-1:] not in (b"\n", b"\r"):
-            self._tail = self._bounded(lines.pop())
-        else:
-            self._tail = b""
-            if last[-1:] == b"\r":
-                self._skip_lf = True
-        events: list[Event] = []
+            tail = lines.pop()
+        elif last[-1:] == b"\r":
+            self._skip_lf = True
         for line in lines:
             self._line(line.rstrip(b"\r\n"), events)
-        return events
+        self._tail = self._bounded(tail)
 
     def _line(self, line: bytes, events: list[Event]) -> None:
         if not line:

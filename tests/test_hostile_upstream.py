@@ -4,10 +4,15 @@ stores and serves, and what it cannot capture it says."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import orjson
+import pytest
+from aiohttp import web
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
@@ -15,6 +20,87 @@ from tests.support.runs import assert_ids_increase, customs, join, new_thread, s
 from tests.support.sse import read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
+
+
+class Scripted:
+    """An upstream whose run stream is the bytes a test scripts, each item one write (so one read at
+    the gateway, on loopback); the run then ends with the body (``end``), or the connection is reset.
+    It knows the run (a status check says so) but cannot replay it: a re-join gets its 404."""
+
+    def __init__(self) -> None:
+        self.tid, self.rid = str(uuid.uuid4()), str(uuid.uuid4())
+        self.writes: list[bytes] = []
+        self.end = True
+        self.joins = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def metadata(self) -> bytes:
+        return b'event: metadata\r\ndata: {"run_id":"%s","attempt":1}\r\n\r\n' % self.rid.encode()
+
+    async def start(self) -> Scripted:
+        app = web.Application()
+        app.router.add_get("/ok", self._ok)
+        app.router.add_post("/threads/{tid}/runs/stream", self._stream)
+        app.router.add_get("/threads/{tid}/runs/{rid}/stream", self._join)
+        app.router.add_get("/threads/{tid}/runs/{rid}", self._run)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = "http://127.0.0.1:%d" % self._runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _ok(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _run(self, request: web.Request) -> web.Response:
+        return web.json_response({"run_id": self.rid, "thread_id": self.tid, "status": "success"})
+
+    async def _join(self, request: web.Request) -> web.Response:
+        self.joins += 1
+        return web.json_response({"detail": "Run not found"}, status=404)
+
+    async def _stream(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        base = f"/threads/{self.tid}/runs/{self.rid}"
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Location": base + "/stream", "Content-Location": base})
+        await resp.prepare(request)
+        for data in self.writes:
+            await resp.write(data)
+            await asyncio.sleep(0.05)  # each write its own read
+        if self.end:
+            await resp.write_eof()
+        elif request.transport is not None:
+            request.transport.abort()
+        return resp
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Scripted]:
+    up = await Scripted().start()
+    yield up
+    await up.stop()
+
+
+def custom(i: int, pad: int = 0) -> bytes:
+    return b"event: custom\r\ndata: " + orjson.dumps({"i": i, "pad": "x" * pad}) + b"\r\n\r\n"
+
+
+async def run_through(make_gateway: MakeGateway, tmp_path: Path, up: Scripted, http: aiohttp.ClientSession,
+                      **streams: str) -> tuple[RunningGateway, list[str], list[dict[str, object]]]:
+    """The scripted run streamed through a new gateway: the events' names and data as the client read them."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [up.url]}},
+                                           streams={"reattach_backoff": "100ms", **streams}))
+    async with http.post(f"{gw.url}/threads/{up.tid}/runs/stream", json={"assistant_id": "a"}) as r:
+        assert r.status == 200, await r.text()
+        got = await asyncio.wait_for(read_events(r), 30)
+    return gw, [e.event for e in got], [e.json for e in got]
 
 
 async def test_an_upstream_that_gzips_event_streams_is_captured_and_served_plain(
@@ -42,3 +128,16 @@ async def test_an_upstream_that_gzips_event_streams_is_captured_and_served_plain
         assert r.status == 200 and "Content-Encoding" not in r.headers
         joined = await read_events(r)
     assert customs(joined) == list(range(4)) and all(e.event in ("metadata", "custom") for e in joined)
+
+
+async def test_the_events_read_with_an_oversized_one_are_kept_before_the_stream_ends_with_its_error(
+        make_gateway: MakeGateway, tmp_path: Path, scripted: Scripted, http: aiohttp.ClientSession) -> None:
+    # One read: two whole events, then one over the limit. A client of the upstream had the two.
+    scripted.writes = [scripted.metadata() + custom(0) + custom(1, pad=100_000)]
+    gw, names, data = await run_through(make_gateway, tmp_path, scripted, http, max_event_bytes="64KiB")
+    assert names == ["metadata", "custom", "error"], data
+    assert data[1] == {"i": 0, "pad": ""}
+    assert data[2]["error"] == "CaptureInterrupted" and "larger than" in str(data[2]["message"])
+    again = await join(http, f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream", "-1")
+    assert [e.event for e in again] == names
+    assert scripted.joins == 0, "a broken stream is not asked again"

@@ -180,3 +180,16 @@ def test_a_byte_order_mark_starting_the_stream_is_not_part_of_its_first_field() 
     # Only at the start: a later one is part of its line, as for any reader (here an unknown field).
     events, _ = feed_split(STREAM_CRLF + bom + b"data: x\r\n\r\n")
     assert events == EXPECTED
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\n", b"\r"])
+@pytest.mark.parametrize("where", ["whole", "tail"])
+def test_the_events_before_an_oversized_one_in_the_same_read_come_with_the_error(eol: bytes, where: str) -> None:
+    # A reader of the upstream had them: the capture stores them before the stream ends with the
+    # error, instead of losing the whole read.
+    small = [b"event: a\ndata: 1\n\n", b"data: 2\nid: 7\n\n"]
+    big = b"event: b\ndata: " + b"x" * 300 + (b"\n\n" if where == "whole" else b"")
+    p = Parser(max_event=200)
+    with pytest.raises(SSEProtocolError) as raised:
+        p.feed(b"".join(small).replace(b"\n", eol) + big.replace(b"\n", eol))
+    assert raised.value.events == [event(b"event: a\ndata: 1\n"), event(b"data: 2\n", "7")]
