@@ -41,7 +41,7 @@ from gateway.sessions import interrupted_event as session_interrupted_event
 from gateway.sessions import event_id as session_event_id
 from gateway.sse import Event, Parser, SSEProtocolError
 from gateway.streamclient import LegResponse
-from gateway.upstream import Answer, UpstreamRefused, classify
+from gateway.upstream import Answer, PoolFull, UpstreamRefused, classify
 
 logger = logging.getLogger("gateway.capture")
 
@@ -498,11 +498,22 @@ class Captures:
     async def _rejoin(self, ing: Ingest) -> tuple[LegResponse, Seam | SessionSeam | None]:
         held = await self.log.lookup(ing.key)
         last = leg_last_event_id(ing.meta.kind, held)
-        try:
-            resp = await self.legs.open(ing.meta, last, auth=ing.auth)
-        except GatewayError as exc:  # to the capture this is just a leg that did not open
-            self.metrics.rejoined(False)
-            raise UpstreamBroke(exc.detail) from exc
+        told = False
+        while True:
+            try:
+                resp = await self.legs.open(ing.meta, last, auth=ing.auth)
+                break
+            except PoolFull as exc:
+                # Every connection the gateway may open for streams is in use (the broken leg's own
+                # went to whoever waited for one): the gateway's saturation, not a failure of the
+                # upstream, so it spends none of the re-join attempts and never ends the stream.
+                # The capture waits its turn in the pool, as long as it takes.
+                if not told:
+                    logger.warning("stream %s waits for a free upstream connection to re-join: %s", ing.key, exc)
+                    told = True
+            except GatewayError as exc:  # to the capture this is just a leg that did not open
+                self.metrics.rejoined(False)
+                raise UpstreamBroke(exc.detail) from exc
         ok = is_event_stream(resp)
         self.metrics.rejoined(ok)
         if not ok:

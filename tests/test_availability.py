@@ -48,6 +48,27 @@ async def test_long_streams_filling_the_pool_do_not_take_the_upstream_down(
         r.close()
 
 
+async def test_a_leg_that_breaks_while_the_stream_pool_is_full_waits_for_a_connection_and_never_ends_the_run(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # One stream connection. Run A holds it; run B's request waits for it; A's leg breaks, and its
+    # connection goes to B. A's re-join finds the pool full for longer than every attempt it has:
+    # the gateway's own saturation, while the upstream runs A on. A must wait, not end in an error.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_streams": 1, "pool_timeout": "2s"}},
+        streams={"reattach_backoff": "100ms", "reattach_attempts": 1}))
+    ta, tb = await new_thread(http, gw), await new_thread(http, gw)
+    fake_upstream.faults.cut_after = 10
+    a = await stream_run(http, gw, ta, n=40, delay=0.05, assistant="a")
+    assert a.status == 200
+    b_request = asyncio.ensure_future(stream_run(http, gw, tb, n=160, delay=0.05, assistant="a"))
+    got_a = await asyncio.wait_for(read_events(a), 60)
+    b = await b_request
+    assert b.status == 200, "B took the connection A's broken leg gave back"
+    assert [e.event for e in got_a] == ["metadata"] + ["custom"] * 40, got_a[-1]
+    assert customs(got_a) == list(range(40))
+    assert customs(await asyncio.wait_for(read_events(b), 60)) == list(range(160))
+
+
 async def test_a_client_that_stops_reading_a_forwarded_body_is_cut_and_frees_its_slot(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     gw = await make_gateway(gateway_config(tmp_path, {"default": {
