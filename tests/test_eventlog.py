@@ -834,3 +834,27 @@ async def test_a_retention_eviction_that_fails_to_commit_is_made_at_the_next_swe
         assert await log.lookup("old") is None, "gone from the disk, not only from the process"
     finally:
         await log.close()
+
+
+async def test_a_read_and_a_tail_of_large_events_are_bounded_in_bytes(open_log: Opener) -> None:
+    # A replay page is up to 2,000 events (follower.REPLAY_PAGE): of 1 MB state snapshots, 2 GB in
+    # memory for one client's replay, and a re-join's tail as many. Every backend stops a read and a
+    # tail after a few MiB; the reader goes on from where a page stopped and gets everything.
+    log = await open_log()
+    await begun(log, meta("a"))
+    written: list[tuple[int, bytes]] = []
+    for i in range(40):
+        written += await log.append("a", evs(f"{i:02d}" + "x" * (1 << 20), uid=f"{i}-0"))
+    last = written[-1][0]
+    page = await log.read("a", 0, last, 2000)
+    assert 0 < len(page) < len(written) and page == written[:len(page)]
+    assert sum(len(body) for _, body in page) <= 10 << 20  # a budget of a few MiB, and the batch across it
+    tail = await log.tail("a", 2000)
+    assert 0 < len(tail) < len(written) and sum(len(body) for _, body in tail) <= 10 << 20
+    assert [uid for uid, _ in tail] == [f"{i}-0" for i in range(40 - len(tail), 40)]
+    got, pos = [], 0
+    while pos < last:
+        page = await log.read("a", pos, last, 2000)
+        got += page
+        pos = page[-1][0]
+    assert got == written

@@ -79,8 +79,13 @@ log = logging.getLogger("gateway.eventlog.redis")
 PROBE_INTERVAL = 1.0
 POOL_SIZE = 64  # connections to Redis per process: the writer, the feed, and reads share them
 POOL_WAIT = 10.0  # seconds a read may wait for a free connection
-_READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call
-_TAIL_ENTRIES = 256
+_READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call, at most
+# A read (a replay page) and a tail (a re-join's de-duplication window) stop after this many bytes of
+# records, as LMDB's do: a page is up to 2,000 events, and of large state snapshots that would be
+# gigabytes in memory for one client. Entries are asked for a few at a time until their size is known.
+_READ_PAGE_BYTES = 4 << 20
+_TAIL_BYTES = 8 << 20
+_FIRST_ENTRIES = 4
 # Every key expires this long after its last write: a stream nobody touches for so long is
 # gone even if retention never ran (a safety net, not the retention rule).
 _SAFETY_TTL_MS = 7 * 24 * 3600 * 1000
@@ -947,13 +952,16 @@ class RedisEventLog(EventLog):
             # The batch holding seq after+1 may start before it: the last entry at or below it.
             before = _rows(await self._r.xrevrange(skey, max=f"{after + 1}-0", min="-", count=1))
             start = f"{before[0][0]}-0" if before else "-"
-            while len(out) < limit:
-                rows = _rows(await self._r.xrange(skey, min=start, max=f"{upto}-0", count=_READ_PAGE_ENTRIES))
+            budget = _Budget(_READ_PAGE_BYTES, before)
+            while len(out) < limit and budget.left > 0:
+                count = budget.entries()
+                rows = _rows(await self._r.xrange(skey, min=start, max=f"{upto}-0", count=count))
                 if not rows:
                     break
                 for first, record in rows:
                     out += entries_in(first, record, after, upto)
-                if len(rows) < _READ_PAGE_ENTRIES:
+                budget.spent(rows)
+                if len(rows) < count:
                     break
                 start = f"({rows[-1][0]}-0"
         except RedisError as exc:
@@ -961,16 +969,23 @@ class RedisEventLog(EventLog):
         return out[:limit]
 
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
+        skey = self._k("s", key)
+        out: list[tuple[str | None, bytes]] = []
+        budget = _Budget(_TAIL_BYTES)
+        end = "+"
         try:
-            rows = await self._r.xrevrange(self._k("s", key), count=_TAIL_ENTRIES)
+            while len(out) < limit and budget.left > 0:
+                count = budget.entries()
+                rows = _rows(await self._r.xrevrange(skey, max=end, min="-", count=count))
+                for first, record in rows:
+                    batch = [(uid, body) for _seq, uid, body in decode(first, record)]
+                    out.extend(reversed(batch))
+                budget.spent(rows)
+                if len(rows) < count:
+                    break
+                end = f"({rows[-1][0]}-0"
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
-        out: list[tuple[str | None, bytes]] = []
-        for first, record in _rows(rows):
-            batch = [(uid, body) for _seq, uid, body in decode(first, record)]
-            out.extend(reversed(batch))
-            if len(out) >= limit:
-                break
         out = out[:limit]
         out.reverse()
         return out
@@ -1033,6 +1048,29 @@ def _refusal(res: Any) -> bool:
     it cannot persist to), not the log's own answer about one stream (FENCED, GAP, GONE): storage
     fails, as when Redis is unreachable (readiness, the failing gauge, new captures refused)."""
     return isinstance(res, ResponseError) and not any(word in str(res) for word in ("FENCED", "GAP", "GONE"))
+
+
+class _Budget:
+    """The bytes a read may still take, and how many stream entries to ask for next so as not to go
+    far past them: as many as the entries seen so far say fit (``seen``: some already read)."""
+
+    __slots__ = ("left", "_rows", "_bytes")
+
+    def __init__(self, left: int, seen: Sequence[tuple[int, bytes]] = ()) -> None:
+        self.left = left
+        self._rows = len(seen)
+        self._bytes = sum(len(record) for _, record in seen)
+
+    def entries(self) -> int:
+        if not self._rows:
+            return _FIRST_ENTRIES
+        return max(1, min(_READ_PAGE_ENTRIES, self.left * self._rows // max(1, self._bytes)))
+
+    def spent(self, rows: list[tuple[int, bytes]]) -> None:
+        size = sum(len(record) for _, record in rows)
+        self.left -= size
+        self._rows += len(rows)
+        self._bytes += size
 
 
 def _rows(raw: Any) -> list[tuple[int, bytes]]:
