@@ -35,7 +35,7 @@ import aiohttp
 from gateway import agentapi
 from gateway.errors import GatewayError
 from gateway.eventlog import StreamMeta
-from gateway.upstream import Answer, Pool, Upstreams, UpstreamError, classify
+from gateway.upstream import Answer, Pool, PoolFull, Upstreams, UpstreamError, classify
 
 log = logging.getLogger("gateway.access")
 
@@ -121,6 +121,13 @@ class AccessCheck:
         try:
             resp = await self.upstreams.send(pool, "GET", agentapi.resource_path(meta), dict(headers),
                                              timeout=CHECK_TIMEOUT, kind="check")
+        except PoolFull:
+            # The gateway could not ask (its own check connections are all in use): that is no
+            # answer of the upstream's, and a 404 would tell the client its run does not exist. The
+            # captor may read on; anyone else gets the 503, to try again.
+            if not self._same_captor(meta, headers):
+                raise
+            return
         except UpstreamError as exc:
             log.info("upstream cannot check access to %s (%s); comparing with who captured it", meta.key, exc.detail)
             self._captor_only(meta, headers)

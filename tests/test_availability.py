@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.upstream import CHECK_CONNECTIONS
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.support.procs import free_port
@@ -255,3 +258,29 @@ async def test_the_replica_health_series_scraped_goes_to_zero_while_the_upstream
         assert await until(1.0) == [(labels, 1.0)]
     finally:
         await up.stop()
+
+
+async def test_a_resume_that_finds_the_access_check_pool_full_is_a_503_not_a_404(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # Every client of a held run is checked with the upstream first, at most CHECK_CONNECTIONS at once
+    # per upstream. One that finds them all in use (a reconnect storm of many users, a slow upstream)
+    # was taken for "the upstream cannot answer": anyone but the captor got 404 Run not found, which
+    # every SDK takes as final, for a run that exists and is theirs to read.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "pool_timeout": "300ms"}}))
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=3, assistant="a")
+    await read_events(resp)
+    loc = gw.url + resp.headers["Location"]
+    fake_upstream.faults.hang = 2.0  # every check takes 2 s (under the check's own 3 s limit)
+
+    async def resume(user: int) -> tuple[int, str]:
+        async with http.get(loc, headers={"Last-Event-ID": "-1", "X-User": str(user)}) as r:
+            return r.status, await r.text()
+
+    holding = [asyncio.ensure_future(resume(i)) for i in range(CHECK_CONNECTIONS)]
+    await asyncio.sleep(0.5)  # every check connection is in use
+    status, body = await resume(CHECK_CONNECTIONS)
+    assert status == 503, (status, body)
+    assert "pool" in orjson.loads(body)["detail"]
+    for status, body in await asyncio.gather(*holding):
+        assert status == 200, body
