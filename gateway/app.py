@@ -34,7 +34,7 @@ from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder
 from gateway.session_streams import SessionHandlers
 from gateway.streams import Reply, StreamHandlers
-from gateway.upstream import Target, Upstreams
+from gateway.upstream import Target, UpstreamError, Upstreams, classify
 
 log = logging.getLogger("gateway.app")
 
@@ -115,6 +115,8 @@ class Gateway:
         headers.update(auth)
         resp = await self.upstreams.send(pool, "POST", path, headers, kind="check")
         resp.release()
+        if resp.status >= 300 and classify(resp.status) == "retry":  # not done; asking again may do it
+            raise UpstreamError(f"upstream '{pool.name}' answered the cancel of run {meta.run_id} with HTTP {resp.status}")
         log.info("cancelled run %s upstream: HTTP %d", meta.run_id, resp.status)
 
     # --- HTTP ------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
-from gateway.capture import Captures, Ingest
+from gateway.capture import Captures, Ingest, rejoin_delay
 from gateway.config import Streams
 from gateway.eventlog import EventLog, StorageError, StreamMeta
 from gateway.follower import Follower
+from gateway.upstream import UpstreamError
 
 logger = logging.getLogger("gateway.presence")
 
@@ -146,7 +147,7 @@ class Presence:
         ing.cancelling = True
         logger.info("last client of %s left and asked for cancel on disconnect", ing.key)
         if ing.meta.thread_id is not None:
-            await self.cancel_upstream(ing.meta, ing.auth)
+            await self._cancel(ing.meta, ing.auth)
             return
         # A stateless run has no cancel endpoint upstream: closing its leg is the cancel
         # (it was created with on_disconnect=cancel).
@@ -164,4 +165,20 @@ class Presence:
                 or await self.log.followers(key, 0) > 0):
             return
         logger.info("last client of %s left and asked for cancel on disconnect (captured elsewhere)", key)
-        await self.cancel_upstream(meta, auth)
+        await self._cancel(meta, auth)
+
+    async def _cancel(self, meta: StreamMeta, auth: dict[str, str]) -> None:
+        """Cancel a run upstream. Its client is gone and nobody else will ask: a failure that may pass
+        (a 5xx, a full pool, a dropped connection) is asked again, as a lost leg is re-joined."""
+        failures = 0
+        while True:
+            try:
+                await self.cancel_upstream(meta, auth)
+                return
+            except UpstreamError as exc:
+                failures += 1
+                delay = rejoin_delay(exc, failures, self.cfg, can_rejoin=True)
+                if delay is None:
+                    raise
+                logger.info("cancel of %s failed (%s); asking again (try %d)", meta.key, exc.detail, failures)
+                await asyncio.sleep(delay)

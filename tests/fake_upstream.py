@@ -63,6 +63,7 @@ class Faults:
     # The next stream response: after this many events, half of the next one, then silence with the
     # connection open (no heartbeat, no close), as a stalled server or a dead network path looks.
     stall_after: int = -1
+    cancel_failures: int = 0  # the next this many cancel requests answer 503 (a blip of the server)
     slow_body: float = 0.0  # /echo: seconds between body chunks
     close_mid_body: bool = False  # /echo: send half the body, then drop the connection
     api_key: str | None = None  # when set, every API request needs this X-Api-Key (else 401)
@@ -481,6 +482,9 @@ class FakeAgentServer:
         return web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": run.status})
 
     async def cancel(self, request: web.Request) -> web.Response:
+        if self.faults.cancel_failures > 0:
+            self.faults.cancel_failures -= 1
+            return web.json_response({"detail": "Service Unavailable"}, status=503)
         run = self.runs.get(request.match_info["rid"])
         if run is None or run.task is None or run.done.is_set():
             return web.json_response({"detail": "No runs found to cancel."}, status=404)

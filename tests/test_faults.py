@@ -72,6 +72,23 @@ async def test_on_disconnect_cancel_cancels_the_run_upstream(gateway: RunningGat
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
 
 
+async def test_a_cancel_on_disconnect_the_upstream_fails_for_a_moment_is_asked_again(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The cancel is the gateway's own request, made once the client is gone: nobody else will ask.
+    # One answered 503 (or met a full pool, or a reset) was logged and dropped, and the run the
+    # client wanted stopped went on upstream to its end.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "100ms"}))
+    tid = await new_thread(http, gw)
+    fake_upstream.faults.cancel_failures = 2
+    resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                           json={"assistant_id": "a", "input": {"n": 300, "delay": 0.02}, "on_disconnect": "cancel"})
+    run_id = (await read_events(resp, limit=2))[0].json["run_id"]
+    resp.close()
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted"
+    assert fake_upstream.faults.cancel_failures == 0
+
+
 async def test_default_disconnect_keeps_the_run_going(gateway: RunningGateway, fake_upstream: FakeAgentServer,
                                                       http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, gateway)
