@@ -33,7 +33,7 @@ from gateway.rejoin import held_from_start
 from gateway.replay import Page, ReplayPages
 from gateway.streamclient import LegResponse
 from gateway.takeover import TakeOver
-from gateway.upstream import Answer
+from gateway.upstream import Answer, UpstreamError
 
 logger = logging.getLogger("gateway.hub")
 
@@ -66,6 +66,22 @@ Resume = Callable[[StreamMeta], Awaitable[int | None]]
 Prepare = Callable[[], Awaitable[Answer | None]]
 
 
+class _OpenLock(asyncio.Lock):
+    """The lock under which a stream's leg is opened for its first clients, with how its opens failed:
+    the clients that waited for an open that failed get its failure, not one more try each in turn
+    (the k-th would wait k pool timeouts, or k read timeouts of an upstream that does not answer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0  # opens that failed so far
+        self.failure: UpstreamError | None = None  # the last one's
+
+    def failed_since(self, seen: int) -> UpstreamError | None:
+        """A copy of the failure of an open that failed after ``seen`` failures (None: none did)."""
+        f = self.failure
+        return type(f)(f.detail, headers=f.headers) if f is not None and self.failed > seen else None
+
+
 @dataclass(slots=True)
 class Attachment:
     """What ``Hub.attach`` decided."""
@@ -91,7 +107,7 @@ class Hub:
         self.presence = Presence(log, cfg, self.captures, cancel_upstream, self.run_owned)
         self.takeover = TakeOver(log, self.captures, self.presence, self.metrics)
         self.replay = ReplayPages(log.read, cfg.replay_cache_bytes, self.metrics.replayed)
-        self._capture_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._capture_locks: weakref.WeakValueDictionary[str, _OpenLock] = weakref.WeakValueDictionary()
         self._overflowed = partial(self.metrics.overflowed, 1)  # one for every feed, not one each
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -184,7 +200,9 @@ class Hub:
         held = await self.log.lookup(key)
         if held is not None and self._followable(held):  # most joins: no lock, so a reconnect storm never queues
             return Attachment(await self._join(held, await resume(held), join), held=held)
-        async with self._lock(key):
+        lock = self._lock(key)
+        seen = lock.failed
+        async with lock:
             held = await self.log.lookup(key)  # again: a capture may have begun while this one waited
             after: int | None = 0
             if held is not None:
@@ -193,6 +211,8 @@ class Hub:
                     return Attachment(await self._join(held, after, join), held=held)
             if join.leg is None:
                 return Attachment(held=held)
+            if (failure := lock.failed_since(seen)) is not None:
+                raise failure  # the open this client waited for failed: so does its own, at once
             if (answer := await prepare()) is not None:
                 return Attachment(held=held, answer=answer)
             deadline = asyncio.get_running_loop().time() + join.wait
@@ -201,6 +221,9 @@ class Hub:
                     opened = await self.captures.open(join.meta, join.cursor, join.leg.headers, join.leg.query,
                                                       auth=join.auth, cancel_on_orphan=join.cancel_on_orphan)
                     break
+                except UpstreamError as exc:
+                    lock.failed, lock.failure = lock.failed + 1, exc
+                    raise
                 except CapturedElsewhere:  # a client of another replica asked for it at the same moment
                     if await self.log.lookup(key) is not None:  # begun there: follow what it commits
                         return Attachment(self.follow(key, after), held=held)
@@ -243,10 +266,10 @@ class Hub:
             self.presence.asked(key, join.auth)
         return follower
 
-    def _lock(self, key: str) -> asyncio.Lock:
+    def _lock(self, key: str) -> _OpenLock:
         lock = self._capture_locks.get(key)
         if lock is None:
-            lock = self._capture_locks[key] = asyncio.Lock()
+            lock = self._capture_locks[key] = _OpenLock()
         return lock
 
     # --- followers: the Source they read through ------------------------------------------------

@@ -284,3 +284,26 @@ async def test_a_resume_that_finds_the_access_check_pool_full_is_a_503_not_a_404
     assert "pool" in orjson.loads(body)["detail"]
     for status, body in await asyncio.gather(*holding):
         assert status == 200, body
+
+
+async def test_clients_opening_one_stream_together_on_a_full_pool_share_one_wait(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The first client of a stream the gateway does not capture opens its leg under the stream's
+    # lock, so that clients arriving together share one capture. When that open failed (the pool
+    # full, an upstream that does not answer), each client waiting on the lock tried again in turn:
+    # the k-th got its 503 after k pool timeouts, not one. They get the failure they waited for.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_streams": 1, "pool_timeout": "1s"}}))
+    tid = await new_thread(http, gw)
+    run = await stream_run(http, gw, tid, n=400, delay=0.05, assistant="a")  # holds the only stream connection
+    await read_events(run, limit=1)
+
+    async def join_thread() -> tuple[int, str]:
+        async with http.get(f"{gw.url}/threads/{tid}/stream") as r:
+            return r.status, await r.text()
+
+    answers = await asyncio.gather(*(join_thread() for _ in range(5)))
+    for status, body in answers:
+        assert status == 503 and "pool" in orjson.loads(body)["detail"], (status, body)
+    assert gw.gw.upstreams.pools["default"].budgets["stream"].refused == 1, "one wait for the pool, shared"
+    run.close()
