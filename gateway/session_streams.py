@@ -183,6 +183,7 @@ class _Socket:
         headers = self.handlers.forwarder.upstream_headers(self.request, drop=_LEG_DROP)
         headers["Content-Type"] = "application/json"
         headers["Accept"] = "application/json"
+        headers["Accept-Encoding"] = "identity"  # the gateway reads the answer itself, whatever the client accepts
         try:
             resp = await self.handlers.forwarder.upstreams.send(
                 self.target.pool, "POST", f"/threads/{self.tid}/commands", headers, data=raw.encode(), kind="check")

@@ -141,3 +141,40 @@ async def test_the_events_read_with_an_oversized_one_are_kept_before_the_stream_
     again = await join(http, f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream", "-1")
     assert [e.event for e in again] == names
     assert scripted.joins == 0, "a broken stream is not asked again"
+
+
+async def test_a_session_command_answered_through_a_compressing_proxy_is_read(
+        make_gateway: MakeGateway, tmp_path: Path) -> None:
+    # The gateway reads a session command's answer itself, to send it on the socket. A browser's
+    # WebSocket handshake carries Accept-Encoding: gzip, which went upstream with the command; behind
+    # a proxy that compresses JSON, the answer came gzipped and the client got "upstream answered
+    # badly" for every command.
+    answer = {"type": "success", "id": 1, "result": {"run_id": "r1"}}
+
+    async def commands(request: web.Request) -> web.Response:
+        await request.read()
+        resp = web.json_response(answer)
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            resp.enable_compression(web.ContentCoding.gzip)
+        return resp
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_post("/threads/{tid}/commands", commands)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [
+            "http://127.0.0.1:%d" % runner.addresses[0][1]]}}))
+        async with aiohttp.ClientSession() as http:
+            async with http.ws_connect(f"{gw.url}/threads/{uuid.uuid4()}/stream/events",
+                                       headers={"Accept-Encoding": "gzip, deflate, br"}) as ws:
+                await ws.send_str(orjson.dumps({"id": 1, "method": "run.input", "params": {}}).decode())
+                got = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+        assert got == answer
+    finally:
+        await runner.cleanup()
