@@ -43,7 +43,7 @@ from gateway.stream_params import (
     truthy,
 )
 from gateway.streamclient import LegResponse
-from gateway.upstream import Answer, Target, UpstreamError
+from gateway.upstream import Answer, PoolFull, Target, UpstreamError
 
 A = TypeVar("A", bound=Answer)
 
@@ -297,6 +297,8 @@ class StreamHandlers:
             resp = await self.forwarder.upstreams.send(target.pool, "GET", agentapi.resource_path(meta),
                                                        self.forwarder.check_headers(request),
                                                        timeout=CHECK_TIMEOUT, kind="check")
+        except PoolFull:
+            raise  # the gateway could not ask at all (its check connections are in use): a 503, no guess
         except UpstreamError:
             return True  # no quick answer: the join itself will tell
         resp.release()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import uuid
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -307,3 +308,31 @@ async def test_clients_opening_one_stream_together_on_a_full_pool_share_one_wait
         assert status == 503 and "pool" in orjson.loads(body)["detail"], (status, body)
     assert gw.gw.upstreams.pools["default"].budgets["stream"].refused == 1, "one wait for the pool, shared"
     run.close()
+
+
+async def test_a_join_whose_existence_check_finds_the_pool_full_is_a_503_and_captures_nothing(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # Before capturing a run it does not hold, the gateway asks the upstream whether it exists: the
+    # upstream answers a join of an unknown run with 200 and an error event, which must not become a
+    # finished run in the log. A check that found every check connection in use was taken for "no
+    # quick answer": the join went ahead and the log held the upstream's "Run not found" as the run.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "pool_timeout": "300ms"}}))
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, n=3, assistant="a")
+    await read_events(resp)
+    loc = gw.url + resp.headers["Location"]
+    fake_upstream.faults.hang = 2.0  # every check takes 2 s (under the check's own 3 s limit)
+
+    async def resume(user: int) -> int:
+        async with http.get(loc, headers={"Last-Event-ID": "-1", "X-User": str(user)}) as r:
+            await r.read()
+            return r.status
+
+    holding = [asyncio.ensure_future(resume(i)) for i in range(CHECK_CONNECTIONS)]
+    await asyncio.sleep(0.5)  # every check connection is in use
+    rid = str(uuid.uuid4())
+    async with http.get(f"{gw.url}/threads/{tid}/runs/{rid}/stream", headers={"Last-Event-ID": "-1"}) as r:
+        status, body = r.status, await r.text()
+    assert status == 503 and "pool" in orjson.loads(body)["detail"], (status, body)
+    assert await gw.gw.log.lookup(f"default/run/{rid}") is None
+    assert await asyncio.gather(*holding) == [200] * CHECK_CONNECTIONS
