@@ -74,12 +74,20 @@ class _OpenLock(asyncio.Lock):
     def __init__(self) -> None:
         super().__init__()
         self.failed = 0  # opens that failed so far
-        self.failure: UpstreamError | None = None  # the last one's
+        # The last one's failure: its type and words, not the exception (its traceback holds the frame
+        # that holds this lock, a cycle that would keep both until a collection).
+        self._failure: tuple[type[UpstreamError], str, dict[str, str]] | None = None
+
+    def fail(self, exc: UpstreamError) -> None:
+        self.failed += 1
+        self._failure = (type(exc), exc.detail, exc.headers)
 
     def failed_since(self, seen: int) -> UpstreamError | None:
-        """A copy of the failure of an open that failed after ``seen`` failures (None: none did)."""
-        f = self.failure
-        return type(f)(f.detail, headers=f.headers) if f is not None and self.failed > seen else None
+        """The failure of an open that failed after ``seen`` failures, anew (None: none did)."""
+        if self._failure is None or self.failed <= seen:
+            return None
+        kind, detail, headers = self._failure
+        return kind(detail, headers=headers)
 
 
 @dataclass(slots=True)
@@ -222,7 +230,7 @@ class Hub:
                                                       auth=join.auth, cancel_on_orphan=join.cancel_on_orphan)
                     break
                 except UpstreamError as exc:
-                    lock.failed, lock.failure = lock.failed + 1, exc
+                    lock.fail(exc)
                     raise
                 except CapturedElsewhere:  # a client of another replica asked for it at the same moment
                     if await self.log.lookup(key) is not None:  # begun there: follow what it commits
