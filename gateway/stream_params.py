@@ -98,6 +98,12 @@ def thread_mode_filter(request: web.Request) -> Callable[[bytes], bool] | None:
     return keep
 
 
+def last_param(request: web.Request, name: str) -> str | None:
+    """A query parameter as the Agent Server reads it (Starlette): given twice, the last value counts."""
+    values = request.query.getall(name, [])
+    return values[-1] if values else None
+
+
 def truthy(value: str | None) -> bool:
     return value is not None and value.lower() in ("true", "1", "yes")
 

@@ -36,6 +36,7 @@ from gateway.responses import cut, express_writer, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     RunRequest,
+    last_param,
     parse_cursor,
     prepare_run_request,
     run_mode_filter,
@@ -221,7 +222,7 @@ class StreamHandlers:
 
         # A stateless run has no cancel endpoint upstream: only one created with on_disconnect=cancel
         # is cancelled (its leg closed); one created to continue goes on, and so does its capture.
-        cancel = tid is not None and truthy(request.query.get("cancel_on_disconnect"))
+        cancel = tid is not None and truthy(last_param(request, "cancel_on_disconnect"))
         try:
             att, headers = await self.attach(request, target, meta, cursor, leg, prepare, cancel=cancel, thread=tid)
         except _NotOurs:  # held, but under another thread: not ours to serve

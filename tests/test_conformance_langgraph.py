@@ -549,6 +549,40 @@ async def test_unknown_path_404_same_as_direct(langgraph_server: Any, lg_gateway
     assert results[0][0] == 404
 
 
+async def _status_after_a_join_left(http: aiohttp.ClientSession, base: str, query: str) -> str:
+    """A background run joined with ``query``, the join left after the run's first tick: how the run
+    ended (cancelled on that disconnect or not, as the join's ``cancel_on_disconnect`` says)."""
+    tid = (await sdk(base).threads.create())["thread_id"]
+    async with http.post(f"{base}/threads/{tid}/runs",
+                         json={"assistant_id": "ticker", "input": {"n": 30, "delay": 0.2}, "stream_mode": ["custom"]}) as r:
+        assert r.status == 200, await r.text()
+        rid = (await r.json())["run_id"]
+    async with http.get(f"{base}/threads/{tid}/runs/{rid}/stream?{query}") as j:
+        assert j.status == 200, await j.text()
+        await j.content.readuntil(b"event: custom")
+        j.close()  # the connection itself, not back to the pool: the client left
+    for _ in range(300):  # bounded: the run lasts 6 s when it is not cancelled
+        status = str((await sdk(base).runs.get(tid, rid))["status"])
+        if status not in ("pending", "running"):
+            return status
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"run {rid} still {status}")
+
+
+@pytest.mark.parametrize("query", ["cancel_on_disconnect=false&cancel_on_disconnect=true",
+                                   "cancel_on_disconnect=true&cancel_on_disconnect=false"])
+async def test_a_repeated_cancel_on_disconnect_is_read_as_the_server_reads_it(
+        langgraph_server: Any, lg_gateway: Any, http: aiohttp.ClientSession, query: str) -> None:
+    """The server reads a query parameter given twice by its last value (Starlette). The gateway read
+    the join's cancel_on_disconnect by its first: a run the client asked to keep going was cancelled
+    when it left, and one it asked to cancel ran on."""
+    async with asyncio.timeout(60):
+        direct, via = await asyncio.gather(_status_after_a_join_left(http, langgraph_server.url, query),
+                                           _status_after_a_join_left(http, lg_gateway.url, query))
+    assert via == direct
+    assert direct == ("interrupted" if query.endswith("true") else "success"), "the server's rule changed"
+
+
 # Content-Encoding of a request body is the upstream's to judge: this one reads no gzip (422 for a
 # gzip body, and a plain body labelled gzip is read as it is).
 _ENCODED_BODIES = {
