@@ -224,7 +224,11 @@ class Pool:
         return pick[start:] + pick[:start]
 
     def owns(self, url: URL) -> bool:
-        return any(r.url.origin() == url.origin() for r in self.replicas)
+        """Whether an absolute URL an upstream answered with names one of its replicas. The scheme
+        may differ: behind a proxy that terminated TLS the server is told X-Forwarded-Proto: https
+        and names itself https://<its host:port>, a URL no client can use."""
+        return any(r.url.host == url.host and (r.url.port == url.port or r.url.explicit_port == url.explicit_port)
+                   for r in self.replicas)
 
     def mark_down(self, replica: Replica, reason: object) -> None:
         replica.successes = 0

@@ -583,6 +583,22 @@ async def test_a_repeated_cancel_on_disconnect_is_read_as_the_server_reads_it(
     assert direct == ("interrupted" if query.endswith("true") else "success"), "the server's rule changed"
 
 
+async def test_a_redirect_behind_a_tls_proxy_points_at_the_gateway(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Behind a trusted proxy that terminated TLS, the server is told X-Forwarded-Proto: https and
+    builds its trailing-slash redirect as https://<its own host:port>/... The gateway left that URL
+    as it was (it only owned its replicas' URLs scheme and all): the client was sent to the
+    upstream's internal address, over a scheme it does not even serve."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                                           clients={"trusted_proxies": ["127.0.0.1"]}))
+    proxied = {"X-Forwarded-Proto": "https"}
+    async with http.get(f"{langgraph_server.url}/threads/", headers=proxied, allow_redirects=False) as r:
+        assert (r.status, r.headers["Location"]) == (307, langgraph_server.url.replace("http:", "https:") + "/threads"), \
+            "the server's rule changed"
+    async with http.get(f"{gw.url}/threads/", headers=proxied, allow_redirects=False) as r:
+        assert (r.status, r.headers["Location"]) == (307, "/threads")
+
+
 # Content-Encoding of a request body is the upstream's to judge: this one reads no gzip (422 for a
 # gzip body, and a plain body labelled gzip is read as it is).
 _ENCODED_BODIES = {
