@@ -119,7 +119,8 @@ class Forwarder:
         skip = _hop_by_hop(request.headers) | {"host"} | {d.lower() for d in drop}
         out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
         peer = request.remote or ""
-        prior = request.headers.get("X-Forwarded-For")
+        # Several lines of one header are one list (RFC 9110, 5.3): every hop of the chain is kept.
+        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
         out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
         trusted = self._trusted(peer)
         out["X-Forwarded-Proto"] = (request.headers.get("X-Forwarded-Proto") if trusted else None) or request.scheme

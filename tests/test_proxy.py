@@ -71,6 +71,15 @@ async def test_hop_by_hop_removed_and_forwarded_headers_added(gateway: RunningGa
         assert "X-Hop" not in r.headers  # named in the upstream's Connection header
 
 
+async def test_an_x_forwarded_for_given_on_several_lines_keeps_every_hop(gateway: RunningGateway,
+                                                                        http: aiohttp.ClientSession) -> None:
+    # Header lines of one name are one comma-separated list (RFC 9110, 5.3). The gateway appended the
+    # peer to the first line only and dropped the rest: the upstream lost hops of the chain.
+    doc = await echo(http, f"{gateway.url}/echo/xff",
+                     headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2, 10.0.0.3")])
+    got = [v for k, v in doc["headers"] if k.lower() == "x-forwarded-for"]
+    assert got == ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]
+
 async def test_gzip_body_passes_unchanged(make_gateway: MakeGateway, tmp_path: Path,
                                           http: aiohttp.ClientSession) -> None:
     import gzip
