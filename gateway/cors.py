@@ -26,15 +26,22 @@ class CorsMemory:
     def __init__(self) -> None:
         self._seen: OrderedDict[tuple[str, str], dict[str, str]] = OrderedDict()
 
-    def learn(self, upstream: str, request: Mapping[str, str], headers: Mapping[str, str]) -> None:
+    def learn(self, upstream: str, request: Mapping[str, str], status: int, headers: Mapping[str, str]) -> None:
         """Remember what the upstream answered the origin of a request (``request``: its headers);
-        nothing when it sent no CORS headers, or when the request was a preflight: that answer says
-        what may be sent, not what a response exposes (it has no Expose-Headers), and learnt it hid
-        Location and Content-Location on the answers the gateway makes for that origin."""
+        nothing when the request was a preflight: that answer says what may be sent, not what a
+        response exposes (it has no Expose-Headers), and learnt it hid Location and Content-Location
+        on the answers the gateway makes for that origin. An answer without CORS headers is learnt
+        too, as forgetting: the upstream no longer allows that origin (its allow-list changed). But
+        for a 5xx: a server's error pages often carry none (Starlette's come from outside its CORS
+        middleware), and say nothing of what it allows."""
         origin = request.get("Origin")
-        if not origin or "Access-Control-Allow-Origin" not in headers or "Access-Control-Request-Method" in request:
+        if not origin or "Access-Control-Request-Method" in request:
             return
         key = (upstream, origin)
+        if "Access-Control-Allow-Origin" not in headers:
+            if status < 500:
+                self._seen.pop(key, None)
+            return
         self._seen[key] = {h: headers[h] for h in _LEARNED if h in headers}
         self._seen.move_to_end(key)
         while len(self._seen) > _MEMORY:

@@ -112,6 +112,9 @@ R = TypeVar("R")
 
 class _Headed(Protocol):
     @property
+    def status(self) -> int: ...
+
+    @property
     def headers(self) -> CIMultiDictProxy[str]: ...
 
 
@@ -374,7 +377,7 @@ class Upstreams:
         except BaseException:
             budget.release()
             raise
-        self.cors.learn(pool.name, headers, resp.headers)
+        self.cors.learn(pool.name, headers, resp.status, resp.headers)
         return resp
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],

@@ -446,6 +446,44 @@ async def test_the_503s_the_gateway_makes_itself_carry_the_upstreams_cors_header
     live.close()
 
 
+async def test_an_origin_the_upstream_stopped_allowing_gets_no_cors_on_the_gateways_own_answers(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: the answers the gateway makes itself carry what the upstream answered the same Origin
+    *last*. An answer without CORS headers taught nothing, so an origin the upstream had allowed once
+    kept being allowed on the gateway's own answers after the upstream stopped allowing it (its
+    allow-list changed): the gateway vouched for a page the upstream refuses."""
+    from aiohttp import web
+
+    allowed = {"http://app.example"}
+
+    async def answer(request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin", "")
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in allowed else {}
+        return web.json_response({"ok": True}, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [f"http://127.0.0.1:{runner.addresses[0][1]}"]}}))
+        origin = {"Origin": "http://app.example"}
+        # A join with a malformed id: the gateway's own 422, made before any upstream request.
+        own = f"{gw.url}/threads/{'1' * 8}-1111-1111-1111-{'1' * 12}/runs/{'2' * 8}-2222-2222-2222-{'2' * 12}/stream"
+        for still_allowed in (True, False):
+            if not still_allowed:
+                allowed.clear()
+            async with http.get(f"{gw.url}/info", headers=origin) as r:
+                assert r.status == 200
+                assert r.headers.get("Access-Control-Allow-Origin") == (origin["Origin"] if still_allowed else None)
+            async with http.get(own, headers={"Last-Event-ID": "bad", **origin}) as r:
+                assert r.status == 422
+                assert r.headers.get("Access-Control-Allow-Origin") == (origin["Origin"] if still_allowed else None)
+    finally:
+        await runner.cleanup()
+
 async def test_a_preflight_does_not_hide_the_exposed_headers_of_a_stream_served_from_the_log(
         lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
     """A browser preflights its re-join (Last-Event-ID is no simple header). The upstream's answer to a
