@@ -54,6 +54,9 @@ A = TypeVar("A", bound=Answer)
 Reply = web.StreamResponse | Coroutine[Any, Any, web.StreamResponse]
 # A background run's upstream answer, and the gateway's own answer when it read that one whole.
 Created = tuple[aiohttp.ClientResponse, web.StreamResponse | None]
+# A run created streaming: the upstream's answer, and this client's follower of its capture (None: the
+# answer is no event stream, relayed as it is).
+Started = tuple[LegResponse, Follower | None]
 
 logger = logging.getLogger("gateway.streams")
 
@@ -95,10 +98,29 @@ class StreamHandlers:
         run = prepare_run_request(await self.forwarder.read_body(request, self.cfg.max_request_body),
                                   ask_resumable=self.cfg.request_resumable, stateless=stateless)
         self.check_capacity()
+        # Owned by the hub from the request upstream to the capture's start, as a background run is:
+        # a client that leaves meanwhile leaves a run created upstream (told to continue, when the
+        # client asked for a cancel on disconnect), which is captured all the same, and cancelled.
+        owned: asyncio.Future[Started] = self.hub.run_owned(self._start_run_stream(request, target, run, stateless))
+        del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
+        try:
+            resp, follower = await asyncio.shield(owned)
+        except BaseException:
+            owned.add_done_callback(_leave_unstarted)
+            raise
+        if follower is None:
+            return await self.forwarder.relay(request, target, resp)
+        return self.send(request, follower, client_headers(resp, target, drop=("Content-Length",)),
+                         None)  # a Reply: awaited by the caller
+
+    async def _start_run_stream(self, request: web.Request, target: Target, run: RunRequest,
+                                stateless: bool) -> Started:
+        """Create a run streaming and begin its capture, with this client following it; the answer
+        alone (no follower) when it is no event stream."""
         resp = await self._create_run(run, partial(self.forwarder.open_stream, request, target,
                                                    headers=self.forwarder.upstream_headers(request, drop=("Content-Length",))))
         if not is_event_stream(resp):
-            return await self.forwarder.relay(request, target, resp)
+            return resp, None
         tid, rid = agentapi.run_ids(resp.headers)
         if rid is None or not capturable(rid):  # not an Agent Server run stream: captured, not joinable
             rid = f"unnamed-{uuid.uuid4()}"
@@ -106,18 +128,15 @@ class StreamHandlers:
             tid = None
         meta = agentapi.run_meta(target.pool.name, tid, rid, resumable=run.resumable)
         request[STREAM_KEY] = meta.key
-        cancel_on_orphan = run.cancel_on_disconnect
-        del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
         # Subscribed before the capture begins: the run's first events, which may commit with the
         # begin, reach this client from the feed, not from a read of the log.
         follower = self.hub.follow(meta.key, 0)
         try:
-            await self._capture(request, meta, resp, cancel_on_orphan)
+            await self._capture(request, meta, resp, run.cancel_on_disconnect)
         except BaseException:
             follower.close()
             raise
-        return self.send(request, follower, client_headers(resp, target, drop=("Content-Length",)),
-                         None)  # a Reply: awaited by the caller
+        return resp, follower
 
     async def _create_run(self, run: RunRequest, send: Callable[[bytes], Awaitable[A]]) -> A:
         """Send a run-creating request with ``send``; if the upstream refuses the body as the gateway
@@ -401,6 +420,19 @@ class StreamHandlers:
             return out
         finally:
             follower.close()
+
+
+def _leave_unstarted(owned: asyncio.Future[Started]) -> None:
+    """A run created streaming whose client hung up before its stream started: the client leaves the
+    capture (the run is cancelled if it asked for that, as when it leaves later), or the answer
+    nobody relays is let go."""
+    if owned.cancelled() or owned.exception() is not None:
+        return
+    resp, follower = owned.result()
+    if follower is not None:
+        follower.close()
+    else:
+        resp.release()
 
 
 def _release_unrelayed(owned: asyncio.Future[Created]) -> None:

@@ -599,6 +599,67 @@ async def test_a_redirect_behind_a_tls_proxy_points_at_the_gateway(
         assert (r.status, r.headers["Location"]) == (307, "/threads")
 
 
+async def _slow_answers(upstream_port: int, delay: float) -> asyncio.Server:
+    """A TCP relay to the upstream that passes requests at once and holds each connection's answer
+    back ``delay`` seconds: the upstream has acted on a request while its answer is still on the way."""
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float) -> None:
+        try:
+            first = True
+            while data := await reader.read(65536):
+                if first and hold:
+                    await asyncio.sleep(hold)
+                first = False
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def accept(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        u_reader, u_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        await asyncio.gather(pipe(c_reader, u_writer, 0), pipe(u_reader, c_writer, delay))
+
+    return await asyncio.start_server(accept, "127.0.0.1", 0)
+
+
+async def _statuses_when_done(http: aiohttp.ClientSession, server: str, tid: str) -> list[str]:
+    for _ in range(300):  # bounded: a run that is not cancelled ends after 6 s
+        async with http.get(f"{server}/threads/{tid}/runs") as r:
+            statuses = [str(run["status"]) for run in await r.json()]
+        if statuses and not {"pending", "running"} & set(statuses):
+            return statuses
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"runs of {tid} still {statuses}")
+
+
+async def test_a_run_asked_to_cancel_on_disconnect_is_cancelled_when_its_client_leaves_before_the_answer(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The gateway sends the upstream ``on_disconnect: continue`` and cancels the run itself when its
+    last client leaves. A client that left after the run was created but before the upstream's
+    answer reached the gateway cancelled the request before the capture (and its cancel) existed:
+    the run went on to the end, where the server cancels it."""
+    relay = await _slow_answers(int(langgraph_server.url.rsplit(":", 1)[1]), 0.5)
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{port}"]}}))
+        body = json.dumps({"assistant_id": "ticker", "input": {"n": 30, "delay": 0.2}, "stream_mode": ["custom"],
+                           "on_disconnect": "cancel"}).encode()
+        async with asyncio.timeout(60):
+            for base in (langgraph_server.url, gw.url):
+                tid = (await sdk(langgraph_server.url).threads.create())["thread_id"]
+                host, client_port = base.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(client_port))
+                writer.write(f"POST /threads/{tid}/runs/stream HTTP/1.1\r\nHost: {host}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+                while not await sdk(langgraph_server.url).runs.list(tid):  # created upstream ...
+                    await asyncio.sleep(0.01)
+                writer.close()  # ... and its client gone, before the answer came back through the relay
+                assert await _statuses_when_done(http, langgraph_server.url, tid) == ["interrupted"], base
+    finally:
+        relay.close()
+
+
 # Content-Encoding of a request body is the upstream's to judge: this one reads no gzip (422 for a
 # gzip body, and a plain body labelled gzip is read as it is).
 _ENCODED_BODIES = {
