@@ -57,6 +57,8 @@ Created = tuple[aiohttp.ClientResponse, web.StreamResponse | None]
 # A run created streaming: the upstream's answer, and this client's follower of its capture (None: the
 # answer is no event stream, relayed as it is).
 Started = tuple[LegResponse, Follower | None]
+# What a client is attached to, and the headers it is told about its resume.
+Attached = tuple[Attachment, CIMultiDict[str]]
 
 logger = logging.getLogger("gateway.streams")
 
@@ -242,10 +244,11 @@ class StreamHandlers:
         # A stateless run has no cancel endpoint upstream: only one created with on_disconnect=cancel
         # is cancelled (its leg closed); one created to continue goes on, and so does its capture.
         cancel = tid is not None and truthy(last_param(request, "cancel_on_disconnect"))
-        try:
-            att, headers = await self.attach(request, target, meta, cursor, leg, prepare, cancel=cancel, thread=tid)
-        except _NotOurs:  # held, but under another thread: not ours to serve
+        attaching = self._attach_or_not_ours(request, target, meta, cursor, leg, prepare, cancel=cancel, thread=tid)
+        attached = await (self._attach_owned(attaching) if cancel else attaching)
+        if attached is None:  # held, but under another thread: not ours to serve
             return await self.forwarder.forward(request, target)
+        att, headers = attached
         if att.held is None and att.answer is None and att.follower is None:
             if not is_uuid(rid):  # the route is the gateway's: answer as the Agent Server answers bad ids
                 raise Unprocessable("Invalid run ID: must be a UUID")
@@ -271,6 +274,26 @@ class StreamHandlers:
                                           Leg(self.forwarder.upstream_headers(request, drop=("Last-Event-ID",))),
                                           prepare)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq", "upstream"))
+
+    async def _attach_or_not_ours(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor,
+                                  leg: Leg | None, prepare: Prepare, *, cancel: bool,
+                                  thread: str | None) -> Attached | None:
+        try:
+            return await self.attach(request, target, meta, cursor, leg, prepare, cancel=cancel, thread=thread)
+        except _NotOurs:
+            return None
+
+    async def _attach_owned(self, attaching: Awaitable[Attached | None]) -> Attached | None:
+        """A join that asked for a cancel on disconnect, attached even if its client leaves meanwhile
+        (asking the upstream whether the run exists, opening the leg): the upstream's join was told
+        nothing of the cancel, so the client must leave as a follower, which cancels the run as when
+        it leaves later."""
+        owned: asyncio.Future[Attached | None] = self.hub.run_owned(attaching)
+        try:
+            return await asyncio.shield(owned)
+        except BaseException:
+            owned.add_done_callback(_leave_unused_attachment)
+            raise
 
     async def attach(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor, leg: Leg | None,
                      prepare: Prepare, cancel: bool = False, thread: str | None = None,
@@ -420,6 +443,17 @@ class StreamHandlers:
             return out
         finally:
             follower.close()
+
+
+def _leave_unused_attachment(owned: asyncio.Future[Attached | None]) -> None:
+    """A join whose client hung up while it was being attached: it leaves what it was attached to."""
+    if owned.cancelled() or owned.exception() is not None or (attached := owned.result()) is None:
+        return
+    att = attached[0]
+    if att.follower is not None:
+        att.follower.close()
+    if att.answer is not None:
+        att.answer.release()
 
 
 def _leave_unstarted(owned: asyncio.Future[Started]) -> None:

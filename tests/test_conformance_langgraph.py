@@ -660,6 +660,35 @@ async def test_a_run_asked_to_cancel_on_disconnect_is_cancelled_when_its_client_
         relay.close()
 
 
+
+@pytest.mark.parametrize("leave_after", [0.3, 0.8], ids=["during-the-run-check", "during-the-legs-head"])
+async def test_a_join_asked_to_cancel_on_disconnect_cancels_when_its_client_leaves_before_it_is_attached(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession,
+        leave_after: float) -> None:
+    """The gateway keeps cancel_on_disconnect from the upstream's join and cancels the run itself when
+    its last client leaves. A client that left while the gateway was still attaching it (asking the
+    upstream whether the run exists, opening the leg) was never counted as a client: the run went on,
+    where the server cancels it as soon as the client of its join is gone."""
+    relay = await _slow_answers(int(langgraph_server.url.rsplit(":", 1)[1]), 0.5)
+    try:
+        port = relay.sockets[0].getsockname()[1]
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{port}"]}}))
+        async with asyncio.timeout(60):
+            for base in (langgraph_server.url, gw.url):
+                tid = (await sdk(langgraph_server.url).threads.create())["thread_id"]
+                run = await sdk(langgraph_server.url).runs.create(tid, "ticker", input={"n": 30, "delay": 0.2},
+                                                                  stream_mode=["custom"])
+                host, client_port = base.removeprefix("http://").split(":")
+                reader, writer = await asyncio.open_connection(host, int(client_port))
+                writer.write(f"GET /threads/{tid}/runs/{run['run_id']}/stream?cancel_on_disconnect=true HTTP/1.1\r\n"
+                             f"Host: {host}\r\n\r\n".encode())
+                await asyncio.sleep(leave_after)  # the relay holds every answer 0.5 s
+                writer.close()
+                assert await _statuses_when_done(http, langgraph_server.url, tid) == ["interrupted"], base
+    finally:
+        relay.close()
+
+
 # Content-Encoding of a request body is the upstream's to judge: this one reads no gzip (422 for a
 # gzip body, and a plain body labelled gzip is read as it is).
 _ENCODED_BODIES = {
