@@ -86,14 +86,19 @@ class ClientConnection(RequestHandler):
         """The request in flight gets ``timeout`` (shutdown_grace) in all, then its handler is cancelled.
         aiohttp waits ``timeout``, then only fails the request's body and waits ``timeout`` again
         before it cancels: a handler waiting on a silent upstream held the process twice its grace
-        (a worker past the supervisor's margin was SIGKILLed)."""
+        (a worker past the supervisor's margin was SIGKILLed).
+
+        The grace is waited here, and the handler cancelled, before aiohttp's own wait begins: a
+        cancel on a timer of its own met aiohttp's wait timing out in the same loop turn, and the
+        handler's end then resolved aiohttp's waiter after that timeout had cancelled it (an
+        "Unhandled exception ... InvalidStateError" traceback per request)."""
         task = self._task_handler
-        late = None if timeout is None or task is None else asyncio.get_running_loop().call_later(timeout, task.cancel)
-        try:
-            await super().shutdown(timeout)
-        finally:
-            if late is not None:
-                late.cancel()
+        if timeout is not None and task is not None and not task.done() and self._request_in_progress:
+            self._force_close = True  # aiohttp's first step too: no request after this one on the connection
+            done, _ = await asyncio.wait([task], timeout=timeout)
+            if not done:
+                task.cancel()  # aiohttp's wait below then sees the handler end, as after a graceful finish
+        await super().shutdown(timeout)
 
     def data_received(self, data: bytes) -> None:
         before, queued = self._request_count, len(self._messages)

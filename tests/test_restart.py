@@ -291,3 +291,37 @@ async def test_a_stateless_run_left_open_by_a_killed_gateway_over_its_budget_is_
     gw2 = _restart(gateway_process, gw, "--config", str(cfg))
     got = await asyncio.wait_for(_join_until_end(http, gw2.url + loc, "-1"), 10)
     assert got[-1].event == "error" and got[-1].json["error"] == "CaptureInterrupted"
+
+
+# What a process that left something un-owned or half-handled at its stop writes to its stderr.
+_UNCLEAN_STOP = ("Traceback", "Unhandled exception", "Task was destroyed but it is pending",
+                 "Unclosed client session", "Future exception was never retrieved", "InvalidStateError")
+
+
+@pytest.mark.parametrize("grace", ["1", "3"])
+async def test_sigterm_cancels_requests_still_waiting_on_the_upstream_after_the_grace_without_a_traceback(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        grace: str) -> None:
+    """Requests still waiting on a silent upstream when the grace runs out are cancelled, and the
+    gateway exits 0 with nothing in its log but the stop: aiohttp's own wait for the request in flight
+    times out at the same moment as the gateway's cancel of it, and the two must not collide (they did:
+    an "Unhandled exception ... InvalidStateError" traceback for every such request)."""
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nshutdown_grace: {grace}\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    tid = await new_thread(http, gw.url)
+    fake_upstream.faults.hang = 30  # every API request from now on waits longer than the grace
+    body = {"assistant_id": "a", "input": {"n": 5}}
+    waiting = [asyncio.ensure_future(http.post(f"{gw.url}/threads/{tid}/runs/stream", json=body)),
+               asyncio.ensure_future(http.post(f"{gw.url}/threads/{tid}/runs", json=body)),
+               asyncio.ensure_future(http.get(f"{gw.url}/threads/{tid}"))]
+    for _ in range(200):  # until the upstream holds all three (bounded)
+        if len(fake_upstream.requests) >= 4:
+            break
+        await asyncio.sleep(0.02)
+    assert len(fake_upstream.requests) >= 4
+    assert await asyncio.get_running_loop().run_in_executor(None, gw.terminate) == 0
+    await asyncio.gather(*waiting, return_exceptions=True)  # cut: none of them had an answer
+    log = gw.log_text()
+    assert not [s for s in _UNCLEAN_STOP if s in log], log[-4000:]
