@@ -96,6 +96,9 @@ class Ingest:
     failed: BaseException | None = None  # a commit that failed: the copy stops
     recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
     cancelling: bool = False  # its last follower left and asked for a cancel: done once
+    # Taken over from a process that stopped: its clients were cut, not gone, and a cancel on
+    # disconnect one of them asked for waits until a client came back (``gateway.presence``).
+    away: bool = False
 
     @property
     def key(self) -> str:
@@ -194,7 +197,8 @@ class Captures:
         try:
             if not await self.log.claim(meta.key):
                 raise CapturedElsewhere(meta.key)
-            return await self._begin_and_start(meta, resp, None, auth=auth, cancel_on_orphan=cancel_on_orphan)
+            return await self._begin_and_start(_asking(meta, cancel_on_orphan), resp, None, auth=auth,
+                                               cancel_on_orphan=cancel_on_orphan)
         except ClaimLost:
             if resp is not None:
                 resp.close()
@@ -238,7 +242,8 @@ class Captures:
                 return resp
             try:
                 seam = await self._seam(meta, held, last)
-                ing = await self._begin_and_start(meta, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
+                ing = await self._begin_and_start(_asking(meta, cancel_on_orphan), resp, seam, auth=auth,
+                                                  cancel_on_orphan=cancel_on_orphan)
             except ClaimLost:
                 resp.close()
                 raise CapturedElsewhere(key) from None
@@ -271,8 +276,9 @@ class Captures:
 
     def start(self, meta: StreamMeta, resp: LegResponse | None, seam: Seam | SessionSeam | None, *,
               auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
-        """Run the ingest task of a stream this process has claimed (and begun)."""
-        ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan)
+        """Run the ingest task of a stream this process has claimed (and begun). A cancel on
+        disconnect asked of an earlier capture of it (``meta`` as the log holds it) still holds."""
+        ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan or meta.cancel_on_orphan)
         self.live[meta.key] = ing
         landing: Parked | None = None
         if resp is not None:
@@ -624,6 +630,12 @@ class Captures:
         except ClaimLost:
             logger.warning("stream %s is captured by another gateway process now; it ends it, not this one",
                            meta.key)
+
+
+def _asking(meta: StreamMeta, cancel_on_orphan: bool) -> StreamMeta:
+    """The stream as begun in the log: a cancel on disconnect its client asked for is written with it,
+    so that whoever captures it next (this process after a restart, another replica) still honours it."""
+    return replace(meta, cancel_on_orphan=True) if cancel_on_orphan else meta
 
 
 def _can_rejoin(meta: StreamMeta) -> bool:

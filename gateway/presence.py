@@ -76,6 +76,8 @@ class Presence:
         self.followers.add(follower)
         n = self._following[follower.key] = self._following.get(follower.key, 0) + 1
         ing = self.captures.live.get(follower.key)
+        if ing is not None:
+            ing.away = False  # a client is back: it leaving is a disconnect
         if ing is not None and ing.orphan_timer is not None:
             ing.orphan_timer.cancel()
             ing.orphan_timer = None
@@ -109,13 +111,18 @@ class Presence:
             if ing.meta.kind == "run" and not ing.cancel_on_orphan:
                 held = await self.log.lookup(ing.key)
                 ing.cancel_on_orphan = held is not None and held.cancel_on_orphan
+            if ing.away and ing.cancel_on_orphan:
+                # Taken over: its clients were cut, and nobody has come back yet, here or on another
+                # replica. One that follows it anywhere now is back: its leaving will be a disconnect.
+                ing.away = not await self.everywhere(ing.key)
+                continue
             if ing.meta.endless or ing.cancel_on_orphan:
                 self._orphaned(ing)
 
     def _recovered(self, ing: Ingest) -> None:
         """Storage is back under ``ing``, whose clients were cut on purpose: if none came back and
         one of them had asked for it, the run is cancelled now."""
-        if not self._following.get(ing.key) and ing.cancel_on_orphan:
+        if not self._following.get(ing.key) and ing.cancel_on_orphan and not ing.away:
             self.run_owned(self._cancel_run(ing))
 
     def _orphaned(self, ing: Ingest) -> None:

@@ -325,3 +325,37 @@ async def test_sigterm_cancels_requests_still_waiting_on_the_upstream_after_the_
     await asyncio.gather(*waiting, return_exceptions=True)  # cut: none of them had an answer
     log = gw.log_text()
     assert not [s for s in _UNCLEAN_STOP if s in log], log[-4000:]
+
+
+@pytest.mark.parametrize("how", ["kill", "term"])
+@pytest.mark.parametrize("storage", ["lmdb", "lmdb-shared", "redis"])
+async def test_a_run_to_cancel_on_disconnect_is_still_cancelled_when_its_client_leaves_after_a_restart(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        request: pytest.FixtureRequest, how: str, storage: str) -> None:
+    """README: a client that asked for "on_disconnect": "cancel" gets the run cancelled upstream when the
+    last client leaves. A restart cuts the client, which resumes on the new process: the ask must not
+    be forgotten with the old process (it was: the run went on upstream after the client left), nor
+    acted on before the client had a chance to come back (its stream would end early)."""
+    if storage == "redis":
+        section: dict[str, Any] = request.getfixturevalue("redis_storage")
+    else:
+        section = {"path": str(tmp_path / "data"), "lease_ttl": "1500ms", "shared": str(storage != "lmdb").lower()}
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   "storage:\n" + "".join(f"  {k}: {v}\n" for k, v in section.items()))
+    gw = gateway_process("--config", str(cfg)).start()
+    resp = await start_run(http, gw, 400, delay=0.02, on_disconnect="cancel")
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=3)
+    run_id = seen[0].json["run_id"]
+    await asyncio.get_running_loop().run_in_executor(None, _stop, gw, how)
+    resp.close()
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
+    await asyncio.sleep(2.0)  # past a lease and its take-over sweeps: the client has not come back yet
+    assert fake_upstream.runs[run_id].status == "running", "not cancelled while its client was away"
+    async with http.get(gw2.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as back:
+        assert back.status == 200
+        more = await read_events(back, limit=3)
+    assert customs(seen + more) == list(range(len(seen) + len(more) - 1)), "resumed where it left"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", \
+        "its client left after the restart: cancelled upstream"
