@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from gateway.config import Clients
 from gateway.errors import BadRequest, TooManyConnections
+from gateway.logs import END
 from gateway.responses import error_response, failed
 
 log = logging.getLogger("gateway.listener")
@@ -97,6 +98,8 @@ class ClientConnection(RequestHandler):
             self._force_close = True  # aiohttp's first step too: no request after this one on the connection
             done, _ = await asyncio.wait([task], timeout=timeout)
             if not done:
+                if (request := self._current_request) is not None:
+                    request[END] = "cut"  # the gateway gave up on it: its client did not hang up
                 task.cancel()  # aiohttp's wait below then sees the handler end, as after a graceful finish
         await super().shutdown(timeout)
 

@@ -26,7 +26,7 @@ LogFormat = Literal["text", "json"]
 #   completed    the response was sent whole (its status says what it was);
 #   client_gone  the client hung up first;
 #   cut          the gateway cut the connection on purpose: a reader too slow, a capture that ended
-#                under the stream (the client is expected to resume);
+#                under the stream, the shutdown's grace ran out (the client is expected to resume);
 #   error        a failure after the response started (an upstream body broken, an error): cut.
 AccessEnd = Literal["completed", "client_gone", "cut", "error"]
 
@@ -38,6 +38,8 @@ STARTED = web.RequestKey("gateway.started", web.StreamResponse)  # the response 
 CUT_AT = web.RequestKey("gateway.cut_at", int)  # bytes sent when the gateway cut the connection
 # nginx's status for "client closed request": a client gone before any response started.
 CLIENT_CLOSED = 499
+# A request the gateway's shutdown gave up on before any response started: unavailable, as /readyz says.
+SHUT_OUT = 503
 
 _ID_SEGMENT = re.compile(r"/(?:[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}|\d+)(?=/|$)")
 # The fields of a record that are not extra (anything else a caller passed is printed too).
@@ -129,11 +131,12 @@ def _closed_cleanly(ws: web.WebSocketResponse) -> bool:
 
 
 def client_left(request: web.BaseRequest, began: float) -> int:
-    """A request whose handler was cancelled because its client hung up: aiohttp writes no access
-    line for it, so this does (``began``: the loop's time when the request came in). Returns its
-    status, as the line says it: the response's if it started, else 499."""
+    """A request whose handler was cancelled because its client hung up, or because the shutdown's
+    grace ran out (``gateway.listener`` marks it cut): aiohttp writes no access line for it, so this
+    does (``began``: the loop's time when the request came in). Returns its status, as the line says
+    it: the response's if it started, else 499 (503 for one the shutdown cut)."""
     started = request.get(STARTED)
-    status: int = started.status if started else CLIENT_CLOSED
+    status: int = started.status if started else SHUT_OUT if request.get(END) == "cut" else CLIENT_CLOSED
     if isinstance(started, web.WebSocketResponse) and _closed_cleanly(started):
         request[END] = request.get(END, "completed")  # the client hung up after the closing handshake
     request[END] = request.get(END, "client_gone")

@@ -302,8 +302,8 @@ _UNCLEAN_STOP = ("Traceback", "Unhandled exception", "Task was destroyed but it 
 async def test_sigterm_cancels_requests_still_waiting_on_the_upstream_after_the_grace_without_a_traceback(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
         grace: str) -> None:
-    """Requests still waiting on a silent upstream when the grace runs out are cancelled, and the
-    gateway exits 0 with nothing in its log but the stop: aiohttp's own wait for the request in flight
+    """Requests still waiting on a silent upstream when the grace runs out are cancelled, logged as cut
+    by the gateway, and the gateway exits 0 with nothing else in its log but the stop: aiohttp's own wait for the request in flight
     times out at the same moment as the gateway's cancel of it, and the two must not collide (they did:
     an "Unhandled exception ... InvalidStateError" traceback for every such request)."""
     cfg = tmp_path / "gw.yaml"
@@ -325,6 +325,10 @@ async def test_sigterm_cancels_requests_still_waiting_on_the_upstream_after_the_
     await asyncio.gather(*waiting, return_exceptions=True)  # cut: none of them had an answer
     log = gw.log_text()
     assert not [s for s in _UNCLEAN_STOP if s in log], log[-4000:]
+    # README (Logs): the gateway gave up on them, their clients did not hang up; and nothing was
+    # answered, so no status of an answer: 503, as /readyz says from SIGTERM on.
+    lines = [line for line in log.splitlines() if "gateway.access" in line and "/threads/{id}" in line]
+    assert len(lines) == 3 and all(" 503 " in line and line.endswith("end=cut") for line in lines), lines
 
 
 @pytest.mark.parametrize("how", ["kill", "term"])
