@@ -40,6 +40,15 @@ class ConnectionCount:
     open: int = 0
 
 
+@dataclass
+class StopBy:
+    """When the listener's stop must be over (the loop's time), once it began (owned by its runner):
+    ``shutdown_grace`` is one budget for the app's own shutdown steps (client streams cut, WebSocket
+    sessions closed) and the requests in flight, not one for each."""
+
+    at: float | None = None
+
+
 class _Messages(list[Any]):
     """The requests a connection has parsed and not yet handled: the deque aiohttp keeps per
     connection, as a list. A connection holds one request at a time (a stream, for hours), and an
@@ -55,13 +64,16 @@ class ClientConnection(RequestHandler):
     """One client connection (aiohttp's protocol, with the gateway's limits)."""
 
     # Slots: an idle stream keeps its connection for hours; no instance dict beside aiohttp's slots.
-    __slots__ = ("_clients", "_count", "_counted", "over_cap", "_header_deadline", "_between_requests", "_body")
+    __slots__ = ("_clients", "_count", "_stop_by", "_counted", "over_cap", "_header_deadline", "_between_requests",
+                 "_body")
 
-    def __init__(self, manager: Any, *, clients: Clients, count: ConnectionCount, **kwargs: Any) -> None:
+    def __init__(self, manager: Any, *, clients: Clients, count: ConnectionCount, stop_by: StopBy,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._messages = cast(Any, _Messages())  # used as a deque: append, popleft, len, truth
         self._clients = clients
         self._count = count
+        self._stop_by = stop_by
         self._counted = False
         self.over_cap = False  # read by refusal: this connection is answered with a 503
         self._header_deadline: asyncio.TimerHandle | None = None
@@ -84,7 +96,8 @@ class ClientConnection(RequestHandler):
         super().connection_lost(exc)
 
     async def shutdown(self, timeout: float | None = 15.0) -> None:
-        """The request in flight gets ``timeout`` (shutdown_grace) in all, then its handler is cancelled.
+        """The request in flight gets what is left of ``timeout`` (shutdown_grace, counted from the start
+        of the listener's stop: ``StopBy``) in all, then its handler is cancelled.
         aiohttp waits ``timeout``, then only fails the request's body and waits ``timeout`` again
         before it cancels: a handler waiting on a silent upstream held the process twice its grace
         (a worker past the supervisor's margin was SIGKILLed).
@@ -96,7 +109,10 @@ class ClientConnection(RequestHandler):
         task = self._task_handler
         if timeout is not None and task is not None and not task.done() and self._request_in_progress:
             self._force_close = True  # aiohttp's first step too: no request after this one on the connection
-            done, _ = await asyncio.wait([task], timeout=timeout)
+            left = timeout
+            if self._stop_by.at is not None:
+                left = max(0.0, min(timeout, self._stop_by.at - asyncio.get_running_loop().time()))
+            done, _ = await asyncio.wait([task], timeout=left)
             if not done:
                 if (request := self._current_request) is not None:
                     request[END] = "cut"  # the gateway gave up on it: its client did not hang up
@@ -193,13 +209,15 @@ class ClientConnection(RequestHandler):
 class ClientServer(web.Server):
     """aiohttp's low-level server, making ``ClientConnection``s."""
 
-    def __init__(self, *args: Any, clients: Clients, count: ConnectionCount, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, clients: Clients, count: ConnectionCount, stop_by: StopBy, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._clients = clients
         self._count = count
+        self._stop_by = stop_by
 
     def __call__(self) -> RequestHandler:
-        return ClientConnection(self, loop=self._loop, clients=self._clients, count=self._count, **self._kwargs)
+        return ClientConnection(self, loop=self._loop, clients=self._clients, count=self._count,
+                                stop_by=self._stop_by, **self._kwargs)
 
 
 class GatewayRunner(web.AppRunner):
@@ -214,14 +232,23 @@ class GatewayRunner(web.AppRunner):
                       max_headers=clients.max_headers, auto_decompress=False)
         super().__init__(app, **kwargs)
         self.count = ConnectionCount(clients.max_connections)
+        self.stop_by = StopBy()
+        self._grace: float | None = kwargs.get("shutdown_timeout")
         self._clients = clients
         self._server_kwargs = kwargs
+
+    async def shutdown(self) -> None:
+        """The app's shutdown steps, the first of the listener's stop once it stopped accepting: the
+        grace is counted from here."""
+        if self._grace is not None:
+            self.stop_by.at = asyncio.get_running_loop().time() + self._grace
+        await super().shutdown()
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's startup, and its request handler
         kwargs = {k: v for k, v in self._server_kwargs.items() if k not in ("shutdown_timeout", "handle_signals")}
         return ClientServer(plain.request_handler, request_factory=plain.request_factory,
-                            clients=self._clients, count=self.count, **kwargs)
+                            clients=self._clients, count=self.count, stop_by=self.stop_by, **kwargs)
 
 
 _NO_VERSION = orjson.dumps({"detail": "malformed HTTP request: no HTTP version"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +364,37 @@ async def test_a_run_to_cancel_on_disconnect_is_still_cancelled_when_its_client_
     assert customs(seen + more) == list(range(len(seen) + len(more) - 1)), "resumed where it left"
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", \
         "its client left after the restart: cancelled upstream"
+
+
+async def test_the_shutdown_grace_is_one_budget_for_websocket_sessions_and_requests_in_flight(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README: on SIGTERM proxied WebSocket sessions are closed with 1001 and in-flight requests get
+    shutdown_grace to finish. A WebSocket client that never answers the close (its network gone) was
+    waited for the whole grace, and a request in flight was then given the grace again: the stop
+    took twice the grace (a deployment's own deadline, set from the grace, kills the process)."""
+    grace = 3.0
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   f"storage:\n  path: {tmp_path / 'data'}\nshutdown_grace: {grace}s\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(b"GET /ws/echo HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    await writer.drain()
+    assert b" 101 " in await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)  # then it says nothing more
+    fake_upstream.faults.hang = 60  # every API request from now on: accepted, then silence
+    waiting = asyncio.ensure_future(http.get(f"{gw.url}/assistants/a"))
+    for _ in range(200):  # until the request reached the upstream (bounded)
+        if ("GET", "/assistants/a") in fake_upstream.requests:
+            break
+        await asyncio.sleep(0.05)
+    assert ("GET", "/assistants/a") in fake_upstream.requests
+    began = time.monotonic()
+    try:
+        assert await asyncio.get_running_loop().run_in_executor(None, gw.terminate, 30) == 0
+    finally:
+        writer.close()
+    took = time.monotonic() - began
+    await asyncio.gather(waiting, return_exceptions=True)
+    # A bound the config sets, not a speed: the old stop took two graces (6 s), a budgeted one one.
+    assert took < grace + 1.5, f"the stop took {took:.1f}s with a {grace:g}s grace"
