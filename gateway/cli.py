@@ -71,6 +71,13 @@ def _command(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the gateway handles the signal itself (while it starts)
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     if _command(raw) in TOOLS:
         from gateway.tools import main as tools_main
@@ -108,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"agent-gateway: cannot listen: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -55,13 +55,18 @@ def cannot_start(exit_status: int, first: bool, lived: float) -> bool:
 class _StopWithParent:
     """``preexec_fn``: the kernel sends the worker SIGTERM when its supervisor dies, however it dies
     (SIGKILL, the OOM killer), so no orphan keeps serving the port with no one to restart or stop it.
-    A supervisor that died between the fork and the prctl is seen by the parent pid having changed."""
+    A supervisor that died between the fork and the prctl is seen by the parent pid having changed.
+
+    The worker hears a stop from its supervisor only, as SIGTERM: SIGINT is ignored until the
+    gateway's loop handles it. Ctrl-C sends SIGINT to the whole process group, and one reaching a
+    worker still loading its modules raised KeyboardInterrupt there (a traceback, for a plain stop)."""
 
     def __init__(self) -> None:
         self.parent = os.getpid()
         self.prctl: Any = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the forked child
 
     def __call__(self) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # kept across exec
         if self.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0 or os.getppid() != self.parent:
             os._exit(EXIT_RUNTIME)
 
@@ -83,7 +88,7 @@ class Supervisor:
         self.argv = argv
         self.crew = [_Worker(i, None) for i in range(workers)]
         self.grace = grace
-        self.stopping: int | None = None  # the signal to pass on, once one came
+        self.stopping: int | None = None  # the signal that came (SIGTERM or SIGINT): the workers are stopping
         self.stop_deadline = 0.0
         self.failed = False  # stopping because a worker cannot start, or did not stop
         self.told: set[int] = set()  # pids the stop was passed to
@@ -170,7 +175,7 @@ class Supervisor:
         for p in running:
             if p.pid not in self.told:
                 self.told.add(p.pid)
-                p.send_signal(self.stopping)
+                p.send_signal(signal.SIGTERM)  # SIGINT or SIGTERM came: the workers hear SIGTERM (_StopWithParent)
         if not running:
             # A worker dead before the stop (and already logged) does not make it unclean.
             told = [w.proc for w in self.crew if w.proc is not None and w.proc.pid in self.told]

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
+from tests.conftest import REPO
 from tests.fake_upstream import FakeAgentServer
 from tests.support.procs import free_port
 from tests.support.sse import read_events, read_until_cut
@@ -303,5 +304,29 @@ async def test_ctrl_c_stops_the_gateway_and_its_workers_gracefully(
             os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
     assert was_cut, "a cut, not a clean end: the client knows to resume"
+    assert code == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize("after", [0.15, 0.3, 0.45, 0.6, 0.9])
+async def test_ctrl_c_while_the_workers_start_stops_everything_without_a_traceback(
+        fake_upstream: FakeAgentServer, tmp_path: Path, after: float) -> None:
+    """Ctrl-C sends SIGINT to the supervisor and its workers at once. One arriving while a worker
+    (or the supervisor) was still importing raised KeyboardInterrupt there: a traceback in the log,
+    for a stop asked for the ordinary way. Swept over the moments of the start-up."""
+    log = tmp_path / "gateway.log"
+    with open(log, "wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "--port", str(free_port()), "--admin-port", "0", "--workers", "2",
+            "--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"), cwd=REPO, env=clean_env(),
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        await asyncio.sleep(after)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
     assert code == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
