@@ -57,7 +57,12 @@ class Presence:
         another process captures it (the client's credentials are then noted with ``asked``)."""
         ing = self.captures.live.get(meta.key)
         if ing is not None:
-            ing.cancel_on_orphan = True
+            was, ing.cancel_on_orphan = ing.cancel_on_orphan, True
+            if not was and not meta.cancel_on_orphan:
+                try:  # in the log too: whoever captures it after a restart still honours it
+                    await self.log.request_cancel(meta.key)
+                except StorageError as exc:  # this process still cancels when its last follower leaves
+                    logger.warning("could not note the cancel request on %s in the log: %s", meta.key, exc)
             return False
         try:  # its captor learns it from the log
             await self.log.request_cancel(meta.key)

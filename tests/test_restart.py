@@ -398,3 +398,32 @@ async def test_the_shutdown_grace_is_one_budget_for_websocket_sessions_and_reque
     await asyncio.gather(waiting, return_exceptions=True)
     # A bound the config sets, not a speed: the old stop took two graces (6 s), a budgeted one one.
     assert took < grace + 1.5, f"the stop took {took:.1f}s with a {grace:g}s grace"
+
+
+@pytest.mark.parametrize("storage", ["lmdb", "redis"])
+async def test_a_cancel_on_disconnect_asked_on_a_join_of_a_run_captured_here_outlives_a_restart(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        request: pytest.FixtureRequest, storage: str) -> None:
+    """As for a run created with on_disconnect=cancel: a join that asked cancel_on_disconnect=true of a
+    run this process captures was noted in its memory only, and a restart forgot it."""
+    section: dict[str, Any] = (request.getfixturevalue("redis_storage") if storage == "redis"
+                               else {"path": str(tmp_path / "data")})
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   "storage:\n" + "".join(f"  {k}: {v}\n" for k, v in section.items()))
+    gw = gateway_process("--config", str(cfg)).start()
+    first = await start_run(http, gw, 400, delay=0.02)  # created without a cancel
+    loc = first.headers["Location"]
+    run_id = (await read_events(first, limit=1))[0].json["run_id"]
+    asking = await http.get(gw.url + loc, params={"cancel_on_disconnect": "true"})
+    assert asking.status == 200
+    seen = await read_events(asking, limit=2)
+    first.close()
+    gw.kill()
+    asking.close()
+    gw2 = _restart(gateway_process, gw, "--config", str(cfg))
+    async with http.get(gw2.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as back:
+        assert back.status == 200
+        await read_events(back, limit=2)
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", \
+        "the client that asked left after the restart: cancelled upstream"
