@@ -334,27 +334,47 @@ async def _splice(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSock
         if stop.done() and not closed:
             closed["gateway"] = (aiohttp.WSCloseCode.GOING_AWAY, b"gateway shutting down")
     finally:
-        for t in (down, up):
-            t.cancel()
         await asyncio.shield(_close_both(client, upstream, closed, down, up))
 
 
 async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse,
-                      closed: dict[str, tuple[int, bytes]], *copies: asyncio.Task[None]) -> None:
-    await asyncio.gather(*copies, return_exceptions=True)
+                      closed: dict[str, tuple[int, bytes]], down: asyncio.Task[None], up: asyncio.Task[None]) -> None:
+    """The side that closed first hears the other side's answer, as it would direct. Each close reads
+    its answer only if no copy was cancelled in that side's receive first: aiohttp's client takes a
+    cancelled receive for an abnormal end (and reads no answer), so the upstream's close breaks the
+    copy's receive itself; the client's side is read once its copy is cancelled."""
     if "client" in closed:
         code, reason = closed["client"]
         await upstream.close(code=code, message=reason)
+        await _stop(down, up)
+        if (answer := _answer(upstream.close_code)) is not None:
+            await client.close(code=answer)
     elif "upstream" in closed:
+        await _stop(down, up)
         code, reason = closed["upstream"]
         await client.close(code=code, message=reason)
-    elif "gateway" in closed:  # the upstream first: the client may hang up once it has its close frame
-        code, reason = closed["gateway"]
-        await upstream.close(code=code, message=reason)
-        await client.close(code=code, message=reason)
+        if (answer := _answer(client.close_code)) is not None:
+            await upstream.close(code=answer)
+    else:
+        await _stop(down, up)
+        if "gateway" in closed:  # the upstream first: the client may hang up once it has its close frame
+            code, reason = closed["gateway"]
+            await upstream.close(code=code, message=reason)
+            await client.close(code=code, message=reason)
     # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going away").
     await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY)
     await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+
+
+async def _stop(*copies: asyncio.Task[None]) -> None:
+    for t in copies:
+        t.cancel()
+    await asyncio.gather(*copies, return_exceptions=True)
+
+
+def _answer(code: int | None) -> int | None:
+    """The code a side answered a close with, to pass on; None when it sent none (gone, timed out)."""
+    return None if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE else code
 
 
 async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: str) -> None:

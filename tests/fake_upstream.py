@@ -138,6 +138,7 @@ class FakeAgentServer:
         self._thread_seq = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
         self.ws_closed: list[int | None] = []  # close codes of /ws/echo sockets, as the server saw them
+        self.ws_answers: list[int | None] = []  # the peer's answer to each close the server sent
         self.ws_headers: list[dict[str, str]] = []
         self.heartbeat = 5.0
         # The handler task of every thread stream being served: its queue, and whether it waits for a frame.
@@ -307,6 +308,7 @@ class FakeAgentServer:
                 break
             if msg.type == WSMsgType.TEXT and msg.data.startswith("close:"):
                 await ws.close(code=int(msg.data[6:]), message=b"asked to")
+                self.ws_answers.append(ws.close_code)  # after close(): the code the peer answered with
             elif msg.type == WSMsgType.TEXT and msg.data.startswith("burst:"):
                 for i in range(int(msg.data[6:])):
                     await ws.send_bytes(i.to_bytes(4, "big") + b"x" * 65532)

@@ -105,3 +105,29 @@ async def test_sigterm_closes_an_open_websocket_with_going_away_and_exits_0(
     access = [d for d in (json.loads(x) for x in gw.log_text().splitlines() if x.startswith("{"))
               if d["logger"] == "gateway.access" and d["path"] == "/ws/echo"]
     assert [(d["status"], d["end"]) for d in access] == [(101, "completed")], access
+
+
+@pytest.mark.parametrize("code", [1000, 4001])
+async def test_each_sides_close_is_answered_with_the_other_sides_answer(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, code: int) -> None:
+    """The close handshake as it is direct: the side that closes hears the other side's answer. The
+    gateway answered a client's close with 1014 (bad gateway), which a client library takes for an
+    abnormal end (websockets raises ConnectionClosedError), and an upstream's close with 1001."""
+    answers = []
+    for url in (fake_upstream.url, gateway.url):
+        async with http.ws_connect(url + "/ws/echo") as ws:
+            await ws.send_str("x")
+            await ws.receive()
+            await ws.close(code=code)
+            answers.append(ws.close_code)  # after close(): the code the other side answered with
+    assert answers[1] == answers[0] == 1000, "the upstream's answer (aiohttp answers 1000) reaches the client"
+    for url in (fake_upstream.url, gateway.url):
+        async with http.ws_connect(url + "/ws/echo") as ws:  # autoclose: it answers the upstream with 1000
+            await ws.send_str(f"close:{code}")
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == code
+        for _ in range(100):
+            if len(fake_upstream.ws_answers) == 2 or url == fake_upstream.url:
+                break
+            await asyncio.sleep(0.02)
+    assert fake_upstream.ws_answers == [1000, 1000], "the client's answer reaches the upstream"
