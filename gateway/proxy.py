@@ -345,14 +345,14 @@ async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWeb
     copy's receive itself; the client's side is read once its copy is cancelled."""
     if "client" in closed:
         code, reason = closed["client"]
-        await upstream.close(code=code, message=reason)
+        await upstream.close(code=_sendable(code), message=reason)
         await _stop(down, up)
         if (answer := _answer(upstream.close_code)) is not None:
             await client.close(code=answer)
     elif "upstream" in closed:
         await _stop(down, up)
         code, reason = closed["upstream"]
-        await client.close(code=code, message=reason)
+        await client.close(code=_sendable(code), message=reason)
         if (answer := _answer(client.close_code)) is not None:
             await upstream.close(code=answer)
     else:
@@ -372,9 +372,15 @@ async def _stop(*copies: asyncio.Task[None]) -> None:
     await asyncio.gather(*copies, return_exceptions=True)
 
 
+def _sendable(code: int) -> int:
+    """A close code as it may go on the wire: a close frame without one (aiohttp's 0, the RFC's 1005,
+    a browser's ``ws.close()``) is a normal close, and 0 is no code any endpoint may send."""
+    return code or aiohttp.WSCloseCode.OK
+
+
 def _answer(code: int | None) -> int | None:
     """The code a side answered a close with, to pass on; None when it sent none (gone, timed out)."""
-    return None if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE else code
+    return None if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE else _sendable(code)
 
 
 async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: str) -> None:
