@@ -119,7 +119,9 @@ class SessionHandlers:
     # --- the WebSocket ----------------------------------------------------------------------------
 
     async def _socket(self, request: web.Request, target: Target, tid: str) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=0, heartbeat=self.hub.heartbeat)
+        # A client's message is a command the gateway holds whole and sends upstream as a request
+        # body: bounded as one (1009 past it), where the upstream's own socket stops at 16 MiB.
+        ws = web.WebSocketResponse(max_msg_size=self.streams.cfg.max_request_body, heartbeat=self.hub.heartbeat)
         await start_response(request, ws)
         socket = _Socket(self, request, target, tid, ws)
         self._sockets.add(ws)

@@ -24,6 +24,7 @@ from tests.support.chaos_proxy import ChaosProxy
 from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.metrics import by_label
+from tests.support.raw_ws import client_frame, raw_websocket, server_frame
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALL = list(sessions.CHANNELS)
@@ -256,6 +257,31 @@ async def ws_until_reply(ws: aiohttp.ClientWebSocketResponse, cid: int) -> tuple
             events.append(doc)
         elif doc.get("id") == cid:
             return events, doc
+
+
+async def test_a_message_over_the_size_limit_closes_the_session_socket_with_1009(
+        make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """The session socket took messages of any size (a 2 GB frame, or fragments adding up to it, held
+    whole in memory) and passed them upstream as commands. Like the upstream's own socket (16 MiB,
+    1009), it is bounded: by ``streams.max_request_body``, the bound of the commands it becomes."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                                           streams={"max_request_body": "64KiB"}))
+    tid = await new_thread(http, gw.url)
+    big = orjson.dumps({"id": 1, "method": "agent.getTree", "params": {"pad": "x" * (100 << 10)}})
+    whole = [client_frame(0x1, big)]
+    parts = [client_frame(0x1, big[:40 << 10], fin=False), client_frame(0x0, big[40 << 10:80 << 10], fin=False),
+             client_frame(0x0, big[80 << 10:])]  # each fragment under the bound, the message over it
+    for frames in (whole, parts):
+        reader, writer = await raw_websocket(gw.url, f"/threads/{tid}/stream/events")
+        writer.write(b"".join(frames))
+        opcode, payload = await asyncio.wait_for(server_frame(reader), 10)
+        assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, aiohttp.WSCloseCode.MESSAGE_TOO_BIG), payload
+        writer.close()
+    async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:  # within it, answered
+        await ws.send_json({"id": 2, "method": "subscription.subscribe", "params": {"channels": ALL}})
+        _, reply = await ws_until_reply(ws, 2)
+        assert reply["type"] == "success", reply
 
 
 # --- faults ------------------------------------------------------------------------------------------

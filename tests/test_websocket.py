@@ -4,9 +4,7 @@ both directions, close codes, subprotocols, refusals and connection budgets kept
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -15,6 +13,7 @@ import pytest
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.raw_ws import client_frame, raw_websocket, server_frame
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -143,10 +142,10 @@ async def test_a_close_without_a_status_code_is_relayed_as_a_normal_close(
     answers = []
     for url in (fake_upstream.url, gateway.url):
         reader, writer = await raw_websocket(url, "/ws/echo")
-        writer.write(b"\x88\x80" + b"\x00" * 4)  # FIN + close, masked, no payload: no status
-        head = await asyncio.wait_for(reader.readexactly(4), 10)
-        assert head[0] == 0x88 and head[1] == 2, head  # a close frame with a code, unmasked
-        answers.append(int.from_bytes(head[2:], "big"))
+        writer.write(client_frame(0x8, b""))  # a close frame with no payload: no status
+        opcode, payload = await asyncio.wait_for(server_frame(reader), 10)
+        assert opcode == 0x8 and len(payload) == 2, (opcode, payload)
+        answers.append(int.from_bytes(payload, "big"))
         writer.close()
         for _ in range(100):
             if fake_upstream.ws_closed and (url == fake_upstream.url or len(fake_upstream.ws_closed) == 2):
@@ -156,14 +155,3 @@ async def test_a_close_without_a_status_code_is_relayed_as_a_normal_close(
     assert fake_upstream.ws_closed[1] in (0, 1000), "through the gateway a close it accepts, not a protocol error"
     assert answers == [1000, 1000], "a normal close answers it, direct and through the gateway"
 
-
-async def raw_websocket(url: str, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A WebSocket opened by hand, to send frames no client library sends."""
-    host, port = url.split("//", 1)[1].rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return reader, writer
