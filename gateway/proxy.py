@@ -89,9 +89,10 @@ class RelayedBody(_UpstreamHeaders, web.Response):
 class Forwarder:
     """Forwards any request to its upstream and streams the answer back."""
 
-    def __init__(self, upstreams: Upstreams, clients: Clients) -> None:
+    def __init__(self, upstreams: Upstreams, clients: Clients, max_message: int) -> None:
         self.upstreams = upstreams
         self.clients = clients
+        self.max_message = max_message  # a client's WebSocket message, held whole: bounded as a request body
         # The proxied WebSocket sessions: for each, a future done when the gateway stops, and one
         # done once the session closed (``going_away``).
         self._sessions: dict[asyncio.Future[None], asyncio.Future[None]] = {}
@@ -247,7 +248,7 @@ class Forwarder:
                                                 protocols) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
                 client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
-                                               max_msg_size=0, autoclose=False)
+                                               max_msg_size=self.max_message, autoclose=False)
                 await start_response(request, client)
                 loop = asyncio.get_running_loop()
                 stop: asyncio.Future[None] = loop.create_future()

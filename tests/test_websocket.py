@@ -155,3 +155,30 @@ async def test_a_close_without_a_status_code_is_relayed_as_a_normal_close(
     assert fake_upstream.ws_closed[1] in (0, 1000), "through the gateway a close it accepts, not a protocol error"
     assert answers == [1000, 1000], "a normal close answers it, direct and through the gateway"
 
+
+
+async def test_a_client_message_over_the_size_limit_closes_the_socket_with_1009(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A client's message was taken at any size (held whole, fragments and all, before it went on):
+    bounded by ``streams.max_request_body`` as a request body is, the client hears 1009 and the
+    upstream that the gateway let go of the socket."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_request_body": "64KiB"}))
+    big = b"x" * (100 << 10)
+    whole = [client_frame(0x2, big)]
+    parts = [client_frame(0x2, big[:40 << 10], fin=False), client_frame(0x0, big[40 << 10:80 << 10], fin=False),
+             client_frame(0x0, big[80 << 10:])]  # each fragment under the bound, the message over it
+    for frames in (whole, parts):
+        reader, writer = await raw_websocket(gw.url, "/ws/echo")
+        writer.write(b"".join(frames))
+        opcode, payload = await asyncio.wait_for(server_frame(reader), 10)
+        assert (opcode, int.from_bytes(payload[:2], "big")) == (0x8, aiohttp.WSCloseCode.MESSAGE_TOO_BIG), payload
+        writer.close()
+    for _ in range(100):
+        if len(fake_upstream.ws_closed) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_upstream.ws_closed == [aiohttp.WSCloseCode.GOING_AWAY] * 2
+    async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/ws/echo") as ws:  # within it, relayed
+        await ws.send_bytes(big[:60 << 10])
+        assert (await ws.receive()).data == big[:60 << 10]
