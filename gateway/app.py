@@ -63,7 +63,7 @@ class Gateway:
         self.metrics = PrometheusMetrics(self.registry)
         self.log: EventLog = open_log(cfg.storage, on_commit=self.metrics.committed)
         self.upstreams = Upstreams(cfg, observer=self.metrics.replica_health)
-        self.forwarder = Forwarder(self.upstreams, cfg.clients, cfg.streams.max_request_body)
+        self.forwarder = Forwarder(self.upstreams, cfg.clients, cfg.streams.max_request_body, cfg.streams.heartbeat)
         self.hub = Hub(self.log, cfg.streams, Legs(self.upstreams), self._cancel_run, self.metrics)
         self.streams: StreamHandlers = StreamHandlers(self.hub, self.log, self.forwarder, cfg.streams, self.metrics.resumed)
         self.sessions: SessionHandlers = SessionHandlers(self.streams)

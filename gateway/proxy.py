@@ -89,10 +89,13 @@ class RelayedBody(_UpstreamHeaders, web.Response):
 class Forwarder:
     """Forwards any request to its upstream and streams the answer back."""
 
-    def __init__(self, upstreams: Upstreams, clients: Clients, max_message: int) -> None:
+    def __init__(self, upstreams: Upstreams, clients: Clients, max_message: int, heartbeat: float) -> None:
         self.upstreams = upstreams
         self.clients = clients
         self.max_message = max_message  # a client's WebSocket message, held whole: bounded as a request body
+        # WebSocket clients are pinged this often: the upstream's pings are answered by the gateway, so
+        # only the gateway can find a client that vanished and let go of its upstream socket.
+        self.heartbeat = heartbeat
         # The proxied WebSocket sessions: for each, a future done when the gateway stops, and one
         # done once the session closed (``going_away``).
         self._sessions: dict[asyncio.Future[None], asyncio.Future[None]] = {}
@@ -248,7 +251,8 @@ class Forwarder:
                                                 protocols) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
                 client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
-                                               max_msg_size=self.max_message, autoclose=False)
+                                               max_msg_size=self.max_message, autoclose=False,
+                                               heartbeat=self.heartbeat)
                 await start_response(request, client)
                 loop = asyncio.get_running_loop()
                 stop: asyncio.Future[None] = loop.create_future()

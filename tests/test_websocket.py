@@ -182,3 +182,25 @@ async def test_a_client_message_over_the_size_limit_closes_the_socket_with_1009(
     async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/ws/echo") as ws:  # within it, relayed
         await ws.send_bytes(big[:60 << 10])
         assert (await ws.receive()).data == big[:60 << 10]
+
+
+async def test_a_client_that_stops_answering_pings_is_let_go_on_both_sides(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """Direct, the agent server pings its WebSocket clients and drops one that stops answering (a
+    laptop closed, a NAT that forgot the connection). Through the gateway the upstream's pings are
+    answered by the gateway, and the gateway pinged nobody: a vanished client held its upstream
+    socket and a slot of the stream budget for good. It is pinged every ``streams.heartbeat``."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "max_streams": 1}},
+                                           streams={"heartbeat": "300ms"}))
+    reader, writer = await raw_websocket(gw.url, "/ws/echo")  # answers nothing from here on
+    try:
+        for _ in range(250):  # the ping, half a heartbeat for its pong, and slack on a loaded machine
+            if fake_upstream.ws_closed:
+                break
+            await asyncio.sleep(0.02)
+        assert fake_upstream.ws_closed == [aiohttp.WSCloseCode.GOING_AWAY], "the upstream hears the client is gone"
+        async with aiohttp.ClientSession() as http, http.ws_connect(gw.url + "/ws/echo") as ws:  # its slot is free
+            await ws.send_str("x")
+            assert (await ws.receive()).data == "x"
+    finally:
+        writer.close()
