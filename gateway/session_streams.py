@@ -24,7 +24,7 @@ from gateway import agentapi, sessions
 from gateway.access import StreamHidden
 from gateway.agentapi import Cursor, canonical_id, capturable
 from gateway.errors import GatewayError
-from gateway.eventlog import StreamMeta
+from gateway.eventlog import StorageError, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Leg
 from gateway.logs import STREAM_KEY
@@ -270,6 +270,11 @@ class _Socket:
         except (StreamCut, StreamGone) as exc:
             logger.info("%s; closing the client's socket so it reconnects", exc)
             await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
+        except StorageError as exc:
+            # The log could not be read: a client over SSE is cut for it. Left open, this socket
+            # would hear nothing more, ever; closed, the client resubscribes with since.
+            logger.warning("reading %s failed (%s); closing the client's socket so it reconnects", follower.key, exc)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"event log unavailable")
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
         finally:

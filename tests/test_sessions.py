@@ -25,6 +25,7 @@ from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.metrics import by_label
 from tests.support.raw_ws import client_frame, raw_websocket, server_frame
+from tests.support.redis_server import RedisServer
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALL = list(sessions.CHANNELS)
@@ -354,6 +355,54 @@ async def test_an_upstream_lost_for_good_is_said_in_the_protocols_shape_and_the_
         assert again == got[5:]
     finally:
         await asyncio.to_thread(upstream.stop)
+
+
+async def test_a_socket_whose_read_of_the_log_failed_is_closed_so_the_client_resumes(
+        own_redis: RedisServer, make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A subscription whose read of the log failed (Redis down for a moment, under an idle socket)
+    died, and its socket stayed open: the client heard nothing more, ever, though the thread's next
+    run was in the log. As over SSE, where such a client is cut, the socket is closed with 1011 and
+    the client resumes with since."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}}, streams={"heartbeat": "300ms"})
+    raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "s", "lease_ttl": "10s"}
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw.url)
+    ws = await http.ws_connect(f"{gw.url}/threads/{tid}/stream/events")
+    got: list[dict[str, Any]] = []
+
+    async def read() -> None:  # reads all along, so the socket's pings are answered
+        async for msg in ws:
+            got.append(orjson.loads(msg.data))
+
+    reader = asyncio.create_task(read())
+    try:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ["lifecycle"]}})
+        await run_start(http, gw.url, tid, n=2, delay=0.01)
+        for _ in range(500):
+            if sum(1 for e in got if is_end(e)) == 1:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(own_redis.stop)
+        await asyncio.sleep(1.0)  # an idle follower looks at the log every heartbeat
+        await asyncio.to_thread(own_redis.start)
+        await run_start(http, gw.url, tid, n=2, delay=0.01)
+        ended, _ = await asyncio.wait([reader], timeout=30)
+        assert ended, f"the socket stayed open, and silent: {got}"
+        assert ws.close_code == aiohttp.WSCloseCode.INTERNAL_ERROR, (ws.close_code, got)
+    finally:
+        await ws.close()
+        await asyncio.gather(reader, return_exceptions=True)
+    events = [e for e in got if e.get("type") == "event"]
+    async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as again:
+        await again.send_json({"id": 1, "method": "subscription.subscribe",
+                               "params": {"channels": ["lifecycle"], "since": events[-1]["seq"]}})
+        rest: list[dict[str, Any]] = []
+        while not rest or not is_end(rest[-1]):
+            doc = orjson.loads((await asyncio.wait_for(again.receive(), 30)).data)
+            if doc.get("type") == "event":
+                rest.append(doc)
+    assert [e["params"]["data"]["event"] for e in events + rest] == ["running", "completed"] * 2
 
 
 async def test_a_leg_cut_mid_run_before_any_live_only_event_is_marked(
