@@ -14,6 +14,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -133,8 +134,20 @@ class SessionHandlers:
         return ws
 
 
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    flt: sessions.Filter
+    after: int  # its since: the events it gets from the socket's pump are later ones
+
+
 class _Socket:
-    """One client's WebSocket: its subscriptions, and commands passed to the upstream."""
+    """One client's WebSocket: its subscriptions, and commands passed to the upstream.
+
+    As the upstream sends them, the socket's events go out once each and in the log's order,
+    however many subscriptions match: one follower of the log (the pump) sends what any of them
+    matches. A new subscription first replays what it asks for, from a follower of its own, up
+    to what the pump has sent, while the pump waits; then the pump sends it the rest.
+    """
 
     def __init__(self, handlers: SessionHandlers, request: web.Request, target: Target, tid: str,
                  ws: web.WebSocketResponse) -> None:
@@ -143,10 +156,13 @@ class _Socket:
         self.target = target
         self.tid = tid
         self.ws = ws
-        self.subs: dict[str, asyncio.Task[None]] = {}
+        self.subs: dict[str, _Subscription] = {}
         self.sent: OrderedDict[int, None] = OrderedDict()
         self.applied = 0  # the highest seq sent on this socket (meta.applied_through_seq)
         self._send_lock = asyncio.Lock()
+        self._order = asyncio.Lock()  # held by the pump while it sends a page, and by a replay
+        self._pump: asyncio.Task[None] | None = None
+        self._pumped = 0  # the pump's follower's position once its page was sent
 
     async def serve(self) -> None:
         async for msg in self.ws:
@@ -225,62 +241,84 @@ class _Socket:
             await self.reply(_error(cid, "unknown_error", f"the upstream refused the thread's events: HTTP {status}",
                                     self.meta()))
             return
-        assert att.follower is not None
-        held = await self.handlers.hub.lookup(att.follower.key)
+        follower = att.follower
+        assert follower is not None
+        try:
+            held = await self.handlers.hub.lookup(follower.key)
+        except BaseException:
+            follower.close()
+            raise
         if reconnect and held is not None and held.first_seq and since is not None and since + 1 < held.first_seq:
-            att.follower.close()
+            follower.close()
             doc = _error(cid, "resume_gap", f"resume gap: since={since} is older than min_available_seq="
                                             f"{held.first_seq}", self.meta())
             doc.update(since=since, min_available_seq=held.first_seq)
             await self.reply(doc)
             return
-        if sub_id in self.subs:
-            self.subs.pop(sub_id).cancel()
-        acked = asyncio.get_running_loop().create_future()
-        self.subs[sub_id] = asyncio.create_task(self.follow(att.follower, flt, cid, sub_id, held.head if held else 0,
-                                                            acked))
-        await asyncio.wait([acked, self.subs[sub_id]], return_when=asyncio.FIRST_COMPLETED)
+        async with self._order:
+            try:
+                replayed = await self.replay(follower, flt, self._pumped if self._pump else (held.head if held else 0))
+            except (StreamCut, StreamGone, StorageError, ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
+                follower.close()
+                await self.cut(exc)
+                return
+            self.subs[sub_id] = _Subscription(flt, since or 0)
+            if self._pump is None:
+                self._pumped = follower.pos or 0
+                self._pump = asyncio.create_task(self.pump(follower))
+            else:
+                follower.close()
+        await self.reply({"type": "success", "id": cid, "result": {"subscription_id": sub_id,
+                                                                   "replayed_events": replayed}, "meta": self.meta()})
 
-    async def follow(self, follower: Follower, flt: sessions.Filter, cid: int, sub_id: str, head: int,
-                     acked: asyncio.Future[None]) -> None:
-        """One subscription: its replay (counted, then acknowledged, as the upstream does), then the
-        live tail. The socket is closed with 1011 when the stream cannot go on here."""
+    async def replay(self, follower: Follower, flt: sessions.Filter, upto: int) -> int:
+        """A new subscription's events up to ``upto`` (counted, then acknowledged, as the upstream
+        does). Beside a pump, only those it sent already: the rest come from it, in order."""
         replayed = 0
-
-        async def ack() -> None:
-            if not acked.done():
-                await self.reply({"type": "success", "id": cid, "result": {"subscription_id": sub_id,
-                                                                           "replayed_events": replayed},
-                                  "meta": self.meta()})
-                acked.set_result(None)
-
-        try:
-            if (follower.pos or 0) >= head:
-                await ack()
-            async for page in follower.pages():
-                for seq, body in page.entries:
-                    if seq in self.sent or not flt.keep(body):
-                        continue
+        if (follower.pos or 0) >= upto:
+            return 0
+        async for page in follower.pages():
+            for seq, body in page.entries:
+                if self._pump is not None and seq > upto:
+                    break
+                if seq not in self.sent and flt.keep(body):
                     self._sent(seq)
                     await self.send(sessions.wire(seq, body))
-                    replayed += not acked.done()
-                if (follower.pos or 0) >= head:
-                    await ack()
+                    replayed += 1
+            if (follower.pos or 0) >= upto:
+                return replayed
+        raise StreamCut(f"the capture of {follower.key} ended")
+
+    async def pump(self, follower: Follower) -> None:
+        """The live tail, for every subscription of the socket. The socket is closed with 1011 when
+        the stream cannot go on here."""
+        try:
+            async for page in follower.pages():
+                async with self._order:
+                    for seq, body in page.entries:
+                        if seq not in self.sent and any(seq > sub.after and sub.flt.keep(body)
+                                                        for sub in self.subs.values()):
+                            self._sent(seq)
+                            await self.send(sessions.wire(seq, body))
+                    self._pumped = max(self._pumped, follower.pos or 0)
             raise StreamCut(f"the capture of {follower.key} ended")
-        except (StreamCut, StreamGone) as exc:
-            logger.info("%s; closing the client's socket so it reconnects", exc)
-            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
-        except StorageError as exc:
-            # The log could not be read: a client over SSE is cut for it. Left open, this socket
-            # would hear nothing more, ever; closed, the client resubscribes with since.
-            logger.warning("reading %s failed (%s); closing the client's socket so it reconnects", follower.key, exc)
-            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"event log unavailable")
+        except (StreamCut, StreamGone, StorageError) as exc:
+            await self.cut(exc)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
         finally:
             follower.close()
-            if not acked.done():
-                acked.set_result(None)
+
+    async def cut(self, exc: BaseException) -> None:
+        """Close the socket so that the client reconnects: the stream cannot go on here."""
+        if isinstance(exc, StorageError):
+            # The log could not be read: a client over SSE is cut for it. Left open, this socket
+            # would hear nothing more, ever; closed, the client resubscribes with since.
+            logger.warning("reading the log failed (%s); closing the client's socket so it reconnects", exc)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"event log unavailable")
+        elif isinstance(exc, (StreamCut, StreamGone)):
+            logger.info("%s; closing the client's socket so it reconnects", exc)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
 
     def _sent(self, seq: int) -> None:
         self.sent[seq] = None
@@ -290,20 +328,19 @@ class _Socket:
 
     async def unsubscribe(self, command: dict[str, Any]) -> None:
         sid = _params(command).get("subscription_id")
-        task = self.subs.pop(sid, None) if isinstance(sid, str) else None
-        if task is None:
+        if not isinstance(sid, str) or self.subs.pop(sid, None) is None:
             await self.reply(_error(command["id"], "no_such_subscription", f"Unknown subscription: {sid}", self.meta()))
             return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        if not self.subs:  # nobody on the socket follows the thread any more
+            await self.close()
         await self.reply({"type": "success", "id": command["id"], "result": {}, "meta": self.meta()})
 
     async def close(self) -> None:
-        tasks = list(self.subs.values())
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         self.subs.clear()
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:

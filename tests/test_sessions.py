@@ -207,6 +207,31 @@ async def test_the_websocket_honours_since_on_subscribe_and_answers_reconnect_fr
         assert reply["error"] == "no_such_subscription"
 
 
+async def test_a_socket_with_several_subscriptions_sends_its_events_in_seq_order(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """The upstream sends a socket's events once each, in order, however many subscriptions match.
+    Each subscription had a task of its own reading the log: an event two of them matched went out
+    once, but from whichever task came to it first, so a lifecycle-only subscription (as the JS SDK
+    keeps beside its stream) sent the run's ``completed`` ahead of the values before it."""
+    tid = await new_thread(http, lg_gateway.url)
+    async with http.ws_connect(f"{lg_gateway.url}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ["lifecycle"]}})
+        await ws_until_reply(ws, 1)
+        await ws.send_json({"id": 2, "method": "subscription.subscribe", "params": {"channels": ALL}})
+        await ws_until_reply(ws, 2)
+        got: list[dict[str, Any]] = []
+        for run in range(5):  # subgraph lifecycles come amid a batch of the graph's other events
+            async with http.post(f"{lg_gateway.url}/threads/{tid}/commands", json={
+                    "id": 3, "method": "run.start",
+                    "params": {"assistant_id": "nested", "input": {"n": 30, "delay": 0}}}) as r:
+                assert (await r.json())["type"] == "success"
+            while sum(1 for e in got if is_end(e)) <= run:
+                got.append(orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+        whole = await read_session(http, lg_gateway.url, tid, runs=5)
+        got += [orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data) for _ in whole[len(got):]]
+    assert [e["seq"] for e in got] == [e["seq"] for e in whole], "every event once, in the log's order"
+
+
 async def test_refusals_foreign_cursors_and_trimmed_history_are_answered_as_the_protocol_answers(
         lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, lg_gateway.url)
