@@ -166,6 +166,11 @@ class _Socket:
 
     async def serve(self) -> None:
         async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.BINARY:
+                # Commands are JSON text; the upstream ends a socket that sends bytes. Ignored, the
+                # client would wait for an answer forever.
+                await self.ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA, message=b"commands are JSON text")
+                return
             if msg.type != aiohttp.WSMsgType.TEXT:
                 continue
             try:

@@ -310,6 +310,21 @@ async def test_a_message_over_the_size_limit_closes_the_session_socket_with_1009
         assert reply["type"] == "success", reply
 
 
+async def test_a_binary_frame_closes_the_session_socket_with_1003(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
+    """Protocol commands are JSON text. The upstream ends a socket that sends a binary frame; the
+    gateway dropped the frame without a word, so a client that sent its command as bytes waited
+    for an answer forever. It closes the socket with 1003 (a kind of data it does not take)."""
+    tid = await new_thread(http, lg_gateway.url)
+    command = orjson.dumps({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
+    for url in (langgraph_server.url, lg_gateway.url):
+        async with http.ws_connect(f"{url}/threads/{tid}/stream/events") as ws:
+            await ws.send_bytes(command)
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), (url, msg)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.UNSUPPORTED_DATA, msg
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
