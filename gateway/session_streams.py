@@ -333,7 +333,11 @@ class _Socket:
 
     async def unsubscribe(self, command: dict[str, Any]) -> None:
         sid = _params(command).get("subscription_id")
-        if not isinstance(sid, str) or self.subs.pop(sid, None) is None:
+        if not isinstance(sid, str):
+            await self.reply(_error(command["id"], "invalid_argument", "subscription.unsubscribe requires a "
+                                    "subscription_id.", self.meta()))
+            return
+        if self.subs.pop(sid, None) is None:
             await self.reply(_error(command["id"], "no_such_subscription", f"Unknown subscription: {sid}", self.meta()))
             return
         if not self.subs:  # nobody on the socket follows the thread any more

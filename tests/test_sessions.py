@@ -325,6 +325,23 @@ async def test_a_binary_frame_closes_the_session_socket_with_1003(
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.UNSUPPORTED_DATA, msg
 
 
+async def test_an_unsubscribe_is_refused_in_the_upstreams_words(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
+    """An unsubscribe without a subscription_id is an invalid argument to the upstream; the gateway
+    answered it as an unknown subscription named ``None``."""
+    tid = await new_thread(http, lg_gateway.url)
+    answers = []
+    for url in (langgraph_server.url, lg_gateway.url):
+        async with http.ws_connect(f"{url}/threads/{tid}/stream/events") as ws:
+            replies = []
+            for cid, params in enumerate([{}, {"subscription_id": 7}, {"subscription_id": "nope"}], 1):
+                await ws.send_json({"id": cid, "method": "subscription.unsubscribe", "params": params})
+                _, reply = await ws_until_reply(ws, cid)
+                replies.append((reply["type"], reply["error"], reply["message"]))
+            answers.append(replies)
+    assert answers[1] == answers[0], answers
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
