@@ -225,7 +225,9 @@ class _Socket:
         try:
             flt = sessions.parse_filter(params, strict_namespaces=True)
         except sessions.BadFilter:
-            word = "requires a non-empty channels array" if not params.get("channels") else "received an unsupported channel"
+            channels = params.get("channels")
+            word = ("requires a non-empty channels array" if not isinstance(channels, list) or not channels
+                    else "received an unsupported channel")
             await self.reply(_error(cid, "invalid_argument", f"{what} {word}.", self.meta()))
             return
         since = sessions.parse_since(params)

@@ -325,17 +325,22 @@ async def test_a_binary_frame_closes_the_session_socket_with_1003(
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.UNSUPPORTED_DATA, msg
 
 
-async def test_an_unsubscribe_is_refused_in_the_upstreams_words(
+async def test_an_unsubscribe_or_a_subscribe_is_refused_in_the_upstreams_words(
         lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
     """An unsubscribe without a subscription_id is an invalid argument to the upstream; the gateway
-    answered it as an unknown subscription named ``None``."""
+    answered it as an unknown subscription named ``None``. And a subscribe whose channels are no
+    array (a string) was said to name an unsupported channel."""
     tid = await new_thread(http, lg_gateway.url)
     answers = []
+    commands = [("subscription.unsubscribe", {}), ("subscription.unsubscribe", {"subscription_id": 7}),
+                ("subscription.unsubscribe", {"subscription_id": "nope"}),
+                ("subscription.subscribe", {"channels": "values"}), ("subscription.subscribe", {"channels": {}}),
+                ("subscription.subscribe", {"channels": ["values", "nope"]})]
     for url in (langgraph_server.url, lg_gateway.url):
         async with http.ws_connect(f"{url}/threads/{tid}/stream/events") as ws:
             replies = []
-            for cid, params in enumerate([{}, {"subscription_id": 7}, {"subscription_id": "nope"}], 1):
-                await ws.send_json({"id": cid, "method": "subscription.unsubscribe", "params": params})
+            for cid, (method, params) in enumerate(commands, 1):
+                await ws.send_json({"id": cid, "method": method, "params": params})
                 _, reply = await ws_until_reply(ws, cid)
                 replies.append((reply["type"], reply["error"], reply["message"]))
             answers.append(replies)
