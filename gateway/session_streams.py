@@ -58,12 +58,11 @@ class SessionHandlers:
 
     async def events(self, request: web.Request, target: Target, raw_tid: str) -> Reply:
         tid = canonical_id(raw_tid)
-        if not capturable(tid):
-            return await self.forwarder.forward(request, target)
+        upgrade = request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+        if not capturable(tid):  # passed on as it is: a WebSocket as every other one the gateway proxies
+            return await (self.forwarder.websocket(request, target) if upgrade else self.forwarder.forward(request, target))
         if request.method == "GET":
-            if request.headers.get("Upgrade", "").lower() != "websocket":
-                return await self.forwarder.forward(request, target)
-            return await self._socket(request, target, tid)
+            return await (self._socket(request, target, tid) if upgrade else self.forwarder.forward(request, target))
         body = await self.forwarder.read_body(request, self.streams.cfg.max_request_body)
         try:
             doc = orjson.loads(body)

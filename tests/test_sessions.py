@@ -347,6 +347,24 @@ async def test_an_unsubscribe_or_a_subscribe_is_refused_in_the_upstreams_words(
     assert answers[1] == answers[0], answers
 
 
+async def test_a_socket_on_a_thread_id_the_log_does_not_key_is_proxied_as_it_is(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
+    """A thread id the log does not key a stream by (over 200 characters here) is passed to the
+    upstream as it is. Its WebSocket upgrade was forwarded as a plain GET, which the upstream
+    refuses with 405: the client saw a failed handshake where the upstream opens the socket (and
+    closes it with 1011, the thread having no stream)."""
+    tid = "x" * 201
+    closes = []
+    for url in (langgraph_server.url, lg_gateway.url):
+        async with http.ws_connect(f"{url}/threads/{tid}/stream/events") as ws:
+            await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ["values"]}})
+            async with asyncio.timeout(10):
+                async for msg in ws:
+                    assert orjson.loads(msg.data)["id"] == 1, msg
+            closes.append(ws.close_code)
+    assert closes == [aiohttp.WSCloseCode.INTERNAL_ERROR] * 2
+
+
 # --- faults ------------------------------------------------------------------------------------------
 
 async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
