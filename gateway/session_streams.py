@@ -241,6 +241,9 @@ class _Socket:
         except GatewayError as exc:
             await self.reply(_error(cid, "unknown_error", exc.detail, self.meta()))
             return
+        except StorageError as exc:  # as a cut stream: over SSE, a 503 the client retries
+            await self.cut(exc)
+            return
         if att.answer is not None:
             status = att.answer.status
             att.answer.release()
@@ -251,6 +254,10 @@ class _Socket:
         assert follower is not None
         try:
             held = await self.handlers.hub.lookup(follower.key)
+        except StorageError as exc:
+            follower.close()
+            await self.cut(exc)
+            return
         except BaseException:
             follower.close()
             raise

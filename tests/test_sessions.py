@@ -485,6 +485,30 @@ async def test_a_socket_whose_read_of_the_log_failed_is_closed_so_the_client_res
     assert [e["params"]["data"]["event"] for e in events + rest] == ["running", "completed"] * 2
 
 
+async def test_a_subscribe_while_the_log_is_down_closes_the_socket_so_the_client_retries(
+        own_redis: RedisServer, make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """Over SSE a subscription while the log is down is refused with 503 (event log unavailable).
+    On the WebSocket the error escaped the handler: the connection was dropped without a close
+    frame (1006) and logged with a traceback. It is closed with 1011 and the reason, so the SDK
+    reconnects."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}})
+    raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "s", "lease_ttl": "10s"}
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw.url)
+    await asyncio.to_thread(own_redis.stop)
+    try:
+        async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+            assert r.status == 503 and "event log unavailable" in (await r.json())["detail"]
+        async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:
+            await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
+            msg = await asyncio.wait_for(ws.receive(), 30)
+        assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.INTERNAL_ERROR,
+                                                   "event log unavailable"), msg
+    finally:
+        await asyncio.to_thread(own_redis.start)
+
+
 async def test_a_leg_cut_mid_run_before_any_live_only_event_is_marked(
         make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
