@@ -26,6 +26,7 @@ from tests.support.langgraph_server import LangGraphServer
 from tests.support.metrics import by_label
 from tests.support.raw_ws import client_frame, raw_websocket, server_frame
 from tests.support.redis_server import RedisServer
+from tests.support.tcp_relay import TcpRelay
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 ALL = list(sessions.CHANNELS)
@@ -230,6 +231,42 @@ async def test_a_socket_with_several_subscriptions_sends_its_events_in_seq_order
         whole = await read_session(http, lg_gateway.url, tid, runs=5)
         got += [orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data) for _ in whole[len(got):]]
     assert [e["seq"] for e in got] == [e["seq"] for e in whole], "every event once, in the log's order"
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_socket_dropped_at_random_points_of_a_live_run_resumes_exactly(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession, seed: int) -> None:
+    """The SDK's resume over the WebSocket, swept: the connection is reset after 1 to 14 events, again
+    and again while the run goes on, and each new socket subscribes (or reconnects) with the last
+    seq it saw. Together they hold the log's events once each, in order."""
+    rng = random.Random(seed)
+    tid = await new_thread(http, lg_gateway.url)
+    host, port = lg_gateway.url.split("//", 1)[1].rsplit(":", 1)
+    relay = await TcpRelay(host, int(port)).start()
+    await run_start(http, lg_gateway.url, tid, n=40, delay=0.03)
+    got: list[dict[str, Any]] = []
+    try:
+        while not got or not is_end(got[-1]):
+            async with http.ws_connect(f"http://127.0.0.1:{relay.port}/threads/{tid}/stream/events") as ws:
+                params: dict[str, Any] = {"channels": ALL}
+                method = "subscription.subscribe"
+                if got:
+                    params.update(since=got[-1]["seq"], subscription_id="s")
+                    method = rng.choice(["subscription.subscribe", "subscription.reconnect"])
+                await ws.send_json({"id": 1, "method": method, "params": params})
+                take = rng.randrange(1, 15)
+                while take and not (got and is_end(got[-1])):
+                    doc = orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data)
+                    if doc.get("id") == 1:
+                        assert doc["type"] == "success", doc
+                        continue
+                    got.append(doc)
+                    take -= 1
+                relay.drop_all()  # a reset, not a close
+    finally:
+        await relay.stop()
+    assert_seqs_grow(got)
+    assert got == await read_session(http, lg_gateway.url, tid)
 
 
 async def test_refusals_foreign_cursors_and_trimmed_history_are_answered_as_the_protocol_answers(
