@@ -277,6 +277,12 @@ class _Socket:
                 return
             self.subs[sub_id] = _Subscription(flt, since or 0)
             if self._pump is None:
+                head = held.head if held else 0
+                if (follower.pos or 0) > head:
+                    # A since past the head: the pump starts at the head, so that a subscription
+                    # from an earlier since beside this one gets what comes before it at once.
+                    follower.close()
+                    follower = self.handlers.hub.follow(follower.key, head)
                 self._pumped = follower.pos or 0
                 self._pump = asyncio.create_task(self.pump(follower))
             else:

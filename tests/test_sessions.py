@@ -233,6 +233,29 @@ async def test_a_socket_with_several_subscriptions_sends_its_events_in_seq_order
     assert [e["seq"] for e in got] == [e["seq"] for e in whole], "every event once, in the log's order"
 
 
+async def test_a_subscription_beside_one_from_past_the_head_replays_at_once(
+        lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """A subscription with a since past the log's head waits for events after it; one beside it on
+    the same socket, from the start, is answered at once with what the log holds, then both get
+    the live tail, each from its own since."""
+    tid = await new_thread(http, lg_gateway.url)
+    await run_start(http, lg_gateway.url, tid, n=3, delay=0.01)
+    whole = await read_session(http, lg_gateway.url, tid)
+    async with http.ws_connect(f"{lg_gateway.url}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe",
+                            "params": {"channels": ["lifecycle"], "since": whole[-1]["seq"] + 10**9}})
+        got, reply = await ws_until_reply(ws, 1)
+        assert got == [] and reply["result"]["replayed_events"] == 0
+        await ws.send_json({"id": 2, "method": "subscription.subscribe", "params": {"channels": ALL}})
+        got, reply = await asyncio.wait_for(ws_until_reply(ws, 2), 10)
+        assert got == whole and reply["result"]["replayed_events"] == len(whole)
+        await run_start(http, lg_gateway.url, tid, n=3, delay=0.01)
+        later: list[dict[str, Any]] = []
+        while not later or not is_end(later[-1]):
+            later.append(orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+    assert later == (await read_session(http, lg_gateway.url, tid, runs=2))[len(whole):]
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_a_socket_dropped_at_random_points_of_a_live_run_resumes_exactly(
         lg_gateway: RunningGateway, http: aiohttp.ClientSession, seed: int) -> None:
