@@ -4,7 +4,7 @@ WebSocket on GET, both served from the gateway's capture of the thread (``gatewa
 Over SSE the body's ``since`` is a position in the log (the ``seq`` the gateway sent), and the
 stream never ends cleanly: the SDK takes a clean end for the end of its session, so the gateway
 cuts when it cannot go on. Over the WebSocket, subscriptions are the gateway's (``since`` honoured
-on subscribe as on reconnect, events once per socket); every other command goes to the upstream's
+on subscribe as on reconnect, live events once per socket); every other command goes to the upstream's
 ``POST /threads/{tid}/commands`` with the client's headers, and its answer comes back on the socket.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,6 @@ from gateway.upstream import Target
 
 logger = logging.getLogger("gateway.session_streams")
 
-# Seqs a socket remembers having sent, so an event two of its subscriptions match goes out once.
-_SENT_WINDOW = 10_000
 _LEG_DROP = ("Last-Event-ID", "Content-Length", "Content-Type", "Accept")
 
 
@@ -142,10 +139,11 @@ class _Subscription:
 class _Socket:
     """One client's WebSocket: its subscriptions, and commands passed to the upstream.
 
-    As the upstream sends them, the socket's events go out once each and in the log's order,
+    As the upstream sends them, the socket's live events go out once each and in the log's order,
     however many subscriptions match: one follower of the log (the pump) sends what any of them
-    matches. A new subscription first replays what it asks for, from a follower of its own, up
-    to what the pump has sent, while the pump waits; then the pump sends it the rest.
+    matches. A new subscription first replays what it asks for (all of it, sent on the socket
+    before or not, as the upstream's replay), from a follower of its own, up to what the pump has
+    sent, while the pump waits; then the pump sends it the rest.
     """
 
     def __init__(self, handlers: SessionHandlers, request: web.Request, target: Target, tid: str,
@@ -156,7 +154,6 @@ class _Socket:
         self.tid = tid
         self.ws = ws
         self.subs: dict[str, _Subscription] = {}
-        self.sent: OrderedDict[int, None] = OrderedDict()
         self.applied = 0  # the highest seq sent on this socket (meta.applied_through_seq)
         self._send_lock = asyncio.Lock()
         self._order = asyncio.Lock()  # held by the pump while it sends a page, and by a replay
@@ -300,7 +297,7 @@ class _Socket:
             for seq, body in page.entries:
                 if self._pump is not None and seq > upto:
                     break
-                if seq not in self.sent and flt.keep(body):
+                if flt.keep(body):
                     self._sent(seq)
                     await self.send(sessions.wire(seq, body))
                     replayed += 1
@@ -315,8 +312,7 @@ class _Socket:
             async for page in follower.pages():
                 async with self._order:
                     for seq, body in page.entries:
-                        if seq not in self.sent and any(seq > sub.after and sub.flt.keep(body)
-                                                        for sub in self.subs.values()):
+                        if any(seq > sub.after and sub.flt.keep(body) for sub in self.subs.values()):
                             self._sent(seq)
                             await self.send(sessions.wire(seq, body))
                     self._pumped = max(self._pumped, follower.pos or 0)
@@ -340,9 +336,6 @@ class _Socket:
             await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
 
     def _sent(self, seq: int) -> None:
-        self.sent[seq] = None
-        if len(self.sent) > _SENT_WINDOW:
-            self.sent.popitem(last=False)
         self.applied = max(self.applied, seq)
 
     async def unsubscribe(self, command: dict[str, Any]) -> None:

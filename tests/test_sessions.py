@@ -199,13 +199,40 @@ async def test_the_websocket_honours_since_on_subscribe_and_answers_reconnect_fr
                             "params": {"channels": ["lifecycle"], "since": whole[0]["seq"], "subscription_id": "s"}})
         got, reply = await ws_until_reply(ws, 2)
         assert reply["result"]["subscription_id"] == "s"
-        assert got == [], "each event once per socket: the lifecycle ones were sent already"
+        assert got == [e for e in whole if e["seq"] > whole[0]["seq"] and e["method"] == "lifecycle"], \
+            "a replay holds what it matches, sent on the socket already or not, as the upstream's"
         await ws.send_json({"id": 3, "method": "agent.getTree", "params": {}})  # the upstream answers the rest
         _, reply = await ws_until_reply(ws, 3)
         assert reply["id"] == 3 and reply["type"] in ("success", "error")
         await ws.send_json({"id": 4, "method": "subscription.unsubscribe", "params": {"subscription_id": "nope"}})
         _, reply = await ws_until_reply(ws, 4)
         assert reply["error"] == "no_such_subscription"
+
+
+async def test_a_later_subscription_on_a_socket_gets_its_replay_as_the_upstream_sends_it(
+        lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
+    """The upstream sends a live event once per socket, but a new subscription's replay holds every
+    event it matches, sent before on the socket or not: the JS SDK keeps which events each of its
+    subscriptions saw, and one opened late (``thread.values`` after the run ended) learns of the
+    run's end only from its replay. The gateway left out of a replay what the socket had sent, so
+    that subscription never heard the run end."""
+    replays = []
+    for url in (langgraph_server.url, lg_gateway.url):
+        tid = await new_thread(http, url)
+        async with http.ws_connect(f"{url}/threads/{tid}/stream/events") as ws:
+            await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ["lifecycle"]}})
+            await ws_until_reply(ws, 1)
+            await run_start(http, url, tid, n=3, delay=0.01)
+            got: list[dict[str, Any]] = []
+            while not got or not is_end(got[-1]):
+                got.append(orjson.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+            await ws.send_json({"id": 2, "method": "subscription.subscribe",
+                                "params": {"channels": ["values", "lifecycle"]}})
+            replayed, reply = await ws_until_reply(ws, 2)
+            assert reply["result"]["replayed_events"] == len(replayed)
+            replays.append([(e["method"], e["event_id"]) for e in replayed])
+    assert [m for m, _ in replays[1]] == [m for m, _ in replays[0]]
+    assert replays[1][0][0] == "lifecycle" and replays[1][-1][0] == "lifecycle", "the run's start and end, again"
 
 
 async def test_a_socket_with_several_subscriptions_sends_its_events_in_seq_order(
