@@ -10,6 +10,8 @@ running (and holding ports) long after.
 from __future__ import annotations
 
 import ctypes
+import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,11 +33,28 @@ def refusing_port() -> socket.socket:
     return s
 
 
+# free_port's ports: below the kernel's ephemeral range (32768 up), a block of its own per test worker.
+_PORTS_FROM, _PORTS_PER_WORKER = 10_000, 2_000
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nothing listens on right now, for a server started on it a moment later (or
+    restarted on the port it had). From the kernel's ephemeral range, such a port could be given to
+    another server binding port 0 in that moment, or chosen by another test worker: the second
+    server failed to start, or, as gateways on a shared log bind with SO_REUSEPORT, two gateways of
+    two tests shared one port's connections. So it comes from a block of this worker's own, below
+    that range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = _PORTS_FROM + _PORTS_PER_WORKER * (int(worker) % 10 if worker.isdigit() else 0)
+    for _ in range(200):
+        port = random.randrange(start, start + _PORTS_PER_WORKER)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {start}-{start + _PORTS_PER_WORKER - 1}")
 
 
 def stop(proc: subprocess.Popen[Any] | None, grace: float = 10.0) -> None:
