@@ -321,6 +321,9 @@ class _Socket:
             await self.cut(exc)
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             pass
+        except Exception:  # a task of the socket's own: logged, and the socket closed, never left silent
+            logger.exception("the event pump of a session socket on thread %s failed", self.tid)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"gateway error")
         finally:
             follower.close()
 
