@@ -128,6 +128,13 @@ ALLOWED: list[Allowance] = [
               "thread stream of a held thread deleted upstream since: the upstream's 404 from the access check",
               lambda ex: ex.gw.status == 404 and not ex.gw.by_gateway and ex.direct.status == 200
               and b"not found" in ex.gw.body),
+    # README, "Errors": 502 when "the upstream broke the exchange". The server fails some
+    # requests itself (a store search with a huge offset: a reset, or its own 500), and not always
+    # the same way twice: where it failed the gateway's request, the gateway's 502 says so.
+    Allowance("*", "documented",
+              "the server failed the request itself (a reset or a 5xx): the gateway's 502 with a detail",
+              lambda ex: _gateway_detail(ex, 502, b"detail") and (ex.direct.error is not None
+                                                                  or (ex.direct.status or 0) >= 500)),
     # README, "The public listener": "A malformed request gets 400 {"detail": "malformed HTTP
     # request"}". aiohttp's parser refuses some requests that uvicorn takes (e.g. `GET *`).
     Allowance(RAW_LABEL, "documented",
