@@ -235,8 +235,8 @@ class _Socket:
         sub_id = asked if reconnect and isinstance(asked, str) and asked else str(uuid.uuid4())
         try:
             att, _headers = await self.handlers._attach(self.request, self.target, self.tid, since)
-        except GatewayError as exc:
-            await self.reply(_error(cid, "unknown_error", exc.detail, self.meta()))
+        except GatewayError as exc:  # what SSE answers with exc.status (the upstream unreachable, a stream not theirs)
+            await self.refuse(exc.status, exc.detail)
             return
         except StorageError as exc:  # as a cut stream: over SSE, a 503 the client retries
             await self.cut(exc)
@@ -244,8 +244,7 @@ class _Socket:
         if att.answer is not None:
             status = att.answer.status
             att.answer.release()
-            await self.reply(_error(cid, "unknown_error", f"the upstream refused the thread's events: HTTP {status}",
-                                    self.meta()))
+            await self.refuse(status, f"the upstream refused the thread's events: HTTP {status}")
             return
         follower = att.follower
         assert follower is not None
@@ -338,6 +337,16 @@ class _Socket:
             logger.info("%s; closing the client's socket so it reconnects", exc)
             await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"thread stream ended")
 
+    async def refuse(self, status: int, detail: str) -> None:
+        """A subscription refused as SSE refuses it with ``status``: the socket is closed with 4000
+        plus the status, which both SDKs read as that status (a 4xx ends the stream, anything else is
+        retried). An error answer would leave the socket open with nothing to follow: the Python
+        SDK takes any answer to its subscribe for the stream's start, and waits for events forever."""
+        code = 4000 + status if 400 <= status < 600 else aiohttp.WSCloseCode.INTERNAL_ERROR
+        logger.info("subscription on thread %s refused (%d: %s); closing the client's socket with %d",
+                    self.tid, status, detail, code)
+        await self.ws.close(code=code, message=close_reason(detail))
+
     def _sent(self, seq: int) -> None:
         self.applied = max(self.applied, seq)
 
@@ -360,6 +369,12 @@ class _Socket:
         if pump is not None:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
+
+
+def close_reason(text: str) -> bytes:
+    """``text`` as a close frame's reason: at most 123 bytes of UTF-8 (a control frame's payload is
+    125 with the code), cut on a character's boundary."""
+    return text.encode()[:123].decode(errors="ignore").encode()
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -24,6 +25,7 @@ from tests.support.chaos_proxy import ChaosProxy
 from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.metrics import by_label
+from tests.support.procs import free_port
 from tests.support.raw_ws import client_frame, raw_websocket, server_frame
 from tests.support.redis_server import RedisServer
 from tests.support.tcp_relay import TcpRelay
@@ -476,6 +478,13 @@ async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
                     assert r.status == 200
                     with pytest.raises(asyncio.TimeoutError):
                         await asyncio.wait_for(r.content.readuntil(b"\n\n"), 1.0)
+            # On the gateway's socket the log is not theirs either: refused as a 404 is (4404), the
+            # SDK ends its stream, where an error answer left it waiting on an open socket.
+            async with stranger.ws_connect(f"{gw.url}/threads/{tid}/stream/events",
+                                           headers={"Authorization": "Bearer someone-else"}) as ws:
+                await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
+                msg = await asyncio.wait_for(ws.receive(), 30)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4404, msg
         # A new run on the thread the upstream lost: the gateway cannot prove nothing went missing
         # in between, so it says so (in the protocol's shape) before the new run's events.
         await run_start(http, gw.url, tid, n=3, delay=0.02)
@@ -522,6 +531,24 @@ async def test_an_upstream_lost_for_good_is_said_in_the_protocols_shape_and_the_
         assert again == got[5:]
     finally:
         await asyncio.to_thread(upstream.stop)
+
+
+async def test_a_subscribe_the_gateway_refuses_closes_the_socket_with_4000_plus_the_status(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Over SSE a session the gateway cannot serve is refused with its status (502: the upstream is
+    unreachable). On the WebSocket the refusal was an ``unknown_error`` answer and the socket stayed
+    open with no subscription: the Python SDK takes any answer to its subscribe as its start and
+    waits for events forever. Both SDKs read a close with 4000 plus the status as a refused stream
+    (a 5xx reconnected with backoff, a 4xx ended): the socket is closed so, with the detail."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [f"http://127.0.0.1:{free_port()}"]}}))
+    tid = str(uuid.uuid4())
+    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+        assert r.status == 502 and "unreachable" in (await r.json())["detail"]
+    async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
+        msg = await asyncio.wait_for(ws.receive(), 30)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4502, msg
+    assert "unreachable" in (msg.extra or "") and len((msg.extra or "").encode()) <= 123, msg
 
 
 async def test_a_socket_whose_read_of_the_log_failed_is_closed_so_the_client_resumes(
