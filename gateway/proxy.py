@@ -21,7 +21,7 @@ from yarl import URL
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from gateway.logs import END
-from gateway.responses import cut, error_response, send_body, start_response
+from gateway.responses import ClientSocket, cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
 from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, UpstreamError, Upstreams,
                               as_upstream_error)
@@ -250,7 +250,7 @@ class Forwarder:
             async with self.upstreams.websocket(target.pool, _upstream_path(request, target), headers,
                                                 protocols) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
-                client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else [],
+                client = ClientSocket(protocols=[upstream.protocol] if upstream.protocol else [],
                                                max_msg_size=self.max_message, autoclose=False,
                                                heartbeat=self.heartbeat)
                 await start_response(request, client)

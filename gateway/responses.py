@@ -16,7 +16,7 @@ import logging
 from typing import Awaitable, Callable
 
 import orjson
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 from aiohttp.http import StreamWriter
 
 from gateway import native
@@ -182,3 +182,27 @@ def _as_response(request: web.Request, exc: Exception) -> web.StreamResponse:
         return error_response(exc.status, exc.reason)
     log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "internal gateway error (logged)")
+
+
+class ClientSocket(web.WebSocketResponse):
+    """A client's WebSocket, let go with a close frame when it stops answering pings.
+
+    aiohttp drops such a client without one (its heartbeat closes the TCP connection), so a client
+    that is only slow (a busy event loop, a link that stalled and recovers) sees 1006 and no reason,
+    as for a crash. While the connection can still carry it, the frame goes first: 1011 and the
+    reason, as the ``websockets`` library closes on a keepalive timeout.
+    """
+
+    def _pong_not_received(self) -> None:
+        transport = self._req.transport if self._req is not None else None
+        if (transport is not None and not transport.is_closing() and not self._closed and not self._closing
+                and not transport.get_write_buffer_size()):
+            # Written whole and at once (aiohttp writes its frames so too, and this runs between
+            # them): the connection is closed right after, which sends what is buffered first.
+            reason = f"no pong within {self._pong_heartbeat:g}s".encode()
+            transport.write(bytes([0x88, 2 + len(reason)]) + WSCloseCode.INTERNAL_ERROR.to_bytes(2, "big") + reason)
+            if transport.get_write_buffer_size():
+                # The peer takes nothing more (its window is shut): a close would wait to flush the
+                # frame for as long as it stays so, holding the connection this lets go of.
+                transport.abort()
+        super()._pong_not_received()

@@ -28,7 +28,7 @@ from gateway.eventlog import StorageError, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Leg
 from gateway.logs import STREAM_KEY
-from gateway.responses import error_response, start_response
+from gateway.responses import ClientSocket, error_response, start_response
 from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target
 
@@ -118,7 +118,7 @@ class SessionHandlers:
     async def _socket(self, request: web.Request, target: Target, tid: str) -> web.StreamResponse:
         # A client's message is a command the gateway holds whole and sends upstream as a request
         # body: bounded as one (1009 past it), where the upstream's own socket stops at 16 MiB.
-        ws = web.WebSocketResponse(max_msg_size=self.streams.cfg.max_request_body, heartbeat=self.hub.heartbeat)
+        ws = ClientSocket(max_msg_size=self.streams.cfg.max_request_body, heartbeat=self.hub.heartbeat)
         await start_response(request, ws)
         socket = _Socket(self, request, target, tid, ws)
         self._sockets.add(ws)

@@ -204,3 +204,26 @@ async def test_a_client_that_stops_answering_pings_is_let_go_on_both_sides(
             assert (await ws.receive()).data == "x"
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("path", ["/ws/echo", "/threads/6f1c2a9e-5b0d-4c47-9a43-0d6c1a2b3c4d/stream/events"])
+async def test_a_client_let_go_for_missing_pongs_is_told_why_in_a_close_frame(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, path: str) -> None:
+    """A client that stops answering pings was dropped with no close frame: one that was only slow
+    (a busy event loop, a stalled link that recovers) saw 1006 with no reason and could not tell a
+    heartbeat from a crash. While the connection can still carry it, the gateway sends a close
+    frame first: 1011 and the reason, as the ``websockets`` library does for a keepalive timeout."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"heartbeat": "300ms"}))
+    reader, writer = await raw_websocket(gw.url, path)  # reads, but answers nothing from here on
+    try:
+        got: list[tuple[int, bytes]] = []
+        async with asyncio.timeout(10):
+            while not got or got[-1][0] != 0x8:
+                got.append(await server_frame(reader))
+        assert got[0][0] == 0x9, "pinged first"
+        payload = got[-1][1]
+        assert int.from_bytes(payload[:2], "big") == aiohttp.WSCloseCode.INTERNAL_ERROR, got
+        assert b"pong" in payload[2:], got
+    finally:
+        writer.close()
