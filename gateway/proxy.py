@@ -366,8 +366,9 @@ async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWeb
             code, reason = closed["gateway"]
             await upstream.close(code=code, message=reason)
             await client.close(code=code, message=reason)
-    # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going away").
-    await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY)
+    # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going
+    # away"). The client with a reason: a bare 1014 does not say that the upstream went, not the gateway.
+    await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY, message=b"the upstream's socket ended without a close")
     await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
 
 

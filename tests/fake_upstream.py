@@ -293,8 +293,10 @@ class FakeAgentServer:
         return resp
 
     async def ws_echo(self, request: web.Request) -> web.WebSocketResponse:
-        """A WebSocket that echoes; ``close:<code>`` closes it with that code, ``burst:<n>`` sends n
-        messages of 64 KiB at once (as fast as the reader takes them)."""
+        """A WebSocket that echoes; ``close:<code>`` closes it with that code (any: the server may send
+        one no endpoint may), ``burst:<n>`` sends n messages of 64 KiB at once (as fast as the reader
+        takes them), ``big:<n>`` one message of n bytes, ``drop`` ends the connection without a
+        close frame."""
         self.ws_headers.append(dict(request.headers))
         ws = web.WebSocketResponse(protocols=("echo.v1",))
         await ws.prepare(request)
@@ -309,6 +311,13 @@ class FakeAgentServer:
             if msg.type == WSMsgType.TEXT and msg.data.startswith("close:"):
                 await ws.close(code=int(msg.data[6:]), message=b"asked to")
                 self.ws_answers.append(ws.close_code)  # after close(): the code the peer answered with
+            elif msg.type == WSMsgType.TEXT and msg.data.startswith("big:"):
+                await ws.send_bytes(b"x" * int(msg.data[4:]))
+            elif msg.type == WSMsgType.TEXT and msg.data == "drop":
+                assert request.transport is not None
+                request.transport.close()
+                self.ws_closed.append(None)
+                break
             elif msg.type == WSMsgType.TEXT and msg.data.startswith("burst:"):
                 for i in range(int(msg.data[6:])):
                     await ws.send_bytes(i.to_bytes(4, "big") + b"x" * 65532)

@@ -227,3 +227,16 @@ async def test_a_client_let_go_for_missing_pongs_is_told_why_in_a_close_frame(
         assert b"pong" in payload[2:], got
     finally:
         writer.close()
+
+
+async def test_an_upstream_that_drops_its_socket_is_said_to_the_client_with_1014_and_a_reason(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """An upstream connection that ends without a close frame reached the client as 1014 with no
+    reason: nothing told a client (or whoever reads its logs) that the upstream went, not the
+    gateway. The close says so."""
+    async with http.ws_connect(gateway.url + "/ws/echo") as ws:
+        await ws.send_str("drop")
+        msg = await asyncio.wait_for(ws.receive(), 10)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.BAD_GATEWAY), msg
+    assert "upstream" in (msg.extra or ""), msg
+
