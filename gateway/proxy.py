@@ -350,14 +350,14 @@ async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWeb
     copy's receive itself; the client's side is read once its copy is cancelled."""
     if "client" in closed:
         code, reason = closed["client"]
-        await upstream.close(code=_sendable(code), message=reason)
+        await upstream.close(code=code, message=reason)
         await _stop(down, up)
         if (answer := _answer(upstream.close_code)) is not None:
             await client.close(code=answer)
     elif "upstream" in closed:
         await _stop(down, up)
         code, reason = closed["upstream"]
-        await client.close(code=_sendable(code), message=reason)
+        await client.close(code=code, message=reason)
         if (answer := _answer(client.close_code)) is not None:
             await upstream.close(code=answer)
     else:
@@ -366,10 +366,15 @@ async def _close_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWeb
             code, reason = closed["gateway"]
             await upstream.close(code=code, message=reason)
             await client.close(code=code, message=reason)
-    # Whatever ended without a close frame: the other side hears 1014 ("bad gateway") or 1001 ("going
-    # away"). The client with a reason: a bare 1014 does not say that the upstream went, not the gateway.
-    await client.close(code=aiohttp.WSCloseCode.BAD_GATEWAY, message=b"the upstream's socket ended without a close")
-    await upstream.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+    # Whatever ended without a close frame: the other side hears that it is gone.
+    await client.close(code=_LOST["upstream"][0], message=_LOST["upstream"][1])
+    await upstream.close(code=_LOST["client"][0], message=_LOST["client"][1])
+
+
+# What a side hears when the other ended without a close frame it can pass on: 1014 ("bad gateway")
+# or 1001 ("going away"). The client with a reason: a bare 1014 does not say the upstream went.
+_LOST = {"upstream": (aiohttp.WSCloseCode.BAD_GATEWAY, b"the upstream's socket ended without a close"),
+         "client": (aiohttp.WSCloseCode.GOING_AWAY, b"")}
 
 
 async def _stop(*copies: asyncio.Task[None]) -> None:
@@ -378,15 +383,24 @@ async def _stop(*copies: asyncio.Task[None]) -> None:
     await asyncio.gather(*copies, return_exceptions=True)
 
 
-def _sendable(code: int) -> int:
-    """A close code as it may go on the wire: a close frame without one (aiohttp's 0, the RFC's 1005,
-    a browser's ``ws.close()``) is a normal close, and 0 is no code any endpoint may send."""
-    return code or aiohttp.WSCloseCode.OK
+def _sendable(code: int) -> int | None:
+    """A peer's close code as it may go on the wire, or None when no endpoint may send it.
+
+    A close frame without one (aiohttp's 0, the RFC's 1005, a browser's ``ws.close()``) is a normal
+    close. aiohttp takes from a peer 1006 (in its enum) and any code past 4999, which a client
+    library that checks (browsers, ``ws``, ``websockets``) fails the connection over: such a close is
+    taken as an end without a close frame (RFC 6455, 7.4: 1000-1003, 1007-1014 and 3000-4999 are
+    sent)."""
+    if code in (0, 1005):
+        return aiohttp.WSCloseCode.OK
+    if 1000 <= code <= 1014 and code not in (1004, 1005, 1006) or 3000 <= code <= 4999:
+        return code
+    return None
 
 
 def _answer(code: int | None) -> int | None:
     """The code a side answered a close with, to pass on; None when it sent none (gone, timed out)."""
-    return None if code is None or code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE else _sendable(code)
+    return None if code is None else _sendable(code)
 
 
 async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: str) -> None:
@@ -398,7 +412,9 @@ async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: 
         elif msg.type == aiohttp.WSMsgType.BINARY:
             await dst.send_bytes(msg.data)
         elif msg.type == aiohttp.WSMsgType.CLOSE:
-            closed.setdefault(side, (int(msg.data), (msg.extra or "").encode()))
+            code = _sendable(int(msg.data))
+            # A code no endpoint may send: as an end without a close frame, said as one is.
+            closed.setdefault(side, (code, (msg.extra or "").encode()) if code is not None else _LOST[side])
             return
         elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
             return

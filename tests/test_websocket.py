@@ -240,3 +240,30 @@ async def test_an_upstream_that_drops_its_socket_is_said_to_the_client_with_1014
     assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.BAD_GATEWAY), msg
     assert "upstream" in (msg.extra or ""), msg
 
+
+
+@pytest.mark.parametrize("code", [1006, 5000, 65535])
+async def test_a_close_code_no_endpoint_may_send_is_not_relayed(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, code: int) -> None:
+    """aiohttp takes 1006 (in its enum) and any code past 4999 from a peer, and the gateway passed
+    it on: a client library that checks (the ``ws`` package, browsers, ``websockets``) fails the
+    connection as a protocol error. A peer's close with such a code is taken as an end without a
+    close frame: the client hears 1014, the upstream 1001."""
+    async with http.ws_connect(gateway.url + "/ws/echo") as ws:
+        await ws.send_str(f"close:{code}")
+        msg = await asyncio.wait_for(ws.receive(), 10)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.BAD_GATEWAY), msg
+    for _ in range(100):  # the upstream that closed notes its socket's end too
+        if fake_upstream.ws_closed:
+            break
+        await asyncio.sleep(0.02)
+    before = len(fake_upstream.ws_closed)
+    ws = await http.ws_connect(gateway.url + "/ws/echo")
+    await ws.send_str("x")
+    await ws.receive()
+    await ws.close(code=code)  # aiohttp's client sends any code it is given
+    for _ in range(100):
+        if len(fake_upstream.ws_closed) > before:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_upstream.ws_closed[before:] == [aiohttp.WSCloseCode.GOING_AWAY]
