@@ -21,7 +21,7 @@ from yarl import URL
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from gateway.logs import END
-from gateway.responses import ClientSocket, cut, error_response, send_body, start_response
+from gateway.responses import ClientSocket, close_reason, cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
 from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, UpstreamError, Upstreams,
                               as_upstream_error)
@@ -92,7 +92,7 @@ class Forwarder:
     def __init__(self, upstreams: Upstreams, clients: Clients, max_message: int, heartbeat: float) -> None:
         self.upstreams = upstreams
         self.clients = clients
-        self.max_message = max_message  # a client's WebSocket message, held whole: bounded as a request body
+        self.max_message = max_message  # a WebSocket message, held whole (either way): bounded as a request body
         # WebSocket clients are pinged this often: the upstream's pings are answered by the gateway, so
         # only the gateway can find a client that vanished and let go of its upstream socket.
         self.heartbeat = heartbeat
@@ -248,7 +248,7 @@ class Forwarder:
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
             async with self.upstreams.websocket(target.pool, _upstream_path(request, target), headers,
-                                                protocols) as upstream:
+                                                protocols, self.max_message) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
                 client = ClientSocket(protocols=[upstream.protocol] if upstream.protocol else [],
                                                max_msg_size=self.max_message, autoclose=False,
@@ -416,7 +416,16 @@ async def _copy(src: Any, dst: Any, closed: dict[str, tuple[int, bytes]], side: 
             # A code no endpoint may send: as an end without a close frame, said as one is.
             closed.setdefault(side, (code, (msg.extra or "").encode()) if code is not None else _LOST[side])
             return
-        elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+        elif msg.type == aiohttp.WSMsgType.ERROR:
+            # aiohttp closed ``src`` itself (1009 for a message past the bound, 1002 for a broken
+            # frame). An upstream's message too big: the client hears 1009 and why, not a bare 1014
+            # (a client's: the upstream hears 1001, the gateway let go of its socket).
+            if (side == "upstream" and isinstance(msg.data, aiohttp.WebSocketError)
+                    and msg.data.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG):
+                closed.setdefault(side, (aiohttp.WSCloseCode.MESSAGE_TOO_BIG,
+                                         close_reason(f"upstream message too big: {msg.data}")))
+            return
+        elif msg.type in (aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
             return
 
 

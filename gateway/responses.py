@@ -184,6 +184,12 @@ def _as_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(500, "internal gateway error (logged)")
 
 
+def close_reason(text: str) -> bytes:
+    """``text`` as a close frame's reason: at most 123 bytes of UTF-8 (a control frame's payload is
+    125 with the code), cut on a character's boundary."""
+    return text.encode()[:123].decode(errors="ignore").encode()
+
+
 class ClientSocket(web.WebSocketResponse):
     """A client's WebSocket, let go with a close frame when it stops answering pings.
 

@@ -28,7 +28,7 @@ from gateway.eventlog import StorageError, StreamMeta
 from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Leg
 from gateway.logs import STREAM_KEY
-from gateway.responses import ClientSocket, error_response, start_response
+from gateway.responses import ClientSocket, close_reason, error_response, start_response
 from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target
 
@@ -369,12 +369,6 @@ class _Socket:
         if pump is not None:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
-
-
-def close_reason(text: str) -> bytes:
-    """``text`` as a close frame's reason: at most 123 bytes of UTF-8 (a control frame's payload is
-    125 with the code), cut on a character's boundary."""
-    return text.encode()[:123].decode(errors="ignore").encode()
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:

@@ -267,3 +267,25 @@ async def test_a_close_code_no_endpoint_may_send_is_not_relayed(
             break
         await asyncio.sleep(0.02)
     assert fake_upstream.ws_closed[before:] == [aiohttp.WSCloseCode.GOING_AWAY]
+
+
+async def test_an_upstream_message_over_the_size_limit_closes_both_sides_with_1009(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """The upstream's messages were taken at any size (max_msg_size=0), each held whole in the
+    gateway's memory before it went on. Bounded as a client's are (``streams.max_request_body``):
+    the upstream hears 1009 for its message, and the client 1009 with the reason."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_request_body": "64KiB"}))
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(gw.url + "/ws/echo") as ws:
+            await ws.send_str(f"big:{60 << 10}")  # within it, relayed
+            assert len((await asyncio.wait_for(ws.receive(), 10)).data) == 60 << 10
+            await ws.send_str(f"big:{100 << 10}")
+            msg = await asyncio.wait_for(ws.receive(), 10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.MESSAGE_TOO_BIG), msg
+        assert "upstream" in (msg.extra or ""), msg
+    for _ in range(100):
+        if fake_upstream.ws_closed:
+            break
+        await asyncio.sleep(0.02)
+    assert fake_upstream.ws_closed == [aiohttp.WSCloseCode.MESSAGE_TOO_BIG]
