@@ -94,7 +94,8 @@ class Forwarder:
         self.clients = clients
         self.max_message = max_message  # a WebSocket message, held whole (either way): bounded as a request body
         # WebSocket clients are pinged this often: the upstream's pings are answered by the gateway, so
-        # only the gateway can find a client that vanished and let go of its upstream socket.
+        # only the gateway can find a client that vanished and let go of its upstream socket. And the
+        # upstreams: the client's pings are answered by the gateway too.
         self.heartbeat = heartbeat
         # The proxied WebSocket sessions: for each, a future done when the gateway stops, and one
         # done once the session closed (``going_away``).
@@ -248,7 +249,7 @@ class Forwarder:
         protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
         try:
             async with self.upstreams.websocket(target.pool, _upstream_path(request, target), headers,
-                                                protocols, self.max_message) as upstream:
+                                                protocols, self.max_message, self.heartbeat) as upstream:
                 # autoclose off: a close frame from either side is answered once the other side closed.
                 client = ClientSocket(protocols=[upstream.protocol] if upstream.protocol else [],
                                                max_msg_size=self.max_message, autoclose=False,

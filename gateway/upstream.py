@@ -441,17 +441,18 @@ class Upstreams:
 
     @contextlib.asynccontextmanager
     async def websocket(self, pool: Pool, path_qs: str, headers: CIMultiDict[str], protocols: list[str],
-                        max_message: int) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+                        max_message: int, heartbeat: float) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
         """A WebSocket to the first replica that accepts the connection, held against the pool's
         budget for streams until the block ends. Raises aiohttp.WSServerHandshakeError when the
         upstream answers the upgrade with something else (its status is the caller's to relay).
         A message of the upstream's is held whole: past ``max_message`` bytes the socket is closed
-        with 1009 (the receive that met it answers an ERROR message)."""
+        with 1009 (the receive that met it answers an ERROR message). The upstream is pinged every
+        ``heartbeat``: one that hung (or a host gone silent) is let go when it does not answer."""
         assert self._session is not None, "upstreams not started"
         budget = pool.budgets["stream"]
         await budget.acquire()
         try:
-            ws = await self._ws_connect(pool, path_qs, headers, protocols, max_message)
+            ws = await self._ws_connect(pool, path_qs, headers, protocols, max_message, heartbeat)
             try:
                 yield ws
             finally:
@@ -460,12 +461,14 @@ class Upstreams:
             budget.release()
 
     async def _ws_connect(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
-                          protocols: list[str], max_message: int) -> aiohttp.ClientWebSocketResponse:
+                          protocols: list[str], max_message: int,
+                          heartbeat: float) -> aiohttp.ClientWebSocketResponse:
         session = self._session
         assert session is not None
         return await self._first_reached(pool, lambda replica: session.ws_connect(
             request_url(replica, path_qs, headers), headers=headers, protocols=protocols,
-            timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=max_message))
+            timeout=aiohttp.ClientWSTimeout(ws_close=10.0), autoping=True, autoclose=False, max_msg_size=max_message,
+            heartbeat=heartbeat))
 
     async def _health_loop(self, pool: Pool) -> None:
         h = pool.cfg.health

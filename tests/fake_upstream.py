@@ -172,6 +172,7 @@ class FakeAgentServer:
         r.add_get("/big", self.big)
         r.add_get("/notype", self.notype)
         r.add_get("/ws/echo", self.ws_echo)
+        r.add_get("/ws/deaf", self.ws_deaf)
         return app
 
     async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeAgentServer:
@@ -325,6 +326,15 @@ class FakeAgentServer:
                 await ws.send_str(msg.data)
             elif msg.type == WSMsgType.BINARY:
                 await ws.send_bytes(msg.data)
+        return ws
+
+    async def ws_deaf(self, request: web.Request) -> web.WebSocketResponse:
+        """A WebSocket that answers nothing, not even pings: a hung server (its loop blocked) or a
+        host gone behind a network path that drops everything looks so, the connection still open."""
+        ws = web.WebSocketResponse(autoping=False)
+        await ws.prepare(request)
+        async for _msg in ws:
+            pass
         return ws
 
     async def notype(self, request: web.Request) -> web.Response:

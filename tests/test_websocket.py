@@ -289,3 +289,21 @@ async def test_an_upstream_message_over_the_size_limit_closes_both_sides_with_10
             break
         await asyncio.sleep(0.02)
     assert fake_upstream.ws_closed == [aiohttp.WSCloseCode.MESSAGE_TOO_BIG]
+
+
+async def test_an_upstream_that_stops_answering_pings_is_let_go_and_the_client_told(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """The gateway pinged its clients but not its upstreams: an upstream that hung (or a host gone
+    behind a path that drops everything) held the client's socket open, silent, and a slot of the
+    stream budget, until TCP gave up, hours later. The upstream side is pinged every
+    ``streams.heartbeat`` too; one that does not answer is let go, the client hearing 1014 and why."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "max_streams": 1}},
+                                           streams={"heartbeat": "300ms"}))
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(gw.url + "/ws/deaf") as ws:  # answers the gateway's pings itself
+            msg = await asyncio.wait_for(ws.receive(), 10)
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, aiohttp.WSCloseCode.BAD_GATEWAY), msg
+        assert "upstream" in (msg.extra or ""), msg
+        async with http.ws_connect(gw.url + "/ws/echo") as again:  # its slot is free
+            await again.send_str("x")
+            assert (await again.receive()).data == "x"
