@@ -207,13 +207,19 @@ class _Socket:
             resp = await self.handlers.forwarder.upstreams.send(
                 self.target.pool, "POST", f"/threads/{self.tid}/commands", headers, data=raw.encode(), kind="check")
             try:
-                doc = orjson.loads(await resp.read())
+                status, doc = resp.status, orjson.loads(await resp.read())
             finally:
                 resp.release()
         except (GatewayError, aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError) as exc:
             detail = exc.detail if isinstance(exc, GatewayError) else f"upstream answered badly: {exc}"
             return _error(cid, "unknown_error", detail)
-        return doc if isinstance(doc, dict) else _error(cid, "unknown_error", "the upstream's answer was not an object")
+        if isinstance(doc, dict) and doc.get("type") in ("success", "error") and "id" in doc:
+            return doc
+        # No protocol answer (a refusal's {"detail": ...}, from the upstream's auth or any status):
+        # sent as it is, it names no command, and the client waits for its answer forever.
+        said = doc.get("detail") if isinstance(doc, dict) else None
+        return _error(cid, "unknown_error", f"the upstream answered the command with HTTP {status}"
+                                            + (f": {said}" if isinstance(said, str) else ""))
 
     async def subscribe(self, command: dict[str, Any], *, reconnect: bool) -> None:
         cid, what = command["id"], command["method"]

@@ -173,6 +173,7 @@ class FakeAgentServer:
         r.add_get("/notype", self.notype)
         r.add_get("/ws/echo", self.ws_echo)
         r.add_get("/ws/deaf", self.ws_deaf)
+        r.add_post("/threads/{tid}/commands", self.command)
         return app
 
     async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeAgentServer:
@@ -336,6 +337,14 @@ class FakeAgentServer:
         async for _msg in ws:
             pass
         return ws
+
+    async def command(self, request: web.Request) -> web.Response:
+        """A v3 protocol command: refused with 403 and a ``detail`` (as the server's auth refuses a
+        request) for ``Authorization: Bearer forbidden``; else answered with an empty success."""
+        doc = await request.json()
+        if request.headers.get("Authorization") == "Bearer forbidden":
+            return web.json_response({"detail": "Forbidden"}, status=403)
+        return web.json_response({"type": "success", "id": doc.get("id"), "result": {}})
 
     async def notype(self, request: web.Request) -> web.Response:
         """A body with no Content-Type, as langgraph-api answers some 422s."""

@@ -551,6 +551,25 @@ async def test_a_subscribe_the_gateway_refuses_closes_the_socket_with_4000_plus_
     assert "unreachable" in (msg.extra or "") and len((msg.extra or "").encode()) <= 123, msg
 
 
+async def test_a_command_the_upstream_refuses_with_a_status_is_answered_with_the_commands_id(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """A command on the session socket goes to the upstream's ``POST /commands``. An answer there
+    that is no protocol answer (a 403 ``{"detail": ...}`` from the upstream's auth, any status's
+    JSON) was sent on the socket as it was: no ``id``, so the SDK's command waited for its answer
+    forever. It is answered as an error with the command's id, the status and detail in its words."""
+    tid = str(uuid.uuid4())
+    async with http.ws_connect(f"{gateway.url}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 6, "method": "agent.getTree", "params": {}})
+        _, reply = await asyncio.wait_for(ws_until_reply(ws, 6), 10)
+        assert reply == {"type": "success", "id": 6, "result": {}}, "a protocol answer goes back as it is"
+    async with http.ws_connect(f"{gateway.url}/threads/{tid}/stream/events",
+                               headers={"Authorization": "Bearer forbidden"}) as ws:
+        await ws.send_json({"id": 7, "method": "agent.getTree", "params": {}})
+        doc = orjson.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+    assert doc["type"] == "error" and doc["id"] == 7, doc
+    assert "403" in doc["message"] and "Forbidden" in doc["message"], doc
+
+
 async def test_a_socket_whose_read_of_the_log_failed_is_closed_so_the_client_resumes(
         own_redis: RedisServer, make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
