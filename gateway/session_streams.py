@@ -198,14 +198,15 @@ class _Socket:
         return {"applied_through_seq": self.applied}
 
     async def upstream_command(self, raw: str, cid: int) -> dict[str, Any]:
-        """A command the gateway does not serve itself: the upstream answers it, as over HTTP."""
+        """A command the gateway does not serve itself: the upstream answers it, as over HTTP, and
+        within the budget for forwards (``max_connections``) as that request would be."""
         headers = self.handlers.forwarder.upstream_headers(self.request, drop=_LEG_DROP)
         headers["Content-Type"] = "application/json"
         headers["Accept"] = "application/json"
         headers["Accept-Encoding"] = "identity"  # the gateway reads the answer itself, whatever the client accepts
         try:
             resp = await self.handlers.forwarder.upstreams.send(
-                self.target.pool, "POST", f"/threads/{self.tid}/commands", headers, data=raw.encode(), kind="check")
+                self.target.pool, "POST", f"/threads/{self.tid}/commands", headers, data=raw.encode())
             try:
                 status, doc = resp.status, orjson.loads(await resp.read())
             finally:

@@ -570,6 +570,35 @@ async def test_a_command_the_upstream_refuses_with_a_status_is_answered_with_the
     assert "403" in doc["message"] and "Forbidden" in doc["message"], doc
 
 
+async def test_a_command_on_the_socket_counts_against_the_budget_for_forwards(
+        make_gateway: MakeGateway, fake_upstream: Any, tmp_path: Path) -> None:
+    """A command on the session socket is the client's ``POST /commands``, sent for it: over HTTP it
+    counts against the upstream's ``max_connections``. On the socket it took a slot of the budget for
+    the gateway's own short checks (64, whatever the operator set): ``max_connections`` did not bound
+    it, and commands could starve the access checks. With the budget for forwards spent, it is
+    refused as the same command over HTTP is (pool full), in the protocol's shape."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "max_connections": 1, "pool_timeout": "300ms"}}))
+    tid = str(uuid.uuid4())
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{gw.url}/big", params={"size": str(256 << 20)}) as held:  # unread: holds the slot
+            assert held.status == 200
+            async with http.post(f"{gw.url}/threads/{tid}/commands", json={"id": 1, "method": "agent.getTree"}) as r:
+                assert r.status == 503 and "full" in (await r.json())["detail"]
+            async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:
+                await ws.send_json({"id": 2, "method": "agent.getTree", "params": {}})
+                _, reply = await asyncio.wait_for(ws_until_reply(ws, 2), 10)
+            assert reply["type"] == "error" and "full" in reply["message"], reply
+            held.close()
+        async with http.ws_connect(f"{gw.url}/threads/{tid}/stream/events") as ws:  # the slot back: answered
+            for cid in range(3, 53):  # once the gateway saw the download's client go
+                await ws.send_json({"id": cid, "method": "agent.getTree", "params": {}})
+                _, reply = await asyncio.wait_for(ws_until_reply(ws, cid), 10)
+                if reply["type"] == "success":
+                    break
+        assert reply == {"type": "success", "id": cid, "result": {}}, reply
+
+
 async def test_a_socket_whose_read_of_the_log_failed_is_closed_so_the_client_resumes(
         own_redis: RedisServer, make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
