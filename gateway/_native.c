@@ -84,7 +84,11 @@ take_block(const char *b, Py_ssize_t n, int nl, Py_ssize_t first, Py_ssize_t las
     Py_ssize_t idlen = n - last - 5;
     if (idlen > MAX_ID_BYTES)
         return 0; /* the Python path raises the error */
-    PyObject *uid = PyUnicode_DecodeUTF8(b + last + 5, idlen, "replace");
+    PyObject *uid = PyUnicode_DecodeUTF8(b + last + 5, idlen, NULL);
+    if (uid == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear(); /* not UTF-8: the Python path refuses it, with its reason */
+        return 0;
+    }
     PyObject *body = uid == NULL ? NULL : PyBytes_FromStringAndSize(b, last + 1);
     return append_event(events, body, uid) < 0 ? -1 : 1;
 }

@@ -238,4 +238,11 @@ class Parser:
 def _event_id(raw: bytes) -> str:
     if len(raw) > MAX_ID_BYTES:
         raise SSEProtocolError(f"SSE event id of {len(raw)} bytes (more than {MAX_ID_BYTES})")
-    return raw.decode("utf-8", "replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # An id goes back to the upstream as Last-Event-ID: decoded with replacement characters it
+        # would be other bytes than the upstream sent, a resume point it never gave.
+        shown = raw if len(raw) <= 64 else raw[:64] + b"..."
+        raise SSEProtocolError(f"SSE event id {shown!r} is not UTF-8: it could not be sent back to the "
+                               "upstream as it sent it") from None

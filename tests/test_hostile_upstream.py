@@ -32,6 +32,7 @@ class Scripted:
         self.writes: list[bytes] = []
         self.end = True
         self.joins = 0
+        self.asked_from: list[bytes] = []  # the Last-Event-ID of each re-join, as the bytes received
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -63,6 +64,7 @@ class Scripted:
 
     async def _join(self, request: web.Request) -> web.Response:
         self.joins += 1
+        self.asked_from += [v for k, v in request.raw_headers if k.lower() == b"last-event-id"]
         return web.json_response({"detail": "Run not found"}, status=404)
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
@@ -141,6 +143,23 @@ async def test_the_events_read_with_an_oversized_one_are_kept_before_the_stream_
     again = await join(http, f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream", "-1")
     assert [e.event for e in again] == names
     assert scripted.joins == 0, "a broken stream is not asked again"
+
+
+async def test_an_upstream_id_that_is_not_utf8_is_never_sent_back_altered(
+        make_gateway: MakeGateway, tmp_path: Path, scripted: Scripted, http: aiohttp.ClientSession) -> None:
+    # The upstream cuts right after an event whose id is not UTF-8. The gateway stored it decoded with
+    # replacement characters and re-joined asking the upstream for an id it never sent; refused
+    # instead, the stream ends with an error that says why, and the events before it are kept.
+    sent = [b"1795399126916-0", b"\xff1795399126917-0"]
+    scripted.writes = [scripted.metadata()[:-2] + b"id: " + sent[0] + b"\r\n\r\n",
+                       custom(0)[:-2] + b"id: " + sent[1] + b"\r\n\r\n"]
+    scripted.end = False
+    gw, names, data = await run_through(make_gateway, tmp_path, scripted, http)
+    assert all(asked in sent for asked in scripted.asked_from), scripted.asked_from
+    assert names == ["metadata", "error"], data
+    assert data[-1]["error"] == "CaptureInterrupted" and "not UTF-8" in str(data[-1]["message"])
+    again = await join(http, f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream", "-1")
+    assert [e.event for e in again] == names
 
 
 async def test_a_session_command_answered_through_a_compressing_proxy_is_read(

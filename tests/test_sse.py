@@ -166,6 +166,22 @@ def test_an_event_id_longer_than_a_record_holds_is_a_protocol_error(frame: bytes
         Parser().feed(frame % (b"7" * (MAX_ID_BYTES + 1)))
 
 
+@pytest.mark.parametrize("frame", [b"event: custom\ndata: 1\nid: %s\n\n",  # the fast path's canonical frame
+                                   b"id: %s\nevent: custom\ndata: 1\n\n",  # the line-by-line rules
+                                   b"event: custom\rdata: 1\rid: %s\r\r"])
+def test_an_event_id_that_is_not_utf8_is_refused_not_stored_altered(frame: bytes) -> None:
+    # The id goes back to the upstream as Last-Event-ID on a re-join: decoded with replacement
+    # characters it was stored as other bytes than the upstream sent, so the upstream was asked to
+    # resume from an id it never gave. Refused, with the reason, instead of altered.
+    uid = "1795399126916-0\u00e9"
+    assert Parser().feed(frame % uid.encode()) == [(b"event: custom\ndata: 1\n", uid)]
+    for bad in (b"\xff\xfe-0", b"1795399126916-0\xc3", b"\xed\xa0\x80-0"):
+        p = Parser()
+        with pytest.raises(SSEProtocolError, match="not UTF-8") as caught:
+            p.feed(b"event: custom\ndata: 0\n\n" + frame % bad)
+        assert caught.value.events == [(b"event: custom\ndata: 0\n", None)], "what came whole before is kept"
+
+
 def test_a_byte_order_mark_starting_the_stream_is_not_part_of_its_first_field() -> None:
     # WHATWG (and the SDKs' decoders) drop one BOM at the start of a stream; kept, it made the first
     # event's "event:" line an unknown field, and the event a "message" in the log.
