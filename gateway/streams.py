@@ -237,7 +237,7 @@ class StreamHandlers:
 
         async def prepare() -> Answer | None:
             self.check_capacity(meta.key)
-            if not await self._run_exists(request, target, meta):
+            if not await self._exists(request, target, meta):
                 return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
             return None
 
@@ -268,6 +268,8 @@ class StreamHandlers:
 
         async def prepare() -> Answer | None:
             self.check_capacity(meta.key)
+            if not await self._exists(request, target, meta):
+                return await self.forwarder.open(request, target)  # the upstream's own answer, not captured
             return None
 
         att, headers = await self.attach(request, target, meta, cursor,
@@ -333,9 +335,10 @@ class StreamHandlers:
                 headers["Content-Location"] = target.client_path(agentapi.resource_path(att.held))
         return self.send(request, att.follower, headers, keep)  # a Reply: awaited by the caller
 
-    async def _run_exists(self, request: web.Request, target: Target, meta: StreamMeta) -> bool:
+    async def _exists(self, request: web.Request, target: Target, meta: StreamMeta) -> bool:
         """Ask before capturing: the upstream answers a join of an unknown run with 200 and an
-        error event, which must not become a 'finished run' in the log."""
+        error event, which must not become a 'finished run' in the log, and the stream of an unknown
+        thread with 200 and heartbeats, which must not become an empty thread stream in it."""
         try:
             resp = await self.forwarder.upstreams.send(target.pool, "GET", agentapi.resource_path(meta),
                                                        self.forwarder.check_headers(request),

@@ -135,6 +135,9 @@ class FakeAgentServer:
         self.thread_listeners: dict[str, list[asyncio.Queue[bytes | None]]] = {}
         # A thread's events of resumable runs, as its stream replays them: (id, frame).
         self.thread_events: dict[str, list[tuple[str, bytes]]] = {}
+        # The threads it knows: created, or run on (the fake creates a run on any thread, kinder than
+        # the real server's 404); GET of any other is the real server's 404.
+        self.threads: set[str] = set()
         self._thread_seq = 0
         self.requests: list[tuple[str, str]] = []  # (method, path_qs) of every request but health checks
         self.ws_closed: list[int | None] = []  # close codes of /ws/echo sockets, as the server saw them
@@ -355,10 +358,15 @@ class FakeAgentServer:
 
     async def create_thread(self, request: web.Request) -> web.Response:
         await request.read()  # the real server parses the whole body before it answers
-        return web.json_response({"thread_id": str(uuid.uuid4()), "status": "idle"})
+        tid = str(uuid.uuid4())
+        self.threads.add(tid)
+        return web.json_response({"thread_id": tid, "status": "idle"})
 
     async def get_thread(self, request: web.Request) -> web.Response:
-        return web.json_response({"thread_id": request.match_info["tid"], "status": "idle"})
+        tid = request.match_info["tid"]
+        if tid not in self.threads:
+            return web.json_response({"detail": f"Thread with ID {tid} not found"}, status=404)
+        return web.json_response({"thread_id": tid, "status": "idle"})
 
     def _new_run(self, tid: str | None, doc: dict[str, Any]) -> Run:
         inp = doc.get("input") or {}
@@ -367,6 +375,8 @@ class FakeAgentServer:
                   delay=float(inp.get("delay", 0.0)), resumable=resumable,
                   fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)))
         self.runs[run.run_id] = run
+        if tid is not None:
+            self.threads.add(tid)
         run.task = asyncio.create_task(self._execute(run))
         return run
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import uuid
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -563,3 +564,23 @@ async def test_a_path_with_an_encoded_line_break_is_forwarded_like_any_other(
     async with http.delete(URL(gateway.url + path, encoded=True)) as r:
         assert (r.status, r.headers.get("Content-Type"), await r.read()) == direct
     assert len(fake_upstream.requests) >= 2 and fake_upstream.requests[-1] == sent, "forwarded upstream"
+
+
+async def test_a_thread_stream_of_a_thread_the_upstream_does_not_know_stores_nothing(
+        make_gateway: Callable[..., Awaitable[RunningGateway]], fake_upstream: FakeAgentServer,
+        tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The upstream answers the stream of a thread it does not know with 200 and heartbeats, forever.
+    # Captured, each such join left an empty thread stream in the log, finished when its linger ran
+    # out and kept until retention: any client could fill the log's metadata with made-up ids.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"thread_linger": "100ms"}))
+    known = await new_thread(http, gw)
+    for tid in [str(uuid.uuid4()) for _ in range(5)] + [known]:
+        async with http.get(f"{gw.url}/threads/{tid}/stream") as r:
+            assert r.status == 200 and r.content_type == "text/event-stream", tid  # as the upstream answers
+    for _ in range(100):  # the lingers run out (bounded)
+        if not gw.gw.hub.live_count():
+            break
+        await asyncio.sleep(0.05)
+    held = [m.thread_id for m in await gw.gw.log.streams()]
+    assert held == [known], "only the thread the upstream knows is captured"
