@@ -4,8 +4,8 @@ The parser takes whatever bytes the socket delivered (any chunking, CR, LF or
 CRLF line ends, multi-line data, comments) and returns the complete events in
 that chunk, so the hot path handles one chunk per call, not one line.
 
-An event is kept as its *body*: the ``event:`` and ``data:`` lines re-framed
-with LF, without the ``id:`` line. The gateway adds its own id when it sends
+An event is kept as its *body*: the ``event:``, ``retry:`` and ``data:`` lines
+re-framed with LF, without the ``id:`` line. The gateway adds its own id when it sends
 the event (``frame``), so a stored body never needs to be re-parsed.
 """
 
@@ -22,6 +22,8 @@ DEFAULT_MAX_EVENT = 32 << 20
 MAX_ID_BYTES = 4096
 
 HEARTBEAT = b": heartbeat\n\n"
+# A reconnection time is milliseconds; more digits than this is no time a client could wait.
+_MAX_RETRY_DIGITS = 12
 # A UTF-8 byte order mark: one at the very start of a stream is not part of it (WHATWG).
 BOM = b"\xef\xbb\xbf"
 # Every framed event and comment ends with it, and nothing inside one does (lines end in a single LF).
@@ -75,7 +77,7 @@ def frame_py(entries: Iterable[tuple[int, bytes]]) -> bytes:
 class Parser:
     """Incremental SSE parser following the WHATWG event-stream rules."""
 
-    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_size", "_id", "_max", "comments", "_head")
+    __slots__ = ("_tail", "_skip_lf", "_event", "_data", "_size", "_id", "_max", "comments", "_head", "_retry")
 
     def __init__(self, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._tail = b""
@@ -87,6 +89,9 @@ class Parser:
         self._max = max_event
         self.comments = 0  # comment lines seen (heartbeats), reset by the caller
         self._head: bytes | None = b""  # the stream's first bytes while they may be a BOM; None after
+        # The last valid ``retry:`` not yet passed on: it goes with the event of its block, or (a block
+        # without data dispatches nothing) with the next event.
+        self._retry: bytes | None = None
 
     def feed(self, chunk: bytes) -> list[Event]:
         if not chunk:
@@ -110,7 +115,7 @@ class Parser:
             return []
         events: list[Event] = []
         try:
-            if self._event is None and not self._data and self._id is None:
+            if self._event is None and not self._data and self._id is None and self._retry is None:
                 if self._feed_blocks(buf, events):
                     return events
             self._feed_lines(buf, events)
@@ -152,7 +157,8 @@ class Parser:
                 block = block.lstrip(b"\n")  # extra blank lines between events
                 if not block:
                     continue
-            nl = block.count(b"\n")
+            # A retry: still to pass on goes with the next event: the general rules take that one.
+            nl = block.count(b"\n") if self._retry is None else -1
             if nl == 1:
                 if block.startswith(b"event: ") and block.find(b"\ndata: ") > 0:
                     append((block + b"\n", None))
@@ -216,11 +222,19 @@ class Parser:
         elif name == b"id":
             if b"\x00" not in value:
                 self._id = _event_id(value)
-        # "retry" and unknown fields are ignored, as a browser would.
+        elif name == b"retry":
+            # The client's reconnection time (WHATWG: ASCII digits only, anything else is ignored).
+            if value.isdigit() and value.isascii() and len(value) <= _MAX_RETRY_DIGITS:
+                self._retry = value
+        # Unknown fields are ignored, as a browser would.
 
     def _dispatch(self, out: list[Event]) -> None:
         if self._data:
             head = b"event: " + self._event + b"\n" if self._event else b""
+            if self._retry is not None:
+                # After the event line, before the data: a stored body's name and data read as ever.
+                head += b"retry: " + self._retry + b"\n"
+                self._retry = None
             body = head + b"".join([b"data: " + d + b"\n" for d in self._data])
             out.append((body, self._id))
         # An event's upstream id is the id line of its own block: that is what the

@@ -162,6 +162,25 @@ async def test_an_upstream_id_that_is_not_utf8_is_never_sent_back_altered(
     assert [e.event for e in again] == names
 
 
+async def test_the_upstreams_retry_fields_reach_live_and_replaying_clients_alike(
+        make_gateway: MakeGateway, tmp_path: Path, scripted: Scripted, http: aiohttp.ClientSession) -> None:
+    # A `retry:` sets an EventSource's reconnection time; the gateway dropped them, so its clients
+    # reconnected at their default pace whatever the upstream asked for.
+    scripted.writes = [b"retry: 2500\r\n\r\n", scripted.metadata(),  # alone: it goes with the next event
+                       custom(0)[:-2] + b"retry: 3000\r\n\r\n", custom(1)]
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [scripted.url]}}))
+    async with http.post(f"{gw.url}/threads/{scripted.tid}/runs/stream", json={"assistant_id": "a"}) as r:
+        live = await asyncio.wait_for(r.read(), 30)
+    async with http.get(f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream",
+                        headers={"Last-Event-ID": "-1"}) as r:
+        replayed = await asyncio.wait_for(r.read(), 30)
+    blocks = [b for b in live.split(b"\n\n") if b]
+    assert [b.count(b"retry: ") for b in blocks] == [1, 1, 0], live
+    assert b"\nretry: 2500\n" in blocks[0] and b"\nretry: 3000\n" in blocks[1], live
+    assert replayed == live
+    assert customs(await join(http, f"{gw.url}/threads/{scripted.tid}/runs/{scripted.rid}/stream", "-1")) == [0, 1]
+
+
 async def test_a_session_command_answered_through_a_compressing_proxy_is_read(
         make_gateway: MakeGateway, tmp_path: Path) -> None:
     # The gateway reads a session command's answer itself, to send it on the socket. A browser's

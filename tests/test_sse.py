@@ -74,8 +74,26 @@ def test_cr_at_chunk_end_then_lf_is_one_line_end() -> None:
 
 def test_field_without_space_and_unknown_fields() -> None:
     p = Parser()
-    out = p.feed(b"event:x\ndata:1\nretry: 10\nfoo: bar\n\n")
+    out = p.feed(b"event:x\ndata:1\nfoo: bar\n\n")
     assert out == [event(b"event: x\ndata: 1\n", None)]
+
+
+def test_a_retry_field_goes_with_its_event_and_one_alone_with_the_next() -> None:
+    # WHATWG: `retry:` (ASCII digits only) sets the client's reconnection time wherever it comes,
+    # also in a block that dispatches no event. Dropped, a client of the gateway never learnt the
+    # upstream's. Kept in the stored body (after the event line, so the event's name and data read
+    # as before), it reaches live and replaying clients alike.
+    p = Parser()
+    assert p.feed(b"retry: 2500\n\n") == []
+    assert p.feed(b"event: a\ndata: 1\n\n") == [(b"event: a\nretry: 2500\ndata: 1\n", None)]
+    assert p.feed(b"event: b\ndata: 2\nretry: 3000\nretry: 5x\nid: 7-0\n\n") == [
+        (b"event: b\nretry: 3000\ndata: 2\n", "7-0")]  # a value that is not digits is ignored
+    assert p.feed(b"data: 3\n\n") == [(b"data: 3\n", None)], "said once"
+    assert p.feed(b"retry:10\rdata: 4\r\r") == [(b"retry: 10\ndata: 4\n", None)]
+    for eol in (b"\n", b"\r\n"):  # in one read with the events after it (the fast path's input)
+        assert Parser().feed(b"retry: 9\n\nevent: a\ndata: 1\n\nevent: b\ndata: 2\nid: 1-0\n\n".replace(b"\n", eol)) == [
+            (b"event: a\nretry: 9\ndata: 1\n", None), (b"event: b\ndata: 2\n", "1-0")]
+    assert not p.pending()
 
 
 def test_event_without_data_is_not_dispatched() -> None:
