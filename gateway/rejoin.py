@@ -28,7 +28,7 @@ from typing import Iterable, Literal
 from gateway.eventlog import StreamKind, StreamMeta
 from gateway.marks import GAP_EVENT, gap_event
 from gateway.metrics import GapReason
-from gateway.sse import Event, event_name
+from gateway.sse import Event, event_name, without_retry
 from gateway.agentapi import RUN_START_EVENT, Cursor
 
 # Upstream replays overlap by a few dozen events at most (measured 3-27); this is ample.
@@ -111,7 +111,7 @@ class Seam:
         for uid, body in recent:
             if uid is not None:
                 self.any_ids = True
-                self._remember(hash((uid, body)))
+                self._remember(_same(uid, body))
                 self._raise_top(_uid_key(uid))
         self.expect = expect
         self.after = after
@@ -141,7 +141,7 @@ class Seam:
             if uid is None:
                 out.append(ev)
                 continue
-            h = hash((uid, body))
+            h = _same(uid, body)
             k = _uid_key(uid)
             if h in self.known and self.top is not None and not _before(self.top, k):
                 continue  # a re-send of something held or already taken
@@ -153,7 +153,7 @@ class Seam:
     def _check(self, first: Event, out: list[Event]) -> None:
         body, uid = first
         if self.expect == "held":
-            proven = uid is not None and hash((uid, body)) in self.known
+            proven = uid is not None and _same(uid, body) in self.known
             reason: GapReason = "no_upstream_ids" if uid is None or not self.any_ids else "replay_mismatch"
         else:
             proven = event_name(body) == RUN_START_EVENT
@@ -173,6 +173,12 @@ class Seam:
     def _mark(self, reason: GapReason, out: list[Event]) -> None:
         self.gap = reason
         out.append(gap_event(self.after, reason))
+
+
+def _same(uid: str, body: bytes) -> int:
+    """What identifies an event across legs: its upstream id and body, less a ``retry:`` the replay
+    need not repeat."""
+    return hash((uid, without_retry(body)))
 
 
 def _uid_key(uid: str) -> tuple[int, int] | tuple[int, str]:

@@ -54,6 +54,20 @@ def event_name(body: bytes) -> bytes:
     return b"message"
 
 
+def without_retry(body: bytes) -> bytes:
+    """A stored body without its ``retry:`` line: the event as an upstream's replay re-sends it, which
+    need not repeat a reconnection time the live stream set (one in a block of its own goes with the
+    next event's body). Every line of a body begins with its field's name, so a line that begins with
+    ``retry: `` is that field, never data."""
+    if body.startswith(b"retry: "):
+        at = 0
+    else:
+        at = body.find(b"\nretry: ") + 1
+        if not at:
+            return body
+    return body[:at] + body[body.index(b"\n", at) + 1:]
+
+
 def make_body(event: str | bytes | None, data: bytes) -> bytes:
     """Frame an event of our own (e.g. a synthetic error) as a stored body."""
     if isinstance(event, str):

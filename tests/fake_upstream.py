@@ -50,6 +50,9 @@ class Behaviour:
     # Behind a compressing proxy (nginx with ``gzip_types text/event-stream``): an event stream is
     # gzip-encoded whenever the request accepts gzip (the real server itself never encodes).
     gzip_streams: bool = False
+    # An SSE server that sets the client's reconnection time in a block of its own (``retry:``)
+    # before every live event; its replay buffer holds the events alone.
+    retry_blocks: bool = False
 
 
 @dataclass
@@ -410,8 +413,9 @@ class FakeAgentServer:
         frame = _frame(event, data, uid)
         if store:
             run.events.append((uid, frame))
+        live = b"retry: 3000\r\n\r\n" + frame if self.behaviour.retry_blocks else frame
         for q in run.listeners:
-            q.put_nowait(frame)
+            q.put_nowait(live)
         self._thread_emit(run, event, data, store)
 
     def _thread_emit(self, run: Run, event: str, data: object, store: bool = True) -> None:

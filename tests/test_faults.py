@@ -32,6 +32,21 @@ async def test_upstream_cut_on_resumable_run_is_rejoined_without_gap_or_dup(
     assert gateway.gw.metrics.rejoins.labels("ok")._value.get() == 1
 
 
+async def test_a_rejoin_knows_the_events_it_holds_when_their_retry_came_in_a_block_of_its_own(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    # A retry: in a block of its own is kept with the next event's body; the upstream's replay re-sends
+    # that event without it. Compared with the retry, the re-sent events were new ones: duplicates,
+    # after a gap marker saying the replay did not match.
+    fake_upstream.behaviour.retry_blocks = True
+    tid = await new_thread(http, gateway)
+    fake_upstream.faults.cut_after = 7
+    resp = await stream_run(http, gateway, tid, n=30, delay=0.01)
+    got = await read_events(resp)
+    assert [e.event for e in got].count("gap") == 0 and customs(got) == list(range(30))
+    assert_ids_increase(got)
+    assert gateway.gw.metrics.rejoins.labels("ok")._value.get() == 1
+
+
 async def test_upstream_cut_on_non_resumable_run_is_marked_and_carries_on(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
