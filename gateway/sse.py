@@ -218,7 +218,9 @@ class Parser:
             self._field(line)
 
     def _bounded(self, pending: bytes) -> bytes:
-        if len(pending) + self._size > self._max:
+        # A pending block's final LF is no part of its event (it may begin the blank line that ends
+        # it): counted, the same event was refused or not depending on where a read ended.
+        if len(pending) - (pending[-1:] == b"\n") + self._size > self._max:
             raise SSEProtocolError(f"SSE event larger than {self._max} bytes")
         return pending
 

@@ -30,8 +30,8 @@ EXPECTED = [
 ]
 
 
-def feed_split(data: bytes, *cuts: int) -> tuple[list[Event], Parser]:
-    p = Parser()
+def feed_split(data: bytes, *cuts: int, max_event: int | None = None) -> tuple[list[Event], Parser]:
+    p = Parser() if max_event is None else Parser(max_event)
     out: list[Event] = []
     prev = 0
     for c in (*cuts, len(data)):
@@ -167,6 +167,22 @@ def test_fast_and_general_paths_agree_on_random_splits() -> None:
         got, p = feed_split(data, *cuts)
         assert got == reference
         assert not p.pending()
+
+
+def test_an_event_at_the_limit_is_taken_wherever_the_reads_split_it() -> None:
+    # The pending part of an event was bounded with its last line's LF counted: a read ending right
+    # after that LF refused the event that any other split of the same bytes took.
+    limit = 1 << 10
+    body = b"event: x\ndata: " + b"a" * (limit - 15)
+    assert len(body) == limit
+    for eol in (b"\n", b"\r\n"):
+        data = (body + b"\n\ndata: next\n\n").replace(b"\n", eol)
+        for cut in range(1, len(data)):
+            got, p = feed_split(data, cut, max_event=limit)
+            assert [b[-5:] for b, _ in got] == [b"aaaa\n", b"next\n"], (eol, cut)
+        with pytest.raises(SSEProtocolError):
+            feed_split((b"event: x\ndata: " + b"a" * (limit - 14) + b"\n\n").replace(b"\n", eol), len(body) + 2,
+                       max_event=limit)
 
 
 def test_a_whole_event_over_the_limit_in_one_chunk_is_refused_too() -> None:
