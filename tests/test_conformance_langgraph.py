@@ -323,6 +323,20 @@ async def test_a_thread_stream_released_before_anything_happened_gets_what_came_
         ("metadata", json.dumps({"status": "run_done", "run_id": ran[0].json["run_id"]}, separators=(",", ":")))]
 
 
+async def test_the_stream_of_a_thread_the_server_does_not_know_is_its_own_and_stores_nothing(
+        make_gateway: Any, langgraph_server: Any, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # The server answers it with 200 and heartbeats; the gateway relays that, and keeps nothing of it.
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [langgraph_server.url]}},
+                                           streams={"thread_linger": "100ms"}))
+    async with asyncio.timeout(30):
+        for _ in range(3):
+            async with http.get(f"{gw.url}/threads/{uuid.uuid4()}/stream") as r:
+                assert r.status == 200 and r.content_type == "text/event-stream"
+        while gw.gw.hub.live_count():
+            await asyncio.sleep(0.05)
+    assert await gw.gw.log.streams() == []
+
+
 # --- what the gateway adds ----------------------------------------------------------------------
 
 async def test_gateway_event_ids_are_integers_strictly_increasing(lg_gateway: Any) -> None:
