@@ -92,7 +92,9 @@ class Forwarder:
     def __init__(self, upstreams: Upstreams, clients: Clients, max_message: int, heartbeat: float) -> None:
         self.upstreams = upstreams
         self.clients = clients
-        self.max_message = max_message  # a WebSocket message, held whole (either way): bounded as a request body
+        # streams.max_request_body: the largest request body, forwarded or read here, and the largest
+        # WebSocket message (held whole: bounded as a request body).
+        self.max_body = self.max_message = max_message
         # WebSocket clients are pinged this often: the upstream's pings are answered by the gateway, so
         # only the gateway can find a client that vanished and let go of its upstream socket. And the
         # upstreams: the client's pings are answered by the gateway too.
@@ -155,7 +157,8 @@ class Forwarder:
         streamed: _StreamedBody | None = None
         if data is None and request.body_exists:
             head, ended = await self._read_head(request)
-            data = head if ended else (streamed := _StreamedBody(request.content, head, self.clients.body_timeout))
+            data = head if ended else (streamed := _StreamedBody(request.content, head, self.clients.body_timeout,
+                                                                 self.max_body))
         try:
             return await self.upstreams.send(target.pool, request.method, pq,
                                              headers if headers is not None else self.upstream_headers(request),
@@ -169,6 +172,8 @@ class Forwarder:
         """The body, read before any upstream connection is taken for it, if it is at most
         ``clients.body_buffer_bytes``; else what was read of it, and False (the rest streams)."""
         limit = self.clients.body_buffer_bytes
+        if request.content_length is not None and request.content_length > self.max_body:
+            raise _too_large(self.max_body, request.content_length)
         if request.content_length is not None and request.content_length > limit:
             return b"", False
         parts: list[bytes] = []
@@ -181,6 +186,8 @@ class Forwarder:
                         return b"".join(parts), True
                     parts.append(chunk)
                     size += len(chunk)
+                    if size > self.max_body:  # a chunked body: its size is known only as it comes
+                        raise _too_large(self.max_body)
         except TimeoutError:
             raise _body_timeout(self.clients.body_timeout) from None
         return b"".join(parts), False
@@ -189,14 +196,14 @@ class Forwarder:
         """A whole request body the gateway reads itself (a run to create), within
         ``clients.body_timeout``; 413 past ``limit``, 408 when it comes too slowly."""
         if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"request body of {request.content_length} bytes exceeds the {limit}-byte limit")
+            raise _too_large(limit, request.content_length)
         try:
             async with asyncio.timeout(self.clients.body_timeout):
                 body = await read_limited(request.content, limit)
         except TimeoutError:
             raise _body_timeout(self.clients.body_timeout) from None
         if body is None:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+            raise _too_large(limit)
         return body
 
     async def open_stream(self, request: web.Request, target: Target, data: bytes,
@@ -288,12 +295,15 @@ class Forwarder:
 class _StreamedBody:
     """A request body too big to read first, streamed upstream as it comes: each read within
     ``timeout`` of the last, or the request fails (and says the client was too slow). ``failure``:
-    what the client is told when its body failed (too slow, or broken off malformed), not the upstream."""
+    what the client is told when its body failed (too slow, past ``limit`` bytes, or broken off
+    malformed), not the upstream."""
 
-    def __init__(self, content: aiohttp.StreamReader, head: bytes, timeout: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, head: bytes, timeout: float, limit: int) -> None:
         self._content = content
         self._head = head
         self._timeout = timeout
+        self._limit = limit
+        self._size = len(head)
         self.failure: GatewayError | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -311,7 +321,18 @@ class _StreamedBody:
                 raise
             if not chunk:
                 return
+            self._size += len(chunk)
+            if self._size > self._limit:  # the upstream gets a body that breaks off, never a whole one
+                self.failure = _too_large(self._limit)
+                raise self.failure
             yield chunk
+
+
+def _too_large(limit: int, size: int | None = None) -> PayloadTooLarge:
+    """413 for a body past streams.max_request_body; the connection closes (the rest is not read)."""
+    what = "request body" + (f" of {size} bytes" if size is not None else "")
+    return PayloadTooLarge(f"{what} exceeds the {limit}-byte limit (streams.max_request_body)",
+                           headers={"Connection": "close"})
 
 
 def _body_timeout(seconds: float) -> RequestTimeout:

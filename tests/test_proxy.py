@@ -415,3 +415,31 @@ async def test_streams_captured_under_a_prefix_route_resume_at_the_rewritten_loc
     finally:
         await a.stop()
         await b.stop()
+
+
+@pytest.mark.parametrize("shape", ["sized", "chunked-small", "chunked-streamed"])
+async def test_a_forwarded_body_over_max_request_body_is_refused_with_413(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, shape: str) -> None:
+    # streams.max_request_body is "the largest request body accepted from a client": forwarded
+    # requests too, not only the ones the gateway reads itself. A chunked body is counted as it
+    # passes, whether it fits the gateway's buffer (chunked-small) or streams through (chunked-streamed).
+    limit = 64 << 10
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"max_request_body": limit},
+                                           clients={"body_buffer_bytes": 16 << 10 if shape == "chunked-streamed" else 1 << 20}))
+    body = b"x" * (limit + 1)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 4096):
+            yield body[i:i + 4096]
+
+    data: Any = body if shape == "sized" else chunks()
+    async with http.post(f"{gw.url}/echo/upload", data=data) as r:
+        assert r.status == 413, (await r.text())[:200]
+        assert "detail" in await r.json()
+    if shape == "sized":  # refused before any upstream connection is taken for it
+        assert ("POST", "/echo/upload") not in fake_upstream.requests
+    # A body at the limit passes whole.
+    doc = await echo(http, f"{gw.url}/echo/upload", "POST", data=body[:limit])
+    assert base64.b64decode(doc["body_b64"]) == body[:limit]
