@@ -21,7 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from gateway import agentapi, runtime
 from gateway.agentapi import Endpoint
 from gateway.config import Config
-from gateway.cors import exposing_location
+from gateway.cors import exposing_location, vary_on_origin
 from gateway.errors import NotFound, Unprocessable
 from gateway.responses import error_middleware, failed
 from gateway.eventlog import EventLog, StreamMeta, open_log
@@ -31,7 +31,7 @@ from gateway.listener import GatewayRunner, refusal
 from gateway.logs import AccessLogger, answered, client_left, client_reset
 from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
-from gateway.proxy import Forwarder
+from gateway.proxy import Forwarder, UpstreamHeaders
 from gateway.session_streams import SessionHandlers
 from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target, UpstreamError, Upstreams, classify
@@ -185,6 +185,9 @@ class Gateway:
         """Cross-origin clients read every answer: the upstream's CORS headers on the ones the
         gateway makes itself, and Location exposed wherever Content-Location is (gateway.cors)."""
         origin = request.headers.get("Origin")
+        forwarded = isinstance(response, UpstreamHeaders)  # its Vary is the upstream's own
+        if not forwarded:  # the gateway's own answer, Origin or not: it varies on it as the upstream's do
+            vary_on_origin(response.headers)
         if origin is None:
             return
         if "Access-Control-Allow-Origin" in response.headers:  # forwarded: the upstream's own
@@ -193,7 +196,10 @@ class Gateway:
                     response.headers["Access-Control-Expose-Headers"])
             return
         upstream = self.upstreams.route(request.rel_url.raw_path).pool.name
-        response.headers.update(self.upstreams.cors.headers_for(upstream, origin))
+        learned = self.upstreams.cors.headers_for(upstream, origin)
+        if learned:  # added to a forwarded answer that had none (a 5xx page): its Vary kept, Origin added
+            response.headers.update(learned)
+            vary_on_origin(response.headers)
 
     async def _end_client_streams(self, _app: web.Application) -> None:
         self.hub.end_clients()

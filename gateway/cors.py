@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Mapping
 
+from multidict import CIMultiDict
+
 # Origins are chosen by clients: remember this many (upstream, origin) answers, newest kept.
 _MEMORY = 1000
 _LEARNED = ("Access-Control-Allow-Origin", "Access-Control-Allow-Credentials", "Access-Control-Expose-Headers")
@@ -57,8 +59,17 @@ class CorsMemory:
         out = dict(learned)
         if "Access-Control-Expose-Headers" in out:
             out["Access-Control-Expose-Headers"] = exposing_location(out["Access-Control-Expose-Headers"])
-        out["Vary"] = "Origin"
         return out
+
+
+def vary_on_origin(headers: CIMultiDict[str]) -> None:
+    """``Origin`` added to ``Vary`` (the names already there kept; none twice): the answer depends
+    on the request's Origin, as every answer of the upstream says (Starlette's CORS middleware adds it
+    with or without an Origin), so a cache in front keys it by Origin."""
+    names = [n.strip() for line in headers.getall("Vary", []) for n in line.split(",") if n.strip()]
+    if "*" in names or any(n.lower() == "origin" for n in names):
+        return
+    headers["Vary"] = ", ".join([*names, "Origin"])
 
 
 def exposing_location(expose: str) -> str:

@@ -67,7 +67,7 @@ def client_headers(resp: Answer, target: Target, *, drop: tuple[str, ...] = ()) 
     return out
 
 
-class _UpstreamHeaders(web.StreamResponse):
+class UpstreamHeaders(web.StreamResponse):
     """Headers as the upstream sent them: aiohttp adds no ``Content-Type`` the upstream did not send."""
 
     async def _prepare_headers(self) -> None:
@@ -77,11 +77,11 @@ class _UpstreamHeaders(web.StreamResponse):
             self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
-class RelayedResponse(_UpstreamHeaders):
+class RelayedResponse(UpstreamHeaders):
     """An upstream response streamed through."""
 
 
-class RelayedBody(_UpstreamHeaders, web.Response):
+class RelayedBody(UpstreamHeaders, web.Response):
     """An upstream response the gateway read whole before answering (a background run's JSON that names
     no run in its Content-Location)."""
 

@@ -100,11 +100,12 @@ class _Untyped(web.Response):
 
 
 def _cors(request: web.Request, headers: Any) -> None:
-    """The CORS headers langgraph-api's Starlette middleware adds to a request with an Origin."""
+    """The CORS headers langgraph-api's Starlette middleware adds: Allow-Origin and Expose-Headers to a
+    request with an Origin, and ``Origin`` added to ``Vary`` on every answer, with an Origin or not."""
     if "Origin" in request.headers:
         headers["Access-Control-Allow-Origin"] = "*"
         headers["Access-Control-Expose-Headers"] = "x-pagination-total, x-pagination-next, content-location"
-        headers["Vary"] = "Origin"
+    headers["Vary"] = ", ".join([*headers.getall("Vary", []), "Origin"])
 
 
 # The Last-Event-ID the real server's thread stream takes (anything else is 422).

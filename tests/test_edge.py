@@ -485,6 +485,64 @@ async def test_an_origin_the_upstream_stopped_allowing_gets_no_cors_on_the_gatew
     finally:
         await runner.cleanup()
 
+async def test_the_gateways_own_answers_vary_on_origin_even_to_a_request_without_one(
+        gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
+    """The upstream sends ``Vary: Origin`` on every answer (Starlette's CORS middleware), so a cache in
+    front of the gateway keys its answers by Origin. The gateway's own answers (a stream replayed from
+    its log, its 422) had none when the request had no Origin: a cache could store that answer (no
+    CORS headers) and serve it to a page on an allowed origin, or the reverse."""
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": 2}}) as r:
+        assert "origin" in _vary(r), "forwarded: the upstream's own"
+        loc = gateway.url + r.headers["Location"]
+        await read_events(r)
+    for headers in ({}, {"Origin": "http://127.0.0.1:9999"}):
+        async with http.get(loc, headers={"Last-Event-ID": "-1", **headers}) as r:
+            assert r.status == 200
+            assert customs(await read_events(r)) == [0, 1]
+            assert _vary(r).count("origin") == 1, r.headers.getall("Vary", [])
+        bad = f"{gateway.url}/threads/{tid}/runs/{'2' * 8}-2222-2222-2222-{'2' * 12}/stream"
+        async with http.get(bad, headers={"Last-Event-ID": "bad", **headers}) as r:
+            assert r.status == 422
+            assert _vary(r).count("origin") == 1, r.headers.getall("Vary", [])
+
+
+async def test_cors_added_to_a_forwarded_error_keeps_the_upstreams_vary(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A server's 5xx page often comes without CORS headers (Starlette's from outside its CORS
+    middleware); the gateway adds the ones the upstream answered that origin, and replaced the
+    upstream's ``Vary`` with its own ``Origin``: a cache then served one encoding's error to all."""
+    from aiohttp import web
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/boom":
+            return web.json_response({"detail": "boom"}, status=500, headers={"Vary": "Accept-Encoding"})
+        return web.json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Vary": "Origin"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [f"http://127.0.0.1:{runner.addresses[0][1]}"]}}))
+        origin = {"Origin": "http://app.example"}
+        async with http.get(f"{gw.url}/info", headers=origin) as r:  # what the upstream allows is learnt
+            assert r.status == 200
+        async with http.get(f"{gw.url}/boom", headers=origin) as r:
+            assert r.status == 500
+            assert r.headers.get("Access-Control-Allow-Origin") == "*"
+            assert sorted(_vary(r)) == ["accept-encoding", "origin"], r.headers.getall("Vary", [])
+    finally:
+        await runner.cleanup()
+
+
+def _vary(r: aiohttp.ClientResponse) -> list[str]:
+    return [v.strip().lower() for line in r.headers.getall("Vary", []) for v in line.split(",") if v.strip()]
+
+
 async def test_a_preflight_does_not_hide_the_exposed_headers_of_a_stream_served_from_the_log(
         lg_gateway: RunningGateway, http: aiohttp.ClientSession) -> None:
     """A browser preflights its re-join (Last-Event-ID is no simple header). The upstream's answer to a
