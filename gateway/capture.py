@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable
@@ -68,6 +69,38 @@ class CapturedElsewhere(Exception):
 def is_event_stream(resp: Answer) -> bool:
     media = resp.headers.get("Content-Type", "").partition(";")[0]
     return resp.status == 200 and media.strip().lower() == "text/event-stream"
+
+
+# Bytes a leg's gzip is inflated by at a time: a small read that inflates to gigabytes is parsed
+# (and refused past max_event_bytes) piece by piece, never held whole.
+_INFLATE_STEP = 256 << 10
+
+
+def decoded(coding: str, sink: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    """``sink`` fed a leg's payload as events: decoded from gzip (or zlib deflate) first when the leg
+    came encoded. A leg asks for ``Accept-Encoding: identity``, but a proxy in front of the upstream
+    may compress event streams all the same; read as they came, they were captured as garbage.
+    An encoding the gateway cannot read fails the leg as a broken event stream (never retried)."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return sink
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        def refuse(_data: bytes) -> None:
+            raise SSEProtocolError(f"the upstream sent its event stream with Content-Encoding {coding!r}, "
+                                   "which the gateway cannot read (it asks for identity)")
+        return refuse
+    inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib, told by the header
+
+    def feed(data: bytes) -> None:
+        while data:
+            try:
+                out = inflate.decompress(data, _INFLATE_STEP)
+            except zlib.error as exc:
+                raise SSEProtocolError(f"the upstream's {coding}-encoded event stream is corrupt ({exc})") from None
+            data = inflate.unconsumed_tail
+            if out:
+                sink(out)
+    return feed
 
 
 def rejoin_delay(exc: BaseException, failures: int, cfg: Streams, can_rejoin: bool) -> float | None:
@@ -564,7 +597,7 @@ class Captures:
         commit callback (in order) while the next chunk is already parsed."""
         copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing),
                      self._count_gap)
-        resp.attach(copy)
+        resp.attach(decoded(resp.headers.get("Content-Encoding", ""), copy))
         return copy
 
     async def _landed(self, ing: Ingest, resp: LegResponse, copy: _Copy, end: asyncio.Future[None]) -> None:

@@ -63,6 +63,9 @@ Attached = tuple[Attachment, CIMultiDict[str]]
 logger = logging.getLogger("gateway.streams")
 
 RESUME_HEADER = "X-Gateway-Resume"
+# A captured stream's leg headers a client does not get: the gateway writes its own framing, of
+# the events decoded (gateway.capture.decoded), never encoded.
+CAPTURED_DROP = ("Content-Length", "Content-Encoding")
 # Parameters of a run join the gateway applies itself; the rest go to the upstream.
 _JOIN_PARAMS = ("stream_mode", "cancel_on_disconnect", "last_event_id")
 
@@ -112,7 +115,7 @@ class StreamHandlers:
             raise
         if follower is None:
             return await self.forwarder.relay(request, target, resp)
-        return self.send(request, follower, client_headers(resp, target, drop=("Content-Length",)),
+        return self.send(request, follower, client_headers(resp, target, drop=CAPTURED_DROP),
                          None)  # a Reply: awaited by the caller
 
     async def _start_run_stream(self, request: web.Request, target: Target, run: RunRequest,
@@ -327,7 +330,7 @@ class StreamHandlers:
         if att.held is None and cursor.kind in not_held:
             self.tell_resume(request, cursor, "not_held", headers)
         if att.leg is not None:
-            headers.extend(client_headers(att.leg, target, drop=("Content-Length",)))
+            headers.extend(client_headers(att.leg, target, drop=CAPTURED_DROP))
         else:
             headers.update(agentapi.stream_headers())
             if att.held is not None and att.held.kind == "run":

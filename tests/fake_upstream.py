@@ -53,6 +53,8 @@ class Behaviour:
     # An SSE server that sets the client's reconnection time in a block of its own (``retry:``)
     # before every live event; its replay buffer holds the events alone.
     retry_blocks: bool = False
+    # A proxy that compresses event streams whatever the request accepts (Accept-Encoding: identity too).
+    gzip_streams_always: bool = False
 
 
 @dataclass
@@ -476,7 +478,8 @@ class FakeAgentServer:
         return resp
 
     def _maybe_compress(self, request: web.Request, resp: web.StreamResponse) -> None:
-        if self.behaviour.gzip_streams and "gzip" in request.headers.get("Accept-Encoding", "").lower():
+        accepts = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+        if self.behaviour.gzip_streams_always or (self.behaviour.gzip_streams and accepts):
             resp.enable_compression(web.ContentCoding.gzip)
 
     def _next_cut(self) -> int:

@@ -105,13 +105,16 @@ async def run_through(make_gateway: MakeGateway, tmp_path: Path, up: Scripted, h
     return gw, [e.event for e in got], [e.json for e in got]
 
 
+@pytest.mark.parametrize("always", [False, True], ids=["when-accepted", "even-to-identity"])
 async def test_an_upstream_that_gzips_event_streams_is_captured_and_served_plain(
-        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession, always: bool) -> None:
     # Clients send Accept-Encoding: gzip by default (aiohttp, httpx, browsers), and a proxy in front of
     # the agent server may compress text/event-stream. The gateway parses the legs itself and writes
     # its own framing: a leg it reads must come unencoded, and no client may be told its plain body
-    # is gzip.
+    # is gzip. A leg asks for identity; a proxy that gzips all the same (even-to-identity) was
+    # captured as garbage (no events), and its Content-Encoding: gzip passed on over plain framing.
     fake_upstream.behaviour.gzip_streams = True
+    fake_upstream.behaviour.gzip_streams_always = always
     tid = await new_thread(http, gateway)
     resp = await stream_run(http, gateway, tid, n=5, assistant="a")
     assert resp.status == 200
@@ -216,3 +219,24 @@ async def test_a_session_command_answered_through_a_compressing_proxy_is_read(
         assert got == answer
     finally:
         await runner.cleanup()
+
+
+def test_an_encoded_leg_is_inflated_piece_by_piece_and_an_unknown_coding_is_a_broken_stream() -> None:
+    # A few KiB of gzip may inflate to gigabytes: the capture's parser gets it in bounded pieces
+    # (and refuses an event past max_event_bytes) rather than the gateway holding it whole.
+    import gzip
+    from gateway.capture import decoded
+    from gateway.sse import SSEProtocolError
+
+    got: list[int] = []
+    feed = decoded("gzip", lambda b: got.append(len(b)))
+    packed = gzip.compress(b"\0" * (8 << 20))
+    for i in range(0, len(packed), 1000):
+        feed(packed[i:i + 1000])
+    assert sum(got) == 8 << 20 and max(got) <= 256 << 10
+    kept: list[bytes] = []
+    with pytest.raises(SSEProtocolError, match="'br'"):
+        decoded("br", kept.append)(b"data")
+    with pytest.raises(SSEProtocolError, match="corrupt"):
+        decoded("gzip", kept.append)(b"not gzip at all")
+    assert kept == []
