@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import zlib
 from typing import Any, AsyncIterator
 
 import aiohttp
@@ -459,6 +460,23 @@ def _upstream_path(request: web.Request, target: Target, query: str | None = Non
 
 def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
+
+
+def decoded_body(body: bytes, coding: str, limit: int) -> bytes | None:
+    """A whole body the gateway reads itself (a run's JSON), decoded from its Content-Encoding
+    (gzip or zlib deflate: a proxy in front of the upstream may compress JSON); None when it cannot
+    be decoded, or inflates past ``limit`` bytes. What the client gets is the body as it came."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return body
+    if coding not in ("gzip", "x-gzip", "deflate"):
+        return None
+    inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error:
+        return None
+    return None if len(out) > limit or inflate.unconsumed_tail else out
 
 
 async def read_limited(stream: AnswerBody, limit: int) -> bytes | None:

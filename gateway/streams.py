@@ -31,7 +31,7 @@ from gateway.follower import Follower, StreamCut, StreamGone
 from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.metrics import ResumeOutcome
-from gateway.proxy import Forwarder, RelayedBody, client_headers
+from gateway.proxy import Forwarder, RelayedBody, client_headers, decoded_body
 from gateway.responses import cut, express_writer, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
@@ -216,8 +216,9 @@ class StreamHandlers:
                                      headers=client_headers(resp, target, drop=("Content-Length",)))
             finally:
                 resp.release()
-            try:
-                doc = orjson.loads(body)
+            try:  # decoded: it was asked with the client's Accept-Encoding
+                doc = orjson.loads(decoded_body(body, resp.headers.get("Content-Encoding", ""),
+                                                self.cfg.max_request_body) or b"")
                 tid, rid = canonical_id(str(doc["thread_id"])), canonical_id(str(doc["run_id"]))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 logger.warning("background run response had no run_id/thread_id; not captured")

@@ -55,6 +55,11 @@ class Behaviour:
     retry_blocks: bool = False
     # A proxy that compresses event streams whatever the request accepts (Accept-Encoding: identity too).
     gzip_streams_always: bool = False
+    # A background run's answer names the run in its Content-Location (the real server's); off: only
+    # its JSON does (a proxy in front that drops the header).
+    background_content_location: bool = True
+    # Behind a proxy that compresses JSON: a background run's answer is gzip-encoded when accepted.
+    gzip_json: bool = False
 
 
 @dataclass
@@ -502,9 +507,13 @@ class FakeAgentServer:
         if (refused := _invalid(doc)) is not None:
             return refused
         run = self._new_run(request.match_info["tid"], doc)
-        return web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": "pending",
-                                  "kwargs": {"resumable": run.resumable}},
-                                 headers={"Content-Location": f"/threads/{run.thread_id}/runs/{run.run_id}"})
+        resp = web.json_response({"run_id": run.run_id, "thread_id": run.thread_id, "status": "pending",
+                                  "kwargs": {"resumable": run.resumable}})
+        if self.behaviour.background_content_location:
+            resp.headers["Content-Location"] = f"/threads/{run.thread_id}/runs/{run.run_id}"
+        if self.behaviour.gzip_json and "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            resp.enable_compression(web.ContentCoding.gzip)
+        return resp
 
     async def join(self, request: web.Request) -> web.StreamResponse:
         run = self.runs.get(request.match_info["rid"])

@@ -727,3 +727,23 @@ async def test_other_spellings_of_a_held_run_share_its_capture(
                         headers={"Last-Event-ID": "-"}):
         await asyncio.sleep(0.1)
     assert len(await gateway.gw.log.streams()) == 2, "one run capture and one thread capture, no copies"
+
+
+async def test_a_background_run_answered_gzipped_without_content_location_is_captured(
+        gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
+    # When the answer names no run in its Content-Location, the gateway reads the run's ids from its
+    # JSON; it asked with the client's Accept-Encoding, and behind a proxy that compresses JSON the
+    # body came gzipped: unparsable, the run was relayed but never captured.
+    fake_upstream.behaviour.background_content_location = False
+    fake_upstream.behaviour.gzip_json = True
+    fake_upstream.behaviour.ignore_resumable = True  # the log is the only place its events are kept
+    tid = await new_thread(http, gateway)
+    async with http.post(f"{gateway.url}/threads/{tid}/runs", headers={"Accept-Encoding": "gzip"},
+                         json={"assistant_id": "a", "input": {"n": 5, "delay": 0.05}}) as r:
+        assert r.status == 200 and r.headers.get("Content-Encoding") == "gzip"
+        rid = (await r.json())["run_id"]  # the client's body as the upstream sent it
+    async with http.get(f"{gateway.admin_url}/streams/{rid}") as r:
+        assert r.status == 200, "the run is captured"
+    assert await fake_upstream.wait_status(rid, "success") == "success"
+    got = await join(http, f"{gateway.url}/threads/{tid}/runs/{rid}/stream", "-1")
+    assert customs(got) == list(range(5))
