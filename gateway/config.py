@@ -59,6 +59,11 @@ class Upstream:
     max_streams: int = 1024
     # How long a request waits for a free connection before it gets 503 "pool is full".
     pool_timeout: float = 5.0
+    # An idle connection to this upstream is closed after this long: under the upstream's own idle
+    # timeout (uvicorn's 5 s), and under that of anything in front of it (a load balancer). A request
+    # sent on a connection as the other side closes it meets a reset, and a POST is never sent
+    # twice. 0: a connection is never reused.
+    keepalive: float = 4.0
     # Added to the requests the gateway makes on its own (health checks, and re-joins and
     # cancels when no client's credentials are at hand, e.g. after a restart). Never used
     # to decide whether a client may read a stream.
@@ -373,7 +378,7 @@ def _upstream(name: str, raw: Any) -> Upstream:
         raw = {"urls": raw}
     raw = _mapping(field_name, raw)
     _reject_unknown(field_name, raw, {"url", "urls", "health", "connect_timeout", "read_timeout", "max_connections",
-                                      "max_streams", "pool_timeout", "headers"})
+                                      "max_streams", "pool_timeout", "keepalive", "headers"})
     urls_raw = raw.get("urls", raw.get("url"))
     if isinstance(urls_raw, str):
         urls_raw = [urls_raw]
@@ -389,6 +394,7 @@ def _upstream(name: str, raw: Any) -> Upstream:
         max_connections=_int(f"{field_name}.max_connections", raw.get("max_connections", d.max_connections), 1),
         max_streams=_int(f"{field_name}.max_streams", raw.get("max_streams", d.max_streams), 1),
         pool_timeout=parse_duration(f"{field_name}.pool_timeout", raw.get("pool_timeout", d.pool_timeout)),
+        keepalive=parse_duration(f"{field_name}.keepalive", raw.get("keepalive", d.keepalive), allow_zero=True),
         headers=_headers(f"{field_name}.headers", raw.get("headers")),
     )
 

@@ -40,8 +40,9 @@ MAX_CHUNK_LINE = 1024
 # Bytes a reader (not a capture) may have waiting before the socket is paused.
 READ_HIGH_WATER = 256 * 1024
 # An idle kept-alive upstream connection is closed after this long, on this client and on the
-# forwarding one (gateway.upstream): under uvicorn's 5 s, so a request is not sent on a connection
-# the upstream is closing at that moment (a POST is never sent twice: it would meet a reset, a 502).
+# forwarding one (gateway.upstream), unless the upstream's config says (upstreams.<name>.keepalive):
+# under uvicorn's 5 s, so a request is not sent on a connection the upstream is closing at that
+# moment (a POST is never sent twice: it would meet a reset, a 502).
 KEEPALIVE_SECONDS = 4.0
 # Idle connections kept per origin; more are closed when released.
 MAX_IDLE_PER_ORIGIN = 1024
@@ -595,7 +596,7 @@ class StreamClient:
             ahead = bool(self._connecting.get(origin))  # another's connect is under way: streams come faster
         else:
             ahead, reused.spare = reused.spare, False  # a spare taken is replaced
-        if ahead:
+        if ahead and self.keepalive > 0:  # a spare would be closed unused: it is an idle connection
             self._connect_ahead(origin, connect_timeout)
         while True:
             conn = reused or await self._connect(origin, connect_timeout)

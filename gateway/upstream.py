@@ -30,7 +30,7 @@ from gateway import config
 from gateway.cors import CorsMemory
 from gateway.errors import GatewayError
 from gateway.sse import SSEProtocolError
-from gateway.streamclient import KEEPALIVE_SECONDS, ConnectFailed, LegResponse, StreamClient
+from gateway.streamclient import ConnectFailed, LegResponse, StreamClient
 
 log = logging.getLogger("gateway.upstream")
 
@@ -142,6 +142,11 @@ def classify(failure: BaseException | int) -> Verdict:
     if isinstance(failure, (UpstreamRefused, SSEProtocolError)):
         return "permanent"
     return "retry"
+def _keepalive(seconds: float) -> dict[str, Any]:
+    """aiohttp's connector arguments for an idle connection closed after ``seconds`` (0: never reused)."""
+    return {"force_close": True} if seconds <= 0 else {"keepalive_timeout": seconds}
+
+
 # The gateway's own checks are short and few per client: this many at once per upstream.
 CHECK_CONNECTIONS = 64
 
@@ -207,6 +212,10 @@ class Pool:
         self.cfg = cfg
         self.name = cfg.name
         self.replicas = [Replica(u) for u in cfg.urls]
+        # Its own connections, so each upstream's idle ones close after its own keep-alive: the
+        # forwarding session (made by Upstreams.start, in the loop) and the streaming legs' client.
+        self.session: aiohttp.ClientSession | None = None
+        self.streams = StreamClient(cfg.keepalive)
         self._rr = itertools.count()
         self._observer = observer
         self.timeout = aiohttp.ClientTimeout(
@@ -300,9 +309,7 @@ class Upstreams:
     cors: CorsMemory = field(default_factory=CorsMemory)
     pools: dict[str, Pool] = field(init=False)
     _routes: list[tuple[str, Pool]] = field(init=False)
-    _session: aiohttp.ClientSession | None = field(init=False, default=None)
     _health_session: aiohttp.ClientSession | None = field(init=False, default=None)
-    _streams: StreamClient = field(init=False, default_factory=StreamClient)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -310,17 +317,18 @@ class Upstreams:
         self._routes = [("" if r.prefix == "/" else r.prefix, self.pools[r.upstream]) for r in self.cfg.routes]
 
     async def start(self) -> None:
-        # No connector limit: the budgets above are the limits, with bounded waits. Idle connections
-        # go before the upstream's own keep-alive closes them (aiohttp keeps them 15 s by default).
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,
-                                         keepalive_timeout=KEEPALIVE_SECONDS)
-        # auto_decompress off: bodies pass through byte-for-byte, Content-Encoding and all.
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              cookie_jar=aiohttp.DummyCookieJar())
+        for pool in self.pools.values():
+            # No connector limit: the budgets above are the limits, with bounded waits. Idle connections
+            # go before the upstream's own keep-alive closes them (aiohttp keeps them 15 s by default).
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, enable_cleanup_closed=True,
+                                             **_keepalive(pool.cfg.keepalive))
+            # auto_decompress off: bodies pass through byte-for-byte, Content-Encoding and all.
+            pool.session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                                 cookie_jar=aiohttp.DummyCookieJar())
         replicas = sum(len(p.replicas) for p in self.pools.values())
         self._health_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=2 * replicas, enable_cleanup_closed=True,
-                                           keepalive_timeout=KEEPALIVE_SECONDS),
+                                           **_keepalive(min(p.cfg.keepalive for p in self.pools.values()))),
             cookie_jar=aiohttp.DummyCookieJar())
         for pool in self.pools.values():
             self._tasks.append(asyncio.create_task(self._health_loop(pool), name=f"health:{pool.name}"))
@@ -330,11 +338,13 @@ class Upstreams:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        for session in (self._session, self._health_session):
+        for session in (*(p.session for p in self.pools.values()), self._health_session):
             if session is not None:
                 await session.close()
-        self._session = self._health_session = None
-        self._streams.close()
+        for pool in self.pools.values():
+            pool.session = None
+            pool.streams.close()
+        self._health_session = None
 
     @property
     def ready(self) -> bool:
@@ -356,7 +366,7 @@ class Upstreams:
         The connection counts against ``pool``'s budget for ``kind`` until the response
         is released. ``timeout`` overrides the pool's (for the gateway's own quick checks).
         """
-        assert self._session is not None, "upstreams not started"
+        assert pool.session is not None, "upstreams not started"
         budget = pool.budgets[kind]
         resp = await self._budgeted(pool, budget, headers, lambda: self._send(
             pool, method, path_qs, headers, data, timeout or pool.timeout))
@@ -382,7 +392,7 @@ class Upstreams:
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
                     data: Any, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
-        session = self._session
+        session = pool.session
         assert session is not None
         return await self._first_reached(pool, lambda replica: session.request(
             method, request_url(replica, path_qs, headers), headers=headers, data=data, allow_redirects=False,
@@ -434,7 +444,7 @@ class Upstreams:
     async def _send_stream(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str],
                            data: bytes | None, on_release: Callable[[], None]) -> LegResponse:
         cfg = pool.cfg
-        return await self._first_reached(pool, lambda replica: self._streams.request(
+        return await self._first_reached(pool, lambda replica: pool.streams.request(
             method, request_url(replica, path_qs, headers), headers, data,
             connect_timeout=cfg.connect_timeout, read_timeout=cfg.read_timeout, on_release=on_release,
         ), cfg.read_timeout)
@@ -448,7 +458,7 @@ class Upstreams:
         A message of the upstream's is held whole: past ``max_message`` bytes the socket is closed
         with 1009 (the receive that met it answers an ERROR message). The upstream is pinged every
         ``heartbeat``: one that hung (or a host gone silent) is let go when it does not answer."""
-        assert self._session is not None, "upstreams not started"
+        assert pool.session is not None, "upstreams not started"
         budget = pool.budgets["stream"]
         await budget.acquire()
         try:
@@ -463,7 +473,7 @@ class Upstreams:
     async def _ws_connect(self, pool: Pool, path_qs: str, headers: CIMultiDict[str],
                           protocols: list[str], max_message: int,
                           heartbeat: float) -> aiohttp.ClientWebSocketResponse:
-        session = self._session
+        session = pool.session
         assert session is not None
         return await self._first_reached(pool, lambda replica: session.ws_connect(
             request_url(replica, path_qs, headers), headers=headers, protocols=protocols,

@@ -443,3 +443,53 @@ async def test_a_forwarded_body_over_max_request_body_is_refused_with_413(
     # A body at the limit passes whole.
     doc = await echo(http, f"{gw.url}/echo/upload", "POST", data=body[:limit])
     assert base64.b64decode(doc["body_b64"]) == body[:limit]
+
+
+@pytest.mark.parametrize("keepalive", ["500ms", 0])
+@pytest.mark.parametrize("path", ["/store/namespaces", "/threads/t1/runs/stream"], ids=["forward", "stream-leg"])
+async def test_an_upstream_keep_alive_shorter_than_the_default_is_configurable(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession, path: str, keepalive: str | int) -> None:
+    # Behind a load balancer that closes idle connections after 1 s, a POST sent on a connection
+    # idle that long met the close (a reset, no answer): a 502 for a request the upstream never
+    # handled, never replayed (a POST may create a run). The server here resets a connection idle
+    # over 1 s when the next request comes on it, which makes that moment certain; the gateway
+    # told the balancer's idle timeout (upstreams.<name>.keepalive) never sends one there.
+    loop = asyncio.get_running_loop()
+    answered: list[bytes] = []
+
+    async def idle_1s(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        last = loop.time()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if loop.time() - last > 1.0:
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    writer.close()  # a reset: the request is dropped unread
+                    return
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
+                answered.append(head.split(b"\r\n", 1)[0])
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+                await writer.drain()
+                last = loop.time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(idle_1s, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {
+            "urls": [f"http://127.0.0.1:{port}"], "health": {"interval": "1h"}, "keepalive": keepalive}}))
+        body = {"assistant_id": "a"}
+        async with http.post(f"{gw.url}{path}", json=body) as r:
+            assert r.status == 200, await r.text()
+        await asyncio.sleep(1.2)
+        async with http.post(f"{gw.url}{path}", json=body) as r:
+            assert r.status == 200, await r.text()
+        assert answered[-2:] == [f"POST {path} HTTP/1.1".encode()] * 2
+    finally:
+        server.close()
