@@ -489,9 +489,10 @@ class Upstreams:
 
     async def _check(self, pool: Pool, replica: Replica, path: str, timeout: aiohttp.ClientTimeout) -> None:
         assert self._health_session is not None
-        try:
-            async with self._health_session.get(replica.base + path, timeout=timeout,
-                                                headers=dict(pool.cfg.headers)) as resp:
+        headers = dict(pool.cfg.headers)
+        try:  # the URL as for any request: the service's Authorization, if set, wins over the URL's credentials
+            async with self._health_session.get(request_url(replica, path, headers), timeout=timeout,
+                                                headers=headers) as resp:
                 await resp.read()
                 pool.record_check(replica, 200 <= resp.status < 300, f"HTTP {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:

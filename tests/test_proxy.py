@@ -493,3 +493,23 @@ async def test_an_upstream_keep_alive_shorter_than_the_default_is_configurable(
         assert answered[-2:] == [f"POST {path} HTTP/1.1".encode()] * 2
     finally:
         server.close()
+
+
+async def test_a_replica_url_with_credentials_and_an_authorization_header_is_health_checked(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    # Requests keep an Authorization header and leave the URL's credentials off (aiohttp refuses the
+    # two together); health checks sent both, aiohttp raised ValueError, and every check "crashed":
+    # the replica was never checked, and the gateway never became ready.
+    url = URL(fake_upstream.url).with_user("svc").with_password("pw")
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [str(url)], "headers": {"Authorization": "Bearer service-token"},
+        "health": {"interval": "100ms"}}}))
+    status = 0
+    for _ in range(50):
+        async with http.get(f"{gw.admin_url}/readyz") as r:
+            status = r.status
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 200
