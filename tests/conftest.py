@@ -25,7 +25,7 @@ from gateway.config import build_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.redis_server import RedisServer
-from tests.support.procs import die_with_parent, free_port
+from tests.support.procs import die_with_parent, free_port, tree_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +174,7 @@ class GatewayProcess:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "--port", str(self.port), "--admin-port", str(self.admin_port),
-                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ),
+                 *self.args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=tree_env(),
                 preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.fake_upstream import FakeAgentServer
-from tests.support.procs import free_port
+from tests.support.procs import free_port, tree_env
 from tests.support.sse import read_events, read_until_cut
 
 # Bounded waits, in seconds.
@@ -26,8 +26,8 @@ GRACE = 3.0
 
 
 def clean_env() -> dict[str, str]:
-    """The caller's environment without the variables the example config reads."""
-    env = dict(os.environ)
+    """The caller's environment without the variables the example config reads, importing this tree."""
+    env = tree_env()
     for name in ("UPSTREAM_URL", "GATEWAY_DATA_DIR"):
         env.pop(name, None)
     return env
@@ -330,3 +330,13 @@ async def test_ctrl_c_while_the_workers_start_stops_everything_without_a_traceba
             await proc.wait()
     assert code == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_subprocesses_run_the_tree_under_test(tmp_path: Path) -> None:
+    """The tests' `python -m gateway` must import this tree, not an installed copy: run from a
+    directory that is not the tree, Python would otherwise find whatever `gateway` its path holds
+    (an editable install of another checkout), and the tests would pass or fail on the wrong code."""
+    proc = subprocess.run([sys.executable, "-c", "import gateway; print(gateway.__file__)"], cwd=tmp_path,
+                          env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).resolve().is_relative_to(REPO), (proc.stdout, REPO)

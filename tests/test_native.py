@@ -25,6 +25,7 @@ from gateway.eventlog.base import StorageDamaged
 from gateway.eventlog.records import decode, decode_py, encode, encode_py, entries_in, entries_in_py
 from gateway.sse import Event, Parser, SSEProtocolError, frame, frame_py
 from gateway.streamclient import LegConnection
+from tests.support.procs import tree_env
 
 needs_c = pytest.mark.skipif(not native.ON, reason="the C extension is not built here (or GATEWAY_PURE_PYTHON)")
 
@@ -238,7 +239,7 @@ def test_the_extension_is_built_where_a_compiler_is() -> None:
 def test_the_python_twins_can_be_forced() -> None:
     """``GATEWAY_PURE_PYTHON=1`` runs the Python code even where the extension is built (to compare)."""
     probe = "from gateway import native; print(native.ON)"
-    env = dict(os.environ, GATEWAY_PURE_PYTHON="1")
+    env = tree_env(dict(os.environ, GATEWAY_PURE_PYTHON="1"))
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

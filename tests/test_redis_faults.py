@@ -22,6 +22,7 @@ from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
 from tests.support.invariants import assert_exactly_once, assert_whole_or_marked, follow_to_end
+from tests.support.procs import tree_env
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.tcp_relay import TcpRelay
@@ -242,7 +243,7 @@ async def test_redis_settings_that_break_the_logs_promises_are_refused_at_start_
         cfg.write_text(f"upstreams: {{default: {{urls: ['{fake_upstream.url}']}}}}\n"
                        f"listen: {{port: 0}}\nadmin: {{port: 0}}\n"
                        f"storage: {{backend: redis, redis_url: '{url}', durability: {durability}}}\n")
-        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg)], cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg)], cwd=REPO, env=tree_env(),
                               capture_output=True, text=True, timeout=30)
 
     own_redis.command("CONFIG", "SET", "appendfsync", "everysec")

@@ -29,7 +29,7 @@ from gateway.eventlog.base import Feed
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.nginx import Nginx
-from tests.support.procs import die_with_parent
+from tests.support.procs import die_with_parent, tree_env
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.invariants import assert_exactly_once
@@ -461,7 +461,7 @@ async def test_workers_whose_log_cannot_open_stop_the_supervisor_and_a_config_er
     bad.write_text(workers_config(tmp_path, fake_upstream.url).read_text() + "bogus: 1\n")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "--config", str(bad), "--workers", "2", "--admin-port", "0",
-        stderr=asyncio.subprocess.PIPE, cwd=REPO)
+        stderr=asyncio.subprocess.PIPE, cwd=REPO, env=tree_env())
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and err.decode().splitlines() == [err.decode().strip()], err
     assert "config error: bogus" in err.decode()
@@ -728,7 +728,7 @@ async def test_the_shared_log_works_over_a_unix_socket_url(
         cfg = tmp_path / "tools.yaml"
         cfg.write_text(f"storage:\n  backend: redis\n  redis_url: '{url}'\n  redis_prefix: u\n")
         checked = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "gateway", "check", "--config", str(cfg)],
-                                          cwd=REPO, capture_output=True, text=True, timeout=60)
+                                          cwd=REPO, env=tree_env(), capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and "checked 1 streams" in checked.stdout, checked.stdout + checked.stderr
     finally:
         proc.kill()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procs import tree_env
+
 
 READS = 2000
 
@@ -46,7 +48,7 @@ asyncio.run(main())
 
 
 def faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=tree_env(), capture_output=True, text=True, timeout=60,
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr
     return int(out.stdout)

@@ -31,6 +31,7 @@ from gateway.eventlog.base import StorageError, StreamMeta
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.disk import fill
+from tests.support.procs import tree_env
 from tests.support.sse import Ev, read_events, read_until_cut
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, stream_run
 
@@ -226,7 +227,7 @@ def _start_cli(data_dir: Path) -> subprocess.CompletedProcess[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "gateway", "--upstream", "http://127.0.0.1:9", "--port", str(port),
-                             "--admin-port", "0", "--data-dir", str(data_dir)], cwd=REPO,
+                             "--admin-port", "0", "--data-dir", str(data_dir)], cwd=REPO, env=tree_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
     while proc.poll() is None and time.monotonic() < deadline:

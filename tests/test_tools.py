@@ -25,13 +25,14 @@ from gateway.eventlog.records import encode
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.redis_server import RedisServer
+from tests.support.procs import tree_env
 from tests.support.sse import read_events
 from tests.support.runs import new_thread, stream_run
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=REPO, env=tree_env(), capture_output=True,
+                          text=True, timeout=60)
 
 
 def cli_all(commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
@@ -351,7 +352,7 @@ async def test_the_image_runs_as_the_readme_says(
     async with http.get(f"http://{address}:{gw.port}/echo/x") as r:  # reachable from outside the container
         assert r.status == 200 and fake_upstream.requests[-1] == ("GET", "/echo/x")
     probe = check[-1].replace("8081", str(gw.admin_port))
-    assert (await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], timeout=30)).returncode == 0
+    assert (await asyncio.to_thread(subprocess.run, [sys.executable, "-c", probe], env=tree_env(), timeout=30)).returncode == 0
     assert (tmp_path / "data" / "data.mdb").exists(), "the log in the data volume"
 
 
@@ -452,7 +453,7 @@ def test_a_data_dir_beside_a_redis_config_is_refused_not_ignored(tmp_path: Path,
     tool = cli(*command, "--config", str(cfg), "--data-dir", str(tmp_path))
     try:  # the gateway itself: refused at start-up (it waited for Redis before)
         server = subprocess.run([sys.executable, "-m", "gateway", "--config", str(cfg), "--data-dir", str(tmp_path),
-                                 "--port", "0", "--admin-port", "0"], cwd=REPO, capture_output=True, text=True,
+                                 "--port", "0", "--admin-port", "0"], cwd=REPO, env=tree_env(), capture_output=True, text=True,
                                 timeout=15)
     except subprocess.TimeoutExpired:
         pytest.fail("the gateway started with --data-dir ignored")
@@ -507,7 +508,7 @@ async def test_tail_follow_prints_events_as_they_are_committed_and_ends_with_the
     run_id = str(first[0].json["run_id"])
     follow = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "streams", "tail", run_id, "-f", "-n", "1000", *_log_args(gateway, tmp_path),
-        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        cwd=REPO, env=tree_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert follow.stdout is not None
     early = await asyncio.wait_for(follow.stdout.readuntil(b"\n\n"), 20)  # an event printed while the run goes on
     meta = await gateway.gw.log.lookup(f"default/run/{run_id}")
@@ -712,8 +713,7 @@ def test_without_config_or_data_dir_the_tools_read_the_log_in_dot_data(stopped_l
     """README: without --config or --data-dir the commands read ./data, the default log of a gateway
     started in the same directory."""
     data, runs = stopped_log
-    env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_URL", "GATEWAY_DATA_DIR")}
-    env["PYTHONPATH"] = str(REPO)
+    env = tree_env({k: v for k, v in os.environ.items() if k not in ("UPSTREAM_URL", "GATEWAY_DATA_DIR")})
     for args in (["streams", "list", "--json"], ["streams", "show", runs[0]], ["check"]):
         proc = subprocess.run([sys.executable, "-m", "gateway", *args], cwd=data.parent, env=env,
                               capture_output=True, text=True, timeout=60)

@@ -15,9 +15,25 @@ import random
 import signal
 import socket
 import subprocess
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping
 
 _PR_SET_PDEATHSIG = 1
+
+TREE = Path(__file__).resolve().parents[2]
+
+
+def tree_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for every Python subprocess the tests start (``python -m gateway``, probes).
+
+    ``TREE`` first on PYTHONPATH: a child started in another directory (a test's tmp_path) would
+    otherwise import whatever ``gateway`` its path holds, such as an editable install of another
+    checkout, and the test would judge that code instead of this tree. Workers inherit it.
+    """
+    env = dict(os.environ if base is None else base)
+    rest = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = str(TREE) if not rest else os.pathsep.join([str(TREE), rest])
+    return env
 
 
 def die_with_parent() -> None:
