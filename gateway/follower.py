@@ -117,6 +117,11 @@ class Follower:
         if self.feed is not None:
             self.feed.wake()
 
+    def stopping(self) -> bool:
+        """Whether the gateway is shutting down: what is being written to this client stops at the
+        next event boundary (``send_body``)."""
+        return self._stopped
+
     def close(self) -> None:
         if self.feed is not None:
             self.feed.express = None

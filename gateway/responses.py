@@ -22,7 +22,7 @@ from aiohttp.http import StreamWriter
 from gateway import native
 from gateway.errors import GatewayError, describe
 from gateway.eventlog import Entry, StorageError, StorageFull
-from gateway.follower import ExpressWriter
+from gateway.follower import ExpressWriter, StreamCut
 from gateway.logs import CUT_AT, END, STARTED, AccessEnd
 from gateway.sse import frame
 
@@ -63,7 +63,7 @@ _SLICE = 64 << 10
 
 
 async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float,
-                    boundary: bytes | None = None) -> None:
+                    boundary: bytes | None = None, stopping: Callable[[], bool] | None = None) -> None:
     """Write part of a started response; TimeoutError when the client stops reading for ``stall_timeout``.
 
     Arming a deadline costs more than a small write itself, and a write into a nearly empty
@@ -71,6 +71,9 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
     slice the client took, so a slow reader is never cut, only a stalled one. With ``boundary``
     (b"\\n\\n" for SSE) every slice ends on one: a client cut for stalling then holds whole
     events only, never half of one, whatever it does with an event pending at the end of a body.
+    ``stopping`` is asked between slices: once it says yes (the gateway is shutting down) the rest is
+    not written (StreamCut). A replayed page is megabytes, minutes of a slow reader: a stop looked at
+    only between pages fed it on to the page's end, or to the end of the shutdown's grace.
     """
     transport = request.transport
     if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
@@ -79,6 +82,8 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
     view, loop, start = memoryview(data), asyncio.get_running_loop(), 0
     async with asyncio.timeout(stall_timeout) as deadline:
         while start < len(data):
+            if start and stopping is not None and stopping():
+                raise StreamCut("the gateway is shutting down")
             end = _slice_end(data, start, boundary)
             await response.write(view[start:end])  # a slice this big makes aiohttp drain after it
             start = end

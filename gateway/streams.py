@@ -433,7 +433,7 @@ class StreamHandlers:
                             continue
                         data = HEARTBEAT
                     sent_at = loop.time()
-                await send_body(request, out, data, self.forwarder.clients.write_timeout, EVENT_END)
+                await send_body(request, out, data, self.forwarder.clients.write_timeout, EVENT_END, follower.stopping)
             if endless:
                 raise StreamCut(f"the capture of {follower.key} ended")
             await out.write_eof()
