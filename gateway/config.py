@@ -103,7 +103,7 @@ class Streams:
     request_resumable: bool = True
     heartbeat: float = 15.0  # idle comment to clients when nothing else was sent
     subscriber_buffer: int = 10_000  # events queued per client before it catches up from the log
-    # Bytes queued per client before it catches up from the log: 1,000 stalled clients stay
+    # Bytes queued per client before it catches up from the log: 1,000 stalled clients' queues stay
     # within about 256 MiB.
     subscriber_buffer_bytes: int = 256 << 10
     # Replayed pages kept framed, so clients replaying the same range share one read (0: off).

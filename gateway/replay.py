@@ -22,8 +22,13 @@ from gateway.eventlog import Entry
 from gateway.metrics import PageSource
 from gateway.sse import frame
 
-Reader = Callable[[str, int, int, int], Awaitable[list[Entry]]]
+Reader = Callable[[str, int, int, int, int], Awaitable[list[Entry]]]  # EventLog.read
 RangeKey = tuple[str, int, int, int]  # stream, after, upto, limit
+# A page is read up to about this many bytes of events (one event, however big, at least). A client
+# that stops reading holds the page it was being written until the write timeout cuts it; pages of the
+# log's own size (megabytes) made a thousand stalled replays gigabytes, where README promises about
+# 256 KiB each. Smaller pages cost more reads, each cheap next to writing the page.
+PAGE_BYTES = 64 << 10
 _ASKED_RANGES = 10_000  # ranges remembered as read once: about 3 MB when full (measured)
 # What an entry costs beyond its body: its tuple, its seq, the bytes object, a list slot (measured
 # with token-sized events, where counting bodies alone undercounted memory by 1.7x).
@@ -122,7 +127,7 @@ class ReplayPages:
         return False
 
     async def _from_log(self, key: str, after: int, upto: int, limit: int) -> Page:
-        page = Page(await self._read(key, after, upto, limit))
+        page = Page(await self._read(key, after, upto, limit, PAGE_BYTES))
         if page:
             self._on_page("log")
         return page

@@ -32,6 +32,7 @@ from gateway.hub import Attachment, Hub, Join, Leg, Prepare
 from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.metrics import ResumeOutcome
 from gateway.proxy import Forwarder, RelayedBody, client_headers, decoded_body
+from gateway.replay import EMPTY
 from gateway.responses import cut, express_writer, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
@@ -424,6 +425,9 @@ class StreamHandlers:
                     data = HEARTBEAT
                 elif keep is None and framer is frame:
                     data = page.wire()  # a replayed page's bytes are shared by every client reading it
+                    # Its events are no longer needed here: a page nobody shares goes now, not after
+                    # its write, which a stalled client holds until the write timeout.
+                    page = EMPTY
                 else:
                     data = framer(e for e in page.entries if keep is None or keep(e[1]))
                     # Events come but none is this client's: the follower never idles, so the

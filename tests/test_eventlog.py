@@ -836,6 +836,43 @@ async def test_a_retention_eviction_that_fails_to_commit_is_made_at_the_next_swe
         await log.close()
 
 
+async def test_a_read_asked_for_fewer_bytes_stops_inside_a_batch_and_goes_on_from_anywhere(open_log: Opener) -> None:
+    # A replay page is about 64 KiB (gateway.replay.PAGE_BYTES), so a client that stops reading holds
+    # little. One stored batch may hold far more (here 400 events of ~1 KiB committed at once): the
+    # read stops inside it, counted on the events it takes, and reading on from any position, the
+    # middle of the batch too, gets every event once, a page at a time of at most the budget.
+    log = await open_log()
+    await begun(log, meta("a"))
+    written = await log.append("a", evs(*(f"{i:03d}" + "x" * 1000 for i in range(400))))
+    last = written[-1][0]
+    for start in (0, written[137][0]):
+        got, pos, pages = [], start, 0
+        while pos < last and pages < 100:
+            page = await log.read("a", pos, last, 2000, 8 << 10)
+            assert page and sum(len(body) for _, body in page) <= 8 << 10, len(page)
+            got += page
+            pos, pages = page[-1][0], pages + 1
+        assert got == [e for e in written if e[0] > start]
+    big = await log.read("a", 0, last, 2000, 10)
+    assert big == written[:1], "one event at least, however small the budget"
+    # Batches bigger than the budget, between another stream's (seqs come from one counter): the
+    # batch found first may end at the reader's position, and that is not the end of the stream.
+    await begun(log, meta("b"))
+    large: list[tuple[int, bytes]] = []
+    for i in range(4):
+        large += await log.append("a", evs(f"L{i}" + "y" * 20_000))
+        await log.append("b", evs(f"b{i}"))
+    pos, got = last, []
+    for _ in range(10):
+        if pos >= large[-1][0]:
+            break
+        page = await log.read("a", pos, large[-1][0], 2000, 8 << 10)
+        assert page, f"an empty page after {pos}: the stream looks gone"
+        got += page
+        pos = page[-1][0]
+    assert got == large
+
+
 async def test_a_read_and_a_tail_of_large_events_are_bounded_in_bytes(open_log: Opener) -> None:
     # A replay page is up to 2,000 events (follower.REPLAY_PAGE): of 1 MB state snapshots, 2 GB in
     # memory for one client's replay, and a re-join's tail as many. Every backend stops a read and a

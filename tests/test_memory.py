@@ -10,6 +10,8 @@ import asyncio
 import collections
 import gc
 import re
+import socket
+import tracemalloc
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -17,6 +19,8 @@ import aiohttp
 
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
+from tests.support.runs import customs, new_thread
+from tests.support.sse import read_events
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
 
@@ -131,3 +135,72 @@ async def test_a_capture_stopped_as_its_leg_ends_lets_the_leg_go_even_before_its
         assert ing.task is not None and not ing.task.done()
         assert await captures.stop(ing)
         assert budget.in_use == 0 and ing.parked is None and not captures.live
+
+
+async def _stalled_replays(port: int, paths: list[str]) -> list[socket.socket]:
+    """Clients replaying ``paths`` from the start that never read a byte (a tab in the background):
+    each holds the gateway's write to it until ``clients.write_timeout``."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for path in paths:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\nLast-Event-ID: -1\r\n\r\n".encode())
+        socks.append(sock)
+    return socks
+
+
+async def _settled(sample: Callable[[], int], rounds: int = 40, every: float = 0.25) -> int:
+    """``sample()`` once it stopped growing (two samples in a row within 1%), at most ``rounds`` tries."""
+    last = sample()
+    for _ in range(rounds):
+        await asyncio.sleep(every)
+        now = sample()
+        if abs(now - last) <= last // 100:
+            return now
+        last = now
+    return last
+
+
+async def test_a_stalled_client_replaying_a_long_stream_holds_what_the_readme_says(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """README (Slow clients): 1,000 stalled clients cost about 256 MiB at most, 256 KiB each. A client
+    replaying a long finished run that stops reading held its whole page of the log (up to 4 MiB of
+    events, and the same again framed) until the write timeout. Measured in Python's own allocations
+    (tracemalloc), not RSS, which counts the log's mapped pages too: what the gateway lets go when the
+    stalled clients leave. Each client on a run of its own (no page shared), each run longer than
+    the kernel's socket buffers take (megabytes on loopback), so every replay is stuck in the gateway."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"write_timeout": 120}))
+    paths = []
+    for _ in range(4):
+        tid = await new_thread(http, gw)
+        async with http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                             json={"assistant_id": "a", "input": {"n": 4000, "delay": 0, "pad": 2000}}) as r:
+            assert r.status == 200
+            paths.append(r.headers["Location"])
+            assert len(customs(await read_events(r))) == 4000  # ~8 MB, a run that finished
+    followers = gw.gw.hub.presence.followers
+    gc.collect()
+    tracemalloc.start()
+    socks: list[socket.socket] = []
+    try:
+        socks = await _stalled_replays(gw.server.addresses["main"][1], paths)
+        stalled = await _settled(lambda: tracemalloc.get_traced_memory()[0])
+        assert len(followers) == len(paths), "every replay still under way: stuck in the gateway"
+        for s in socks:
+            s.close()  # unread data: a reset, which the gateway's next write sees
+        for _ in range(200):
+            if not followers:
+                break
+            await asyncio.sleep(0.05)
+        assert not followers
+        gc.collect()
+        held = stalled - await _settled(lambda: tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+        for s in socks:
+            s.close()
+    assert held / len(paths) <= 256 << 10, f"{held // len(paths) >> 10} KiB per stalled client"

@@ -33,6 +33,9 @@ from gateway.sse import Event
 
 # (seq, body): a committed event as the hub and the handlers see it.
 Entry = tuple[int, bytes]
+# A read (``EventLog.read``) stops after about this many bytes of events unless asked for fewer: a
+# page is up to 2,000 events, and of large state snapshots that would be gigabytes for one reader.
+READ_PAGE_BYTES = 4 << 20
 
 # Streams one page of ``EventLog.list_streams`` looks at, at most.
 LIST_SCAN = 10_000
@@ -75,6 +78,18 @@ def seq_floor() -> int:
     million events per second over its whole life.
     """
     return time.time_ns() // 1000
+
+
+def cut_to_bytes(entries: list[Entry], max_bytes: int) -> None:
+    """Keep the first events of a read whose bodies fit in ``max_bytes`` (one at least): a read stops
+    after the stored batch that crossed its budget, and one batch may hold many events. Counted on
+    the events, not the batches: a batch the read began inside of counts only from there."""
+    total = 0
+    for i, (_, body) in enumerate(entries):
+        total += len(body)
+        if total > max_bytes and i:
+            del entries[i:]
+            return
 
 
 @dataclass(frozen=True, slots=True)
@@ -598,8 +613,10 @@ class EventLog(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
-        """Committed events with ``after < seq <= upto``, oldest first, at most ``limit``."""
+    async def read(self, key: str, after: int, upto: int, limit: int,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
+        """Committed events with ``after < seq <= upto``, oldest first, at most ``limit``, and
+        bodies of about ``max_bytes`` at most (``cut_to_bytes``; never fewer than one event)."""
 
     @abc.abstractmethod
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:

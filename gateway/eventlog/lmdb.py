@@ -48,6 +48,7 @@ from gateway.eventlog.base import (
     BEAT,
     CUT,
     LIST_SCAN,
+    READ_PAGE_BYTES,
     Batch,
     ClaimLost,
     CommitObserver,
@@ -64,6 +65,7 @@ from gateway.eventlog.base import (
     StorageFull,
     StreamMeta,
     accepting,
+    cut_to_bytes,
     seq_floor,
     to_evict,
 )
@@ -79,7 +81,6 @@ _SEQ_KEY = b"seq"
 _META_EVERY = 1000
 SIZE_KEY = b"size"  # bytes held, kept by a shared log (one process counts in memory)
 _PROBE_KEY = b"probe"
-_READ_PAGE_BYTES = 4 << 20
 # A read of at most this many of a live stream's last events, written this recently, is done on the
 # loop (``read``): pages written seconds ago are in the page cache, and a few small records cost
 # less to copy than the executor's hand-off.
@@ -935,7 +936,8 @@ class LmdbEventLog(EventLog):
 
     # --- reads -------------------------------------------------------------------------------
 
-    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
+    async def read(self, key: str, after: int, upto: int, limit: int,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
         if after >= upto or not self._holds(key):
             return []
         if self._hot(key, after):
@@ -943,9 +945,9 @@ class LmdbEventLog(EventLog):
             # events so; a client back after a short drop, the few it missed) is in the page
             # cache: read here, not on the executor, whose round trip is two loop turns, tens of
             # ms each at saturation, on every new stream's first event.
-            return self._read_sync(key, after, upto, limit)
+            return self._read_sync(key, after, upto, limit, max_bytes)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._read_sync, key, after, upto, limit)
+        return await loop.run_in_executor(None, self._read_sync, key, after, upto, limit, max_bytes)
 
     def _hot(self, key: str, after: int) -> bool:
         """Whether the records after ``after`` are among the last a live stream wrote lately."""
@@ -955,11 +957,12 @@ class LmdbEventLog(EventLog):
         return (meta is not None and meta.open and min(meta.count, meta.head - after) <= _HOT_EVENTS
                 and time.time() - meta.updated_at < _HOT_SECONDS)
 
-    def _read_sync(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
+    def _read_sync(self, key: str, after: int, upto: int, limit: int,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
         prefix = _prefix(key)
         plen = len(prefix)
         out: list[Entry] = []
-        budget = _READ_PAGE_BYTES
+        budget = max_bytes
         start = prefix + (after + 1).to_bytes(8, "big")
         with self._snapshot(db=self._events_db, buffers=False) as txn:
             cur = txn.cursor()
@@ -976,7 +979,8 @@ class LmdbEventLog(EventLog):
                 if len(out) >= limit:
                     del out[limit:]
                     break
-                if budget <= 0:
+                if budget <= 0 and out:  # (the first record may hold nothing after ``after``)
+                    cut_to_bytes(out, max_bytes)
                     break
                 found = cur.next()
         return out

@@ -52,6 +52,7 @@ from gateway.eventlog.base import (
     BEAT,
     CUT,
     LIST_SCAN,
+    READ_PAGE_BYTES,
     Batch,
     ClaimLost,
     CommitObserver,
@@ -67,6 +68,7 @@ from gateway.eventlog.base import (
     StorageFull,
     StreamMeta,
     accepting,
+    cut_to_bytes,
     stop_tasks,
     to_evict,
 )
@@ -80,10 +82,9 @@ PROBE_INTERVAL = 1.0
 POOL_SIZE = 64  # connections to Redis per process: the writer, the feed, and reads share them
 POOL_WAIT = 10.0  # seconds a read may wait for a free connection
 _READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call, at most
-# A read (a replay page) and a tail (a re-join's de-duplication window) stop after this many bytes of
-# records, as LMDB's do: a page is up to 2,000 events, and of large state snapshots that would be
-# gigabytes in memory for one client. Entries are asked for a few at a time until their size is known.
-_READ_PAGE_BYTES = 4 << 20
+# A tail (a re-join's de-duplication window) stops after this many bytes of records, as a read does
+# after its own budget (base.READ_PAGE_BYTES), as LMDB's do: of large state snapshots, thousands of
+# events would be gigabytes in memory. Entries are asked for a few at a time until their size is known.
 _TAIL_BYTES = 8 << 20
 _FIRST_ENTRIES = 4
 # Every key expires this long after its last write: a stream nobody touches for so long is
@@ -943,7 +944,8 @@ class RedisEventLog(EventLog):
 
     # --- reads -----------------------------------------------------------------------------------
 
-    async def read(self, key: str, after: int, upto: int, limit: int) -> list[Entry]:
+    async def read(self, key: str, after: int, upto: int, limit: int,
+                   max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
         if after >= upto:
             return []
         skey = self._k("s", key)
@@ -952,8 +954,9 @@ class RedisEventLog(EventLog):
             # The batch holding seq after+1 may start before it: the last entry at or below it.
             before = _rows(await self._r.xrevrange(skey, max=f"{after + 1}-0", min="-", count=1))
             start = f"{before[0][0]}-0" if before else "-"
-            budget = _Budget(_READ_PAGE_BYTES, before)
-            while len(out) < limit and budget.left > 0:
+            budget = _Budget(max_bytes, before)
+            # Not empty-handed: the batch read first may end at ``after`` (seqs come from one counter).
+            while len(out) < limit and (budget.left > 0 or not out):
                 count = budget.entries()
                 rows = _rows(await self._r.xrange(skey, min=start, max=f"{upto}-0", count=count))
                 if not rows:
@@ -966,7 +969,9 @@ class RedisEventLog(EventLog):
                 start = f"({rows[-1][0]}-0"
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
-        return out[:limit]
+        del out[limit:]
+        cut_to_bytes(out, max_bytes)
+        return out
 
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
         skey = self._k("s", key)
