@@ -130,12 +130,20 @@ class Ingest:
     recovering: bool = False  # storage failed: clients were cut on purpose, not orphaned
     cancelling: bool = False  # its last follower left and asked for a cancel: done once
     # Taken over from a process that stopped: its clients were cut, not gone, and a cancel on
-    # disconnect one of them asked for waits until a client came back (``gateway.presence``).
+    # disconnect one of them asked for waits until a client came back (``gateway.presence``), or
+    # until ``away_timer`` (streams.reconnect_window) says none will.
     away: bool = False
+    away_timer: asyncio.TimerHandle | None = None
 
     @property
     def key(self) -> str:
         return self.meta.key
+
+    def drop_timers(self) -> None:
+        """The capture ends here: what was to happen to it later will not."""
+        for timer in (self.orphan_timer, self.away_timer):
+            if timer is not None:
+                timer.cancel()
 
 
 @dataclass(eq=False, slots=True)
@@ -373,8 +381,7 @@ class Captures:
         now, or by this gateway at its next start): their claims are released at once."""
         live = list(self.live.values())
         for ing in live:
-            if ing.orphan_timer is not None:
-                ing.orphan_timer.cancel()
+            ing.drop_timers()
             self._let_go(ing)  # a parked one; the others have a task
         await stop_tasks([i.task for i in live if i.task is not None], "captures")
         for ing in live:
@@ -480,8 +487,7 @@ class Captures:
                     resp.close()
                 if self.live.get(ing.key) is ing:
                     del self.live[ing.key]
-                if ing.orphan_timer is not None:
-                    ing.orphan_timer.cancel()
+                ing.drop_timers()
             # The claim goes with the end, on every way the stream ended here (the returns above
             # included), so another process may capture it again (a thread stream's next client
             # there), and this one renews no lease on it for the rest of its life. A capture
@@ -526,8 +532,7 @@ class Captures:
         resp.close()
         if self.live.get(ing.key) is ing:
             del self.live[ing.key]
-        if ing.orphan_timer is not None:
-            ing.orphan_timer.cancel()
+        ing.drop_timers()
 
     async def _ended(self, key: str) -> bool:
         """A run whose last event is its error event is over: there is nothing to re-join for."""

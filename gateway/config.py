@@ -110,6 +110,9 @@ class Streams:
     replay_cache_bytes: int = 64 << 20
     max_event_bytes: int = DEFAULT_MAX_EVENT  # an upstream event bigger than this is a broken upstream
     thread_linger: float = 60.0  # keep a thread stream's upstream leg this long after its last client
+    # A stream taken over from a process that stopped waits this long for one of the clients it cut
+    # to come back; then nobody following it is a disconnect (a cancel on disconnect applies).
+    reconnect_window: float = 60.0
     reattach_attempts: int = 5
     reattach_backoff: float = 0.5
     max_request_body: int = 16 << 20
@@ -485,6 +488,8 @@ def _streams(raw: Any) -> Streams:
                                  allow_zero=True),
         max_event_bytes=_size("streams.max_event_bytes", raw.get("max_event_bytes", d.max_event_bytes)),
         thread_linger=parse_duration("streams.thread_linger", raw.get("thread_linger", d.thread_linger), allow_zero=True),
+        reconnect_window=parse_duration("streams.reconnect_window", raw.get("reconnect_window", d.reconnect_window),
+                                        allow_zero=True),
         reattach_attempts=_int("streams.reattach_attempts", raw.get("reattach_attempts", d.reattach_attempts), 0),
         reattach_backoff=parse_duration("streams.reattach_backoff", raw.get("reattach_backoff", d.reattach_backoff)),
         max_request_body=_size("streams.max_request_body", raw.get("max_request_body", d.max_request_body)),

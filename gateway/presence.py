@@ -83,6 +83,9 @@ class Presence:
         ing = self.captures.live.get(follower.key)
         if ing is not None:
             ing.away = False  # a client is back: it leaving is a disconnect
+            if ing.away_timer is not None:
+                ing.away_timer.cancel()
+                ing.away_timer = None
         if ing is not None and ing.orphan_timer is not None:
             ing.orphan_timer.cancel()
             ing.orphan_timer = None
@@ -123,6 +126,30 @@ class Presence:
                 continue
             if ing.meta.endless or ing.cancel_on_orphan:
                 self._orphaned(ing)
+
+    def away(self, ing: Ingest) -> None:
+        """``ing`` was taken over from a process that stopped: its clients were cut, not gone. One that
+        comes back within ``streams.reconnect_window`` (here: ``joined``; on another replica:
+        ``check_orphans``) ends the wait; else nobody following it is a disconnect from then on, so
+        a run a client asked to cancel on disconnect is not left running upstream for good."""
+        if self._following.get(ing.key):
+            return  # a client here follows it already (it came back before the take-over): not away
+        ing.away = True
+        ing.away_timer = asyncio.get_running_loop().call_later(
+            self.cfg.reconnect_window, lambda: self.run_owned(self._away_over(ing)))
+
+    async def _away_over(self, ing: Ingest) -> None:
+        ing.away_timer = None
+        if not ing.away or self.closing or self.captures.live.get(ing.key) is not ing:
+            return
+        ing.away = False
+        if self._following.get(ing.key) or await self.everywhere(ing.key):
+            return  # back, on another replica: its leaving will be a disconnect
+        if ing.meta.kind == "run" and not ing.cancel_on_orphan:  # asked on another replica meanwhile
+            held = await self.log.lookup(ing.key)
+            ing.cancel_on_orphan = held is not None and held.cancel_on_orphan
+        logger.info("no client of %s came back within %.0fs of its take-over", ing.key, self.cfg.reconnect_window)
+        self._orphaned(ing)
 
     def _recovered(self, ing: Ingest) -> None:
         """Storage is back under ``ing``, whose clients were cut on purpose: if none came back and

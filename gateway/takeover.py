@@ -96,5 +96,5 @@ class TakeOver:
             self.metrics.took_over()
             return
         logger.info("taking over %s from upstream id %s", meta.key, meta.last_upstream_id)
-        self.captures.start(meta, None, None).away = True
+        self.presence.away(self.captures.start(meta, None, None))
         self.metrics.took_over()

@@ -512,3 +512,27 @@ async def test_sigterm_cuts_a_slow_replay_from_the_log_at_an_event_boundary(
     # write only once it woke it: up to ~0.5 MB measured) may still go out; not the rest of a page of
     # the log (2.6 MB measured before the fix).
     assert after_stop < 1 << 20, f"{after_stop} bytes written after SIGTERM, {len(body)} in all"
+
+
+@pytest.mark.parametrize("storage", ["lmdb", "redis"])
+async def test_a_run_to_cancel_on_disconnect_is_cancelled_when_no_client_comes_back_after_a_restart(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        request: pytest.FixtureRequest, storage: str) -> None:
+    """README: a run taken over after a restart waits streams.reconnect_window for one of the clients
+    it cut to come back; then nobody following it is a disconnect. Its client never came back, and
+    the run asked to be cancelled on disconnect went on upstream to its end: the capture taken over
+    was 'away' until a client followed it again, which none ever did."""
+    section: dict[str, Any] = (request.getfixturevalue("redis_storage") if storage == "redis"
+                               else {"path": str(tmp_path / "data")})
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(f"upstreams:\n  default:\n    urls: [{fake_upstream.url}]\n"
+                   "storage:\n" + "".join(f"  {k}: {v}\n" for k, v in section.items())
+                   + "streams:\n  reconnect_window: 1s\n")
+    gw = gateway_process("--config", str(cfg)).start()
+    resp = await start_run(http, gw, 1500, delay=0.02, on_disconnect="cancel")  # 30 s of events
+    run_id = (await read_events(resp, limit=3))[0].json["run_id"]
+    assert await asyncio.get_running_loop().run_in_executor(None, gw.terminate) == 0
+    resp.close()
+    _restart(gateway_process, gw, "--config", str(cfg))
+    assert await fake_upstream.wait_status(run_id, "interrupted", timeout=15) == "interrupted", \
+        "nobody came back within the window: cancelled upstream as its client asked"
