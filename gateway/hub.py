@@ -15,7 +15,7 @@ import logging
 import weakref
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from multidict import CIMultiDict
 
@@ -36,6 +36,7 @@ from gateway.takeover import TakeOver
 from gateway.upstream import Answer, UpstreamError
 
 logger = logging.getLogger("gateway.hub")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,18 @@ class Hub:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_done)
         return task
+
+    async def hand_over(self, work: Awaitable[T], unclaimed: Callable[[T], None]) -> T:
+        """``work``'s outcome, the work owned by the hub (``run_owned``): a request that started it
+        and is cancelled meanwhile (its client hung up) stops waiting, not the work; what the work
+        made for it then goes to ``unclaimed``.
+
+        The request waits on a future the work resolves itself: ``asyncio.shield`` of the task woke
+        the request two loop turns after the work ended (the task's callback, then the shield's),
+        and on a saturated loop each turn is tens of ms of a new stream's time to its first event."""
+        claimed: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.run_owned(_deliver(work, claimed, unclaimed))
+        return await claimed
 
     def _side_done(self, task: asyncio.Future[Any]) -> None:
         self._side_tasks.discard(task)
@@ -303,3 +316,22 @@ class Hub:
 
     def left(self, follower: Follower) -> None:
         self.presence.left(follower)
+
+
+async def _deliver(work: Awaitable[T], claimed: asyncio.Future[T], unclaimed: Callable[[T], None]) -> None:
+    """``Hub.hand_over``'s task: the outcome to the request still waiting for it, else to ``unclaimed``;
+    a failure nobody waits for is raised, for the hub to log."""
+    try:
+        outcome = await work
+    except asyncio.CancelledError:
+        claimed.cancel()
+        raise
+    except Exception as exc:
+        if claimed.cancelled():
+            raise
+        claimed.set_exception(exc)
+        return
+    if claimed.cancelled():
+        unclaimed(outcome)
+    else:
+        claimed.set_result(outcome)

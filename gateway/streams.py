@@ -107,13 +107,9 @@ class StreamHandlers:
         # Owned by the hub from the request upstream to the capture's start, as a background run is:
         # a client that leaves meanwhile leaves a run created upstream (told to continue, when the
         # client asked for a cancel on disconnect), which is captured all the same, and cancelled.
-        owned: asyncio.Future[Started] = self.hub.run_owned(self._start_run_stream(request, target, run, stateless))
+        starting = self._start_run_stream(request, target, run, stateless)
         del run  # its bodies would live as long as the stream (4 KiB each: orjson's buffer)
-        try:
-            resp, follower = await asyncio.shield(owned)
-        except BaseException:
-            owned.add_done_callback(_leave_unstarted)
-            raise
+        resp, follower = await self.hub.hand_over(starting, _leave_unstarted)
         if follower is None:
             return await self.forwarder.relay(request, target, resp)
         return self.send(request, follower, client_headers(resp, target, drop=CAPTURED_DROP),
@@ -180,12 +176,7 @@ class StreamHandlers:
         self.check_capacity()
         # Shielded from the request on: the upstream creates the run even if the client hangs up
         # before its answer (uvicorn finishes a plain request), and a run created is captured.
-        owned: asyncio.Future[Created] = self.hub.run_owned(self._create_background(request, target, run))
-        try:
-            resp, answer = await asyncio.shield(owned)
-        except BaseException:
-            owned.add_done_callback(_release_unrelayed)
-            raise
+        resp, answer = await self.hub.hand_over(self._create_background(request, target, run), _release_unrelayed)
         if answer is not None:
             return answer
         return await self.forwarder.relay(request, target, resp)
@@ -295,12 +286,7 @@ class StreamHandlers:
         (asking the upstream whether the run exists, opening the leg): the upstream's join was told
         nothing of the cancel, so the client must leave as a follower, which cancels the run as when
         it leaves later."""
-        owned: asyncio.Future[Attached | None] = self.hub.run_owned(attaching)
-        try:
-            return await asyncio.shield(owned)
-        except BaseException:
-            owned.add_done_callback(_leave_unused_attachment)
-            raise
+        return await self.hub.hand_over(attaching, _leave_unused_attachment)
 
     async def attach(self, request: web.Request, target: Target, meta: StreamMeta, cursor: Cursor, leg: Leg | None,
                      prepare: Prepare, cancel: bool = False, thread: str | None = None,
@@ -456,9 +442,9 @@ class StreamHandlers:
             follower.close()
 
 
-def _leave_unused_attachment(owned: asyncio.Future[Attached | None]) -> None:
+def _leave_unused_attachment(attached: Attached | None) -> None:
     """A join whose client hung up while it was being attached: it leaves what it was attached to."""
-    if owned.cancelled() or owned.exception() is not None or (attached := owned.result()) is None:
+    if attached is None:
         return
     att = attached[0]
     if att.follower is not None:
@@ -467,23 +453,20 @@ def _leave_unused_attachment(owned: asyncio.Future[Attached | None]) -> None:
         att.answer.release()
 
 
-def _leave_unstarted(owned: asyncio.Future[Started]) -> None:
+def _leave_unstarted(started: Started) -> None:
     """A run created streaming whose client hung up before its stream started: the client leaves the
     capture (the run is cancelled if it asked for that, as when it leaves later), or the answer
     nobody relays is let go."""
-    if owned.cancelled() or owned.exception() is not None:
-        return
-    resp, follower = owned.result()
+    resp, follower = started
     if follower is not None:
         follower.close()
     else:
         resp.release()
 
 
-def _release_unrelayed(owned: asyncio.Future[Created]) -> None:
+def _release_unrelayed(created: Created) -> None:
     """The answer of a background run whose client hung up: nobody relays it."""
-    if not owned.cancelled() and owned.exception() is None:
-        owned.result()[0].release()
+    created[0].release()
 
 
 def _drop_params(raw_qs: str, names: tuple[str, ...]) -> str:
