@@ -18,7 +18,7 @@ Three processes besides this one, all started and stopped here (by PID):
 The streams are a mix (``--thread-share``, default 0.5): run streams, ``POST
 /threads/{tid}/runs/stream`` of a run that sends its ``metadata`` event and then stays idle
 (``input: {n: 1, delay: 1e9}``), and thread streams, ``GET /threads/{tid}/stream`` of a thread
-with nothing running. Every stream has its own thread id, so each is one client connection, one
+created first (``POST /threads``) with nothing running. Every stream has its own thread id, so each is one client connection, one
 follower, one capture (ingest task) and one upstream leg in the gateway.
 
 The gateway's VmRSS, RssAnon and RssFile (``/proc/PID/status``; the LMDB map counts as file) are
@@ -379,6 +379,9 @@ def client_main(url: str, heartbeat: float, thread_share: float) -> None:
                         resp = await session.post(f"{url}/threads/{tid}/runs/stream", json={
                             "assistant_id": "agent", "input": {"n": 1, "delay": 1e9}, "stream_mode": ["custom"]})
                     else:
+                        # A thread the upstream knows: the stream of an unknown one is relayed, not captured.
+                        async with session.post(f"{url}/threads", json={}) as created:
+                            tid = (await created.json())["thread_id"]
                         resp = await session.get(f"{url}/threads/{tid}/stream")
             except Exception as exc:
                 counts["failed"] += 1
