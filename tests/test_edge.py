@@ -17,6 +17,7 @@ from typing import Awaitable, Callable
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from yarl import URL
 
 from tests.conftest import RunningGateway, gateway_config
@@ -447,14 +448,22 @@ async def test_the_503s_the_gateway_makes_itself_carry_the_upstreams_cors_header
     live.close()
 
 
+async def _upstream_answering(answer: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.AppRunner:
+    """An upstream on a free loopback port that answers every request with ``answer``."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
 async def test_an_origin_the_upstream_stopped_allowing_gets_no_cors_on_the_gateways_own_answers(
         make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     """README: the answers the gateway makes itself carry what the upstream answered the same Origin
     *last*. An answer without CORS headers taught nothing, so an origin the upstream had allowed once
     kept being allowed on the gateway's own answers after the upstream stopped allowing it (its
     allow-list changed): the gateway vouched for a page the upstream refuses."""
-    from aiohttp import web
-
     allowed = {"http://app.example"}
 
     async def answer(request: web.Request) -> web.Response:
@@ -462,11 +471,7 @@ async def test_an_origin_the_upstream_stopped_allowing_gets_no_cors_on_the_gatew
         headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin in allowed else {}
         return web.json_response({"ok": True}, headers=headers)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner = await _upstream_answering(answer)
     try:
         gw = await make_gateway(gateway_config(tmp_path, {"default": {
             "urls": [f"http://127.0.0.1:{runner.addresses[0][1]}"]}}))
@@ -513,18 +518,13 @@ async def test_cors_added_to_a_forwarded_error_keeps_the_upstreams_vary(
     """A server's 5xx page often comes without CORS headers (Starlette's from outside its CORS
     middleware); the gateway adds the ones the upstream answered that origin, and replaced the
     upstream's ``Vary`` with its own ``Origin``: a cache then served one encoding's error to all."""
-    from aiohttp import web
 
     async def answer(request: web.Request) -> web.Response:
         if request.path == "/boom":
             return web.json_response({"detail": "boom"}, status=500, headers={"Vary": "Accept-Encoding"})
         return web.json_response({"ok": True}, headers={"Access-Control-Allow-Origin": "*", "Vary": "Origin"})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    runner = await _upstream_answering(answer)
     try:
         gw = await make_gateway(gateway_config(tmp_path, {"default": {
             "urls": [f"http://127.0.0.1:{runner.addresses[0][1]}"]}}))

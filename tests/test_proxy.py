@@ -294,25 +294,25 @@ async def test_a_request_that_reached_a_replica_is_never_replayed(
         await good.stop()
 
 
-async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_reused(
-        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    # uvicorn (LangGraph's server) closes a connection idle for 5 s. A request sent on it as the
-    # server's timer fires meets a reset and no answer: a 502 for a request the upstream never
-    # handled (the fuzz met it: POST /store/namespaces). The server here resets a connection idle
-    # for over 4.5 s when the next request comes on it, which makes that moment certain.
-    loop = asyncio.get_running_loop()
-    answered: list[bytes] = []
-
-    async def keep_alive_5s(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def _resetting_connections_idle_over(idle: float, answered: list[bytes]) -> Callable[
+        [asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server that answers every request `200 {}` (noting its request line in ``answered``) and
+    resets a connection idle over ``idle`` seconds when the next request comes on it, unread: the
+    moment an idle timer closes a connection under a request, made certain."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
         last = loop.time()
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                if loop.time() - last > 4.5:
+                if loop.time() - last > idle:
                     sock = writer.get_extra_info("socket")
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     writer.close()  # a reset: the request is dropped unread
                     return
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                await reader.readexactly(length)
                 answered.append(head.split(b"\r\n", 1)[0])
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
                 await writer.drain()
@@ -321,8 +321,17 @@ async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_re
             pass
         finally:
             writer.close()
+    return serve
 
-    server = await asyncio.start_server(keep_alive_5s, "127.0.0.1", 0)
+
+async def test_an_upstream_connection_idle_past_the_servers_keep_alive_is_not_reused(
+        make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # uvicorn (LangGraph's server) closes a connection idle for 5 s. A request sent on it as the
+    # server's timer fires meets a reset and no answer: a 502 for a request the upstream never
+    # handled (the fuzz met it: POST /store/namespaces). The server here resets a connection idle
+    # for over 4.5 s when the next request comes on it, which makes that moment certain.
+    answered: list[bytes] = []
+    server = await asyncio.start_server(_resetting_connections_idle_over(4.5, answered), "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
         gw = await make_gateway(gateway_config(tmp_path, {"default": {
@@ -454,32 +463,8 @@ async def test_an_upstream_keep_alive_shorter_than_the_default_is_configurable(
     # handled, never replayed (a POST may create a run). The server here resets a connection idle
     # over 1 s when the next request comes on it, which makes that moment certain; the gateway
     # told the balancer's idle timeout (upstreams.<name>.keepalive) never sends one there.
-    loop = asyncio.get_running_loop()
     answered: list[bytes] = []
-
-    async def idle_1s(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        last = loop.time()
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if loop.time() - last > 1.0:
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    writer.close()  # a reset: the request is dropped unread
-                    return
-                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                               if line.lower().startswith(b"content-length:")), 0)
-                await reader.readexactly(length)
-                answered.append(head.split(b"\r\n", 1)[0])
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-                await writer.drain()
-                last = loop.time()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(idle_1s, "127.0.0.1", 0)
+    server = await asyncio.start_server(_resetting_connections_idle_over(1.0, answered), "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]
         gw = await make_gateway(gateway_config(tmp_path, {"default": {
