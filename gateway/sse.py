@@ -38,9 +38,12 @@ Event = tuple[bytes, Optional[str]]
 class SSEProtocolError(ValueError):
     """The upstream sent something that cannot be an event stream."""
 
-    # The whole events the read held before what broke the stream (``Parser.feed``): a reader of the
-    # upstream had them, so they are the stream's as much as the ones of earlier reads.
-    events: list[Event] = []
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        # The whole events the read held before what broke the stream (``Parser.feed``): a reader of
+        # the upstream had them, so they are the stream's as much as the ones of earlier reads. Each
+        # error's own list: a class-level one would be shared by every error that never set it.
+        self.events: list[Event] = []
 
 
 def event(body: bytes, upstream_id: str | None = None) -> Event:

@@ -261,18 +261,26 @@ async def test_the_replica_health_series_scraped_goes_to_zero_while_the_upstream
         await up.stop()
 
 
-async def test_a_resume_that_finds_the_access_check_pool_full_is_a_503_not_a_404(
-        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
-    # Every client of a held run is checked with the upstream first, at most CHECK_CONNECTIONS at once
-    # per upstream. One that finds them all in use (a reconnect storm of many users, a slow upstream)
-    # was taken for "the upstream cannot answer": anyone but the captor got 404 Run not found, which
-    # every SDK takes as final, for a run that exists and is theirs to read.
+async def _a_finished_run_whose_checks_hang(make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                                            tmp_path: Path, http: aiohttp.ClientSession) -> tuple[RunningGateway, str, str]:
+    """A gateway (pool_timeout 300 ms) holding a finished run, its thread and its join URL; from here
+    on every upstream request takes 2 s (under an access check's own 3 s limit)."""
     gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "pool_timeout": "300ms"}}))
     tid = await new_thread(http, gw)
     resp = await stream_run(http, gw, tid, n=3, assistant="a")
     await read_events(resp)
     loc = gw.url + resp.headers["Location"]
     fake_upstream.faults.hang = 2.0  # every check takes 2 s (under the check's own 3 s limit)
+    return gw, tid, loc
+
+
+async def test_a_resume_that_finds_the_access_check_pool_full_is_a_503_not_a_404(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    # Every client of a held run is checked with the upstream first, at most CHECK_CONNECTIONS at once
+    # per upstream. One that finds them all in use (a reconnect storm of many users, a slow upstream)
+    # was taken for "the upstream cannot answer": anyone but the captor got 404 Run not found, which
+    # every SDK takes as final, for a run that exists and is theirs to read.
+    gw, _, loc = await _a_finished_run_whose_checks_hang(make_gateway, fake_upstream, tmp_path, http)
 
     async def resume(user: int) -> tuple[int, str]:
         async with http.get(loc, headers={"Last-Event-ID": "-1", "X-User": str(user)}) as r:
@@ -316,12 +324,7 @@ async def test_a_join_whose_existence_check_finds_the_pool_full_is_a_503_and_cap
     # upstream answers a join of an unknown run with 200 and an error event, which must not become a
     # finished run in the log. A check that found every check connection in use was taken for "no
     # quick answer": the join went ahead and the log held the upstream's "Run not found" as the run.
-    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url], "pool_timeout": "300ms"}}))
-    tid = await new_thread(http, gw)
-    resp = await stream_run(http, gw, tid, n=3, assistant="a")
-    await read_events(resp)
-    loc = gw.url + resp.headers["Location"]
-    fake_upstream.faults.hang = 2.0  # every check takes 2 s (under the check's own 3 s limit)
+    gw, tid, loc = await _a_finished_run_whose_checks_hang(make_gateway, fake_upstream, tmp_path, http)
 
     async def resume(user: int) -> int:
         async with http.get(loc, headers={"Last-Event-ID": "-1", "X-User": str(user)}) as r:
