@@ -480,7 +480,7 @@ async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
             try:
                 if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x000\x00"):
                     return p
-            except FileNotFoundError:  # reaped since it was listed
+            except (FileNotFoundError, ProcessLookupError):  # reaped since it was listed (ESRCH mid-read)
                 pass
         return None
 
