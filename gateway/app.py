@@ -333,3 +333,14 @@ async def serve(cfg: Config) -> None:
         log.info("shutting down (grace %.1fs)", cfg.shutdown_grace)
     finally:
         await server.stop()
+        _ignore_further_stops(loop)
+
+
+def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
+    # The stop was asked for and is done; another SIGTERM/SIGINT (the supervisor passing Ctrl-C on,
+    # a user pressing it again) must not turn a clean exit into a traceback or a death by signal.
+    # Left to asyncio, the loop's close shuts its self-pipe before it unhooks the handlers (a signal
+    # in between is written to a closed descriptor), then restores the defaults that kill or raise.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)

@@ -268,6 +268,28 @@ async def test_sigterm_when_idle_exits_0_quickly(spawn: Spawn, tmp_path: Path) -
     assert time.monotonic() - started < 10.0  # default shutdown_grace
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_signals_repeated_through_the_whole_shutdown_leave_no_traceback(
+        spawn: Spawn, tmp_path: Path, sig: signal.Signals) -> None:
+    """A worker gets the stop twice (the terminal's Ctrl-C to the group, then the supervisor passing
+    it on), and an impatient user presses Ctrl-C again. asyncio closes its self-pipe before it
+    removes its signal handlers, so a signal in between was written to a closed descriptor: an
+    'Exception ignored ... Bad file descriptor' traceback, for a stop asked for the ordinary way.
+    Signals are sent every millisecond until the process is gone, so every moment of the shutdown
+    gets one."""
+    gw = await spawn("--upstream", f"http://127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "data"))
+    deadline = time.monotonic() + 15
+    while gw.proc.returncode is None and time.monotonic() < deadline:
+        try:
+            gw.proc.send_signal(sig)
+        except ProcessLookupError:
+            break
+        await asyncio.sleep(0.001)
+    code = await asyncio.wait_for(gw.proc.wait(), 10)
+    assert code == 0, gw.log.read_text()[-3000:]
+    assert "Traceback" not in gw.log.read_text(), gw.log.read_text()[-3000:]
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 async def test_ctrl_c_stops_the_gateway_and_its_workers_gracefully(
         http: aiohttp.ClientSession, fake_upstream: FakeAgentServer, tmp_path: Path, workers: str) -> None:
