@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -24,6 +26,7 @@ from gateway.eventlog.lmdb_shared import SharedLmdbEventLog
 from gateway.eventlog.siblings import Siblings
 from gateway.sse import Event, event
 from tests.support.disk import fill
+from tests.support.procs import tree_env
 from tests.support.tcp_relay import TcpRelay
 
 Opener = Callable[..., Awaitable[EventLog]]
@@ -895,3 +898,34 @@ async def test_a_read_and_a_tail_of_large_events_are_bounded_in_bytes(open_log: 
         got += page
         pos = page[-1][0]
     assert got == written
+
+
+_OPEN_AT = """
+import asyncio, sys, time
+from pathlib import Path
+from gateway import eventlog
+from gateway.config import Storage
+
+async def main() -> None:
+    log = eventlog.open_log(Storage(path=Path(sys.argv[1]), shared=True, lease_ttl=5.0))
+    time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # all start together
+    await log.open()
+    await log.close()
+
+asyncio.run(main())
+"""
+
+
+def test_workers_starting_together_on_a_new_shared_log_all_open_it(tmp_path: Path) -> None:
+    """``workers: N`` on a data directory that has no log yet: every worker opens it at once. One
+    creating the file (empty until LMDB writes its header) while another checked it before opening
+    was refused as a truncated log, and the supervisor stopped them all: a first start that fails
+    now and then. Swept over fresh directories, several processes started together on each."""
+    for round_ in range(8):
+        start_at = time.time() + 0.6  # past the processes' imports
+        procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT, str(tmp_path / f"log{round_}"), str(start_at)],
+                                  env=tree_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for _ in range(4)]
+        for p in procs:
+            out, _ = p.communicate(timeout=60)
+            assert p.returncode == 0, out[-2000:]

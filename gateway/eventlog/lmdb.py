@@ -174,6 +174,19 @@ def _prefix(key: str) -> bytes:
     return key.encode() + b"\x00"
 
 
+@contextlib.contextmanager
+def _opening(path: Path) -> Iterator[None]:
+    """One process at a time checks the data file and opens it. Workers sharing a new directory
+    start together: LMDB creates the file empty and writes its header a moment later, and a sibling
+    checking it in between would take a log being made for a truncated one."""
+    fd = os.open(path / "opening.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def verify_file(path: Path) -> None:
     """Refuse a data file LMDB would misread: empty, or shorter than its own header says.
 
@@ -257,12 +270,13 @@ class LmdbEventLog(EventLog):
         try:
             os.makedirs(path, exist_ok=True)
             self._take_dir_lock(path)
-            verify_file(path)
             sync = self._cfg.durability == "fsync"
-            self._env = lmdb.open(
-                str(path), map_size=self._map_size(), max_dbs=4, max_readers=512,
-                sync=sync, metasync=sync, readahead=False, lock=True,
-            )
+            with _opening(path):
+                verify_file(path)
+                self._env = lmdb.open(
+                    str(path), map_size=self._map_size(), max_dbs=4, max_readers=512,
+                    sync=sync, metasync=sync, readahead=False, lock=True,
+                )
             self._events_db = self._env.open_db(b"events")
             self._streams_db = self._env.open_db(b"streams")
             self._meta_db = self._env.open_db(b"meta")

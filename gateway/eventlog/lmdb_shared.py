@@ -109,7 +109,7 @@ class SharedLmdbEventLog(LmdbEventLog):
         await loop.run_in_executor(None, self._clear_dead_readers)
         self._siblings.start(loop)
         self._awaiting = set(self._siblings.peers)
-        for who in self._awaiting:
+        for who in list(self._awaiting):  # one found gone is dropped from it meanwhile
             self._siblings.send(who, ["hello", self.worker])
         if self._awaiting:  # a sibling that never answers is not waited for
             self._ready_timer = loop.call_later(1.0, self._ready.set)

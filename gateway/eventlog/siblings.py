@@ -65,13 +65,8 @@ class Siblings:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        # Locked under a temporary name, then renamed: nobody ever sees this process's file unlocked
-        # (and takes it for a dead one's).
-        tmp = self.dir / f".{self.me}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(tmp, self._lock_path(self.me))
-        self._lock_fd = fd
+        # Bound before this process is seen: a sibling that finds its file and sends to it must not
+        # be refused (and take it for gone).
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
@@ -81,6 +76,13 @@ class Siblings:
         self._sock = sock
         self._loop = loop
         loop.add_reader(sock.fileno(), self._readable)
+        # Locked under a temporary name, then renamed: nobody ever sees this process's file unlocked
+        # (and takes it for a dead one's).
+        tmp = self.dir / f".{self.me}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.rename(tmp, self._lock_path(self.me))
+        self._lock_fd = fd
         self.scan()
 
     def stop(self) -> None:
