@@ -1,8 +1,16 @@
+"""``python -m gateway`` and the ``agent-gateway`` command."""
+
 import sys
 
-try:
-    from gateway.cli import main
-except KeyboardInterrupt:  # Ctrl-C while the command was still loading: nothing runs yet to stop
-    sys.exit(0)
+from gateway import stopsignals
 
-sys.exit(main())
+
+def run() -> None:
+    stopsignals.hold()  # before the heavy imports: a stop meanwhile is taken once a handler is in place
+    from gateway.cli import main
+
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

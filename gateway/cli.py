@@ -8,6 +8,7 @@ import asyncio
 import sys
 from dataclasses import replace
 
+from gateway import stopsignals
 from gateway.config import DEFAULT_UPSTREAM_URL, Config, ConfigError, Overrides, load_config
 from gateway.eventlog import StorageError
 from gateway.workers import EXIT_CONFIG, EXIT_RUNTIME, supervise  # stdlib only: nothing heavy
@@ -73,7 +74,7 @@ def _command(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C before the gateway handles the signal itself (while it starts)
+    except KeyboardInterrupt:  # Ctrl-C in a tool, or while loading when not started by __main__.run
         return 0
 
 
@@ -82,6 +83,7 @@ def _main(argv: list[str] | None) -> int:
     if _command(raw) in TOOLS:
         from gateway.tools import main as tools_main
 
+        stopsignals.release()  # a tool stops on Ctrl-C as any command does (KeyboardInterrupt)
         return tools_main(raw)
     parser = _parser()
     try:

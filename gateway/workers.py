@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from gateway import stopsignals
+from gateway.stopsignals import STOP_SIGNALS
+
 log = logging.getLogger("gateway.workers")
 
 RESTART_DELAY = 1.0  # after a worker died, before it is started again; doubled while it keeps dying young
@@ -101,8 +104,9 @@ class Supervisor:
             self.stopping = signum
 
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, self._signalled)
-        signal.signal(signal.SIGINT, self._signalled)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._signalled)
+        stopsignals.release()  # one that came while the command loaded is noted now
         for w in self.crew:
             if self.stopping is not None or not self._start(w):
                 break

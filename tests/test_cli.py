@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -281,7 +282,9 @@ async def test_signals_repeated_through_the_whole_shutdown_leave_no_traceback(
     deadline = time.monotonic() + 15
     while gw.proc.returncode is None and time.monotonic() < deadline:
         try:
-            gw.proc.send_signal(sig)
+            # Not Popen.send_signal: it polls first, and reaping the process there leaves asyncio's
+            # watcher a pid it does not know (returncode 255, the test's doing, not the gateway's).
+            os.kill(gw.proc.pid, sig)
         except ProcessLookupError:
             break
         await asyncio.sleep(0.001)
@@ -330,12 +333,27 @@ async def test_ctrl_c_stops_the_gateway_and_its_workers_gracefully(
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
-@pytest.mark.parametrize("after", [0.15, 0.3, 0.45, 0.6, 0.9])
+async def _reaching_own_code(pid: int) -> None:
+    """Until the process runs the gateway's code: it holds the stop signals (SIGINT blocked) or has
+    its handler for them (SIGTERM caught). Before that, an interrupt is the interpreter's own start."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
+            masks = {k: int(v, 16) for k, _, v in (ln.partition(":\t") for ln in status) if k in ("SigBlk", "SigCgt")}
+            if masks["SigBlk"] & 1 << (signal.SIGINT - 1) or masks["SigCgt"] & 1 << (signal.SIGTERM - 1):
+                return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the gateway's code never ran")
+
+
+@pytest.mark.parametrize("after", [0.0, 0.05, 0.15, 0.3, 0.45, 0.6, 0.9])
 async def test_ctrl_c_while_the_workers_start_stops_everything_without_a_traceback(
         fake_upstream: FakeAgentServer, tmp_path: Path, after: float) -> None:
     """Ctrl-C sends SIGINT to the supervisor and its workers at once. One arriving while a worker
     (or the supervisor) was still importing raised KeyboardInterrupt there: a traceback in the log,
-    for a stop asked for the ordinary way. Swept over the moments of the start-up."""
+    for a stop asked for the ordinary way. Swept over the moments of the start-up, from the gateway's
+    first line on (before it, the interpreter's own start; the loading is swept module by module below)."""
     log = tmp_path / "gateway.log"
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
@@ -343,6 +361,7 @@ async def test_ctrl_c_while_the_workers_start_stops_everything_without_a_traceba
             "--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data"), cwd=REPO, env=clean_env(),
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        await _reaching_own_code(proc.pid)
         await asyncio.sleep(after)
         os.killpg(proc.pid, signal.SIGINT)
         code = await asyncio.wait_for(proc.wait(), 30)
@@ -352,6 +371,42 @@ async def test_ctrl_c_while_the_workers_start_stops_everything_without_a_traceba
             await proc.wait()
     assert code == 0, log.read_text()[-3000:]
     assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+# `python -m gateway ARGS...`, sent SIGINT by itself the moment it starts to import the module
+# named first: a Ctrl-C landing exactly there, whatever the machine's speed.
+_INTERRUPTED_AT = """
+import os, runpy, signal, sys
+at = sys.argv[1]
+class InterruptAt:
+    def find_spec(self, name, path=None, target=None):
+        if name == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, InterruptAt())
+sys.argv = ["gateway", *sys.argv[2:]]
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+
+# Modules the command loads, in about the order it does; uuid and json load from orjson's own
+# set-up (from its C code), where an interrupt crashed the interpreter.
+_LOAD_POINTS = ["gateway.cli", "yaml", "gateway.config", "gateway.native", "gateway.eventlog", "uuid", "json",
+                "orjson", "prometheus_client", "gateway.metrics", "lmdb", "gateway.eventlog.lmdb", "ctypes",
+                "gateway.workers"]
+
+
+@pytest.mark.parametrize("module", _LOAD_POINTS)
+def test_ctrl_c_while_the_command_loads_its_modules_is_a_clean_stop(
+        fake_upstream: FakeAgentServer, tmp_path: Path, module: str) -> None:
+    """Ctrl-C a moment after starting the gateway lands while Python loads its modules. Raised into
+    an import it was a traceback at best, and in orjson's module set-up the interpreter crashed
+    (SIGSEGV, exit -11, seen in CI). The stop is now held until a handler takes it: a clean stop."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AT, module, "--port", str(free_port()), "--admin-port", "0",
+         "--workers", "2", "--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")],
+        cwd=tmp_path, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr and "Fatal" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_subprocesses_run_the_tree_under_test(tmp_path: Path) -> None:

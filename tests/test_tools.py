@@ -8,6 +8,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -517,6 +518,26 @@ async def test_tail_follow_prints_events_as_they_are_committed_and_ends_with_the
     out, err = await asyncio.wait_for(follow.communicate(), 30)  # it ends by itself when the stream ends
     assert follow.returncode == 0, err
     assert (early + out).decode() == "".join(f"event: {e.event}\ndata: {e.data}\nid: {e.id}\n\n" for e in rest)
+
+
+async def test_ctrl_c_ends_a_tail_follow_quietly(
+        gateway: RunningGateway, http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    """README: `streams tail -f` ends when the stream ends, or on Ctrl-C: quietly, as tail -f does
+    (exit 130), whatever the command was doing when it came."""
+    tid = await new_thread(http, gateway)
+    resp = await stream_run(http, gateway, tid, n=1000, delay=0.05)
+    run_id = str((await read_events(resp, limit=1))[0].json["run_id"])
+    follow = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "streams", "tail", run_id, "-f", *_log_args(gateway, tmp_path),
+        cwd=REPO, env=tree_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        start_new_session=True)
+    assert follow.stdout is not None
+    await asyncio.wait_for(follow.stdout.readuntil(b"\n\n"), 20)  # following
+    os.killpg(follow.pid, signal.SIGINT)
+    _out, err = await asyncio.wait_for(follow.communicate(), 20)
+    resp.close()
+    assert follow.returncode == 130, err
+    assert b"Traceback" not in err, err
 
 
 def test_help_lists_every_tool_with_one_line_each() -> None:
