@@ -22,7 +22,7 @@ from yarl import URL
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from gateway.logs import END
-from gateway.responses import ClientSocket, close_reason, cut, error_response, send_body, start_response
+from gateway.responses import ClientSocket, StallGuard, close_reason, cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
 from gateway.upstream import (Answer, AnswerBody, BadUpstreamResponse, Kind, Target, UpstreamError, Upstreams,
                               as_upstream_error)
@@ -225,10 +225,17 @@ class Forwarder:
 
     async def _pipe_body(self, request: web.Request, resp: Answer, out: web.StreamResponse) -> None:
         """Copy the upstream body to the client chunk by chunk; a broken side cuts the other."""
+        guard = StallGuard(self.clients.write_timeout)
+        try:
+            await self._copy_body(request, resp, out, guard)
+        finally:
+            guard.close()
+
+    async def _copy_body(self, request: web.Request, resp: Answer, out: web.StreamResponse, guard: StallGuard) -> None:
         try:
             async for chunk in resp.content.iter_any():
                 try:
-                    await send_body(request, out, chunk, self.clients.write_timeout)
+                    await send_body(request, out, chunk, guard)
                 except TimeoutError:
                     log.info("client on %s %s stopped reading for %gs; cut, and its upstream connection freed",
                              request.method, request.path, self.clients.write_timeout)

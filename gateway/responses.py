@@ -62,15 +62,63 @@ _UNBLOCKING_WRITE = 16 << 10
 _SLICE = 64 << 10
 
 
-async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, stall_timeout: float,
-                    boundary: bytes | None = None, stopping: Callable[[], bool] | None = None) -> None:
-    """Write part of a started response; TimeoutError when the client stops reading for ``stall_timeout``.
+class StallGuard:
+    """Cuts a response's client once a write has waited on it ``stall`` seconds without it taking
+    anything: a slow reader is never cut, only a stalled one. One per response, with one timer,
+    moved only when it fires and finds the client took something meanwhile: a deadline moved at
+    every slice the client took was a tenth of a replay storm's CPU (a timer made and one dropped
+    each time). Made in the task that writes: the write waiting there is interrupted, as
+    ``asyncio.timeout`` does, and says TimeoutError (what was written stays whole for ``cut``)."""
 
-    Arming a deadline costs more than a small write itself, and a write into a nearly empty
-    buffer cannot wait, so only a write that may wait gets one; it is pushed back after every
-    slice the client took, so a slow reader is never cut, only a stalled one. With ``boundary``
-    (b"\\n\\n" for SSE) every slice ends on one: a client cut for stalling then holds whole
-    events only, never half of one, whatever it does with an event pending at the end of a body.
+    __slots__ = ("stall", "fired", "_task", "_loop", "_since", "_waiting", "_timer")
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.fired = False
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        self._since = 0.0  # when the client last took something, or the waiting write began
+        self._waiting = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def begin(self) -> None:
+        """A write that may wait on the client starts."""
+        self._since, self._waiting = self._loop.time(), True
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self.stall, self._check)
+
+    def took(self) -> None:
+        """The client took what was written."""
+        self._since = self._loop.time()
+
+    def end(self) -> None:
+        self._waiting = False
+
+    def close(self) -> None:
+        """The response is over: its timer goes now, not when it fires."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._waiting:
+            return  # armed again by the next write that may wait
+        due = self._since + self.stall
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+        elif self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+
+async def send_body(request: web.Request, response: web.StreamResponse, data: bytes, guard: StallGuard,
+                    boundary: bytes | None = None, stopping: Callable[[], bool] | None = None) -> None:
+    """Write part of a started response; TimeoutError when the client stops reading (``guard``).
+
+    A write into a nearly empty buffer cannot wait, so only a write that may wait is guarded. With
+    ``boundary`` (b"\\n\\n" for SSE) every slice ends on one: a client cut for stalling then holds
+    whole events only, never half of one, whatever it does with an event pending at the end of a body.
     ``stopping`` is asked between slices: once it says yes (the gateway is shutting down) the rest is
     not written (StreamCut). A replayed page is megabytes, minutes of a slow reader: a stop looked at
     only between pages fed it on to the page's end, or to the end of the shutdown's grace.
@@ -79,15 +127,23 @@ async def send_body(request: web.Request, response: web.StreamResponse, data: by
     if transport is not None and transport.get_write_buffer_size() + len(data) <= _UNBLOCKING_WRITE:
         await response.write(data)
         return
-    view, loop, start = memoryview(data), asyncio.get_running_loop(), 0
-    async with asyncio.timeout(stall_timeout) as deadline:
+    view, start = memoryview(data), 0
+    guard.begin()
+    try:
         while start < len(data):
             if start and stopping is not None and stopping():
                 raise StreamCut("the gateway is shutting down")
             end = _slice_end(data, start, boundary)
             await response.write(view[start:end])  # a slice this big makes aiohttp drain after it
             start = end
-            deadline.reschedule(loop.time() + stall_timeout)
+            guard.took()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if guard.fired and task is not None and task.uncancel() == 0:  # its own cut, nobody else's cancel
+            raise TimeoutError(f"the client took nothing for {guard.stall:g}s") from None
+        raise
+    finally:
+        guard.end()
 
 
 def express_writer(request: web.Request) -> ExpressWriter | None:

@@ -33,7 +33,7 @@ from gateway.logs import RESUME_OUTCOME, STREAM_KEY
 from gateway.metrics import ResumeOutcome
 from gateway.proxy import Forwarder, RelayedBody, client_headers, decoded_body
 from gateway.replay import EMPTY
-from gateway.responses import cut, express_writer, send_body, start_response
+from gateway.responses import StallGuard, cut, express_writer, send_body, start_response
 from gateway.sse import EVENT_END, HEARTBEAT, frame
 from gateway.stream_params import (
     RunRequest,
@@ -400,6 +400,7 @@ class StreamHandlers:
         headers.clear()  # out has its own copy; this parameter would live as long as the stream
         loop = asyncio.get_running_loop()
         sent_at = 0.0  # when a filtered stream last wrote: it owes its client a heartbeat too
+        guard = StallGuard(self.forwarder.clients.write_timeout)
         try:
             await start_response(request, out)
             out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
@@ -423,7 +424,7 @@ class StreamHandlers:
                             continue
                         data = HEARTBEAT
                     sent_at = loop.time()
-                await send_body(request, out, data, self.forwarder.clients.write_timeout, EVENT_END, follower.stopping)
+                await send_body(request, out, data, guard, EVENT_END, follower.stopping)
             if endless:
                 raise StreamCut(f"the capture of {follower.key} ended")
             await out.write_eof()
@@ -439,6 +440,7 @@ class StreamHandlers:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             return out
         finally:
+            guard.close()
             follower.close()
 
 
