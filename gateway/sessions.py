@@ -14,6 +14,7 @@ put back in front when it is sent (``wire``), so a page read once serves every c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -30,6 +31,32 @@ CAPTURE_BODY = orjson.dumps({"channels": list(CHANNELS)})
 
 _DATA = b"\ndata: {"
 ERROR_METHOD = b"error"
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(raw: bytes) -> Any:
+    """An event's JSON. orjson refuses a lone surrogate escaped in a string (``"\\ud800"``), which is
+    valid JSON and what an upstream writing with JSON.stringify sends: such an event is read by the
+    standard parser instead (which takes NaN too, but not here: orjson refused it for a reason).
+    Raises ValueError for what is no JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            return json.loads(raw, parse_constant=_not_json)
+        except RecursionError:  # nested deeper than orjson allows: no event of the protocol
+            raise ValueError("JSON nested too deep") from None
+
+
+def dumps(doc: Any) -> bytes:
+    """``doc`` as JSON; a string with a lone surrogate (read by ``loads``) escaped as it came."""
+    try:
+        return orjson.dumps(doc)
+    except TypeError:
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 class BadFilter(ValueError):
@@ -49,10 +76,10 @@ class Filter:
         if not body.startswith(b"event: ") or body.startswith(b"event: error\n"):
             return True
         try:
-            event = orjson.loads(body[body.index(_DATA) + 7:])
-        except (ValueError, orjson.JSONDecodeError):
+            event = loads(body[body.index(_DATA) + 7:])
+        except ValueError:
             return True
-        return self.matches(event)
+        return isinstance(event, dict) and self.matches(event)
 
     def matches(self, event: dict[str, Any]) -> bool:
         method = event.get("method")
@@ -129,8 +156,8 @@ def stored(body: bytes) -> tuple[bytes, str] | None:
     if at < 0:
         return None
     try:
-        event = orjson.loads(body[at + 6:])
-    except orjson.JSONDecodeError:
+        event = loads(body[at + 6:])
+    except ValueError:
         return None
     if not isinstance(event, dict) or not isinstance(event.get("event_id"), str):
         return None
@@ -139,14 +166,14 @@ def stored(body: bytes) -> tuple[bytes, str] | None:
     event.pop("seq", None)
     method = event.get("method")
     name = method.encode() if isinstance(method, str) and "\n" not in method else b"event"
-    return b"event: " + name + b"\ndata: " + orjson.dumps(event) + b"\n", event["event_id"]
+    return b"event: " + name + b"\ndata: " + dumps(event) + b"\n", event["event_id"]
 
 
 def event_id(body: bytes) -> str | None:
     """The ``event_id`` of a stored event (None for the gateway's own)."""
     try:
-        doc = orjson.loads(body[body.index(b"data: ") + 6:])
-    except (ValueError, orjson.JSONDecodeError):
+        doc = loads(body[body.index(b"data: ") + 6:])
+    except ValueError:
         return None
     eid = doc.get("event_id") if isinstance(doc, dict) else None
     return eid if isinstance(eid, str) else None
@@ -233,8 +260,8 @@ def latest_run(bodies: Iterable[bytes]) -> tuple[list[str], bool]:
     ended = True
     for body in bodies:
         try:
-            doc = orjson.loads(body[body.index(b"data: ") + 6:])
-        except (ValueError, orjson.JSONDecodeError):
+            doc = loads(body[body.index(b"data: ") + 6:])
+        except ValueError:
             continue
         if not isinstance(doc, dict) or not isinstance(doc.get("event_id"), str):
             continue

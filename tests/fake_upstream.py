@@ -157,6 +157,13 @@ class FakeAgentServer:
         self.heartbeat = 5.0
         # The handler task of every thread stream being served: its queue, and whether it waits for a frame.
         self._thread_streams: dict[asyncio.Task[Any], tuple[asyncio.Queue[bytes | None], bool]] = {}
+        # The v3 session of a thread, scripted: (method, data JSON without ``seq``) of each event it holds,
+        # replayed from the start on every connection with seqs from 1, as the real server does. The
+        # JSON is sent as the test wrote it: a server other than langgraph-api's (JSON.stringify in a
+        # JS server) escapes a lone surrogate as ``\ud800`` where langgraph-api writes ``?``.
+        self.session_events: dict[str, list[tuple[str, bytes]]] = {}
+        self.session_legs = 0  # session connections served
+        self.session_end_after_replay = 0  # the next this many session connections end after their replay
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.name = "fake"
@@ -188,6 +195,7 @@ class FakeAgentServer:
         r.add_get("/ws/echo", self.ws_echo)
         r.add_get("/ws/deaf", self.ws_deaf)
         r.add_post("/threads/{tid}/commands", self.command)
+        r.add_post("/threads/{tid}/stream/events", self.session_stream)
         return app
 
     async def start(self, port: int = 0, ssl_context: ssl.SSLContext | None = None) -> FakeAgentServer:
@@ -547,6 +555,23 @@ class FakeAgentServer:
             return web.json_response({"detail": "No runs found to cancel."}, status=404)
         run.task.cancel()
         return web.Response(status=202)
+
+    async def session_stream(self, request: web.Request) -> web.StreamResponse:
+        """The v3 session's events: what is scripted for the thread, then heartbeats with the
+        connection open (or an end, ``session_end_after_replay``, as a connection dropped upstream)."""
+        tid = request.match_info["tid"]
+        self.session_legs += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        for seq, (method, data) in enumerate(list(self.session_events.get(tid, [])), 1):
+            await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"
+                             % (method.encode(), seq, data[1:], seq))
+        if self.session_end_after_replay > 0:
+            self.session_end_after_replay -= 1
+            return resp
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await resp.write(b": heartbeat\r\n\r\n")
 
     async def thread_stream(self, request: web.Request) -> web.StreamResponse:
         tid = request.match_info["tid"]

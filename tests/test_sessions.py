@@ -8,6 +8,7 @@ own code, the seam that keeps a re-joined capture exact.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 import uuid
@@ -21,6 +22,7 @@ from langgraph_sdk import get_client
 
 from gateway import sessions
 from tests.conftest import GatewayProcess, RunningGateway, gateway_config
+from tests.fake_upstream import FakeAgentServer
 from tests.support.chaos_proxy import ChaosProxy
 from tests.support.cut_relay import CutRelay
 from tests.support.langgraph_server import LangGraphServer
@@ -782,6 +784,57 @@ async def test_the_session_moves_to_another_replica_on_redis(
 
 
 # --- the parts alone -----------------------------------------------------------------------------------
+
+def _scripted(eid: str, method: str, data: str) -> tuple[str, bytes]:
+    """A session event as the fake upstream sends it (``data`` is raw JSON text, sent as written)."""
+    return method, (b'{"type":"event","event_id":"%s","method":"%s","params":{"namespace":[],"timestamp":1,'
+                    b'"data":%s}}' % (eid.encode(), method.encode(), data.encode()))
+
+
+async def _session_until(http: aiohttp.ClientSession, url: str, tid: str, last: str,
+                         channels: list[str]) -> list[dict[str, Any]]:
+    """A session's events (parsed as JSON allows, lone surrogates too) until the one with ``last``."""
+    got: list[dict[str, Any]] = []
+    async with http.post(f"{url}/threads/{tid}/stream/events", json={"channels": channels}) as r:
+        assert r.status == 200, await r.text()
+        buf = b""
+        async for chunk in r.content.iter_any():
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                data = [line[6:] for line in block.split(b"\n") if line.startswith(b"data: ")]
+                if data:
+                    got.append(json.loads(data[0]))
+                    if got[-1].get("event_id") == last:
+                        return got
+    raise AssertionError(f"the session ended before {last}: {got}")
+
+
+async def test_an_event_with_a_lone_surrogate_is_kept_filtered_and_matched_on_a_rejoin(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """A string with a lone surrogate, escaped (``"\\ud800"``) as an upstream that is not
+    langgraph-api's writes it (a JS server's JSON.stringify), is valid JSON, but one orjson refuses:
+    the capture took such an event for no protocol event and dropped it, silently, and a filter kept
+    it for every subscription. It is stored and served as it came, filtered by its channel, and
+    known by its event_id when the upstream replays it on a re-join (neither lost nor repeated)."""
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}'),
+                                         _scripted("e2", "custom", '{"name":"x","text":"a\\ud800b"}'),
+                                         _scripted("e3", "values", '{"n":3}')]
+    fake_upstream.session_end_after_replay = 2  # two legs end after their replay: two re-joins
+    got = await asyncio.wait_for(_session_until(http, gateway.url, tid, "e3", ALL), 20)
+    assert [e.get("event_id") for e in got] == ["e1", "e2", "e3"], got
+    assert got[1]["params"]["data"]["text"] == "a\ud800b"
+    values = await asyncio.wait_for(_session_until(http, gateway.url, tid, "e3", ["values"]), 20)
+    assert [e.get("event_id") for e in values] == ["e1", "e3"], values
+    deadline = time.monotonic() + 20  # the third leg opens once the second one's replay is settled
+    while fake_upstream.session_legs < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert fake_upstream.session_legs >= 3
+    held = await gateway.gw.log.lookup(f"default/session/{tid}")
+    assert held is not None and held.count == 3, "each event once, and no gap marker: the replays matched"
+
 
 def test_the_filter_agrees_with_the_servers_own_rule() -> None:
     rng = random.Random(5)
