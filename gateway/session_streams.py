@@ -35,6 +35,9 @@ from gateway.upstream import Target
 logger = logging.getLogger("gateway.session_streams")
 
 _LEG_DROP = ("Last-Event-ID", "Content-Length", "Content-Type", "Accept")
+# Client messages a session socket holds while it handles one (each within max_request_body); past
+# them it stops reading until the worker catches up, as the upstream's server does.
+_INBOX = 32
 
 
 class SessionHandlers:
@@ -161,31 +164,60 @@ class _Socket:
         self._pumped = 0  # the pump's follower's position once its page was sent
 
     async def serve(self) -> None:
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.BINARY:
-                # Commands are JSON text; the upstream ends a socket that sends bytes. Ignored, the
-                # client would wait for an answer forever.
-                await self.ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA, message=b"commands are JSON text")
-                return
-            if msg.type != aiohttp.WSMsgType.TEXT:
-                continue
-            try:
-                command = orjson.loads(msg.data)
-            except orjson.JSONDecodeError:
-                await self.reply(_error(None, "invalid_argument", "Protocol commands must be valid JSON."))
-                continue
-            if (not isinstance(command, dict) or not isinstance(command.get("id"), int)
-                    or isinstance(command.get("id"), bool) or not isinstance(command.get("method"), str)):
-                await self.reply(_error(command.get("id") if isinstance(command, dict) else None, "invalid_argument",
-                                        "Protocol commands must include an integer id and string method."))
-                continue
-            method = command["method"]
-            if method in ("subscription.subscribe", "subscription.reconnect"):
-                await self.subscribe(command, reconnect=method == "subscription.reconnect")
-            elif method == "subscription.unsubscribe":
-                await self.unsubscribe(command)
-            else:
-                await self.reply(await self.upstream_command(msg.data, command["id"]))
+        """Read the socket all along, and handle its messages in order, one at a time, in a task of
+        its own (as the upstream does). The upstream's server answers pings in its protocol layer,
+        whatever its handler waits for; aiohttp answers them as the socket is read: read only between
+        commands, a command that waited on a slow upstream, or a long replay, left the client's pings
+        unanswered as long, and the SDK's keepalive drops a session whose pings go unanswered."""
+        inbox: asyncio.Queue[aiohttp.WSMessage | None] = asyncio.Queue(_INBOX)
+        worker = asyncio.create_task(self._work(inbox), name=f"session-socket:{self.tid}")
+        try:
+            async for msg in self.ws:
+                if msg.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    continue
+                if not await _put(inbox, msg, worker) or msg.type == aiohttp.WSMsgType.BINARY:
+                    break
+            # What the client sent before it went is handled still, as the upstream handles it.
+            if await _put(inbox, None, worker):
+                await worker
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    async def _work(self, inbox: asyncio.Queue[aiohttp.WSMessage | None]) -> None:
+        try:
+            while (msg := await inbox.get()) is not None:
+                if msg.type == aiohttp.WSMsgType.BINARY:
+                    # Commands are JSON text; the upstream ends a socket that sends bytes. Ignored, the
+                    # client would wait for an answer forever.
+                    await self.ws.close(code=aiohttp.WSCloseCode.UNSUPPORTED_DATA, message=b"commands are JSON text")
+                    return
+                await self.handle(msg.data)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the client went while its command was answered
+        except Exception:  # a task of the socket's own: logged, and the socket closed, never left silent
+            logger.exception("a command on the session socket of thread %s failed", self.tid)
+            await self.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR, message=b"gateway error")
+
+    async def handle(self, data: str) -> None:
+        """One client message: a command, answered on the socket."""
+        try:
+            command = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            await self.reply(_error(None, "invalid_argument", "Protocol commands must be valid JSON."))
+            return
+        if (not isinstance(command, dict) or not isinstance(command.get("id"), int)
+                or isinstance(command.get("id"), bool) or not isinstance(command.get("method"), str)):
+            await self.reply(_error(command.get("id") if isinstance(command, dict) else None, "invalid_argument",
+                                    "Protocol commands must include an integer id and string method."))
+            return
+        method = command["method"]
+        if method in ("subscription.subscribe", "subscription.reconnect"):
+            await self.subscribe(command, reconnect=method == "subscription.reconnect")
+        elif method == "subscription.unsubscribe":
+            await self.unsubscribe(command)
+        else:
+            await self.reply(await self.upstream_command(data, command["id"]))
 
     async def reply(self, doc: dict[str, Any]) -> None:
         await self.send(orjson.dumps(doc))
@@ -376,6 +408,23 @@ class _Socket:
         if pump is not None:
             pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
+
+
+async def _put(inbox: asyncio.Queue[aiohttp.WSMessage | None], msg: aiohttp.WSMessage | None,
+               worker: asyncio.Task[None]) -> bool:
+    """``msg`` queued for the socket's worker, waiting while the queue is full (the socket is not
+    read meanwhile: a client that floods commands is held back); False once the worker is gone."""
+    if worker.done():
+        return False
+    if not inbox.full():
+        inbox.put_nowait(msg)
+        return True
+    put = asyncio.ensure_future(inbox.put(msg))
+    await asyncio.wait((put, worker), return_when=asyncio.FIRST_COMPLETED)
+    if put.done():
+        return True
+    put.cancel()
+    return False
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:

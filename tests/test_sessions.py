@@ -416,6 +416,28 @@ async def test_a_binary_frame_closes_the_session_socket_with_1003(
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == aiohttp.WSCloseCode.UNSUPPORTED_DATA, msg
 
 
+@pytest.mark.parametrize("hang", [0.5, 2.0])
+async def test_a_ping_is_answered_while_a_command_waits_for_the_upstream(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, hang: float) -> None:
+    """The upstream's server answers a ping in its protocol layer, whatever its handler is busy with.
+    The gateway read the socket only between commands, so a command that waited on a slow upstream
+    left the client's pings unanswered for as long (the SDK's keepalive gives up after 20 s and drops
+    the session): the pong came after the command's answer. It comes first, the answer after."""
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    fake_upstream.faults.hang = hang  # the command's answer waits this long upstream
+    reader, writer = await raw_websocket(gateway.url, f"/threads/{tid}/stream/events")
+    try:
+        command = orjson.dumps({"id": 7, "method": "run.start", "params": {"assistant_id": "ticker"}})
+        writer.write(client_frame(0x1, command) + client_frame(0x9, b"are you there"))
+        first = await asyncio.wait_for(server_frame(reader), 20)
+        second = await asyncio.wait_for(server_frame(reader), 20)
+    finally:
+        writer.close()
+    assert first == (0xA, b"are you there"), first
+    assert second[0] == 0x1 and orjson.loads(second[1])["id"] == 7, second
+
+
 async def test_an_unsubscribe_or_a_subscribe_is_refused_in_the_upstreams_words(
         lg_gateway: RunningGateway, langgraph_server: LangGraphServer, http: aiohttp.ClientSession) -> None:
     """An unsubscribe without a subscription_id is an invalid argument to the upstream; the gateway
