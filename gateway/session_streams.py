@@ -296,15 +296,18 @@ class _Socket:
         except BaseException:
             follower.close()
             raise
-        if reconnect and held is not None and held.first_seq and since is not None and since + 1 < held.first_seq:
+        gap = _gap(since, held)
+        if gap is not None and reconnect:
             follower.close()
-            doc = _error(cid, "resume_gap", f"resume gap: since={since} is older than min_available_seq="
-                                            f"{held.first_seq}", self.meta())
-            doc.update(since=since, min_available_seq=held.first_seq)
-            await self.reply(doc)
+            await self.reply({**gap, "id": cid, "meta": self.meta()})
             return
         async with self._order:
             try:
+                if gap is not None:
+                    # A subscribe with since (how the SDK resumes a socket) gets what is left, as over
+                    # SSE; retention took the rest, and that is said first: an unsolicited resume_gap,
+                    # as the gap marker (the SDKs log it and go on).
+                    await self.reply({**gap, "meta": self.meta()})
                 replayed = await self.replay(follower, flt, self._pumped if self._pump else (held.head if held else 0))
             except (StreamCut, StreamGone, StorageError, ConnectionResetError, aiohttp.ClientConnectionResetError) as exc:
                 follower.close()
@@ -425,6 +428,16 @@ async def _put(inbox: asyncio.Queue[aiohttp.WSMessage | None], msg: aiohttp.WSMe
         return True
     put.cancel()
     return False
+
+
+def _gap(since: int | None, held: StreamMeta | None) -> dict[str, Any] | None:
+    """Events after ``since`` gone from the log (retention trimmed it up to ``held.first_seq``), in the
+    protocol's words, unsolicited (``"id": null``); None when nothing is."""
+    if since is None or held is None or not held.first_seq or since + 1 >= held.first_seq:
+        return None
+    doc = _error(None, "resume_gap", f"resume gap: since={since} is older than min_available_seq={held.first_seq}")
+    doc.update(since=since, min_available_seq=held.first_seq)
+    return doc
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:
