@@ -86,7 +86,11 @@ class SessionHandlers:
             headers.extend(agentapi.stream_headers())
         else:
             headers.update(agentapi.stream_headers())
-        return self.streams.send(request, att.follower, headers, flt.keep, sessions.frame, endless=True)  # a Reply
+        # The SDK reads no X-Gateway-Resume: what retention took past since is said in the stream, first.
+        gap = sessions.resume_gap(since, att.held)
+        first = b"" if gap is None else sessions.unsolicited(gap)
+        return self.streams.send(request, att.follower, headers, flt.keep, sessions.frame, endless=True,
+                                 first=first)  # a Reply
 
     async def _attach(self, request: web.Request, target: Target, tid: str, since: int | None,
                       ) -> tuple[Attachment, Any]:
@@ -296,7 +300,7 @@ class _Socket:
         except BaseException:
             follower.close()
             raise
-        gap = _gap(since, held)
+        gap = sessions.resume_gap(since, held)
         if gap is not None and reconnect:
             follower.close()
             await self.reply({**gap, "id": cid, "meta": self.meta()})
@@ -428,16 +432,6 @@ async def _put(inbox: asyncio.Queue[aiohttp.WSMessage | None], msg: aiohttp.WSMe
         return True
     put.cancel()
     return False
-
-
-def _gap(since: int | None, held: StreamMeta | None) -> dict[str, Any] | None:
-    """Events after ``since`` gone from the log (retention trimmed it up to ``held.first_seq``), in the
-    protocol's words, unsolicited (``"id": null``); None when nothing is."""
-    if since is None or held is None or not held.first_seq or since + 1 >= held.first_seq:
-        return None
-    doc = _error(None, "resume_gap", f"resume gap: since={since} is older than min_available_seq={held.first_seq}")
-    doc.update(since=since, min_available_seq=held.first_seq)
-    return doc
 
 
 def _params(command: dict[str, Any]) -> dict[str, Any]:

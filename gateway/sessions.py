@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import orjson
 
-from gateway.eventlog import Entry
+from gateway.eventlog import Entry, StreamMeta
 from gateway.marks import interrupted_message
 from gateway.metrics import GapReason
 from gateway.sse import MAX_ID_BYTES, Event, SSEProtocolError
@@ -199,6 +199,22 @@ def gap_event(after: int, reason: GapReason, message: str) -> Event:
     doc = {"type": "error", "id": None, "error": "resume_gap", "message": message, "reason": reason,
            "since": after or None}
     return (b"event: error\ndata: " + orjson.dumps(doc) + b"\n", None)
+
+
+def resume_gap(since: int | None, held: StreamMeta | None) -> dict[str, Any] | None:
+    """Events after ``since`` gone from the log (retention trimmed it up to ``held.first_seq``), in the
+    protocol's words, unsolicited (``"id": null``), as the upstream refuses a reconnect; None when
+    nothing is."""
+    if since is None or held is None or not held.first_seq or since + 1 >= held.first_seq:
+        return None
+    return {"type": "error", "id": None, "error": "resume_gap",
+            "message": f"resume gap: since={since} is older than min_available_seq={held.first_seq}",
+            "since": since, "min_available_seq": held.first_seq}
+
+
+def unsolicited(doc: dict[str, Any]) -> bytes:
+    """A message of the gateway's own that is no event of the log, as an SSE frame: no seq, no id."""
+    return b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
 
 
 def interrupted_event(reason: str) -> Event:

@@ -391,9 +391,10 @@ class StreamHandlers:
 
     async def send(self, request: web.Request, follower: Follower, headers: CIMultiDict[str],
                     keep: Callable[[bytes], bool] | None, framer: Callable[[Iterable[Entry]], bytes] = frame,
-                    endless: bool = False) -> web.StreamResponse:
+                    endless: bool = False, first: bytes = b"") -> web.StreamResponse:
         """Stream what ``follower`` reads to the client: pages framed by ``framer`` (filtered by ``keep``).
-        ``endless``: the stream has no end a client may see (a v3 session): a cut, never a clean end."""
+        ``endless``: the stream has no end a client may see (a v3 session): a cut, never a clean end.
+        ``first``: written before what the follower reads (what the client is told of its resume)."""
         headers.setdefault("Cache-Control", "no-store")
         headers["X-Accel-Buffering"] = "no"
         out = web.StreamResponse(status=200, headers=headers)
@@ -404,6 +405,8 @@ class StreamHandlers:
         try:
             await start_response(request, out)
             out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
+            if first:
+                await send_body(request, out, first, self.forwarder.clients.write_timeout, EVENT_END, follower.stopping)
             sent_at = loop.time()
             if keep is None and framer is frame and (write := express_writer(request)) is not None:
                 follower.express(write)  # a filtered stream owes heartbeats by time: it stays on the task
