@@ -450,7 +450,10 @@ class Captures:
                             self.metrics.gap(seam.gap)  # the marker closing the stream is in the log
                         ended = True
                         return
-                    raise UpstreamBroke("the upstream closed the thread stream")
+                    # A leg that brought something new before it ended starts the re-join budget
+                    # over, as one that broke after its events does: closes spread over a thread's
+                    # life (deploys, proxies recycling connections) never add up to giving it up.
+                    raise (_Progress if copy.submitted else UpstreamBroke)("the upstream closed the thread stream")
                 except (UpstreamBroke, UpstreamRefused, aiohttp.ClientError, asyncio.TimeoutError,
                         SSEProtocolError) as exc:
                     resp = None

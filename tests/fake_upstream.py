@@ -164,6 +164,7 @@ class FakeAgentServer:
         self.session_events: dict[str, list[tuple[str, bytes]]] = {}
         self.session_legs = 0  # session connections served
         self.session_end_after_replay = 0  # the next this many session connections end after their replay
+        self.session_drops = 0  # bumped: every open session connection ends (a connection dropped upstream)
         self.runner: web.AppRunner | None = None
         self.port = 0
         self.name = "fake"
@@ -557,21 +558,30 @@ class FakeAgentServer:
         return web.Response(status=202)
 
     async def session_stream(self, request: web.Request) -> web.StreamResponse:
-        """The v3 session's events: what is scripted for the thread, then heartbeats with the
-        connection open (or an end, ``session_end_after_replay``, as a connection dropped upstream)."""
+        """The v3 session's events: what is scripted for the thread from the start, then what is
+        scripted later as it comes, with heartbeats, the connection open (or ended, as one dropped
+        upstream: after the replay, ``session_end_after_replay``, or when ``session_drops`` moves)."""
         tid = request.match_info["tid"]
         self.session_legs += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
         await resp.prepare(request)
-        for seq, (method, data) in enumerate(list(self.session_events.get(tid, [])), 1):
-            await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"
-                             % (method.encode(), seq, data[1:], seq))
-        if self.session_end_after_replay > 0:
-            self.session_end_after_replay -= 1
-            return resp
-        while True:
-            await asyncio.sleep(self.heartbeat)
-            await resp.write(b": heartbeat\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        drops, sent, beat = self.session_drops, 0, loop.time()
+        while True:  # what is scripted, and each event scripted later as it comes (live)
+            script = self.session_events.get(tid, [])
+            for seq, (method, data) in enumerate(script[sent:], sent + 1):
+                await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"
+                                 % (method.encode(), seq, data[1:], seq))
+            sent = len(script)
+            if self.session_end_after_replay > 0:
+                self.session_end_after_replay -= 1
+                return resp
+            if self.session_drops != drops:
+                return resp
+            await asyncio.sleep(0.02)
+            if loop.time() - beat >= self.heartbeat:
+                beat = loop.time()
+                await resp.write(b": heartbeat\r\n\r\n")
 
     async def thread_stream(self, request: web.Request) -> web.StreamResponse:
         tid = request.match_info["tid"]

@@ -874,6 +874,41 @@ async def test_an_event_with_a_lone_surrogate_is_kept_filtered_and_matched_on_a_
     assert held is not None and held.count == 3, "each event once, and no gap marker: the replays matched"
 
 
+async def test_legs_the_upstream_ends_cleanly_after_new_events_never_use_up_the_rejoins(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """An upstream closes a session's connection cleanly now and then (a rolling deploy, a proxy that
+    recycles long connections). A leg that broke after delivering events starts the re-join budget
+    over; one that ended cleanly after delivering them did not, so closes spread over the life of a
+    thread added up, and past ``reattach_attempts`` the capture was given up (capture_interrupted,
+    its clients cut) though every leg had worked. Only closes in a row with nothing new count."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "20ms", "reattach_attempts": 2}))
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    script = fake_upstream.session_events[tid] = [_scripted("e0", "values", '{"n":0}')]
+    got: list[dict[str, Any]] = []
+    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+        stream = frames(r)
+
+        async def until(eid: str) -> None:
+            async for _name, data, _id in stream:
+                got.append(data)
+                if data.get("event_id") == eid or data.get("type") == "error":
+                    return
+
+        await asyncio.wait_for(until("e0"), 20)
+        for i in range(1, 6):
+            legs = fake_upstream.session_legs
+            fake_upstream.session_drops += 1  # a clean end of the capture's connection ...
+            deadline = time.monotonic() + 20
+            while fake_upstream.session_legs == legs and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            script.append(_scripted(f"e{i}", "values", f'{{"n":{i}}}'))  # ... and a new event on the next
+            await asyncio.wait_for(until(f"e{i}"), 20)
+    assert [e.get("event_id") or e.get("error") for e in got] == [f"e{i}" for i in range(6)], got
+
+
 def test_the_filter_agrees_with_the_servers_own_rule() -> None:
     rng = random.Random(5)
     names = ["child", "child:1", "child:2", "grand", "grand:9", "x:y"]
