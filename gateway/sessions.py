@@ -155,8 +155,13 @@ def stored(body: bytes) -> tuple[bytes, str] | None:
     at = body.find(b"data: ")
     if at < 0:
         return None
+    raw = body[at + 6:]
+    if b"\ndata: " in raw:
+        # An event's data is its data lines joined with a line feed (an upstream may split its JSON
+        # over several); the parser keeps each as a ``data: `` line of the body.
+        raw = b"\n".join(line[6:] for line in body.split(b"\n") if line.startswith(b"data: "))
     try:
-        event = loads(body[at + 6:])
+        event = loads(raw)
     except ValueError:
         return None
     if not isinstance(event, dict) or not isinstance(event.get("event_id"), str):

@@ -909,6 +909,23 @@ async def test_legs_the_upstream_ends_cleanly_after_new_events_never_use_up_the_
     assert [e.get("event_id") or e.get("error") for e in got] == [f"e{i}" for i in range(6)], got
 
 
+async def test_an_event_whose_json_spans_several_data_lines_is_kept(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """SSE joins an event's ``data:`` lines with a line feed, and an upstream whose SSE library splits
+    data at its line breaks (pretty-printed JSON) sends one event's JSON over several. The capture
+    read the first line on as JSON with the next ``data:`` in it, took the event for no protocol
+    event, and dropped it without a word. It is kept, as one event."""
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    e1, e3 = _scripted("e1", "values", '{"n":1}'), _scripted("e3", "values", '{"n":3}')
+    fake_upstream.session_events[tid] = [
+        e1, ("values", b'{"type":"event",\r\ndata:   "event_id": "e2",\r\ndata: "method":"values",'
+                       b'"params":{"namespace":[],"timestamp":1,"data":{"n":\r\ndata: 2}}}'), e3]
+    got = await asyncio.wait_for(_session_until(http, gateway.url, tid, "e3", ALL), 20)
+    assert [e.get("event_id") for e in got] == ["e1", "e2", "e3"], got
+    assert got[1]["params"]["data"] == {"n": 2}
+
+
 def test_the_filter_agrees_with_the_servers_own_rule() -> None:
     rng = random.Random(5)
     names = ["child", "child:1", "child:2", "grand", "grand:9", "x:y"]
