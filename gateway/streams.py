@@ -406,7 +406,7 @@ class StreamHandlers:
             await start_response(request, out)
             out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
             if first:
-                await send_body(request, out, first, self.forwarder.clients.write_timeout, EVENT_END, follower.stopping)
+                await send_body(request, out, first, guard, EVENT_END, follower.stopping)
             sent_at = loop.time()
             if keep is None and framer is frame and (write := express_writer(request)) is not None:
                 follower.express(write)  # a filtered stream owes heartbeats by time: it stays on the task
