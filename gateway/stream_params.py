@@ -29,7 +29,10 @@ def parse_cursor(request: web.Request) -> Cursor:
     if raw in ("-1", "-", "0"):
         return Cursor("start", 0, raw)
     if _GATEWAY_ID.match(raw):
-        return Cursor("seq", int(raw), raw)
+        seq = int(raw)
+        # A number however spelled: "00" is the start as "0" is (no id is 0), never an id of an
+        # earlier capture (at or below a stream's base), which is told differently.
+        return Cursor("seq", seq, raw) if seq else Cursor("start", 0, raw)
     if _UPSTREAM_ID.match(raw):
         return Cursor("upstream", 0, raw)
     shown = raw if len(raw) <= 64 else raw[:64] + "..."

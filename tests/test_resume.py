@@ -415,6 +415,31 @@ async def test_malformed_event_id_is_422(gateway: RunningGateway, http: aiohttp.
             assert "Last-Event-ID" in (await r.json())["detail"]
 
 
+async def test_every_spelling_of_an_id_is_answered_as_the_id_itself(
+        gateway: RunningGateway, http: aiohttp.ClientSession, fake_upstream: FakeAgentServer) -> None:
+    """A Last-Event-ID is a number: ``00`` is the start as ``0`` is, and ``007`` is ``7``. Both got the
+    same events, but a zero with more digits was taken for an id of an earlier capture, and the client
+    was told ``X-Gateway-Resume: not-held`` (the ids it holds no longer apply) where the start of a run
+    held from mid-stream is ``truncated``, and where a whole run is a plain hit."""
+    loc, live = await _joined_behind_the_gateways_back(http, gateway, fake_upstream, 6)  # held from mid-run
+    tid = await new_thread(http, gateway)
+    whole = await stream_run(http, gateway, tid, n=4)
+    sent = await read_events(whole)
+    for url, events, start in ((gateway.url + loc, live, "truncated"),
+                               (gateway.url + whole.headers["Location"], sent, None)):
+        mid = events[1].id or ""
+        for spelling, canonical in (("00", "0"), ("000", "0"), ("0" * 19, "0"), ("0" + mid, mid),
+                                    ("00" + mid, mid)):
+            async with http.get(url, headers={"Last-Event-ID": canonical}) as r:
+                want = (r.status, r.headers.get("X-Gateway-Resume"), await read_events(r))
+            async with http.get(url, headers={"Last-Event-ID": spelling}) as r:
+                got = (r.status, r.headers.get("X-Gateway-Resume"), await read_events(r))
+            assert got == want, f"{spelling!r} answered other than {canonical!r}"
+        async with http.get(url, headers={"Last-Event-ID": "00"}) as r:
+            assert r.headers.get("X-Gateway-Resume") == start
+            assert await read_events(r) == events
+
+
 async def test_an_id_never_issued_is_422_not_an_endless_wait(gateway: RunningGateway,
                                                                http: aiohttp.ClientSession) -> None:
     tid = await new_thread(http, gateway)
