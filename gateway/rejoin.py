@@ -7,10 +7,10 @@ comes back goes through a ``Seam``:
 - **Re-sends are dropped.** The in-memory Agent Server runtime gives every event of one
   millisecond the same id, replays strictly after the id it is given, and overlaps its
   replay with its live queue, re-sending events (often the last replayed one) with the
-  same id. On a re-joined leg an event whose upstream id and body match one already
-  held or already taken from this leg, and whose id is not above the highest seen, is a
-  re-send. (So on such an upstream, two byte-identical events in one millisecond right
-  after a re-join count as one: the wire cannot tell them from a re-send.)
+  same id. A held event the replay re-sends is dropped as often as it is held; the
+  overlap, once per leg, is dropped while it repeats the leg's order (``Seam``). (So on
+  such an upstream, two byte-identical events in one millisecond where the overlap may
+  begin count as one: the wire cannot tell them from a re-send. Later ones are all kept.)
 - **Continuity is proved or said.** A re-joined leg continues the stream exactly when its
   first event is one the gateway already holds (the replay overlaps what it has), or, for
   a run of which nothing is held yet, when it starts with the run's first event
@@ -97,21 +97,40 @@ def expectation(kind: StreamKind, held: StreamMeta | None) -> Expect:
 
 
 class Seam:
-    """Where a new upstream leg meets what the log holds: drops re-sends, marks what it cannot prove."""
+    """Where a new upstream leg meets what the log holds: drops re-sends, marks what it cannot prove.
 
-    __slots__ = ("window", "known", "order", "top", "expect", "after", "any_ids", "gap")
+    What a re-joined leg re-sends comes two ways, and each is matched by how it comes:
+
+    - **The replay of what is held**: each held event is re-sent once, in order; one held once is
+      dropped once (``held`` counts them), so a new event identical to it (same id, same body: the
+      same millisecond on the in-memory runtime) is kept.
+    - **The live queue's overlap**: the events published while the replay was read come again after
+      it, the replay's tail in its order, ids going back (or, within one millisecond, staying). That
+      happens once per leg: the first event of the leg seen before with an id not above the highest
+      starts it, and what follows is dropped while it repeats the leg in order. Later, an event seen
+      before is a re-send only if its id went back; one with the highest id is a new event
+      identical to an earlier one (a token streamed twice in one millisecond), and kept.
+    """
+
+    __slots__ = ("window", "held", "at", "leg", "base", "top", "overlap", "overlapped", "expect", "after",
+                 "any_ids", "gap")
 
     def __init__(self, recent: Iterable[tuple[str | None, bytes]], *, after: int = 0, expect: Expect = None,
                  window: int = DEDUPE_WINDOW) -> None:
         self.window = window
-        self.known: set[int] = set()
-        self.order: deque[int] = deque()
+        self.held: dict[int, int] = {}  # held events not yet re-sent on this leg, by identity: how many
+        self.at: dict[int, int] = {}  # where in the leg an event was last taken (a position in ``leg``)
+        self.leg: deque[int] = deque()  # the leg's events with ids, in order (the last ``window``)
+        self.base = 0  # the position of leg[0]
         self.top: tuple[int, int] | tuple[int, str] | None = None
+        self.overlap: tuple[int, int] | None = None  # the overlap under way: next position, last one
+        self.overlapped = False  # the leg's one overlap began
         self.any_ids = False
         for uid, body in recent:
             if uid is not None:
                 self.any_ids = True
-                self._remember(_same(uid, body))
+                h = _same(uid, body)
+                self.held[h] = self.held.get(h, 0) + 1
                 self._raise_top(_uid_key(uid))
         self.expect = expect
         self.after = after
@@ -120,12 +139,19 @@ class Seam:
         # refused is made again by the next leg's seam, and counted once, there.
         self.gap: GapReason | None = None
 
-    def _remember(self, h: int) -> None:
-        if h not in self.known:
-            self.known.add(h)
-            self.order.append(h)
-            if len(self.order) > self.window:
-                self.known.discard(self.order.popleft())
+    def _taken(self, h: int) -> None:
+        """An event of the upstream's sequence, at the leg's next position (a re-send of it may follow)."""
+        self.at[h] = self.base + len(self.leg)
+        self.leg.append(h)
+        if len(self.leg) > self.window:
+            old = self.leg.popleft()
+            if self.at.get(old) == self.base:
+                del self.at[old]
+            self.base += 1
+
+    def _leg_at(self, pos: int) -> int | None:
+        i = pos - self.base
+        return self.leg[i] if 0 <= i < len(self.leg) else None
 
     def _raise_top(self, k: tuple[int, int] | tuple[int, str]) -> None:
         if self.top is None or _before(self.top, k):
@@ -142,18 +168,39 @@ class Seam:
                 out.append(ev)
                 continue
             h = _same(uid, body)
-            k = _uid_key(uid)
-            if h in self.known and self.top is not None and not _before(self.top, k):
-                continue  # a re-send of something held or already taken
-            self._raise_top(k)
-            self._remember(h)
+            if self._resent(h, _uid_key(uid)):
+                continue
+            self._raise_top(_uid_key(uid))
+            self._taken(h)
             out.append(ev)
         return out
+
+    def _resent(self, h: int, k: tuple[int, int] | tuple[int, str]) -> bool:
+        if self.overlap is not None:
+            nxt, last = self.overlap
+            self.overlap = (nxt + 1, last) if nxt < last else None
+            if self._leg_at(nxt) == h:
+                return True
+            self.overlap = None  # not the replay's order after all: this event is judged on its own
+        if self.held.get(h, 0) > 0:
+            self.held[h] -= 1
+            self._taken(h)  # the replay's own: the live queue's overlap may send it again
+            return True
+        pos = self.at.get(h)
+        if pos is None or self.top is None or _before(self.top, k):
+            return False
+        if not self.overlapped:
+            self.overlapped = True
+            last = self.base + len(self.leg) - 1
+            if pos < last:
+                self.overlap = (pos + 1, last)
+            return True
+        return _before(k, self.top)  # after the overlap only an id going back says re-send
 
     def _check(self, first: Event, out: list[Event]) -> None:
         body, uid = first
         if self.expect == "held":
-            proven = uid is not None and _same(uid, body) in self.known
+            proven = uid is not None and self.held.get(_same(uid, body), 0) > 0
             reason: GapReason = "no_upstream_ids" if uid is None or not self.any_ids else "replay_mismatch"
         else:
             proven = event_name(body) == RUN_START_EVENT

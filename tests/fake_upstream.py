@@ -24,6 +24,7 @@ import asyncio
 import base64
 import re
 import ssl
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -60,6 +61,9 @@ class Behaviour:
     background_content_location: bool = True
     # Behind a proxy that compresses JSON: a background run's answer is gzip-encoded when accepted.
     gzip_json: bool = False
+    # A resumable run's ids as the in-memory runtime makes them: the millisecond (``<ms>-0``), the
+    # same for every event of one millisecond (off: one number per event, which never repeats).
+    ms_ids: bool = False
 
 
 @dataclass
@@ -91,6 +95,7 @@ class Run:
     resumable: bool
     fail: bool = False
     pad: int = 0  # bytes of padding per custom event (to fill socket buffers)
+    repeat: int = 1  # each custom event sent this many times back to back (a token streamed twice)
     status: str = "pending"
     events: list[tuple[str | None, bytes]] = field(default_factory=list)  # (upstream id, frame)
     listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
@@ -393,7 +398,8 @@ class FakeAgentServer:
         resumable = doc.get("stream_resumable") is True and not self.behaviour.ignore_resumable
         run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),
                   delay=float(inp.get("delay", 0.0)), resumable=resumable,
-                  fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)))
+                  fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)),
+                  repeat=int(inp.get("repeat", 1)))
         self.runs[run.run_id] = run
         if tid is not None:
             self.threads.add(tid)
@@ -410,8 +416,9 @@ class FakeAgentServer:
                     await asyncio.sleep(run.delay)
                 elif i % 64 == 0:
                     await asyncio.sleep(0)
-                self._emit(run, "custom", {"i": i, "of": run.n, "pad": "x" * run.pad} if run.pad
-                           else {"i": i, "of": run.n})
+                for _ in range(run.repeat):
+                    self._emit(run, "custom", {"i": i, "of": run.n, "pad": "x" * run.pad} if run.pad
+                               else {"i": i, "of": run.n})
             if run.fail:
                 self._emit(run, "error", {"error": "ValueError", "message": "boom"}, store=False)
                 run.status = "error"
@@ -426,7 +433,8 @@ class FakeAgentServer:
             run.done.set()
 
     def _emit(self, run: Run, event: str, data: object, store: bool = True) -> None:
-        uid = f"{1000 + len(run.events)}-0" + "x" * self.faults.id_pad if run.resumable else None
+        number = int(time.time() * 1000) if self.behaviour.ms_ids else 1000 + len(run.events)
+        uid = f"{number}-0" + "x" * self.faults.id_pad if run.resumable else None
         frame = _frame(event, data, uid)
         if store:
             run.events.append((uid, frame))

@@ -131,6 +131,28 @@ async def test_provable_rejoin_has_no_marker_and_no_duplicate(
     assert_ids_increase(got)
 
 
+@pytest.mark.parametrize("cut", [3, 6, 7, 10])
+async def test_a_token_sent_twice_in_one_millisecond_survives_a_rejoin(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        cut: int) -> None:
+    """On the in-memory runtime every event of a millisecond has the same id, so a token streamed
+    twice is two events with the same id and body. After a re-join the seam took every such second
+    event for a re-send of the first and dropped it, for the rest of the run."""
+    gw = await make_fake_gateway(make_gateway, fake_upstream, tmp_path, reattach_backoff="10ms")
+    fake_upstream.behaviour.ms_ids = True  # with the real server's re-send of the last replayed event
+    fake_upstream.faults.cuts = [cut]
+    n = 12
+    tid = await new_thread(http, gw)
+    async with http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                         json={"assistant_id": "a", "input": {"n": n, "delay": 0.05, "repeat": 2}}) as resp:
+        loc = resp.headers["Location"]
+        got = await read_events(resp)
+    twice = [i for i in range(n) for _ in range(2)]
+    assert not gaps(got)
+    assert customs(got) == twice
+    assert customs(await join(http, gw.url + loc, "-1")) == twice
+
+
 def test_rejoin_resending_its_last_replayed_event_is_deduplicated() -> None:
     b = [f"event: custom\ndata: {i}\n".encode() for i in range(4)]
     d = Seam([("100-0", b[0])])

@@ -69,6 +69,32 @@ def test_identical_id_and_body_on_a_rejoined_leg_count_once() -> None:
     assert len(d.filter([ev("7-0", "the"), ev("7-0", "the")])) == 1
 
 
+def test_identical_events_in_one_millisecond_past_the_seam_are_all_kept() -> None:
+    """The in-memory runtime gives every event of a millisecond the same id: a token streamed twice in
+    one millisecond is two events with the same id and body. The upstream re-sends what it replays
+    once, at the join; a seam that took every later repeat for a re-send dropped them for the rest
+    of the leg (a re-joined run lost every doubled token from then on)."""
+    d = Seam([("5-0", b"event: custom\ndata: a\n")], after=3, expect="held")
+    assert d.filter([ev("5-0", "a"), ev("5-0", "a")]) == []  # the replay of a, and its re-send
+    later = [ev("7-0", "the"), ev("7-0", "the"), ev("8-0", "x"), ev("9-0", "y"), ev("9-0", "y"), ev("9-0", "y")]
+    assert d.filter(later) == later
+    # Two a's held: the replay re-sends both, and a third one in that millisecond is new.
+    d = Seam([("5-0", b"event: custom\ndata: a\n")] * 2, after=3, expect="held")
+    assert d.filter([ev("5-0", "a"), ev("5-0", "a")]) == []
+    assert d.filter([ev("6-0", "b"), ev("6-0", "b")]) == [ev("6-0", "b")]  # the documented limit, once
+    assert d.filter([ev("6-0", "b"), ev("7-0", "c")]) == [ev("6-0", "b"), ev("7-0", "c")]
+
+
+def test_a_re_sent_run_of_the_replay_is_dropped_even_in_one_millisecond() -> None:
+    # The live queue re-sends the tail of the replay (what was published while it was read): with
+    # every id the same, it is told by its order, which repeats the replay's.
+    d = Seam([])
+    first = [ev("7-0", f"i{i}") for i in range(6)]
+    assert d.filter(first) == first
+    assert d.filter([ev("7-0", "i3"), ev("7-0", "i4"), ev("7-0", "i5")]) == []
+    assert d.filter([ev("7-0", "i6"), ev("7-0", "i6")]) == [ev("7-0", "i6"), ev("7-0", "i6")]
+
+
 def test_replay_live_overlap_jumping_back_is_dropped() -> None:
     d = Seam([])
     first = [ev(f"{i}-0", f"i{i}") for i in range(10, 20)]
