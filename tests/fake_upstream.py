@@ -96,6 +96,9 @@ class Run:
     fail: bool = False
     pad: int = 0  # bytes of padding per custom event (to fill socket buffers)
     repeat: int = 1  # each custom event sent this many times back to back (a token streamed twice)
+    pad_at: tuple[int, ...] | None = None  # only these custom events are padded (None: all of them)
+    hold_at: tuple[int, ...] = ()  # before these custom events the run waits for ``resume`` (set by the test)
+    resume: asyncio.Event = field(default_factory=asyncio.Event)
     status: str = "pending"
     events: list[tuple[str | None, bytes]] = field(default_factory=list)  # (upstream id, frame)
     listeners: list[asyncio.Queue[bytes | None]] = field(default_factory=list)
@@ -109,6 +112,11 @@ class _Untyped(web.Response):
     async def _prepare_headers(self) -> None:
         await super()._prepare_headers()
         self.headers.popall("Content-Type", None)
+
+
+def _indexes(raw: Any) -> tuple[int, ...] | None:
+    """A run input's list of event indexes (None when not given)."""
+    return tuple(int(i) for i in raw) if raw is not None else None
 
 
 def _cors(request: web.Request, headers: Any) -> None:
@@ -399,7 +407,8 @@ class FakeAgentServer:
         run = Run(run_id=str(uuid.uuid4()), thread_id=tid, n=int(inp.get("n", 3)),
                   delay=float(inp.get("delay", 0.0)), resumable=resumable,
                   fail=doc.get("assistant_id") == "fail", pad=int(inp.get("pad", 0)),
-                  repeat=int(inp.get("repeat", 1)))
+                  repeat=int(inp.get("repeat", 1)), pad_at=_indexes(inp.get("pad_at")),
+                  hold_at=_indexes(inp.get("hold_at")) or ())
         self.runs[run.run_id] = run
         if tid is not None:
             self.threads.add(tid)
@@ -412,13 +421,16 @@ class FakeAgentServer:
             self._emit(run, "metadata", {"run_id": run.run_id, "attempt": 1})
         try:
             for i in range(run.n):
+                if i in run.hold_at:
+                    await run.resume.wait()
+                    run.resume.clear()  # one hold let go per set
                 if run.delay:
                     await asyncio.sleep(run.delay)
                 elif i % 64 == 0:
                     await asyncio.sleep(0)
                 for _ in range(run.repeat):
-                    self._emit(run, "custom", {"i": i, "of": run.n, "pad": "x" * run.pad} if run.pad
-                               else {"i": i, "of": run.n})
+                    self._emit(run, "custom", {"i": i, "of": run.n, "pad": "x" * run.pad}
+                               if run.pad and (run.pad_at is None or i in run.pad_at) else {"i": i, "of": run.n})
             if run.fail:
                 self._emit(run, "error", {"error": "ValueError", "message": "boom"}, store=False)
                 run.status = "error"

@@ -128,6 +128,43 @@ async def test_a_live_follower_on_another_replica_gets_every_event_as_it_is_comm
     assert first + early + rest == mine, "b's follower saw exactly what a's client saw"
 
 
+async def test_a_commit_bigger_than_a_read_page_reaches_a_follower_on_another_replica_whole(
+        gateway_process: Any, fake_upstream: FakeAgentServer, shared_storage: dict[str, Any], tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A state snapshot over 4 MiB and the small event after it, committed together. A follower on
+    another replica waiting for the live tail was handed only the first read page (4 MiB) of that
+    commit: the small event waited for the stream's next commit, or a heartbeat, and a run that then
+    thinks for a while left its client without what had been committed. The heartbeat is long here
+    and the run holds after the pair: nothing but the commit's own notice can bring the event."""
+    gws = []
+    for name in ("a", "b"):
+        cfg = replica_config(tmp_path, name, fake_upstream.url, shared_storage)
+        # A buffer that holds a snapshot: the batch is queued for the follower, not caught up from the log.
+        cfg.write_text(cfg.read_text() + "  heartbeat: 600s\n  subscriber_buffer_bytes: 16MiB\n")
+        gws.append(gateway_process("--config", str(cfg)).start())
+    a, b = gws
+    tid = await new_thread(http, a.url)
+    # customs 0 and 2 are small, 1 is 5 MiB; the run holds before 1 and before 3
+    resp = await http.post(f"{a.url}/threads/{tid}/runs/stream", json={
+        "assistant_id": "a", "input": {"n": 4, "delay": 0, "pad": 5 << 20, "pad_at": [1], "hold_at": [1, 3]}})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    first = await read_events(resp, limit=2)
+    run = fake_upstream.runs[first[0].json["run_id"]]
+    async with http.get(b.url + loc, headers={"Last-Event-ID": first[0].id or ""}) as r:
+        assert r.status == 200
+        assert customs(await read_events(r, limit=1)) == [0]
+        run.resume.set()  # the follower on b waits on the live tail: the pair comes now
+        try:
+            pair = await asyncio.wait_for(read_events(r, limit=2), 30)
+        except asyncio.TimeoutError:
+            raise AssertionError(f"the follower on b got less than a committed\n{logs_of(a, b)}") from None
+        run.resume.set()
+        rest = await asyncio.wait_for(read_events(r), 60)
+    resp.close()
+    assert_exactly_once(first + pair + rest, 4)
+
+
 async def test_a_frozen_owner_is_fenced_when_it_wakes(
         replicas: Callable[[int], list[GatewayProcess]], http: aiohttp.ClientSession) -> None:
     a, b = replicas(2)

@@ -486,7 +486,10 @@ class SharedLmdbEventLog(LmdbEventLog):
                 continue
             if head > prev:
                 try:
-                    entries = self._read_sync(key, prev, head, 1 << 30)
+                    # The whole commit, however big: a read page's budget would hand the followers
+                    # only its first 4 MiB as if it were all, and the rest would wait for the
+                    # stream's next commit (the committing process held all of it in memory too).
+                    entries = self._read_sync(key, prev, head, 1 << 30, 1 << 62)
                 except (StorageError, lmdb.Error) as exc:
                     log.warning("reading %s for its followers failed (%s): they catch up from the log", key, exc)
                     self._feeds.resync(key)
