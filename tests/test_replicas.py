@@ -32,7 +32,8 @@ from tests.support.nginx import Nginx
 from tests.support.procs import die_with_parent, tree_env
 from tests.support.redis_server import RedisServer
 from tests.support.sse import Ev, read_events, read_until_cut
-from tests.support.invariants import assert_exactly_once
+from tests.support.disk import fill
+from tests.support.invariants import assert_exactly_once, assert_whole_or_marked, follow_to_end
 from tests.support.runs import assert_ids_increase, customs, join, new_thread, start_run, stream_run
 
 MakeGateway = Callable[..., Awaitable[RunningGateway]]
@@ -1051,3 +1052,47 @@ async def test_a_worker_killed_mid_read_does_not_pin_the_log_for_good(
         resp.close()
     grown = data.stat().st_size - before
     assert grown < 2 << 20, f"the file grew by {grown} bytes for ~100 KB of events"
+
+
+async def _logged(proc: GatewayProcess, text: str) -> None:
+    """Until ``proc`` has logged ``text`` (bounded: 30 s)."""
+    for _ in range(600):
+        if text in proc.log_text():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never logged {text!r}:\n{proc.log_text()[-4000:]}")
+
+
+async def test_a_stream_taken_back_after_a_failed_commit_here_is_captured_over_the_budget(
+        gateway_process: Any, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """b's commit of a run fails (full disk), b stalls and a takes the run over; b wakes having lost
+    it; a dies and b takes it over again, the log now over its budget. b's writer still refused
+    the run's writes for the failed commit of its first capture (only a begin cleared that, and a
+    takeover does not begin; over the budget a begin is refused): its client heard nothing more,
+    the run's end included, while b retried a begin every second for ever."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(small_fs / "log"), "lease_ttl": "1500ms",
+               "max_bytes": "256KiB", "map_size": "16MiB"}
+    a = gateway_process("--config", str(replica_config(tmp_path, "a", fake_upstream.url, storage))).start()
+    b = gateway_process("--config", str(replica_config(tmp_path, "b", fake_upstream.url, storage))).start()
+    tid = await new_thread(http, b.url)
+    n = 600
+    resp = await http.post(f"{b.url}/threads/{tid}/runs/stream", json={
+        "assistant_id": "a", "input": {"n": n, "delay": 0.02, "pad": 20000}})  # 12 MB: over the budget
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=5)
+    resp.close()
+    filler = fill(small_fs, leave=256 << 10)
+    await _logged(b, "capture resumes when storage does")  # b's commit of the run failed
+    b.freeze()
+    filler.unlink()
+    await _logged(a, "taking over")
+    b.thaw()
+    await _logged(b, "was lost")
+    a.kill()
+    await _logged(b, "taking over")
+    try:
+        assert_whole_or_marked(await follow_to_end(http, b.url + loc, timeout=60), n)
+    except (AssertionError, asyncio.TimeoutError) as exc:
+        raise AssertionError(f"{exc!r}\n{logs_of(a, b, lines=40)}") from exc

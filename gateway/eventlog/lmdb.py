@@ -111,7 +111,9 @@ class _Batch:
     seq: int = 0  # highest seq in the batch (0: none)
     count: int = 0  # events in the records above (metrics)
     nbytes: int = 0  # bytes of those events' bodies (what followers queue)
-    revive: bool = False  # begin(): the stream may take writes again after a failure
+    # begin(), or a shared log's claim of a stream taken anew: the stream may take writes again
+    # after a failure (``revives``)
+    revive: bool = False
     # A shared log (gateway.eventlog.lmdb_shared): bytes this batch adds to the log (negative:
     # removes), the stream's head the begin() was staged on (-1: not a begin), and a lease
     # operation decided in the write transaction ("claim", "release", "clear") on ``subject``.
@@ -127,6 +129,16 @@ class _Batch:
     # batches build on the trimmed metadata), so a trim that fails to commit is undone by these.
     trimmed: dict[str, tuple[int, int]] = field(default_factory=dict)
     dropped: list[StreamMeta] = field(default_factory=list)  # retention's evictions, put back if it fails
+
+    @property
+    def revives(self) -> str | None:
+        """The stream this batch lets take writes again: a begin's, or one a claim took anew (its
+        staged state was read afresh from the file: nothing staged on a failed commit is left)."""
+        if not self.revive:
+            return None
+        if self.op == "claim":
+            return self.subject if self.result else None
+        return self.key
 
 
 def _probe_size(group: list[_Batch]) -> int:
@@ -689,8 +701,8 @@ class LmdbEventLog(EventLog):
                         holds.clear()
                     # The commit (and its fsync) runs with the GIL released: the loop goes on meanwhile.
                 for i, b in enumerate(batches):
-                    if b.revive and b.key is not None and i not in fenced:
-                        broken.discard(b.key)
+                    if b.revives is not None and i not in fenced:
+                        broken.discard(b.revives)
                 return refused, fenced
             except lmdb.MapFullError:
                 self._grow_map()
@@ -749,8 +761,8 @@ class LmdbEventLog(EventLog):
             if b.key is not None and b.key in broken and not b.revive and b.key not in revived:
                 refused.add(i)
                 continue
-            if b.revive and b.key is not None:
-                revived.add(b.key)
+            if b.revives is not None:
+                revived.add(b.revives)
             if b.drop_keys or b.drop_prefixes:
                 self._put_events(txn, puts)  # what came before a drop is written before it
             for k in b.drop_keys:

@@ -264,8 +264,12 @@ class SharedLmdbEventLog(LmdbEventLog):
         if owner is not None and owner != self.worker and self._siblings.alive(owner):
             return False  # the common refusal, without a write
         # Taken in a write transaction: of two processes claiming at once, one gets it (and opens
-        # the one upstream leg).
-        taken = bool(await self._submit(_Batch(op="claim", subject=key)))
+        # the one upstream leg). A stream this process let go of (lost, released) is taken anew:
+        # a failed commit of its earlier capture here must not refuse the writes of this one (they
+        # go on from what the file holds, read again by _adopt), as a begin would revive it; a
+        # takeover captures without a begin, and over the budget a begin is refused.
+        anew = key not in self._claimed
+        taken = bool(await self._submit(_Batch(op="claim", subject=key, revive=anew)))
         if taken:
             self._claimed.add(key)
             self._adopt(key)
