@@ -1054,6 +1054,51 @@ async def test_a_worker_killed_mid_read_does_not_pin_the_log_for_good(
     assert grown < 2 << 20, f"the file grew by {grown} bytes for ~100 KB of events"
 
 
+def _worker(sup_pid: int, index: int) -> int | None:
+    """The supervisor's running worker of that index, if any."""
+    for p in _children(sup_pid):
+        try:
+            if Path(f"/proc/{p}/cmdline").read_bytes().endswith(b"--worker-index\x00%d\x00" % index):
+                return p
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return None
+
+
+@pytest.mark.parametrize("kill_at", [0, 2, 10, 40, 100, 149])
+async def test_a_worker_killed_while_it_captures_leaves_every_follower_whole_or_told(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession,
+        kill_at: int) -> None:
+    """Runs captured by both workers, each followed by clients on either; one worker is SIGKILLed
+    after ``kill_at`` events of the runs (swept) and started again by the supervisor. Every client,
+    reconnecting with its last id as an SDK does, gets every event once, or a gap marker where
+    some are missing, and the end: never silence."""
+    sup, _ = await two_workers(gateway_process, workers_config(tmp_path, fake_upstream.url))
+    assert sup.proc is not None
+    n = 150
+    starts = [await start_run(http, sup.url, n, delay=0.02) for _ in range(6)]
+    locs = [r.headers["Location"] for r in starts]
+    clients = [asyncio.create_task(follow_to_end(http, sup.url + loc, first=r, timeout=90))
+               for loc, r in zip(locs, starts)]
+    clients += [asyncio.create_task(follow_to_end(http, sup.url + loc, timeout=90)) for loc in locs for _ in range(2)]
+    for _ in range(400):
+        if max(len(r.events) for r in fake_upstream.runs.values()) >= kill_at:
+            break
+        await asyncio.sleep(0.01)
+    victim = _worker(sup.proc.pid, 0)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    try:
+        for c in clients:
+            assert_whole_or_marked(await c, n)
+    except (AssertionError, asyncio.TimeoutError) as exc:
+        raise AssertionError(f"{exc!r}\n{sup.log_text()[-6000:]}") from exc
+    finally:
+        for c in clients:
+            c.cancel()
+    assert sup.terminate() == 0, sup.log_text()[-3000:]
+
+
 async def _logged(proc: GatewayProcess, text: str) -> None:
     """Until ``proc`` has logged ``text`` (bounded: 30 s)."""
     for _ in range(600):
