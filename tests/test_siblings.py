@@ -144,3 +144,29 @@ async def test_a_state_of_many_long_keys_goes_whole_in_datagrams_that_fit(tmp_pa
                     whole.update(m[2])
                 break
         assert whole == counts, f"{len(whole)} of {len(counts)} counts stated"
+
+
+async def test_a_message_read_after_its_sender_died_comes_before_it_is_said_gone(tmp_path: Path) -> None:
+    """A process sent its follower counts and died before they were read. The reader, meeting it,
+    found it gone (its state to it refused) and said so, then handed the dead process's message
+    on: the shared log kept the counts of a process it had been told was gone, for ever (nothing
+    says gone twice), and a stream nobody follows looked followed (never cancelled, never let go)."""
+    loop = asyncio.get_running_loop()
+    heard: list[tuple[str, str]] = []  # ("message" | "gone", who), in the order the reader was told
+    a = Siblings(tmp_path, 5.0, lambda who, m: heard.append(("message", who)), lambda who: heard.append(("gone", who)),
+                 lambda: iter([["restate", "a", {}, True, True, []]]))
+    b = Siblings(tmp_path, 5.0, lambda who, m: None, lambda who: None)
+    a.start(loop)
+    assert a._sock is not None
+    loop.remove_reader(a._sock.fileno())  # a's loop is busy: b's message waits in its queue
+    b.start(loop)
+    try:
+        assert b.send(a.me, ["followers", b.me, {"k": 1}])
+    finally:
+        b.stop()  # b dies
+    a._readable()
+    try:
+        assert ("gone", b.me) in heard, "a found b gone when it answered it"
+        assert heard[-1] == ("gone", b.me), f"told of b after it was said gone: {heard}"
+    finally:
+        a.stop()

@@ -244,13 +244,17 @@ class Siblings:
             except (orjson.JSONDecodeError, IndexError, TypeError, KeyError):
                 log.warning("a malformed message from a sibling gateway process was ignored")
                 continue
-            if sender not in self.peers and sender != self.me:  # new, or back after it looked dead
+            met = sender not in self.peers and sender != self.me  # new, or back after it looked dead
+            if met:
                 self.peers.add(sender)
-                self.state_to(sender)
             try:
                 self._on_message(sender, message)
             except Exception:
                 log.exception("handling a message from gateway process %s failed", sender)
+            if met:
+                # After its message: a sender that died since it sent it is found gone here (its
+                # state refused), and what its message left behind (follower counts) goes with it.
+                self.state_to(sender)
             sock = self._sock
 
     def _lock_path(self, who: str) -> Path:
