@@ -51,6 +51,22 @@ def route(method: str, path: str) -> tuple[Endpoint, tuple[str, ...]] | None:
     return None
 
 
+# --- requests that may be sent again ------------------------------------------------------------
+
+# POSTs of the API that only read (searches, counts, a thread's history, its state at a
+# checkpoint): one whose kept-alive connection the server closed under it, unanswered, is sent
+# again, as aiohttp sends the idempotent methods again by itself. Any other POST may have created
+# something (a run, a thread) and is never sent twice.
+_READ_ONLY_POSTS = re.compile(
+    r"^/(?:(?:assistants|threads|runs/crons)/(?:search|count)|store/items/search|store/namespaces"
+    r"|assistants/[^/]+/versions|threads/[^/]+/history|threads/[^/]+/state/checkpoint)$")
+
+
+def may_send_again(method: str, path: str) -> bool:
+    """Whether a request that reached the upstream but got no answer may be sent once more."""
+    return method == "POST" and _READ_ONLY_POSTS.match(path) is not None
+
+
 # --- ids and keys --------------------------------------------------------------------------------
 
 _CAPTURABLE_ID = re.compile(r"^[A-Za-z0-9._~-]{1,200}$")

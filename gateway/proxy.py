@@ -19,6 +19,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway import agentapi
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
 from gateway.logs import END
@@ -163,7 +164,8 @@ class Forwarder:
         try:
             return await self.upstreams.send(target.pool, request.method, pq,
                                              headers if headers is not None else self.upstream_headers(request),
-                                             data, kind=kind)
+                                             data, kind=kind,
+                                             again=streamed is None and agentapi.may_send_again(request.method, target.path))
         except UpstreamError:
             if streamed is not None and streamed.failure is not None:  # the client's body failed, not the upstream
                 raise streamed.failure from None

@@ -360,16 +360,18 @@ class Upstreams:
 
     async def send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
                    data: Any = None, timeout: aiohttp.ClientTimeout | None = None,
-                   kind: Kind = "forward") -> aiohttp.ClientResponse:
+                   kind: Kind = "forward", again: bool = False) -> aiohttp.ClientResponse:
         """Send to the first replica that accepts the connection; response headers are read.
 
         The connection counts against ``pool``'s budget for ``kind`` until the response
         is released. ``timeout`` overrides the pool's (for the gateway's own quick checks).
+        ``again``: the request may be sent once more if its connection broke before any answer
+        (``agentapi.may_send_again``; aiohttp does that itself for the idempotent methods).
         """
         assert pool.session is not None, "upstreams not started"
         budget = pool.budgets[kind]
         resp = await self._budgeted(pool, budget, headers, lambda: self._send(
-            pool, method, path_qs, headers, data, timeout or pool.timeout))
+            pool, method, path_qs, headers, data, timeout or pool.timeout, again))
         conn = resp.connection
         if conn is None:  # nothing left to read: the connection is back in the pool already
             budget.release()
@@ -391,13 +393,28 @@ class Upstreams:
         return resp
 
     async def _send(self, pool: Pool, method: str, path_qs: str, headers: CIMultiDict[str] | dict[str, str],
-                    data: Any, timeout: aiohttp.ClientTimeout) -> aiohttp.ClientResponse:
+                    data: Any, timeout: aiohttp.ClientTimeout, again: bool) -> aiohttp.ClientResponse:
         session = pool.session
         assert session is not None
-        return await self._first_reached(pool, lambda replica: session.request(
-            method, request_url(replica, path_qs, headers), headers=headers, data=data, allow_redirects=False,
-            timeout=timeout, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        ), timeout.sock_read or timeout.total)
+
+        async def attempt(replica: Replica) -> aiohttp.ClientResponse:
+            url = request_url(replica, path_qs, headers)
+            tries = 2 if again else 1
+            for i in range(tries):
+                try:
+                    return await session.request(
+                        method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout,
+                        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"))
+                except _NOT_REACHED:
+                    raise  # never connected: the next replica's (_first_reached)
+                except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+                    # A kept-alive connection the server closed as the request went out on it (its
+                    # idle timer, under load): unanswered. Sent once more only if it may be.
+                    if i == tries - 1:
+                        raise
+            raise AssertionError("unreachable: the last try returns or raises")
+
+        return await self._first_reached(pool, attempt, timeout.sock_read or timeout.total)
 
     async def _first_reached(self, pool: Pool, attempt: Callable[[Replica], Awaitable[R]],
                              timeout: float | None = None) -> R:

@@ -84,6 +84,9 @@ class Faults:
     # (header, value): every API request must carry it (else 403), like an upstream whose
     # custom auth reads a header of its own (X-User) rather than Authorization or a key.
     require_header: tuple[str, str] | None = None
+    # The next this many API requests find their connection closed (a reset, no answer): a kept-alive
+    # connection whose idle timeout fired on the server as the request went out on it.
+    drop_requests: int = 0
 
 
 @dataclass
@@ -256,6 +259,10 @@ class FakeAgentServer:
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path != "/ok":
             self.requests.append((request.method, request.path_qs))
+            if self.faults.drop_requests > 0 and request.transport is not None:
+                self.faults.drop_requests -= 1
+                request.transport.abort()
+                return web.Response()  # written nowhere: the connection is gone
             if self.faults.hang:
                 await asyncio.sleep(self.faults.hang)
             if self.faults.status:
