@@ -400,3 +400,40 @@ async def test_a_redis_outage_past_the_lease_counts_a_lost_lease_per_live_captur
         lost = sum(s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
                    if s.name == "gateway_leases_lost_total")
     assert lost == 1
+
+
+@pytest.mark.parametrize("fault", ["stopped", "maxmemory"])
+async def test_redis_failing_while_the_gateway_is_idle_is_said_by_readiness_before_any_client_is_refused(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession, fault: str) -> None:
+    """README: /readyz is 200 only while "storage takes writes". With nothing being captured the
+    gateway still writes to Redis (its replica heartbeat, every third of the lease): when Redis is
+    down or refuses writes, readiness and ``gateway_storage_failing`` say so from that write on, so
+    the load balancer and GatewayStorageFailing hear of it before the first new run is refused
+    with 503, not only after. No commit failed, so no failed commit is counted; once Redis takes
+    writes again the gateway is ready again by itself."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "idle-ready")
+    tid = await new_thread(http, gw)
+    await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
+    assert await _storage_says(http, gw) == (200, 0.0, 0.0)
+    if fault == "stopped":
+        await asyncio.to_thread(own_redis.stop)
+    else:
+        own_redis.command("CONFIG", "SET", "maxmemory", "1000")
+    said = (200, 0.0, 0.0)
+    for _ in range(60):  # the heartbeat writes every 0.5 s (lease_ttl 1.5 s): bounded at 6 s
+        said = await _storage_says(http, gw)
+        if said[0] == 503:
+            break
+        await asyncio.sleep(0.1)
+    assert said == (503, 1.0, 0.0), f"(readyz, storage_failing, commit errors) with Redis {fault}: {said}"
+    if fault == "stopped":
+        await asyncio.to_thread(own_redis.start)
+    else:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    for _ in range(60):  # the gateway probes Redis every second
+        said = await _storage_says(http, gw)
+        if said[0] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert said == (200, 0.0, 0.0)

@@ -584,6 +584,11 @@ class RedisEventLog(EventLog):
                     results = await p.execute()
             except RedisError as exc:
                 log.warning("could not renew leases: %s", exc)
+                # The heartbeat is the one write an idle gateway makes: Redis unreachable or refusing
+                # it is storage failing (readiness, the failing gauge) before a client's run is
+                # refused for it. Not a failed commit: nobody's events were refused.
+                if _unwritable(exc):
+                    self._fail(f"{exc.__class__.__name__}: {exc}")
                 continue
             for (key, claim), ok in zip(claims, results[1:]):
                 if not ok and self._claims.get(key) is claim:
@@ -917,7 +922,7 @@ class RedisEventLog(EventLog):
         reached for, or refused (maxmemory): storage fails as when a commit group does, and is counted
         as one. With no stream live it is the only write there is: without this, Redis down would
         refuse every new run with 503 while readiness, the failing gauge and the alerts said nothing."""
-        if not (isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or _refusal(exc)):
+        if not _unwritable(exc):
             return  # the log's own answer about one stream, or a bug: not storage failing
         if self._on_commit is not None:
             self._on_commit(0, time.perf_counter() - started, False)
@@ -1046,6 +1051,11 @@ class RedisEventLog(EventLog):
         size = sum(len(d) + 24 for _, d in old)
         await self._trim_script(keys=[self._k("s", m.key), self._k("m", m.key), self._k("size")],
                                 args=[f"{next_seq}-0", next_seq, size])
+
+
+def _unwritable(exc: RedisError) -> bool:
+    """Redis cannot take writes: unreachable, timing out, or refusing them (``_refusal``)."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or _refusal(exc)
 
 
 def _refusal(res: Any) -> bool:
