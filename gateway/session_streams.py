@@ -118,7 +118,11 @@ class SessionHandlers:
             return cursor.seq
 
         leg = Leg(self.forwarder.upstream_headers(request, drop=_LEG_DROP))
-        return await self.streams.attach(request, target, meta, cursor, leg, prepare, position=position)
+        att, headers = await self.streams.attach(request, target, meta, cursor, leg, prepare, position=position)
+        if att.held is None and att.follower is not None and cursor.kind == "seq":
+            # Nothing held, so ``position`` never ran: served from the start, a resume not held.
+            self.streams.tell_resume(request, cursor, "not_held", headers)
+        return att, headers
 
     # --- the WebSocket ----------------------------------------------------------------------------
 

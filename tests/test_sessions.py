@@ -1017,3 +1017,27 @@ def test_the_seam_drops_what_is_held_and_proves_or_marks_continuity() -> None:
     stored, eid = sessions.stored(replay[0][0]) or (b"", "")
     assert b'"seq"' not in stored and eid == "a"
     assert sessions.wire(42, stored).startswith(b'{"seq":42,"type":"event"')
+
+
+async def test_a_session_resumed_with_since_on_a_thread_the_gateway_never_captured_counts_as_not_held(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A since is a resume, as a run's Last-Event-ID is: one the log holds nothing for (a gateway
+    put in front of a thread whose session the client read upstream before, a log moved aside) is
+    served from the start and counted ``not_held``, over SSE and over the WebSocket alike, as a
+    run stream not held is. It moved no metric at all: a resume that finds nothing held was
+    invisible to gateway_resumes_total."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    sse_tid, ws_tid = str(uuid.uuid4()), str(uuid.uuid4())
+    for tid in (sse_tid, ws_tid):
+        fake_upstream.threads.add(tid)
+        fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}')]
+    before = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
+    got = await asyncio.wait_for(read_session(http, gw.url, sse_tid, since=7, count=1), 20)
+    assert [e.get("event_id") for e in got] == ["e1"], "served from the start"
+    async with http.ws_connect(f"{gw.url.replace('http', 'ws')}/threads/{ws_tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL, "since": 7}})
+        replies = [await asyncio.wait_for(ws.receive_json(), 20) for _ in range(2)]
+    assert any(r.get("type") == "success" and r.get("id") == 1 for r in replies), replies
+    after = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
+    assert {k: after[k] - before[k] for k in after} == {"hit": 0.0, "not_held": 2.0, "truncated": 0.0}
