@@ -130,11 +130,12 @@ class Gateway:
         the request metric. One coroutine, not three aiohttp middlewares around a handler: an idle
         stream keeps its whole chain of waiting coroutines for hours, ~0.3 KiB each.
         """
+        target = self.upstreams.route(request.rel_url.raw_path)
         refused = refusal(request)
-        if refused is not None:
+        if refused is not None:  # answered, and logged: counted as every other answer is
+            self.metrics.request_done(target.pool.name, request.method, refused.status)
             return answered(request, refused)
         began = asyncio.get_running_loop().time()
-        target = self.upstreams.route(request.rel_url.raw_path)
         status = 500
         try:
             try:

@@ -340,6 +340,29 @@ async def test_connections_beyond_the_cap_get_a_clear_503(
         assert r.status == 200
 
 
+
+async def test_a_connection_refused_at_the_cap_counts_as_the_503_it_was_answered(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """gateway_requests_total{status} counts every request answered, as the access log writes a line
+    for each: the 503 a connection beyond clients.max_connections gets was logged but never counted,
+    so a gateway turning clients away at its cap showed no 5xx at all on the requests panel."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           clients={"max_connections": 2}))
+    host, port = gw.url.removeprefix("http://").split(":")
+    held = [socket.create_connection((host, int(port))) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.1)
+        for _ in range(3):
+            status, _body = status_and_body(await raw_request(gw.url, b"GET /echo/x HTTP/1.1\r\nHost: x\r\n\r\n",
+                                                              timeout=5))
+            assert status == 503
+    finally:
+        for s in held:
+            s.close()
+    counted = await by_label(http, gw.admin_url, "gateway_requests_total", "status")
+    assert counted.get("5xx") == 3.0, counted
+
+
 # --- 6. forwarding headers only from proxies the operator trusts -----------------------------------------
 
 async def test_client_sent_forwarded_host_and_proto_are_overwritten(
