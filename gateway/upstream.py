@@ -255,6 +255,14 @@ class Pool:
             log.info("upstream %s replica %s is back (%s)", self.name, replica.label, why)
             self._notify(replica)
 
+    def answered(self, replica: Replica) -> None:
+        """A request reached ``replica``: back in rotation if a refused connection took it out, but
+        not if its health checks did. Their verdict stands until one passes: an upstream behind a
+        proxy whose backend died answers every request (502, 503), and each answer put it back,
+        readiness and the health gauge saying up between checks while every client got errors."""
+        if replica.failures < self.cfg.health.unhealthy_threshold:
+            self.mark_up(replica, "it answered a request")
+
     def record_check(self, replica: Replica, ok: bool, reason: object = None) -> None:
         h = self.cfg.health
         if ok:
@@ -432,11 +440,11 @@ class Upstreams:
                 refused.append(f"{replica.label}: {exc if isinstance(exc, ConnectFailed) else exc.__class__.__name__}")
                 continue
             except aiohttp.WSServerHandshakeError:  # reached, and it answered: the caller relays its status
-                pool.mark_up(replica, "it answered a request")
+                pool.answered(replica)
                 raise
             except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
                 raise as_upstream_error(exc, f"upstream '{pool.name}' ({replica.label})", timeout) from None
-            pool.mark_up(replica, "it answered a request")
+            pool.answered(replica)
             return result
         if not pool.replicas:
             raise NoHealthyReplica(f"upstream '{pool.name}' has no replica")

@@ -206,6 +206,41 @@ async def test_refusing_replica_is_skipped_retried_and_put_back_when_healthy(
         await good.stop()
 
 
+
+async def test_requests_answered_with_errors_do_not_put_back_a_replica_its_health_check_took_out(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """The upstream passes its health check, then answers everything with 503 (an Agent Server behind
+    a proxy whose backend died): its checks take it out. Requests still go to it (every replica is
+    out), and each one it answered put it back in rotation until the next check: /readyz said ready
+    and gateway_upstream_replica_healthy 1 between checks, so GatewayUpstreamDown's minute at 0 never
+    came while every client got 503. A failing health check's verdict stands until a check passes."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {
+        "urls": [fake_upstream.url], "health": {"path": "/echo/health", "interval": "50ms",
+                                                 "unhealthy_threshold": 2}}}))
+    replica = gw.gw.upstreams.pools["default"].replicas[0]
+    for _ in range(100):
+        async with http.get(f"{gw.admin_url}/readyz") as r:
+            if r.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    fake_upstream.faults.status = 503
+    for _ in range(100):
+        if not replica.healthy:
+            break
+        await asyncio.sleep(0.05)
+    assert not replica.healthy, "failing health checks take it out"
+    said = []
+    for _ in range(40):  # requests answered 503 interleaved with checks every 50 ms: bounded, ~1 s
+        async with http.get(f"{gw.url}/echo/x") as r:
+            assert r.status == 503
+        async with http.get(f"{gw.admin_url}/readyz") as r:
+            said.append((r.status, replica.healthy))
+        await asyncio.sleep(0.01)
+    fake_upstream.faults.status = 0
+    assert set(said) == {(503, False)}, said
+
+
 async def test_failing_health_check_takes_replica_out_but_requests_still_try_when_all_are_out(
         make_gateway: MakeGateway, tmp_path: Path, http: aiohttp.ClientSession) -> None:
     a, b = await FakeAgentServer().start(), await FakeAgentServer().start()
