@@ -305,7 +305,9 @@ class Captures:
         # Without a leg in hand, the task opens one from what the log holds: after the begin.
         staged = self.log.begin_staged(meta) if resp is not None else None
         if staged is None:
-            return self.start(await self.log.begin(meta), resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
+            # No leg in hand: a background run, whose first leg the task opens (no re-join).
+            return self.start(await self.log.begin(meta), resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan,
+                              opening=resp is None)
         begun, committed = staged
         ing = self.start(begun, resp, seam, auth=auth, cancel_on_orphan=cancel_on_orphan)
         try:
@@ -316,9 +318,10 @@ class Captures:
         return ing
 
     def start(self, meta: StreamMeta, resp: LegResponse | None, seam: Seam | SessionSeam | None, *,
-              auth: dict[str, str] | None = None, cancel_on_orphan: bool = False) -> Ingest:
+              auth: dict[str, str] | None = None, cancel_on_orphan: bool = False, opening: bool = False) -> Ingest:
         """Run the ingest task of a stream this process has claimed (and begun). A cancel on
-        disconnect asked of an earlier capture of it (``meta`` as the log holds it) still holds."""
+        disconnect asked of an earlier capture of it (``meta`` as the log holds it) still holds.
+        ``opening``: no leg was ever open (a background run): the first one the task opens is no re-join."""
         ing = Ingest(meta=meta, auth=auth or {}, cancel_on_orphan=cancel_on_orphan or meta.cancel_on_orphan)
         self.live[meta.key] = ing
         landing: Parked | None = None
@@ -334,7 +337,7 @@ class Captures:
                 self._park(ing, landing)
                 return ing
             ing.parked = landing  # ended already: as _unpark, parked until the task takes it up
-        ing.task = asyncio.create_task(self._run(ing, resp, seam, landing), name=f"ingest:{meta.key}")
+        ing.task = asyncio.create_task(self._run(ing, resp, seam, landing, opening), name=f"ingest:{meta.key}")
         return ing
 
     async def _seam(self, meta: StreamMeta, held: StreamMeta | None, last: str | None) -> Seam | SessionSeam | None:
@@ -413,7 +416,7 @@ class Captures:
     # --- the ingest task ----------------------------------------------------------------------
 
     async def _run(self, ing: Ingest, resp: LegResponse | None, seam: Seam | SessionSeam | None,
-                   landing: Parked | None = None) -> None:
+                   landing: Parked | None = None, opening: bool = False) -> None:
         """Copy legs into the log, re-joining a lost one, until the stream ends. While a leg is
         copied the task ends and the capture is parked; the leg's end runs this again with
         ``landing``, the parked state (``start`` copies a first leg in hand the same way)."""
@@ -434,7 +437,10 @@ class Captures:
                                 await self._finish(ing, "done")
                                 ended = True
                                 return
-                            resp, seam = await self._rejoin(ing)
+                            # gateway_upstream_rejoins counts legs that broke (or whose process went),
+                            # not a background run's first leg, opened here for want of a client's.
+                            resp, seam = await self._rejoin(ing, counted=not opening)
+                            opening = False
                         copy = self._attach(ing, resp, seam)
                         end = resp.end()
                         if not end.done():
@@ -542,7 +548,7 @@ class Captures:
         held = await self.log.lookup(key)
         return held is not None and held.kind == "run" and held.last_event == ERROR_EVENT.decode()
 
-    async def _rejoin(self, ing: Ingest) -> tuple[LegResponse, Seam | SessionSeam | None]:
+    async def _rejoin(self, ing: Ingest, counted: bool = True) -> tuple[LegResponse, Seam | SessionSeam | None]:
         held = await self.log.lookup(ing.key)
         last = leg_last_event_id(ing.meta.kind, held)
         told = False
@@ -559,10 +565,12 @@ class Captures:
                     logger.warning("stream %s waits for a free upstream connection to re-join: %s", ing.key, exc)
                     told = True
             except GatewayError as exc:  # to the capture this is just a leg that did not open
-                self.metrics.rejoined(False)
+                if counted:
+                    self.metrics.rejoined(False)
                 raise UpstreamBroke(exc.detail) from exc
         ok = is_event_stream(resp)
-        self.metrics.rejoined(ok)
+        if counted:
+            self.metrics.rejoined(ok)
         if not ok:
             try:
                 body = (await resp.content.read(512)).decode("utf-8", "replace")

@@ -20,6 +20,7 @@ import yaml
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.prometheus_server import PrometheusServer
+from tests.support.metrics import by_label
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.sse import read_events, read_until_cut
@@ -494,3 +495,25 @@ async def test_a_gateway_started_again_and_again_raises_restarting(
         assert [x["state"] for x in firing] == ["firing"], prom.log_tail()
     finally:
         prom.stop()
+
+
+async def test_a_background_runs_first_leg_is_no_rejoin(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """gateway_upstream_rejoins_total counts re-joins of upstream legs that broke (the dashboard's
+    "Upstream re-joins/s", what an operator reads as legs lost). The first leg of a background run,
+    which the gateway opens itself because no client streams it yet, is no re-join: counted as one,
+    every background run created showed as a broken leg re-joined. A leg that does break is."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "50ms"}))
+    tid = await new_thread(http, gw)
+    for _ in range(3):
+        async with http.post(f"{gw.url}/threads/{tid}/runs", json={"assistant_id": "a", "input": {"n": 3}}) as r:
+            run = await r.json()
+        got = await join(http, f"{gw.url}/threads/{tid}/runs/{run['run_id']}/stream", "-1")
+        assert [e.event for e in got].count("custom") == 3
+    assert await by_label(http, gw.admin_url, "gateway_upstream_rejoins_total", "outcome") == {"ok": 0.0, "failed": 0.0}
+    fake_upstream.faults.cut_after = 2  # one leg broken: one re-join
+    await read_events(await stream_run(http, gw, tid, assistant="a", n=6, delay=0.01))
+    fake_upstream.faults.cut_after = 0
+    assert await by_label(http, gw.admin_url, "gateway_upstream_rejoins_total", "outcome") == {"ok": 1.0, "failed": 0.0}
