@@ -21,6 +21,11 @@ PageSource = Literal["log", "shared"]  # a replayed page read from the log, or s
 # found the lease gone, or the log refused a write with the fencing check.
 LeaseLoss = Literal["renewal", "fenced"]
 
+# The methods HTTP defines (RFC 9110, PATCH): each its own value of gateway_requests_total's
+# ``method``. A client may send any token as a method (aiohttp's pure-Python parser takes them all):
+# the rest share "other", or each client could add series without bound.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+
 # (upstream, kind, in use, limit, refused so far): one connection budget, read at scrape time.
 PoolUse = tuple[str, str, int, int, int]
 
@@ -117,7 +122,7 @@ class PrometheusMetrics:
               registry=self.registry).set_function(storage_failing)
 
     def request_done(self, upstream: str, method: str, status: int) -> None:
-        self.requests.labels(upstream, method, f"{status // 100}xx").inc()
+        self.requests.labels(upstream, method if method in METHODS else "other", f"{status // 100}xx").inc()
 
     def replica_health(self, upstream: str, replica: str, healthy: bool) -> None:
         self.replica_healthy.labels(upstream, replica).set(1 if healthy else 0)

@@ -517,3 +517,30 @@ async def test_a_background_runs_first_leg_is_no_rejoin(
     await read_events(await stream_run(http, gw, tid, assistant="a", n=6, delay=0.01))
     fake_upstream.faults.cut_after = 0
     assert await by_label(http, gw.admin_url, "gateway_upstream_rejoins_total", "outcome") == {"ok": 1.0, "failed": 0.0}
+
+
+async def test_request_methods_http_does_not_define_share_one_series_of_gateway_requests(
+        gateway_process: Callable[..., GatewayProcess], fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client may send any token as its method, and the gateway forwards it. aiohttp's C parser
+    knows a fixed list of methods, but its pure-Python parser (AIOHTTP_NO_EXTENSIONS, platforms
+    without its compiled extension) takes any token: one series of gateway_requests_total per
+    token let any client grow /metrics, and Prometheus's memory, without bound. The methods HTTP
+    defines keep their own series; every other one counts as ``method="other"``."""
+    monkeypatch.setenv("AIOHTTP_NO_EXTENSIONS", "1")
+    gw = gateway_process("--upstream", fake_upstream.url, "--data-dir", str(tmp_path / "data")).start()
+    for i in range(30):
+        async with http.request(f"X{i}YZ", gw.url + "/echo/x") as r:
+            await r.read()
+    async with http.get(gw.url + "/echo/x") as r:
+        await r.read()
+    async with http.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as r:
+        text = await r.text()
+    methods: dict[str, float] = {}
+    for f in text_string_to_metric_families(text):
+        for s in f.samples:
+            if s.name == "gateway_requests_total":
+                methods[s.labels["method"]] = methods.get(s.labels["method"], 0.0) + s.value
+    assert set(methods) <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+                            "other"}, sorted(methods)
+    assert (methods.get("other"), methods.get("GET")) == (30.0, 1.0), methods
