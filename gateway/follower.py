@@ -325,7 +325,8 @@ class Follower:
         """The stream as held still contains this client's position, or the client is cut.
 
         When the log lost a stream (Redis flushed) and the capture began it again, the new events
-        have new ids above the client's: following on would feed it the run a second time.
+        have new ids above the client's: following on would feed it the run a second time. So too
+        when it lost the events from the client's position on (Redis back from an older snapshot).
         """
-        if self.pos and self.pos <= meta.base:
+        if self.pos and meta.lost(self.pos):
             raise StreamCut(self._restarted)

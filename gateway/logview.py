@@ -207,7 +207,7 @@ def _stream_problems(view: LogView, meta: StreamMeta, rows: list[Row] | None) ->
         problems.append(f"{prefix} its metadata says head {meta.head}, its records end at {last}")
     if not meta.first_seq and count != meta.count:  # trimmed streams keep their total count
         problems.append(f"{prefix} its metadata counts {meta.count} events, its records hold {count}")
-    if meta.base > meta.head and meta.head:
+    if meta.base > meta.head and meta.head and not meta.lost_after:
         problems.append(f"{prefix} base {meta.base} is above its head {meta.head}")
     return problems, count
 

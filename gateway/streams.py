@@ -361,9 +361,10 @@ class StreamHandlers:
         if cursor.kind == "seq" and cursor.seq > await self.log.last_seq():
             # An id above every id ever handed out would wait forever for events: say so instead.
             raise InvalidEventId(f"Invalid Last-Event-ID {cursor.raw!r}: this gateway has not sent that id yet")
-        if cursor.kind == "seq" and cursor.seq <= meta.base:
+        if cursor.kind == "seq" and meta.lost(cursor.seq):
             # An id from an earlier capture of this run or thread (before retention removed it, or
-            # from a log moved aside): none of the events held follow it. Everything, and say so.
+            # from a log moved aside), or of events Redis lost (back from an older snapshot): none
+            # of the events held follow it. Everything, and say so.
             self.tell_resume(request, cursor, "not_held", headers)
             return 0
         if cursor.kind in ("start", "seq") and meta.first_seq and cursor.seq < meta.first_seq - 1:

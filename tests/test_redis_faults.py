@@ -437,3 +437,77 @@ async def test_redis_failing_while_the_gateway_is_idle_is_said_by_readiness_befo
             break
         await asyncio.sleep(0.1)
     assert said == (200, 0.0, 0.0)
+
+
+async def _follow_noting_resumes(http: aiohttp.ClientSession, url: str, first: aiohttp.ClientResponse,
+                                 got: list[Ev]) -> list[tuple[str, int]]:
+    """As ``follow_to_end`` (into ``got``), and each reconnect's ``X-Gateway-Resume`` with the
+    number of events the client had then."""
+    resumes: list[tuple[str, int]] = []
+    resp: aiohttp.ClientResponse | None = first
+    for _ in range(200):
+        if resp is None:
+            try:
+                resp = await http.get(url, headers={"Last-Event-ID": got[-1].id or ""})
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+                continue
+            if resp.status != 200:
+                resp.release()
+                resp = None
+                await asyncio.sleep(0.1)
+                continue
+            resumes.append((resp.headers.get("X-Gateway-Resume", "hit"), len(got)))
+        try:
+            more, cut = await asyncio.wait_for(read_until_cut(resp), 30)
+        finally:
+            resp.close()
+        got.extend(more)
+        if not cut:
+            return resumes
+        resp = None
+        await asyncio.sleep(0.05)
+    raise AssertionError("the stream did not end")
+
+
+# (events a client gets after the snapshot, seconds Redis stays down): back at once, or after the
+# capture's lease ran out (it is then claimed again, as a takeover does).
+@pytest.mark.parametrize("after_save,outage", [(10, 0.0), (40, 0.0), (25, 0.8), (25, 2.5)])
+async def test_redis_rolled_back_to_a_snapshot_never_hands_a_client_an_id_again(
+        redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, after_save: int, outage: float) -> None:
+    """Redis on snapshots (its default persistence; ``durability: none`` accepts it) is killed and
+    comes back as of its last snapshot: the events a client was sent after it, and the id counter
+    with them, are gone. The capture re-joins the upstream from what the snapshot holds; the client
+    reconnecting with its last id gets the rest of the run exactly once, or is told its id is not
+    held and gets the run anew: never an id it was sent again for another event, nor events
+    skipped unsaid (the skipped ones were given the ids of events it had)."""
+    redis = RedisServer(snapshots=True)
+    redises.append(redis)
+    await asyncio.to_thread(redis.start)
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
+    raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snap", "lease_ttl": "1500ms",
+                      "durability": "none"}
+    gw = await make_gateway(raw)
+    resp = await start_run(http, gw, 200, delay=0.02)
+    other = await start_run(http, gw, 200, delay=0.013)  # another stream draws ids from the counter too
+    url = gw.url + resp.headers["Location"]
+    got = await read_events(resp, limit=20)
+    await asyncio.to_thread(redis.command, "SAVE")
+    got += await read_events(resp, limit=after_save)
+    await asyncio.to_thread(redis.kill)
+    await asyncio.sleep(outage)
+    await asyncio.to_thread(redis.start)  # from the snapshot: the last after_save events are not in it
+    resumes = await _follow_noting_resumes(http, url, resp, got)
+    other.close()
+    anew = next((at for outcome, at in resumes if outcome == "not-held"), len(got))
+    if anew == len(got):
+        assert_whole_or_marked(got, 200)
+    else:  # told: from there the client has the run again, whole; what the log lost, under new ids
+        assert_exactly_once(got[anew:], 200)
+        before = {e.id for e in got[:anew]}
+        fresh = [int(e.id or 0) for e in got[anew:] if e.id not in before]
+        assert fresh and min(fresh) > max(int(i or 0) for i in before), "ids never go back to ones handed out"
+    sent: dict[str | None, str] = {}
+    for e in got:
+        assert sent.setdefault(e.id, e.data) == e.data, f"id {e.id} was sent for another event before"

@@ -118,6 +118,10 @@ class StreamMeta:
     # The log's last seq when this capture began: every id of this capture is above it, so a
     # client id at or below it belongs to an earlier capture of the same run or thread.
     base: int = 0
+    # Redis lost events of this stream it had acknowledged (it came back from an older snapshot):
+    # its head then was this. Ids above it, up to ``base``, may have been sent to clients for events
+    # the log no longer holds (and the counter handed out again): they are not held (``lost``).
+    lost_after: int = 0
     # A client asked for the run to be cancelled once nobody follows it (cancel_on_disconnect),
     # wherever it joined: the capturing process reads it here.
     cancel_on_orphan: bool = False
@@ -152,6 +156,11 @@ class StreamMeta:
     @property
     def finished(self) -> bool:
         return self.end is not None
+
+    def lost(self, seq: int) -> bool:
+        """Whether a client's id ``seq`` is one none of the held events follow: from an earlier
+        capture (at or below ``base``), or one of the events a Redis rollback lost."""
+        return self.lost_after < seq <= self.base
 
     @property
     def endless(self) -> bool:

@@ -200,7 +200,7 @@ else
     redis.call('SET', KEYS[3], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
   end
   for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'fence', ARGV[2], 'bno', '0',
+  redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'lost_after', '0', 'fence', ARGV[2], 'bno', '0',
              'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
 end
 redis.call('SADD', KEYS[4], redis.call('HGET', KEYS[1], 'key'))
@@ -237,6 +237,27 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], 
 return 0
 """
 
+# KEYS: meta, seq.  ARGV: the head this replica had acknowledged appends of the stream up to (0: none),
+# the highest id it has seen.  Mends what Redis coming back from an older snapshot (or empty) broke:
+# the counter, below ids handed out already, is raised above them (to the current time in
+# microseconds, as a new counter starts); a stream whose head is below what was acknowledged lost
+# those events, and the ids a client may hold of them are marked not held (``StreamMeta.lost``).
+# Returns 1 when the stream was marked.
+_MEND = """
+local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
+if seq < tonumber(ARGV[2]) then
+  local t = redis.call('TIME')
+  seq = math.max(tonumber(ARGV[2]), tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[2], string.format('%.0f', seq))
+end
+local head = redis.call('HGET', KEYS[1], 'head')
+if head and tonumber(ARGV[1]) > tonumber(head) then
+  redis.call('HSET', KEYS[1], 'lost_after', head, 'base', string.format('%.0f', seq))
+  return 1
+end
+return 0
+"""
+
 # KEYS: all.  Converts the stream index of a log from before (a plain set) to the sorted set.
 _INDEX_SORTED = """
 if redis.call('TYPE', KEYS[1]).ok ~= 'set' then return 0 end
@@ -246,7 +267,7 @@ for _, k in ipairs(keys) do redis.call('ZADD', KEYS[1], 0, k) end
 return #keys
 """
 
-_INT_FIELDS = {"head", "count", "size", "first_seq", "base"}
+_INT_FIELDS = {"head", "count", "size", "first_seq", "base", "lost_after"}
 _FLOAT_FIELDS = {"created_at", "updated_at"}
 _BOOL_FIELDS = {"resumable", "open", "cancel_on_orphan", "begun_partway"}
 _META_FIELDS = {f.name for f in fields(StreamMeta)}
@@ -336,6 +357,11 @@ class RedisEventLog(EventLog):
         self._live_channels: set[bytes] = set()  # subscriptions Redis has confirmed
         self._rejoin: set[bytes] = set()  # channels whose next confirmation follows a possible loss
         self._size = 0
+        # What Redis must still hold, as this replica learnt it: the highest id it has seen, and per
+        # stream the head its own appends were acknowledged up to (kept past a lost claim, until the
+        # stream is released here). Redis below them came back from an older snapshot (``_MEND``).
+        self._high = 0
+        self._acked: dict[str, int] = {}
         self.takeover_interval = cfg.lease_ttl / 2
         self._append: Any = None
         self._claim_script: Any = None
@@ -345,6 +371,7 @@ class RedisEventLog(EventLog):
         self._drop_script: Any = None
         self._trim_script: Any = None
         self._flag_script: Any = None
+        self._mend_script: Any = None
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -376,6 +403,7 @@ class RedisEventLog(EventLog):
             self._drop_script = r.register_script(_DROP)
             self._trim_script = r.register_script(_TRIM)
             self._flag_script = r.register_script(_FLAG)
+            self._mend_script = r.register_script(_MEND)
             if converted := await r.eval(_INDEX_SORTED, 1, self._k("all")):
                 log.info("indexed %d streams of a log from before in key order", converted)
             await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
@@ -491,9 +519,24 @@ class RedisEventLog(EventLog):
 
     async def last_seq(self) -> int:
         try:
-            return int(await self._r.get(self._k("seq")) or 0)
+            seq = int(await self._r.get(self._k("seq")) or 0)
+            if seq < self._high:
+                # Below an id this replica has seen: Redis lost data. Mended before the caller
+                # (a resume) compares a client's id with it, or the id would be taken for one not
+                # sent yet, and the events this replica captured of it for some still held.
+                for key in list(self._acked):
+                    await self._mend(key)
+                seq = int(await self._r.get(self._k("seq")) or 0)
+            return seq
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
+
+    async def _mend(self, key: str) -> None:
+        """Mend what a Redis rollback broke of ``key`` and of the counter (``_MEND``); raises RedisError."""
+        if await self._mend_script(keys=[self._k("m", key), self._k("seq")],
+                                   args=[self._acked.get(key, 0), self._high]):
+            log.error("redis lost events of %s it had acknowledged (it came back from an older snapshot?): "
+                      "clients holding their ids are told they are not held", key)
 
     @property
     def size(self) -> int:
@@ -525,6 +568,12 @@ class RedisEventLog(EventLog):
         if token is None:
             return False
         tok = str(int(token))
+        if key in self._acked:  # captured here before: what it appended must still be there
+            try:
+                await self._mend(key)
+            except RedisError as exc:
+                await self._release_script(keys=[self._k("l", key)], args=[f"{self.replica}:{nonce}:{tok}"])
+                raise StorageError(f"redis: {exc}") from exc
         self._claims[key] = _Claim(f"{self.replica}:{nonce}:{tok}", tok)
         # A new claim writes from what the log holds (its fence and batch numbers start anew): a
         # failed append of an earlier claim of this process no longer stands between it and the
@@ -535,6 +584,7 @@ class RedisEventLog(EventLog):
 
     async def release(self, key: str) -> None:
         claim = self._claims.pop(key, None)
+        self._acked.pop(key, None)
         if claim is None:
             return
         done = self._releasing[key] = asyncio.get_running_loop().create_future()
@@ -750,6 +800,7 @@ class RedisEventLog(EventLog):
         prev = int(head or 0)
         entries = entries_in(int(first), record) if record else []
         if entries:
+            self._saw(entries[-1][0])
             self._feeds.deliver(key, Batch("events", entries, prev, sum(len(b) for _, b in entries)))
         if kind == b"e":  # an end may carry the stream's last events (an error event): they go first
             self._feeds.deliver(key, Batch("end", prev=entries[-1][0] if entries else prev))
@@ -784,6 +835,8 @@ class RedisEventLog(EventLog):
         now = repr(time.time())
         started = time.perf_counter()
         try:
+            if meta.key in self._acked:  # begun again (after a failed commit): Redis may have lost some
+                await self._mend(meta.key)
             raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
                                           self._k("open"), self._k("all")],
                                     args=[claim.value, claim.token, now, int(self._cfg.lease_ttl * 1000),
@@ -898,6 +951,8 @@ class RedisEventLog(EventLog):
             return
         entries = [(first + i, body) for i, body in enumerate(p.bodies)]
         if entries:
+            self._saw(entries[-1][0])
+            self._acked[p.key] = entries[-1][0]
             self._feeds.deliver(p.key, Batch("events", entries, prev, p.nbytes))
         if p.end:
             self._feeds.deliver(p.key, Batch("end", prev=entries[-1][0] if entries else prev))
@@ -976,7 +1031,13 @@ class RedisEventLog(EventLog):
             raise StorageError(f"redis: {exc}") from exc
         del out[limit:]
         cut_to_bytes(out, max_bytes)
+        if out:
+            self._saw(out[-1][0])
         return out
+
+    def _saw(self, seq: int) -> None:
+        if seq > self._high:
+            self._high = seq
 
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:
         skey = self._k("s", key)

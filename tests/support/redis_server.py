@@ -2,7 +2,9 @@
 
 It persists like production should: an append-only file fsynced on every write,
 and no eviction. ``restart`` stops it and starts it again on the same port and
-directory, so it comes back from its AOF.
+directory, so it comes back from its AOF. With ``snapshots=True`` it keeps no AOF and
+writes an RDB snapshot only when told (``SAVE``): killed, it comes back as of that
+snapshot, as a Redis on its default (RDB) persistence does after a crash.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from tests.support.procs import die_with_parent, free_port, stop
 
 
 class RedisServer:
-    def __init__(self, binary: str = "redis-server") -> None:
+    def __init__(self, binary: str = "redis-server", *, snapshots: bool = False) -> None:
         self.binary = shutil.which(binary) or binary
+        self.snapshots = snapshots
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="gw-redis-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -30,7 +33,8 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--maxmemory-policy", "noeviction",
+             *(("--appendonly", "no") if self.snapshots else ("--appendonly", "yes", "--appendfsync", "always")),
+             "--save", "", "--maxmemory-policy", "noeviction",
              "--protected-mode", "no", "--logfile", str(self.dir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
