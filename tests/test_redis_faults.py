@@ -511,3 +511,37 @@ async def test_redis_rolled_back_to_a_snapshot_never_hands_a_client_an_id_again(
     sent: dict[str | None, str] = {}
     for e in got:
         assert sent.setdefault(e.id, e.data) == e.data, f"id {e.id} was sent for another event before"
+
+
+async def test_redis_losing_the_data_of_a_stream_taken_over_holds_it_anew_from_its_start(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """A run another replica took over, then Redis loses everything: its capture begins it again as
+    a new stream, from the run's start (the upstream replays it all), not from where the stream
+    stood when it was taken over, with the counts of what the log no longer holds."""
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "lost", "a")
+    resp = await start_run(http, a, 300, delay=0.01)
+    loc = resp.headers["Location"]
+    seen = await read_events(resp, limit=30)
+    resp.close()
+    await a.server.stop()  # its capture's claim released, the run open: the next replica takes it over
+    b = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "lost", "b")
+    async with http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""}) as r:
+        assert r.status == 200
+        await read_events(r, limit=30)
+    own_redis.command("FLUSHALL")
+    key = "default/run/" + loc.split("/")[4]
+    for _ in range(100):  # until its capture has begun it again
+        async with http.get(f"{b.admin_url}/streams/{key}") as shown:
+            if shown.status == 200:
+                break
+        await asyncio.sleep(0.05)
+    r = await http.get(b.url + loc, headers={"Last-Event-ID": seen[-1].id or ""})
+    assert r.status == 200 and r.headers["X-Gateway-Resume"] == "not-held"
+    anew: list[Ev] = []
+    await _follow_noting_resumes(http, b.url + loc, r, anew)
+    assert_exactly_once(anew, 300)
+    assert await join(http, b.url + loc, "-1") == anew
+    async with http.get(b.admin_url + "/streams") as r:
+        listed = [s for s in await r.json() if s["key"] == key]
+    assert [s["count"] for s in listed] == [len(anew)], "the metadata counts what the log holds"

@@ -182,6 +182,8 @@ return 0
 # pairs of a new stream. Starts (or restarts) a capture; refuses a caller whose lease another holds
 # (one that vanished with nobody else holding it, say after Redis lost its data, is taken again).
 _BEGIN = """
+local PROGRESS = {head = true, count = true, size = true, first_seq = true, last_upstream_id = true,
+                  last_event = true, lost_after = true, ['end'] = true}
 local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
 if not cur then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
@@ -199,7 +201,11 @@ else
     local t = redis.call('TIME')
     redis.call('SET', KEYS[3], string.format('%.0f', tonumber(t[1]) * 1000000 + tonumber(t[2])))
   end
-  for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  -- What the stream is, not how far it got: a capture begun again after Redis lost its data
+  -- passes the stream as it stood; the log holds none of that now.
+  for i = 5, #ARGV, 2 do
+    if not PROGRESS[ARGV[i]] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+  end
   redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'lost_after', '0', 'fence', ARGV[2], 'bno', '0',
              'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
 end
