@@ -63,7 +63,8 @@ class _Progress(UpstreamBroke):
 
 
 class CapturedElsewhere(Exception):
-    """Another gateway process captures this stream: follow it instead."""
+    """Another capture holds this stream (another process's, or one here the log lost track of):
+    follow it instead."""
 
 
 def is_event_stream(resp: Answer) -> bool:
@@ -261,6 +262,11 @@ class Captures:
         CapturedElsewhere when another gateway process captures it already.
         """
         key = meta.key
+        if key in self.live:
+            # Captured here, though the log no longer holds it (Redis lost it and the capture has not
+            # begun it again yet). The log grants a claim this process holds to every caller: a
+            # second capture would append every event again. The client follows once it is begun.
+            raise CapturedElsewhere(key)
         self._opening.add(key)
         try:
             if not await self.log.claim(key):

@@ -545,3 +545,26 @@ async def test_redis_losing_the_data_of_a_stream_taken_over_holds_it_anew_from_i
     async with http.get(b.admin_url + "/streams") as r:
         listed = [s for s in await r.json() if s["key"] == key]
     assert [s["count"] for s in listed] == [len(anew)], "the metadata counts what the log holds"
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.1, 0.3])
+async def test_a_client_back_before_the_capture_saw_redis_lose_its_stream_opens_no_second_capture(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession, pause: float) -> None:
+    """Redis loses everything between two events of a slow run; a client reconnects ``pause`` later,
+    before (or as) the run's capture finds its stream gone. The capture still running here is the
+    stream's one capture: a second one opened for the client would append every event again."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "again")
+    resp = await start_run(http, gw, 40, delay=0.15)
+    url = gw.url + resp.headers["Location"]
+    seen = await read_events(resp, limit=6)
+    own_redis.command("FLUSHALL")
+    await asyncio.sleep(pause)
+    r = await http.get(url, headers={"Last-Event-ID": seen[-1].id or ""})
+    assert r.status == 200, await r.text()
+    anew: list[Ev] = []
+    await _follow_noting_resumes(http, url, r, anew)
+    resp.close()
+    replay = await join(http, url, "-1")
+    assert [e.json["i"] for e in replay if e.event == "custom"] == list(range(40)), "each event once in the log"
+    assert_whole_or_marked(anew, 40)
