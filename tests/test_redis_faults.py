@@ -568,3 +568,33 @@ async def test_a_client_back_before_the_capture_saw_redis_lose_its_stream_opens_
     replay = await join(http, url, "-1")
     assert [e.json["i"] for e in replay if e.event == "custom"] == list(range(40)), "each event once in the log"
     assert_whole_or_marked(anew, 40)
+
+
+async def test_retention_frees_a_redis_at_maxmemory(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """Redis at maxmemory (noeviction) refuses every write that would add to it, but deletes go
+    through: retention, the one thing that frees the log's memory, must still remove what has
+    expired, or a full Redis stays full (and the gateway failing) for good."""
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}})
+    raw["storage"] = {"backend": "redis", "redis_url": own_redis.url, "redis_prefix": "full", "lease_ttl": "1500ms",
+                      "retention": "1s", "sweep_interval": "200ms"}
+    gw = await make_gateway(raw)
+    tid = await new_thread(http, gw)
+    resp = await stream_run(http, gw, tid, assistant="a", n=3)
+    key = "default/run/" + resp.headers["Location"].split("/")[4]
+    await read_events(resp)
+    own_redis.command("CONFIG", "SET", "maxmemory", "1000")  # far below what it holds: writes refused
+    try:
+        held = 200
+        for _ in range(100):
+            async with http.get(f"{gw.admin_url}/streams/{key}") as r:
+                held = r.status
+            if held == 404:
+                break
+            await asyncio.sleep(0.1)
+        refused = own_redis.command("SET", "probe", "x")
+    finally:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    assert "OOM" in refused, "Redis really refused writes meanwhile"
+    assert held == 404, "the expired stream was removed while Redis refused writes"

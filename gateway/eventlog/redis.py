@@ -1079,10 +1079,19 @@ class RedisEventLog(EventLog):
         r = self._r
         removed = 0
         try:
-            nonce = f"{self.replica}:{uuid.uuid4().hex[:8]}"
-            # A retried SET whose first try took the lease answers "not set": the value says whose it is.
-            if await r.set(self._k("sweeper"), nonce, nx=True, px=60_000) or \
-                    await r.get(self._k("sweeper")) == nonce.encode():
+            mine = f"{self.replica}:{uuid.uuid4().hex[:8]}"
+            nonce: str | None = mine
+            try:
+                # A retried SET whose first try took the lease answers "not set": the value says whose it is.
+                sweeping = bool(await r.set(self._k("sweeper"), mine, nx=True, px=60_000)) or \
+                    await r.get(self._k("sweeper")) == mine.encode()
+            except ResponseError as exc:
+                if not _refusal(exc):
+                    raise
+                # Redis at maxmemory refuses the lease, but not deletes: retention is what frees its
+                # memory, so it runs without the lease (every drop and trim is safe to run twice).
+                sweeping, nonce = True, None
+            if sweeping:
                 try:
                     metas = await self.streams()
                     size = int(await r.get(self._k("size")) or 0)
@@ -1094,7 +1103,8 @@ class RedisEventLog(EventLog):
                                 await self._trim(m, cutoff)
                     self._closed = sum(1 for m in metas if not m.open) - removed
                 finally:
-                    await self._release_script(keys=[self._k("sweeper")], args=[nonce])
+                    if nonce is not None:
+                        await self._release_script(keys=[self._k("sweeper")], args=[nonce])
             self._size = int(await r.get(self._k("size")) or 0)
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
