@@ -532,6 +532,8 @@ class RedisEventLog(EventLog):
                 # sent yet, and the events this replica captured of it for some still held.
                 for key in list(self._acked):
                     await self._mend(key)
+                    if key not in self._claims:  # mended once: not this replica's to vouch for again
+                        self._acked.pop(key, None)
                 seq = int(await self._r.get(self._k("seq")) or 0)
             return seq
         except RedisError as exc:
@@ -622,6 +624,8 @@ class RedisEventLog(EventLog):
         self._lost_callbacks.append(callback)
 
     def _lost(self, key: str, how: LeaseLoss) -> None:
+        if how == "fenced":  # another replica writes it now: what it holds is no longer ours to vouch for
+            self._acked.pop(key, None)
         if self._claims.pop(key, None) is not None:
             for cb in self._lost_callbacks:
                 cb(key, how)
