@@ -598,3 +598,28 @@ async def test_retention_frees_a_redis_at_maxmemory(
         own_redis.command("CONFIG", "SET", "maxmemory", "0")
     assert "OOM" in refused, "Redis really refused writes meanwhile"
     assert held == 404, "the expired stream was removed while Redis refused writes"
+
+
+async def test_a_replica_whose_writes_redis_refuses_at_maxmemory_still_counts_as_following(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """A run to cancel on disconnect, captured on ``a``; its client there leaves, one on ``b`` stays.
+    Redis reaches maxmemory for longer than a lease: ``b`` is alive and its client still follows the
+    run, so ``a`` must not take ``b`` for dead (its liveness key unrenewed) and cancel the run."""
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "alive", "a")
+    b = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "alive", "b")
+    resp = await start_run(http, a, 3, delay=6.0, on_disconnect="cancel")  # quiet: no commit during the test
+    loc = resp.headers["Location"]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
+    other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+    await read_events(other, limit=1)
+    resp.close()  # the client that asked for the cancel leaves; the one on b stays
+    await asyncio.sleep(0.5)
+    own_redis.command("CONFIG", "SET", "maxmemory", "1000")  # far below what it holds: writes refused
+    try:
+        await asyncio.sleep(3.0)  # twice the lease: every replica's look at who follows ran meanwhile
+        status = fake_upstream.runs[run_id].status
+    finally:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    other.close()
+    assert status == "running", "b's client still follows the run: it is not cancelled"

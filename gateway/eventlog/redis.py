@@ -172,6 +172,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
+# KEYS: the replica's liveness key.  ARGV: ttl ms.  Kept alive by PEXPIRE, which Redis at maxmemory
+# still takes (a SET it refuses): a replica alive is never taken for dead because Redis is full.
+_ALIVE = """
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+return 1
+"""
+
 # KEYS: lease.  ARGV: value.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -378,6 +385,7 @@ class RedisEventLog(EventLog):
         self._trim_script: Any = None
         self._flag_script: Any = None
         self._mend_script: Any = None
+        self._alive: Any = None
 
     # --- keys ------------------------------------------------------------------------------
 
@@ -410,6 +418,7 @@ class RedisEventLog(EventLog):
             self._trim_script = r.register_script(_TRIM)
             self._flag_script = r.register_script(_FLAG)
             self._mend_script = r.register_script(_MEND)
+            self._alive = r.register_script(_ALIVE)
             if converted := await r.eval(_INDEX_SORTED, 1, self._k("all")):
                 log.info("indexed %d streams of a log from before in key order", converted)
             await r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
@@ -638,10 +647,11 @@ class RedisEventLog(EventLog):
             claims = list(self._claims.items())
             try:
                 async with self._r.pipeline(transaction=False) as p:
-                    p.set(self._k("r", self.replica), "1", px=ttl_ms)
+                    await self._alive(keys=[self._k("r", self.replica)], args=[ttl_ms], client=p)
                     for key, claim in claims:
                         await self._renew(keys=[self._k("l", key)], args=[claim.value, ttl_ms], client=p)
-                    results = await p.execute()
+                    # One refused reply (maxmemory) never hides the others: each lease is judged on its own.
+                    results = await p.execute(raise_on_error=False)
             except RedisError as exc:
                 log.warning("could not renew leases: %s", exc)
                 # The heartbeat is the one write an idle gateway makes: Redis unreachable or refusing
@@ -650,8 +660,12 @@ class RedisEventLog(EventLog):
                 if _unwritable(exc):
                     self._fail(f"{exc.__class__.__name__}: {exc}")
                 continue
+            if isinstance(results[0], BaseException):
+                log.warning("could not say this replica is alive: %s", results[0])
             for (key, claim), ok in zip(claims, results[1:]):
-                if not ok and self._claims.get(key) is claim:
+                if isinstance(ok, BaseException):
+                    log.warning("could not renew the lease on %s: %s", key, ok)
+                elif not ok and self._claims.get(key) is claim:
                     log.warning("lease on %s was lost (this process stalled past %gs?)", key, self._cfg.lease_ttl)
                     self._lost(key, "renewal")
 
