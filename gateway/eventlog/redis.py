@@ -172,10 +172,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: the replica's liveness key.  ARGV: ttl ms.  Kept alive by PEXPIRE, which Redis at maxmemory
-# still takes (a SET it refuses): a replica alive is never taken for dead because Redis is full.
+# KEYS: the replica's liveness key.  ARGV: ttl ms.  Returns 1, or the error Redis refused the SET
+# with (maxmemory): the heartbeat is then kept by PEXPIRE, which Redis at maxmemory still takes, so a
+# replica alive is never taken for dead because Redis is full, and its caller learns that Redis
+# refuses writes (the one write an idle gateway makes: readiness says so before a client is refused).
 _ALIVE = """
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 0 then redis.call('SET', KEYS[1], '1', 'PX', ARGV[1]) end
+local ok = redis.pcall('SET', KEYS[1], '1', 'PX', ARGV[1])
+if type(ok) == 'table' and ok.err then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  return ok.err
+end
 return 1
 """
 
@@ -660,8 +666,11 @@ class RedisEventLog(EventLog):
                 if _unwritable(exc):
                     self._fail(f"{exc.__class__.__name__}: {exc}")
                 continue
-            if isinstance(results[0], BaseException):
-                log.warning("could not say this replica is alive: %s", results[0])
+            alive = results[0]
+            if isinstance(alive, BaseException):
+                log.warning("could not say this replica is alive: %s", alive)
+            elif alive != 1:  # kept alive, but Redis refuses writes: storage fails, as above
+                self._fail(f"redis refuses writes: {alive.decode(errors='replace') if isinstance(alive, bytes) else alive}")
             for (key, claim), ok in zip(claims, results[1:]):
                 if isinstance(ok, BaseException):
                     log.warning("could not renew the lease on %s: %s", key, ok)
