@@ -103,7 +103,8 @@ class ReplayPages:
             shared = await asyncio.shield(reading.done)
             if shared is None:
                 return await self._from_log(key, after, upto, limit)
-            self._on_page("shared")
+            if shared:  # as a page from the log: counted when it holds events
+                self._on_page("shared")
             return shared
         reading = self._reading[rk] = _Reading()
         page: Page | None = None

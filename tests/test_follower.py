@@ -15,7 +15,7 @@ from gateway.config import Streams
 from gateway.eventlog import Entry, StreamMeta
 from gateway.eventlog.base import Batch, Feed, LocalFeeds
 from gateway.follower import Follower, StreamCut
-from gateway.replay import Page
+from gateway.replay import Page, ReplayPages
 from gateway.sse import SSEProtocolError
 from gateway.upstream import UpstreamRefused, UpstreamTimeout, UpstreamUnreachable, classify
 
@@ -211,3 +211,25 @@ async def test_a_caught_up_follower_is_written_from_the_commit_and_the_task_take
     await asyncio.wait_for(reader, 5)
     assert client.got == [e[0] for e in src.entries], "each event once, in order, whichever way it went"
     assert pages == [101, 102, 103, 107, 108, 109, 110], "the gap, the refused batch and all after them"
+
+
+async def test_a_shared_replay_read_that_found_nothing_is_not_counted_as_a_page() -> None:
+    """gateway_replay_pages_total{source}: a page read from the log counts only when it holds
+    events, and so must a page shared with clients that waited for that read. A stream evicted
+    during a resume storm left every waiter counted as served a shared page it never got."""
+    counted: list[str] = []
+    release = asyncio.Event()
+
+    async def read(key: str, after: int, upto: int, limit: int, max_bytes: int) -> list[Entry]:
+        await release.wait()
+        return []  # the stream went from the log while it was read
+
+    pages = ReplayPages(read, budget=1 << 20, on_page=counted.append)
+    first = asyncio.create_task(pages.page("k", 0, 10, 100))
+    await asyncio.sleep(0)
+    waiters = [asyncio.create_task(pages.page("k", 0, 10, 100)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    got = await asyncio.gather(first, *waiters)
+    assert not any(got), "nothing was held"
+    assert counted == [], counted
