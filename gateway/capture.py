@@ -351,8 +351,12 @@ class Captures:
         if meta.kind == "session":  # the upstream replays the whole thread: everything held is known by event_id
             bodies = await self._held_bodies(meta.key, held)
             required, ended = latest_run(bodies)
+            marks = (held.trimmed_from, held.trimmed_to) if held is not None else (None, None)
             return SessionSeam({eid for body in bodies if (eid := session_event_id(body)) is not None},
-                               required, after=held.head if held is not None else 0, ended=ended)
+                               required, after=held.head if held is not None else 0, ended=ended,
+                               trimmed=(marks[0], marks[1]) if marks[0] and marks[1] else None,
+                               # no more than were trimmed: every event appended but those held
+                               bound=held.count - len(bodies) if held is not None else 0)
         expect = expectation(meta.kind, held)
         if last is None and expect is None:
             return None  # a first leg, live tail only: nothing to match, nothing re-sent

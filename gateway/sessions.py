@@ -239,23 +239,61 @@ class SessionSeam:
     first: the upstream restarted and lost the thread, trimmed it, or a run went on meanwhile and may
     have published events the upstream does not keep for replay (``custom`` writes, a graph's own
     stream channels): those produced meanwhile are gone, held one of them already or not.
+
+    Retention trims a session's oldest events, which the upstream replays all the same: they are
+    known by the first and last of them (``trimmed``: ``StreamMeta.trimmed_from``, ``trimmed_to``).
+    A replay that begins with the first is dropped up to the last (no more events than were
+    trimmed, ``bound``); one that begins otherwise is no replay of what the log held (a gap, unless
+    the held events prove it), and one that begins so and then goes elsewhere is said as a gap.
     """
 
-    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap")
+    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap", "trimmed", "skipped", "bound")
 
-    def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True) -> None:
+    def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True,
+                 trimmed: tuple[str, str] | None = None, bound: int = 0) -> None:
         self.held = held
         self.pending = set(required)
         self.after = after
         self.unproven = not ended  # a run was going on when the last leg broke
         self.proven = not self.pending and not self.unproven
         self.gap: GapReason | None = None  # as Seam.gap: the one marker's reason, once made
+        # Until the replay of what retention trimmed is behind: a trim that failed to commit may
+        # leave marks of events still held, which the held set then knows.
+        self.trimmed = trimmed if trimmed is not None and trimmed[1] not in held else None
+        self.skipped = 0
+        self.bound = bound
+
+    def _trimmed(self, eid: str, out: list[Event]) -> bool:
+        """Whether the upstream's event ``eid`` is its replay of one retention trimmed (dropped)."""
+        assert self.trimmed is not None
+        first, last = self.trimmed
+        if not self.skipped and eid != first:
+            # The upstream's history does not begin as the log's did: it started over, or lost the
+            # thread's start; what it sends is new, and only the held events may prove nothing is missing.
+            self.trimmed = None
+            if self.proven:
+                self.proven, self.unproven = False, True
+            return False
+        if eid == last:
+            self.trimmed = None
+            return True
+        if eid not in self.held and self.skipped < self.bound:
+            self.skipped += 1
+            return True
+        # Begun as the replay of what was trimmed, gone elsewhere: what was dropped may have been new.
+        self.trimmed = None
+        if self.gap is None:
+            self.proven, self.gap = True, "replay_mismatch"
+            out.append(gap_event(self.after, self.gap, _LOST))
+        return False
 
     def filter(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
         for body, _upstream_seq in events:
             event = stored(body)
             if event is None:
+                continue
+            if self.trimmed is not None and self._trimmed(event[1], out):
                 continue
             if event[1] in self.held:
                 self.pending.discard(event[1])

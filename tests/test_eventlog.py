@@ -405,6 +405,30 @@ async def test_commit_observer_counts_events_not_records(open_log: Opener, tmp_p
         await log.close()
 
 
+async def test_a_trimmed_session_stream_keeps_the_ids_of_the_upstream_events_it_trimmed(open_log: Opener) -> None:
+    """The upstream replays a session's whole thread on every connection, the part retention
+    trimmed too: the log keeps the first and last upstream id of the trimmed upstream events (one
+    of the gateway's own begins them anew), durably, so that a re-join knows that replay."""
+    log = await open_log(retention=60.0)
+    await begun(log, StreamMeta(key="s", kind="session", upstream="u", path="/threads/t/stream/events"))
+
+    async def trimmed(*batch: Event) -> tuple[str | None, str | None]:
+        await log.append("s", list(batch))
+        await log.sweep(now=time.time() + 3600)  # everything held is past retention
+        m = await log.lookup("s")
+        assert m is not None and m.open
+        return m.trimmed_from, m.trimmed_to
+
+    assert await trimmed(*evs("1", uid="a1"), *evs("2", uid="a2")) == ("a1", "a2")
+    assert await trimmed(*evs("3", uid="a3")) == ("a1", "a3"), "a later trim goes on from the earlier"
+    assert await trimmed(*evs("gap"), *evs("4", uid="b1"), *evs("5", uid="b2")) == ("b1", "b2")
+    assert await trimmed(*evs("gap")) == (None, None), "the gateway's own event trimmed last: no replay to know"
+    assert await trimmed(*evs("6", uid="c1")) == ("c1", "c1")
+    log = await open_log(retention=60.0)
+    m = await log.lookup("s")
+    assert m is not None and (m.trimmed_from, m.trimmed_to) == ("c1", "c1")
+
+
 async def test_open_thread_stream_loses_only_batches_older_than_retention(open_log: Opener) -> None:
     log = await open_log(retention=60.0)
     await begun(log, StreamMeta(key="t", kind="thread", upstream="u", path="/threads/t/stream"))

@@ -926,6 +926,91 @@ async def test_an_event_whose_json_spans_several_data_lines_is_kept(
     assert got[1]["params"]["data"] == {"n": 2}
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+@pytest.mark.parametrize("backend", ["lmdb", "redis"])
+async def test_a_session_trimmed_by_retention_takes_a_rejoin_without_repeating_what_it_trimmed(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, request: pytest.FixtureRequest, backend: str, restarted: bool) -> None:
+    """Retention trims a session's oldest batches, and the upstream replays the whole thread on
+    every connection. A re-joined capture tells what it holds by event_id, which the trimmed events
+    no longer are: the upstream's replay of them is appended again, new seqs for events clients had
+    been sent, and a gap marker before them. A client resuming at the head should get what comes next.
+    An upstream that started over (its history is not the trimmed one's) is still said as a gap."""
+    storage = {"retention": "1s"} | (request.getfixturevalue("redis_storage") if backend == "redis" else {})
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage=storage, streams={"reattach_backoff": "50ms"}))
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    script = fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}'),
+                                                  _scripted("e2", "values", '{"n":2}')]
+    await asyncio.wait_for(_session_until(http, gw.url, tid, "e2", ALL), 20)
+    await asyncio.sleep(1.2)  # e1 and e2 older than the retention
+    script.append(_scripted("e3", "values", '{"n":3}'))
+    head = (await asyncio.wait_for(_session_until(http, gw.url, tid, "e3", ALL), 20))[-1]["seq"]
+    await gw.gw.log.sweep()
+    held = await gw.gw.log.lookup(f"default/session/{tid}")
+    assert held is not None and held.first_seq == head, "e1 and e2 trimmed, e3 held"
+    legs = fake_upstream.session_legs
+    if restarted:  # the upstream lost the thread's history and has a new event: nothing of it is held
+        script[:] = [_scripted("n1", "values", '{"n":11}')]
+    fake_upstream.session_drops += 1  # the upstream drops the capture's connection: it re-joins
+    deadline = time.monotonic() + 20
+    while fake_upstream.session_legs == legs and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    script.append(_scripted("e4", "values", '{"n":4}'))
+    got: list[dict[str, Any]] = []
+    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL, "since": head}) as r:
+        async for _name, data, _id in frames(r):
+            got.append(data)
+            if data.get("event_id") == "e4" or len(got) > 5:
+                break
+    want = ["resume_gap", "n1", "e4"] if restarted else ["e4"]
+    assert [e.get("event_id") or e.get("error") for e in got] == want, got
+
+
+async def test_a_trimmed_session_rejoins_the_real_server_without_storing_its_replay_again(
+        make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    # The real server replays the whole thread on every connection, its first run too, which
+    # retention trimmed: a re-join (the capture's leg reset mid-run of the third) must not store it
+    # again. The live-only ticks lost while re-joining are still said, once.
+    relay = await CutRelay(langgraph_server.url, b"/stream/events", before=b'"i":5').start()
+    try:
+        gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [relay.url]}},
+                                               storage={"retention": "1s"}, streams={"reattach_backoff": "50ms"}))
+        tid = await new_thread(http, gw.url)
+        await run_start(http, gw.url, tid, n=3, delay=0.01)
+        first = await asyncio.wait_for(read_session(http, gw.url, tid), 60)
+        await asyncio.sleep(1.2)  # the first run older than the retention
+        await run_start(http, gw.url, tid, n=3, delay=0.01)
+        second = await asyncio.wait_for(read_session(http, gw.url, tid, since=first[-1]["seq"]), 60)
+        await gw.gw.log.sweep()
+        held = await gw.gw.log.lookup(f"default/session/{tid}")
+        assert held is not None and held.first_seq > first[-1]["seq"] and held.trimmed_to == first[-1]["event_id"]
+        await run_start(http, gw.url, tid, n=8, delay=0.05)
+        third = await asyncio.wait_for(read_session(http, gw.url, tid, since=second[-1]["seq"]), 60)
+        assert relay.cuts == 1 and is_end(third[-1])
+        assert not set(ids(third)) & set(ids(first + second)), "nothing of the earlier runs again"
+        assert [e["error"] for e in third if e.get("type") == "error"] == ["resume_gap"]
+    finally:
+        await relay.stop()
+
+
+@pytest.mark.parametrize("replay, want", [
+    (["e1", "e2", "e3", "e4"], ["e4"]),  # the replay of what was trimmed, then the held, then new
+    (["e1", "x", "y", "e3", "e4"], ["resume_gap", "y", "e4"]),  # begun so, gone elsewhere: more than was trimmed
+    (["e1", "e3", "e4"], ["resume_gap", "e4"]),  # a held event before the last trimmed one
+    (["n1", "e3", "e4"], ["resume_gap", "n1", "e4"]),  # a history that begins otherwise
+])
+def test_a_seam_drops_the_replay_of_what_retention_trimmed_and_says_any_other(replay: list[str],
+                                                                              want: list[str]) -> None:
+    seam = sessions.SessionSeam({"e3"}, ["e3"], after=7, trimmed=("e1", "e2"), bound=2)
+    out = seam.filter([(b"event: values\ndata: " + _scripted(eid, "values", "1")[1] + b"\n", None)
+                       for eid in replay])
+    got = [sessions.event_id(body) or orjson.loads(body[body.index(b"data: ") + 6:])["error"] for body, _ in out]
+    assert got == want
+
+
 def test_the_filter_agrees_with_the_servers_own_rule() -> None:
     rng = random.Random(5)
     names = ["child", "child:1", "child:2", "grand", "grand:9", "x:y"]

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Literal, Protocol, Sequence
 
 import orjson
@@ -115,6 +115,11 @@ class StreamMeta:
     last_event: str | None = None  # the SSE event name of the last event ("error" ends a run)
     # Lowest seq still held when retention trimmed the start of an open stream (0: nothing trimmed).
     first_seq: int = 0
+    # A session's upstream replays the whole thread on every connection, retention's trimmed part
+    # too: the upstream ids of the first and the last upstream event trimmed (``trim_marks``), by
+    # which a re-join tells the replay of what was trimmed from new events (gateway.sessions).
+    trimmed_from: str | None = None
+    trimmed_to: str | None = None
     # The log's last seq when this capture began: every id of this capture is above it, so a
     # client id at or below it belongs to an earlier capture of the same run or thread.
     base: int = 0
@@ -174,6 +179,21 @@ class StreamMeta:
         Declared here for its signature; the class runs straight-line code generated from its
         fields at import (``_unrolled_advanced``): a quarter of ``replace``'s cost."""
         raise NotImplementedError("replaced at import by _unrolled_advanced")
+
+
+def trim_marks(meta: StreamMeta, uids: Iterable[str | None]) -> StreamMeta:
+    """``meta`` after retention trimmed events with these upstream ids (oldest first) from its start:
+    the first and last upstream id of the trimmed run of upstream events (``trimmed_from``,
+    ``trimmed_to``). One of the gateway's own events (no id: a gap marker, an upstream that may
+    have started over) begins that run anew; one trimmed last leaves none."""
+    first, last = meta.trimmed_from, meta.trimmed_to
+    for uid in uids:
+        if uid is None:
+            first = last = None
+        else:
+            first, last = first or uid, uid
+    return meta if (first, last) == (meta.trimmed_from, meta.trimmed_to) else \
+        replace(meta, trimmed_from=first, trimmed_to=last)
 
 
 _FIELDS = frozenset(f.name for f in fields(StreamMeta))

@@ -68,6 +68,7 @@ from gateway.eventlog.base import (
     cut_to_bytes,
     seq_floor,
     to_evict,
+    trim_marks,
 )
 from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
 from gateway.metrics import LeaseLoss
@@ -125,9 +126,10 @@ class _Batch:
     future: asyncio.Future[Any] | None = None
     settled: Settled | None = None  # told instead of ``future`` (submit_then): no future per chunk
     hot: bool = False  # events only: the stream's metadata changes only in its counters
-    # Retention's trims of open streams: key -> (bytes dropped, first_seq before). Staged at once (later
-    # batches build on the trimmed metadata), so a trim that fails to commit is undone by these.
-    trimmed: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Retention's trims of open streams: key -> (bytes dropped, first_seq before, trim marks before).
+    # Staged at once (later batches build on the trimmed metadata), so a trim that fails to commit
+    # is undone by these.
+    trimmed: dict[str, tuple[int, int, str | None, str | None]] = field(default_factory=dict)
     dropped: list[StreamMeta] = field(default_factory=list)  # retention's evictions, put back if it fails
 
     @property
@@ -943,22 +945,25 @@ class LmdbEventLog(EventLog):
         else:
             self._staged[b.key] = committed
 
-    def _undo_trims(self, trimmed: dict[str, tuple[int, int]]) -> None:
+    def _undo_trims(self, trimmed: dict[str, tuple[int, int, str | None, str | None]]) -> None:
         """A trim did not commit: the records it dropped are still there. The stream's staged metadata
         and the batches waiting to commit after it (staged on the trimmed metadata) count them again,
         or the next append would commit a size and first seq without them, and the next sweep would
-        drop their bytes from the size a second time."""
-        def undone(meta: StreamMeta, size: int, first: int) -> StreamMeta:
-            return replace(meta, size=meta.size + size, first_seq=min(meta.first_seq, first))
+        drop their bytes from the size a second time. A session's trim marks go back to what they were
+        (marks of events still held would hide the trimmed ones from its next re-join)."""
+        def undone(meta: StreamMeta, size: int, first: int, marks: tuple[str | None, str | None]) -> StreamMeta:
+            return replace(meta, size=meta.size + size, first_seq=min(meta.first_seq, first),
+                           trimmed_from=marks[0], trimmed_to=marks[1])
 
-        for key, (size, first) in trimmed.items():
+        for key, (size, first, *was) in trimmed.items():
+            marks = (was[0], was[1])
             staged = self._staged.get(key)
             if staged is not None:
-                self._staged[key] = undone(staged, size, first)
+                self._staged[key] = undone(staged, size, first, marks)
             for later in self._outbox:
                 meta = later.metas.get(key)
                 if meta is not None:
-                    later.metas[key] = undone(meta, size, first)
+                    later.metas[key] = undone(meta, size, first, marks)
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -1071,23 +1076,29 @@ class LmdbEventLog(EventLog):
     async def _trim(self, batch: _Batch, key: str, cutoff: float) -> None:
         """Drop the batches of an open stream appended before ``cutoff`` (a thread stream never closes)."""
         loop = asyncio.get_running_loop()
-        keys, size, next_seq = await loop.run_in_executor(None, self._old_records, key, cutoff)
+        session = (meta := self._staged.get(key)) is not None and meta.kind == "session"
+        keys, size, next_seq, uids = await loop.run_in_executor(None, self._old_records, key, cutoff, session)
         staged = self._staged.get(key)
         if not keys or staged is None or key in self._broken:
             return
         batch.drop_keys.extend(keys)
         batch.size_delta -= size
-        batch.trimmed[key] = (size, staged.first_seq)
-        self._staged[key] = batch.metas[key] = replace(staged, size=staged.size - size, first_seq=next_seq)
+        batch.trimmed[key] = (size, staged.first_seq, staged.trimmed_from, staged.trimmed_to)
+        trimmed = trim_marks(staged, uids) if session else staged
+        self._staged[key] = batch.metas[key] = replace(trimmed, size=staged.size - size, first_seq=next_seq)
 
-    def _old_records(self, key: str, cutoff: float) -> tuple[list[bytes], int, int]:
+    def _old_records(self, key: str, cutoff: float,
+                     session: bool = False) -> tuple[list[bytes], int, int, list[str | None]]:
+        """The records of ``key`` appended before ``cutoff``: their keys, bytes, the seq after them, and
+        (``session``) the upstream ids of their events, oldest first (``trim_marks``)."""
         prefix = _prefix(key)
         limit_ms = int(cutoff * 1000)
         keys: list[bytes] = []
         size = 0
+        uids: list[str | None] = []
         last: tuple[bytes, bytes] | None = None
         if self._env is None:
-            return [], 0, 0
+            return [], 0, 0, []
         with self._snapshot(db=self._events_db, buffers=False) as txn:
             cur = txn.cursor()
             found = cur.set_range(prefix)
@@ -1098,12 +1109,14 @@ class LmdbEventLog(EventLog):
                 keys.append(k)
                 size += len(k) + len(v)
                 last = (k, v)
+                if session:
+                    uids.extend(uid for _seq, uid, _body in decode(int.from_bytes(k[len(prefix):], "big"), v))
                 found = cur.next()
         if last is None:
-            return [], 0, 0
+            return [], 0, 0, []
         # Only the newest dropped record says where the stream now starts.
         next_seq = decode(int.from_bytes(last[0][len(prefix):], "big"), last[1])[-1][0] + 1
-        return keys, size, next_seq
+        return keys, size, next_seq, uids
 
     def _drop(self, batch: _Batch, meta: StreamMeta) -> None:
         # Gone from the snapshots at once: nobody starts reading a stream that is being deleted.

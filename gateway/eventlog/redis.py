@@ -71,6 +71,7 @@ from gateway.eventlog.base import (
     cut_to_bytes,
     stop_tasks,
     to_evict,
+    trim_marks,
 )
 from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
 from gateway.metrics import LeaseLoss
@@ -196,7 +197,7 @@ return 0
 # (one that vanished with nobody else holding it, say after Redis lost its data, is taken again).
 _BEGIN = """
 local PROGRESS = {head = true, count = true, size = true, first_seq = true, last_upstream_id = true,
-                  last_event = true, lost_after = true, ['end'] = true}
+                  last_event = true, lost_after = true, ['end'] = true, trimmed_from = true, trimmed_to = true}
 local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
 if not cur then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
@@ -240,11 +241,12 @@ if size then redis.call('DECRBY', KEYS[6], size) end
 return 1
 """
 
-# KEYS: stream, meta, size.  ARGV: min id kept, first seq kept, bytes the older entries hold.
-# Trims an open thread stream; the bytes are uncounted only by the call that removed the entries.
+# KEYS: stream, meta, size.  ARGV: min id kept, first seq kept, bytes the older entries hold, the
+# trim marks (StreamMeta.trimmed_from, trimmed_to; '' for none). Trims an open thread stream; the
+# bytes are uncounted only by the call that removed the entries.
 _TRIM = """
 if redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[2], 'first_seq', ARGV[2])
+redis.call('HSET', KEYS[2], 'first_seq', ARGV[2], 'trimmed_from', ARGV[4], 'trimmed_to', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'size', -tonumber(ARGV[3]))
 redis.call('DECRBY', KEYS[3], ARGV[3])
 return 1
@@ -1153,8 +1155,10 @@ class RedisEventLog(EventLog):
             return
         next_seq = decode(old[-1][0], old[-1][1])[-1][0] + 1
         size = sum(len(d) + 24 for _, d in old)
+        marks = trim_marks(m, [uid for first, record in old for _seq, uid, _body in decode(first, record)]) \
+            if m.kind == "session" else m
         await self._trim_script(keys=[self._k("s", m.key), self._k("m", m.key), self._k("size")],
-                                args=[f"{next_seq}-0", next_seq, size])
+                                args=[f"{next_seq}-0", next_seq, size, marks.trimmed_from or "", marks.trimmed_to or ""])
 
 
 def _unwritable(exc: RedisError) -> bool:
