@@ -281,6 +281,22 @@ async def _storage_says(http: aiohttp.ClientSession, gw: RunningGateway) -> tupl
     return ready, samples["gateway_storage_failing"], samples["gateway_log_commit_errors_total"]
 
 
+async def _idle_then(make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+                     own_redis: RedisServer, http: aiohttp.ClientSession, fault: str,
+                     name: str) -> tuple[RunningGateway, str]:
+    """A gateway on ``own_redis`` that ran one stream and is idle, storage sound; then Redis
+    ``stopped`` or at maxmemory (``fault``). The gateway and its thread."""
+    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, name)
+    tid = await new_thread(http, gw)
+    await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
+    assert await _storage_says(http, gw) == (200, 0.0, 0.0)
+    if fault == "stopped":
+        await asyncio.to_thread(own_redis.stop)
+    else:
+        own_redis.command("CONFIG", "SET", "maxmemory", "1000")
+    return gw, tid
+
+
 @pytest.mark.parametrize("fault", ["stopped", "maxmemory"])
 async def test_redis_refusing_a_new_run_while_no_stream_is_live_is_a_storage_failure_metrics_say(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
@@ -289,14 +305,7 @@ async def test_redis_refusing_a_new_run_while_no_stream_is_live_is_a_storage_fai
     new run's claim and begin, and the run is refused with 503. That is storage failing as much as a
     failed append: readiness, the failing gauge and the failed-commit count (what the alerts read)
     say so, and clear once Redis takes writes again, with no stream live to notice it."""
-    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "idle")
-    tid = await new_thread(http, gw)
-    await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
-    assert await _storage_says(http, gw) == (200, 0.0, 0.0)
-    if fault == "stopped":
-        await asyncio.to_thread(own_redis.stop)
-    else:
-        own_redis.command("CONFIG", "SET", "maxmemory", "1000")
+    gw, tid = await _idle_then(make_gateway, fake_upstream, tmp_path, own_redis, http, fault, "idle")
     async with http.post(f"{gw.url}/threads/{tid}/runs/stream", json={"assistant_id": "a", "input": {"n": 3}}) as r:
         assert r.status == 503, await r.text()
     ready, failing, errors = await _storage_says(http, gw)
@@ -412,14 +421,7 @@ async def test_redis_failing_while_the_gateway_is_idle_is_said_by_readiness_befo
     the load balancer and GatewayStorageFailing hear of it before the first new run is refused
     with 503, not only after. No commit failed, so no failed commit is counted; once Redis takes
     writes again the gateway is ready again by itself."""
-    gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "idle-ready")
-    tid = await new_thread(http, gw)
-    await read_events(await stream_run(http, gw, tid, assistant="a", n=3))
-    assert await _storage_says(http, gw) == (200, 0.0, 0.0)
-    if fault == "stopped":
-        await asyncio.to_thread(own_redis.stop)
-    else:
-        own_redis.command("CONFIG", "SET", "maxmemory", "1000")
+    gw, tid = await _idle_then(make_gateway, fake_upstream, tmp_path, own_redis, http, fault, "idle-ready")
     said = (200, 0.0, 0.0)
     for _ in range(60):  # the heartbeat writes every 0.5 s (lease_ttl 1.5 s): bounded at 6 s
         said = await _storage_says(http, gw)
@@ -441,33 +443,11 @@ async def test_redis_failing_while_the_gateway_is_idle_is_said_by_readiness_befo
 
 async def _follow_noting_resumes(http: aiohttp.ClientSession, url: str, first: aiohttp.ClientResponse,
                                  got: list[Ev]) -> list[tuple[str, int]]:
-    """As ``follow_to_end`` (into ``got``), and each reconnect's ``X-Gateway-Resume`` with the
-    number of events the client had then."""
+    """As ``follow_to_end``, into ``got``: each reconnect's ``X-Gateway-Resume`` with the number of
+    events the client had then."""
     resumes: list[tuple[str, int]] = []
-    resp: aiohttp.ClientResponse | None = first
-    for _ in range(200):
-        if resp is None:
-            try:
-                resp = await http.get(url, headers={"Last-Event-ID": got[-1].id or ""})
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
-                continue
-            if resp.status != 200:
-                resp.release()
-                resp = None
-                await asyncio.sleep(0.1)
-                continue
-            resumes.append((resp.headers.get("X-Gateway-Resume", "hit"), len(got)))
-        try:
-            more, cut = await asyncio.wait_for(read_until_cut(resp), 30)
-        finally:
-            resp.close()
-        got.extend(more)
-        if not cut:
-            return resumes
-        resp = None
-        await asyncio.sleep(0.05)
-    raise AssertionError("the stream did not end")
+    got[:] = await follow_to_end(http, url, first, got, resumes=resumes)
+    return resumes
 
 
 # (events a client gets after the snapshot, seconds Redis stays down): back at once, or after the

@@ -45,9 +45,11 @@ def assert_exactly_once(events: list[Ev], n: int) -> None:
 
 
 async def follow_to_end(http: aiohttp.ClientSession, url: str, first: aiohttp.ClientResponse | None = None,
-                        got: list[Ev] | None = None, timeout: float = 60.0) -> list[Ev]:
+                        got: list[Ev] | None = None, timeout: float = 60.0,
+                        resumes: list[tuple[str, int]] | None = None) -> list[Ev]:
     """Read a run stream until it ends cleanly, reconnecting with the last id after every cut,
-    refusal or connection error, as an SDK does; ``first`` is a response already open."""
+    refusal or connection error, as an SDK does; ``first`` is a response already open. ``resumes``
+    gets each reconnect's ``X-Gateway-Resume`` ("hit" when none) and how many events it had then."""
     got = list(got or [])
 
     async def loop() -> None:
@@ -64,6 +66,8 @@ async def follow_to_end(http: aiohttp.ClientSession, url: str, first: aiohttp.Cl
                     resp = None
                     await asyncio.sleep(0.1)
                     continue
+                if resumes is not None:
+                    resumes.append((resp.headers.get("X-Gateway-Resume", "hit"), len(got)))
             try:
                 more, cut = await read_until_cut(resp)
             finally:
