@@ -953,3 +953,31 @@ def test_workers_starting_together_on_a_new_shared_log_all_open_it(tmp_path: Pat
         for p in procs:
             out, _ = p.communicate(timeout=60)
             assert p.returncode == 0, out[-2000:]
+
+
+
+async def test_redis_answers_a_batch_whose_commit_lost_its_connection_on_both_tries(redis_server: Any) -> None:
+    """Both tries of a commit lose their connection: the batch is answered with StorageError, so a
+    capture learns that storage failed (and its end is not awaited forever)."""
+    relay = await TcpRelay("127.0.0.1", redis_server.port, lose_replies_to=b"EVALSHA").start()
+    cfg = Storage(backend="redis", redis_url=f"redis://127.0.0.1:{relay.port}/0",
+                  redis_prefix=f"l{uuid.uuid4().hex[:10]}", lease_ttl=5.0)
+    log = RedisEventLog(cfg)
+    await log.open()
+    try:
+        await begun(log, meta("r1"))
+        relay.lose_replies(1.0)
+        for write in (lambda: log.submit("r1", evs("a")), lambda: log.finish("r1", "done")):
+            with pytest.raises(StorageError):  # before the fix: never answered
+                await asyncio.wait_for(write(), 10)
+            relay.lose_replies(0.0)
+            for _ in range(100):  # bounded: the probe finds Redis answering again
+                if log.failure is None:
+                    break
+                await asyncio.sleep(0.1)
+            await log.begin(meta("r1"))
+            relay.lose_replies(1.0)
+    finally:
+        await log.close()
+        await relay.stop()
+

@@ -933,7 +933,10 @@ class RedisEventLog(EventLog):
             if isinstance(results, BaseException):
                 self._fail(f"{results.__class__.__name__}: {results}")
                 for p in group:
-                    self._break(p.key, StorageError(f"commit failed: {results}"))
+                    error = StorageError(f"commit failed: {results}")
+                    self._break(p.key, error)  # refuses the batches queued behind it, not the batch itself:
+                    if not p.future.done():  # unanswered, a capture would wait for it (its end) forever
+                        p.future.set_exception(error)
                 continue
             for p, res in zip(group, results):
                 self._resolve(p, res)

@@ -48,6 +48,10 @@ class TcpRelay:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    def lose_replies(self, share: float) -> None:
+        """From now on, lose the replies of ``share`` of the marked commands (1.0: every one)."""
+        self._lose_share = share
+
     def drop_all(self) -> int:
         """Reset every connection through the relay now; returns how many."""
         pairs, self._pairs = self._pairs, set()
