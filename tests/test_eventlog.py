@@ -981,3 +981,36 @@ async def test_redis_answers_a_batch_whose_commit_lost_its_connection_on_both_tr
         await log.close()
         await relay.stop()
 
+
+async def test_redis_counts_a_batch_applied_though_both_replies_of_its_commit_were_lost(redis_server: Any) -> None:
+    """The first try of a commit runs and its reply is lost, and so is the retry's: the batch is in
+    the log all the same, so gateway_log_events_appended (the on_commit count) must say so once Redis
+    answers again, as it does for a retry that gets its answer."""
+    relay = await TcpRelay("127.0.0.1", redis_server.port, lose_replies_to=b"EVALSHA").start()
+    counted: list[int] = []
+    cfg = Storage(backend="redis", redis_url=f"redis://127.0.0.1:{relay.port}/0",
+                  redis_prefix=f"l{uuid.uuid4().hex[:10]}", lease_ttl=5.0)
+    log = RedisEventLog(cfg, on_commit=lambda n, _s, ok: counted.append(n if ok else 0))
+    await log.open()
+    try:
+        m = meta("r1")
+        await begun(log, m)
+        await log.submit("r1", evs("a", "b"))
+        relay.lose_replies(1.0)  # both tries of the next commit run, and neither reply arrives
+        with pytest.raises(StorageError):
+            await asyncio.wait_for(log.submit("r1", evs("c", "d", "e")), 10)
+        relay.lose_replies(0.0)
+        for _ in range(100):  # Redis answers again: the log learns it takes writes (bounded)
+            if log.failure is None:
+                break
+            await asyncio.sleep(0.1)
+        assert log.failure is None
+        held = await log.read("r1", 0, await log.last_seq(), 100)
+        assert [body for _, body in held][-3:] == [body for body, _ in evs("c", "d", "e")]  # the lost-reply batch is held
+        assert sum(counted) == len(held)
+        await log.begin(m)  # the capture goes on: counted once, and what follows counted as held
+        await log.submit("r1", evs("f"))
+        assert sum(counted) == len(await log.read("r1", 0, await log.last_seq(), 100)) == 6
+    finally:
+        await log.close()
+        await relay.stop()

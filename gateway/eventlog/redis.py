@@ -363,6 +363,9 @@ class RedisEventLog(EventLog):
         # Streams a failed commit stopped: their later batches are refused until begin() (as on
         # LMDB), so a batch queued behind a lost one never lands after the hole it leaves.
         self._broken: set[str] = set()
+        # Commit groups whose every try lost its connection (with the seconds they took): Redis may
+        # have applied them. Their events are counted once Redis answers and says it did.
+        self._unsure: list[tuple[list[_Pending], float]] = []
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.health = Health()
@@ -870,6 +873,8 @@ class RedisEventLog(EventLog):
         now = repr(time.time())
         started = time.perf_counter()
         try:
+            if any(p.key == meta.key for group, _ in self._unsure for p in group):
+                await self._settle()  # while its batch numbers still tell what the lost-reply commit applied
             if meta.key in self._acked:  # begun again (after a failed commit): Redis may have lost some
                 await self._mend(meta.key)
             raw = await self._begin(keys=[self._k("m", meta.key), self._k("l", meta.key), self._k("seq"),
@@ -931,6 +936,8 @@ class RedisEventLog(EventLog):
                     p.n for p, res in zip(group, results) if not isinstance(res, BaseException))
                 self._on_commit(taken, time.perf_counter() - started, refused is None)
             if isinstance(results, BaseException):
+                if isinstance(results, (RedisConnectionError, RedisTimeoutError, OSError)):
+                    self._unsure.append((group, time.perf_counter() - started))
                 self._fail(f"{results.__class__.__name__}: {results}")
                 for p in group:
                     error = StorageError(f"commit failed: {results}")
@@ -1031,14 +1038,36 @@ class RedisEventLog(EventLog):
             log.info("redis takes writes again")
 
     async def _probe(self) -> None:
-        while self.failure is not None:
+        while self.failure is not None or self._unsure:
             await asyncio.sleep(PROBE_INTERVAL)
             try:
-                await self._r.ping()
-                await self._r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
+                if self.failure is not None:
+                    await self._r.ping()
+                    await self._r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
+                # Before recovery: until then no stream is begun again (which resets its batch numbers).
+                await self._settle()
             except (RedisError, OSError):
                 continue
             self._recovered()
+
+    async def _settle(self) -> None:
+        """Count the events of the groups whose commit lost its connection on every try that Redis
+        applied all the same (the stream's fence is still their claim's, and its last applied batch
+        number reached theirs): gateway_log_events_appended says what the log holds."""
+        unsure = list(self._unsure)
+        counts = []
+        for group, seconds in unsure:
+            taken = 0
+            for p in group:
+                fence, bno = await self._r.hmget(self._k("m", p.key), "fence", "bno")
+                if fence is not None and fence.decode() == p.claim.token and int(bno or 0) >= p.bno:
+                    taken += p.n
+            counts.append((taken, seconds))
+        del self._unsure[:len(unsure)]  # groups failing meanwhile were appended after these
+        if self._on_commit is not None:
+            for taken, seconds in counts:
+                if taken:
+                    self._on_commit(taken, seconds, True)
 
     # --- reads -----------------------------------------------------------------------------------
 
