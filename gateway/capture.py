@@ -674,14 +674,16 @@ class Captures:
     async def _finish(self, ing: Ingest, end: EndReason, events: list[Event] | None = None) -> None:
         await self.log.finish(ing.key, end, events or [])  # its followers get the end from the log
 
-    async def interrupt(self, meta: StreamMeta, reason: str) -> None:
-        """End a stream with CaptureInterrupted: its upstream is lost for good."""
+    async def interrupt(self, meta: StreamMeta, reason: str) -> bool:
+        """End a stream with CaptureInterrupted: its upstream is lost for good. True when the end
+        is in the log (False: it stays open for the next try, or another process ends it)."""
         try:
             end = session_interrupted_event(reason) if meta.kind == "session" else interrupted_event(reason)
             await self.log.finish(meta.key, "interrupted", [end])
             # Counted once the end is in the log: an end storage refused is tried again (by the next
             # capture of the stream), and a stream another process ends is its to count.
             self.metrics.interrupted()
+            return True
         except StorageError as exc:
             logger.error("stream %s: could not record its interruption (%s); it stays open for the next start",
                          meta.key, exc)
@@ -689,6 +691,7 @@ class Captures:
         except ClaimLost:
             logger.warning("stream %s is captured by another gateway process now; it ends it, not this one",
                            meta.key)
+        return False
 
 
 def _asking(meta: StreamMeta, cancel_on_orphan: bool) -> StreamMeta:

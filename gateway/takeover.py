@@ -89,11 +89,13 @@ class TakeOver:
             except BaseException:
                 await self.log.release(meta.key)  # free for the next try (a sweep, a client's join)
                 raise
-            await self.captures.interrupt(meta, STATELESS_LOST)
+            ended = await self.captures.interrupt(meta, STATELESS_LOST)
             await self.log.release(meta.key)
-            # Counted once done (a try storage refused is tried again, and counted then): whoever
-            # captured the stream stopped, and an operator wants to know how often.
-            self.metrics.took_over()
+            # Counted once done, when the end is in the log (a try storage refused is tried again,
+            # and counted then; one another process ended is its to count): whoever captured the
+            # stream stopped, and an operator wants to know how often.
+            if ended:
+                self.metrics.took_over()
             return
         logger.info("taking over %s from upstream id %s", meta.key, meta.last_upstream_id)
         self.presence.away(self.captures.start(meta, None, None))

@@ -7,6 +7,7 @@ each event exactly once, or a gap marker where events are missing, never a silen
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import subprocess
@@ -18,6 +19,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.eventlog.redis import _APPEND
 from tests.conftest import REPO, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.langgraph_server import LangGraphServer
@@ -607,3 +609,41 @@ async def test_a_replica_whose_writes_redis_refuses_at_maxmemory_still_counts_as
         own_redis.command("CONFIG", "SET", "maxmemory", "0")
     other.close()
     assert status == "running", "b's client still follows the run: it is not cancelled"
+
+
+@pytest.mark.parametrize("refused_for", [0.5, 4.0])
+async def test_a_takeover_whose_end_storage_refuses_is_counted_once_when_it_is_written(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession, refused_for: float) -> None:
+    """A stateless run left open is taken over and ended with CaptureInterrupted; while Redis never
+    runs the append that writes its end, every sweep tries again. gateway_streams_taken_over_total
+    counts the takeover once, when the end is in the log, not once per try."""
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "adopt", "a")
+    resp = await http.post(f"{a.url}/runs/stream", json={"assistant_id": "a", "input": {"n": 300, "delay": 0.02}})
+    assert resp.status == 200
+    loc = resp.headers["Location"]
+    await read_events(resp, limit=3)
+    resp.close()
+    await a.server.stop()  # its claim released, the run open: the next process takes it over
+    appends = hashlib.sha1(_APPEND.encode()).hexdigest().encode()
+    relay = await TcpRelay("127.0.0.1", own_redis.port, lose_replies_to=appends).start()
+    relay.refuse_marked(True)  # claims and begins run; the append of the end never does
+    try:
+        b = await _gateway_on(make_gateway, fake_upstream, tmp_path, f"redis://127.0.0.1:{relay.port}/0", "adopt", "b")
+        await asyncio.sleep(refused_for)  # a sweep or several (every half lease), each refused its end
+        relay.refuse_marked(False)
+        shown: dict[str, Any] = {}
+        for _ in range(100):  # until a sweep writes the end (bounded)
+            async with http.get(f"{b.admin_url}/streams/default/run/{loc.split('/')[2]}") as r:
+                shown = await r.json()
+            if not shown.get("open", True):
+                break
+            await asyncio.sleep(0.1)
+        assert shown.get("end") == "interrupted", shown
+        await asyncio.sleep(1.0)  # another sweep or two
+        async with http.get(b.admin_url + "/metrics") as r:
+            counted = [s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
+                       if s.name == "gateway_streams_taken_over_total"]
+        assert counted == [1.0], "one stream taken over (its end written once), not one per try"
+    finally:
+        await relay.stop()

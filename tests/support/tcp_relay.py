@@ -22,6 +22,7 @@ class TcpRelay:
         self._rng = rng or random.Random(0)
         self._marker = lose_replies_to
         self._lose_share = lose_share
+        self._drop_marked = False
         self.lost_replies = 0
         self.cuts = 0  # connections dropped so far
         self._server: asyncio.Server | None = None
@@ -47,6 +48,10 @@ class TcpRelay:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def refuse_marked(self, on: bool) -> None:
+        """While on, a marked command never reaches the server: its connection is reset instead."""
+        self._drop_marked = on
 
     def lose_replies(self, share: float) -> None:
         """From now on, lose the replies of ``share`` of the marked commands (1.0: every one)."""
@@ -102,6 +107,8 @@ class TcpRelay:
                         swallow: asyncio.Event) -> None:
         try:
             while chunk := await reader.read(65536):
+                if self._drop_marked and self._marker is not None and self._marker in chunk:
+                    return  # not run: the finally resets the connection
                 if self._marker is not None and self._marker in chunk and self._rng.random() < self._lose_share:
                     swallow.set()
                     self.lost_replies += 1
