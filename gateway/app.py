@@ -33,7 +33,6 @@ from gateway.logview import matches, public, served_details, state_named
 from gateway.metrics import PrometheusMetrics
 from gateway.proxy import Forwarder, UpstreamHeaders
 from gateway.session_streams import SessionHandlers
-from gateway.stopsignals import STOP_SIGNALS
 from gateway.streams import Reply, StreamHandlers
 from gateway.upstream import Target, UpstreamError, Upstreams, classify
 
@@ -326,7 +325,7 @@ async def serve(cfg: Config) -> None:
     server = Server(Gateway(cfg))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in STOP_SIGNALS:
+    for sig in stopsignals.STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     stopsignals.release()  # one that came while the gateway loaded stops it now
     try:
@@ -344,6 +343,6 @@ def _ignore_further_stops(loop: asyncio.AbstractEventLoop) -> None:
     # a user pressing it again) must not turn a clean exit into a traceback or a death by signal.
     # Left to asyncio, the loop's close shuts its self-pipe before it unhooks the handlers (a signal
     # in between is written to a closed descriptor), then restores the defaults that kill or raise.
-    for sig in STOP_SIGNALS:
+    for sig in stopsignals.STOP_SIGNALS:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)

@@ -351,10 +351,10 @@ class Captures:
         if meta.kind == "session":  # the upstream replays the whole thread: everything held is known by event_id
             bodies = await self._held_bodies(meta.key, held)
             required, ended = latest_run(bodies)
-            marks = (held.trimmed_from, held.trimmed_to) if held is not None else (None, None)
+            first, last = (held.trimmed_from, held.trimmed_to) if held is not None else (None, None)
             return SessionSeam({eid for body in bodies if (eid := session_event_id(body)) is not None},
                                required, after=held.head if held is not None else 0, ended=ended,
-                               trimmed=(marks[0], marks[1]) if marks[0] and marks[1] else None,
+                               trimmed=(first, last) if first and last else None,
                                # no more than were trimmed: every event appended but those held
                                bound=held.count - len(bodies) if held is not None else 0)
         expect = expectation(meta.kind, held)

@@ -26,7 +26,6 @@ from types import FrameType
 from typing import Any
 
 from gateway import stopsignals
-from gateway.stopsignals import STOP_SIGNALS
 
 log = logging.getLogger("gateway.workers")
 
@@ -104,7 +103,7 @@ class Supervisor:
             self.stopping = signum
 
     def run(self) -> int:
-        for sig in STOP_SIGNALS:
+        for sig in stopsignals.STOP_SIGNALS:
             signal.signal(sig, self._signalled)
         stopsignals.release()  # one that came while the command loaded is noted now
         for w in self.crew:
