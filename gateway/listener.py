@@ -60,6 +60,15 @@ class _Messages(list[Any]):
         return self.pop(0)
 
 
+class _Answered:
+    """What aiohttp's request loop keeps of an answered response: whether the connection stays open."""
+
+    __slots__ = ("keep_alive",)
+
+    def __init__(self, keep_alive: bool | None) -> None:
+        self.keep_alive = keep_alive
+
+
 class ClientConnection(RequestHandler):
     """One client connection (aiohttp's protocol, with the gateway's limits)."""
 
@@ -159,12 +168,16 @@ class ClientConnection(RequestHandler):
         # connection once written: aiohttp would read on, or linger 10 s over a body nobody reads.
         closing = (resp.headers.get("Connection", "").lower() == "close"
                    or isinstance(request.content.exception(), BadRequest))
-        out = await super().finish_response(request, resp, start_time)
+        sent, reset = await super().finish_response(request, resp, start_time)
         if closing:
             self.force_close()
         self._between_requests = True
         self._body = None  # it holds this connection: kept, it would make a reference cycle per request
-        return out
+        # aiohttp's request loop keeps what this returns until the connection's next request is
+        # answered, and reads only its keep_alive: the response itself (headers, body, writer) would
+        # stay alive beside the next one, a stream held for hours (a client creates its thread, then
+        # streams a run on the same connection).
+        return cast(web.StreamResponse, _Answered(sent.keep_alive)), reset
 
     def _arm(self) -> None:
         if self._header_deadline is None:

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import aiohttp
 
+from gateway.proxy import RelayedResponse
 from tests.conftest import RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.runs import customs, new_thread
@@ -204,3 +205,24 @@ async def test_a_stalled_client_replaying_a_long_stream_holds_what_the_readme_sa
         for s in socks:
             s.close()
     assert held / len(paths) <= 256 << 10, f"{held // len(paths) >> 10} KiB per stalled client"
+
+
+async def test_a_stream_on_a_kept_alive_connection_holds_nothing_of_the_request_answered_before_it(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
+    """A client creates its thread, then streams a run on the same connection (the SDK's pooled
+    connections do). aiohttp's request loop kept the first answer (its headers, body and writer)
+    until the stream's own was done: hours, for an idle stream."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as one_connection:
+        async with one_connection.post(f"{gw.url}/threads", json={}) as r:
+            tid = (await r.json())["thread_id"]
+        async with one_connection.post(f"{gw.url}/threads/{tid}/runs/stream",
+                                       json={"assistant_id": "a", "input": {"n": 2, "delay": 1}}) as resp:
+            seen = b""
+            while b"event: custom" not in seen:
+                seen += await resp.content.readany()
+            gc.collect()
+            answered = [o for o in gc.get_objects() if isinstance(o, RelayedResponse)]
+            assert answered == [], f"{len(answered)} answered response(s) still held beside the stream"
+            seen += await resp.content.read()
+        assert seen.count(b"event: custom") == 2
