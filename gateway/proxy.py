@@ -22,6 +22,7 @@ from yarl import URL
 from gateway import agentapi
 from gateway.config import Clients
 from gateway.errors import GatewayError, PayloadTooLarge, RequestTimeout
+from gateway.listener import body_read
 from gateway.logs import END
 from gateway.responses import ClientSocket, StallGuard, close_reason, cut, error_response, send_body, start_response
 from gateway.streamclient import LegResponse
@@ -186,6 +187,7 @@ class Forwarder:
                 while size <= limit:
                     chunk = await request.content.readany()
                     if not chunk:
+                        body_read(request.content)
                         return b"".join(parts), True
                     parts.append(chunk)
                     size += len(chunk)
@@ -207,6 +209,7 @@ class Forwarder:
             raise _body_timeout(self.clients.body_timeout) from None
         if body is None:
             raise _too_large(limit)
+        body_read(request.content)
         return body
 
     async def open_stream(self, request: web.Request, target: Target, data: bytes,

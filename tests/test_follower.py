@@ -233,3 +233,49 @@ async def test_a_shared_replay_read_that_found_nothing_is_not_counted_as_a_page(
     got = await asyncio.gather(first, *waiters)
     assert not any(got), "nothing was held"
     assert counted == [], counted
+
+
+async def test_followers_joining_and_leaving_a_stream_each_get_the_batches_committed_while_they_follow() -> None:
+    # A stream's one follower is held as itself, a second makes a set, and back (LocalFeeds): each
+    # step of that must leave every follower that is still there on the stream's feed, and none gone.
+    feeds = LocalFeeds()
+    got: dict[str, list[int]] = {}
+
+    def join(name: str) -> Feed:
+        got[name] = seen = list[int]()
+        feed = feeds.subscribe("s", 1000, 1 << 20)
+
+        def take(batch: Batch) -> bool:
+            seen.extend(seq for seq, _ in batch.entries)
+            return True
+
+        feed.express = take
+        feed.waiting(10.0)  # waits with nothing queued: takes batches straight from the commit
+        return feed
+
+    seq = 0
+
+    def commit() -> None:
+        nonlocal seq
+        seq += 1
+        feeds.deliver("s", Batch("events", [(seq, b"data: x\n")], seq - 1, 10))
+
+    a = join("a")
+    commit()
+    b = join("b")
+    commit()
+    c = join("c")
+    commit()
+    b.close()
+    commit()
+    a.close()
+    commit()
+    assert feeds.following("s")
+    c.close()
+    commit()
+    assert not feeds.following("s")
+    a2 = join("a2")
+    commit()
+    a2.close()
+    assert got == {"a": [1, 2, 3, 4], "b": [2, 3], "c": [3, 4, 5], "a2": [7]}
+    feeds.stop()

@@ -226,3 +226,31 @@ async def test_a_stream_on_a_kept_alive_connection_holds_nothing_of_the_request_
             assert answered == [], f"{len(answered)} answered response(s) still held beside the stream"
             seen += await resp.content.read()
         assert seen.count(b"event: custom") == 2
+
+
+async def test_a_streamed_run_holds_no_buffer_for_the_request_body_it_read(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """aiohttp keeps a request's body reader for as long as the request: hours for a run streamed.
+    Read to its end, the reader keeps no buffer of its own (an empty one is ~600 bytes per stream)."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}))
+    streams = []
+    try:
+        for _ in range(3):
+            tid = await new_thread(http, gw)
+            resp = await http.post(f"{gw.url}/threads/{tid}/runs/stream",
+                                   json={"assistant_id": "a", "input": {"n": 1, "delay": 30}})
+            streams.append(resp)
+            seen = b""
+            while b"event: metadata" not in seen:  # the run is on: its event comes in 30 s
+                seen += await resp.content.readany()
+        server = gw.server.main.server
+        assert server is not None
+        requests = [c._current_request for c in server.connections if c._current_request is not None]
+        assert len(requests) == 3
+        buffers = {id(r.content._buffer) for r in requests}
+        assert len(buffers) == 1, "each streamed run keeps a buffer of its own for a body read long ago"
+        for r in requests:
+            assert r.content.at_eof() and not r.content._buffer
+    finally:
+        for resp in streams:
+            resp.release()
