@@ -140,6 +140,22 @@ class Ingest:
     def key(self) -> str:
         return self.meta.key
 
+    def __call__(self, outcome: list[Entry] | BaseException) -> None:
+        """A chunk's commit settled (called from the log's commit, in submission order). The ingest
+        is its commits' callback itself: a partial or bound method held per live stream is ~200
+        bytes of an idle stream's budget."""
+        self.inflight -= 1
+        resume = self.resume
+        if resume is not None and self.inflight < MAX_INFLIGHT_COMMITS:
+            self.resume = None
+            resume()
+        if self.inflight == 0 and self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
+        if self.failed is not None:
+            return  # after a failed commit the copy stops: the stream never has a hole
+        if isinstance(outcome, BaseException):
+            self.failed = outcome
+
     def drop_timers(self) -> None:
         """The capture ends here: what was to happen to it later will not."""
         for timer in (self.orphan_timer, self.away_timer):
@@ -156,6 +172,12 @@ class Parked:
     copy: _Copy  # the leg's copy into the log: it holds the leg (resp) and its seam
     end: asyncio.Future[None]
     failures: int  # the re-join budget spent so far
+    # Captures._unpark, bound once for all: the parked capture is its leg's end callback itself (a
+    # partial per idle stream was ~200 bytes).
+    unpark: Callable[[Ingest, asyncio.Future[None]], None]
+
+    def __call__(self, end: asyncio.Future[None]) -> None:
+        self.unpark(self.copy.ing, end)
 
 
 class _Copy:
@@ -163,12 +185,11 @@ class _Copy:
     the log, without a task step per read. An object with slots, not a closure: a leg keeps it for
     hours on an idle stream, and a closure holds a cell per variable it uses."""
 
-    __slots__ = ("log", "ing", "parser", "seam", "resp", "committed", "submitted", "on_gap")
+    __slots__ = ("log", "ing", "parser", "seam", "resp", "submitted", "on_gap")
 
     def __init__(self, log: EventLog, ing: Ingest, parser: Parser, seam: Seam | SessionSeam | None,
-                 resp: LegResponse, committed: Settled, on_gap: Callable[[GapReason], None]) -> None:
+                 resp: LegResponse, on_gap: Callable[[GapReason], None]) -> None:
         self.log, self.ing, self.parser, self.seam, self.resp = log, ing, parser, seam, resp
-        self.committed = committed
         self.submitted = False  # some of the leg's events went to the log
         self.on_gap = on_gap  # a gap marker is counted once the batch carrying it is committed
 
@@ -197,8 +218,8 @@ class _Copy:
         if events:
             if ing.failed is not None:
                 raise StorageError(str(ing.failed))
-            self.log.submit_then(ing.key, events, self.committed if marked is None else
-                                 partial(_count_marker, self.on_gap, marked, self.committed))
+            self.log.submit_then(ing.key, events, ing if marked is None else
+                                 partial(_count_marker, self.on_gap, marked, ing))
             self.submitted = True
             ing.inflight += 1
             if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
@@ -214,6 +235,7 @@ class Captures:
         self.legs = legs
         self.metrics = metrics
         self._count_gap = metrics.gap  # bound once: each live stream's copy holds it (a bound method is 64 B)
+        self._unpark_bound = self._unpark  # likewise, for each parked capture (a cycle of this one object)
         self.live: dict[str, Ingest] = {}
         self._opening: set[str] = set()  # claimed, being opened: not released by an earlier capture's end
         # Storage is back under a capture whose clients were cut: the policy for who follows it
@@ -338,7 +360,7 @@ class Captures:
             # that stays open needs no task until its leg ends.
             copy = self._attach(ing, resp, seam)
             end = resp.end()
-            landing = Parked(copy, end, 0)
+            landing = Parked(copy, end, 0, self._unpark_bound)
             if not end.done():
                 self._park(ing, landing)
                 return ing
@@ -454,7 +476,7 @@ class Captures:
                         copy = self._attach(ing, resp, seam)
                         end = resp.end()
                         if not end.done():
-                            self._park(ing, Parked(copy, end, failures))
+                            self._park(ing, Parked(copy, end, failures, self._unpark_bound))
                             parked, resp = True, None
                             return
                     await self._landed(ing, resp, copy, end)
@@ -519,7 +541,7 @@ class Captures:
     def _park(self, ing: Ingest, parked: Parked) -> None:
         ing.parked = parked
         ing.task = None  # ending now: a finished task would keep its coroutine as long as it is held
-        parked.end.add_done_callback(partial(self._unpark, ing))
+        parked.end.add_done_callback(parked)
 
     def _unpark(self, ing: Ingest, end: asyncio.Future[None]) -> None:
         """A parked capture's leg ended: its task takes over again. The capture stays parked until
@@ -621,8 +643,7 @@ class Captures:
         """Start copying one upstream leg into the log: from here each read is parsed and submitted
         as it arrives (``_Copy``), and commits are pipelined, each chunk's events published by the
         commit callback (in order) while the next chunk is already parsed."""
-        copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, partial(self._committed, ing),
-                     self._count_gap)
+        copy = _Copy(self.log, ing, Parser(self.cfg.max_event_bytes), seam, resp, self._count_gap)
         resp.attach(decoded(resp.headers.get("Content-Encoding", ""), copy))
         return copy
 
@@ -654,20 +675,6 @@ class Captures:
         if copy.parser.pending():
             raise _Progress("upstream stream ended mid-event") if copy.submitted else UpstreamBroke(
                 "upstream stream ended mid-event")
-
-    def _committed(self, ing: Ingest, outcome: list[Entry] | BaseException) -> None:
-        """A chunk's commit settled (called from the log's commit, in submission order)."""
-        ing.inflight -= 1
-        resume = ing.resume
-        if resume is not None and ing.inflight < MAX_INFLIGHT_COMMITS:
-            ing.resume = None
-            resume()
-        if ing.inflight == 0 and ing.idle is not None and not ing.idle.done():
-            ing.idle.set_result(None)
-        if ing.failed is not None:
-            return  # after a failed commit the copy stops: the stream never has a hole
-        if isinstance(outcome, BaseException):
-            ing.failed = outcome
 
     # --- ending -------------------------------------------------------------------------------
 
@@ -715,7 +722,7 @@ def _count_marker(on_gap: Callable[[GapReason], None], reason: GapReason, commit
 
 async def _settle(ing: Ingest) -> None:
     """Wait until every commit the capture submitted has settled, without raising: their outcomes
-    reach the ingest through ``Captures._committed``."""
+    reach the ingest (``Ingest.__call__``)."""
     if ing.inflight > 0:
         if ing.idle is None or ing.idle.done():
             ing.idle = asyncio.get_running_loop().create_future()
