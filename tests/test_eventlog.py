@@ -517,6 +517,39 @@ async def test_the_writer_commits_while_the_event_loop_is_blocked(tmp_path: Path
         await log.close()
 
 
+def _served_at_once(read: Any) -> bool:
+    """Whether a read (a coroutine) is served without waiting a loop turn: done at its first step."""
+    try:
+        read.send(None)
+    except StopIteration:
+        return True
+    read.close()
+    return False
+
+
+async def test_a_follower_catching_up_with_a_live_stream_reads_its_pages_without_the_executor(tmp_path: Path) -> None:
+    """A client behind a fast live stream (its queue overflowed) reads it back page after page; what
+    was written seconds ago is in the page cache, and each page's trip through the executor cost two
+    loop turns (scenario a of the benchmark: a quarter of its events/s). Pages of a stream no longer
+    live, or reads of more than a page, still go to the executor."""
+    log = LmdbEventLog(Storage(path=tmp_path / "log"))
+    await log.open()
+    try:
+        await begun(log, meta("fast"))
+        for _ in range(30):
+            await log.append("fast", evs(*["x" * 200] * 100))
+        top = await head(log, "fast")
+        assert top - 3000 > 32  # far more than the few last events read on the loop before
+        assert _served_at_once(log.read("fast", top - 3000, top, 10_000, 64 << 10))
+        assert not _served_at_once(log.read("fast", top - 3000, top, 10_000, 4 << 20))
+        await log.finish("fast", "done")
+        assert not _served_at_once(log.read("fast", top - 3000, top, 10_000, 64 << 10))
+        page = await log.read("fast", top - 3000, top, 10_000, 64 << 10)
+        assert 0 < len(page) < 3000 and page[0][0] == top - 2999
+    finally:
+        await log.close()
+
+
 # --- the live feed --------------------------------------------------------------------------------------
 
 async def test_feed_carries_commits_in_order_with_the_head_before_each(open_log: Opener) -> None:

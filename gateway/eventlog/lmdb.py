@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import fcntl
 import logging
+import math
 import os
 import queue
 import struct
@@ -87,6 +88,11 @@ _PROBE_KEY = b"probe"
 # less to copy than the executor's hand-off.
 _HOT_EVENTS = 32
 _HOT_SECONDS = 10.0
+# So is a page of a live stream this process writes, of at most this many bytes, when all of it was
+# written within _HOT_SECONDS: a follower catching up with a fast stream (its queue overflowed) reads
+# page after page, and on the executor each page cost two loop turns and the GIL traded three ways
+# (scenario a: ~25% of its events/s).
+_HOT_PAGE_BYTES = 64 << 10
 _TAIL_BYTES = 8 << 20  # the de-duplication tail: enough for thousands of events, bounded for huge ones
 # While commits fail, the writer tries a real write this often, and this big, to see whether space is back.
 PROBE_INTERVAL = 1.0
@@ -245,6 +251,8 @@ class LmdbEventLog(EventLog):
         self._meta_db: Any = None
         self._metas: dict[str, StreamMeta] = {}  # committed snapshots
         self._staged: dict[str, StreamMeta] = {}  # what each stream will be once its queued batches commit
+        # (when, the seq staged by then), older first: what was written since (``_hot``).
+        self._recent: tuple[tuple[float, int], tuple[float, int]] = ((-math.inf, 0), (-math.inf, 0))
         self._broken: set[str] = set()  # streams a failed commit stopped (loop side)
         self._seq = 0
         self._size = 0
@@ -892,6 +900,7 @@ class LmdbEventLog(EventLog):
                 else:
                     fut.set_result(outcome)
         if group:
+            self._mark_recent()
             self._committed(group)
             self._hand_over()  # what came while this group committed: the next group, at once
 
@@ -971,7 +980,7 @@ class LmdbEventLog(EventLog):
                    max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
         if after >= upto or not self._holds(key):
             return []
-        if self._hot(key, after):
+        if self._hot(key, after, max_bytes):
             # What a live stream just committed (a new stream's first client reads its first
             # events so; a client back after a short drop, the few it missed) is in the page
             # cache: read here, not on the executor, whose round trip is two loop turns, tens of
@@ -980,13 +989,28 @@ class LmdbEventLog(EventLog):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._read_sync, key, after, upto, limit, max_bytes)
 
-    def _hot(self, key: str, after: int) -> bool:
+    def _hot(self, key: str, after: int, max_bytes: int) -> bool:
         """Whether the records after ``after`` are among the last a live stream wrote lately."""
         meta = self._metas.get(key)
+        if meta is None or not meta.open:
+            return False
+        if max_bytes <= _HOT_PAGE_BYTES and key in self._staged:
+            now = time.monotonic()
+            for at, seq in self._recent:  # every record after ``after`` was staged here since then
+                if after >= seq and now - at <= _HOT_SECONDS:
+                    return True
         # Seqs are the log's, shared by every stream: the events after ``after`` are at most as
         # many as the seqs after it, and at most as many as the stream holds.
-        return (meta is not None and meta.open and min(meta.count, meta.head - after) <= _HOT_EVENTS
+        return (min(meta.count, meta.head - after) <= _HOT_EVENTS
                 and time.time() - meta.updated_at < _HOT_SECONDS)
+
+    def _mark_recent(self) -> None:
+        """After a commit, at most every _HOT_SECONDS / 2: the seq staged by then, so that while the
+        log is written one of the two marks kept is between _HOT_SECONDS / 2 and _HOT_SECONDS old."""
+        now = time.monotonic()
+        older, newer = self._recent
+        if now - newer[0] >= _HOT_SECONDS / 2:
+            self._recent = (newer, (now, self._seq))
 
     def _read_sync(self, key: str, after: int, upto: int, limit: int,
                    max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
