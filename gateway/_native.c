@@ -428,6 +428,62 @@ record_entries(PyObject *self, PyObject *args)
 }
 
 
+/* record_page(first, value, after, upto, most, room, anyway) -> (entries, body_bytes, full) | None:
+ * the (seq, body) of a record with after < seq <= upto, as a page takes them: at most ``most``, and
+ * no body that would take their bytes past ``room``, unless it is the first taken and ``anyway``.
+ * ``full``: it stopped there with more of the range left in the record. The record is walked only
+ * as far as the page takes it (a replay page of 64 KiB out of a record of 256 KiB allocated the
+ * whole record's events, three quarters of them to be thrown away). None when the part walked is
+ * damaged (the Python twin says how). */
+static PyObject *
+record_page(PyObject *self, PyObject *args)
+{
+    long long first, after, upto, most, room;
+    int anyway;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!LLLLp:record_page", &first, &PyBytes_Type, &obj, &after, &upto, &most, &room,
+                          &anyway))
+        return NULL;
+    const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
+    Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
+    if (n < 8 + 6)
+        Py_RETURN_NONE;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    long long used = 0, taken = 0;
+    int full = 0;
+    for (long long s = first; i < n && s <= upto; s++) {
+        if (i + 6 > n)
+            goto damaged;
+        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
+        i += 6;
+        if (i + ulen + blen > n)
+            goto damaged;
+        if (after < s) {
+            if (taken >= most || (used + blen > room && !(anyway && taken == 0))) {
+                full = 1;
+                break;
+            }
+            PyObject *item = Py_BuildValue("(Ly#)", s, (const char *)v + i + ulen, blen);
+            if (item == NULL || PyList_Append(out, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(item);
+            used += blen;
+            taken++;
+        }
+        i += ulen + blen;
+    }
+    return Py_BuildValue("(NLi)", out, used, full);
+damaged:
+    Py_DECREF(out);
+    Py_RETURN_NONE;
+}
+
+
 /* The payload of a chunked body's next bytes, as gateway.streamclient.LegConnection._dechunk_py
  * reads them. dechunk(buf, left, crlf, trailers, max_line) ->
  *   (payload, consumed, left, crlf, trailers, ended), or None for anything the Python twin must
@@ -582,6 +638,7 @@ clone_slots(PyObject *self, PyObject *obj)
 
 static PyMethodDef methods[] = {
     {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
+    {"record_page", record_page, METH_VARARGS, "A record's part of a page: (entries, body bytes, full), or None when damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},
     {"frame_entries", frame_entries, METH_VARARGS, "Wire bytes for stored events with their gateway ids."},

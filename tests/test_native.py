@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 
 from gateway import native
 from gateway.eventlog.base import StorageDamaged
-from gateway.eventlog.records import decode, decode_py, encode, encode_py, entries_in, entries_in_py
+from gateway.eventlog.records import (decode, decode_py, encode, encode_py, entries_in, entries_in_py, record_page,
+                                      record_page_py)
 from gateway.sse import Event, Parser, SSEProtocolError, frame, frame_py
 from gateway.streamclient import LegConnection
 from tests.support.procs import tree_env
@@ -113,6 +115,27 @@ def test_a_range_of_a_record_is_the_same(events: list[Event], first: int, after:
     assert entries_in(first, record) == [(first + i, body) for i, (body, _uid) in enumerate(events)]
 
 
+@needs_c
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(_event, min_size=1, max_size=12), first=st.integers(0, 2**40),
+       after=st.integers(-2, 16), upto=st.integers(-2, 16), most=st.integers(0, 14), room=st.integers(0, 400),
+       anyway=st.booleans())
+def test_a_records_part_of_a_page_is_the_same(events: list[Event], first: int, after: int, upto: int, most: int,
+                                              room: int, anyway: bool) -> None:
+    record = encode(events, 0, first).record
+    got = record_page(first, record, first + after, first + upto, most, room, anyway)
+    assert got == record_page_py(first, record, first + after, first + upto, most, room, anyway)
+    # What a page takes of the range: its first events, within the count and the bytes (one anyway).
+    page, used, full = got
+    wanted = entries_in(first, record, first + after, first + upto)
+    assert page == wanted[:len(page)] and used == sum(len(body) for _, body in page)
+    assert len(page) <= most and (used <= room or (anyway and len(page) == 1))
+    assert full == (len(page) < len(wanted))
+    if full:  # it stopped only because the next one did not fit
+        nxt = len(wanted[len(page)][1])
+        assert len(page) == most or (used + nxt > room and not (anyway and not page))
+
+
 def _told(read: Callable[[int, bytes], object], first: int, record: bytes) -> object:
     try:
         return read(first, record)
@@ -126,6 +149,9 @@ def _told(read: Callable[[int, bytes], object], first: int, record: bytes) -> ob
 def test_a_damaged_record_is_told_the_same_way(record: bytes, first: int) -> None:
     assert _told(decode, first, record) == _told(decode_py, first, record)
     assert _told(entries_in, first, record) == _told(entries_in_py, first, record)
+    for most, room in ((1, 0), (100, 10**6)):  # a part of it, and all of it
+        assert _told(partial(record_page, after=-1, upto=2**62, most=most, room=room, anyway=True), first, record) == \
+            _told(partial(record_page_py, after=-1, upto=2**62, most=most, room=room, anyway=True), first, record)
 
 
 @needs_c

@@ -66,12 +66,11 @@ from gateway.eventlog.base import (
     StorageFull,
     StreamMeta,
     accepting,
-    cut_to_bytes,
     seq_floor,
     to_evict,
     trim_marks,
 )
-from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
+from gateway.eventlog.records import decode, encode, record_page, record_time_ms
 from gateway.metrics import LeaseLoss
 from gateway.sse import Event, event_name
 
@@ -1014,10 +1013,11 @@ class LmdbEventLog(EventLog):
 
     def _read_sync(self, key: str, after: int, upto: int, limit: int,
                    max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
+        """At most ``limit`` events, whose bodies come to at most ``max_bytes`` (one at least)."""
         prefix = _prefix(key)
         plen = len(prefix)
         out: list[Entry] = []
-        budget = max_bytes
+        room = max_bytes
         start = prefix + (after + 1).to_bytes(8, "big")
         with self._snapshot(db=self._events_db, buffers=False) as txn:
             cur = txn.cursor()
@@ -1029,13 +1029,10 @@ class LmdbEventLog(EventLog):
                 first = int.from_bytes(k[plen:], "big")
                 if first > upto:
                     break
-                out += entries_in(first, v, after, upto)
-                budget -= len(v)
-                if len(out) >= limit:
-                    del out[limit:]
-                    break
-                if budget <= 0 and out:  # (the first record may hold nothing after ``after``)
-                    cut_to_bytes(out, max_bytes)
+                got, used, full = record_page(first, v, after, upto, limit - len(out), room, not out)
+                out += got
+                room -= used
+                if full or len(out) >= limit:
                     break
                 found = cur.next()
         return out

@@ -123,5 +123,47 @@ def entries_in_py(first: int, value: bytes, after: int = -1, upto: int = _LAST_S
     return [(seq, body) for seq, _uid, body in decode_py(first, value) if after < seq <= upto]
 
 
+def record_page(first: int, value: bytes, after: int, upto: int, most: int, room: int,
+                anyway: bool) -> tuple[list[Entry], int, bool]:
+    """A record's part of a page being read: its (seq, body) with ``after < seq <= upto``, at most
+    ``most`` of them, and none whose body takes their bytes past ``room`` unless it is the first
+    taken and ``anyway`` (a page holds one event at least); with the bodies' bytes, and whether it
+    stopped with more of the range left. The record is read only as far as the page takes it: a
+    64 KiB replay page of a 256 KiB record made every event of the record, and threw most away.
+    StorageDamaged if the part read is not a record."""
+    if native.ON:
+        out = native.record_page(first, value, after, upto, most, room, anyway)
+        if out is not None:
+            return out
+    return record_page_py(first, value, after, upto, most, room, anyway)
+
+
+def record_page_py(first: int, value: bytes, after: int, upto: int, most: int, room: int,
+                   anyway: bool) -> tuple[list[Entry], int, bool]:
+    """``record_page`` in Python (the C twin must give the same page)."""
+    n = len(value)
+    if n < RECORD_TIME.size + _EVENT_HEAD.size:
+        raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
+    unpack = _EVENT_HEAD.unpack_from
+    out: list[Entry] = []
+    used = 0
+    i, seq = RECORD_TIME.size, first
+    while i < n and seq <= upto:
+        if i + 6 > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event header")
+        blen, ulen = unpack(value, i)
+        i += 6
+        if i + ulen + blen > n:
+            raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
+        if after < seq:
+            if len(out) >= most or (used + blen > room and not (anyway and not out)):
+                return out, used, True
+            out.append((seq, value[i + ulen:i + ulen + blen]))
+            used += blen
+        i += ulen + blen
+        seq += 1
+    return out, used, False
+
+
 def record_time_ms(value: bytes) -> int:
     return int(RECORD_TIME.unpack_from(value)[0])
