@@ -80,18 +80,6 @@ def seq_floor() -> int:
     return time.time_ns() // 1000
 
 
-def cut_to_bytes(entries: list[Entry], max_bytes: int) -> None:
-    """Keep the first events of a read whose bodies fit in ``max_bytes`` (one at least): a read stops
-    after the stored batch that crossed its budget, and one batch may hold many events. Counted on
-    the events, not the batches: a batch the read began inside of counts only from there."""
-    total = 0
-    for i, (_, body) in enumerate(entries):
-        total += len(body)
-        if total > max_bytes and i:
-            del entries[i:]
-            return
-
-
 @dataclass(frozen=True, slots=True)
 class StreamMeta:
     """Everything the gateway knows about one captured stream, as committed with its events."""
@@ -661,7 +649,7 @@ class EventLog(abc.ABC):
     async def read(self, key: str, after: int, upto: int, limit: int,
                    max_bytes: int = READ_PAGE_BYTES) -> list[Entry]:
         """Committed events with ``after < seq <= upto``, oldest first, at most ``limit``, and
-        bodies of about ``max_bytes`` at most (``cut_to_bytes``; never fewer than one event)."""
+        bodies of ``max_bytes`` at most, never fewer than one event (``records.record_page``)."""
 
     @abc.abstractmethod
     async def tail(self, key: str, limit: int) -> list[tuple[str | None, bytes]]:

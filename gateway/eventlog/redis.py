@@ -68,12 +68,11 @@ from gateway.eventlog.base import (
     StorageFull,
     StreamMeta,
     accepting,
-    cut_to_bytes,
     stop_tasks,
     to_evict,
     trim_marks,
 )
-from gateway.eventlog.records import decode, encode, entries_in, record_time_ms
+from gateway.eventlog.records import decode, encode, entries_in, record_page, record_time_ms
 from gateway.metrics import LeaseLoss
 from gateway.sse import Event
 
@@ -1082,22 +1081,26 @@ class RedisEventLog(EventLog):
             before = _rows(await self._r.xrevrange(skey, max=f"{after + 1}-0", min="-", count=1))
             start = f"{before[0][0]}-0" if before else "-"
             budget = _Budget(max_bytes, before)
+            room, full = max_bytes, False
             # Not empty-handed: the batch read first may end at ``after`` (seqs come from one counter).
-            while len(out) < limit and (budget.left > 0 or not out):
+            while not full and (budget.left > 0 or not out):
                 count = budget.entries()
                 rows = _rows(await self._r.xrange(skey, min=start, max=f"{upto}-0", count=count))
                 if not rows:
                     break
                 for first, record in rows:
-                    out += entries_in(first, record, after, upto)
+                    got, used, full = record_page(first, record, after, upto, limit - len(out), room, not out)
+                    out += got
+                    room -= used
+                    if full or len(out) >= limit:
+                        full = True
+                        break
                 budget.spent(rows)
                 if len(rows) < count:
                     break
                 start = f"({rows[-1][0]}-0"
         except RedisError as exc:
             raise StorageError(f"redis: {exc}") from exc
-        del out[limit:]
-        cut_to_bytes(out, max_bytes)
         if out:
             self._saw(out[-1][0])
         return out
