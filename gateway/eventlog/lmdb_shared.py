@@ -282,7 +282,12 @@ class SharedLmdbEventLog(LmdbEventLog):
             held = self._read_meta(key)
             if held is not None:
                 self._staged[key] = self._metas[key] = held
-        self._seq = max(self._seq, self._stored_seq())
+        stored = self._stored_seq()
+        if stored > self._seq:
+            # Others counted past this process: ids between its marks of recent writes and ``stored``
+            # were theirs, written at any time, so no read below ``stored`` counts as recent (_hot).
+            self._seq = stored
+            self._recent = ((time.monotonic(), stored),) * 2
 
     async def release(self, key: str) -> None:
         self._claimed.discard(key)
