@@ -307,6 +307,7 @@ class _Socket:
         gap = sessions.resume_gap(since, held)
         if gap is not None and reconnect:
             follower.close()
+            self.handlers.streams.resume_served(self.request)  # answered: what retention took
             await self.reply({**gap, "id": cid, "meta": self.meta()})
             return
         async with self._order:
@@ -322,6 +323,7 @@ class _Socket:
                 await self.cut(exc)
                 return
             self.subs[sub_id] = _Subscription(flt, since or 0)
+            self.handlers.streams.resume_served(self.request)  # this subscription's since
             if self._pump is None:
                 head = held.head if held else 0
                 if (follower.pos or 0) > head:

@@ -69,6 +69,8 @@ RESUME_HEADER = "X-Gateway-Resume"
 CAPTURED_DROP = ("Content-Length", "Content-Encoding")
 # Parameters of a run join the gateway applies itself; the rest go to the upstream.
 _JOIN_PARAMS = ("stream_mode", "cancel_on_disconnect", "last_event_id")
+# A resume's outcome found while attaching, counted once it is served (StreamHandlers.resume_served).
+_RESUMING: web.RequestKey[ResumeOutcome] = web.RequestKey("gateway.resuming")
 
 
 # Where a client starts in a held stream: (request, its cursor, the stream, headers to tell it) -> after.
@@ -250,6 +252,7 @@ class StreamHandlers:
                 raise Unprocessable("Invalid run ID: must be a UUID")
             # The upstream has no such route for stateless runs; let it answer (404).
             self.tell_resume(request, cursor, "not_held")
+            self.resume_served(request)  # the upstream answers it
             return await self.forwarder.forward(request, target)
         return await self._answer(request, target, att, headers, cursor, keep, not_held=("start", "seq"))
 
@@ -381,10 +384,18 @@ class StreamHandlers:
     def tell_resume(self, request: web.Request, cursor: Cursor, outcome: ResumeOutcome,
                     headers: CIMultiDict[str] | None = None) -> None:
         """A resume's outcome, in one place: said in ``X-Gateway-Resume`` (``headers``: the response's)
-        unless it is a hit, and counted (the metric, the access log's field) when a resume was asked."""
+        unless it is a hit, and counted (``resume_served``) once it is served, when a resume was asked.
+        Found while the client is attached, it may still serve nothing: the leg of a thread stream let
+        go is refused (a 5xx), a takeover fails, the client leaves before the answer starts."""
         if headers is not None and outcome != "hit":
             headers[RESUME_HEADER] = outcome.replace("_", "-")
         if cursor.kind != "none":
+            request[_RESUMING] = outcome
+
+    def resume_served(self, request: web.Request) -> None:
+        """The resume told last (``tell_resume``) is served: counted (the metric, the access log's field), once."""
+        outcome = request.pop(_RESUMING, None)
+        if outcome is not None:
             self.on_resume(outcome)
             request[RESUME_OUTCOME] = outcome
 
@@ -405,6 +416,7 @@ class StreamHandlers:
         guard = StallGuard(self.forwarder.clients.write_timeout)
         try:
             await start_response(request, out)
+            self.resume_served(request)
             out.headers.clear()  # on the wire: aiohttp reads them no more, and out lives as long as the stream
             if first:
                 await send_body(request, out, first, guard, EVENT_END, follower.stopping)

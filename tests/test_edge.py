@@ -665,3 +665,39 @@ async def test_a_thread_stream_of_a_thread_the_upstream_does_not_know_stores_not
         await asyncio.sleep(0.05)
     held = [m.thread_id for m in await gw.gw.log.streams()]
     assert held == [known], "only the thread the upstream knows is captured"
+
+
+@pytest.mark.parametrize("refusal", [404, 500])
+async def test_a_resume_the_upstream_then_refuses_is_not_counted_as_served(
+        make_gateway: Callable[..., Awaitable[RunningGateway]], fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, refusal: int) -> None:
+    """A thread stream held in the log but let go (nobody followed it for thread_linger) is opened again
+    through a leg when a client resumes it. The resume was counted as a hit when its position was found,
+    before the leg was asked for: an upstream that then refuses the thread (gone: 404; failing: 500) left
+    a resume counted that served nothing."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"thread_linger": "100ms"}))
+    tid = await new_thread(http, gw.url)
+    following = await http.get(f"{gw.url}/threads/{tid}/stream")
+    async with await stream_run(http, gw.url, tid, assistant="a", n=3) as r:
+        await read_events(r)
+    seen = await read_events(following, limit=2)
+    following.close()
+    key = f"default/thread/{tid}"
+    for _ in range(200):  # let go once its linger is over
+        if gw.gw.hub.live(key) is None:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.gw.hub.live(key) is None
+    before = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
+    fake_upstream.faults.status = refusal
+    async with http.get(f"{gw.url}/threads/{tid}/stream", headers={"Last-Event-ID": seen[0].id or ""}) as r:
+        assert r.status >= 400
+    fake_upstream.faults.status = 0
+    after = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
+    assert after == before, "a resume that served nothing is not counted"
+    async with http.get(f"{gw.url}/threads/{tid}/stream", headers={"Last-Event-ID": seen[0].id or ""}) as r:
+        assert r.status == 200
+        await read_events(r, limit=1)
+    after = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
+    assert after["hit"] == before["hit"] + 1, "a resume served is counted, once"
