@@ -8,8 +8,8 @@ worker i has the admin listener on ``admin.port + i``. The supervisor only
 starts them, passes SIGTERM/SIGINT on, and starts a worker again when it dies
 (its streams are taken over by the others meanwhile, as for any replica): a second later the
 first time, later and later while it keeps dying young (``restart_delay``). A worker that cannot
-start (``cannot_start``) stops the supervisor, as one gateway process would have exited. A worker
-still running ``STOP_MARGIN`` after its own shutdown grace is killed.
+start (``cannot_start``: every try failed) stops the supervisor, as one gateway process would have
+exited. A worker still running ``STOP_MARGIN`` after its own shutdown grace is killed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ log = logging.getLogger("gateway.workers")
 RESTART_DELAY = 1.0  # after a worker died, before it is started again; doubled while it keeps dying young
 RESTART_DELAY_MAX = 30.0
 UP_AFTER = 10.0  # a worker that lived this long was up: its death is not a crash loop
+# Starts in a row that failed (exit status 1 within UP_AFTER), from the first on, before a worker is
+# taken to be unable to start: one failure may pass (its admin port held for a moment by another
+# program, storage busy), three in a row, 1 s and 2 s apart, are what the setup makes of every start.
+START_TRIES = 3
 STOP_MARGIN = 5.0  # past a worker's shutdown grace, before SIGKILL
 _TICK = 0.2
 _PR_SET_PDEATHSIG = 1
@@ -48,10 +52,16 @@ def restart_delay(young_deaths: int) -> float:
     return min(RESTART_DELAY * float(1 << min(max(young_deaths - 1, 0), 16)), RESTART_DELAY_MAX)
 
 
-def cannot_start(exit_status: int, first: bool, lived: float) -> bool:
+def failed_start(exit_status: int, lived: float) -> bool:
+    """A death that looks like a gateway that could not run (the port taken, the log not opened)."""
+    return exit_status == EXIT_RUNTIME and lived < UP_AFTER
+
+
+def cannot_start(exit_status: int, failed_starts: int) -> bool:
     """A death that starting the worker again will not mend: a config error, or a gateway that could
-    not run on its first start (the port taken, the log not opened), as one process would exit."""
-    return exit_status == EXIT_CONFIG or (exit_status == EXIT_RUNTIME and first and lived < UP_AFTER)
+    not run on any of its first ``START_TRIES`` starts, as one process would exit. One failed start
+    alone is not that: it stopped every worker, the ones serving too, for what a second try mends."""
+    return exit_status == EXIT_CONFIG or (exit_status == EXIT_RUNTIME and failed_starts >= START_TRIES)
 
 
 class _StopWithParent:
@@ -78,7 +88,8 @@ class _Worker:
     index: int
     proc: subprocess.Popen[bytes] | None  # None: not running (never started, or dead and waiting)
     started: float = 0.0
-    first: bool = True  # not yet started again after a death
+    first: bool = True  # every start so far failed (or none ended yet): it may be unable to start at all
+    failed_starts: int = 0  # of those, while ``first``
     young_deaths: int = 0  # deaths in a row, each within UP_AFTER of its start
     restart_at: float | None = None  # dead: started again at this time
 
@@ -107,8 +118,9 @@ class Supervisor:
             signal.signal(sig, self._signalled)
         stopsignals.release()  # one that came while the command loaded is noted now
         for w in self.crew:
-            if self.stopping is not None or not self._start(w):
+            if self.stopping is not None:  # a signal came, or a worker cannot start
                 break
+            self._start(w)
         log.info("supervising %d workers: %s", len(self.crew),
                  ", ".join(str(w.proc.pid) for w in self.crew if w.proc is not None))
         while True:
@@ -126,10 +138,13 @@ class Supervisor:
                                       preexec_fn=self.preexec)
         except OSError as exc:  # fork failed (memory, process limit)
             w.proc = None
-            if w.first:
-                log.error("worker %d could not be started (%s); stopping the others", w.index, exc)
-                self._fail()
-                return False
+            if w.first:  # a start that failed, as one that exits 1 at once
+                w.failed_starts += 1
+                if w.failed_starts >= START_TRIES:
+                    log.error("worker %d could not be started (%s), %d tries in a row; stopping the others",
+                              w.index, exc, w.failed_starts)
+                    self._fail()
+                    return False
             w.young_deaths += 1
             delay = restart_delay(w.young_deaths)
             w.restart_at = time.monotonic() + delay
@@ -150,7 +165,6 @@ class Supervisor:
                 return  # a signal came meanwhile: nothing more is started
             if w.proc is None:
                 if w.restart_at is not None and now >= w.restart_at:
-                    w.first = False
                     self._start(w)
                 continue
             status = w.proc.poll()
@@ -158,8 +172,14 @@ class Supervisor:
                 continue
             lived = now - w.started
             w.proc = None
-            if cannot_start(status, w.first, lived):
-                log.error("worker %d could not start (exit status %d); stopping the others", w.index, status)
+            if w.first and failed_start(status, lived):
+                w.failed_starts += 1
+            else:
+                w.first = False  # it ran: a death from now on is a crash, started again
+            if cannot_start(status, w.failed_starts if w.first else 0):
+                log.error("worker %d could not start (exit status %d%s; its own error is above); "
+                          "stopping the others", w.index, status,
+                          f", {w.failed_starts} tries in a row" if status == EXIT_RUNTIME else "")
                 self._fail()
                 return
             w.young_deaths = w.young_deaths + 1 if lived < UP_AFTER else 0

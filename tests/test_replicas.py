@@ -26,6 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.eventlog.base import Feed
+from gateway.workers import START_TRIES
 from tests.conftest import REPO, GatewayProcess, RunningGateway, gateway_config
 from tests.fake_upstream import FakeAgentServer
 from tests.support.nginx import Nginx
@@ -468,8 +469,9 @@ async def test_workers_stop_when_their_supervisor_is_killed(
 
 async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_would_stop(
         gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path) -> None:
-    """The port is taken: one process exits 1 at once; the supervisor too, instead of starting
-    workers that fail the same way every second forever (a service that looks up and serves nothing)."""
+    """The port is taken: one process exits 1 at once; the supervisor too once each start failed
+    (START_TRIES in a row), instead of starting workers that fail the same way every second forever
+    (a service that looks up and serves nothing)."""
     sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
                           "--admin-port", "0")
     with socket.socket() as taken:
@@ -480,7 +482,61 @@ async def test_workers_that_cannot_start_stop_the_supervisor_as_one_process_woul
         assert sup.proc.wait(20) == 1
     text = sup.log_text()
     assert "cannot listen" in text and "could not start" in text, text[-2000:]
-    assert "starting it again" not in text, text[-2000:]
+    assert text.count("starting it again") <= 2 * (START_TRIES - 1), text[-2000:]
+
+
+def _port_pair() -> tuple[int, socket.socket]:
+    """A free port ``p`` and a listening socket on ``p + 1`` (worker 1's admin port when admin.port is p)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            p = probe.getsockname()[1]
+        if p >= 65535:
+            continue
+        held = socket.socket()
+        try:
+            held.bind(("127.0.0.1", p + 1))
+        except OSError:
+            held.close()
+            continue
+        held.listen()
+        return p, held
+    raise RuntimeError("no free pair of ports")
+
+
+async def test_a_worker_that_fails_its_first_start_once_is_started_again(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Worker 1's admin port (admin.port + 1) is held for a moment when the gateway starts (an outgoing
+    connection's ephemeral port, another program starting): worker 1 exits 1 on its first start. Worker 0
+    serves; the supervisor starts worker 1 again, as for any worker that died, instead of stopping the
+    whole gateway as if no start could ever succeed."""
+    admin, held = _port_pair()
+    sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
+                          "--admin-port", str(admin))
+    try:
+        sup.start()
+        for _ in range(400):  # worker 1 found its admin port taken
+            if "cannot listen" in sup.log_text() or sup.proc is None or sup.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert "cannot listen" in sup.log_text(), sup.log_text()[-2000:]
+    finally:
+        held.close()
+    assert sup.proc is not None
+    for _ in range(300):  # started again, it listens
+        if sup.proc.poll() is not None:
+            break
+        try:
+            async with http.get(f"http://127.0.0.1:{admin + 1}/healthz") as r:
+                if r.status == 200:
+                    break
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    assert sup.proc.poll() is None, f"the gateway stopped: {sup.log_text()[-2000:]}"
+    async with http.get(f"http://127.0.0.1:{admin + 1}/healthz") as r:
+        assert r.status == 200
+    assert sup.terminate() == 0, sup.log_text()[-3000:]
 
 
 async def test_workers_whose_log_cannot_open_stop_the_supervisor_and_a_config_error_starts_none(
@@ -492,9 +548,10 @@ async def test_workers_whose_log_cannot_open_stop_the_supervisor_and_a_config_er
     sup = gateway_process("--config", str(workers_config(tmp_path, fake_upstream.url)), "--workers", "2",
                           "--admin-port", "0")
     with pytest.raises(RuntimeError, match="gateway exited 1"):
-        sup.start()
+        sup.start(timeout=40)
     text = sup.log_text()
-    assert "storage error" in text and "could not start" in text and "starting it again" not in text, text[-2000:]
+    assert "storage error" in text and "could not start" in text, text[-2000:]
+    assert text.count("starting it again") <= 2 * (START_TRIES - 1), text[-2000:]
     bad = tmp_path / "bad.yaml"
     bad.write_text(workers_config(tmp_path, fake_upstream.url).read_text() + "bogus: 1\n")
     proc = await asyncio.create_subprocess_exec(
