@@ -246,8 +246,10 @@ class Hub:
                     lock.fail(exc)
                     raise
                 except CapturedElsewhere:  # a client of another replica asked for it at the same moment
-                    if await self.log.lookup(key) is not None:  # begun there: follow what it commits
-                        return Attachment(self.follow(key, after), held=held)
+                    if (begun := await self.log.lookup(key)) is not None:  # begun there: follow what it commits
+                        # As any join of a held stream: a cancel on disconnect this client asked for is
+                        # noted for its captor (and sent from here if its last follower is here).
+                        return Attachment(await self._join(begun, after, join), held=held)
                     # Not begun yet, or never: the upstream refused that replica's leg (its answer went to
                     # its client) and the claim was let go. Asked again, the upstream answers this one.
                     if asyncio.get_running_loop().time() > deadline:

@@ -1198,3 +1198,36 @@ async def test_a_stream_taken_back_after_a_failed_commit_here_is_captured_over_t
         assert_whole_or_marked(await follow_to_end(http, b.url + loc, timeout=60), n)
     except (AssertionError, asyncio.TimeoutError) as exc:
         raise AssertionError(f"{exc!r}\n{logs_of(a, b, lines=40)}") from exc
+
+
+@pytest.mark.parametrize("lag", [0.0, 0.002, 0.005, 0.01, 0.02])
+async def test_a_cancel_on_disconnect_asked_while_another_replica_opens_the_run_is_kept(
+        replicas: Callable[[int], list[GatewayProcess]], fake_upstream: FakeAgentServer,
+        http: aiohttp.ClientSession, lag: float) -> None:
+    """A run the log does not hold yet (created upstream directly, by another client of the Agent
+    Server) is joined on two replicas (workers) at once: on a without cancel_on_disconnect, on b with
+    it. When a opens the run's leg first, b follows what a captures, and its client's cancel request
+    was dropped on that path: both clients left and the run went on upstream. Swept over the lag
+    between the two joins, so either replica may be the one that opens it."""
+    a, b = replicas(2)
+    async with http.post(f"{fake_upstream.url}/threads", json={}) as r:
+        tid = (await r.json())["thread_id"]
+    async with http.post(f"{fake_upstream.url}/threads/{tid}/runs",
+                         json={"assistant_id": "a", "input": {"n": 1000, "delay": 0.02}}) as r:
+        run_id = (await r.json())["run_id"]
+    loc = f"/threads/{tid}/runs/{run_id}/stream"
+
+    async def on_a() -> aiohttp.ClientResponse:
+        return await http.get(a.url + loc, headers={"Last-Event-ID": "-1"})
+
+    async def on_b() -> aiohttp.ClientResponse:
+        await asyncio.sleep(lag)
+        return await http.get(b.url + loc, params={"cancel_on_disconnect": "true"}, headers={"Last-Event-ID": "-1"})
+
+    plain, asking = await asyncio.gather(on_a(), on_b())
+    assert plain.status == 200 and asking.status == 200
+    await read_events(plain, limit=2)
+    plain.close()  # the client that asked for nothing leaves first
+    await read_events(asking, limit=3)
+    asking.close()  # the last client anywhere, and it asked for a cancel when it leaves
+    assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted", logs_of(a, b)
