@@ -106,6 +106,12 @@ class Presence:
         self.log.set_followers(key, 0)
         ing = self.captures.live.get(key)
         if ing is not None:
+            if cancel_auth is not None and not ing.cancel_on_orphan:
+                # Asked while another process captured it, which this one took over since (that one
+                # stalled or died, maybe before it noted the cancel in the log): this one cancels it,
+                # with the client's credentials if the take-over had none.
+                ing.cancel_on_orphan = True
+                ing.auth = ing.auth or cancel_auth
             self._orphaned(ing)
         elif cancel_auth is not None:
             self.run_owned(self._cancel_elsewhere(key, cancel_auth))

@@ -1231,3 +1231,40 @@ async def test_a_cancel_on_disconnect_asked_while_another_replica_opens_the_run_
     await read_events(asking, limit=3)
     asking.close()  # the last client anywhere, and it asked for a cancel when it leaves
     assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted", logs_of(a, b)
+
+
+async def test_a_cancel_asked_on_the_worker_that_then_takes_the_run_over_is_kept(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Workers on one LMDB directory: a captures a background run, and stalls (SIGSTOP). A client joins
+    the run on b asking for a cancel on disconnect: b tells a (a datagram a does not read while frozen)
+    and keeps the client's credentials to cancel it itself. Then b takes the run over from the stalled a.
+    When the client leaves, b, now its captor, looked only at the capture's own flag (which a never
+    wrote): the cancel the client asked for was dropped, and the run went on upstream."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"}
+    a, b = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+            for name in ("a", "b"))
+    tid = await new_thread(http, a)
+    async with http.post(f"{a.url}/threads/{tid}/runs",  # a background run: a captures it, nobody follows
+                         json={"assistant_id": "a", "input": {"n": 1000, "delay": 0.02}}) as r:
+        run_id = (await r.json())["run_id"]
+    key = f"default/run/{run_id}"
+    asking = await http.get(f"{b.url}/threads/{tid}/runs/{run_id}/stream", headers={"Last-Event-ID": "-1"})
+    await read_events(asking, limit=2)
+    asking.close()  # (a plain follower first: b knows the run is a's)
+    a.freeze()
+    try:
+        asking = await http.get(f"{b.url}/threads/{tid}/runs/{run_id}/stream",
+                                params={"cancel_on_disconnect": "true"}, headers={"Last-Event-ID": "-1"})
+        assert asking.status == 200
+        for _ in range(300):  # a's lease runs out: b takes the run over
+            async with http.get(f"http://127.0.0.1:{b.admin_port}/streams/{key}") as r:
+                if (await r.json()).get("captured_here"):
+                    break
+            await asyncio.sleep(0.05)
+        async with http.get(f"http://127.0.0.1:{b.admin_port}/streams/{key}") as r:
+            assert (await r.json()).get("captured_here"), logs_of(a, b)
+        await read_events(asking, limit=3)
+        asking.close()  # the only client, and it asked for a cancel when it leaves
+        assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted", logs_of(a, b)
+    finally:
+        a.thaw()
