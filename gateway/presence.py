@@ -40,6 +40,10 @@ class Presence:
         self._following: dict[str, int] = {}  # followers in this process, by stream
         # Runs another process captures that a client here asked to cancel on disconnect: its credentials.
         self._cancel_auth: dict[str, dict[str, str]] = {}
+        # Of those, the ones whose last follower here left while others followed elsewhere: looked at
+        # again (check_orphans) until nobody follows them anywhere, as the captor's note of the cancel
+        # may be lost (it stalled or died before it wrote it) and whoever took the run over not know it.
+        self._cancel_pending: dict[str, dict[str, str]] = {}
         captures.on_recovered = self._recovered
 
     def following(self, key: str) -> int:
@@ -119,6 +123,14 @@ class Presence:
     async def check_orphans(self) -> None:
         """Followers on other replicas come and go unseen: what nobody follows any more is released,
         or cancelled if a client asked for that on any replica."""
+        for key in list(self._cancel_pending):
+            auth = self._cancel_pending.pop(key)
+            ing = self.captures.live.get(key)
+            if ing is None:
+                self.run_owned(self._cancel_elsewhere(key, auth))  # pending again while still followed
+            elif not ing.cancel_on_orphan:  # taken over here since: its capture cancels it (below)
+                ing.cancel_on_orphan = True
+                ing.auth = ing.auth or auth
         for ing in list(self.captures.live.values()):
             if self._following.get(ing.key):
                 continue
@@ -204,10 +216,14 @@ class Presence:
 
     async def _cancel_elsewhere(self, key: str, auth: dict[str, str]) -> None:
         """The last follower here of a run another process captures left, and asked for a cancel:
-        cancel it now if nobody follows it anywhere (else the captor does, when the last one leaves)."""
+        cancel it now if nobody follows it anywhere (else the captor does, when the last one leaves,
+        if the log notes the cancel; if not, it is looked at again: ``check_orphans``)."""
         meta = await self.log.lookup(key)
-        if (meta is None or not meta.open or self._following.get(key) or key in self.captures.live
-                or await self.log.followers(key, 0) > 0):
+        if meta is None or not meta.open:
+            return
+        if self._following.get(key) or key in self.captures.live or await self.log.followers(key, 0) > 0:
+            if not meta.cancel_on_orphan:  # the log does not say it: whoever captures it may not know
+                self._cancel_pending[key] = auth
             return
         logger.info("last client of %s left and asked for cancel on disconnect (captured elsewhere)", key)
         await self._cancel(meta, auth)

@@ -1268,3 +1268,44 @@ async def test_a_cancel_asked_on_the_worker_that_then_takes_the_run_over_is_kept
         assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted", logs_of(a, b)
     finally:
         a.thaw()
+
+
+async def test_a_cancel_asked_while_the_captor_stalls_waits_for_a_follower_on_a_third_worker(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """Three workers on one LMDB directory: a captures a background run and stalls (SIGSTOP); a
+    client on c follows the run, a client on b asked for a cancel on disconnect (b's note of it to a
+    goes unread). b's client leaves while c's still follows: b left the cancel to the captor, and the
+    captor is whichever of b and c took the run over from a, without the note. When c's client
+    leaves, nobody follows the run anywhere, and it went on upstream."""
+    storage = {"backend": "lmdb", "shared": "true", "path": str(tmp_path / "shared-log"), "lease_ttl": "1500ms"}
+    a, b, c = (gateway_process("--config", str(replica_config(tmp_path, name, fake_upstream.url, storage))).start()
+               for name in ("a", "b", "c"))
+    tid = await new_thread(http, a)
+    async with http.post(f"{a.url}/threads/{tid}/runs",  # a background run: a captures it, nobody follows
+                         json={"assistant_id": "a", "input": {"n": 1000, "delay": 0.02}}) as r:
+        run_id = (await r.json())["run_id"]
+    key = f"default/run/{run_id}"
+    loc = f"/threads/{tid}/runs/{run_id}/stream"
+    on_c = await http.get(c.url + loc, headers={"Last-Event-ID": "-1"})
+    await read_events(on_c, limit=2)
+    a.freeze()
+    try:
+        asking = await http.get(b.url + loc, params={"cancel_on_disconnect": "true"}, headers={"Last-Event-ID": "-1"})
+        await read_events(asking, limit=2)
+        asking.close()  # it asked for a cancel; c's client still follows
+        captor = None
+        for _ in range(300):  # a's lease runs out: b or c takes the run over
+            for w in (b, c):
+                async with http.get(f"http://127.0.0.1:{w.admin_port}/streams/{key}") as r:
+                    if (await r.json()).get("captured_here"):
+                        captor = w
+            if captor is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert captor is not None, logs_of(a, b, c)
+        await read_events(on_c, limit=3)
+        assert fake_upstream.runs[run_id].status == "running", "c's client still follows it"
+        on_c.close()  # the last follower anywhere
+        assert await fake_upstream.wait_status(run_id, "interrupted", timeout=8) == "interrupted", logs_of(a, b, c)
+    finally:
+        a.thaw()
