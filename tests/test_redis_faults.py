@@ -647,3 +647,33 @@ async def test_a_takeover_whose_end_storage_refuses_is_counted_once_when_it_is_w
         assert counted == [1.0], "one stream taken over (its end written once), not one per try"
     finally:
         await relay.stop()
+
+
+async def test_a_client_joining_while_redis_refuses_writes_still_holds_off_the_cancel(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
+        http: aiohttp.ClientSession) -> None:
+    """A run to cancel on disconnect, captured on ``a``. Redis reaches maxmemory, and only then a
+    client follows the run on ``b``: the write that says so (its presence) is refused. ``a``'s own
+    client, who asked for the cancel, leaves: the run is still followed (on ``b``), so ``a`` must not
+    cancel it on the word of a presence record Redis refused to take; once Redis takes writes again
+    ``b``'s client is counted, and the run cancelled only when it leaves too."""
+    a = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "oomjoin", "a")
+    b = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "oomjoin", "b")
+    resp = await start_run(http, a, 3, delay=8.0, on_disconnect="cancel")  # quiet: no commit during the test
+    loc = resp.headers["Location"]
+    run_id = (await read_events(resp, limit=1))[0].json["run_id"]
+    own_redis.command("CONFIG", "SET", "maxmemory", "1000")  # far below what it holds: writes refused
+    try:
+        other = await http.get(b.url + loc, headers={"Last-Event-ID": "-1"})
+        assert other.status == 200, "a client may follow a run while Redis refuses writes"
+        await read_events(other, limit=1)
+        resp.close()  # the client that asked for the cancel leaves; the one on b stays
+        await asyncio.sleep(2.0)  # past a's orphan checks (every half lease)
+        during = fake_upstream.runs[run_id].status
+    finally:
+        own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    await asyncio.sleep(2.0)  # writes taken again: b's presence is recorded, a checks again
+    after = fake_upstream.runs[run_id].status
+    other.close()
+    assert (during, after) == ("running", "running"), "b's client still follows the run: it is not cancelled"
+    assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "the last follower left: cancelled"

@@ -79,6 +79,9 @@ from gateway.sse import Event
 log = logging.getLogger("gateway.eventlog.redis")
 
 PROBE_INTERVAL = 1.0
+# A replica's presence write Redis refused is tried again every PROBE_INTERVAL: for this long after
+# Redis takes writes again, "nobody follows it elsewhere" may only mean a record not retried yet.
+_PRESENCE_DOUBT = 2 * PROBE_INTERVAL
 POOL_SIZE = 64  # connections to Redis per process: the writer, the feed, and reads share them
 POOL_WAIT = 10.0  # seconds a read may wait for a free connection
 _READ_PAGE_ENTRIES = 256  # stream entries (batches) per XRANGE call, at most
@@ -374,6 +377,7 @@ class RedisEventLog(EventLog):
         self._followed_here: dict[str, int] = {}  # presence to publish: key -> followers here
         self._presence_dirty: set[str] = set()
         self._presence_wake = asyncio.Event()
+        self._presence_doubt_until = 0.0  # time.monotonic() until which presence elsewhere may be unrecorded
         self._pubsub: Any = None
         self._channels: dict[bytes, str] = {}  # subscribed channel -> stream key
         self._subscribed = asyncio.Event()
@@ -698,16 +702,34 @@ class RedisEventLog(EventLog):
     async def followers(self, key: str, here: int) -> int:
         try:
             others = [r.decode() for r in await self._r.hkeys(self._k("f", key)) if r.decode() != self.replica]
-            if not others:
-                return here
-            async with self._r.pipeline(transaction=False) as p:
-                for r in others:
-                    p.exists(self._k("r", r))
-                alive = await p.execute()
+            alive: list[Any] = []
+            if others:
+                async with self._r.pipeline(transaction=False) as p:
+                    for r in others:
+                        p.exists(self._k("r", r))
+                    alive = await p.execute()
         except RedisError as exc:
             log.warning("cannot count followers of %s on other replicas (%s); assuming some", key, exc)
             return here + 1
-        return here + sum(1 for a in alive if a)
+        n = here + sum(1 for a in alive if a)
+        if n == here and await self._presence_unsure():
+            return here + 1
+        return n
+
+    async def _presence_unsure(self) -> bool:
+        """Another replica's followers may be missing from the log: Redis refuses writes (maxmemory)
+        or fails now, or did so lately, and a replica whose presence write it refused tries again
+        only every PROBE_INTERVAL. Counted as some follower then: a run is not cancelled, a thread
+        not released, on a record Redis would not take (those decisions are made again later)."""
+        if self.failure is not None or time.monotonic() < self._presence_doubt_until:
+            return True
+        try:  # the write a presence record needs: Redis at maxmemory refuses it before this replica noticed
+            await self._r.set(self._k("r", self.replica), "1", px=int(self._cfg.lease_ttl * 1000))
+        except RedisError as exc:
+            if _unwritable(exc):
+                self._fail(f"{exc.__class__.__name__}: {exc}")
+            return True
+        return False
 
     async def _presence_loop(self) -> None:
         """Write this replica's followers per stream, latest state first, in order."""
@@ -728,6 +750,8 @@ class RedisEventLog(EventLog):
                     await p.execute()
             except RedisError as exc:
                 log.warning("could not record followers: %s", exc)
+                if _unwritable(exc):  # Redis refuses writes (maxmemory) or is gone: storage fails, and says so
+                    self._fail(f"{exc.__class__.__name__}: {exc}")
                 self._presence_dirty |= dirty
                 await asyncio.sleep(PROBE_INTERVAL)
                 self._presence_wake.set()
@@ -1034,6 +1058,7 @@ class RedisEventLog(EventLog):
 
     def _recovered(self) -> None:
         if self.health.recovered():
+            self._presence_doubt_until = time.monotonic() + _PRESENCE_DOUBT
             log.info("redis takes writes again")
 
     async def _probe(self) -> None:
