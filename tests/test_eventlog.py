@@ -718,6 +718,46 @@ async def test_one_claim_per_stream_and_a_stale_owner_is_fenced(two_processes: t
     assert [body for _, body in await b.read("s", 0, 10**18, 10)] == [e[0] for e in evs("1", "2")]
 
 
+async def test_two_replicas_trimming_a_session_at_once_keep_its_trim_marks(
+        own_redis: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis at maxmemory refuses the sweeper lease, so every replica sweeps at once (retention is
+    what frees it). ``b`` trims a session's older batch between ``a`` reading the streams and ``a``
+    trimming the newer one: the marks must still span every upstream event trimmed (``a1`` to
+    ``a3``), or a re-join takes the upstream's replay of ``a1``, ``a2`` for new events."""
+    cfg = Storage(backend="redis", redis_url=own_redis.url, redis_prefix="trims", lease_ttl=1.0, retention=60.0)
+    a, b = RedisEventLog(cfg, replica="a"), RedisEventLog(cfg, replica="b")
+    await a.open()
+    await b.open()
+    try:
+        await begun(a, StreamMeta(key="s", kind="session", upstream="u", path="/threads/t/stream/events"))
+        await a.append("s", evs("1", uid="a1") + evs("2", uid="a2"))
+        await asyncio.sleep(0.05)
+        between = time.time()
+        await asyncio.sleep(0.05)
+        await a.append("s", evs("3", uid="a3"))
+        read_streams = a.streams
+
+        async def b_sweeps_meanwhile() -> list[StreamMeta]:
+            metas = await read_streams()
+            await b.sweep(now=between + 60.0)  # b's cutoff falls between the two batches
+            return metas
+
+        monkeypatch.setattr(a, "streams", b_sweeps_meanwhile)
+        own_redis.command("CONFIG", "SET", "maxmemory", "1000")  # far below what it holds: writes refused
+        try:
+            await a.sweep(now=time.time() + 3600)
+        finally:
+            own_redis.command("CONFIG", "SET", "maxmemory", "0")
+        m = await a.lookup("s")
+        assert m is not None and m.open and m.count == 3
+        assert await a.read("s", 0, m.head, 10) == [], "every batch was past a's retention"
+        assert (m.trimmed_from, m.trimmed_to) == ("a1", "a3")
+        assert m.size == 0, "the bytes trimmed are uncounted once"
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_unowned_open_streams_are_offered_for_takeover(two_processes: tuple[EventLog, EventLog]) -> None:
     a, b = two_processes
     await begun(a, meta("s"))

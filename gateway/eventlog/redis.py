@@ -36,7 +36,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import redis
@@ -244,9 +244,16 @@ return 1
 """
 
 # KEYS: stream, meta, size.  ARGV: min id kept, first seq kept, bytes the older entries hold, the
-# trim marks (StreamMeta.trimmed_from, trimmed_to; '' for none). Trims an open thread stream; the
-# bytes are uncounted only by the call that removed the entries.
+# trim marks (StreamMeta.trimmed_from, trimmed_to; '' for none), then what they were worked out from:
+# the stream's first entry id and the marks as the caller read them. Trims an open thread stream; the
+# bytes are uncounted only by the call that removed the entries. Another trim since the caller read
+# (replicas sweep at once when Redis at maxmemory refuses the sweeper lease) makes it a no-op: the
+# marks would leave out what that one trimmed, and the bytes be uncounted twice.
 _TRIM = """
+local head = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+if not head or head[1] ~= ARGV[6] then return 0 end
+if (redis.call('HGET', KEYS[2], 'trimmed_from') or '') ~= ARGV[7]
+   or (redis.call('HGET', KEYS[2], 'trimmed_to') or '') ~= ARGV[8] then return 0 end
 if redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], 'first_seq', ARGV[2], 'trimmed_from', ARGV[4], 'trimmed_to', ARGV[5])
 redis.call('HINCRBY', KEYS[2], 'size', -tonumber(ARGV[3]))
@@ -1209,16 +1216,21 @@ class RedisEventLog(EventLog):
     async def _trim(self, m: StreamMeta, cutoff: float) -> None:
         """Drop an open thread stream's entries appended before ``cutoff`` (it never closes)."""
         limit_ms = int(cutoff * 1000)
+        # The marks as they stand now, not as the sweep's list had them: another replica may have
+        # trimmed meanwhile (the script refuses a trim worked out from what is no longer so).
+        was = [v.decode() if v else "" for v in await self._r.hmget(self._k("m", m.key), "trimmed_from", "trimmed_to")]
         rows = _rows(await self._r.xrange(self._k("s", m.key), count=1000))
         old = [(first, record) for first, record in rows if record_time_ms(record) < limit_ms]
         if not old:
             return
         next_seq = decode(old[-1][0], old[-1][1])[-1][0] + 1
         size = sum(len(d) + 24 for _, d in old)
-        marks = trim_marks(m, [uid for first, record in old for _seq, uid, _body in decode(first, record)]) \
-            if m.kind == "session" else m
+        held = replace(m, trimmed_from=was[0] or None, trimmed_to=was[1] or None)
+        marks = trim_marks(held, [uid for first, record in old for _seq, uid, _body in decode(first, record)]) \
+            if m.kind == "session" else held
         await self._trim_script(keys=[self._k("s", m.key), self._k("m", m.key), self._k("size")],
-                                args=[f"{next_seq}-0", next_seq, size, marks.trimmed_from or "", marks.trimmed_to or ""])
+                                args=[f"{next_seq}-0", next_seq, size, marks.trimmed_from or "", marks.trimmed_to or "",
+                                      f"{old[0][0]}-0", *was])
 
 
 def _unwritable(exc: RedisError) -> bool:
