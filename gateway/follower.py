@@ -226,12 +226,25 @@ class Follower:
                 await self._check_untrimmed(page)
             self.pos = page.last
             if self._skip and page.entries[0][0] <= self._skip:
+                if page.entries[-1][0] > self._skip:
+                    await self._vouch_skip()
                 kept = [e for e in page.entries if e[0] > self._skip]
                 return (Page(kept) if kept else None), True
             return page, True
         self.pos = max(self.pos, self._upto)
         self._upto = None
+        if self._then == "batch" and self._skip > self.pos and self._entries and self._entries[-1][0] > self._skip:
+            await self._vouch_skip()
         return self._after(self._then)
+
+    async def _vouch_skip(self) -> None:
+        """Events past the client's id beyond the head (``_skip``) are about to be sent: that id must
+        be one of another stream, not one of this stream's events that Redis lost (back from an
+        older snapshot), which a capture begun again appends anew above it: the client is cut then,
+        and its reconnect told its id is not held (``StreamMeta.lost``)."""
+        meta = await self.source.lookup(self.key)
+        if meta is not None and meta.lost(self._skip):
+            raise StreamCut(self._restarted)
 
     def _fed(self) -> bool:
         """Whether the feed already holds the batch that follows this follower's position: it
@@ -272,7 +285,9 @@ class Follower:
                 raise StreamCut(self._restarted)
             self._replay_to(batch.prev, "end")  # the end may come with events this follower has not seen
             return None, True
-        if batch.prev > self.pos:  # a batch went missing on the way: read it from the log first
+        if batch.prev > self.pos or (self._skip > self.pos and batch.entries and batch.entries[-1][0] > self._skip):
+            # A batch went missing on the way: read it from the log first. Or the batch goes past the
+            # client's id beyond the head: it is looked at first (``_vouch_skip``).
             self._prev, self._entries = batch.prev, batch.entries
             self._replay_to(batch.prev, "batch")
             return None, True

@@ -677,3 +677,76 @@ async def test_a_client_joining_while_redis_refuses_writes_still_holds_off_the_c
     other.close()
     assert (during, after) == ("running", "running"), "b's client still follows the run: it is not cancelled"
     assert await fake_upstream.wait_status(run_id, "interrupted") == "interrupted", "the last follower left: cancelled"
+
+
+def _assert_told_or_whole(got: list[Ev], resumes: list[tuple[str, int]], n: int) -> None:
+    """What a client of a run of ``n`` events got across a Redis rollback: the run exactly once (or
+    marked where missing), or told its id is not held and the run anew from there; never an id it
+    was sent before for another event."""
+    anew = next((at for outcome, at in resumes if outcome == "not-held"), len(got))
+    if anew == len(got):
+        assert_whole_or_marked(got, n)
+    else:
+        assert_exactly_once(got[anew:], n)
+    sent: dict[str | None, str] = {}
+    for e in got:
+        assert sent.setdefault(e.id, e.data) == e.data, f"id {e.id} was sent for another event before"
+
+
+async def _rolled_back_pair(redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                            tmp_path: Path) -> tuple[RedisServer, RunningGateway, RunningGateway]:
+    redis = RedisServer(snapshots=True)
+    redises.append(redis)
+    await asyncio.to_thread(redis.start)
+    gws = []
+    for name in ("a", "b"):
+        raw = gateway_config(tmp_path / name, {"default": {"urls": [fake_upstream.url]}},
+                             streams={"reattach_backoff": "100ms"})
+        raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snap2", "lease_ttl": "1500ms",
+                          "durability": "none"}
+        gws.append(await make_gateway(raw))
+    return redis, gws[0], gws[1]
+
+
+@pytest.mark.parametrize("after_save,outage", [(10, 0.0), (40, 0.0), (25, 2.5)])
+async def test_redis_rolled_back_under_a_client_that_reconnects_to_another_replica_is_told(
+        redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, after_save: int, outage: float) -> None:
+    """As the rollback test above, but the client reconnects to replica ``b``, not to ``a`` (its
+    captor, the one replica that knows which ids it handed out): it is still told, or served whole."""
+    redis, a, b = await _rolled_back_pair(redises, make_gateway, fake_upstream, tmp_path)
+    resp = await start_run(http, a, 200, delay=0.02)
+    other = await start_run(http, a, 200, delay=0.013)  # another stream draws ids from the counter too
+    loc = resp.headers["Location"]
+    got = await read_events(resp, limit=20)
+    await asyncio.to_thread(redis.command, "SAVE")
+    got += await read_events(resp, limit=after_save)
+    resp.close()
+    await asyncio.to_thread(redis.kill)
+    await asyncio.sleep(outage)
+    await asyncio.to_thread(redis.start)  # from the snapshot: the last after_save events are not in it
+    resumes = await _follow_noting_resumes(http, b.url + loc, None, got)  # type: ignore[arg-type]
+    other.close()
+    _assert_told_or_whole(got, resumes, 200)
+
+
+@pytest.mark.parametrize("after_save", [10, 40])
+async def test_redis_rolled_back_under_a_run_another_replica_takes_over_is_told(
+        redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession, after_save: int) -> None:
+    """The captor ``a`` stops, Redis comes back from an older snapshot, and ``b`` (which never
+    captured the run, so knows nothing of the ids ``a`` handed out) takes the run over: its client,
+    reconnecting to ``b`` with its last id, is told its id is not held, or served the run whole."""
+    redis, a, b = await _rolled_back_pair(redises, make_gateway, fake_upstream, tmp_path)
+    resp = await start_run(http, a, 200, delay=0.02)
+    other = await start_run(http, b, 400, delay=0.013)  # another stream draws ids from the counter too
+    loc = resp.headers["Location"]
+    got = await read_events(resp, limit=20)
+    await asyncio.to_thread(redis.command, "SAVE")
+    got += await read_events(resp, limit=after_save)
+    await asyncio.to_thread(redis.kill)
+    await a.server.stop()  # it leaves before it could see what Redis lost
+    await asyncio.to_thread(redis.start)
+    resumes = await _follow_noting_resumes(http, b.url + loc, None, got)  # type: ignore[arg-type]
+    other.close()
+    _assert_told_or_whole(got, resumes, 200)

@@ -115,6 +115,10 @@ class StreamMeta:
     # its head then was this. Ids above it, up to ``base``, may have been sent to clients for events
     # the log no longer holds (and the counter handed out again): they are not held (``lost``).
     lost_after: int = 0
+    # The ids held up to ``lost_after`` are those above this one (0: all of them): the events this
+    # capture appended from its ``base`` of then. Below it, as above ``lost_after``, ids up to ``base``
+    # are not held (an earlier capture's, or ones Redis lost).
+    held_after: int = 0
     # A client asked for the run to be cancelled once nobody follows it (cancel_on_disconnect),
     # wherever it joined: the capturing process reads it here.
     cancel_on_orphan: bool = False
@@ -153,7 +157,7 @@ class StreamMeta:
     def lost(self, seq: int) -> bool:
         """Whether a client's id ``seq`` is one none of the held events follow: from an earlier
         capture (at or below ``base``), or one of the events a Redis rollback lost."""
-        return self.lost_after < seq <= self.base
+        return seq <= self.base and not self.held_after < seq <= self.lost_after
 
     @property
     def endless(self) -> bool:

@@ -194,18 +194,40 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# Lua, with ``seq`` the counter as raised and KEYS[1] the stream's metadata: ids up to ``seq`` are not
+# held but the ones the stream holds. Those appended since the last ``base`` become the held ones
+# (``held_after`` to ``lost_after``); with none appended since, the held ones stay as they were.
+_REBASE = """
+local head_n = tonumber(redis.call('HGET', KEYS[1], 'head') or '0')
+local base_n = tonumber(redis.call('HGET', KEYS[1], 'base') or '0')
+if head_n > base_n then
+  redis.call('HSET', KEYS[1], 'held_after', string.format('%.0f', base_n), 'lost_after', string.format('%.0f', head_n))
+end
+redis.call('HSET', KEYS[1], 'base', string.format('%.0f', seq))
+"""
+
 # KEYS: meta, lease, seq, open-set, all-set.  ARGV: lease value, token, now, ttl ms, then field/value
 # pairs of a new stream. Starts (or restarts) a capture; refuses a caller whose lease another holds
 # (one that vanished with nobody else holding it, say after Redis lost its data, is taken again).
 _BEGIN = """
 local PROGRESS = {head = true, count = true, size = true, first_seq = true, last_upstream_id = true,
-                  last_event = true, lost_after = true, ['end'] = true, trimmed_from = true, trimmed_to = true}
+                  last_event = true, lost_after = true, held_after = true, ['end'] = true, trimmed_from = true,
+                  trimmed_to = true}
 local cur = redis.call('GET', KEYS[2])
 if cur and cur ~= ARGV[1] then return redis.error_reply('FENCED the claim on this stream was lost') end
 if not cur then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
 local key = redis.call('HGET', KEYS[1], 'key')
 if key then
   redis.call('HSET', KEYS[1], 'open', '1', 'end', '', 'updated_at', ARGV[3], 'fence', ARGV[2], 'bno', '0')
+  -- Begun again, maybe by a replica that never captured it: after Redis came back from an older
+  -- snapshot only the replica that did knows which ids it handed out (``_MEND``). So every capture
+  -- begun again draws its ids from above the current time in microseconds (above every id ever
+  -- handed out, as a new counter starts), and ids above the head as held now, up to there, are
+  -- not this stream's (``StreamMeta.lost``): a client holding one was sent an event Redis lost.
+  local t = redis.call('TIME')
+  local seq = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), tonumber(t[1]) * 1000000 + tonumber(t[2]))
+  redis.call('SET', KEYS[3], string.format('%.0f', seq))
+  __REBASE__
   for i = 5, #ARGV, 2 do
     local f = ARGV[i]
     if f == 'path' or f == 'auth_salt' or f == 'auth_digest' or (f == 'resumable' and ARGV[i + 1] == '1') then
@@ -222,13 +244,13 @@ else
   for i = 5, #ARGV, 2 do
     if not PROGRESS[ARGV[i]] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
   end
-  redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'lost_after', '0', 'fence', ARGV[2], 'bno', '0',
-             'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
+  redis.call('HSET', KEYS[1], 'base', redis.call('GET', KEYS[3]), 'lost_after', '0', 'held_after', '0', 'fence',
+             ARGV[2], 'bno', '0', 'created_at', ARGV[3], 'updated_at', ARGV[3], 'open', '1')
 end
 redis.call('SADD', KEYS[4], redis.call('HGET', KEYS[1], 'key'))
 redis.call('ZADD', KEYS[5], 0, redis.call('HGET', KEYS[1], 'key'))
 return redis.call('HGETALL', KEYS[1])
-"""
+""".replace("__REBASE__", _REBASE.strip())
 
 # KEYS: stream, meta, followers, all-set, open-set, size.  ARGV: key.  Removes a closed stream whole;
 # one that is open again (re-captured since the sweep looked) is kept, and a retry after a lost
@@ -282,11 +304,11 @@ if seq < tonumber(ARGV[2]) then
 end
 local head = redis.call('HGET', KEYS[1], 'head')
 if head and tonumber(ARGV[1]) > tonumber(head) then
-  redis.call('HSET', KEYS[1], 'lost_after', head, 'base', string.format('%.0f', seq))
+  __REBASE__
   return 1
 end
 return 0
-"""
+""".replace("__REBASE__", _REBASE.strip())
 
 # KEYS: all.  Converts the stream index of a log from before (a plain set) to the sorted set.
 _INDEX_SORTED = """
@@ -297,7 +319,7 @@ for _, k in ipairs(keys) do redis.call('ZADD', KEYS[1], 0, k) end
 return #keys
 """
 
-_INT_FIELDS = {"head", "count", "size", "first_seq", "base", "lost_after"}
+_INT_FIELDS = {"head", "count", "size", "first_seq", "base", "lost_after", "held_after"}
 _FLOAT_FIELDS = {"created_at", "updated_at"}
 _BOOL_FIELDS = {"resumable", "open", "cancel_on_orphan", "begun_partway"}
 _META_FIELDS = {f.name for f in fields(StreamMeta)}
