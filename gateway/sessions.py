@@ -79,7 +79,11 @@ class Filter:
             event = loads(body[body.index(_DATA) + 7:])
         except ValueError:
             return True
-        return isinstance(event, dict) and self.matches(event)
+        if not isinstance(event, dict):
+            return False
+        # An event that is no part of the thread's history (no event_id: an upstream's error) is for
+        # every subscription, as the gateway's own are.
+        return not isinstance(event.get("event_id"), str) or self.matches(event)
 
     def matches(self, event: dict[str, Any]) -> bool:
         method = event.get("method")
@@ -149,29 +153,46 @@ def parse_since(doc: object) -> int | None:
 
 # --- the stored form -------------------------------------------------------------------------------
 
-def stored(body: bytes) -> tuple[bytes, str] | None:
+def stored(body: bytes) -> tuple[bytes, str | None]:
     """An upstream event (the body the SSE parser gives) as stored: without its ``seq``, with its
-    ``event_id`` apart; None for anything that is not a protocol event."""
-    at = body.find(b"data: ")
-    if at < 0:
-        return None
-    raw = body[at + 6:]
-    if b"\ndata: " in raw:
-        # An event's data is its data lines joined with a line feed (an upstream may split its JSON
-        # over several); the parser keeps each as a ``data: `` line of the body.
-        raw = b"\n".join(line[6:] for line in body.split(b"\n") if line.startswith(b"data: "))
+    ``event_id`` apart. An event without one is no part of the thread's history (langgraph-api's
+    SSE layer ends a stream whose producer raised with ``event: error`` and the exception): it is
+    kept, its id None. Data that is no JSON object, which neither SDK can read (the WebSocket
+    transport fails on it), is stored as an unsolicited error that says so and holds it as text."""
+    name, raw = _name_and_data(body)
     try:
         event = loads(raw)
     except ValueError:
-        return None
-    if not isinstance(event, dict) or not isinstance(event.get("event_id"), str):
-        return None
-    if len(event["event_id"]) > MAX_ID_BYTES:  # stored as a record's upstream id: bounded as the parser bounds ids
-        raise SSEProtocolError(f"event_id of {len(event['event_id'])} characters (more than {MAX_ID_BYTES})")
+        event = None
+    if not isinstance(event, dict):
+        return malformed(name, raw), None
+    eid = event.get("event_id")
+    if not isinstance(eid, str):
+        eid = None
+    elif len(eid) > MAX_ID_BYTES:  # stored as a record's upstream id: bounded as the parser bounds ids
+        raise SSEProtocolError(f"event_id of {len(eid)} characters (more than {MAX_ID_BYTES})")
     event.pop("seq", None)
     method = event.get("method")
-    name = method.encode() if isinstance(method, str) and "\n" not in method else b"event"
-    return b"event: " + name + b"\ndata: " + dumps(event) + b"\n", event["event_id"]
+    if isinstance(method, str) and "\n" not in method:
+        name = method.encode()
+    return b"event: " + (name or b"event") + b"\ndata: " + dumps(event) + b"\n", eid
+
+
+def _name_and_data(body: bytes) -> tuple[bytes, bytes]:
+    """A parsed body's ``event:`` name (empty if none) and its data: its data lines joined with a
+    line feed (an upstream may split its JSON over several; the parser keeps each as a line)."""
+    lines = body.split(b"\n")
+    name = lines[0][7:] if lines[0].startswith(b"event: ") else b""
+    return name, b"\n".join(line[6:] for line in lines if line.startswith(b"data: "))
+
+
+def malformed(name: bytes, raw: bytes) -> bytes:
+    """The stored notice of an upstream event whose data is no JSON object: what came, as text."""
+    doc = {"type": "error", "id": None, "error": "malformed_event",
+           "message": "the upstream sent an event whose data is not a JSON object, which the protocol's "
+                      "clients cannot read: it is not relayed as an event, its data is here as text",
+           "event": name.decode("utf-8", "replace") or None, "data": raw.decode("utf-8", "replace")}
+    return b"event: error\ndata: " + orjson.dumps(doc) + b"\n"
 
 
 def event_id(body: bytes) -> str | None:
@@ -290,21 +311,24 @@ class SessionSeam:
     def filter(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
         for body, _upstream_seq in events:
-            event = stored(body)
-            if event is None:
+            kept, eid = stored(body)
+            if eid is None:
+                # No part of the thread's history (the upstream replays none such, nor could one be
+                # known again if it did): kept, and no proof of continuity either way.
+                out.append((kept, None))
                 continue
-            if self.trimmed is not None and self._trimmed(event[1], out):
+            if self.trimmed is not None and self._trimmed(eid, out):
                 continue
-            if event[1] in self.held:
-                self.pending.discard(event[1])
+            if eid in self.held:
+                self.pending.discard(eid)
                 continue
             if not self.proven:
                 self.proven = True
                 if self.pending or self.unproven:
                     self.gap = "replay_mismatch"
                     out.append(gap_event(self.after, self.gap, _LOST))
-            self.held.add(event[1])
-            out.append(event)
+            self.held.add(eid)
+            out.append((kept, eid))
         return out
 
     def close(self) -> list[Event]:

@@ -177,7 +177,9 @@ class FakeAgentServer:
         # replayed from the start on every connection with seqs from 1, as the real server does. The
         # JSON is sent as the test wrote it: a server other than langgraph-api's (JSON.stringify in a
         # JS server) escapes a lone surrogate as ``\ud800`` where langgraph-api writes ``?``.
-        self.session_events: dict[str, list[tuple[str, bytes]]] = {}
+        # A script entry that is bytes alone is a whole frame sent as it is, neither numbered nor
+        # changed (what langgraph-api sends outside the protocol: the error event of its SSE layer).
+        self.session_events: dict[str, list[tuple[str, bytes] | bytes]] = {}
         self.session_legs = 0  # session connections served
         self.session_end_after_replay = 0  # the next this many session connections end after their replay
         self.session_drops = 0  # bumped: every open session connection ends (a connection dropped upstream)
@@ -596,7 +598,11 @@ class FakeAgentServer:
         drops, sent, beat = self.session_drops, 0, loop.time()
         while True:  # what is scripted, and each event scripted later as it comes (live)
             script = self.session_events.get(tid, [])
-            for seq, (method, data) in enumerate(script[sent:], sent + 1):
+            for seq, entry in enumerate(script[sent:], sent + 1):
+                if isinstance(entry, bytes):
+                    await resp.write(entry)
+                    continue
+                method, data = entry
                 await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"
                                  % (method.encode(), seq, data[1:], seq))
             sent = len(script)

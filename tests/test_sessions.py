@@ -926,6 +926,38 @@ async def test_an_event_whose_json_spans_several_data_lines_is_kept(
     assert got[1]["params"]["data"] == {"n": 2}
 
 
+async def test_an_event_without_an_event_id_is_kept_and_one_that_is_no_json_object_is_said(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """langgraph-api's SSE layer ends a stream whose producer raised with ``event: error`` and the
+    exception as JSON: no ``event_id``, no ``seq``. An upstream may send data that is no JSON object
+    too. The capture took both for no protocol event and dropped them without a word: a client of
+    the gateway never saw the error a client of the upstream sees. The first is kept (stored, sent
+    to every subscription, with a seq); the second, which the SDKs cannot read (the WebSocket
+    transport fails on it), is said in its place as an unsolicited error holding what came."""
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    fake_upstream.session_events[tid] = [
+        _scripted("e1", "values", '{"n":1}'),
+        b'event: error\r\ndata: {"error":"ValueError","message":"boom"}\r\n\r\n',
+        _scripted("e2", "values", '{"n":2}'),
+        b"event: values\r\ndata: not json\r\n\r\n",
+        b"event: values\r\ndata: [1,2]\r\n\r\n",
+        _scripted("e3", "values", '{"n":3}')]
+    for channels in (ALL, ["values"]):
+        got = await asyncio.wait_for(read_session(http, gateway.url, tid, channels=channels, count=6), 20)
+        assert [e.get("event_id") or e.get("error") for e in got] == [
+            "e1", "ValueError", "e2", "malformed_event", "malformed_event", "e3"], got
+        assert_seqs_grow(got)
+        assert got[1] == {"seq": got[1]["seq"], "error": "ValueError", "message": "boom"}
+        assert [(e["type"], e["id"], e["data"]) for e in got[3:5]] == [("error", None, "not json"),
+                                                                      ("error", None, "[1,2]")]
+    async with http.ws_connect(f"{gateway.url.replace('http', 'ws')}/threads/{tid}/stream/events") as ws:
+        await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ["values"]}})
+        on_socket = [await asyncio.wait_for(ws.receive_json(), 20) for _ in range(7)]
+    assert [e.get("event_id") or e.get("error") for e in on_socket if e.get("id") != 1] == [
+        "e1", "ValueError", "e2", "malformed_event", "malformed_event", "e3"], on_socket
+
+
 @pytest.mark.parametrize("restarted", [False, True])
 @pytest.mark.parametrize("backend", ["lmdb", "redis"])
 async def test_a_session_trimmed_by_retention_takes_a_rejoin_without_repeating_what_it_trimmed(
@@ -1026,7 +1058,7 @@ def test_the_filter_agrees_with_the_servers_own_rule() -> None:
         depth = rng.choice([None, 0, 1, 2])
         flt = sessions.parse_filter({"channels": channels, "namespaces": prefixes or None, "depth": depth})
         assert flt.matches(event) == _servers_rule(event, set(channels), prefixes or None, depth), (event, flt)
-        body, _eid = sessions.stored(b"event: " + method.encode() + b"\ndata: " + orjson.dumps(event) + b"\n") or (b"", "")
+        body, _eid = sessions.stored(b"event: " + method.encode() + b"\ndata: " + orjson.dumps(event) + b"\n")
         assert flt.keep(body) == flt.matches(event)
 
 
@@ -1099,7 +1131,7 @@ def test_the_seam_drops_what_is_held_and_proves_or_marks_continuity() -> None:
     assert out[0][0].startswith(b"event: error\n") and [e[1] for e in out[1:]] == ["c", "d"]
     first = sessions.SessionSeam(set(), [], after=0)
     assert [e[1] for e in first.filter(replay)] == ["a", "b", "c", "d"], "a first capture takes everything"
-    stored, eid = sessions.stored(replay[0][0]) or (b"", "")
+    stored, eid = sessions.stored(replay[0][0])
     assert b'"seq"' not in stored and eid == "a"
     assert sessions.wire(42, stored).startswith(b'{"seq":42,"type":"event"')
 
