@@ -145,6 +145,7 @@ class SessionHandlers:
 class _Subscription:
     flt: sessions.Filter
     after: int  # its since: the events it gets from the socket's pump are later ones
+    hidden: bool = False  # on a log that is not the client's: it gets nothing of it
 
 
 class _Socket:
@@ -282,7 +283,10 @@ class _Socket:
         sub_id = asked if reconnect and isinstance(asked, str) and asked else str(uuid.uuid4())
         try:
             att, _headers = await self.handlers._attach(self.request, self.target, self.tid, since)
-        except GatewayError as exc:  # what SSE answers with exc.status (the upstream unreachable, a stream not theirs)
+        except StreamHidden:
+            await self.hidden(cid, sub_id, reconnect)
+            return
+        except GatewayError as exc:  # what SSE answers with exc.status (the upstream unreachable)
             await self.refuse(exc.status, exc.detail)
             return
         except StorageError as exc:  # as a cut stream: over SSE, a 503 the client retries
@@ -338,6 +342,18 @@ class _Socket:
         await self.reply({"type": "success", "id": cid, "result": {"subscription_id": sub_id,
                                                                    "replayed_events": replayed}, "meta": self.meta()})
 
+    async def hidden(self, cid: int, sub_id: str, reconnect: bool) -> None:
+        """A subscription to a log that is not this client's (the upstream no longer knows the thread,
+        and this is not who captured it), answered as the upstream's socket answers one on a thread it
+        does not know, as over SSE the upstream's own answer is relayed: a subscribe is accepted with
+        nothing replayed and nothing to follow, a reconnect refused for want of a run."""
+        if reconnect:
+            await self.reply(_error(cid, "no_such_run", "No active run is bound to this thread."))
+            return
+        self.subs[sub_id] = _Subscription(sessions.Filter(frozenset()), 0, hidden=True)
+        await self.reply({"type": "success", "id": cid, "result": {"subscription_id": sub_id, "replayed_events": 0},
+                          "meta": self.meta()})
+
     async def replay(self, follower: Follower, flt: sessions.Filter, upto: int) -> int:
         """A new subscription's events up to ``upto`` (counted, then acknowledged, as the upstream
         does). Beside a pump, only those it sent already: the rest come from it, in order."""
@@ -363,7 +379,8 @@ class _Socket:
             async for page in follower.pages():
                 async with self._order:
                     for seq, body in page.entries:
-                        if any(seq > sub.after and sub.flt.keep(body) for sub in self.subs.values()):
+                        if any(seq > sub.after and not sub.hidden and sub.flt.keep(body)
+                               for sub in self.subs.values()):
                             self._sent(seq)
                             await self.send(sessions.wire(seq, body))
                     self._pumped = max(self._pumped, follower.pos or 0)

@@ -518,13 +518,14 @@ async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
                     assert r.status == 200
                     with pytest.raises(asyncio.TimeoutError):
                         await asyncio.wait_for(r.content.readuntil(b"\n\n"), 1.0)
-            # On the gateway's socket the log is not theirs either: refused as a 404 is (4404), the
-            # SDK ends its stream, where an error answer left it waiting on an open socket.
-            async with stranger.ws_connect(f"{gw.url}/threads/{tid}/stream/events",
-                                           headers={"Authorization": "Bearer someone-else"}) as ws:
-                await ws.send_json({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}})
-                msg = await asyncio.wait_for(ws.receive(), 30)
-            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4404, msg
+            # On the gateway's socket the log is not theirs either, and they are answered as the
+            # upstream's socket answers a thread it does not know: the subscribe accepted with nothing
+            # replayed and nothing following, a reconnect refused for want of a run. The gateway
+            # closed the socket with 4404 "Run not found", which the upstream never says there.
+            answers = [await _stranger_on_the_socket(stranger, url, tid, whole[-1]["seq"])
+                       for url in (upstream.url, gw.url)]
+            assert answers[1] == answers[0], answers
+            assert answers[0][0]["type"] == "success" and answers[0][1]["error"] == "no_such_run", answers
         # A new run on the thread the upstream lost: the gateway cannot prove nothing went missing
         # in between, so it says so (in the protocol's shape) before the new run's events.
         await run_start(http, gw.url, tid, n=3, delay=0.02)
@@ -533,6 +534,29 @@ async def test_after_the_upstream_restarted_empty_the_log_answers_every_since(
         assert is_end(after[-1]) and all(e["seq"] > whole[-1]["seq"] for e in after)
     finally:
         await asyncio.to_thread(upstream.stop)
+
+
+async def _stranger_on_the_socket(http: aiohttp.ClientSession, url: str, tid: str,
+                                  since: int) -> list[dict[str, Any]]:
+    """A client that is not the captor subscribes, reconnects and unsubscribes on ``url``'s session
+    socket: the answers (subscription ids as one), nothing else coming within a second after each."""
+    answers: list[dict[str, Any]] = []
+    async with http.ws_connect(f"{url}/threads/{tid}/stream/events",
+                               headers={"Authorization": "Bearer someone-else"}) as ws:
+        for command in ({"id": 1, "method": "subscription.subscribe", "params": {"channels": ALL}},
+                        {"id": 2, "method": "subscription.reconnect", "params": {"channels": ALL, "since": since}},
+                        {"id": 3, "method": "subscription.unsubscribe", "params": {}}):
+            if command["id"] == 3:
+                command["params"] = {"subscription_id": answers[0].get("result", {}).get("subscription_id")}
+            await ws.send_json(command)
+            msg = await asyncio.wait_for(ws.receive(), 30)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            answers.append(orjson.loads(msg.data))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.receive(), 1.0)
+    if isinstance(answers[0].get("result"), dict):
+        answers[0]["result"]["subscription_id"] = "<id>"
+    return answers
 
 
 async def test_an_upstream_lost_for_good_is_said_in_the_protocols_shape_and_the_client_is_cut(
