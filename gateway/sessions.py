@@ -210,7 +210,9 @@ def wire(seq: int, body: bytes) -> bytes:
     at = body.find(_DATA)
     if at < 0:
         return orjson.dumps({"type": "event", "seq": seq})
-    return b'{"seq":%d,' % seq + body[at + 8:].rstrip(b"\n")
+    rest = body[at + 8:].rstrip(b"\n")
+    # An object that held nothing but its seq is ``{}``: no comma before the end.
+    return (b'{"seq":%d' if rest == b"}" else b'{"seq":%d,') % seq + rest
 
 
 def frame(entries: Iterable[Entry]) -> bytes:

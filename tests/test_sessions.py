@@ -1182,3 +1182,15 @@ async def test_a_session_resumed_with_since_on_a_thread_the_gateway_never_captur
     assert any(r.get("type") == "success" and r.get("id") == 1 for r in replies), replies
     after = await by_label(http, gw.admin_url, "gateway_resumes_total", "outcome")
     assert {k: after[k] - before[k] for k in after} == {"hit": 0.0, "not_held": 2.0, "truncated": 0.0}
+
+
+def test_an_event_that_is_empty_once_its_seq_is_taken_out_is_sent_as_json() -> None:
+    """An event kept without an event_id may hold nothing but the upstream's ``seq`` (``{"seq":3}``,
+    or ``{}``): stored as ``{}``, it was sent as ``{"seq":5,}``, which no JSON reader takes (the SDK's
+    WebSocket transport ends the session on it)."""
+    for data in (b'{"seq": 3}', b"{}"):
+        body, eid = sessions.stored(b"event: error\ndata: " + data + b"\n")
+        assert eid is None
+        assert orjson.loads(sessions.wire(5, body)) == {"seq": 5}
+        framed = sessions.frame([(5, body)])
+        assert framed == b'event: error\ndata: {"seq":5}\nid: 5\n\n', framed
