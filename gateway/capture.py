@@ -378,7 +378,8 @@ class Captures:
                                required, after=held.head if held is not None else 0, ended=ended,
                                trimmed=(first, last) if first and last else None,
                                # no more than were trimmed: every event appended but those held
-                               bound=held.count - len(bodies) if held is not None else 0)
+                               bound=held.count - len(bodies) if held is not None else 0,
+                               newest=held.last_upstream_id if held is not None else None)
         expect = expectation(meta.kind, held)
         if last is None and expect is None:
             return None  # a first leg, live tail only: nothing to match, nothing re-sent

@@ -268,12 +268,17 @@ class SessionSeam:
     A replay that begins with the first is dropped up to the last (no more events than were
     trimmed, ``bound``); one that begins otherwise is no replay of what the log held (a gap, unless
     the held events prove it), and one that begins so and then goes elsewhere is said as a gap.
+
+    An event without an event_id is kept with the upstream id of the newest upstream event the log
+    holds before it (``newest``) as its own: retention's marks then pass over it, where no id (as a
+    gap marker has) begins the trimmed run anew, and the upstream's replay, which never holds such an
+    event, would no longer begin with the first trimmed one.
     """
 
-    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap", "trimmed", "skipped", "bound")
+    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap", "trimmed", "skipped", "bound", "newest")
 
     def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True,
-                 trimmed: tuple[str, str] | None = None, bound: int = 0) -> None:
+                 trimmed: tuple[str, str] | None = None, bound: int = 0, newest: str | None = None) -> None:
         self.held = held
         self.pending = set(required)
         self.after = after
@@ -285,6 +290,7 @@ class SessionSeam:
         self.trimmed = trimmed if trimmed is not None and trimmed[1] not in held else None
         self.skipped = 0
         self.bound = bound
+        self.newest = newest
 
     def _trimmed(self, eid: str, out: list[Event]) -> bool:
         """Whether the upstream's event ``eid`` is its replay of one retention trimmed (dropped)."""
@@ -306,7 +312,7 @@ class SessionSeam:
         # Begun as the replay of what was trimmed, gone elsewhere: what was dropped may have been new.
         self.trimmed = None
         if self.gap is None:
-            self.proven, self.gap = True, "replay_mismatch"
+            self.proven, self.gap, self.newest = True, "replay_mismatch", None
             out.append(gap_event(self.after, self.gap, _LOST))
         return False
 
@@ -317,7 +323,7 @@ class SessionSeam:
             if eid is None:
                 # No part of the thread's history (the upstream replays none such, nor could one be
                 # known again if it did): kept, and no proof of continuity either way.
-                out.append((kept, None))
+                out.append((kept, self.newest))
                 continue
             if self.trimmed is not None and self._trimmed(eid, out):
                 continue
@@ -327,9 +333,10 @@ class SessionSeam:
             if not self.proven:
                 self.proven = True
                 if self.pending or self.unproven:
-                    self.gap = "replay_mismatch"
+                    self.gap, self.newest = "replay_mismatch", None
                     out.append(gap_event(self.after, self.gap, _LOST))
             self.held.add(eid)
+            self.newest = eid
             out.append((kept, eid))
         return out
 

@@ -178,8 +178,10 @@ class FakeAgentServer:
         # JSON is sent as the test wrote it: a server other than langgraph-api's (JSON.stringify in a
         # JS server) escapes a lone surrogate as ``\ud800`` where langgraph-api writes ``?``.
         # A script entry that is bytes alone is a whole frame sent as it is, neither numbered nor
-        # changed (what langgraph-api sends outside the protocol: the error event of its SSE layer).
+        # changed, and by the first connection that gets to it only, never replayed (what
+        # langgraph-api sends outside the protocol: the error event of its SSE layer).
         self.session_events: dict[str, list[tuple[str, bytes] | bytes]] = {}
+        self._session_frames_sent: set[tuple[str, int]] = set()  # (thread, index) of each such frame sent
         self.session_legs = 0  # session connections served
         self.session_end_after_replay = 0  # the next this many session connections end after their replay
         self.session_drops = 0  # bumped: every open session connection ends (a connection dropped upstream)
@@ -600,7 +602,9 @@ class FakeAgentServer:
             script = self.session_events.get(tid, [])
             for seq, entry in enumerate(script[sent:], sent + 1):
                 if isinstance(entry, bytes):
-                    await resp.write(entry)
+                    if (tid, seq) not in self._session_frames_sent:
+                        self._session_frames_sent.add((tid, seq))
+                        await resp.write(entry)
                     continue
                 method, data = entry
                 await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"

@@ -1024,6 +1024,44 @@ async def test_a_session_trimmed_by_retention_takes_a_rejoin_without_repeating_w
     assert [e.get("event_id") or e.get("error") for e in got] == want, got
 
 
+async def test_a_kept_event_without_an_event_id_among_what_retention_trimmed_repeats_nothing_on_a_rejoin(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """Retention keeps the event_ids of the first and last upstream events it trimmed from a session,
+    so that a re-join drops the upstream's replay of them. An upstream event kept without an event_id
+    (langgraph-api's error event, never replayed) was recorded with no upstream id, as the gateway's
+    gap marker is, which begins that run anew: the replay then did not begin with the first trimmed
+    event, was taken for an upstream that started over, and the trimmed events were stored again
+    after a resume_gap."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           storage={"retention": "1s"}, streams={"reattach_backoff": "50ms"}))
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    script = fake_upstream.session_events[tid] = [
+        _scripted("e1", "values", '{"n":1}'), b'event: error\r\ndata: {"error":"ValueError","message":"boom"}\r\n\r\n',
+        _scripted("e2", "values", '{"n":2}')]
+    await asyncio.wait_for(_session_until(http, gw.url, tid, "e2", ALL), 20)
+    await asyncio.sleep(1.2)  # e1, the error and e2 older than the retention
+    script.append(_scripted("e3", "values", '{"n":3}'))
+    head = (await asyncio.wait_for(_session_until(http, gw.url, tid, "e3", ALL), 20))[-1]["seq"]
+    await gw.gw.log.sweep()
+    held = await gw.gw.log.lookup(f"default/session/{tid}")
+    assert held is not None and held.first_seq == head, "e1, the error and e2 trimmed, e3 held"
+    legs = fake_upstream.session_legs
+    fake_upstream.session_drops += 1  # the upstream drops the capture's connection: it re-joins
+    deadline = time.monotonic() + 20
+    while fake_upstream.session_legs == legs and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    script.append(_scripted("e4", "values", '{"n":4}'))
+    got: list[dict[str, Any]] = []
+    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL, "since": head}) as r:
+        async for _name, data, _id in frames(r):
+            got.append(data)
+            if data.get("event_id") == "e4" or len(got) > 5:
+                break
+    assert [e.get("event_id") or e.get("error") for e in got] == ["e4"], got
+
+
 async def test_a_trimmed_session_rejoins_the_real_server_without_storing_its_replay_again(
         make_gateway: MakeGateway, langgraph_server: LangGraphServer, tmp_path: Path,
         http: aiohttp.ClientSession) -> None:
