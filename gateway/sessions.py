@@ -81,9 +81,9 @@ class Filter:
             return True
         if not isinstance(event, dict):
             return False
-        # An event that is no part of the thread's history (no event_id: an upstream's error) is for
-        # every subscription, as the gateway's own are.
-        return not isinstance(event.get("event_id"), str) or self.matches(event)
+        # An event that names no channel (an upstream's error without an event_id) is for every
+        # subscription, as the gateway's own are: no filter may drop it unseen.
+        return not isinstance(event.get("method"), str) or self.matches(event)
 
     def matches(self, event: dict[str, Any]) -> bool:
         method = event.get("method")

@@ -1232,3 +1232,17 @@ def test_an_event_that_is_empty_once_its_seq_is_taken_out_is_sent_as_json() -> N
         assert orjson.loads(sessions.wire(5, body)) == {"seq": 5}
         framed = sessions.frame([(5, body)])
         assert framed == b'event: error\ndata: {"seq":5}\nid: 5\n\n', framed
+
+
+def test_an_event_without_an_event_id_is_filtered_by_its_channel_when_it_names_one() -> None:
+    """An upstream event kept without an event_id goes to every subscription when no channel can be
+    read from it (an error: no method); one that names its channel goes where that channel goes,
+    as every other event, not to a subscription that asked for other channels."""
+    lifecycle = sessions.parse_filter({"channels": ["lifecycle"]})
+    values = {"type": "event", "method": "values", "params": {"namespace": [], "data": {}}}
+    body, eid = sessions.stored(b"event: values\ndata: " + orjson.dumps(values) + b"\n")
+    assert eid is None and not lifecycle.keep(body)
+    assert sessions.parse_filter({"channels": ["values"]}).keep(body)
+    for raw in (b'event: error\ndata: {"error":"ValueError","message":"boom"}\n', b'event: message\ndata: {"a":1}\n',
+                b"event: values\ndata: not json\n"):
+        assert lifecycle.keep(sessions.stored(raw)[0]), raw
