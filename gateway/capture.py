@@ -190,7 +190,9 @@ class _Copy:
     def __init__(self, log: EventLog, ing: Ingest, parser: Parser, seam: Seam | SessionSeam | None,
                  resp: LegResponse, on_gap: Callable[[GapReason], None]) -> None:
         self.log, self.ing, self.parser, self.seam, self.resp = log, ing, parser, seam, resp
-        self.submitted = False  # some of the leg's events went to the log
+        # The leg brought something new: some of its events went to the log (of a session's, one of
+        # the thread's history: SessionSeam.progressed).
+        self.submitted = False
         self.on_gap = on_gap  # a gap marker is counted once the batch carrying it is committed
 
     def __call__(self, data: bytes) -> None:
@@ -220,7 +222,7 @@ class _Copy:
                 raise StorageError(str(ing.failed))
             self.log.submit_then(ing.key, events, ing if marked is None else
                                  partial(_count_marker, self.on_gap, marked, ing))
-            self.submitted = True
+            self.submitted = self.submitted or not isinstance(seam, SessionSeam) or seam.progressed
             ing.inflight += 1
             if ing.inflight >= MAX_INFLIGHT_COMMITS and ing.resume is None:
                 ing.resume = self.resp.pause()  # the log is behind: stop reading until it catches up

@@ -275,7 +275,8 @@ class SessionSeam:
     event, would no longer begin with the first trimmed one.
     """
 
-    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap", "trimmed", "skipped", "bound", "newest")
+    __slots__ = ("held", "pending", "after", "proven", "unproven", "gap", "trimmed", "skipped", "bound", "newest",
+                 "progressed")
 
     def __init__(self, held: set[str], required: Iterable[str], *, after: int, ended: bool = True,
                  trimmed: tuple[str, str] | None = None, bound: int = 0, newest: str | None = None) -> None:
@@ -291,6 +292,9 @@ class SessionSeam:
         self.skipped = 0
         self.bound = bound
         self.newest = newest
+        # An event of the thread's history appended: the leg made progress. One without an event_id
+        # (an upstream's error, which one failing on its history sends on every leg) is none.
+        self.progressed = False
 
     def _trimmed(self, eid: str, out: list[Event]) -> bool:
         """Whether the upstream's event ``eid`` is its replay of one retention trimmed (dropped)."""
@@ -336,7 +340,7 @@ class SessionSeam:
                     self.gap, self.newest = "replay_mismatch", None
                     out.append(gap_event(self.after, self.gap, _LOST))
             self.held.add(eid)
-            self.newest = eid
+            self.newest, self.progressed = eid, True
             out.append((kept, eid))
         return out
 

@@ -182,6 +182,9 @@ class FakeAgentServer:
         # langgraph-api sends outside the protocol: the error event of its SSE layer).
         self.session_events: dict[str, list[tuple[str, bytes] | bytes]] = {}
         self._session_frames_sent: set[tuple[str, int]] = set()  # (thread, index) of each such frame sent
+        # A frame each connection to the thread's session sends after its replay, then ends: as
+        # langgraph-api when its producer raises on an event of the thread's history, every time.
+        self.session_failure: dict[str, bytes] = {}
         self.session_legs = 0  # session connections served
         self.session_end_after_replay = 0  # the next this many session connections end after their replay
         self.session_drops = 0  # bumped: every open session connection ends (a connection dropped upstream)
@@ -610,6 +613,9 @@ class FakeAgentServer:
                 await resp.write(b"event: %s\r\ndata: {\"seq\":%d,%s\r\nid: %d\r\n\r\n"
                                  % (method.encode(), seq, data[1:], seq))
             sent = len(script)
+            if tid in self.session_failure:
+                await resp.write(self.session_failure[tid])
+                return resp
             if self.session_end_after_replay > 0:
                 self.session_end_after_replay -= 1
                 return resp

@@ -8,6 +8,7 @@ own code, the seam that keeps a re-joined capture exact.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -931,6 +932,37 @@ async def test_legs_the_upstream_ends_cleanly_after_new_events_never_use_up_the_
             script.append(_scripted(f"e{i}", "values", f'{{"n":{i}}}'))  # ... and a new event on the next
             await asyncio.wait_for(until(f"e{i}"), 20)
     assert [e.get("event_id") or e.get("error") for e in got] == [f"e{i}" for i in range(6)], got
+
+
+async def test_an_upstream_that_fails_every_replay_with_an_error_event_is_given_up_and_said(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """langgraph-api ends a session's stream with an error event (no event_id) when its producer
+    raises, and one that raises on an event of the thread's history does so on every connection,
+    after the same replay. The error is kept, but it is nothing of the thread's history: a leg that
+    brought only it made no progress. Counted as progress, every leg started the re-join budget
+    over, and the capture re-joined forever, one more error in the log each time, where a run of
+    legs that bring nothing new is given up and said (capture_interrupted)."""
+    gw = await make_gateway(gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                                           streams={"reattach_backoff": "20ms", "reattach_attempts": 2}))
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}')]
+    fake_upstream.session_failure[tid] = b'event: error\r\ndata: {"error":"ValueError","message":"boom"}\r\n\r\n'
+    got: list[dict[str, Any]] = []
+
+    async def until_interrupted() -> None:
+        async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+            async for _name, data, _id in frames(r):
+                got.append(data)
+                if data.get("error") == "capture_interrupted" or len(got) > 50:
+                    return
+
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(until_interrupted(), 15)
+    names = [e.get("event_id") or e.get("error") for e in got]
+    assert names[0] == "e1" and names[-1] == "capture_interrupted", names
+    assert 1 <= names.count("ValueError") <= 4, names
 
 
 async def test_an_event_whose_json_spans_several_data_lines_is_kept(
