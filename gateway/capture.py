@@ -155,6 +155,11 @@ class Ingest:
             return  # after a failed commit the copy stops: the stream never has a hole
         if isinstance(outcome, BaseException):
             self.failed = outcome
+            if self.parked is not None:
+                # A parked capture hears of it at its leg's next events or end: on an idle thread or
+                # session, hours away, its clients waiting on an open stream for what the log refused.
+                # The leg ends now, and the capture recovers (its clients cut) as from a broken leg.
+                self.parked.copy.resp.abort(outcome)
 
     def drop_timers(self) -> None:
         """The capture ends here: what was to happen to it later will not."""

@@ -532,6 +532,11 @@ class LegResponse:
             conn.ended = fut
         return fut
 
+    def abort(self, exc: BaseException) -> None:
+        """End the leg now with ``exc``, as a broken read would (``end`` raises it): its reader
+        cannot go on. The connection is closed."""
+        self._conn._abort(exc)
+
     def pause(self) -> Callable[[], None]:
         """Stop reading the leg's socket; returns the call that resumes it."""
         self._conn.pause("capture")

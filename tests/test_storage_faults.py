@@ -395,3 +395,59 @@ async def _until_ready(http: aiohttp.ClientSession, gw: RunningGateway) -> bool:
                 return True
         await asyncio.sleep(0.1)
     return False
+
+
+async def test_an_idle_session_whose_last_commit_failed_cuts_its_clients_and_fills_in_once_space_returns(
+        make_gateway: MakeGateway, fake_upstream: FakeAgentServer, small_fs: Path, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """A v3 session (a thread stream too) is idle between runs for as long as it likes, its capture
+    parked on an open leg. A failed commit was only noticed when the next events came, or the leg
+    ended: the last events of a run that the disk refused stayed out of the log, and its clients
+    waited on an open stream, told nothing, until the thread's next run. The failure ends the leg at
+    once: the clients are cut, and once space is back the re-join fills in what was refused."""
+    from tests.test_sessions import ALL, _scripted, frames
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}},
+                         storage={"path": str(small_fs / "data"), "map_size": "64MiB"},
+                         streams={"reattach_backoff": "50ms"})
+    gw = await make_gateway(raw)
+    tid = "5b2d7c1e-3f4a-4e6b-8c9d-0a1b2c3d4e%02d" % (os.getpid() % 100)
+    fake_upstream.threads.add(tid)
+    script = fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}')]
+    seen: list[dict[str, Any]] = []
+    filler: Path | None = None
+    cut = False
+    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL}) as r:
+        stream = frames(r)
+        seen.append((await asyncio.wait_for(stream.__anext__(), 20))[1])
+        filler = fill(small_fs, leave=2 << 20)
+        script.append(_scripted("e2", "values", '"%s"' % ("x" * (6 << 20))))  # more than is free
+
+        async def rest_of_it() -> None:
+            async for _name, data, _id in stream:
+                seen.append(data)
+
+        try:
+            await asyncio.wait_for(rest_of_it(), 20)
+        except aiohttp.ClientPayloadError:
+            cut = True
+        except asyncio.TimeoutError:
+            pass
+    assert cut, "a client of a stream whose events cannot be stored is cut"
+    assert [e.get("event_id") for e in seen] == ["e1"], seen
+    filler.unlink()  # space comes back: the capture recovers and re-joins
+    script.append(_scripted("e3", "values", '{"n":3}'))
+    rest: list[dict[str, Any]] = []
+    for _ in range(100):
+        try:
+            async with http.post(f"{gw.url}/threads/{tid}/stream/events",
+                                 json={"channels": ALL, "since": seen[-1]["seq"]}) as r:
+                if r.status == 200:
+                    async for _name, data, _id in frames(r):
+                        rest.append(data)
+                        if data.get("event_id") == "e3":
+                            break
+                    break
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    assert [e.get("event_id") for e in rest] == ["e2", "e3"], [e.get("event_id") or e.get("error") for e in rest]
