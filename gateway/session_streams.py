@@ -106,10 +106,11 @@ class SessionHandlers:
 
         async def position(request: web.Request, cursor: Cursor, held: StreamMeta, headers: Any) -> int:
             # As the upstream reads since: events after it, or everything. A since at or below the
-            # capture's base is no id of this capture's (an upstream seq, or an earlier capture's).
-            # A since is a resume, counted as a run's Last-Event-ID is (a subscription without one
-            # is a new session, not a resume).
-            if cursor.kind != "seq" or cursor.seq <= held.base:
+            # capture's base is no id of this capture's (an upstream seq, or an earlier capture's),
+            # but for one Redis still holds after coming back from a snapshot (``lost``: only those
+            # above what it holds are gone). A since is a resume, counted as a run's Last-Event-ID
+            # is (a subscription without one is a new session, not a resume).
+            if cursor.kind != "seq" or held.lost(cursor.seq):
                 if cursor.kind == "seq":
                     self.streams.tell_resume(request, cursor, "not_held", headers)
                 return 0

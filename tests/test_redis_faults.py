@@ -7,6 +7,7 @@ each event exactly once, or a gap marker where events are missing, never a silen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
@@ -750,3 +751,39 @@ async def test_redis_rolled_back_under_a_run_another_replica_takes_over_is_told(
     resumes = await _follow_noting_resumes(http, b.url + loc, None, got)  # type: ignore[arg-type]
     other.close()
     _assert_told_or_whole(got, resumes, 200)
+
+
+async def test_a_session_resumed_with_a_since_the_rolled_back_log_still_holds_gets_only_what_follows(
+        redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path,
+        http: aiohttp.ClientSession) -> None:
+    """Redis back from a snapshot lost a session's latest events: ids above what it still holds, up
+    to the counter the gateway raised past every id it had seen, are not held (``StreamMeta.lost``),
+    and a since among them gets the session anew. A since of an event the snapshot still holds is
+    held as ever, and gets what follows it only."""
+    from tests.test_sessions import ALL, _scripted, read_session
+    redis = RedisServer(snapshots=True)
+    redises.append(redis)
+    await asyncio.to_thread(redis.start)
+    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
+    raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snaps", "lease_ttl": "1500ms",
+                      "durability": "none"}
+    gw = await make_gateway(raw)
+    tid = "0f3c5e4a-8d6b-4a1e-9c2f-7b1d3e5a9c%02d" % random.randrange(100)
+    fake_upstream.threads.add(tid)
+    script = fake_upstream.session_events[tid] = [_scripted(f"e{i}", "values", str(i)) for i in range(1, 6)]
+    got = await asyncio.wait_for(read_session(http, gw.url, tid, channels=ALL, count=5), 20)
+    await asyncio.to_thread(redis.command, "SAVE")
+    script += [_scripted(f"e{i}", "values", str(i)) for i in range(6, 9)]
+    got += await asyncio.wait_for(read_session(http, gw.url, tid, since=got[-1]["seq"], count=3), 20)
+    await asyncio.to_thread(redis.kill)
+    await asyncio.to_thread(redis.start)  # from the snapshot: e6..e8 are not in it
+    fake_upstream.session_drops += 1  # the capture re-joins: the upstream replays e1..e8
+    again: list[dict[str, Any]] = []
+    for _ in range(20):  # until the capture holds e6..e8 again
+        with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+            again = await asyncio.wait_for(read_session(http, gw.url, tid, since=got[2]["seq"], count=5), 2)
+            break
+    names = [e.get("event_id") or e.get("error") for e in again]
+    assert names == ["e4", "e5", "e6", "e7", "e8"], names
+    lost = await asyncio.wait_for(read_session(http, gw.url, tid, since=got[6]["seq"], count=8), 10)
+    assert [e.get("event_id") for e in lost] == [f"e{i}" for i in range(1, 9)], "a lost id: the session anew"
