@@ -72,7 +72,7 @@ class SessionHandlers:
             flt = sessions.parse_filter(doc)
         except sessions.BadFilter as exc:
             return error_response(400, str(exc))
-        since = sessions.parse_since(doc)
+        since = sessions.resumed_since(sessions.parse_since(doc), request.headers.get("Last-Event-ID"))
         try:
             att, headers = await self._attach(request, target, tid, since)
         except StreamHidden:

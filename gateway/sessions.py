@@ -151,6 +151,17 @@ def parse_since(doc: object) -> int | None:
     return since if isinstance(since, int) and not isinstance(since, bool) and since >= 0 else None
 
 
+def resumed_since(since: int | None, last_event_id: str | None) -> int | None:
+    """Where an SSE subscription starts: its ``since``, or the ``Last-Event-ID`` of a plain SSE client
+    reconnecting (its original body, the header the seq of the last ``id:`` line it read) when that
+    is a later gateway id. Anything else in the header is ignored, as the upstream ignores it."""
+    raw = (last_event_id or "").strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
+        return since
+    seq = int(raw)
+    return seq if since is None or seq > since else since
+
+
 # --- the stored form -------------------------------------------------------------------------------
 
 def stored(body: bytes) -> tuple[bytes, str | None]:

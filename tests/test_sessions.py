@@ -965,6 +965,32 @@ async def test_an_upstream_that_fails_every_replay_with_an_error_event_is_given_
     assert 1 <= names.count("ValueError") <= 4, names
 
 
+async def test_a_session_reconnected_with_last_event_id_gets_only_what_it_missed(
+        gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
+    """The gateway cuts a session's SSE stream when it cannot go on, and every frame carries its seq
+    on the ``id:`` line. A client of plain SSE (fetch-event-source and the like) reconnects as SSE
+    says: the same request, with ``Last-Event-ID``. The gateway read only the body's since and sent
+    it everything from the start again. The later of the two is where it resumes; an id that is no
+    gateway id is ignored, as the upstream ignores the header."""
+    tid = str(uuid.uuid4())
+    fake_upstream.threads.add(tid)
+    fake_upstream.session_events[tid] = [_scripted(f"e{i}", "values", str(i)) for i in range(1, 5)]
+    got = await asyncio.wait_for(read_session(http, gateway.url, tid, count=4), 20)
+    for body, header, want in [({}, str(got[1]["seq"]), ["e3", "e4"]),
+                               ({"since": got[0]["seq"]}, str(got[2]["seq"]), ["e4"]),
+                               ({"since": got[2]["seq"]}, str(got[0]["seq"]), ["e4"]),
+                               ({}, "not-an-id", ["e1", "e2", "e3", "e4"])]:
+        seen: list[dict[str, Any]] = []
+        async with http.post(f"{gateway.url}/threads/{tid}/stream/events", json={"channels": ALL, **body},
+                             headers={"Last-Event-ID": header}) as r:
+            assert r.status == 200, await r.text()
+            async for _name, data, _id in frames(r):
+                seen.append(data)
+                if data.get("event_id") == "e4":
+                    break
+        assert [e.get("event_id") for e in seen] == want, (body, header, seen)
+
+
 async def test_an_event_whose_json_spans_several_data_lines_is_kept(
         gateway: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession) -> None:
     """SSE joins an event's ``data:`` lines with a line feed, and an upstream whose SSE library splits
