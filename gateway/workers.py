@@ -57,11 +57,16 @@ def failed_start(exit_status: int, lived: float) -> bool:
     return exit_status == EXIT_RUNTIME and lived < UP_AFTER
 
 
-def cannot_start(exit_status: int, failed_starts: int) -> bool:
-    """A death that starting the worker again will not mend: a config error, or a gateway that could
-    not run on any of its first ``START_TRIES`` starts, as one process would exit. One failed start
-    alone is not that: it stopped every worker, the ones serving too, for what a second try mends."""
-    return exit_status == EXIT_CONFIG or (exit_status == EXIT_RUNTIME and failed_starts >= START_TRIES)
+def cannot_start(exit_status: int, failed_starts: int, restarted: bool) -> bool:
+    """A death that starting the worker again will not mend: a config error on the first start, or a
+    gateway that could not run on any of its first ``START_TRIES`` starts, as one process would exit.
+    One failed start alone is not that: it stopped every worker, the ones serving too, for what a
+    second try mends. Nor is a config error on a restart: the config was checked before any worker
+    started, so the file was edited since, and the workers serving on what they loaded serve on
+    while this one is tried again (``restart_delay``), until the file is mended."""
+    if exit_status == EXIT_CONFIG:
+        return not restarted
+    return exit_status == EXIT_RUNTIME and failed_starts >= START_TRIES
 
 
 class _StopWithParent:
@@ -172,11 +177,12 @@ class Supervisor:
                 continue
             lived = now - w.started
             w.proc = None
+            restarted = w.young_deaths > 0 or not w.first  # this start was not the worker's first
             if w.first and failed_start(status, lived):
                 w.failed_starts += 1
             else:
                 w.first = False  # it ran: a death from now on is a crash, started again
-            if cannot_start(status, w.failed_starts if w.first else 0):
+            if cannot_start(status, w.failed_starts if w.first else 0, restarted):
                 log.error("worker %d could not start (exit status %d%s; its own error is above); "
                           "stopping the others", w.index, status,
                           f", {w.failed_starts} tries in a row" if status == EXIT_RUNTIME else "")
@@ -185,8 +191,10 @@ class Supervisor:
             w.young_deaths = w.young_deaths + 1 if lived < UP_AFTER else 0
             delay = restart_delay(w.young_deaths)
             w.restart_at = now + delay
-            log.error("worker %d exited with %s after %.1fs; starting it again in %.1fs",
-                      w.index, status, lived, delay)
+            log.error("worker %d exited with %s after %.1fs%s; starting it again in %.1fs",
+                      w.index, status, lived,
+                      " (its config no longer loads: the file was edited since the gateway started)"
+                      if status == EXIT_CONFIG else "", delay)
 
     def _stop_step(self) -> int | None:
         """Pass the stop on to every running worker not yet told; the exit status once all are gone."""

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -560,6 +561,37 @@ async def test_workers_whose_log_cannot_open_stop_the_supervisor_and_a_config_er
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2 and err.decode().splitlines() == [err.decode().strip()], err
     assert "config error: bogus" in err.decode()
+
+
+async def test_a_worker_restarted_on_a_config_edited_into_an_error_leaves_the_others_serving(
+        gateway_process: Any, fake_upstream: FakeAgentServer, tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """The config was checked before any worker started. An operator then edits it into an error, and
+    a worker dies (the OOM killer): started again, it reads the broken file and exits 2. The worker
+    still serving on the config it loaded serves on; the dead one is tried again (later and later)
+    with the error in the log, and comes back once the file is mended."""
+    cfg = workers_config(tmp_path, fake_upstream.url)
+    good = cfg.read_text()
+    sup, workers = await two_workers(gateway_process, cfg)
+    assert sup.proc is not None
+    cfg.write_text(good + "bogus: 1\n")
+    os.kill(workers[0], signal.SIGKILL)
+    for _ in range(200):  # the restart found the config broken
+        if "config error" in sup.log_text() or sup.proc.poll() is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert "config error: bogus" in sup.log_text(), sup.log_text()[-2000:]
+    await asyncio.sleep(0.5)
+    assert sup.proc.poll() is None, f"the gateway stopped over an edited config: {sup.log_text()[-2000:]}"
+    assert workers[1] in _children(sup.proc.pid), "the worker serving was stopped"
+    async with http.get(f"{sup.url}/threads/{uuid.uuid4()}", timeout=aiohttp.ClientTimeout(total=10)) as r:
+        assert r.status in (200, 404), "the gateway serves on"
+    cfg.write_text(good)
+    for _ in range(200):  # mended: the next try starts it
+        if len(_children(sup.proc.pid)) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(_children(sup.proc.pid)) == 2, sup.log_text()[-2000:]
+    assert sup.terminate() == 0, sup.log_text()[-3000:]
 
 
 async def test_a_worker_that_keeps_dying_is_started_again_less_and_less_often(
