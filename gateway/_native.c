@@ -362,6 +362,19 @@ get_be(const unsigned char *p, int width)
     return v;
 }
 
+/* The head of a record's event at v[*i]: its body's and upstream id's lengths, and *i moved past
+ * the head (to the id; the body follows it). 0 when the record ends inside the event (damaged). */
+static int
+event_head(const unsigned char *v, Py_ssize_t n, Py_ssize_t *i, Py_ssize_t *blen, Py_ssize_t *ulen)
+{
+    if (*i + 6 > n)
+        return 0;
+    *blen = (Py_ssize_t)get_be(v + *i, 4);
+    *ulen = (Py_ssize_t)get_be(v + *i + 4, 2);
+    *i += 6;
+    return *i + *ulen + *blen <= n;
+}
+
 /* The events of a record with after < seq <= upto: (seq, uid, body) with ids, else (seq, body);
  * None when the record is damaged (the Python path says how). */
 static PyObject *
@@ -375,11 +388,8 @@ read_record(long long first, PyObject *obj, long long after, long long upto, int
     if (out == NULL)
         return NULL;
     for (long long s = first; i < n; s++) {
-        if (i + 6 > n)
-            goto damaged;
-        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
-        i += 6;
-        if (i + ulen + blen > n)
+        Py_ssize_t blen, ulen;
+        if (!event_head(v, n, &i, &blen, &ulen))
             goto damaged;
         if (after < s && s <= upto) {
             const char *u = (const char *)v + i, *b = u + ulen;
@@ -454,11 +464,8 @@ record_page(PyObject *self, PyObject *args)
     long long used = 0, taken = 0;
     int full = 0;
     for (long long s = first; i < n && s <= upto; s++) {
-        if (i + 6 > n)
-            goto damaged;
-        Py_ssize_t blen = (Py_ssize_t)get_be(v + i, 4), ulen = (Py_ssize_t)get_be(v + i + 4, 2);
-        i += 6;
-        if (i + ulen + blen > n)
+        Py_ssize_t blen, ulen;
+        if (!event_head(v, n, &i, &blen, &ulen))
             goto damaged;
         if (after < s) {
             if (taken >= most || (used + blen > room && !(anyway && taken == 0))) {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from gateway import native
 from gateway.eventlog.base import Entry, StorageDamaged
@@ -84,25 +84,29 @@ def decode(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
 
 def decode_py(first: int, value: bytes) -> list[tuple[int, str | None, bytes]]:
     """``decode`` in Python (the C twin must give the same events)."""
-    out: list[tuple[int, str | None, bytes]] = []
-    unpack = _EVENT_HEAD.unpack_from
+    return [(seq, value[i:i + ulen].decode("utf-8", "replace") if ulen else None, value[i + ulen:i + ulen + blen])
+            for seq, i, ulen, blen in _events_of(first, value)]
+
+
+def _events_of(first: int, value: bytes, upto: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Each event of a record (up to seq ``upto``), in order, as (seq, where its upstream id begins,
+    the id's length, the body's length; the body follows the id), each found whole before it is
+    given; StorageDamaged where the record is not one."""
     n = len(value)
     if n < RECORD_TIME.size + _EVENT_HEAD.size:
         raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
+    unpack = _EVENT_HEAD.unpack_from
     i, seq = RECORD_TIME.size, first
-    while i < n:
+    while i < n and (upto is None or seq <= upto):
         if i + 6 > n:
             raise StorageDamaged(f"record at seq {first} ends inside an event header")
         blen, ulen = unpack(value, i)
         i += 6
         if i + ulen + blen > n:
             raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
-        uid = value[i:i + ulen].decode("utf-8", "replace") if ulen else None
-        i += ulen
-        out.append((seq, uid, value[i:i + blen]))
-        i += blen
+        yield seq, i, ulen, blen
+        i += ulen + blen
         seq += 1
-    return out
 
 
 _LAST_SEQ = 2**63 - 1
@@ -141,27 +145,14 @@ def record_page(first: int, value: bytes, after: int, upto: int, most: int, room
 def record_page_py(first: int, value: bytes, after: int, upto: int, most: int, room: int,
                    anyway: bool) -> tuple[list[Entry], int, bool]:
     """``record_page`` in Python (the C twin must give the same page)."""
-    n = len(value)
-    if n < RECORD_TIME.size + _EVENT_HEAD.size:
-        raise StorageDamaged(f"record at seq {first} is {n} bytes, too short to hold an event")
-    unpack = _EVENT_HEAD.unpack_from
     out: list[Entry] = []
     used = 0
-    i, seq = RECORD_TIME.size, first
-    while i < n and seq <= upto:
-        if i + 6 > n:
-            raise StorageDamaged(f"record at seq {first} ends inside an event header")
-        blen, ulen = unpack(value, i)
-        i += 6
-        if i + ulen + blen > n:
-            raise StorageDamaged(f"record at seq {first} ends inside an event ({blen} bytes announced)")
+    for seq, i, ulen, blen in _events_of(first, value, upto):
         if after < seq:
             if len(out) >= most or (used + blen > room and not (anyway and not out)):
                 return out, used, True
             out.append((seq, value[i + ulen:i + ulen + blen]))
             used += blen
-        i += ulen + blen
-        seq += 1
     return out, used, False
 
 
