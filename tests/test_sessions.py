@@ -1057,16 +1057,29 @@ async def test_a_session_trimmed_by_retention_takes_a_rejoin_without_repeating_w
     fake_upstream.threads.add(tid)
     script = fake_upstream.session_events[tid] = [_scripted("e1", "values", '{"n":1}'),
                                                   _scripted("e2", "values", '{"n":2}')]
+    # the upstream lost the thread's history and has a new event: nothing of it is held
+    restart: list[tuple[str, bytes] | bytes] | None = [_scripted("n1", "values", '{"n":11}')] if restarted else None
+    got = await _rejoined_after_a_trim(gw, fake_upstream, http, tid, script, restart)
+    want = ["resume_gap", "n1", "e4"] if restarted else ["e4"]
+    assert [e.get("event_id") or e.get("error") for e in got] == want, got
+
+
+async def _rejoined_after_a_trim(gw: RunningGateway, fake_upstream: FakeAgentServer, http: aiohttp.ClientSession,
+                                 tid: str, script: list[tuple[str, bytes] | bytes],
+                                 restart: list[tuple[str, bytes] | bytes] | None) -> list[dict[str, Any]]:
+    """``script`` (ending with e2) sent and older than the retention (1 s), e3 after it, then the sweep
+    trims all but e3; the upstream drops the capture's connection (its history ``restart`` now, if
+    given) and sends e4 once the capture re-joined. What a client resuming at e3 gets, up to e4."""
     await asyncio.wait_for(_session_until(http, gw.url, tid, "e2", ALL), 20)
-    await asyncio.sleep(1.2)  # e1 and e2 older than the retention
+    await asyncio.sleep(1.2)  # what came so far older than the retention
     script.append(_scripted("e3", "values", '{"n":3}'))
     head = (await asyncio.wait_for(_session_until(http, gw.url, tid, "e3", ALL), 20))[-1]["seq"]
     await gw.gw.log.sweep()
     held = await gw.gw.log.lookup(f"default/session/{tid}")
-    assert held is not None and held.first_seq == head, "e1 and e2 trimmed, e3 held"
+    assert held is not None and held.first_seq == head, "all but e3 trimmed, e3 held"
     legs = fake_upstream.session_legs
-    if restarted:  # the upstream lost the thread's history and has a new event: nothing of it is held
-        script[:] = [_scripted("n1", "values", '{"n":11}')]
+    if restart is not None:
+        script[:] = restart
     fake_upstream.session_drops += 1  # the upstream drops the capture's connection: it re-joins
     deadline = time.monotonic() + 20
     while fake_upstream.session_legs == legs and time.monotonic() < deadline:
@@ -1078,8 +1091,7 @@ async def test_a_session_trimmed_by_retention_takes_a_rejoin_without_repeating_w
             got.append(data)
             if data.get("event_id") == "e4" or len(got) > 5:
                 break
-    want = ["resume_gap", "n1", "e4"] if restarted else ["e4"]
-    assert [e.get("event_id") or e.get("error") for e in got] == want, got
+    return got
 
 
 async def test_a_kept_event_without_an_event_id_among_what_retention_trimmed_repeats_nothing_on_a_rejoin(
@@ -1098,25 +1110,7 @@ async def test_a_kept_event_without_an_event_id_among_what_retention_trimmed_rep
     script = fake_upstream.session_events[tid] = [
         _scripted("e1", "values", '{"n":1}'), b'event: error\r\ndata: {"error":"ValueError","message":"boom"}\r\n\r\n',
         _scripted("e2", "values", '{"n":2}')]
-    await asyncio.wait_for(_session_until(http, gw.url, tid, "e2", ALL), 20)
-    await asyncio.sleep(1.2)  # e1, the error and e2 older than the retention
-    script.append(_scripted("e3", "values", '{"n":3}'))
-    head = (await asyncio.wait_for(_session_until(http, gw.url, tid, "e3", ALL), 20))[-1]["seq"]
-    await gw.gw.log.sweep()
-    held = await gw.gw.log.lookup(f"default/session/{tid}")
-    assert held is not None and held.first_seq == head, "e1, the error and e2 trimmed, e3 held"
-    legs = fake_upstream.session_legs
-    fake_upstream.session_drops += 1  # the upstream drops the capture's connection: it re-joins
-    deadline = time.monotonic() + 20
-    while fake_upstream.session_legs == legs and time.monotonic() < deadline:
-        await asyncio.sleep(0.02)
-    script.append(_scripted("e4", "values", '{"n":4}'))
-    got: list[dict[str, Any]] = []
-    async with http.post(f"{gw.url}/threads/{tid}/stream/events", json={"channels": ALL, "since": head}) as r:
-        async for _name, data, _id in frames(r):
-            got.append(data)
-            if data.get("event_id") == "e4" or len(got) > 5:
-                break
+    got = await _rejoined_after_a_trim(gw, fake_upstream, http, tid, script, None)  # e1, the error, e2 trimmed
     assert [e.get("event_id") or e.get("error") for e in got] == ["e4"], got
 
 
