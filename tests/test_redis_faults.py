@@ -398,9 +398,12 @@ async def test_a_stateless_run_interrupted_while_redis_is_down_ends_with_its_err
 async def test_a_redis_outage_past_the_lease_counts_a_lost_lease_per_live_capture_only(
         make_gateway: MakeGateway, fake_upstream: FakeAgentServer, tmp_path: Path, own_redis: RedisServer,
         http: aiohttp.ClientSession) -> None:
-    """Three runs ended, one live, then Redis is killed for longer than the lease: the one live capture
-    finds its lease gone, and gateway_leases_lost_total (GatewayLeasesLost) says one, not one for every
-    stream this process ever captured (their leases were kept and renewed after they ended)."""
+    """Three runs ended, one live, then Redis is killed for longer than the lease: gateway_leases_lost_total
+    (GatewayLeasesLost) counts the one live capture at most, never one for every stream this process
+    ever captured (their leases were kept and renewed after they ended: it said four). Whether the live
+    one counts is a race this test does not judge: its renewal may find the lease gone once Redis is
+    back (one), or its capture, cut by a commit refused during the outage, may claim it again first
+    when storage is back (none: nothing went to another replica)."""
     gw = await _gateway_on(make_gateway, fake_upstream, tmp_path, own_redis.url, "lost")
     tid = await new_thread(http, gw)
     for _ in range(3):
@@ -415,7 +418,7 @@ async def test_a_redis_outage_past_the_lease_counts_a_lost_lease_per_live_captur
     async with http.get(gw.admin_url + "/metrics") as r:
         lost = sum(s.value for f in text_string_to_metric_families(await r.text()) for s in f.samples
                    if s.name == "gateway_leases_lost_total")
-    assert lost == 1
+    assert lost in (0, 1), f"{lost} leases counted lost for one live capture"
 
 
 @pytest.mark.parametrize("fault", ["stopped", "maxmemory"])
