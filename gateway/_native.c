@@ -375,11 +375,14 @@ event_head(const unsigned char *v, Py_ssize_t n, Py_ssize_t *i, Py_ssize_t *blen
     return *i + *ulen + *blen <= n;
 }
 
-/* The events of a record with after < seq <= upto: (seq, uid, body) with ids, else (seq, body);
- * None when the record is damaged (the Python path says how). */
+/* decode_record(first, value) -> [(seq, uid, body), ...] | None (damaged: the Python path says how) */
 static PyObject *
-read_record(long long first, PyObject *obj, long long after, long long upto, int with_ids)
+decode_record(PyObject *self, PyObject *args)
 {
+    long long first;
+    PyObject *obj;
+    if (!PyArg_ParseTuple(args, "LO!:decode_record", &first, &PyBytes_Type, &obj))
+        return NULL;
     const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(obj);
     Py_ssize_t n = PyBytes_GET_SIZE(obj), i = 8;
     if (n < 8 + 6)
@@ -391,50 +394,21 @@ read_record(long long first, PyObject *obj, long long after, long long upto, int
         Py_ssize_t blen, ulen;
         if (!event_head(v, n, &i, &blen, &ulen))
             goto damaged;
-        if (after < s && s <= upto) {
-            const char *u = (const char *)v + i, *b = u + ulen;
-            PyObject *item;
-            if (with_ids) {
-                PyObject *uid = ulen ? PyUnicode_DecodeUTF8(u, ulen, "replace") : Py_NewRef(Py_None);
-                item = uid == NULL ? NULL : Py_BuildValue("(LNy#)", s, uid, b, blen);
-            } else {
-                item = Py_BuildValue("(Ly#)", s, b, blen);
-            }
-            if (item == NULL || PyList_Append(out, item) < 0) {
-                Py_XDECREF(item);
-                Py_DECREF(out);
-                return NULL;
-            }
-            Py_DECREF(item);
+        const char *u = (const char *)v + i, *b = u + ulen;
+        PyObject *uid = ulen ? PyUnicode_DecodeUTF8(u, ulen, "replace") : Py_NewRef(Py_None);
+        PyObject *item = uid == NULL ? NULL : Py_BuildValue("(LNy#)", s, uid, b, blen);
+        if (item == NULL || PyList_Append(out, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(out);
+            return NULL;
         }
+        Py_DECREF(item);
         i += ulen + blen;
     }
     return out;
 damaged:
     Py_DECREF(out);
     Py_RETURN_NONE;
-}
-
-/* decode_record(first, value) -> [(seq, uid, body), ...] | None (damaged) */
-static PyObject *
-decode_record(PyObject *self, PyObject *args)
-{
-    long long first;
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "LO!:decode_record", &first, &PyBytes_Type, &obj))
-        return NULL;
-    return read_record(first, obj, LLONG_MIN, LLONG_MAX, 1);
-}
-
-/* record_entries(first, value, after, upto) -> [(seq, body) for after < seq <= upto] | None (damaged) */
-static PyObject *
-record_entries(PyObject *self, PyObject *args)
-{
-    long long first, after, upto;
-    PyObject *obj;
-    if (!PyArg_ParseTuple(args, "LO!LL:record_entries", &first, &PyBytes_Type, &obj, &after, &upto))
-        return NULL;
-    return read_record(first, obj, after, upto, 0);
 }
 
 
@@ -644,7 +618,6 @@ clone_slots(PyObject *self, PyObject *obj)
 }
 
 static PyMethodDef methods[] = {
-    {"record_entries", record_entries, METH_VARARGS, "The (seq, body) of a record within a range, or None when it is damaged."},
     {"record_page", record_page, METH_VARARGS, "A record's part of a page: (entries, body bytes, full), or None when damaged."},
     {"split_events", split_events, METH_VARARGS, "The events of a buffer of canonical SSE blocks, or None."},
     {"encode_events", encode_events, METH_VARARGS, "A record of events and their entries."},

@@ -11,12 +11,10 @@ from __future__ import annotations
 import os
 
 try:
-    from gateway._native import (clone, dechunk, decode_record, encode_events, frame_entries, record_entries,
-                                 record_page, split_events)
+    from gateway._native import clone, dechunk, decode_record, encode_events, frame_entries, record_page, split_events
 except ImportError:  # not built: ON stays False and the names are never used
     ON = False
 else:
     ON = os.environ.get("GATEWAY_PURE_PYTHON", "") in ("", "0")
 
-__all__ = ["ON", "clone", "dechunk", "decode_record", "encode_events", "frame_entries", "record_entries", "record_page",
-           "split_events"]
+__all__ = ["ON", "clone", "dechunk", "decode_record", "encode_events", "frame_entries", "record_page", "split_events"]

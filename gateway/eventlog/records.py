@@ -113,18 +113,14 @@ _LAST_SEQ = 2**63 - 1
 
 
 def entries_in(first: int, value: bytes, after: int = -1, upto: int = _LAST_SEQ) -> list[Entry]:
-    """The (seq, body) of a record's events with ``after < seq <= upto`` (by default all of them);
-    StorageDamaged if it is not one."""
-    if native.ON:
-        out = native.record_entries(first, value, after, upto)
-        if out is not None:
-            return out
-    return entries_in_py(first, value, after, upto)
+    """The (seq, body) of a record's events with ``after < seq <= upto`` (by default all of them):
+    a page without bounds; StorageDamaged if the part read is not a record."""
+    return record_page(first, value, after, upto, _LAST_SEQ, _LAST_SEQ, True)[0]
 
 
 def entries_in_py(first: int, value: bytes, after: int = -1, upto: int = _LAST_SEQ) -> list[Entry]:
     """``entries_in`` in Python (the C twin must give the same entries)."""
-    return [(seq, body) for seq, _uid, body in decode_py(first, value) if after < seq <= upto]
+    return record_page_py(first, value, after, upto, _LAST_SEQ, _LAST_SEQ, True)[0]
 
 
 def record_page(first: int, value: bytes, after: int, upto: int, most: int, room: int,
