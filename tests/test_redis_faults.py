@@ -472,13 +472,7 @@ async def test_redis_rolled_back_to_a_snapshot_never_hands_a_client_an_id_again(
     reconnecting with its last id gets the rest of the run exactly once, or is told its id is not
     held and gets the run anew: never an id it was sent again for another event, nor events
     skipped unsaid (the skipped ones were given the ids of events it had)."""
-    redis = RedisServer(snapshots=True)
-    redises.append(redis)
-    await asyncio.to_thread(redis.start)
-    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
-    raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snap", "lease_ttl": "1500ms",
-                      "durability": "none"}
-    gw = await make_gateway(raw)
+    redis, (gw,) = await _on_snapshot_redis(redises, make_gateway, fake_upstream, [tmp_path], "snap")
     resp = await start_run(http, gw, 200, delay=0.02)
     other = await start_run(http, gw, 200, delay=0.013)  # another stream draws ids from the counter too
     url = gw.url + resp.headers["Location"]
@@ -697,18 +691,26 @@ def _assert_told_or_whole(got: list[Ev], resumes: list[tuple[str, int]], n: int)
         assert sent.setdefault(e.id, e.data) == e.data, f"id {e.id} was sent for another event before"
 
 
-async def _rolled_back_pair(redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
-                            tmp_path: Path) -> tuple[RedisServer, RunningGateway, RunningGateway]:
+async def _on_snapshot_redis(redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                             dirs: list[Path], prefix: str) -> tuple[RedisServer, list[RunningGateway]]:
+    """A redis-server that persists by snapshots only (its default; ``durability: none`` accepts it),
+    and a gateway on it for each of ``dirs``, all on one prefix."""
     redis = RedisServer(snapshots=True)
     redises.append(redis)
     await asyncio.to_thread(redis.start)
     gws = []
-    for name in ("a", "b"):
-        raw = gateway_config(tmp_path / name, {"default": {"urls": [fake_upstream.url]}},
-                             streams={"reattach_backoff": "100ms"})
-        raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snap2", "lease_ttl": "1500ms",
+    for where in dirs:
+        raw = gateway_config(where, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
+        raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": prefix, "lease_ttl": "1500ms",
                           "durability": "none"}
         gws.append(await make_gateway(raw))
+    return redis, gws
+
+
+async def _rolled_back_pair(redises: list[RedisServer], make_gateway: MakeGateway, fake_upstream: FakeAgentServer,
+                            tmp_path: Path) -> tuple[RedisServer, RunningGateway, RunningGateway]:
+    redis, gws = await _on_snapshot_redis(redises, make_gateway, fake_upstream, [tmp_path / "a", tmp_path / "b"],
+                                          "snap2")
     return redis, gws[0], gws[1]
 
 
@@ -764,13 +766,7 @@ async def test_a_session_resumed_with_a_since_the_rolled_back_log_still_holds_ge
     and a since among them gets the session anew. A since of an event the snapshot still holds is
     held as ever, and gets what follows it only."""
     from tests.test_sessions import ALL, _scripted, read_session
-    redis = RedisServer(snapshots=True)
-    redises.append(redis)
-    await asyncio.to_thread(redis.start)
-    raw = gateway_config(tmp_path, {"default": {"urls": [fake_upstream.url]}}, streams={"reattach_backoff": "100ms"})
-    raw["storage"] = {"backend": "redis", "redis_url": redis.url, "redis_prefix": "snaps", "lease_ttl": "1500ms",
-                      "durability": "none"}
-    gw = await make_gateway(raw)
+    redis, (gw,) = await _on_snapshot_redis(redises, make_gateway, fake_upstream, [tmp_path], "snaps")
     tid = "0f3c5e4a-8d6b-4a1e-9c2f-7b1d3e5a9c%02d" % random.randrange(100)
     fake_upstream.threads.add(tid)
     script = fake_upstream.session_events[tid] = [_scripted(f"e{i}", "values", str(i)) for i in range(1, 6)]
